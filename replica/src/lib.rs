@@ -1,1 +1,6 @@
-pub fn _x(){}
+//! KmMR replica: a Rust port of BFT-SMaRt (Mod-SMaRt over VP-Consensus) and the revisioned
+//! key-value service that holds Kubernetes control-plane state.
+
+pub mod crypto;
+pub mod service;
+pub mod wire;

@@ -1,0 +1,49 @@
+//! The replicated service: what decided batches are executed on.
+//!
+//! A service is a deterministic state machine. Correct replicas execute the same requests in the
+//! same order with the same contexts and must end in byte-identical states, so a service never
+//! reads a clock, never draws randomness of its own and never iterates a hash map into its state
+//! or its snapshot. Time enters only as the consensus timestamp of the batch.
+
+pub mod kv;
+
+use crate::crypto::Digest;
+
+/// What the ordering layer knows about the request being executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecContext {
+    /// Consensus instance that decided the batch.
+    pub cid: u64,
+    /// The leader's timestamp for the batch, in milliseconds, validated by followers and
+    /// non-decreasing across CIDs.
+    pub timestamp_ms: u64,
+    /// Position of the request in the batch.
+    pub index: u32,
+}
+
+/// Failure to install a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot rejected: {0}")]
+pub struct RestoreError(pub String);
+
+/// A deterministic replicated state machine.
+pub trait Service: Send {
+    /// Executes one ordered request and returns the reply bytes.
+    fn execute(&mut self, ctx: &ExecContext, request: &[u8]) -> Vec<u8>;
+
+    /// Answers a read-only request outside the total order (an unordered request). Must not
+    /// change state.
+    fn query(&self, request: &[u8]) -> Vec<u8>;
+
+    /// A canonical serialisation of the whole state: byte-identical on correct replicas that
+    /// executed the same requests.
+    fn snapshot(&self) -> Vec<u8>;
+
+    /// Replaces the state with a snapshot taken by `snapshot`.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
+
+    /// Digest of the state; by default the digest of the snapshot.
+    fn state_digest(&self) -> Digest {
+        Digest::of(&self.snapshot())
+    }
+}
