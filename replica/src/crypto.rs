@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand::{CryptoRng, RngCore};
 
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};

@@ -1,6 +1,7 @@
 //! KmMR replica: a Rust port of BFT-SMaRt (Mod-SMaRt over VP-Consensus) and the revisioned
 //! key-value service that holds Kubernetes control-plane state.
 
+pub mod core;
 pub mod crypto;
 pub mod service;
 pub mod wire;

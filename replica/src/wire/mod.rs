@@ -1,3 +1,6 @@
 //! Message types and their canonical, bounded binary encoding. No I/O.
 
 pub mod codec;
+pub mod ids;
+pub mod limits;
+pub mod messages;

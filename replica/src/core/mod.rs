@@ -1,0 +1,7 @@
+//! The BFT-SMaRt protocol as a deterministic state machine.
+//!
+//! The core never performs I/O, reads no clock and draws no randomness: time and messages come
+//! in as inputs, and messages to send, replies and timer deadlines come out. The same core runs
+//! under tokio in production and under the seeded simulator in tests.
+
+pub mod view;

@@ -1,0 +1,621 @@
+//! Protocol messages: client requests and replies, and the replica-to-replica messages of
+//! Mod-SMaRt (PROPOSE, WRITE, ACCEPT), the synchronization phase (STOP, STOPDATA, SYNC) and
+//! decision transfer.
+
+use crate::core::view::View;
+use crate::crypto::{self, Digest, Domain, KeyPair, PublicKey, Signature};
+use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
+use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId, ViewId};
+use crate::wire::limits;
+
+/// A client is identified by its public key: a request is authentic iff its signature verifies
+/// under the key it names, so no replica, leader included, can forge one.
+pub type ClientId = PublicKey;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RequestKind {
+    /// Totally ordered through consensus.
+    Ordered,
+    /// Read-only, answered by each replica directly.
+    Unordered,
+}
+
+impl Encode for RequestKind {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(match self {
+            RequestKind::Ordered => 0,
+            RequestKind::Unordered => 1,
+        });
+    }
+}
+
+impl Decode for RequestKind {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.u8()? {
+            0 => Ok(RequestKind::Ordered),
+            1 => Ok(RequestKind::Unordered),
+            tag => Err(DecodeError::UnknownTag {
+                what: "request kind",
+                tag,
+            }),
+        }
+    }
+}
+
+/// What a client asks for. `session` must grow across client restarts: replicas refuse a
+/// session older than the one they know, which is what stops a leader replaying an old
+/// session's signed requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub client: ClientId,
+    pub session: u64,
+    pub sequence: u64,
+    pub kind: RequestKind,
+    pub view: ViewId,
+    pub payload: Vec<u8>,
+}
+
+impl Encode for Request {
+    fn encode(&self, w: &mut Writer) {
+        self.client.encode(w);
+        w.u64(self.session).u64(self.sequence);
+        self.kind.encode(w);
+        self.view.encode(w);
+        w.bytes(&self.payload);
+    }
+}
+
+impl Decode for Request {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Request {
+            client: PublicKey::decode(r)?,
+            session: r.u64()?,
+            sequence: r.u64()?,
+            kind: RequestKind::decode(r)?,
+            view: ViewId::decode(r)?,
+            payload: r.bytes_vec("payload", limits::MAX_PAYLOAD)?,
+        })
+    }
+}
+
+/// A request with the client's signature over its canonical encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedRequest {
+    pub request: Request,
+    pub signature: Signature,
+}
+
+/// Smallest possible encoding of a signed request: used to bound counts when decoding.
+const MIN_SIGNED_REQUEST: usize = 32 + 8 + 8 + 1 + 4 + 4 + 64;
+
+impl SignedRequest {
+    pub fn sign(request: Request, key: &KeyPair) -> Self {
+        let signature = key.sign(Domain::ClientRequest, &request.to_bytes());
+        SignedRequest { request, signature }
+    }
+
+    /// Digest of the signed request (request and signature): identifies it in pools and caches.
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.to_bytes())
+    }
+
+    pub fn verify(&self) -> bool {
+        crypto::verify(
+            &self.request.client,
+            Domain::ClientRequest,
+            &self.request.to_bytes(),
+            &self.signature,
+        )
+    }
+}
+
+impl Encode for SignedRequest {
+    fn encode(&self, w: &mut Writer) {
+        self.request.encode(w);
+        self.signature.encode(w);
+    }
+}
+
+impl Decode for SignedRequest {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(SignedRequest {
+            request: Request::decode(r)?,
+            signature: Signature::decode(r)?,
+        })
+    }
+}
+
+/// The value a consensus instance decides: the leader's timestamp, a seed for deterministic
+/// nonces, and the requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub timestamp_ms: u64,
+    pub nonce: u64,
+    pub requests: Vec<SignedRequest>,
+}
+
+impl Batch {
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.to_bytes())
+    }
+
+    pub fn payload_bytes(&self) -> usize {
+        self.requests.iter().map(|r| r.request.payload.len()).sum()
+    }
+}
+
+impl Encode for Batch {
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.timestamp_ms).u64(self.nonce);
+        w.len(self.requests.len());
+        for r in &self.requests {
+            r.encode(w);
+        }
+    }
+}
+
+impl Decode for Batch {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Batch {
+            timestamp_ms: r.u64()?,
+            nonce: r.u64()?,
+            requests: r.vec(
+                "batch",
+                limits::MAX_BATCH_REQUESTS,
+                MIN_SIGNED_REQUEST,
+                SignedRequest::decode,
+            )?,
+        })
+    }
+}
+
+/// The bytes a replica signs when it ACCEPTs `digest` for (`cid`, `epoch`).
+pub fn accept_signing_bytes(cid: Cid, epoch: Epoch, digest: &Digest) -> Vec<u8> {
+    let mut w = Writer::with_capacity(48);
+    cid.encode(&mut w);
+    epoch.encode(&mut w);
+    digest.encode(&mut w);
+    w.finish()
+}
+
+/// Proof that a value was decided: a quorum of signed ACCEPTs for one (cid, epoch, digest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    pub epoch: Epoch,
+    pub accepts: Vec<(ReplicaId, Signature)>,
+}
+
+impl Encode for Proof {
+    fn encode(&self, w: &mut Writer) {
+        self.epoch.encode(w);
+        w.len(self.accepts.len());
+        for (id, s) in &self.accepts {
+            id.encode(w);
+            s.encode(w);
+        }
+    }
+}
+
+impl Decode for Proof {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let epoch = Epoch::decode(r)?;
+        let accepts = r.vec("proof", limits::MAX_REPLICAS, 68, |r| {
+            Ok((ReplicaId::decode(r)?, Signature::decode(r)?))
+        })?;
+        Ok(Proof { epoch, accepts })
+    }
+}
+
+/// A decided instance with its proof; verifiable by anyone who knows the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub cid: Cid,
+    pub batch: Batch,
+    pub proof: Proof,
+}
+
+impl Decision {
+    /// True iff the proof holds a quorum of valid ACCEPTs from distinct members of `view` for
+    /// this batch's digest.
+    pub fn verify(&self, view: &View) -> bool {
+        verify_proof(view, self.cid, &self.batch.digest(), &self.proof)
+    }
+}
+
+/// Checks a decision proof for `digest` at `cid` against `view`.
+pub fn verify_proof(view: &View, cid: Cid, digest: &Digest, proof: &Proof) -> bool {
+    let msg = accept_signing_bytes(cid, proof.epoch, digest);
+    let mut seen: Vec<ReplicaId> = Vec::with_capacity(proof.accepts.len());
+    let mut items = Vec::with_capacity(proof.accepts.len());
+    for (id, sig) in &proof.accepts {
+        let Some(key) = view.key(*id) else {
+            return false;
+        };
+        if seen.contains(id) {
+            return false;
+        }
+        seen.push(*id);
+        items.push((*key, Domain::Accept, msg.as_slice(), *sig));
+    }
+    seen.len() >= view.quorum() && crypto::verify_batch(&items)
+}
+
+impl Encode for Decision {
+    fn encode(&self, w: &mut Writer) {
+        self.cid.encode(w);
+        self.batch.encode(w);
+        self.proof.encode(w);
+    }
+}
+
+impl Decode for Decision {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Decision {
+            cid: Cid::decode(r)?,
+            batch: Batch::decode(r)?,
+            proof: Proof::decode(r)?,
+        })
+    }
+}
+
+/// A replica's signed account, for a leader change, of the instance it was running: what it
+/// ACCEPTed (if anything) and every (epoch, value) it WROTE. `accepted: None` means "never
+/// accepted", which is distinct from "accepted at epoch 0".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collect {
+    pub regency: Regency,
+    pub replica: ReplicaId,
+    /// The instance this collect describes: the replica's last decided CID + 1.
+    pub cid: Cid,
+    pub accepted: Option<(Epoch, Digest)>,
+    pub writes: Vec<(Epoch, Digest)>,
+}
+
+impl Encode for Collect {
+    fn encode(&self, w: &mut Writer) {
+        self.regency.encode(w);
+        self.replica.encode(w);
+        self.cid.encode(w);
+        w.option(self.accepted.as_ref(), |w, (e, d)| {
+            e.encode(w);
+            d.encode(w);
+        });
+        w.len(self.writes.len());
+        for (e, d) in &self.writes {
+            e.encode(w);
+            d.encode(w);
+        }
+    }
+}
+
+impl Decode for Collect {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let regency = Regency::decode(r)?;
+        let replica = ReplicaId::decode(r)?;
+        let cid = Cid::decode(r)?;
+        let accepted = r.option(|r| Ok((Epoch::decode(r)?, Digest::decode(r)?)))?;
+        let writes = r.vec("write set", limits::MAX_WRITE_SET, 36, |r| {
+            Ok((Epoch::decode(r)?, Digest::decode(r)?))
+        })?;
+        Ok(Collect {
+            regency,
+            replica,
+            cid,
+            accepted,
+            writes,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCollect {
+    pub collect: Collect,
+    pub signature: Signature,
+}
+
+impl SignedCollect {
+    pub fn sign(collect: Collect, key: &KeyPair) -> Self {
+        let signature = key.sign(Domain::Collect, &collect.to_bytes());
+        SignedCollect { collect, signature }
+    }
+
+    pub fn verify(&self, view: &View) -> bool {
+        view.key(self.collect.replica).is_some_and(|k| {
+            crypto::verify(k, Domain::Collect, &self.collect.to_bytes(), &self.signature)
+        })
+    }
+}
+
+impl Encode for SignedCollect {
+    fn encode(&self, w: &mut Writer) {
+        self.collect.encode(w);
+        self.signature.encode(w);
+    }
+}
+
+impl Decode for SignedCollect {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(SignedCollect {
+            collect: Collect::decode(r)?,
+            signature: Signature::decode(r)?,
+        })
+    }
+}
+
+/// Messages between replicas. The sender is the authenticated peer of the channel, never a
+/// field of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaMessage {
+    /// The leader of `epoch` proposes `batch` for `cid`.
+    Propose {
+        cid: Cid,
+        epoch: Epoch,
+        batch: Batch,
+    },
+    /// The sender holds a valid proposal with this digest.
+    Write {
+        cid: Cid,
+        epoch: Epoch,
+        digest: Digest,
+    },
+    /// The sender saw a quorum of WRITEs for this digest. Signed: a quorum of these is a proof.
+    Accept {
+        cid: Cid,
+        epoch: Epoch,
+        digest: Digest,
+        signature: Signature,
+    },
+    /// Requests the sender has been waiting on, for the leader to order.
+    Forward { requests: Vec<SignedRequest> },
+    /// The sender wants to move to `regency` because the leader is faulty or slow.
+    Stop {
+        regency: Regency,
+        requests: Vec<SignedRequest>,
+    },
+    /// To the new leader: the sender's last decision with its proof, and its signed collect.
+    StopData {
+        regency: Regency,
+        last: Option<Decision>,
+        collect: SignedCollect,
+    },
+    /// From the new leader: the highest proven decision, the collects it chose from, and the
+    /// batch to decide next.
+    Sync {
+        regency: Regency,
+        last: Option<Decision>,
+        collects: Vec<SignedCollect>,
+        batch: Batch,
+    },
+    /// A decided instance, sent to a replica that is behind.
+    Decided(Decision),
+    /// The sender is missing decisions from `from` on.
+    DecisionRequest { from: Cid },
+}
+
+impl ReplicaMessage {
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplicaMessage::Propose { .. } => "propose",
+            ReplicaMessage::Write { .. } => "write",
+            ReplicaMessage::Accept { .. } => "accept",
+            ReplicaMessage::Forward { .. } => "forward",
+            ReplicaMessage::Stop { .. } => "stop",
+            ReplicaMessage::StopData { .. } => "stopdata",
+            ReplicaMessage::Sync { .. } => "sync",
+            ReplicaMessage::Decided(_) => "decided",
+            ReplicaMessage::DecisionRequest { .. } => "decision_request",
+        }
+    }
+}
+
+fn encode_requests(w: &mut Writer, requests: &[SignedRequest]) {
+    w.len(requests.len());
+    for r in requests {
+        r.encode(w);
+    }
+}
+
+fn decode_requests(r: &mut Reader<'_>) -> Result<Vec<SignedRequest>, DecodeError> {
+    r.vec(
+        "carried requests",
+        limits::MAX_CARRIED_REQUESTS,
+        MIN_SIGNED_REQUEST,
+        SignedRequest::decode,
+    )
+}
+
+impl Encode for ReplicaMessage {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            ReplicaMessage::Propose { cid, epoch, batch } => {
+                w.u8(1);
+                cid.encode(w);
+                epoch.encode(w);
+                batch.encode(w);
+            }
+            ReplicaMessage::Write { cid, epoch, digest } => {
+                w.u8(2);
+                cid.encode(w);
+                epoch.encode(w);
+                digest.encode(w);
+            }
+            ReplicaMessage::Accept {
+                cid,
+                epoch,
+                digest,
+                signature,
+            } => {
+                w.u8(3);
+                cid.encode(w);
+                epoch.encode(w);
+                digest.encode(w);
+                signature.encode(w);
+            }
+            ReplicaMessage::Forward { requests } => {
+                w.u8(4);
+                encode_requests(w, requests);
+            }
+            ReplicaMessage::Stop { regency, requests } => {
+                w.u8(5);
+                regency.encode(w);
+                encode_requests(w, requests);
+            }
+            ReplicaMessage::StopData {
+                regency,
+                last,
+                collect,
+            } => {
+                w.u8(6);
+                regency.encode(w);
+                w.option(last.as_ref(), |w, d| d.encode(w));
+                collect.encode(w);
+            }
+            ReplicaMessage::Sync {
+                regency,
+                last,
+                collects,
+                batch,
+            } => {
+                w.u8(7);
+                regency.encode(w);
+                w.option(last.as_ref(), |w, d| d.encode(w));
+                w.len(collects.len());
+                for c in collects {
+                    c.encode(w);
+                }
+                batch.encode(w);
+            }
+            ReplicaMessage::Decided(d) => {
+                w.u8(8);
+                d.encode(w);
+            }
+            ReplicaMessage::DecisionRequest { from } => {
+                w.u8(9);
+                from.encode(w);
+            }
+        }
+    }
+}
+
+impl Decode for ReplicaMessage {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(match r.u8()? {
+            1 => ReplicaMessage::Propose {
+                cid: Cid::decode(r)?,
+                epoch: Epoch::decode(r)?,
+                batch: Batch::decode(r)?,
+            },
+            2 => ReplicaMessage::Write {
+                cid: Cid::decode(r)?,
+                epoch: Epoch::decode(r)?,
+                digest: Digest::decode(r)?,
+            },
+            3 => ReplicaMessage::Accept {
+                cid: Cid::decode(r)?,
+                epoch: Epoch::decode(r)?,
+                digest: Digest::decode(r)?,
+                signature: Signature::decode(r)?,
+            },
+            4 => ReplicaMessage::Forward {
+                requests: decode_requests(r)?,
+            },
+            5 => ReplicaMessage::Stop {
+                regency: Regency::decode(r)?,
+                requests: decode_requests(r)?,
+            },
+            6 => ReplicaMessage::StopData {
+                regency: Regency::decode(r)?,
+                last: r.option(Decision::decode)?,
+                collect: SignedCollect::decode(r)?,
+            },
+            7 => ReplicaMessage::Sync {
+                regency: Regency::decode(r)?,
+                last: r.option(Decision::decode)?,
+                collects: r.vec("collects", limits::MAX_REPLICAS, 120, SignedCollect::decode)?,
+                batch: Batch::decode(r)?,
+            },
+            8 => ReplicaMessage::Decided(Decision::decode(r)?),
+            9 => ReplicaMessage::DecisionRequest {
+                from: Cid::decode(r)?,
+            },
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "replica message",
+                    tag,
+                })
+            }
+        })
+    }
+}
+
+/// What a replica tells a client about its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// The service's result.
+    Result(Vec<u8>),
+    /// The request named an older view; here is the current one. The client installs it once
+    /// f+1 replicas send the same view.
+    NewView(View),
+    /// The request was refused before ordering (stale session, too large, bad signature...).
+    Rejected(String),
+}
+
+/// A replica's answer to one request. Authenticated by the channel it travels on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub replica: ReplicaId,
+    pub session: u64,
+    pub sequence: u64,
+    pub kind: RequestKind,
+    pub body: ReplyBody,
+}
+
+impl Encode for Reply {
+    fn encode(&self, w: &mut Writer) {
+        self.replica.encode(w);
+        w.u64(self.session).u64(self.sequence);
+        self.kind.encode(w);
+        match &self.body {
+            ReplyBody::Result(b) => {
+                w.u8(0).bytes(b);
+            }
+            ReplyBody::NewView(v) => {
+                w.u8(1);
+                v.encode(w);
+            }
+            ReplyBody::Rejected(s) => {
+                w.u8(2).bytes(s.as_bytes());
+            }
+        }
+    }
+}
+
+impl Decode for Reply {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let replica = ReplicaId::decode(r)?;
+        let session = r.u64()?;
+        let sequence = r.u64()?;
+        let kind = RequestKind::decode(r)?;
+        let body = match r.u8()? {
+            0 => ReplyBody::Result(r.bytes_vec("result", limits::MAX_RESULT)?),
+            1 => ReplyBody::NewView(View::decode(r)?),
+            2 => ReplyBody::Rejected(
+                String::from_utf8_lossy(r.bytes("reason", 1024)?).into_owned(),
+            ),
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "reply body",
+                    tag,
+                })
+            }
+        };
+        Ok(Reply {
+            replica,
+            session,
+            sequence,
+            kind,
+            body,
+        })
+    }
+}
