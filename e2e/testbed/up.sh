@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Brings the KmMR test bed up, idempotently, and waits until it is ready.
+#
+#   e2e/testbed/up.sh           Tier A: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+#   e2e/testbed/up.sh --node    Tier A plus Tier B: a node (containerd, kubelet, kube-proxy, CNI)
+#
+# Everything runs inside the network namespace $NETNS (kmmr-testbed), which has a loopback
+# interface, a port-less bridge kmmr0 carrying the node address, the pods' bridge, and no route
+# out. The host reaches the apiserver on 127.0.0.1:$HOST_PORT through a socat pair joined by a
+# unix socket, so no IP route at all connects the host to the namespace. If the namespace cannot
+# be made (not root, no socat), Tier A runs on the host's loopback instead.
+#
+# Writes the admin kubeconfig to $RUN_DIR/kubeconfig (default ~/.cache/kmmr-testbed/run/kubeconfig)
+# and prints `export KUBECONFIG=...`. Stop with e2e/testbed/down.sh.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+
+want_node=0
+for a in "$@"; do
+  case "$a" in
+    --node) want_node=1;;
+    --no-node) want_node=0;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0;;
+    *) die "unknown argument $a";;
+  esac
+done
+[[ ${KMMR_TESTBED_NODE:-} == 1 ]] && want_node=1
+
+control_plane=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+
+all_alive() { local n; for n in "$@"; do alive "$n" || return 1; done; }
+
+ready() { kubectl_ get --raw /readyz; }
+
+# --- already up? -------------------------------------------------------------------------------
+if [[ -f "$RUN_DIR/mode" ]] && all_alive "${control_plane[@]}" && ready >/dev/null 2>&1; then
+  mode="$(cat "$RUN_DIR/mode")"
+  if [[ $want_node == 0 ]] || { [[ -f "$RUN_DIR/node" ]] && all_alive containerd kubelet kube-proxy; }; then
+    log "test bed already up ($mode)"
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    exit 0
+  fi
+  if [[ ! -f "$RUN_DIR/node" ]]; then
+    log "control plane up; adding the node"
+    "$here/node.sh" up
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    exit 0
+  fi
+fi
+# Anything half up (or a stale run directory) is torn down first.
+"$here/down.sh" --quiet
+
+# --- binaries, certificates ----------------------------------------------------------------------
+targets=(control-plane)
+[[ $want_node == 1 ]] && targets+=(node)
+"$here/build.sh" "${targets[@]}"
+export PATH="$K8S_BIN:$ETCD_BIN:$PATH"
+rm -rf "$LOGS"; mkdir -p "$RUN_DIR" "$LOGS" "$PIDS"
+"$here/certs.sh"
+
+# --- network namespace -------------------------------------------------------------------------
+mode=host
+if [[ ${KMMR_TESTBED_HOST_MODE:-} != 1 && $(id -u) == 0 ]] && command -v socat >/dev/null; then
+  if ip netns add "$NETNS" 2>/dev/null; then
+    mode=ns
+    ip -n "$NETNS" link set lo up
+    ip -n "$NETNS" link add kmmr0 type bridge
+    ip -n "$NETNS" addr add "$NODE_IP/24" dev kmmr0
+    ip -n "$NETNS" link set kmmr0 up
+    # No default route: the namespace knows only loopback, 10.250.0.0/24 and, later, the pods'
+    # bridge. A packet to any other address fails with "network unreachable" inside it.
+    if ip -n "$NETNS" route show default | grep -q .; then die "namespace $NETNS has a default route"; fi
+  else
+    log "cannot create network namespace $NETNS; running Tier A on the host's loopback"
+  fi
+fi
+[[ $mode == host && $want_node == 1 ]] && die "Tier B needs root, socat and a network namespace"
+echo "$mode" >"$RUN_DIR/mode"
+
+if [[ $mode == ns ]]; then
+  where=ns; api_port=6443; api_bind=0.0.0.0; advertise=$NODE_IP
+else
+  where=host; api_port=$HOST_PORT; api_bind=127.0.0.1; advertise=127.0.0.1
+fi
+# Ports on the loopback of wherever the control plane runs (the namespace, or the host).
+etcd_port=${KMMR_TESTBED_ETCD_PORT:-2379}
+[[ $mode == host ]] && etcd_port=${KMMR_TESTBED_ETCD_PORT:-23790}
+
+# --- kubeconfigs -------------------------------------------------------------------------------
+b64() { base64 -w0 <"$1"; }
+write_kubeconfig() { # file user server
+  local file="$1" user="$2" server="$3"
+  umask 077
+  cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: kmmr-testbed
+  cluster:
+    server: $server
+    certificate-authority-data: $(b64 "$PKI/ca.crt")
+users:
+- name: $user
+  user:
+    client-certificate-data: $(b64 "$PKI/$user.crt")
+    client-key-data: $(b64 "$PKI/$user.key")
+contexts:
+- name: kmmr-testbed
+  context:
+    cluster: kmmr-testbed
+    user: $user
+current-context: kmmr-testbed
+EOF
+}
+inner="https://127.0.0.1:$api_port"
+write_kubeconfig "$KUBECONFIG_PATH" admin "https://127.0.0.1:$HOST_PORT"
+write_kubeconfig "$RUN_DIR/controller-manager.kubeconfig" controller-manager "$inner"
+write_kubeconfig "$RUN_DIR/scheduler.kubeconfig" scheduler "$inner"
+
+# --- etcd (tmpfs data, loopback only) ------------------------------------------------------------
+rm -rf "$ETCD_DATA"; mkdir -p "$ETCD_DATA"; chmod 700 "$ETCD_DATA"
+start etcd "$where" etcd --name kmmr-testbed --data-dir "$ETCD_DATA" --unsafe-no-fsync \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+  --initial-cluster "kmmr-testbed=http://127.0.0.1:$((etcd_port + 1))" \
+  --listen-metrics-urls "http://127.0.0.1:$((etcd_port + 2))" \
+  --log-level warn --quota-backend-bytes 2147483648
+
+# --- kube-apiserver ----------------------------------------------------------------------------
+start kube-apiserver "$where" kube-apiserver \
+  --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address "$api_bind" --secure-port "$api_port" --advertise-address "$advertise" \
+  --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+  --client-ca-file "$PKI/ca.crt" \
+  --service-account-issuer "https://kubernetes.default.svc.$CLUSTER_DOMAIN" \
+  --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+  --service-cluster-ip-range "$SERVICE_CIDR" \
+  --authorization-mode Node,RBAC \
+  --allow-privileged=true \
+  --enable-aggregator-routing=true \
+  --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority "$PKI/ca.crt" \
+  --kubelet-preferred-address-types InternalIP \
+  --profiling=false --v=1
+
+if [[ $mode == ns ]]; then
+  # Host loopback -> unix socket -> namespace loopback. No route joins the two namespaces.
+  rm -f "$BRIDGE_SOCK"
+  start bridge-inner ns socat "UNIX-LISTEN:$BRIDGE_SOCK,fork,mode=600" "TCP:127.0.0.1:$api_port"
+  start bridge-outer host socat "TCP-LISTEN:$HOST_PORT,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$BRIDGE_SOCK"
+fi
+
+wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
+  || { tail -n 30 "$LOGS/kube-apiserver.log" >&2; die "kube-apiserver not ready"; }
+log "kube-apiserver ready"
+
+# --- controller manager and scheduler ------------------------------------------------------------
+start kube-controller-manager "$where" kube-controller-manager \
+  --kubeconfig "$RUN_DIR/controller-manager.kubeconfig" \
+  --authentication-kubeconfig "$RUN_DIR/controller-manager.kubeconfig" \
+  --authorization-kubeconfig "$RUN_DIR/controller-manager.kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 10257 --leader-elect=false \
+  --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+  --use-service-account-credentials=true \
+  --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+  --allocate-node-cidrs=true --cluster-cidr "$POD_CIDR" --node-cidr-mask-size 24 \
+  --service-cluster-ip-range "$SERVICE_CIDR" \
+  --profiling=false --v=1
+start kube-scheduler "$where" kube-scheduler \
+  --kubeconfig "$RUN_DIR/scheduler.kubeconfig" \
+  --authentication-kubeconfig "$RUN_DIR/scheduler.kubeconfig" \
+  --authorization-kubeconfig "$RUN_DIR/scheduler.kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 10259 --leader-elect=false --profiling=false --v=1
+
+# The service-account controller creating `default` shows the controller manager works.
+wait_for "the default service account" 120 kubectl_ -n default get serviceaccount default \
+  || { tail -n 30 "$LOGS/kube-controller-manager.log" >&2; die "controller manager not working"; }
+log "control plane ready ($mode): $(kubectl_ version 2>/dev/null | tr '\n' ' ')"
+
+if [[ $want_node == 1 ]]; then
+  "$here/node.sh" up
+fi
+echo "export KUBECONFIG=$KUBECONFIG_PATH"
