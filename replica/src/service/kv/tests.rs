@@ -1159,7 +1159,8 @@ fn restore_rejects_malformed_snapshots_and_keeps_the_old_state() {
 #[test]
 fn restore_rejects_snapshots_whose_history_contradicts_the_kvs() {
     let s = busy_store();
-    let tampered: Vec<Box<dyn Fn(&mut KvStore)>> = vec![
+    type Tamper = Box<dyn Fn(&mut KvStore)>;
+    let tampered: Vec<Tamper> = vec![
         Box::new(|s| {
             if let Some(kv) = s.kvs.get_mut(&b"k2"[..]) {
                 kv.value = b"forged".to_vec();
