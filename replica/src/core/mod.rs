@@ -4,4 +4,15 @@
 //! in as inputs, and messages to send, replies and timer deadlines come out. The same core runs
 //! under tokio in production and under the seeded simulator in tests.
 
+pub mod clients;
+pub mod config;
+pub mod instance;
+pub mod output;
+pub mod replica;
+pub mod sync;
+pub mod verified;
 pub mod view;
+
+pub use config::Config;
+pub use output::{Event, Output};
+pub use replica::Replica;

@@ -372,11 +372,13 @@ pub enum ReplicaMessage {
         regency: Regency,
         requests: Vec<SignedRequest>,
     },
-    /// To the new leader: the sender's last decision with its proof, and its signed collect.
+    /// To the new leader: the sender's last decision with its proof, its signed collect, and
+    /// the batches of the values the collect names (checked against their digests).
     StopData {
         regency: Regency,
         last: Option<Decision>,
         collect: SignedCollect,
+        values: Vec<Batch>,
     },
     /// From the new leader: the highest proven decision, the collects it chose from, and the
     /// batch to decide next.
@@ -465,11 +467,16 @@ impl Encode for ReplicaMessage {
                 regency,
                 last,
                 collect,
+                values,
             } => {
                 w.u8(6);
                 regency.encode(w);
                 w.option(last.as_ref(), |w, d| d.encode(w));
                 collect.encode(w);
+                w.len(values.len());
+                for b in values {
+                    b.encode(w);
+                }
             }
             ReplicaMessage::Sync {
                 regency,
@@ -528,6 +535,7 @@ impl Decode for ReplicaMessage {
                 regency: Regency::decode(r)?,
                 last: r.option(Decision::decode)?,
                 collect: SignedCollect::decode(r)?,
+                values: r.vec("collect values", limits::MAX_WRITE_SET, 20, Batch::decode)?,
             },
             7 => ReplicaMessage::Sync {
                 regency: Regency::decode(r)?,

@@ -1,0 +1,376 @@
+//! Per-client state: the session and last delivered sequence (the deduplication that makes
+//! requests execute at most once), the reply cache, and the pool of requests waiting to be
+//! ordered, drained round-robin across clients so no client starves another.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crypto::Digest;
+use crate::wire::messages::{ClientId, SignedRequest};
+
+/// What the replicated state remembers per client. Part of the deterministic state: it decides
+/// which requests execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub session: u64,
+    pub last_delivered: u64,
+    /// The reply to `last_delivered`, resent when the client retransmits it.
+    pub last_reply: Vec<u8>,
+}
+
+/// How a request stands against the delivered history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Not yet delivered: may be ordered.
+    New,
+    /// The last delivered request: answer from the cache.
+    Repeat,
+    /// Older than the last delivered one, or from an older session: a replay.
+    Stale,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Sessions {
+    by_client: BTreeMap<ClientId, Session>,
+}
+
+impl Sessions {
+    pub fn freshness(&self, client: &ClientId, session: u64, sequence: u64) -> Freshness {
+        match self.by_client.get(client) {
+            None => Freshness::New,
+            Some(s) if session > s.session => Freshness::New,
+            Some(s) if session < s.session => Freshness::Stale,
+            Some(s) if sequence > s.last_delivered => Freshness::New,
+            Some(s) if sequence == s.last_delivered => Freshness::Repeat,
+            Some(_) => Freshness::Stale,
+        }
+    }
+
+    pub fn get(&self, client: &ClientId) -> Option<&Session> {
+        self.by_client.get(client)
+    }
+
+    pub fn record(&mut self, client: ClientId, session: u64, sequence: u64, reply: Vec<u8>) {
+        self.by_client.insert(
+            client,
+            Session {
+                session,
+                last_delivered: sequence,
+                last_reply: reply,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+}
+
+/// A request waiting to be ordered.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub request: SignedRequest,
+    pub arrived_us: u64,
+    pub forwarded: bool,
+}
+
+/// Why the pool refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolRefusal {
+    Duplicate,
+    ClientFull,
+    PoolFull,
+}
+
+/// Requests waiting for ordering, indexed by digest, per client in (session, sequence) order,
+/// and by arrival time for the request timer.
+#[derive(Debug, Default)]
+pub struct Pool {
+    entries: BTreeMap<Digest, Pending>,
+    by_client: BTreeMap<ClientId, BTreeMap<(u64, u64), Digest>>,
+    by_arrival: BTreeSet<(u64, Digest)>,
+    unforwarded: BTreeSet<(u64, Digest)>,
+    /// The client served first in the last batch; the next batch starts after it.
+    cursor: Option<ClientId>,
+}
+
+impl Pool {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.entries.contains_key(digest)
+    }
+
+    pub fn insert(
+        &mut self,
+        request: SignedRequest,
+        digest: Digest,
+        now_us: u64,
+        per_client: usize,
+        total: usize,
+    ) -> Result<(), PoolRefusal> {
+        if self.entries.contains_key(&digest) {
+            return Err(PoolRefusal::Duplicate);
+        }
+        if self.entries.len() >= total {
+            return Err(PoolRefusal::PoolFull);
+        }
+        let r = &request.request;
+        let q = self.by_client.entry(r.client).or_default();
+        let key = (r.session, r.sequence);
+        if q.contains_key(&key) {
+            // Same client, session and sequence, different bytes: keep the first.
+            return Err(PoolRefusal::Duplicate);
+        }
+        if q.len() >= per_client {
+            return Err(PoolRefusal::ClientFull);
+        }
+        q.insert(key, digest);
+        self.by_arrival.insert((now_us, digest));
+        self.unforwarded.insert((now_us, digest));
+        self.entries.insert(
+            digest,
+            Pending {
+                request,
+                arrived_us: now_us,
+                forwarded: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes an executed (or invalidated) request.
+    pub fn remove(&mut self, digest: &Digest) -> Option<Pending> {
+        let p = self.entries.remove(digest)?;
+        self.by_arrival.remove(&(p.arrived_us, *digest));
+        self.unforwarded.remove(&(p.arrived_us, *digest));
+        let r = &p.request.request;
+        if let Some(q) = self.by_client.get_mut(&r.client) {
+            q.remove(&(r.session, r.sequence));
+            if q.is_empty() {
+                self.by_client.remove(&r.client);
+            }
+        }
+        Some(p)
+    }
+
+    /// Drops every request of `client` that can no longer be ordered.
+    pub fn prune_client(&mut self, client: &ClientId, sessions: &Sessions) {
+        let Some(q) = self.by_client.get(client) else {
+            return;
+        };
+        let dead: Vec<Digest> = q
+            .iter()
+            .filter(|((session, seq), _)| {
+                sessions.freshness(client, *session, *seq) != Freshness::New
+            })
+            .map(|(_, d)| *d)
+            .collect();
+        for d in dead {
+            self.remove(&d);
+        }
+    }
+
+    /// Takes up to `max_requests` / `max_bytes` of requests, one per client per round, starting
+    /// after the client served first last time. Requests stay in the pool until executed.
+    pub fn select(&mut self, max_requests: usize, max_bytes: usize) -> Vec<SignedRequest> {
+        let start = self.cursor;
+        let order: Vec<&BTreeMap<(u64, u64), Digest>> = match start {
+            Some(c) => self
+                .by_client
+                .range(c..)
+                .skip(1)
+                .chain(self.by_client.range(..=c))
+                .map(|(_, q)| q)
+                .collect(),
+            None => self.by_client.values().collect(),
+        };
+        let mut iters: Vec<_> = order.into_iter().map(|q| q.values()).collect();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut first: Option<ClientId> = None;
+        'rounds: loop {
+            let mut any = false;
+            for it in iters.iter_mut() {
+                let Some(d) = it.next() else {
+                    continue;
+                };
+                let Some(p) = self.entries.get(d) else {
+                    continue;
+                };
+                let size = p.request.request.payload.len();
+                if out.len() >= max_requests || (bytes + size > max_bytes && !out.is_empty()) {
+                    break 'rounds;
+                }
+                bytes += size;
+                first.get_or_insert(p.request.request.client);
+                out.push(p.request.clone());
+                any = true;
+            }
+            if !any {
+                break;
+            }
+        }
+        if first.is_some() {
+            self.cursor = first;
+        }
+        out
+    }
+
+    /// The arrival time of the oldest waiting request.
+    pub fn oldest_arrival(&self) -> Option<u64> {
+        self.by_arrival.first().map(|(t, _)| *t)
+    }
+
+    /// The arrival time of the oldest request not yet forwarded to the leader.
+    pub fn oldest_unforwarded(&self) -> Option<u64> {
+        self.unforwarded.first().map(|(t, _)| *t)
+    }
+
+    /// Requests that arrived at or before `cutoff_us` and were not forwarded yet; marks them.
+    pub fn take_unforwarded(&mut self, cutoff_us: u64, max: usize) -> Vec<SignedRequest> {
+        let due: Vec<(u64, Digest)> = self
+            .unforwarded
+            .iter()
+            .take_while(|(t, _)| *t <= cutoff_us)
+            .take(max)
+            .copied()
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for key in due {
+            self.unforwarded.remove(&key);
+            if let Some(p) = self.entries.get_mut(&key.1) {
+                p.forwarded = true;
+                out.push(p.request.clone());
+            }
+        }
+        out
+    }
+
+    /// The oldest requests, for a STOP message.
+    pub fn oldest(&self, max: usize) -> Vec<SignedRequest> {
+        self.by_arrival
+            .iter()
+            .take(max)
+            .filter_map(|(_, d)| self.entries.get(d).map(|p| p.request.clone()))
+            .collect()
+    }
+
+    /// Restarts every request's clock: after a leader change the new leader gets a full timeout.
+    pub fn restart_timers(&mut self, now_us: u64) {
+        self.by_arrival.clear();
+        self.unforwarded.clear();
+        for (d, p) in self.entries.iter_mut() {
+            p.arrived_us = now_us;
+            p.forwarded = false;
+            self.by_arrival.insert((now_us, *d));
+            self.unforwarded.insert((now_us, *d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{KeyPair, Signature};
+    use crate::wire::ids::ViewId;
+    use crate::wire::messages::{Request, RequestKind};
+
+    fn req(client: u8, seq: u64, size: usize) -> SignedRequest {
+        SignedRequest {
+            request: Request {
+                client: KeyPair::from_seed([client; 32]).public(),
+                session: 1,
+                sequence: seq,
+                kind: RequestKind::Ordered,
+                view: ViewId(0),
+                payload: vec![0; size],
+            },
+            signature: Signature([0; 64]),
+        }
+    }
+
+    #[test]
+    fn batches_take_one_request_per_client_per_round() {
+        let mut pool = Pool::default();
+        for seq in 1..=3 {
+            let r = req(1, seq, 0);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let r = req(2, 1, 0);
+        pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        let b = pool.select(2, 1 << 20);
+        let clients: Vec<_> = b.iter().map(|r| r.request.client).collect();
+        assert_ne!(clients[0], clients[1], "two clients share the first round");
+    }
+
+    #[test]
+    fn round_robin_start_moves_between_batches() {
+        let mut pool = Pool::default();
+        for c in 1..=3 {
+            let r = req(c, 1, 0);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let first = pool.select(1, 1 << 20)[0].request.client;
+        let second = pool.select(1, 1 << 20)[0].request.client;
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn batch_respects_the_byte_bound_but_always_takes_one_request() {
+        let mut pool = Pool::default();
+        for seq in 1..=3 {
+            let r = req(1, seq, 100);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        assert_eq!(pool.select(10, 250).len(), 2);
+        assert_eq!(pool.select(10, 50).len(), 1);
+    }
+
+    #[test]
+    fn per_client_and_total_bounds_refuse_requests() {
+        let mut pool = Pool::default();
+        let a = req(1, 1, 0);
+        let b = req(1, 2, 0);
+        let c = req(2, 1, 0);
+        pool.insert(a.clone(), a.digest(), 0, 1, 2).unwrap();
+        assert_eq!(
+            pool.insert(a.clone(), a.digest(), 0, 1, 2),
+            Err(PoolRefusal::Duplicate)
+        );
+        assert_eq!(
+            pool.insert(b.clone(), b.digest(), 0, 1, 2),
+            Err(PoolRefusal::ClientFull)
+        );
+        pool.insert(c.clone(), c.digest(), 0, 1, 2).unwrap();
+        assert_eq!(pool.remove(&a.digest()).map(|p| p.request), Some(a));
+        pool.insert(b.clone(), b.digest(), 0, 1, 2).unwrap();
+        let d = req(3, 1, 0);
+        assert_eq!(
+            pool.insert(d.clone(), d.digest(), 0, 1, 2),
+            Err(PoolRefusal::PoolFull)
+        );
+    }
+
+    #[test]
+    fn sessions_refuse_replays_and_older_sessions() {
+        let mut s = Sessions::default();
+        let c = KeyPair::from_seed([1; 32]).public();
+        assert_eq!(s.freshness(&c, 5, 1), Freshness::New);
+        s.record(c, 5, 3, vec![]);
+        assert_eq!(s.freshness(&c, 5, 3), Freshness::Repeat);
+        assert_eq!(s.freshness(&c, 5, 2), Freshness::Stale);
+        assert_eq!(s.freshness(&c, 5, 4), Freshness::New);
+        assert_eq!(s.freshness(&c, 4, 9), Freshness::Stale);
+        assert_eq!(s.freshness(&c, 6, 0), Freshness::New);
+    }
+}

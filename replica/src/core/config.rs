@@ -1,0 +1,65 @@
+//! Tunables of the protocol core. Times are in microseconds of the driver's clock.
+
+/// Detection of a leader that is slow but not silent (Aardvark, Prime, RBFT): a leader whose
+/// requests wait far longer than under recent leaders is rotated before the request timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlowLeader {
+    /// Suspect when the oldest pending request waited this many times the recent baseline.
+    pub factor: u64,
+    /// Never suspect below this wait, whatever the baseline.
+    pub floor_us: u64,
+    /// A new leader gets this long before it can be judged slow.
+    pub grace_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Base request timeout: forward after one, suspect the leader after two.
+    pub request_timeout_us: u64,
+    /// The back-off cap: the timeout doubles per regency that fails to decide, up to this.
+    pub max_request_timeout_us: u64,
+    /// Retransmission period of STOP while the regency has not changed.
+    pub stop_retransmit_us: u64,
+    pub max_batch_requests: usize,
+    pub max_batch_bytes: usize,
+    pub max_pending_per_client: usize,
+    pub max_pending_total: usize,
+    /// Consensus messages are buffered for at most this many instances ahead.
+    pub future_window: u64,
+    /// Messages buffered per future instance.
+    pub max_buffered_per_instance: usize,
+    /// Decided instances kept for lagging replicas.
+    pub log_retention: u64,
+    /// Decisions sent in answer to one request.
+    pub max_decisions_per_reply: u64,
+    /// A leader's timestamp may lead the follower's clock by at most this much.
+    pub max_clock_skew_ms: u64,
+    /// Signatures remembered as verified, so each request is checked once per replica.
+    pub verified_cache: usize,
+    pub slow_leader: Option<SlowLeader>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            request_timeout_us: 2_000_000,
+            max_request_timeout_us: 60_000_000,
+            stop_retransmit_us: 1_000_000,
+            max_batch_requests: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_pending_per_client: 256,
+            max_pending_total: 100_000,
+            future_window: 64,
+            max_buffered_per_instance: 256,
+            log_retention: 100_000,
+            max_decisions_per_reply: 64,
+            max_clock_skew_ms: 30_000,
+            verified_cache: 200_000,
+            slow_leader: Some(SlowLeader {
+                factor: 8,
+                floor_us: 200_000,
+                grace_us: 1_000_000,
+            }),
+        }
+    }
+}

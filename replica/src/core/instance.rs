@@ -1,0 +1,142 @@
+//! The state of one consensus instance (one CID) at this replica: the proposals it holds per
+//! epoch, the WRITEs and ACCEPTs it received, and what it wrote and accepted itself (its
+//! collect, should the leader change).
+
+use std::collections::BTreeMap;
+
+use crate::crypto::{Digest, Signature};
+use crate::wire::ids::{Cid, Epoch, ReplicaId};
+use crate::wire::messages::Batch;
+
+/// Epochs of ACCEPTs kept below the current one; older accepts are useless in practice and
+/// keeping them all would let a peer grow memory by inventing epochs.
+const ACCEPT_EPOCHS_KEPT: u32 = 8;
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub cid: Cid,
+    /// Valid proposals held, at most one per epoch (from that epoch's leader or its SYNC).
+    pub proposals: BTreeMap<Epoch, (Digest, Batch)>,
+    pub writes: BTreeMap<Epoch, BTreeMap<ReplicaId, Digest>>,
+    pub accepts: BTreeMap<Epoch, BTreeMap<ReplicaId, (Digest, Signature)>>,
+    /// Every (epoch, value) this replica wrote: its write set.
+    pub my_writes: Vec<(Epoch, Digest)>,
+    /// The last (epoch, value) this replica accepted; `None` = never accepted.
+    pub my_accepted: Option<(Epoch, Digest)>,
+}
+
+/// What recording a vote found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    New,
+    Duplicate,
+    /// The sender already voted differently in this epoch.
+    Equivocation,
+}
+
+impl Instance {
+    pub fn new(cid: Cid) -> Self {
+        Instance {
+            cid,
+            proposals: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            accepts: BTreeMap::new(),
+            my_writes: Vec::new(),
+            my_accepted: None,
+        }
+    }
+
+    pub fn batch_for(&self, digest: &Digest) -> Option<&Batch> {
+        self.proposals
+            .values()
+            .find(|(d, _)| d == digest)
+            .map(|(_, b)| b)
+    }
+
+    pub fn record_write(&mut self, epoch: Epoch, from: ReplicaId, digest: Digest) -> Recorded {
+        let votes = self.writes.entry(epoch).or_default();
+        match votes.get(&from) {
+            Some(d) if *d == digest => Recorded::Duplicate,
+            Some(_) => Recorded::Equivocation,
+            None => {
+                votes.insert(from, digest);
+                Recorded::New
+            }
+        }
+    }
+
+    pub fn record_accept(
+        &mut self,
+        epoch: Epoch,
+        from: ReplicaId,
+        digest: Digest,
+        signature: Signature,
+        current: Epoch,
+    ) -> Recorded {
+        if epoch.0.saturating_add(ACCEPT_EPOCHS_KEPT) < current.0 {
+            return Recorded::Duplicate;
+        }
+        let votes = self.accepts.entry(epoch).or_default();
+        let r = match votes.get(&from) {
+            Some((d, _)) if *d == digest => Recorded::Duplicate,
+            Some(_) => Recorded::Equivocation,
+            None => {
+                votes.insert(from, (digest, signature));
+                Recorded::New
+            }
+        };
+        let floor = crate::wire::ids::Regency(current.0.saturating_sub(ACCEPT_EPOCHS_KEPT));
+        self.accepts = self.accepts.split_off(&floor);
+        r
+    }
+
+    pub fn write_count(&self, epoch: Epoch, digest: &Digest) -> usize {
+        self.writes
+            .get(&epoch)
+            .map_or(0, |v| v.values().filter(|d| *d == digest).count())
+    }
+
+    /// ACCEPTs for `digest` at `epoch`.
+    pub fn accepts_for(&self, epoch: Epoch, digest: &Digest) -> Vec<(ReplicaId, Signature)> {
+        self.accepts.get(&epoch).map_or_else(Vec::new, |v| {
+            v.iter()
+                .filter(|(_, (d, _))| d == digest)
+                .map(|(id, (_, s))| (*id, *s))
+                .collect()
+        })
+    }
+
+    pub fn forget_accept(&mut self, epoch: Epoch, from: ReplicaId) {
+        if let Some(v) = self.accepts.get_mut(&epoch) {
+            v.remove(&from);
+        }
+    }
+
+    pub fn wrote_in(&self, epoch: Epoch) -> Option<Digest> {
+        self.my_writes
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, d)| *d)
+    }
+
+    /// Batches of every value in this replica's collect, for the new leader.
+    pub fn collect_values(&self) -> Vec<Batch> {
+        let mut out: Vec<Batch> = Vec::new();
+        let mut seen: Vec<Digest> = Vec::new();
+        let wanted = self
+            .my_writes
+            .iter()
+            .map(|(_, d)| *d)
+            .chain(self.my_accepted.map(|(_, d)| d));
+        for d in wanted {
+            if seen.contains(&d) {
+                continue;
+            }
+            seen.push(d);
+            if let Some(b) = self.batch_for(&d) {
+                out.push(b.clone());
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,1437 @@
+//! One replica's protocol state machine: Mod-SMaRt ordering over VP-Consensus, the
+//! synchronization phase, decision transfer, deduplication and execution.
+//!
+//! Inputs: client requests, replica messages (from an authenticated peer), and timeouts, each
+//! with the driver's current time. Outputs: messages, replies, events, and the next deadline.
+//! Never any I/O, clock or randomness of its own.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::core::clients::{Freshness, Pool, Sessions};
+use crate::core::config::Config;
+use crate::core::instance::{Instance, Recorded};
+use crate::core::output::{Event, Output};
+use crate::core::sync::{self, Choice};
+use crate::core::verified::Verified;
+use crate::core::view::View;
+use crate::crypto::{self, Digest, Domain, KeyPair};
+use crate::service::{ExecContext, Service};
+use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId};
+use crate::wire::codec::Encode;
+use crate::wire::messages::{
+    accept_signing_bytes, Batch, Collect, Decision, Proof, Reply, ReplyBody, ReplicaMessage,
+    RequestKind, SignedCollect, SignedRequest,
+};
+
+/// Regency-change messages buffered for epochs this replica has not installed yet.
+const MAX_FUTURE_EPOCH_MESSAGES: usize = 256;
+/// Requests carried in one STOP or FORWARD.
+const MAX_CARRIED: usize = 1024;
+/// Per-regency latency estimates kept for the slow-leader baseline.
+const LATENCY_HISTORY: usize = 8;
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub decided: u64,
+    pub executed_requests: u64,
+    pub proposals: u64,
+    pub regencies_installed: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+/// A STOPDATA the new leader has accepted.
+#[derive(Debug, Clone)]
+struct StopData {
+    last: Option<Decision>,
+    collect: SignedCollect,
+    values: Vec<Batch>,
+}
+
+pub struct Replica {
+    me: ReplicaId,
+    key: KeyPair,
+    view: View,
+    config: Config,
+    service: Box<dyn Service>,
+    sessions: Sessions,
+    pool: Pool,
+    verified: Verified,
+
+    last_decided: Option<Cid>,
+    last_timestamp_ms: u64,
+    log: BTreeMap<Cid, Decision>,
+    instance: Instance,
+    future: BTreeMap<Cid, Vec<(ReplicaId, ReplicaMessage)>>,
+    future_epoch: Vec<(ReplicaId, ReplicaMessage)>,
+    decided_ahead: BTreeMap<Cid, Decision>,
+    peer_progress: BTreeMap<ReplicaId, Cid>,
+    helped: BTreeMap<ReplicaId, Cid>,
+    last_catchup_us: Option<u64>,
+
+    regency: Regency,
+    synchronizing: bool,
+    stop_votes: BTreeMap<ReplicaId, Regency>,
+    stop_sent: Regency,
+    /// This replica is pushing for a leader change (retransmitting STOP, escalating).
+    stop_active: bool,
+    stop_started_us: u64,
+    stop_retransmit_at: Option<u64>,
+    stopdata: BTreeMap<ReplicaId, (Regency, StopData)>,
+    sync_sent: bool,
+    /// The SYNC this replica processed for its regency, relayed to replicas left behind.
+    current_sync: Option<ReplicaMessage>,
+    sync_relayed: BTreeMap<ReplicaId, Regency>,
+    /// A valid SYNC that needs decisions this replica lacks.
+    pending_sync: Option<(ReplicaId, ReplicaMessage)>,
+    timeout_us: u64,
+    regency_started_us: u64,
+    progress_in_regency: bool,
+    regency_latency_us: Option<u64>,
+    latency_history: VecDeque<u64>,
+
+    /// The latest time seen in any input.
+    clock_us: u64,
+    outputs: Vec<Output>,
+    events: Vec<Event>,
+    stats: Stats,
+}
+
+fn now_ms(now_us: u64) -> u64 {
+    now_us / 1000
+}
+
+impl Replica {
+    pub fn new(
+        me: ReplicaId,
+        key: KeyPair,
+        view: View,
+        config: Config,
+        service: Box<dyn Service>,
+    ) -> Self {
+        let timeout_us = config.request_timeout_us;
+        Replica {
+            me,
+            key,
+            view,
+            verified: Verified::new(config.verified_cache),
+            config,
+            service,
+            sessions: Sessions::default(),
+            pool: Pool::default(),
+            last_decided: None,
+            last_timestamp_ms: 0,
+            log: BTreeMap::new(),
+            instance: Instance::new(Cid(0)),
+            future: BTreeMap::new(),
+            future_epoch: Vec::new(),
+            decided_ahead: BTreeMap::new(),
+            peer_progress: BTreeMap::new(),
+            helped: BTreeMap::new(),
+            last_catchup_us: None,
+            regency: Regency(0),
+            synchronizing: false,
+            stop_votes: BTreeMap::new(),
+            stop_sent: Regency(0),
+            stop_active: false,
+            stop_started_us: 0,
+            stop_retransmit_at: None,
+            stopdata: BTreeMap::new(),
+            sync_sent: false,
+            current_sync: None,
+            sync_relayed: BTreeMap::new(),
+            pending_sync: None,
+            timeout_us,
+            regency_started_us: 0,
+            progress_in_regency: false,
+            regency_latency_us: None,
+            latency_history: VecDeque::new(),
+            clock_us: 0,
+            outputs: Vec::new(),
+            events: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    // ----- accessors -------------------------------------------------------------------------
+
+    pub fn id(&self) -> ReplicaId {
+        self.me
+    }
+
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    pub fn regency(&self) -> Regency {
+        self.regency
+    }
+
+    pub fn leader(&self) -> ReplicaId {
+        self.view.leader(self.regency)
+    }
+
+    pub fn last_decided(&self) -> Option<Cid> {
+        self.last_decided
+    }
+
+    pub fn is_synchronizing(&self) -> bool {
+        self.synchronizing
+    }
+
+    pub fn pending_requests(&self) -> usize {
+        self.pool.len()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn service(&self) -> &dyn Service {
+        self.service.as_ref()
+    }
+
+    pub fn state_digest(&self) -> Digest {
+        self.service.state_digest()
+    }
+
+    pub fn decision(&self, cid: Cid) -> Option<&Decision> {
+        self.log.get(&cid)
+    }
+
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn current_cid(&self) -> Cid {
+        self.instance.cid
+    }
+
+    fn is_leader(&self) -> bool {
+        self.view.leader(self.regency) == self.me
+    }
+
+    fn reject(&mut self, from: Option<ReplicaId>, reason: &'static str) {
+        *self.stats.rejected.entry(reason).or_insert(0) += 1;
+        self.events.push(Event::Rejected { from, reason });
+    }
+
+    fn send(&mut self, to: ReplicaId, msg: ReplicaMessage) {
+        if to != self.me {
+            self.outputs.push(Output::Send { to, msg });
+        }
+    }
+
+    fn broadcast(&mut self, msg: ReplicaMessage) {
+        self.outputs.push(Output::Broadcast { msg });
+    }
+
+    // ----- timers ----------------------------------------------------------------------------
+
+    /// The earliest time at which `on_timeout` has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut d: Option<u64> = None;
+        let mut at = |t: u64| d = Some(d.map_or(t, |x: u64| x.min(t)));
+        if let Some(t) = self.pool.oldest_unforwarded() {
+            at(t.saturating_add(self.timeout_us));
+        }
+        if let Some(oldest) = self.pool.oldest_arrival() {
+            if !self.stop_active {
+                at(oldest.saturating_add(2 * self.timeout_us));
+                if !self.synchronizing {
+                    if let Some(slow) = self.slow_threshold_us() {
+                        at(oldest
+                            .saturating_add(slow)
+                            .max(self.regency_started_us + self.slow_grace_us()));
+                    }
+                }
+            }
+        }
+        if self.stop_active {
+            at(self.stop_started_us.saturating_add(2 * self.timeout_us));
+            if let Some(t) = self.stop_retransmit_at {
+                at(t);
+            }
+        }
+        if self.pending_sync.is_some() || !self.decided_ahead.is_empty() {
+            at(self
+                .last_catchup_us
+                .unwrap_or(0)
+                .saturating_add(self.catchup_interval_us()));
+        }
+        d
+    }
+
+    fn catchup_interval_us(&self) -> u64 {
+        (self.config.request_timeout_us / 8).max(1)
+    }
+
+    fn slow_grace_us(&self) -> u64 {
+        self.config.slow_leader.as_ref().map_or(0, |s| s.grace_us)
+    }
+
+    /// How long a request may wait before the leader counts as slow, if that check is on.
+    fn slow_threshold_us(&self) -> Option<u64> {
+        let s = self.config.slow_leader.as_ref()?;
+        let mut hist: Vec<u64> = self.latency_history.iter().copied().collect();
+        hist.sort_unstable();
+        let baseline = hist.get(hist.len() / 2).copied().unwrap_or(0);
+        let t = s.floor_us.max(baseline.saturating_mul(s.factor));
+        // Slowness only matters below the request timeout; above it the timer takes over.
+        (t < 2 * self.timeout_us).then_some(t)
+    }
+
+    pub fn on_timeout(&mut self, now: u64) {
+        self.clock_us = self.clock_us.max(now);
+        // Request timer, stage one: forward what waited a full timeout to the leader, and
+        // repeat this replica's votes in case they were lost.
+        let cutoff = now.saturating_sub(self.timeout_us);
+        if self.pool.oldest_unforwarded().is_some_and(|t| t <= cutoff) {
+            let fwd = self.pool.take_unforwarded(cutoff, MAX_CARRIED);
+            if !self.is_leader() {
+                let leader = self.leader();
+                self.send(leader, ReplicaMessage::Forward { requests: fwd });
+            }
+            self.repeat_votes();
+        }
+        // Stage two: the leader is faulty, or merely slow compared with recent leaders.
+        if let Some(oldest) = self.pool.oldest_arrival() {
+            let age = now.saturating_sub(oldest);
+            if !self.stop_active {
+                if age >= 2 * self.timeout_us {
+                    self.suspect(now, self.regency.next(), "request_timeout");
+                } else if !self.synchronizing
+                    && now >= self.regency_started_us + self.slow_grace_us()
+                    && self.slow_threshold_us().is_some_and(|t| age >= t)
+                {
+                    self.suspect(now, self.regency.next(), "slow_leader");
+                }
+            }
+        }
+        if self.stop_active {
+            // A leader change that does not complete escalates to the next regency, with a
+            // longer timeout so that a slow network eventually fits in one.
+            if now >= self.stop_started_us.saturating_add(2 * self.timeout_us) {
+                self.timeout_us = (self.timeout_us * 2).min(self.config.max_request_timeout_us);
+                self.suspect(now, self.stop_sent.next(), "leader_change_timeout");
+            } else if self.stop_retransmit_at.is_some_and(|t| now >= t) {
+                let requests = self.pool.oldest(MAX_CARRIED);
+                self.broadcast(ReplicaMessage::Stop {
+                    regency: self.stop_sent,
+                    requests,
+                });
+                self.stop_retransmit_at = Some(now + self.config.stop_retransmit_us);
+            }
+        }
+        if (self.pending_sync.is_some() || !self.decided_ahead.is_empty())
+            && now
+                >= self
+                    .last_catchup_us
+                    .unwrap_or(0)
+                    .saturating_add(self.catchup_interval_us())
+        {
+            self.request_decisions(now, None);
+        }
+        self.advance(now);
+    }
+
+    fn repeat_votes(&mut self) {
+        let cid = self.current_cid();
+        let epoch = self.regency;
+        if let Some(d) = self.instance.wrote_in(epoch) {
+            self.broadcast(ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest: d,
+            });
+        }
+        if let Some((e, d)) = self.instance.my_accepted {
+            if let Some((_, sig)) = self
+                .instance
+                .accepts
+                .get(&e)
+                .and_then(|v| v.get(&self.me))
+                .copied()
+            {
+                self.broadcast(ReplicaMessage::Accept {
+                    cid,
+                    epoch: e,
+                    digest: d,
+                    signature: sig,
+                });
+            }
+        }
+    }
+
+    // ----- client requests -------------------------------------------------------------------
+
+    /// A request straight from a client.
+    pub fn on_request(&mut self, now: u64, req: SignedRequest) {
+        let r = &req.request;
+        if r.view < self.view.id {
+            let reply = Reply {
+                replica: self.me,
+                session: r.session,
+                sequence: r.sequence,
+                kind: r.kind,
+                body: ReplyBody::NewView(self.view.clone()),
+            };
+            self.outputs.push(Output::Reply {
+                client: r.client,
+                reply,
+            });
+            return;
+        }
+        let digest = req.digest();
+        if !self.check_signature(&req, &digest) {
+            self.reject(None, "bad_request_signature");
+            return;
+        }
+        match r.kind {
+            RequestKind::Unordered => {
+                let result = self.service.query(&r.payload);
+                let reply = Reply {
+                    replica: self.me,
+                    session: r.session,
+                    sequence: r.sequence,
+                    kind: RequestKind::Unordered,
+                    body: ReplyBody::Result(result),
+                };
+                self.outputs.push(Output::Reply {
+                    client: r.client,
+                    reply,
+                });
+            }
+            RequestKind::Ordered => {
+                match self.sessions.freshness(&r.client, r.session, r.sequence) {
+                    Freshness::New => self.pool_insert(now, req, digest),
+                    Freshness::Repeat => {
+                        if let Some(s) = self.sessions.get(&r.client) {
+                            let reply = Reply {
+                                replica: self.me,
+                                session: r.session,
+                                sequence: r.sequence,
+                                kind: RequestKind::Ordered,
+                                body: ReplyBody::Result(s.last_reply.clone()),
+                            };
+                            self.outputs.push(Output::Reply {
+                                client: r.client,
+                                reply,
+                            });
+                        }
+                    }
+                    Freshness::Stale => {
+                        self.reject(None, "stale_request");
+                    }
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    fn check_signature(&mut self, req: &SignedRequest, digest: &Digest) -> bool {
+        if self.verified.contains(digest) {
+            return true;
+        }
+        if req.verify() {
+            self.verified.insert(*digest);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn pool_insert(&mut self, now: u64, req: SignedRequest, digest: Digest) {
+        if let Err(e) = self.pool.insert(
+            req,
+            digest,
+            now,
+            self.config.max_pending_per_client,
+            self.config.max_pending_total,
+        ) {
+            match e {
+                crate::core::clients::PoolRefusal::Duplicate => {}
+                crate::core::clients::PoolRefusal::ClientFull => {
+                    self.reject(None, "client_queue_full")
+                }
+                crate::core::clients::PoolRefusal::PoolFull => self.reject(None, "pool_full"),
+            }
+        }
+    }
+
+    /// Requests relayed by a replica (FORWARD, STOP): verified like a client's own.
+    fn adopt_requests(&mut self, now: u64, from: ReplicaId, requests: Vec<SignedRequest>) {
+        for req in requests {
+            let r = &req.request;
+            if r.kind != RequestKind::Ordered
+                || self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New
+            {
+                continue;
+            }
+            let digest = req.digest();
+            if self.pool.contains(&digest) {
+                continue;
+            }
+            if !self.check_signature(&req, &digest) {
+                self.reject(Some(from), "forged_relayed_request");
+                continue;
+            }
+            self.pool_insert(now, req, digest);
+        }
+    }
+
+    // ----- replica messages ------------------------------------------------------------------
+
+    /// A message from replica `from`, as authenticated by the channel.
+    pub fn on_message(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        if from == self.me || !self.view.contains(from) {
+            self.reject(Some(from), "not_a_member");
+            return;
+        }
+        self.dispatch(now, from, msg);
+        self.advance(now);
+    }
+
+    fn dispatch(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        match msg {
+            ReplicaMessage::Propose { cid, epoch, .. }
+            | ReplicaMessage::Write { cid, epoch, .. }
+            | ReplicaMessage::Accept { cid, epoch, .. } => {
+                self.note_progress(now, from, cid);
+                if epoch < self.regency && !matches!(msg, ReplicaMessage::Accept { .. }) {
+                    self.relay_sync(from);
+                }
+                if self.last_decided.is_some_and(|l| cid <= l) {
+                    self.help(from, cid);
+                } else if cid > self.current_cid() {
+                    self.buffer_future(from, cid, msg);
+                } else {
+                    self.on_consensus(now, from, msg);
+                }
+            }
+            ReplicaMessage::Forward { requests } => self.adopt_requests(now, from, requests),
+            ReplicaMessage::Stop { regency, requests } => {
+                self.adopt_requests(now, from, requests);
+                self.on_stop(now, from, regency);
+            }
+            ReplicaMessage::StopData {
+                regency,
+                last,
+                collect,
+                values,
+            } => self.on_stopdata(now, from, regency, last, collect, values),
+            msg @ ReplicaMessage::Sync { .. } => self.on_sync(now, from, msg),
+            ReplicaMessage::Decided(d) => self.on_decided(now, from, d),
+            ReplicaMessage::DecisionRequest { from: start } => self.on_decision_request(from, start),
+        }
+    }
+
+    fn buffer_future(&mut self, from: ReplicaId, cid: Cid, msg: ReplicaMessage) {
+        if cid.0 > self.current_cid().0 + self.config.future_window {
+            self.reject(Some(from), "too_far_ahead");
+            return;
+        }
+        let q = self.future.entry(cid).or_default();
+        if q.len() >= self.config.max_buffered_per_instance {
+            self.reject(Some(from), "future_buffer_full");
+            return;
+        }
+        q.push((from, msg));
+    }
+
+    /// Tracks how far peers are; when f+1 of them are two or more instances ahead, this replica
+    /// is behind and asks for decisions.
+    fn note_progress(&mut self, now: u64, from: ReplicaId, cid: Cid) {
+        let e = self.peer_progress.entry(from).or_insert(cid);
+        if cid > *e {
+            *e = cid;
+        }
+        let current = self.current_cid();
+        let ahead: Vec<ReplicaId> = self
+            .peer_progress
+            .iter()
+            .filter(|(_, c)| c.0 >= current.0 + 2)
+            .map(|(id, _)| *id)
+            .collect();
+        if ahead.len() >= self.view.weak() {
+            let due = self
+                .last_catchup_us
+                .is_none_or(|t| now >= t + self.catchup_interval_us());
+            if due {
+                self.request_decisions(now, Some(ahead));
+            }
+        }
+    }
+
+    fn request_decisions(&mut self, now: u64, to: Option<Vec<ReplicaId>>) {
+        self.last_catchup_us = Some(now);
+        let from = self.current_cid();
+        match to {
+            Some(ids) => {
+                for id in ids {
+                    self.send(id, ReplicaMessage::DecisionRequest { from });
+                }
+            }
+            None => self.broadcast(ReplicaMessage::DecisionRequest { from }),
+        }
+    }
+
+    /// Sends a lagging peer the decision it is still voting on.
+    fn help(&mut self, to: ReplicaId, cid: Cid) {
+        if self.helped.get(&to).is_some_and(|c| *c >= cid) {
+            return;
+        }
+        if let Some(d) = self.log.get(&cid) {
+            let d = d.clone();
+            self.helped.insert(to, cid);
+            self.send(to, ReplicaMessage::Decided(d));
+        }
+    }
+
+    fn relay_sync(&mut self, to: ReplicaId) {
+        if self.sync_relayed.get(&to).is_some_and(|r| *r >= self.regency) {
+            return;
+        }
+        if let Some(s) = self.current_sync.clone() {
+            self.sync_relayed.insert(to, self.regency);
+            self.send(to, s);
+        }
+    }
+
+    fn on_decision_request(&mut self, from: ReplicaId, start: Cid) {
+        let Some(last) = self.last_decided else {
+            return;
+        };
+        let end = last.0.min(
+            start
+                .0
+                .saturating_add(self.config.max_decisions_per_reply)
+                .saturating_sub(1),
+        );
+        let mut cid = start.0;
+        while cid <= end {
+            if let Some(d) = self.log.get(&Cid(cid)) {
+                let d = d.clone();
+                self.send(from, ReplicaMessage::Decided(d));
+            }
+            cid += 1;
+        }
+    }
+
+    fn on_decided(&mut self, now: u64, from: ReplicaId, d: Decision) {
+        let _ = now;
+        let current = self.current_cid();
+        if d.cid < current || self.decided_ahead.contains_key(&d.cid) {
+            return;
+        }
+        if d.cid.0 > current.0 + self.config.future_window {
+            self.reject(Some(from), "too_far_ahead");
+            return;
+        }
+        if !d.verify(&self.view) {
+            self.reject(Some(from), "invalid_decision_proof");
+            return;
+        }
+        self.decided_ahead.insert(d.cid, d);
+    }
+
+    // ----- normal case -----------------------------------------------------------------------
+
+    fn on_consensus(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        let epoch = match &msg {
+            ReplicaMessage::Propose { epoch, .. }
+            | ReplicaMessage::Write { epoch, .. }
+            | ReplicaMessage::Accept { epoch, .. } => *epoch,
+            _ => return,
+        };
+        let accept = matches!(msg, ReplicaMessage::Accept { .. });
+        if epoch > self.regency || (epoch == self.regency && self.synchronizing && !accept) {
+            if self.future_epoch.len() >= MAX_FUTURE_EPOCH_MESSAGES {
+                self.reject(Some(from), "future_epoch_buffer_full");
+            } else {
+                self.future_epoch.push((from, msg));
+            }
+            return;
+        }
+        match msg {
+            ReplicaMessage::Propose { epoch, batch, .. } => {
+                if epoch < self.regency {
+                    return;
+                }
+                if from != self.view.leader(epoch) {
+                    self.reject(Some(from), "propose_from_non_leader");
+                    return;
+                }
+                let digest = batch.digest();
+                if let Some((d, _)) = self.instance.proposals.get(&epoch) {
+                    if *d != digest {
+                        self.reject(Some(from), "equivocating_propose");
+                    }
+                    return;
+                }
+                if let Err(reason) = self.validate_batch(now, &batch) {
+                    self.reject(Some(from), reason);
+                    self.suspect(now, self.regency.next(), reason);
+                    return;
+                }
+                self.stats.proposals += 1;
+                self.hold_and_write(epoch, digest, batch);
+            }
+            ReplicaMessage::Write { epoch, digest, .. } => {
+                if epoch < self.regency {
+                    return;
+                }
+                if self.instance.record_write(epoch, from, digest) == Recorded::Equivocation {
+                    self.reject(Some(from), "equivocating_write");
+                }
+                self.check_writes(epoch);
+            }
+            ReplicaMessage::Accept {
+                epoch,
+                digest,
+                signature,
+                ..
+            } => {
+                let r = self
+                    .instance
+                    .record_accept(epoch, from, digest, signature, self.regency);
+                if r == Recorded::Equivocation {
+                    self.reject(Some(from), "equivocating_accept");
+                }
+                self.check_accepts(epoch, digest);
+            }
+            _ => {}
+        }
+    }
+
+    /// Holds a valid proposal for `epoch` and WRITEs it (a replica writes once per epoch).
+    fn hold_and_write(&mut self, epoch: Epoch, digest: Digest, batch: Batch) {
+        self.instance.proposals.insert(epoch, (digest, batch));
+        if self.instance.wrote_in(epoch).is_some() {
+            return;
+        }
+        self.instance.my_writes.push((epoch, digest));
+        self.instance.record_write(epoch, self.me, digest);
+        let cid = self.current_cid();
+        self.broadcast(ReplicaMessage::Write { cid, epoch, digest });
+        self.check_writes(epoch);
+        self.check_accepts(epoch, digest);
+    }
+
+    fn check_writes(&mut self, epoch: Epoch) {
+        if self.synchronizing || epoch != self.regency {
+            return;
+        }
+        let Some(mine) = self.instance.wrote_in(epoch) else {
+            return;
+        };
+        if self.instance.my_accepted.is_some_and(|(e, _)| e >= epoch) {
+            return;
+        }
+        if self.instance.write_count(epoch, &mine) < self.view.quorum() {
+            return;
+        }
+        let cid = self.current_cid();
+        let signature = self
+            .key
+            .sign(Domain::Accept, &accept_signing_bytes(cid, epoch, &mine));
+        self.instance.my_accepted = Some((epoch, mine));
+        self.instance
+            .record_accept(epoch, self.me, mine, signature, self.regency);
+        self.broadcast(ReplicaMessage::Accept {
+            cid,
+            epoch,
+            digest: mine,
+            signature,
+        });
+        self.check_accepts(epoch, mine);
+    }
+
+    /// Decides once a quorum of valid ACCEPTs names a batch this replica actually holds (never
+    /// on a digest alone: BFT-SMaRt PR #99/#100).
+    fn check_accepts(&mut self, epoch: Epoch, digest: Digest) {
+        let q = self.view.quorum();
+        let mut accepts = self.instance.accepts_for(epoch, &digest);
+        if accepts.len() < q {
+            return;
+        }
+        let Some(batch) = self.instance.batch_for(&digest).cloned() else {
+            return;
+        };
+        let cid = self.current_cid();
+        let msg = accept_signing_bytes(cid, epoch, &digest);
+        let items: Vec<_> = accepts
+            .iter()
+            .filter_map(|(id, s)| self.view.key(*id).map(|k| (*k, Domain::Accept, &msg[..], *s)))
+            .collect();
+        if !crypto::verify_batch(&items) {
+            // Find and drop the forgeries; the rest may still make a quorum later.
+            let mut good = Vec::new();
+            for (id, s) in accepts {
+                let ok = self
+                    .view
+                    .key(id)
+                    .is_some_and(|k| crypto::verify(k, Domain::Accept, &msg, &s));
+                if ok {
+                    good.push((id, s));
+                } else {
+                    self.instance.forget_accept(epoch, id);
+                    self.reject(Some(id), "forged_accept");
+                }
+            }
+            accepts = good;
+            if accepts.len() < q {
+                return;
+            }
+        }
+        accepts.truncate(q);
+        self.decide(
+            Decision {
+                cid,
+                batch,
+                proof: Proof { epoch, accepts },
+            },
+            None,
+        );
+    }
+
+    /// Checks a proposed batch against the state after the previous instance.
+    fn validate_batch(&mut self, now: u64, batch: &Batch) -> Result<(), &'static str> {
+        if batch.requests.len() > self.config.max_batch_requests {
+            return Err("batch_too_large");
+        }
+        if batch.timestamp_ms < self.last_timestamp_ms {
+            return Err("timestamp_went_backwards");
+        }
+        if batch.timestamp_ms > now_ms(now).saturating_add(self.config.max_clock_skew_ms) {
+            return Err("timestamp_in_future");
+        }
+        let mut last_in_batch: BTreeMap<crate::wire::messages::ClientId, (u64, u64)> =
+            BTreeMap::new();
+        let mut unverified: Vec<(usize, Digest)> = Vec::new();
+        for (i, req) in batch.requests.iter().enumerate() {
+            let r = &req.request;
+            if r.kind != RequestKind::Ordered {
+                return Err("unordered_request_in_batch");
+            }
+            let key = (r.session, r.sequence);
+            if let Some(prev) = last_in_batch.get(&r.client) {
+                if key <= *prev {
+                    return Err("duplicate_request_in_batch");
+                }
+            } else if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New
+            {
+                return Err("replayed_request");
+            }
+            last_in_batch.insert(r.client, key);
+            let d = req.digest();
+            if !self.verified.contains(&d) {
+                unverified.push((i, d));
+            }
+        }
+        if unverified.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<Vec<u8>> = unverified
+            .iter()
+            .map(|(i, _)| batch.requests[*i].request.to_bytes())
+            .collect();
+        let items: Vec<_> = unverified
+            .iter()
+            .zip(&encoded)
+            .map(|((i, _), m)| {
+                let r = &batch.requests[*i];
+                (r.request.client, Domain::ClientRequest, &m[..], r.signature)
+            })
+            .collect();
+        if !crypto::verify_batch(&items) {
+            return Err("forged_request_in_batch");
+        }
+        for (_, d) in unverified {
+            self.verified.insert(d);
+        }
+        Ok(())
+    }
+
+    fn maybe_propose(&mut self, now: u64) {
+        if !self.is_leader()
+            || self.synchronizing
+            || self.pool.is_empty()
+            || self.instance.proposals.contains_key(&self.regency)
+        {
+            return;
+        }
+        let requests = self
+            .pool
+            .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+        if requests.is_empty() {
+            return;
+        }
+        let batch = self.fresh_batch(now, requests);
+        let digest = batch.digest();
+        let cid = self.current_cid();
+        let epoch = self.regency;
+        self.broadcast(ReplicaMessage::Propose {
+            cid,
+            epoch,
+            batch: batch.clone(),
+        });
+        self.stats.proposals += 1;
+        self.hold_and_write(epoch, digest, batch);
+    }
+
+    fn fresh_batch(&self, now: u64, requests: Vec<SignedRequest>) -> Batch {
+        let timestamp_ms = now_ms(now).max(self.last_timestamp_ms);
+        // The nonce seed is fixed by the instance so that replicas need not trust the leader
+        // for it beyond the decided value itself.
+        let nonce = u64::from_le_bytes(
+            Digest::of_parts(&[&self.current_cid().0.to_le_bytes(), &timestamp_ms.to_le_bytes()])
+                .0[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        Batch {
+            timestamp_ms,
+            nonce,
+            requests,
+        }
+    }
+
+    // ----- decision and execution ------------------------------------------------------------
+
+    fn decide(&mut self, decision: Decision, _via: Option<ReplicaId>) {
+        let cid = decision.cid;
+        debug_assert_eq!(Some(cid), self.last_decided.map_or(Some(Cid(0)), |c| Some(c.next())));
+        let digest = decision.batch.digest();
+        self.execute(cid, &decision.batch);
+        self.events.push(Event::Decided {
+            cid,
+            digest,
+            requests: decision.batch.requests.len(),
+            timestamp_ms: decision.batch.timestamp_ms,
+        });
+        self.stats.decided += 1;
+        self.last_decided = Some(cid);
+        self.last_timestamp_ms = self.last_timestamp_ms.max(decision.batch.timestamp_ms);
+        self.log.insert(cid, decision);
+        while self.log.len() as u64 > self.config.log_retention {
+            self.log.pop_first();
+        }
+        self.instance = Instance::new(cid.next());
+        self.future = self.future.split_off(&cid.next());
+        self.decided_ahead = self.decided_ahead.split_off(&cid.next());
+        if !self.synchronizing {
+            self.progress_in_regency = true;
+            self.timeout_us = self.config.request_timeout_us;
+            // Progress: a suspicion of this leader was wrong. The vote stands (votes never go
+            // down) but is no longer pushed.
+            self.stop_active = false;
+            self.stop_retransmit_at = None;
+        }
+    }
+
+    fn execute(&mut self, cid: Cid, batch: &Batch) {
+        for (i, req) in batch.requests.iter().enumerate() {
+            let r = &req.request;
+            let digest = req.digest();
+            if let Some(p) = self.pool.remove(&digest) {
+                let waited = self.clock_us.saturating_sub(p.arrived_us);
+                self.sample_latency(waited);
+            }
+            if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New {
+                continue;
+            }
+            let ctx = ExecContext {
+                cid: cid.0,
+                timestamp_ms: batch.timestamp_ms,
+                index: i as u32,
+            };
+            let result = self.service.execute(&ctx, &r.payload);
+            self.stats.executed_requests += 1;
+            self.sessions
+                .record(r.client, r.session, r.sequence, result.clone());
+            self.pool.prune_client(&r.client, &self.sessions);
+            self.outputs.push(Output::Reply {
+                client: r.client,
+                reply: Reply {
+                    replica: self.me,
+                    session: r.session,
+                    sequence: r.sequence,
+                    kind: RequestKind::Ordered,
+                    body: ReplyBody::Result(result),
+                },
+            });
+        }
+    }
+
+    fn sample_latency(&mut self, us: u64) {
+        self.regency_latency_us = Some(match self.regency_latency_us {
+            None => us,
+            Some(avg) => (avg * 7 + us) / 8,
+        });
+    }
+
+    /// Runs everything an input made possible: buffered decisions and messages for the next
+    /// instance, a SYNC that waited for catch-up, a new proposal. Iterative, not recursive, so a
+    /// long catch-up cannot grow the stack.
+    fn advance(&mut self, now: u64) {
+        self.clock_us = self.clock_us.max(now);
+        loop {
+            let current = self.current_cid();
+            if let Some(d) = self.decided_ahead.remove(&current) {
+                self.decide(d, None);
+                continue;
+            }
+            if let Some((from, msg)) = self.pending_sync.take() {
+                let target = sync_target(&msg);
+                if self.current_cid().0 + 1 >= target.0 {
+                    self.on_sync(now, from, msg);
+                    continue;
+                }
+                self.pending_sync = Some((from, msg));
+            }
+            if let Some(msgs) = self.future.remove(&current) {
+                for (from, msg) in msgs {
+                    self.dispatch(now, from, msg);
+                }
+                continue;
+            }
+            if !self.synchronizing && !self.future_epoch.is_empty() {
+                let ready: Vec<_>;
+                (ready, self.future_epoch) = std::mem::take(&mut self.future_epoch)
+                    .into_iter()
+                    .partition(|(_, m)| msg_epoch(m).is_some_and(|e| e <= self.regency));
+                if !ready.is_empty() {
+                    for (from, msg) in ready {
+                        self.dispatch(now, from, msg);
+                    }
+                    continue;
+                }
+            }
+            break;
+        }
+        if self.synchronizing && self.is_leader() {
+            self.try_sync(now);
+        }
+        self.maybe_propose(now);
+    }
+
+    // ----- synchronization phase -------------------------------------------------------------
+
+    /// Asks to move to `target` (or joins others asking): STOP to all, retransmitted until the
+    /// regency changes. A replica never votes for a lower regency than it voted for before.
+    fn suspect(&mut self, now: u64, target: Regency, why: &'static str) {
+        let target = target.max(self.regency.next()).max(self.stop_sent);
+        if target == self.stop_sent && self.stop_active {
+            return;
+        }
+        self.events.push(Event::Suspected {
+            regency: target,
+            why,
+        });
+        self.stop_sent = target;
+        self.stop_active = true;
+        self.stop_started_us = now;
+        self.stop_votes.insert(self.me, target);
+        let requests = self.pool.oldest(MAX_CARRIED);
+        self.broadcast(ReplicaMessage::Stop {
+            regency: target,
+            requests,
+        });
+        self.stop_retransmit_at = Some(now + self.config.stop_retransmit_us);
+        self.check_stops(now);
+    }
+
+    fn on_stop(&mut self, now: u64, from: ReplicaId, regency: Regency) {
+        if regency <= self.regency {
+            // The sender is behind: show it where the cluster is.
+            self.relay_sync(from);
+            if let Some(last) = self.last_decided {
+                self.help(from, last);
+            }
+            return;
+        }
+        let e = self.stop_votes.entry(from).or_insert(regency);
+        if regency > *e {
+            *e = regency;
+        }
+        self.check_stops(now);
+    }
+
+    /// The largest regency that at least `k` replicas (counting this one's own STOP) want.
+    fn kth_vote(&self, k: usize) -> Option<Regency> {
+        let mut votes: Vec<Regency> = self
+            .stop_votes
+            .values()
+            .copied()
+            .filter(|r| *r > self.regency)
+            .collect();
+        votes.sort_unstable_by(|a, b| b.cmp(a));
+        votes.get(k.checked_sub(1)?).copied()
+    }
+
+    fn check_stops(&mut self, now: u64) {
+        // f+1 replicas want to leave: at least one is correct, so join them (PBFT's rule).
+        if let Some(r) = self.kth_vote(self.view.weak()) {
+            if r > self.stop_sent {
+                self.suspect(now, r, "joined leader change");
+                return;
+            }
+        }
+        if let Some(r) = self.kth_vote(self.view.strong()) {
+            if r > self.regency && self.stop_sent >= r {
+                self.install(now, r);
+            }
+        }
+    }
+
+    fn install(&mut self, now: u64, regency: Regency) {
+        if let Some(l) = self.regency_latency_us.take() {
+            self.latency_history.push_back(l);
+            while self.latency_history.len() > LATENCY_HISTORY {
+                self.latency_history.pop_front();
+            }
+        }
+        if !self.progress_in_regency {
+            self.timeout_us = (self.timeout_us * 2).min(self.config.max_request_timeout_us);
+        }
+        self.regency = regency;
+        self.synchronizing = true;
+        self.sync_sent = false;
+        self.progress_in_regency = false;
+        self.regency_started_us = now;
+        self.stop_active = self.stop_sent > regency;
+        if !self.stop_active {
+            self.stop_retransmit_at = None;
+        }
+        self.stop_votes.retain(|_, r| *r > regency);
+        self.stopdata.retain(|_, (r, _)| *r == regency);
+        self.current_sync = None;
+        self.pool.restart_timers(now);
+        self.stats.regencies_installed += 1;
+        let leader = self.view.leader(regency);
+        self.events.push(Event::RegencyInstalled { regency, leader });
+        let (last, collect, values) = self.own_stopdata();
+        if leader == self.me {
+            self.stopdata.insert(
+                self.me,
+                (
+                    regency,
+                    StopData {
+                        last,
+                        collect,
+                        values,
+                    },
+                ),
+            );
+            self.try_sync(now);
+        } else {
+            self.send(
+                leader,
+                ReplicaMessage::StopData {
+                    regency,
+                    last,
+                    collect,
+                    values,
+                },
+            );
+        }
+    }
+
+    fn own_stopdata(&self) -> (Option<Decision>, SignedCollect, Vec<Batch>) {
+        let last = self.last_decided.and_then(|c| self.log.get(&c).cloned());
+        let collect = Collect {
+            regency: self.regency,
+            replica: self.me,
+            cid: self.current_cid(),
+            accepted: self.instance.my_accepted,
+            writes: self.instance.my_writes.clone(),
+        };
+        (
+            last,
+            SignedCollect::sign(collect, &self.key),
+            self.instance.collect_values(),
+        )
+    }
+
+    fn on_stopdata(
+        &mut self,
+        now: u64,
+        from: ReplicaId,
+        regency: Regency,
+        last: Option<Decision>,
+        collect: SignedCollect,
+        values: Vec<Batch>,
+    ) {
+        if self.view.leader(regency) != self.me || regency < self.regency {
+            self.reject(Some(from), "misdirected_stopdata");
+            return;
+        }
+        let c = &collect.collect;
+        if c.replica != from || c.regency != regency || !collect.verify(&self.view) {
+            self.reject(Some(from), "invalid_collect");
+            return;
+        }
+        let last_ok = match &last {
+            None => c.cid == Cid(0),
+            Some(d) => d.cid.next() == c.cid && d.verify(&self.view),
+        };
+        if !last_ok {
+            // Includes a STOPDATA claiming a higher decision it cannot prove.
+            self.reject(Some(from), "unproven_last_decision");
+            return;
+        }
+        let named: Vec<Digest> = c
+            .writes
+            .iter()
+            .map(|(_, d)| *d)
+            .chain(c.accepted.map(|(_, d)| d))
+            .collect();
+        let values: Vec<Batch> = values
+            .into_iter()
+            .filter(|b| named.contains(&b.digest()))
+            .collect();
+        self.stopdata.insert(
+            from,
+            (
+                regency,
+                StopData {
+                    last,
+                    collect,
+                    values,
+                },
+            ),
+        );
+        if regency == self.regency {
+            self.try_sync(now);
+        }
+    }
+
+    /// The new leader: once the collects are sound, choose the value and send SYNC.
+    fn try_sync(&mut self, now: u64) {
+        if !self.synchronizing || self.sync_sent || !self.is_leader() {
+            return;
+        }
+        // Decisions learnt since installing make this replica's own STOPDATA stale.
+        let own_cid = self
+            .stopdata
+            .get(&self.me)
+            .map(|(_, s)| s.collect.collect.cid);
+        if own_cid != Some(self.current_cid()) {
+            let (last, collect, values) = self.own_stopdata();
+            self.stopdata.insert(
+                self.me,
+                (
+                    self.regency,
+                    StopData {
+                        last,
+                        collect,
+                        values,
+                    },
+                ),
+            );
+        }
+        let data: Vec<&StopData> = self
+            .stopdata
+            .values()
+            .filter(|(r, _)| *r == self.regency)
+            .map(|(_, s)| s)
+            .collect();
+        if data.len() < self.view.collect_quorum() {
+            return;
+        }
+        let best = data
+            .iter()
+            .filter_map(|s| s.last.as_ref())
+            .max_by_key(|d| d.cid)
+            .cloned();
+        let target = best.as_ref().map_or(Cid(0), |d| d.cid.next());
+        let states: Vec<sync::State> = data
+            .iter()
+            .filter_map(|s| sync::project(&s.collect.collect, target))
+            .collect();
+        let Some(choice) = sync::choose(&self.view, &states) else {
+            return;
+        };
+        // The leader must stand at `target` to validate a fresh batch.
+        if self.current_cid() < target {
+            if let Some(b) = &best {
+                if self.current_cid() == b.cid {
+                    self.decide(b.clone(), None);
+                    return self.try_sync(now);
+                }
+            }
+            self.request_decisions(now, None);
+            return;
+        }
+        let batch = match choice {
+            Choice::Bound(_, digest) => {
+                let found = data
+                    .iter()
+                    .flat_map(|s| s.values.iter())
+                    .find(|b| b.digest() == digest)
+                    .cloned()
+                    .or_else(|| self.instance.batch_for(&digest).cloned());
+                match found {
+                    Some(b) => b,
+                    None => return,
+                }
+            }
+            Choice::Free => {
+                let requests = self
+                    .pool
+                    .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+                self.fresh_batch(now, requests)
+            }
+        };
+        let collects: Vec<SignedCollect> = data.iter().map(|s| s.collect.clone()).collect();
+        let msg = ReplicaMessage::Sync {
+            regency: self.regency,
+            last: best,
+            collects,
+            batch,
+        };
+        self.sync_sent = true;
+        self.broadcast(msg.clone());
+        self.on_sync(now, self.me, msg);
+    }
+
+    /// A SYNC is self-certifying (a proven last decision, n-f signed collects, a value the rule
+    /// allows), so it is accepted from any replica that relays it.
+    fn on_sync(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        let ReplicaMessage::Sync {
+            regency,
+            last,
+            collects,
+            batch,
+        } = &msg
+        else {
+            return;
+        };
+        let regency = *regency;
+        if regency < self.regency || (regency == self.regency && !self.synchronizing) {
+            return;
+        }
+        let target = last.as_ref().map_or(Cid(0), |d| d.cid.next());
+        let choice = match self.check_sync(regency, last.as_ref(), collects, batch, target) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.reject(Some(from), reason);
+                if from == self.view.leader(regency) && regency == self.regency {
+                    self.suspect(now, regency.next(), reason);
+                }
+                return;
+            }
+        };
+        // Catch up to the instance the SYNC is about.
+        if self.current_cid() < target {
+            if let Some(d) = last {
+                if self.current_cid() == d.cid {
+                    self.decide(d.clone(), None);
+                }
+            }
+            if self.current_cid() < target {
+                self.pending_sync = Some((from, msg.clone()));
+                self.request_decisions(now, None);
+                return;
+            }
+        }
+        if regency > self.regency {
+            // Learnt from the SYNC itself: n-f replicas installed this regency.
+            self.regency = regency;
+            self.stop_votes.retain(|_, r| *r > regency);
+            self.events.push(Event::RegencyInstalled {
+                regency,
+                leader: self.view.leader(regency),
+            });
+            self.stats.regencies_installed += 1;
+        }
+        if self.stop_sent < regency {
+            self.stop_sent = regency;
+        }
+        let batch = batch.clone();
+        let fresh_ok = self.current_cid() != target
+            || matches!(choice, Choice::Bound(..))
+            || self.validate_batch(now, &batch).is_ok();
+        if !fresh_ok {
+            self.reject(Some(from), "invalid_sync_batch");
+            self.suspect(now, regency.next(), "invalid_sync_batch");
+            return;
+        }
+        self.synchronizing = false;
+        self.stop_active = self.stop_sent > regency;
+        if !self.stop_active {
+            self.stop_retransmit_at = None;
+        }
+        self.regency_started_us = now;
+        self.current_sync = Some(msg.clone());
+        self.pool.restart_timers(now);
+        if self.current_cid() == target {
+            let digest = batch.digest();
+            self.hold_and_write(regency, digest, batch);
+        }
+    }
+
+    fn check_sync(
+        &self,
+        regency: Regency,
+        last: Option<&Decision>,
+        collects: &[SignedCollect],
+        batch: &Batch,
+        target: Cid,
+    ) -> Result<Choice, &'static str> {
+        if let Some(d) = last {
+            if !d.verify(&self.view) {
+                return Err("sync_unproven_last");
+            }
+        }
+        let mut signers = BTreeSet::new();
+        for c in collects {
+            if c.collect.regency != regency {
+                return Err("sync_collect_wrong_regency");
+            }
+            if !signers.insert(c.collect.replica) {
+                return Err("sync_duplicate_collect");
+            }
+            if !c.verify(&self.view) {
+                return Err("sync_forged_collect");
+            }
+        }
+        let states: Option<Vec<sync::State>> = collects
+            .iter()
+            .map(|c| sync::project(&c.collect, target))
+            .collect();
+        let states = states.ok_or("sync_collect_beyond_last")?;
+        match sync::choose(&self.view, &states) {
+            None => Err("sync_collects_not_sound"),
+            Some(Choice::Bound(e, d)) => {
+                if batch.digest() == d {
+                    Ok(Choice::Bound(e, d))
+                } else {
+                    Err("sync_dropped_bound_value")
+                }
+            }
+            Some(Choice::Free) => Ok(Choice::Free),
+        }
+    }
+}
+
+fn msg_epoch(m: &ReplicaMessage) -> Option<Epoch> {
+    match m {
+        ReplicaMessage::Propose { epoch, .. }
+        | ReplicaMessage::Write { epoch, .. }
+        | ReplicaMessage::Accept { epoch, .. } => Some(*epoch),
+        _ => None,
+    }
+}
+
+fn sync_target(m: &ReplicaMessage) -> Cid {
+    match m {
+        ReplicaMessage::Sync { last, .. } => last.as_ref().map_or(Cid(0), |d| d.cid.next()),
+        _ => Cid(0),
+    }
+}
