@@ -28,7 +28,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use store::{KvStore, WatchBatch};
+pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT};
 pub use types::*;
 
 use super::{ExecContext, RestoreError, Service};

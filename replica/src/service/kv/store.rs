@@ -120,6 +120,16 @@ pub struct WatchBatch {
     pub resume_after: u64,
 }
 
+/// History retained by [`KvStore::default`]: enough for watchers that fall a few thousand writes
+/// behind to resume; Kubernetes' API server also compacts on its own schedule.
+pub const DEFAULT_HISTORY_LIMIT: u64 = 10_000;
+
+impl Default for KvStore {
+    fn default() -> Self {
+        KvStore::new(DEFAULT_HISTORY_LIMIT)
+    }
+}
+
 impl KvStore {
     /// An empty store at revision 0 that keeps at most `history_limit` revisions of history for
     /// past reads and watches; older history is compacted as writes happen. Every replica must
@@ -171,7 +181,8 @@ impl KvStore {
     }
 
     /// Executes one ordered request: first expires every lease whose deadline is at or before
-    /// `ctx.timestamp_ms`, then applies the request.
+    /// `ctx.timestamp_ms`, then applies the request. Read-only requests are answered here too,
+    /// which is what makes them linearizable reads.
     pub fn apply(&mut self, ctx: &ExecContext, req: &KvRequest) -> KvResponse {
         self.advance_time(ctx.timestamp_ms);
         let result = match req {
