@@ -1037,4 +1037,31 @@ mod tests {
             assert_eq!(check(&h), CheckResult::Linearizable, "seed {seed}");
         }
     }
+
+    /// The same kind of history, run sequentially, with one read's value forged: the checker
+    /// must catch every forgery.
+    #[test]
+    fn a_forged_read_in_a_store_history_is_caught() {
+        for seed in 0..100u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut store = KvStore::new(100);
+            let mut h = Vec::new();
+            for t in 0..20u64 {
+                let req = match rng.gen_range(0..3) {
+                    0 => KvRequest::put("k", rng.gen_range(0..3u8).to_string()),
+                    1 => KvRequest::delete("k"),
+                    _ => KvRequest::get("k"),
+                };
+                let ctx = ExecContext {
+                    cid: t,
+                    timestamp_ms: 0,
+                    index: 0,
+                };
+                let resp = store.apply(&ctx, &req);
+                h.push(op(1, 10 * t, 10 * t + 5, req, resp));
+            }
+            h.push(op(2, 1_000, 1_001, KvRequest::get("k"), found("forged", 1)));
+            assert!(!check(&h).is_linearizable(), "seed {seed}");
+        }
+    }
 }
