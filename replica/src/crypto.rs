@@ -203,7 +203,10 @@ pub fn verify_batch(items: &[(PublicKey, Domain, &[u8], Signature)]) -> bool {
             Err(_) => return false,
         }
     }
-    let msgs: Vec<Vec<u8>> = items.iter().map(|(_, d, m, _)| d.signing_bytes(m)).collect();
+    let msgs: Vec<Vec<u8>> = items
+        .iter()
+        .map(|(_, d, m, _)| d.signing_bytes(m))
+        .collect();
     let msg_refs: Vec<&[u8]> = msgs.iter().map(|m| m.as_slice()).collect();
     let sigs: Vec<ed25519_dalek::Signature> = items
         .iter()

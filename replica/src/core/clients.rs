@@ -3,6 +3,7 @@
 //! ordered, drained round-robin across clients so no client starves another.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use crate::crypto::Digest;
 use crate::wire::messages::{ClientId, SignedRequest};
@@ -187,8 +188,7 @@ impl Pool {
         let order: Vec<&BTreeMap<(u64, u64), Digest>> = match start {
             Some(c) => self
                 .by_client
-                .range(c..)
-                .skip(1)
+                .range((Bound::Excluded(c), Bound::Unbounded))
                 .chain(self.by_client.range(..=c))
                 .map(|(_, q)| q)
                 .collect(),
@@ -323,6 +323,22 @@ mod tests {
         let first = pool.select(1, 1 << 20)[0].request.client;
         let second = pool.select(1, 1 << 20)[0].request.client;
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn round_robin_survives_the_last_served_client_leaving() {
+        let mut pool = Pool::default();
+        let a = req(1, 1, 0);
+        let b = req(2, 1, 0);
+        pool.insert(a.clone(), a.digest(), 0, 10, 100).unwrap();
+        pool.insert(b.clone(), b.digest(), 0, 10, 100).unwrap();
+        let first = pool.select(1, 1 << 20);
+        pool.remove(&first[0].digest());
+        assert_eq!(
+            pool.select(1, 1 << 20).len(),
+            1,
+            "the other client is still served"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use crate::crypto::Digest;
 use crate::wire::ids::{Cid, Regency, ReplicaId};
-use crate::wire::messages::{ClientId, Reply, ReplicaMessage};
+use crate::wire::messages::{ClientId, ReplicaMessage, Reply};
 
 /// An action for the driver.
 #[derive(Debug, Clone)]
@@ -34,5 +34,8 @@ pub enum Event {
         reason: &'static str,
     },
     /// This replica asked for a leader change.
-    Suspected { regency: Regency, why: &'static str },
+    Suspected {
+        regency: Regency,
+        why: &'static str,
+    },
 }

@@ -16,10 +16,10 @@ use crate::core::verified::Verified;
 use crate::core::view::View;
 use crate::crypto::{self, Digest, Domain, KeyPair};
 use crate::service::{ExecContext, Service};
-use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId};
 use crate::wire::codec::Encode;
+use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId};
 use crate::wire::messages::{
-    accept_signing_bytes, Batch, Collect, Decision, Proof, Reply, ReplyBody, ReplicaMessage,
+    accept_signing_bytes, Batch, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody,
     RequestKind, SignedCollect, SignedRequest,
 };
 
@@ -526,7 +526,9 @@ impl Replica {
             } => self.on_stopdata(now, from, regency, last, collect, values),
             msg @ ReplicaMessage::Sync { .. } => self.on_sync(now, from, msg),
             ReplicaMessage::Decided(d) => self.on_decided(now, from, d),
-            ReplicaMessage::DecisionRequest { from: start } => self.on_decision_request(from, start),
+            ReplicaMessage::DecisionRequest { from: start } => {
+                self.on_decision_request(from, start)
+            }
         }
     }
 
@@ -593,7 +595,11 @@ impl Replica {
     }
 
     fn relay_sync(&mut self, to: ReplicaId) {
-        if self.sync_relayed.get(&to).is_some_and(|r| *r >= self.regency) {
+        if self
+            .sync_relayed
+            .get(&to)
+            .is_some_and(|r| *r >= self.regency)
+        {
             return;
         }
         if let Some(s) = self.current_sync.clone() {
@@ -766,7 +772,11 @@ impl Replica {
         let msg = accept_signing_bytes(cid, epoch, &digest);
         let items: Vec<_> = accepts
             .iter()
-            .filter_map(|(id, s)| self.view.key(*id).map(|k| (*k, Domain::Accept, &msg[..], *s)))
+            .filter_map(|(id, s)| {
+                self.view
+                    .key(*id)
+                    .map(|k| (*k, Domain::Accept, &msg[..], *s))
+            })
             .collect();
         if !crypto::verify_batch(&items) {
             // Find and drop the forgeries; the rest may still make a quorum later.
@@ -823,8 +833,7 @@ impl Replica {
                 if key <= *prev {
                     return Err("duplicate_request_in_batch");
                 }
-            } else if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New
-            {
+            } else if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New {
                 return Err("replayed_request");
             }
             last_in_batch.insert(r.client, key);
@@ -889,8 +898,11 @@ impl Replica {
         // The nonce seed is fixed by the instance so that replicas need not trust the leader
         // for it beyond the decided value itself.
         let nonce = u64::from_le_bytes(
-            Digest::of_parts(&[&self.current_cid().0.to_le_bytes(), &timestamp_ms.to_le_bytes()])
-                .0[..8]
+            Digest::of_parts(&[
+                &self.current_cid().0.to_le_bytes(),
+                &timestamp_ms.to_le_bytes(),
+            ])
+            .0[..8]
                 .try_into()
                 .unwrap_or([0; 8]),
         );
@@ -905,7 +917,10 @@ impl Replica {
 
     fn decide(&mut self, decision: Decision, _via: Option<ReplicaId>) {
         let cid = decision.cid;
-        debug_assert_eq!(Some(cid), self.last_decided.map_or(Some(Cid(0)), |c| Some(c.next())));
+        debug_assert_eq!(
+            Some(cid),
+            self.last_decided.map_or(Some(Cid(0)), |c| Some(c.next()))
+        );
         let digest = decision.batch.digest();
         self.execute(cid, &decision.batch);
         self.events.push(Event::Decided {
@@ -1114,7 +1129,8 @@ impl Replica {
         self.pool.restart_timers(now);
         self.stats.regencies_installed += 1;
         let leader = self.view.leader(regency);
-        self.events.push(Event::RegencyInstalled { regency, leader });
+        self.events
+            .push(Event::RegencyInstalled { regency, leader });
         let (last, collect, values) = self.own_stopdata();
         if leader == self.me {
             self.stopdata.insert(

@@ -90,8 +90,7 @@ pub fn choose(view: &View, states: &[State]) -> Option<Choice> {
     if states.len() < view.collect_quorum() {
         return None;
     }
-    let mut candidates: Vec<(Epoch, Digest)> =
-        states.iter().filter_map(|s| s.accepted).collect();
+    let mut candidates: Vec<(Epoch, Digest)> = states.iter().filter_map(|s| s.accepted).collect();
     candidates.sort();
     candidates.dedup();
     for (ts, v) in candidates.into_iter().rev() {
@@ -154,7 +153,11 @@ mod tests {
     #[test]
     fn leader_change_keeps_value_decided_at_epoch_zero() {
         let v4 = view(4, 1);
-        let states = vec![wrote_and_accepted(0, 7), wrote_and_accepted(0, 7), nothing()];
+        let states = vec![
+            wrote_and_accepted(0, 7),
+            wrote_and_accepted(0, 7),
+            nothing(),
+        ];
         assert!(!unbound(&v4, &states));
         assert_eq!(choose(&v4, &states), Some(Choice::Bound(Regency(0), d(7))));
     }

@@ -198,7 +198,11 @@ mod tests {
             assert_eq!(default_f(n), f, "f for n={n}");
             let v = view(n, f);
             assert_eq!(v.quorum(), q, "Q for n={n}");
-            assert_eq!(v.quorum(), (n + f + 1).div_ceil(2), "Q = ceil((n+f+1)/2) for n={n}");
+            assert_eq!(
+                v.quorum(),
+                (n + f + 1).div_ceil(2),
+                "Q = ceil((n+f+1)/2) for n={n}"
+            );
             assert_eq!(v.weak(), f + 1);
             assert_eq!(v.strong(), 2 * f + 1);
         }
@@ -210,7 +214,7 @@ mod tests {
             for f in 0..=default_f(n) {
                 let q = quorum(n, f);
                 // Two quorums of size q overlap in 2q - n replicas; f of them may be faulty.
-                assert!(2 * q >= n + f + 1, "n={n} f={f} q={q}");
+                assert!(2 * q > n + f, "n={n} f={f} q={q}");
                 // A quorum is always reachable with f replicas silent.
                 assert!(q <= n - f, "n={n} f={f} q={q}");
                 // n - f collects hold a quorum of correct-or-faulty replicas.

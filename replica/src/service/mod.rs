@@ -6,6 +6,7 @@
 //! or its snapshot. Time enters only as the consensus timestamp of the batch.
 
 pub mod kv;
+pub mod noop;
 
 use crate::crypto::Digest;
 

@@ -321,7 +321,12 @@ impl SignedCollect {
 
     pub fn verify(&self, view: &View) -> bool {
         view.key(self.collect.replica).is_some_and(|k| {
-            crypto::verify(k, Domain::Collect, &self.collect.to_bytes(), &self.signature)
+            crypto::verify(
+                k,
+                Domain::Collect,
+                &self.collect.to_bytes(),
+                &self.signature,
+            )
         })
     }
 }
@@ -584,7 +589,13 @@ impl Encode for Reply {
         self.replica.encode(w);
         w.u64(self.session).u64(self.sequence);
         self.kind.encode(w);
-        match &self.body {
+        self.body.encode(w);
+    }
+}
+
+impl Encode for ReplyBody {
+    fn encode(&self, w: &mut Writer) {
+        match self {
             ReplyBody::Result(b) => {
                 w.u8(0).bytes(b);
             }
@@ -608,9 +619,9 @@ impl Decode for Reply {
         let body = match r.u8()? {
             0 => ReplyBody::Result(r.bytes_vec("result", limits::MAX_RESULT)?),
             1 => ReplyBody::NewView(View::decode(r)?),
-            2 => ReplyBody::Rejected(
-                String::from_utf8_lossy(r.bytes("reason", 1024)?).into_owned(),
-            ),
+            2 => {
+                ReplyBody::Rejected(String::from_utf8_lossy(r.bytes("reason", 1024)?).into_owned())
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "reply body",

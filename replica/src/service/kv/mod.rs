@@ -17,12 +17,6 @@ mod snapshot;
 mod store;
 mod types;
 
-/// Compiles and tests the simulator's linearizability checker until `sim/mod.rs` declares it.
-/// Remove once `crate::sim::linearizability` exists.
-#[cfg(test)]
-#[allow(dead_code)]
-#[path = "../../sim/linearizability.rs"]
-mod linearizability_until_sim_is_wired;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -1,0 +1,214 @@
+//! A client session as a state machine: it signs requests, accepts a result once enough
+//! distinct replicas sent the same one (f+1 for ordered requests, a quorum for unordered
+//! reads), retransmits on timeout, and installs a newer view when f+1 replicas report it.
+
+use std::collections::BTreeMap;
+
+use crate::core::view::View;
+use crate::crypto::{Digest, KeyPair};
+use crate::wire::codec::Encode;
+use crate::wire::ids::ReplicaId;
+use crate::wire::messages::{Reply, ReplyBody, Request, RequestKind, SignedRequest};
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// f+1 replicas refused the request, with this reason.
+    Rejected(String),
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub sequence: u64,
+    pub result: Result<Vec<u8>, ClientError>,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    request: SignedRequest,
+    /// Reply digests by replica: one vote per replica, the first one counts.
+    votes: BTreeMap<ReplicaId, Digest>,
+    bodies: BTreeMap<Digest, ReplyBody>,
+    retransmit_at: u64,
+    /// An unordered read that failed to gather a quorum is retried as ordered.
+    deadline_unordered: Option<u64>,
+}
+
+/// One client process's session with the replicas.
+#[derive(Debug)]
+pub struct ClientSession {
+    key: KeyPair,
+    session: u64,
+    next_sequence: u64,
+    view: View,
+    retransmit_us: u64,
+    outstanding: BTreeMap<u64, Outstanding>,
+    /// Requests to (re)send to every replica of the current view.
+    to_send: Vec<SignedRequest>,
+}
+
+impl ClientSession {
+    /// `session` must exceed any session this key used before (a start timestamp works): the
+    /// replicas refuse older sessions so that old requests cannot be replayed.
+    pub fn new(key: KeyPair, session: u64, view: View, retransmit_us: u64) -> Self {
+        ClientSession {
+            key,
+            session,
+            next_sequence: 1,
+            view,
+            retransmit_us,
+            outstanding: BTreeMap::new(),
+            to_send: Vec::new(),
+        }
+    }
+
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    pub fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Starts a request; returns its sequence number. The signed request is queued in
+    /// `take_to_send`.
+    pub fn invoke(&mut self, now: u64, kind: RequestKind, payload: Vec<u8>) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let request = SignedRequest::sign(
+            Request {
+                client: self.key.public(),
+                session: self.session,
+                sequence,
+                kind,
+                view: self.view.id,
+                payload,
+            },
+            &self.key,
+        );
+        self.to_send.push(request.clone());
+        let deadline_unordered =
+            (kind == RequestKind::Unordered).then_some(now + self.retransmit_us);
+        self.outstanding.insert(
+            sequence,
+            Outstanding {
+                request,
+                votes: BTreeMap::new(),
+                bodies: BTreeMap::new(),
+                retransmit_at: now + self.retransmit_us,
+                deadline_unordered,
+            },
+        );
+        sequence
+    }
+
+    /// Requests to send to every replica of `view()`.
+    pub fn take_to_send(&mut self) -> Vec<SignedRequest> {
+        std::mem::take(&mut self.to_send)
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.outstanding.values().map(|o| o.retransmit_at).min()
+    }
+
+    pub fn on_timeout(&mut self, now: u64) {
+        let mut upgrade = Vec::new();
+        for (seq, o) in self.outstanding.iter_mut() {
+            if o.deadline_unordered.is_some_and(|t| now >= t) {
+                upgrade.push(*seq);
+                continue;
+            }
+            if now >= o.retransmit_at {
+                o.retransmit_at = now + self.retransmit_us;
+                self.to_send.push(o.request.clone());
+            }
+        }
+        for seq in upgrade {
+            self.reissue_ordered(now, seq);
+        }
+    }
+
+    /// Re-signs an unordered read as an ordered request under the same sequence number.
+    fn reissue_ordered(&mut self, now: u64, seq: u64) {
+        if let Some(o) = self.outstanding.get_mut(&seq) {
+            let mut r = o.request.request.clone();
+            r.kind = RequestKind::Ordered;
+            r.view = self.view.id;
+            o.request = SignedRequest::sign(r, &self.key);
+            o.votes.clear();
+            o.bodies.clear();
+            o.deadline_unordered = None;
+            o.retransmit_at = now + self.retransmit_us;
+            self.to_send.push(o.request.clone());
+        }
+    }
+
+    /// A reply from replica `from` (authenticated by the channel).
+    pub fn on_reply(&mut self, now: u64, from: ReplicaId, reply: Reply) -> Option<Completion> {
+        if !self.view.contains(from) || reply.replica != from || reply.session != self.session {
+            return None;
+        }
+        let seq = reply.sequence;
+        let o = self.outstanding.get_mut(&seq)?;
+        if reply.kind != o.request.request.kind {
+            return None;
+        }
+        let digest = Digest::of(&reply.body.to_bytes());
+        if o.votes.contains_key(&from) {
+            return None;
+        }
+        o.votes.insert(from, digest);
+        o.bodies.entry(digest).or_insert(reply.body);
+        let matching = o.votes.values().filter(|d| **d == digest).count();
+        let needed = match o.request.request.kind {
+            RequestKind::Ordered => self.view.weak(),
+            RequestKind::Unordered => self.view.quorum(),
+        };
+        let all_answered = o.votes.len() >= self.view.n();
+        if matching < needed {
+            if all_answered && o.request.request.kind == RequestKind::Unordered {
+                self.reissue_ordered(now, seq);
+            }
+            return None;
+        }
+        let body = o.bodies.get(&digest).cloned()?;
+        match body {
+            ReplyBody::Result(bytes) => {
+                self.outstanding.remove(&seq);
+                Some(Completion {
+                    sequence: seq,
+                    result: Ok(bytes),
+                })
+            }
+            ReplyBody::Rejected(reason) => {
+                self.outstanding.remove(&seq);
+                Some(Completion {
+                    sequence: seq,
+                    result: Err(ClientError::Rejected(reason)),
+                })
+            }
+            ReplyBody::NewView(view) => {
+                if view.id > self.view.id {
+                    self.view = view;
+                    for s in self.outstanding.keys().copied().collect::<Vec<_>>() {
+                        if let Some(o) = self.outstanding.get_mut(&s) {
+                            let mut r = o.request.request.clone();
+                            r.view = self.view.id;
+                            o.request = SignedRequest::sign(r, &self.key);
+                            o.votes.clear();
+                            o.bodies.clear();
+                            o.retransmit_at = now + self.retransmit_us;
+                            self.to_send.push(o.request.clone());
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! What one simulated run looks like: cluster size, workload, network, and the faults, all
+//! derived from a seed so that any run can be replayed exactly.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::core::config::{Config, SlowLeader};
+use crate::core::view::default_f;
+use crate::sim::byzantine::Behaviour;
+
+/// Network behaviour. Before GST messages may also be lost and replicas partitioned; after it,
+/// every message between live nodes arrives within `max_delay_us`.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub min_delay_us: u64,
+    pub max_delay_us: u64,
+    pub duplicate_prob: f64,
+    pub loss_before_gst: f64,
+}
+
+/// Replicas split into two sides that cannot talk, from `from_us` to `until_us`.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub from_us: u64,
+    pub until_us: u64,
+    /// Node indices on side B; everything else (clients included) is on side A, except that
+    /// clients reach both sides.
+    pub side_b: Vec<usize>,
+}
+
+/// A node stops (dropping what it receives) and later resumes. With `amnesia`, it resumes
+/// from an empty state, which makes it faulty (it may vote twice in one epoch).
+#[derive(Debug, Clone)]
+pub struct Crash {
+    pub node: usize,
+    pub from_us: u64,
+    pub until_us: u64,
+    pub amnesia: bool,
+}
+
+/// Scripted loss: drops replica-to-replica messages of one kind (`ReplicaMessage::kind`, or
+/// "any") between the given nodes (`None` = any node) during a window.
+#[derive(Debug, Clone)]
+pub struct DropRule {
+    pub from: Option<usize>,
+    pub to: Option<usize>,
+    pub kind: &'static str,
+    pub from_us: u64,
+    pub until_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceKind {
+    Kv,
+    Noop,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub n: usize,
+    pub f: usize,
+    pub clients: usize,
+    pub ops_per_client: usize,
+    pub keys: usize,
+    pub payload_bytes: usize,
+    pub service: ServiceKind,
+    /// Behaviour per replica index; index beyond n are ignored.
+    pub behaviours: Vec<Behaviour>,
+    /// Replica indices that run twice, each copy with the same identity.
+    pub twins: Vec<usize>,
+    pub net: NetConfig,
+    pub partitions: Vec<Partition>,
+    pub crashes: Vec<Crash>,
+    pub drops: Vec<DropRule>,
+    /// Per-replica clock offsets.
+    pub clock_offsets_us: Vec<u64>,
+    pub gst_us: u64,
+    /// The run fails for liveness if clients have not finished by then.
+    pub max_time_us: u64,
+    pub client_retransmit_us: u64,
+    pub core: Config,
+}
+
+impl SimConfig {
+    /// A fault-free cluster: the base of scripted scenarios.
+    pub fn calm(seed: u64, n: usize) -> Self {
+        let f = default_f(n);
+        SimConfig {
+            seed,
+            n,
+            f,
+            clients: 3,
+            ops_per_client: 10,
+            keys: 3,
+            payload_bytes: 0,
+            service: ServiceKind::Kv,
+            behaviours: vec![Behaviour::Correct; n],
+            twins: Vec::new(),
+            net: NetConfig {
+                min_delay_us: 100,
+                max_delay_us: 2_000,
+                duplicate_prob: 0.0,
+                loss_before_gst: 0.0,
+            },
+            partitions: Vec::new(),
+            crashes: Vec::new(),
+            drops: Vec::new(),
+            clock_offsets_us: vec![0; n],
+            gst_us: 0,
+            max_time_us: 120_000_000,
+            client_retransmit_us: 400_000,
+            core: sim_core_config(2_000),
+        }
+    }
+
+    /// Up to f faulty replicas of random kinds, random delays, duplication, loss, partitions and
+    /// pauses before GST.
+    pub fn random(seed: u64, n: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut c = SimConfig::calm(seed, n);
+        let max_delay = rng.gen_range(500..=15_000u64);
+        c.net = NetConfig {
+            min_delay_us: rng.gen_range(50..=max_delay / 2),
+            max_delay_us: max_delay,
+            duplicate_prob: if rng.gen_bool(0.5) {
+                rng.gen_range(0.0..0.05)
+            } else {
+                0.0
+            },
+            loss_before_gst: if rng.gen_bool(0.6) {
+                rng.gen_range(0.0..0.25)
+            } else {
+                0.0
+            },
+        };
+        c.core = sim_core_config(max_delay);
+        c.clients = rng.gen_range(2..=5);
+        c.ops_per_client = rng.gen_range(4..=12);
+        c.keys = rng.gen_range(1..=4);
+        c.clock_offsets_us = (0..n).map(|_| rng.gen_range(0..=5_000)).collect();
+        c.gst_us = rng.gen_range(0..=2_000_000);
+
+        let faulty = rng.gen_range(0..=c.f);
+        let mut idx: Vec<usize> = (0..n).collect();
+        // Shuffle deterministically so that faulty replicas are sometimes the first leader.
+        for i in (1..idx.len()).rev() {
+            let j = rng.gen_range(0..=i);
+            idx.swap(i, j);
+        }
+        for &r in idx.iter().take(faulty) {
+            match rng.gen_range(0..11) {
+                0 | 1 => c.twins.push(r),
+                2 => c.behaviours[r] = Behaviour::Silent,
+                3 => {
+                    c.behaviours[r] = Behaviour::Slow {
+                        extra_us: rng.gen_range(max_delay..=max_delay * 10),
+                    }
+                }
+                4 => c.behaviours[r] = Behaviour::Equivocate,
+                5 => c.behaviours[r] = Behaviour::Corrupt,
+                6 => c.behaviours[r] = Behaviour::Forge,
+                7 => c.behaviours[r] = Behaviour::Replay,
+                8 => c.behaviours[r] = Behaviour::Oversize,
+                9 => c.behaviours[r] = Behaviour::Mixed,
+                _ => {
+                    let from = rng.gen_range(0..=c.gst_us.max(1));
+                    c.crashes.push(Crash {
+                        node: r,
+                        from_us: from,
+                        until_us: from + rng.gen_range(1_000..=500_000),
+                        amnesia: true,
+                    });
+                }
+            }
+        }
+        let correct: Vec<usize> = idx[faulty..].to_vec();
+        // Partitions and pauses of correct replicas, all healed by GST.
+        if c.gst_us > 0 {
+            for _ in 0..rng.gen_range(0..=2) {
+                let from = rng.gen_range(0..c.gst_us);
+                let until = rng.gen_range(from..=c.gst_us);
+                let side_b: Vec<usize> = (0..n).filter(|_| rng.gen_bool(0.4)).collect();
+                c.partitions.push(Partition {
+                    from_us: from,
+                    until_us: until,
+                    side_b,
+                });
+            }
+            for _ in 0..rng.gen_range(0..=3) {
+                // Leaders of the first regencies are the interesting ones to stop.
+                let leaders: Vec<usize> = correct.iter().copied().filter(|i| *i < 3).collect();
+                let node = if !leaders.is_empty() && rng.gen_bool(0.7) {
+                    leaders[rng.gen_range(0..leaders.len())]
+                } else {
+                    correct[rng.gen_range(0..correct.len())]
+                };
+                let from = rng.gen_range(0..c.gst_us);
+                let until = rng.gen_range(from..=c.gst_us);
+                c.crashes.push(Crash {
+                    node,
+                    from_us: from,
+                    until_us: until,
+                    amnesia: false,
+                });
+            }
+        }
+        // Twins talk to different halves for a while: that is when they can equivocate.
+        for &t in &c.twins {
+            let from = rng.gen_range(0..=c.gst_us.max(1));
+            let until = from + rng.gen_range(10_000..=1_000_000);
+            let side_b: Vec<usize> = (0..n).filter(|i| *i != t && rng.gen_bool(0.5)).collect();
+            c.partitions.push(Partition {
+                from_us: from,
+                until_us: until,
+                side_b,
+            });
+        }
+        c.gst_us = c
+            .partitions
+            .iter()
+            .map(|p| p.until_us)
+            .chain(c.crashes.iter().map(|x| x.until_us))
+            .fold(c.gst_us, u64::max);
+        c
+    }
+
+    pub fn faulty_budget_used(&self) -> usize {
+        let byz = self
+            .behaviours
+            .iter()
+            .take(self.n)
+            .filter(|b| **b != Behaviour::Correct)
+            .count();
+        let amnesia = self.crashes.iter().filter(|c| c.amnesia).count();
+        byz + self.twins.len() + amnesia
+    }
+}
+
+/// Protocol timings scaled to the simulated network.
+pub fn sim_core_config(max_delay_us: u64) -> Config {
+    let timeout = (max_delay_us * 40).max(100_000);
+    Config {
+        request_timeout_us: timeout,
+        max_request_timeout_us: timeout * 64,
+        stop_retransmit_us: timeout / 2,
+        slow_leader: Some(SlowLeader {
+            factor: 4,
+            floor_us: timeout / 2,
+            grace_us: timeout,
+        }),
+        ..Config::default()
+    }
+}

@@ -1,0 +1,195 @@
+//! Simulated clients: closed-loop sessions issuing key-value operations over a few keys, whose
+//! observed histories are checked for linearizability.
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::client::session::{ClientSession, Completion};
+use crate::core::view::View;
+use crate::crypto::KeyPair;
+use crate::service::kv::{KvRequest, KvResponse, RangeResponse, ResponseOp};
+use crate::sim::config::ServiceKind;
+use crate::sim::linearizability::Operation;
+use crate::wire::codec::{Decode, Encode};
+use crate::wire::messages::RequestKind;
+
+pub struct SimClient {
+    pub index: usize,
+    pub session: ClientSession,
+    /// Operations issued so far, and the bounds: at least `min_ops`, and more while the
+    /// network is still unstable (before GST), up to `max_ops`.
+    issued: usize,
+    min_ops: usize,
+    max_ops: usize,
+    /// The sequence number in flight and its entry in `history`.
+    current: Option<(u64, usize)>,
+    rng: ChaCha8Rng,
+    keys: usize,
+    payload_bytes: usize,
+    service: ServiceKind,
+    /// Values this client last saw per key, for compare-and-swap expectations.
+    seen: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    counter: u64,
+    pub history: Vec<Operation>,
+    pub completed: usize,
+}
+
+impl SimClient {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        seed: u64,
+        view: View,
+        ops: usize,
+        keys: usize,
+        payload_bytes: usize,
+        service: ServiceKind,
+        retransmit_us: u64,
+    ) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0xC11E_u64 << 32) ^ index as u64);
+        let key = KeyPair::from_seed(rng.gen());
+        SimClient {
+            index,
+            session: ClientSession::new(key, 1, view, retransmit_us),
+            issued: 0,
+            min_ops: ops,
+            max_ops: ops * 6,
+            current: None,
+            rng,
+            keys: keys.max(1),
+            payload_bytes,
+            service,
+            seen: BTreeMap::new(),
+            counter: 0,
+            history: Vec::new(),
+            completed: 0,
+        }
+    }
+
+    fn wants_more(&self, now: u64, gst_us: u64) -> bool {
+        self.issued < self.min_ops || (now < gst_us && self.issued < self.max_ops)
+    }
+
+    /// Finished: nothing in flight and nothing more to issue.
+    pub fn done(&self, now: u64, gst_us: u64) -> bool {
+        self.current.is_none() && !self.wants_more(now, gst_us)
+    }
+
+    pub fn issued(&self) -> usize {
+        self.issued
+    }
+
+    /// Issues the next operation, if the client wants one.
+    pub fn start_next(&mut self, now: u64, gst_us: u64) {
+        if self.current.is_some() || !self.wants_more(now, gst_us) {
+            return;
+        }
+        self.issued += 1;
+        let (payload, request) = match self.service {
+            ServiceKind::Noop => (vec![0u8; self.payload_bytes], None),
+            ServiceKind::Kv => {
+                let req = self.next_kv_request();
+                (req.to_bytes(), Some(req))
+            }
+        };
+        let seq = self.session.invoke(now, RequestKind::Ordered, payload);
+        let idx = self.history.len();
+        if let Some(request) = request {
+            self.history.push(Operation {
+                client: self.index as u64,
+                invoke: now,
+                complete: None,
+                request,
+                response: None,
+            });
+        }
+        self.current = Some((seq, idx));
+    }
+
+    fn next_kv_request(&mut self) -> KvRequest {
+        let key = format!("k{}", self.rng.gen_range(0..self.keys)).into_bytes();
+        self.counter += 1;
+        let value = format!("c{}-{}", self.index, self.counter).into_bytes();
+        match self.rng.gen_range(0..100) {
+            0..=39 => KvRequest::put(key, value),
+            40..=69 => KvRequest::get(key),
+            70..=84 => KvRequest::delete(key),
+            _ => {
+                let expected = self.seen.get(&key).cloned().flatten();
+                KvRequest::cas(key, expected.as_deref(), value)
+            }
+        }
+    }
+
+    /// Records a completion; returns an error if the client accepted something impossible.
+    pub fn complete(&mut self, now: u64, c: Completion) -> Result<(), String> {
+        let Some((seq, idx)) = self.current else {
+            return Ok(());
+        };
+        if c.sequence != seq {
+            return Ok(());
+        }
+        self.current = None;
+        self.completed += 1;
+        let bytes = c
+            .result
+            .map_err(|e| format!("client {} got an error it cannot retry: {e:?}", self.index))?;
+        if self.service == ServiceKind::Noop {
+            return Ok(());
+        }
+        let resp = KvResponse::from_bytes(&bytes).map_err(|e| {
+            format!(
+                "client {} accepted an undecodable result from f+1 replicas: {e}",
+                self.index
+            )
+        })?;
+        let request = self.history.get(idx).map(|op| op.request.clone());
+        if let Some(request) = request {
+            self.learn(&request, &resp);
+        }
+        if let Some(op) = self.history.get_mut(idx) {
+            op.complete = Some(now);
+            op.response = Some(resp);
+        }
+        Ok(())
+    }
+
+    fn learn(&mut self, req: &KvRequest, resp: &KvResponse) {
+        let key = match req {
+            KvRequest::Range(r) => r.key.clone(),
+            KvRequest::Put(p) => p.key.clone(),
+            KvRequest::DeleteRange(d) => d.key.clone(),
+            KvRequest::Txn(_) => return self.learn_txn(resp),
+            _ => return,
+        };
+        match (req, resp) {
+            (KvRequest::Range(_), KvResponse::Range(r)) => self.learn_range(key, r),
+            (KvRequest::Put(p), KvResponse::Put(_)) => {
+                self.seen.insert(key, Some(p.value.clone()));
+            }
+            (KvRequest::DeleteRange(_), KvResponse::DeleteRange(_)) => {
+                self.seen.insert(key, None);
+            }
+            _ => {}
+        }
+    }
+
+    fn learn_range(&mut self, key: Vec<u8>, r: &RangeResponse) {
+        let v = r.kvs.first().map(|kv| kv.value.clone());
+        self.seen.insert(key, v);
+    }
+
+    fn learn_txn(&mut self, resp: &KvResponse) {
+        if let KvResponse::Txn(t) = resp {
+            for op in &t.responses {
+                if let ResponseOp::Range(r) = op {
+                    if let Some(kv) = r.kvs.first() {
+                        self.seen.insert(kv.key.clone(), Some(kv.value.clone()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! The simulated world: an event queue ordered by (time, sequence number) over replica nodes
+//! and clients, with a network that follows the run's `SimConfig`.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::core::output::{Event, Output};
+use crate::core::replica::Replica;
+use crate::core::view::{Member, View};
+use crate::crypto::KeyPair;
+use crate::service::kv::KvStore;
+use crate::service::noop::NoopService;
+use crate::service::Service;
+use crate::sim::byzantine::{honest, Adversary, Behaviour, Dest, Frame, Position};
+use crate::sim::checker::Checker;
+use crate::sim::config::{ServiceKind, SimConfig};
+use crate::sim::linearizability::{self, CheckResult};
+use crate::sim::workload::SimClient;
+use crate::wire::codec::Decode;
+use crate::wire::ids::{Cid, ReplicaId, ViewId};
+use crate::wire::limits;
+use crate::wire::messages::{ReplicaMessage, Reply, SignedRequest};
+
+/// Steps after which a run is declared livelocked.
+const MAX_EVENTS: u64 = 3_000_000;
+/// History retained by the simulated KV store.
+const KV_HISTORY: u64 = 10_000;
+
+/// What a run did and what it found.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub n: usize,
+    pub violations: Vec<String>,
+    /// Instances decided (highest CID + 1).
+    pub decided: u64,
+    /// Requests executed by the replica that executed most.
+    pub executed_requests: u64,
+    pub ops_completed: usize,
+    pub ops_total: usize,
+    pub end_time_us: u64,
+    pub max_regency: u32,
+    pub events: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub faults: String,
+    /// Each replica node's last decided CID at the end (twin copies after the replicas).
+    pub node_last_decided: Vec<Option<u64>>,
+    /// Leader-change requests: (time in us, node, regency asked for, why).
+    pub suspicions: Vec<(u64, usize, u32, &'static str)>,
+}
+
+impl SimReport {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Node(usize),
+    Client(usize),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Frame {
+        to: Endpoint,
+        from: Endpoint,
+        bytes: Vec<u8>,
+    },
+    NodeTimer(usize),
+    ClientTimer(usize),
+    ClientStart(usize),
+    CrashStart(usize),
+    CrashEnd(usize),
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, sequence).
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Node {
+    id: ReplicaId,
+    /// For a twin copy, the node index of the original.
+    twin_of: Option<usize>,
+    key: KeyPair,
+    replica: Replica,
+    adversary: Option<Adversary>,
+    faulty: bool,
+    offset_us: u64,
+    down: bool,
+    timer_at: Option<u64>,
+    last_checked: Option<Cid>,
+}
+
+struct World<'a> {
+    cfg: &'a SimConfig,
+    view: View,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<Node>,
+    clients: Vec<SimClient>,
+    rng: ChaCha8Rng,
+    checker: Checker,
+    report: SimReport,
+}
+
+fn new_service(kind: ServiceKind) -> Box<dyn Service> {
+    match kind {
+        ServiceKind::Kv => Box::new(KvStore::new(KV_HISTORY)),
+        ServiceKind::Noop => Box::new(NoopService::default()),
+    }
+}
+
+/// Runs one simulation to completion (every client done) or to its time limit.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let mut w = World::new(cfg);
+    w.run();
+    w.finish()
+}
+
+impl<'a> World<'a> {
+    fn new(cfg: &'a SimConfig) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let keys: Vec<KeyPair> = (0..cfg.n).map(|_| KeyPair::from_seed(rng.gen())).collect();
+        let members = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Member {
+                id: ReplicaId(i as u32),
+                address: format!("sim:{i}"),
+                key: k.public(),
+            })
+            .collect();
+        let view = match View::new(ViewId(0), cfg.f, members) {
+            Ok(v) => v,
+            Err(e) => panic!("simulation configured with an invalid view: {e}"),
+        };
+        let mut nodes = Vec::new();
+        let make = |i: usize, twin_of: Option<usize>| {
+            let behaviour = cfg.behaviours.get(i).cloned().unwrap_or(Behaviour::Correct);
+            let id = ReplicaId(i as u32);
+            let amnesia = cfg.crashes.iter().any(|c| c.node == i && c.amnesia);
+            let faulty = behaviour != Behaviour::Correct || cfg.twins.contains(&i) || amnesia;
+            Node {
+                id,
+                twin_of,
+                key: keys[i].clone(),
+                replica: Replica::new(
+                    id,
+                    keys[i].clone(),
+                    view.clone(),
+                    cfg.core.clone(),
+                    new_service(cfg.service),
+                ),
+                adversary: (behaviour != Behaviour::Correct)
+                    .then(|| Adversary::new(behaviour, id, keys[i].clone())),
+                faulty,
+                offset_us: cfg.clock_offsets_us.get(i).copied().unwrap_or(0),
+                down: false,
+                timer_at: None,
+                last_checked: None,
+            }
+        };
+        for i in 0..cfg.n {
+            nodes.push(make(i, None));
+        }
+        for &t in &cfg.twins {
+            nodes.push(make(t, Some(t)));
+        }
+        let clients = (0..cfg.clients)
+            .map(|i| {
+                SimClient::new(
+                    i,
+                    cfg.seed,
+                    view.clone(),
+                    cfg.ops_per_client,
+                    cfg.keys,
+                    cfg.payload_bytes,
+                    cfg.service,
+                    cfg.client_retransmit_us,
+                )
+            })
+            .collect();
+        let faults = describe_faults(cfg);
+        let mut w = World {
+            cfg,
+            view,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            clients,
+            rng,
+            checker: Checker::default(),
+            report: SimReport {
+                seed: cfg.seed,
+                n: cfg.n,
+                ops_total: cfg.clients * cfg.ops_per_client,
+                faults,
+                ..SimReport::default()
+            },
+        };
+        for (i, c) in cfg.crashes.iter().enumerate() {
+            w.schedule(c.from_us, Ev::CrashStart(i));
+            w.schedule(c.until_us.max(c.from_us + 1), Ev::CrashEnd(i));
+        }
+        for i in 0..cfg.clients {
+            let start = w.rng.gen_range(0..1_000);
+            w.schedule(start, Ev::ClientStart(i));
+        }
+        w
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn run(&mut self) {
+        while let Some(s) = self.queue.pop() {
+            self.now = s.at;
+            self.report.events += 1;
+            if self.now > self.cfg.max_time_us {
+                break;
+            }
+            if self.report.events > MAX_EVENTS {
+                self.checker
+                    .violate(format!("livelock: more than {MAX_EVENTS} events"));
+                break;
+            }
+            self.step(s.ev);
+            let (now, gst) = (self.now, self.cfg.gst_us);
+            if self.clients.iter().all(|c| c.done(now, gst)) {
+                break;
+            }
+            if self.checker.violations.len() >= 4 {
+                break;
+            }
+        }
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Frame { to, from, bytes } => match to {
+                Endpoint::Node(i) => self.deliver_to_node(i, from, bytes),
+                Endpoint::Client(c) => self.deliver_to_client(c, from, bytes),
+            },
+            Ev::NodeTimer(i) => {
+                let n = &mut self.nodes[i];
+                if n.timer_at != Some(self.now) {
+                    return;
+                }
+                n.timer_at = None;
+                if n.down {
+                    return;
+                }
+                let local = self.now + n.offset_us;
+                n.replica.on_timeout(local);
+                self.flush_node(i);
+            }
+            Ev::ClientTimer(c) => {
+                let now = self.now;
+                self.clients[c].session.on_timeout(now);
+                self.flush_client(c);
+            }
+            Ev::ClientStart(c) => {
+                let now = self.now;
+                self.clients[c].start_next(now, self.cfg.gst_us);
+                self.flush_client(c);
+            }
+            Ev::CrashStart(k) => {
+                let node = self.cfg.crashes[k].node;
+                self.nodes[node].down = true;
+            }
+            Ev::CrashEnd(k) => {
+                let crash = &self.cfg.crashes[k];
+                let node = crash.node;
+                if crash.amnesia {
+                    let n = &mut self.nodes[node];
+                    n.replica = Replica::new(
+                        n.id,
+                        n.key.clone(),
+                        self.view.clone(),
+                        self.cfg.core.clone(),
+                        new_service(self.cfg.service),
+                    );
+                    n.last_checked = None;
+                }
+                self.nodes[node].down = false;
+                self.arm_node_timer(node);
+            }
+        }
+    }
+
+    fn deliver_to_node(&mut self, i: usize, from: Endpoint, bytes: Vec<u8>) {
+        if self.nodes[i].down {
+            return;
+        }
+        if bytes.len() > limits::MAX_FRAME {
+            *self.report.rejected.entry("oversized_frame").or_insert(0) += 1;
+            return;
+        }
+        let local = self.now + self.nodes[i].offset_us;
+        match from {
+            Endpoint::Node(s) => {
+                let sender = self.nodes[s].id;
+                match ReplicaMessage::from_bytes(&bytes) {
+                    Ok(msg) => self.nodes[i].replica.on_message(local, sender, msg),
+                    Err(e) => {
+                        *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
+                        return;
+                    }
+                }
+            }
+            Endpoint::Client(_) => match SignedRequest::from_bytes(&bytes) {
+                Ok(req) => self.nodes[i].replica.on_request(local, req),
+                Err(e) => {
+                    *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
+                    return;
+                }
+            },
+        }
+        self.flush_node(i);
+    }
+
+    fn deliver_to_client(&mut self, c: usize, from: Endpoint, bytes: Vec<u8>) {
+        let Endpoint::Node(s) = from else {
+            return;
+        };
+        let sender = self.nodes[s].id;
+        let Ok(reply) = Reply::from_bytes(&bytes) else {
+            *self.report.rejected.entry("client_bad_reply").or_insert(0) += 1;
+            return;
+        };
+        let now = self.now;
+        if let Some(done) = self.clients[c].session.on_reply(now, sender, reply) {
+            if let Err(v) = self.clients[c].complete(now, done) {
+                self.checker.violate(v);
+            }
+            let think = self.rng.gen_range(0..2_000);
+            self.schedule(now + think, Ev::ClientStart(c));
+        }
+        self.flush_client(c);
+    }
+
+    fn flush_client(&mut self, c: usize) {
+        let to_send = self.clients[c].session.take_to_send();
+        for req in to_send {
+            self.checker.issued.insert(req.digest());
+            let bytes = crate::wire::codec::Encode::to_bytes(&req);
+            for i in 0..self.nodes.len() {
+                self.transmit(Endpoint::Client(c), Endpoint::Node(i), bytes.clone(), 0);
+            }
+        }
+        if let Some(d) = self.clients[c].session.next_deadline() {
+            self.schedule(d.max(self.now + 1), Ev::ClientTimer(c));
+        }
+    }
+
+    fn flush_node(&mut self, i: usize) {
+        let outputs = self.nodes[i].replica.take_outputs();
+        for out in outputs {
+            let frames = self.frames_for(i, out);
+            for f in frames {
+                self.route(i, f);
+            }
+        }
+        let events = self.nodes[i].replica.take_events();
+        let faulty = self.nodes[i].faulty;
+        for e in events {
+            match e {
+                Event::Decided { cid, digest, .. } if !faulty => {
+                    let batch = self.nodes[i].replica.decision(cid).map(|d| d.batch.clone());
+                    self.checker.on_decided(i, cid, digest, batch.as_ref());
+                }
+                Event::Rejected { reason, .. } => {
+                    *self.report.rejected.entry(reason).or_insert(0) += 1;
+                }
+                Event::Suspected { regency, why } if self.report.suspicions.len() < 64 => {
+                    self.report.suspicions.push((self.now, i, regency.0, why));
+                }
+                _ => {}
+            }
+        }
+        if !faulty {
+            let last = self.nodes[i].replica.last_decided();
+            if last.is_some() && last != self.nodes[i].last_checked {
+                self.nodes[i].last_checked = last;
+                let d = self.nodes[i].replica.state_digest();
+                if let Some(cid) = last {
+                    self.checker.on_state(i, cid, d);
+                }
+            }
+        }
+        self.arm_node_timer(i);
+    }
+
+    fn frames_for(&mut self, i: usize, out: Output) -> Vec<Frame> {
+        let n = &mut self.nodes[i];
+        match n.adversary.as_mut() {
+            None => vec![honest(&out)],
+            Some(adv) => {
+                let pos = Position {
+                    view: &self.view,
+                    regency: n.replica.regency(),
+                    last_decided: n.replica.last_decided(),
+                };
+                adv.transform(&mut self.rng, out, &pos)
+            }
+        }
+    }
+
+    fn route(&mut self, from: usize, f: Frame) {
+        match f.dest {
+            Dest::Client(key) => {
+                if let Some(c) = self
+                    .clients
+                    .iter()
+                    .position(|c| c.session.key().public() == key)
+                {
+                    self.transmit(
+                        Endpoint::Node(from),
+                        Endpoint::Client(c),
+                        f.bytes,
+                        f.extra_delay_us,
+                    );
+                }
+            }
+            Dest::Replica(id) => {
+                for j in 0..self.nodes.len() {
+                    if self.nodes[j].id == id && j != from {
+                        self.transmit(
+                            Endpoint::Node(from),
+                            Endpoint::Node(j),
+                            f.bytes.clone(),
+                            f.extra_delay_us,
+                        );
+                    }
+                }
+            }
+            Dest::AllReplicas => {
+                let me = self.nodes[from].id;
+                for j in 0..self.nodes.len() {
+                    if self.nodes[j].id != me {
+                        self.transmit(
+                            Endpoint::Node(from),
+                            Endpoint::Node(j),
+                            f.bytes.clone(),
+                            f.extra_delay_us,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Which side of partition `p` a node is on; a twin copy sits opposite its original.
+    fn side_b(&self, node: usize, p: &crate::sim::config::Partition) -> bool {
+        match self.nodes[node].twin_of {
+            Some(orig) => !p.side_b.contains(&orig),
+            None => p.side_b.contains(&node),
+        }
+    }
+
+    fn transmit(&mut self, from: Endpoint, to: Endpoint, bytes: Vec<u8>, extra: u64) {
+        let now = self.now;
+        if let (Endpoint::Node(a), Endpoint::Node(b)) = (from, to) {
+            let cut = self.cfg.partitions.iter().any(|p| {
+                now >= p.from_us && now < p.until_us && self.side_b(a, p) != self.side_b(b, p)
+            });
+            if cut || self.scripted_drop(a, b, &bytes) {
+                return;
+            }
+        }
+        let net = &self.cfg.net;
+        if now < self.cfg.gst_us
+            && net.loss_before_gst > 0.0
+            && self.rng.gen_bool(net.loss_before_gst)
+        {
+            return;
+        }
+        let copies = if net.duplicate_prob > 0.0 && self.rng.gen_bool(net.duplicate_prob) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self
+                .rng
+                .gen_range(net.min_delay_us..=net.max_delay_us.max(net.min_delay_us));
+            self.schedule(
+                now + delay + extra,
+                Ev::Frame {
+                    to,
+                    from,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    fn scripted_drop(&self, from: usize, to: usize, bytes: &[u8]) -> bool {
+        let now = self.now;
+        let mut rules = self.cfg.drops.iter().filter(|r| {
+            now >= r.from_us
+                && now < r.until_us
+                && r.from.is_none_or(|f| f == from)
+                && r.to.is_none_or(|t| t == to)
+        });
+        rules.any(|r| {
+            r.kind == "any" || ReplicaMessage::from_bytes(bytes).is_ok_and(|m| m.kind() == r.kind)
+        })
+    }
+
+    fn arm_node_timer(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if n.down {
+            return;
+        }
+        let Some(local) = n.replica.next_deadline() else {
+            return;
+        };
+        let at = local.saturating_sub(n.offset_us).max(self.now + 1);
+        if n.timer_at.is_some_and(|t| t <= at && t > self.now) {
+            return;
+        }
+        self.nodes[i].timer_at = Some(at);
+        self.schedule(at, Ev::NodeTimer(i));
+    }
+
+    fn finish(mut self) -> SimReport {
+        let (now, gst) = (self.now, self.cfg.gst_us);
+        let done = self.clients.iter().all(|c| c.done(now, gst));
+        if !done {
+            let pending: usize = self
+                .clients
+                .iter()
+                .map(|c| c.issued().max(self.cfg.ops_per_client) - c.completed)
+                .sum();
+            self.checker.violate(format!(
+                "liveness: {pending} operations unfinished at {} ms (GST {} ms)",
+                self.now / 1000,
+                self.cfg.gst_us / 1000
+            ));
+        }
+        if self.cfg.service == ServiceKind::Kv {
+            let history: Vec<_> = self
+                .clients
+                .iter()
+                .flat_map(|c| c.history.iter().cloned())
+                .collect();
+            match linearizability::check(&history) {
+                CheckResult::Linearizable => {}
+                CheckResult::NotLinearizable(v) => self.checker.violate(format!(
+                    "linearizability: key {:?}: {}",
+                    String::from_utf8_lossy(&v.key),
+                    v.explanation
+                )),
+                other => self
+                    .checker
+                    .violate(format!("linearizability check inconclusive: {other:?}")),
+            }
+        }
+        self.report.violations = std::mem::take(&mut self.checker.violations);
+        self.report.decided = self.checker.highest_decided().map_or(0, |c| c.0 + 1);
+        self.report.ops_completed = self.clients.iter().map(|c| c.completed).sum();
+        self.report.ops_total = self
+            .clients
+            .iter()
+            .map(|c| c.issued().max(self.cfg.ops_per_client))
+            .sum();
+        self.report.end_time_us = self.now;
+        self.report.node_last_decided = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.last_decided().map(|c| c.0))
+            .collect();
+        self.report.max_regency = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.regency().0)
+            .max()
+            .unwrap_or(0);
+        self.report.executed_requests = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.stats().executed_requests)
+            .max()
+            .unwrap_or(0);
+        self.report
+    }
+}
+
+fn describe_faults(cfg: &SimConfig) -> String {
+    let mut parts = Vec::new();
+    for (i, b) in cfg.behaviours.iter().enumerate().take(cfg.n) {
+        if *b != Behaviour::Correct {
+            parts.push(format!("r{i}:{b:?}"));
+        }
+    }
+    for t in &cfg.twins {
+        parts.push(format!("r{t}:Twins"));
+    }
+    for c in &cfg.crashes {
+        parts.push(format!(
+            "r{}:{}[{}..{}ms]",
+            c.node,
+            if c.amnesia { "amnesia" } else { "pause" },
+            c.from_us / 1000,
+            c.until_us / 1000
+        ));
+    }
+    if !cfg.partitions.is_empty() {
+        parts.push(format!("{} partitions", cfg.partitions.len()));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}

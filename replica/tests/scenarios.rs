@@ -1,0 +1,149 @@
+//! Scripted regression scenarios from PROTOCOL.md: each one sets up, with scripted message
+//! loss, pauses and Byzantine replicas, the exact schedule that broke (or could break)
+//! BFT-SMaRt, and checks agreement, validity, state, linearizability and progress.
+
+use kmmr::sim::byzantine::Behaviour;
+use kmmr::sim::config::sim_core_config;
+use kmmr::sim::{run, Crash, DropRule, NetConfig, SimConfig, SimReport};
+
+const MS: u64 = 1_000;
+
+fn fixed_network(cfg: &mut SimConfig) {
+    cfg.net = NetConfig {
+        min_delay_us: MS,
+        max_delay_us: MS,
+        duplicate_prob: 0.0,
+        loss_before_gst: 0.0,
+    };
+    cfg.core = sim_core_config(MS);
+}
+
+fn drop_to(kind: &'static str, to: usize, until_us: u64) -> DropRule {
+    DropRule {
+        from: None,
+        to: Some(to),
+        kind,
+        from_us: 0,
+        until_us,
+    }
+}
+
+fn assert_ok(r: &SimReport) {
+    assert!(
+        r.ok(),
+        "seed {}: {:?}\nsuspicions {:?}\nrejected {:?}",
+        r.seed,
+        r.violations,
+        r.suspicions,
+        r.rejected
+    );
+}
+
+/// PROTOCOL.md section 4: n=4, three replicas wrote v at epoch 0 and accepted it, one of them
+/// (r2) decided and then stopped; the new leader hears from the other two writers and from the
+/// fourth replica, which wrote nothing. v is bound and must be decided again; BFT-SMaRt's
+/// "timestamp 0" collect would read as "nothing written" and let a new value replace it.
+#[test]
+fn leader_change_keeps_value_decided_at_epoch_zero() {
+    let mut cfg = SimConfig::calm(7, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 1;
+    cfg.ops_per_client = 3;
+    cfg.drops = vec![
+        drop_to("write", 3, 50 * MS),
+        drop_to("accept", 0, 50 * MS),
+        drop_to("accept", 1, 50 * MS),
+        drop_to("accept", 3, 50 * MS),
+    ];
+    // r2 decides around 5 ms, then stops before it could help the others.
+    cfg.crashes = vec![Crash {
+        node: 2,
+        from_us: 8 * MS,
+        until_us: 3_000 * MS,
+        amnesia: false,
+    }];
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert!(r.max_regency >= 1, "a leader change happened: {r:?}");
+    assert_eq!(r.ops_completed, r.ops_total);
+}
+
+/// BFT-SMaRt PR #99/#100: the leader proposes batch A to r1 and batch B to r2 and r3, then
+/// votes for B everywhere. r1 sees a quorum of ACCEPTs for B while holding only A: it must not
+/// decide A; it fetches B's decision with its proof instead.
+#[test]
+fn replica_never_decides_a_digest_it_does_not_hold() {
+    let mut cfg = SimConfig::calm(8, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 2;
+    cfg.ops_per_client = 5;
+    cfg.behaviours[0] = Behaviour::SplitProposal;
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert_eq!(r.ops_completed, r.ops_total);
+    let highest = r.node_last_decided.iter().flatten().max().copied();
+    assert_eq!(
+        r.node_last_decided[1], highest,
+        "r1 caught up through proofs: {:?}",
+        r.node_last_decided
+    );
+}
+
+/// A STOPDATA that claims a decision several instances ahead without a valid proof is refused;
+/// the new leader waits for valid ones and the cluster moves on. n=7 with f=2: a silent first
+/// leader and a liar.
+#[test]
+fn stopdata_claiming_an_unproven_higher_cid_is_refused() {
+    let mut cfg = SimConfig::calm(9, 7);
+    fixed_network(&mut cfg);
+    cfg.behaviours[0] = Behaviour::Silent;
+    cfg.behaviours[6] = Behaviour::LyingStopData;
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert_eq!(r.ops_completed, r.ops_total);
+    assert!(r.max_regency >= 1);
+    assert!(
+        r.rejected
+            .get("unproven_last_decision")
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "the lie reached a new leader and was refused: {:?}",
+        r.rejected
+    );
+}
+
+fn slow_leader_run(detect: bool) -> SimReport {
+    let mut cfg = SimConfig::calm(10, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 2;
+    cfg.ops_per_client = 30;
+    // Slow, but well inside the request timeout: a timeout alone never rotates this leader.
+    cfg.behaviours[0] = Behaviour::Slow { extra_us: 60 * MS };
+    if !detect {
+        cfg.core.slow_leader = None;
+    }
+    run(&cfg)
+}
+
+/// A leader that is slow but not silent (the paper's flooded master) is rotated out by the
+/// progress check long before any request times out, and the workload then runs at full speed.
+#[test]
+fn slow_leader_is_rotated_before_the_request_timeout() {
+    let with = slow_leader_run(true);
+    let without = slow_leader_run(false);
+    assert_ok(&with);
+    assert_ok(&without);
+    assert!(
+        with.suspicions.iter().any(|s| s.3 == "slow_leader"),
+        "{:?}",
+        with.suspicions
+    );
+    assert_eq!(without.max_regency, 0, "the timeout alone never fires");
+    assert!(
+        with.end_time_us * 3 < without.end_time_us,
+        "rotation pays off: {} ms with, {} ms without",
+        with.end_time_us / MS,
+        without.end_time_us / MS
+    );
+}

@@ -1,0 +1,144 @@
+//! The deterministic simulator as the protocol's primary test. Every failing seed prints itself
+//! and reruns alone with:
+//!
+//! ```text
+//! KMMR_SIM_SEED=<seed> KMMR_SIM_N=<n> cargo test -p kmmr-replica --test sim replay -- --nocapture
+//! ```
+//!
+//! The soak runs many more seeds on demand:
+//!
+//! ```text
+//! KMMR_SIM_SOAK=100000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
+//! ```
+
+use kmmr::sim::{run, SimConfig, SimReport};
+
+fn show(r: &SimReport) -> String {
+    format!(
+        "seed {} n={}: decided {} instances, {}/{} ops, max regency {}, {} events, {} ms; faults: {}; violations: {:?}",
+        r.seed,
+        r.n,
+        r.decided,
+        r.ops_completed,
+        r.ops_total,
+        r.max_regency,
+        r.events,
+        r.end_time_us / 1000,
+        r.faults,
+        r.violations
+    )
+}
+
+fn sweep(n: usize, seeds: std::ops::Range<u64>) {
+    let mut failures = Vec::new();
+    for seed in seeds {
+        let r = run(&SimConfig::random(seed, n));
+        if !r.ok() {
+            eprintln!("FAILED {}", show(&r));
+            eprintln!(
+                "  rerun: KMMR_SIM_SEED={seed} KMMR_SIM_N={n} cargo test -p kmmr-replica --test sim replay -- --nocapture"
+            );
+            failures.push(seed);
+        }
+    }
+    assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
+}
+
+/// Seeds per sweep test; several tests so that the harness spreads them over the cores.
+const SEEDS_PER_PART: u64 = 250;
+
+macro_rules! sweeps {
+    ($($name:ident: $n:expr, $part:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            sweep($n, $part * SEEDS_PER_PART..($part + 1) * SEEDS_PER_PART);
+        }
+    )*};
+}
+
+// 2,000 random seeds on every run: n=4 (f=1) and n=7 (f=2), each with up to f faulty
+// replicas drawn from Twins, equivocation, forgery, replay, corruption, oversized frames,
+// silence, slowness and amnesia, over lossy, duplicating, partitioned networks.
+sweeps! {
+    random_seeds_n4_part0: 4, 0;
+    random_seeds_n4_part1: 4, 1;
+    random_seeds_n4_part2: 4, 2;
+    random_seeds_n4_part3: 4, 3;
+    random_seeds_n7_part0: 7, 0;
+    random_seeds_n7_part1: 7, 1;
+    random_seeds_n7_part2: 7, 2;
+    random_seeds_n7_part3: 7, 3;
+}
+
+/// The long soak, on demand: `KMMR_SIM_SOAK=<seeds>` (split evenly over n=4 and n=7), starting
+/// after the seeds every run covers.
+#[test]
+fn soak() {
+    let Some(total) = std::env::var("KMMR_SIM_SOAK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let start = 4 * SEEDS_PER_PART;
+    let half = total / 2;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let t0 = std::time::Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for n in [4usize, 7] {
+                    let mut seed = start + t;
+                    while seed < start + half {
+                        sweep(n, seed..seed + 1);
+                        seed += threads;
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("soak thread");
+    }
+    eprintln!(
+        "soak: {half} seeds at n=4 and {half} at n=7 passed in {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn calm_cluster_of_four_serves_every_client() {
+    let r = run(&SimConfig::calm(1, 4));
+    assert!(r.ok(), "{}", show(&r));
+    assert_eq!(r.ops_completed, r.ops_total);
+    assert_eq!(
+        r.max_regency, 0,
+        "no leader change without faults: {:?}",
+        r.suspicions
+    );
+}
+
+#[test]
+fn calm_cluster_of_seven_serves_every_client() {
+    let r = run(&SimConfig::calm(2, 7));
+    assert!(r.ok(), "{}", show(&r));
+    assert_eq!(r.ops_completed, r.ops_total);
+}
+
+#[test]
+fn replay() {
+    let Ok(seed) = std::env::var("KMMR_SIM_SEED") else {
+        return;
+    };
+    let seed: u64 = seed.parse().expect("KMMR_SIM_SEED is a number");
+    let n: usize = std::env::var("KMMR_SIM_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let cfg = SimConfig::random(seed, n);
+    eprintln!("{cfg:#?}");
+    let r = run(&cfg);
+    eprintln!("{}", show(&r));
+    eprintln!("rejected: {:?}", r.rejected);
+    assert!(r.ok());
+}
