@@ -8,9 +8,9 @@
 # A binary that is already there is not rebuilt, so a warm start costs nothing. Each binary is
 # linked to a temporary name and renamed, so an interrupted build never leaves a half binary.
 #
-# Usage: build.sh [all|control-plane|node|tools]...   (default: all)
+# Usage: build.sh [all|control-plane|node|tools|pause]...   (default: all)
 #   control-plane: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
-#   node:          kubelet kube-proxy
+#   node:          kubelet kube-proxy, the pause image
 #   tools:         helm kubectl
 # Flags mirror upstream's hack/lib/golang.sh: -trimpath, -tags selinux,notest,grpcnotrace,
 # -ldflags "-s -w -X <version vars>", CGO_ENABLED=0 except for kubelet.
@@ -90,14 +90,31 @@ build_helm() {
   build_one helm "$HELM_BIN" helm helm.sh/helm/v3/cmd/helm 0 "$ld" ""
 }
 
+# The pause image: upstream's build/pause/linux/pause.c from the pinned kubernetes module,
+# compiled statically as upstream does, packed by mkimage.sh under the name containerd's
+# sandbox_image uses.
+build_pause() {
+  local dir="$KMMR_TESTBED_CACHE/pause-$PAUSE_VERSION"
+  if [[ -s $dir/pause.tar ]]; then log "pause: cached at $dir/pause.tar"; return 0; fi
+  local src
+  src="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c"
+  [[ -f $src ]] || { log "pause: $src not found"; exit 1; }
+  mkdir -p "$dir"
+  gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION-kmmr" -o "$dir/pause" "$src"
+  strip "$dir/pause"
+  "$here/mkimage.sh" --name "registry.k8s.io/pause:$PAUSE_VERSION" --out "$dir/pause.tar" "$dir/pause=/pause"
+  log "pause: built $dir/pause.tar"
+}
+
 targets=("$@"); (( ${#targets[@]} )) || targets=(all)
 total=$SECONDS
 for t in "${targets[@]}"; do
   case "$t" in
     control-plane) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl;;
-    node) build_k8s kubelet kube-proxy;;
+    node) build_k8s kubelet kube-proxy; build_pause;;
+    pause) build_pause;;
     tools) build_k8s kubectl; build_helm;;
-    all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm;;
+    all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm; build_pause;;
     *) log "unknown target $t"; exit 2;;
   esac
 done

@@ -20,9 +20,17 @@ if [[ ! -s ca.crt ]]; then
     -out ca.crt 2>/dev/null
 fi
 
+# The aggregation layer's front proxy has a CA of its own, as in kubeadm.
+if [[ ! -s front-proxy-ca.crt ]]; then
+  newkey front-proxy-ca.key
+  openssl req -x509 -new -key front-proxy-ca.key -sha256 -days 3650 -subj "/CN=kmmr-testbed-front-proxy-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+    -out front-proxy-ca.crt 2>/dev/null
+fi
+
 # sign NAME SUBJECT EXTENDED-KEY-USAGE [SUBJECT-ALT-NAMES]
 sign() {
-  local name="$1" subj="$2" eku="$3" san="${4:-}"
+  local name="$1" subj="$2" eku="$3" san="${4:-}" ca="${5:-ca}"
   [[ -s $name.crt ]] && return 0
   newkey "$name.key"
   {
@@ -32,7 +40,7 @@ sign() {
     [[ -n $san ]] && echo "subjectAltName=$san"
   } >"$name.ext"
   openssl req -new -key "$name.key" -subj "$subj" -out "$name.csr" 2>/dev/null
-  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 3650 \
+  openssl x509 -req -in "$name.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -sha256 -days 3650 \
     -extfile "$name.ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
@@ -46,6 +54,7 @@ sign kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
 sign kubelet-serving "/CN=$NODE_NAME" serverAuth "DNS:$NODE_NAME,IP:$NODE_IP,IP:127.0.0.1"
 sign kube-proxy "/CN=system:kube-proxy" clientAuth
 sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+sign front-proxy-client "/CN=front-proxy-client" clientAuth "" front-proxy-ca
 
 if [[ ! -s sa.key ]]; then
   newkey sa.key

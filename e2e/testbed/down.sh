@@ -13,9 +13,9 @@ if [[ -x "$here/node.sh" ]] && [[ -f "$RUN_DIR/node" || -d "$RUN_DIR/node-state"
   "$here/node.sh" down || log "node tear-down reported an error; continuing"
 fi
 
-# stop NAME...: SIGTERM the recorded processes, wait up to 15 s, then SIGKILL.
+# stop NAME...: SIGTERM the recorded processes, wait up to $GRACE (default 10) seconds, SIGKILL.
 stop() {
-  local n pid exe pids=()
+  local n pid exe pids=() grace="${GRACE:-10}"
   for n in "$@"; do
     if alive "$n"; then
       read -r pid exe <"$PIDS/$n.pid"
@@ -26,7 +26,7 @@ stop() {
     rm -f "$PIDS/$n.pid"
   done
   local i p left
-  for ((i = 0; i < 150; i++)); do
+  for ((i = 0; i < grace * 10; i++)); do
     left=0
     for p in "${pids[@]}"; do [[ -d /proc/$p ]] && left=1; done
     [[ $left == 0 ]] && return 0
@@ -36,7 +36,9 @@ stop() {
 }
 
 stop bridge-outer bridge-inner
-stop kube-scheduler kube-controller-manager kube-apiserver
+stop kube-scheduler kube-controller-manager
+# The apiserver drains watches for a long time; its state is in etcd, which goes next anyway.
+GRACE=3 stop kube-apiserver
 stop etcd
 if [[ -d $PIDS ]]; then
   # Anything else that was recorded (the node's processes, if node.sh could not stop them).
@@ -69,5 +71,5 @@ if ip netns list 2>/dev/null | grep -qw "^$NETNS"; then
   ip netns pids "$NETNS" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
   ip netns del "$NETNS" && say "removed network namespace $NETNS"
 fi
-rm -rf "$ETCD_DATA" "$BRIDGE_SOCK" "$RUN_DIR/mode" "$RUN_DIR/node" "$PIDS"
+rm -rf "$ETCD_DATA" "$BRIDGE_SOCK" "$RUN_DIR/mode" "$RUN_DIR/node" "$PIDS" "$RUN_DIR"/*kubeconfig
 say "test bed down"

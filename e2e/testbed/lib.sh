@@ -51,7 +51,7 @@ cgroup_procs() {
   local d
   for d in /sys/fs/cgroup/*/; do
     [[ -f "${d}cgroup.procs" ]] || continue
-    case "$d" in */unified/|*/systemd/) continue;; esac
+    case "$d" in */unified/) continue;; esac
     mkdir -p "$d$CGROUP_NAME" 2>/dev/null || continue
     if [[ $d == */cpuset/ && ! -s "$d$CGROUP_NAME/cpuset.cpus" ]]; then
       cat "${d}cpuset.cpus" >"$d$CGROUP_NAME/cpuset.cpus" 2>/dev/null || true
@@ -88,12 +88,16 @@ start() {
   log "started $name (pid $pid)"
 }
 
-# wait_for DESCRIPTION SECONDS CMD...: run CMD every second until it succeeds, at most SECONDS times.
+# wait_for DESCRIPTION SECONDS CMD...: run CMD every second until it succeeds, at most SECONDS
+# times. Gives up at once if a process named in $WATCH (space-separated pid-file names) died.
 wait_for() {
   local what="$1" secs="$2"; shift 2
-  local i
+  local i n
   for ((i = 0; i < secs; i++)); do
     if "$@" >/dev/null 2>&1; then return 0; fi
+    for n in ${WATCH:-}; do
+      alive "$n" || { log "$n died while waiting for $what (see $LOGS/$n.log)"; return 1; }
+    done
     sleep 1
   done
   log "timed out after ${secs}s waiting for $what"

@@ -144,6 +144,10 @@ start kube-apiserver "$where" kube-apiserver \
   --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
   --kubelet-certificate-authority "$PKI/ca.crt" \
   --kubelet-preferred-address-types InternalIP \
+  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
   --profiling=false --v=1
 
 if [[ $mode == ns ]]; then
@@ -153,7 +157,7 @@ if [[ $mode == ns ]]; then
   start bridge-outer host socat "TCP-LISTEN:$HOST_PORT,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$BRIDGE_SOCK"
 fi
 
-wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
+WATCH="etcd kube-apiserver" wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
   || { tail -n 30 "$LOGS/kube-apiserver.log" >&2; die "kube-apiserver not ready"; }
 log "kube-apiserver ready"
 
@@ -176,7 +180,7 @@ start kube-scheduler "$where" kube-scheduler \
   --bind-address 127.0.0.1 --secure-port 10259 --leader-elect=false --profiling=false --v=1
 
 # The service-account controller creating `default` shows the controller manager works.
-wait_for "the default service account" 120 kubectl_ -n default get serviceaccount default \
+WATCH="kube-apiserver kube-controller-manager" wait_for "the default service account" 120 kubectl_ -n default get serviceaccount default \
   || { tail -n 30 "$LOGS/kube-controller-manager.log" >&2; die "controller manager not working"; }
 log "control plane ready ($mode): $(kubectl_ version 2>/dev/null | tr '\n' ' ')"
 
