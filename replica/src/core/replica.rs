@@ -14,13 +14,13 @@ use crate::core::output::{Event, Output};
 use crate::core::sync::{self, Choice};
 use crate::core::verified::Verified;
 use crate::core::view::View;
-use crate::crypto::{self, Digest, Domain, KeyPair};
+use crate::crypto::{self, Digest, Domain, KeyCache, KeyPair};
 use crate::service::{ExecContext, Service};
 use crate::wire::codec::Encode;
 use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId};
 use crate::wire::messages::{
-    accept_signing_bytes, Batch, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody,
-    RequestKind, SignedCollect, SignedRequest,
+    accept_signing_bytes, Batch, ClientId, Collect, Decision, Proof, ReplicaMessage, Reply,
+    ReplyBody, RequestKind, SignedCollect, SignedRequest,
 };
 
 /// Regency-change messages buffered for epochs this replica has not installed yet.
@@ -56,7 +56,14 @@ pub struct Replica {
     service: Box<dyn Service>,
     sessions: Sessions,
     pool: Pool,
-    verified: Verified,
+    /// Requests known to come from their client: received on the client's own authenticated
+    /// channel, or signature checked.
+    authentic: Verified,
+    /// Requests whose signature this replica checked. A leader proposes only these, so that a
+    /// client that signs badly but sends on its channel cannot frame the leader before replicas
+    /// that must check the signature (Aardvark's lesson).
+    sig_checked: Verified,
+    keys: KeyCache,
 
     last_decided: Option<Cid>,
     last_timestamp_ms: u64,
@@ -114,7 +121,9 @@ impl Replica {
             me,
             key,
             view,
-            verified: Verified::new(config.verified_cache),
+            authentic: Verified::new(config.verified_cache),
+            sig_checked: Verified::new(config.verified_cache),
+            keys: KeyCache::new(config.verified_cache.min(100_000)),
             config,
             service,
             sessions: Sessions::default(),
@@ -369,8 +378,10 @@ impl Replica {
 
     // ----- client requests -------------------------------------------------------------------
 
-    /// A request straight from a client.
-    pub fn on_request(&mut self, now: u64, req: SignedRequest) {
+    /// A request straight from a client. `channel` is the client identity the connection
+    /// authenticated (its TLS key), if any: a request on its own client's channel needs no
+    /// signature check here.
+    pub fn on_request(&mut self, now: u64, channel: Option<ClientId>, req: SignedRequest) {
         let r = &req.request;
         if r.view < self.view.id {
             let reply = Reply {
@@ -387,7 +398,9 @@ impl Replica {
             return;
         }
         let digest = req.digest();
-        if !self.check_signature(&req, &digest) {
+        if channel == Some(r.client) {
+            self.authentic.insert(digest);
+        } else if !self.check_signature(&req, &digest) {
             self.reject(None, "bad_request_signature");
             return;
         }
@@ -433,16 +446,55 @@ impl Replica {
         self.advance(now);
     }
 
+    /// Checks a request's signature (once: the result is remembered).
     fn check_signature(&mut self, req: &SignedRequest, digest: &Digest) -> bool {
-        if self.verified.contains(digest) {
+        if self.sig_checked.contains(digest) {
             return true;
         }
-        if req.verify() {
-            self.verified.insert(*digest);
-            true
-        } else {
-            false
+        let ok = self.keys.get(&req.request.client).is_some_and(|k| {
+            crypto::verify_parsed(
+                &k,
+                Domain::ClientRequest,
+                &req.request.to_bytes(),
+                &req.signature,
+            )
+        });
+        if ok {
+            self.sig_checked.insert(*digest);
+            self.authentic.insert(*digest);
         }
+        ok
+    }
+
+    /// Batch-checks the signatures of `reqs` not checked yet; returns which are valid.
+    fn check_signatures(&mut self, reqs: &[SignedRequest]) -> Vec<bool> {
+        let digests: Vec<Digest> = reqs.iter().map(|r| r.digest()).collect();
+        let todo: Vec<usize> = (0..reqs.len())
+            .filter(|i| !self.sig_checked.contains(&digests[*i]))
+            .collect();
+        if todo.is_empty() {
+            return vec![true; reqs.len()];
+        }
+        let encoded: Vec<Vec<u8>> = todo.iter().map(|i| reqs[*i].request.to_bytes()).collect();
+        let mut items = Vec::with_capacity(todo.len());
+        let mut parse_failed = false;
+        for (i, m) in todo.iter().zip(&encoded) {
+            match self.keys.get(&reqs[*i].request.client) {
+                Some(k) => items.push((k, Domain::ClientRequest, &m[..], reqs[*i].signature)),
+                None => parse_failed = true,
+            }
+        }
+        if !parse_failed && crypto::verify_batch_parsed(&items) {
+            for i in todo {
+                self.sig_checked.insert(digests[i]);
+                self.authentic.insert(digests[i]);
+            }
+            return vec![true; reqs.len()];
+        }
+        // Some signature is bad: find which, one by one.
+        (0..reqs.len())
+            .map(|i| self.check_signature(&reqs[i], &digests[i]))
+            .collect()
     }
 
     fn pool_insert(&mut self, now: u64, req: SignedRequest, digest: Digest) {
@@ -774,18 +826,18 @@ impl Replica {
             .iter()
             .filter_map(|(id, s)| {
                 self.view
-                    .key(*id)
+                    .verifying_key(*id)
                     .map(|k| (*k, Domain::Accept, &msg[..], *s))
             })
             .collect();
-        if !crypto::verify_batch(&items) {
+        if items.len() < accepts.len() || !crypto::verify_batch_parsed(&items) {
             // Find and drop the forgeries; the rest may still make a quorum later.
             let mut good = Vec::new();
             for (id, s) in accepts {
                 let ok = self
                     .view
-                    .key(id)
-                    .is_some_and(|k| crypto::verify(k, Domain::Accept, &msg, &s));
+                    .verifying_key(id)
+                    .is_some_and(|k| crypto::verify_parsed(k, Domain::Accept, &msg, &s));
                 if ok {
                     good.push((id, s));
                 } else {
@@ -820,10 +872,9 @@ impl Replica {
         if batch.timestamp_ms > now_ms(now).saturating_add(self.config.max_clock_skew_ms) {
             return Err("timestamp_in_future");
         }
-        let mut last_in_batch: BTreeMap<crate::wire::messages::ClientId, (u64, u64)> =
-            BTreeMap::new();
-        let mut unverified: Vec<(usize, Digest)> = Vec::new();
-        for (i, req) in batch.requests.iter().enumerate() {
+        let mut last_in_batch: BTreeMap<ClientId, (u64, u64)> = BTreeMap::new();
+        let mut unverified: Vec<SignedRequest> = Vec::new();
+        for req in batch.requests.iter() {
             let r = &req.request;
             if r.kind != RequestKind::Ordered {
                 return Err("unordered_request_in_batch");
@@ -837,33 +888,15 @@ impl Replica {
                 return Err("replayed_request");
             }
             last_in_batch.insert(r.client, key);
-            let d = req.digest();
-            if !self.verified.contains(&d) {
-                unverified.push((i, d));
+            if !self.authentic.contains(&req.digest()) {
+                unverified.push(req.clone());
             }
         }
-        if unverified.is_empty() {
-            return Ok(());
+        if self.check_signatures(&unverified).iter().all(|ok| *ok) {
+            Ok(())
+        } else {
+            Err("forged_request_in_batch")
         }
-        let encoded: Vec<Vec<u8>> = unverified
-            .iter()
-            .map(|(i, _)| batch.requests[*i].request.to_bytes())
-            .collect();
-        let items: Vec<_> = unverified
-            .iter()
-            .zip(&encoded)
-            .map(|((i, _), m)| {
-                let r = &batch.requests[*i];
-                (r.request.client, Domain::ClientRequest, &m[..], r.signature)
-            })
-            .collect();
-        if !crypto::verify_batch(&items) {
-            return Err("forged_request_in_batch");
-        }
-        for (_, d) in unverified {
-            self.verified.insert(d);
-        }
-        Ok(())
     }
 
     fn maybe_propose(&mut self, now: u64) {
@@ -874,9 +907,7 @@ impl Replica {
         {
             return;
         }
-        let requests = self
-            .pool
-            .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+        let requests = self.checked_selection();
         if requests.is_empty() {
             return;
         }
@@ -891,6 +922,24 @@ impl Replica {
         });
         self.stats.proposals += 1;
         self.hold_and_write(epoch, digest, batch);
+    }
+
+    /// Requests for the next batch, each with a checked signature; forgeries leave the pool.
+    fn checked_selection(&mut self) -> Vec<SignedRequest> {
+        let requests = self
+            .pool
+            .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+        let ok = self.check_signatures(&requests);
+        let mut out = Vec::with_capacity(requests.len());
+        for (req, ok) in requests.into_iter().zip(ok) {
+            if ok {
+                out.push(req);
+            } else {
+                self.pool.remove(&req.digest());
+                self.reject(None, "bad_request_signature");
+            }
+        }
+        out
     }
 
     fn fresh_batch(&self, now: u64, requests: Vec<SignedRequest>) -> Batch {
@@ -1284,27 +1333,26 @@ impl Replica {
             self.request_decisions(now, None);
             return;
         }
-        let batch = match choice {
-            Choice::Bound(_, digest) => {
-                let found = data
-                    .iter()
+        let collects: Vec<SignedCollect> = data.iter().map(|s| s.collect.clone()).collect();
+        let bound = match choice {
+            Choice::Bound(_, digest) => Some(
+                data.iter()
                     .flat_map(|s| s.values.iter())
                     .find(|b| b.digest() == digest)
                     .cloned()
-                    .or_else(|| self.instance.batch_for(&digest).cloned());
-                match found {
-                    Some(b) => b,
-                    None => return,
-                }
-            }
-            Choice::Free => {
-                let requests = self
-                    .pool
-                    .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+                    .or_else(|| self.instance.batch_for(&digest).cloned()),
+            ),
+            Choice::Free => None,
+        };
+        let batch = match bound {
+            Some(Some(b)) => b,
+            // Bound, but no STOPDATA carried the batch: wait for more.
+            Some(None) => return,
+            None => {
+                let requests = self.checked_selection();
                 self.fresh_batch(now, requests)
             }
         };
-        let collects: Vec<SignedCollect> = data.iter().map(|s| s.collect.clone()).collect();
         let msg = ReplicaMessage::Sync {
             regency: self.regency,
             last: best,

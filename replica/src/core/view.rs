@@ -5,7 +5,7 @@
 //! one correct replica. A replica joins a leader change after f+1 STOPs (at least one correct
 //! replica suspects the leader) and installs it after 2f+1 (a correct majority of the rest).
 
-use crate::crypto::PublicKey;
+use crate::crypto::{parse_key, ParsedKey, PublicKey};
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::{Regency, ReplicaId, ViewId};
 use crate::wire::limits;
@@ -50,12 +50,23 @@ pub enum ViewError {
 }
 
 /// The membership: an ordered list of replicas and the number of faults tolerated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct View {
     pub id: ViewId,
     pub f: usize,
     pub members: Vec<Member>,
+    /// Members' keys parsed once, in member order (`None` for a key that is not a valid point,
+    /// whose signatures then never verify).
+    parsed: Vec<Option<ParsedKey>>,
 }
+
+impl PartialEq for View {
+    fn eq(&self, o: &Self) -> bool {
+        (self.id, self.f, &self.members) == (o.id, o.f, &o.members)
+    }
+}
+
+impl Eq for View {}
 
 /// The largest f that n replicas tolerate in BFT mode.
 pub fn default_f(n: usize) -> usize {
@@ -64,9 +75,32 @@ pub fn default_f(n: usize) -> usize {
 
 impl View {
     pub fn new(id: ViewId, f: usize, members: Vec<Member>) -> Result<Self, ViewError> {
-        let v = View { id, f, members };
+        let parsed = members.iter().map(|m| parse_key(&m.key)).collect();
+        let v = View {
+            id,
+            f,
+            members,
+            parsed,
+        };
         v.validate()?;
         Ok(v)
+    }
+
+    /// A view that skips validation, for tests that must encode an invalid one to check that
+    /// decoding refuses it. Never use it on a path that runs the protocol.
+    pub fn new_unvalidated(id: ViewId, f: usize, members: Vec<Member>) -> Self {
+        let parsed = members.iter().map(|m| parse_key(&m.key)).collect();
+        View {
+            id,
+            f,
+            members,
+            parsed,
+        }
+    }
+
+    /// A member's parsed key.
+    pub fn verifying_key(&self, id: ReplicaId) -> Option<&ParsedKey> {
+        self.position(id).and_then(|i| self.parsed.get(i)?.as_ref())
     }
 
     pub fn validate(&self) -> Result<(), ViewError> {
@@ -154,10 +188,8 @@ impl Decode for View {
         let id = ViewId::decode(r)?;
         let f = r.u32()? as usize;
         let members = r.vec("members", limits::MAX_REPLICAS, 40, Member::decode)?;
-        let v = View { id, f, members };
-        v.validate()
-            .map_err(|_| DecodeError::Invalid("view violates n >= 3f+1 or has duplicate ids"))?;
-        Ok(v)
+        View::new(id, f, members)
+            .map_err(|_| DecodeError::Invalid("view violates n >= 3f+1 or has duplicate ids"))
     }
 }
 

@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crypto::Digest;
+use crate::crypto::{self, Digest, Domain};
+use crate::wire::codec::Encode;
 use crate::wire::ids::Cid;
 use crate::wire::messages::Batch;
 
@@ -36,24 +37,39 @@ impl Checker {
                     digest.short()
                 ));
             }
-            Some(_) => {}
+            Some(_) => return,
             None => {
                 self.decided.insert(cid, (digest, node));
             }
         }
+        // Validity is a property of the value, checked once per instance.
         if let Some(batch) = batch {
-            for r in &batch.requests {
-                if !r.verify() {
-                    self.violation(format!(
-                        "validity: cid {} holds a request with a forged signature",
-                        cid.0
-                    ));
-                } else if !self.issued.contains(&r.digest()) {
-                    self.violation(format!(
-                        "validity: cid {} holds a request no client issued",
-                        cid.0
-                    ));
-                }
+            let bodies: Vec<Vec<u8>> = batch
+                .requests
+                .iter()
+                .map(|r| r.request.to_bytes())
+                .collect();
+            let items: Vec<_> = batch
+                .requests
+                .iter()
+                .zip(&bodies)
+                .map(|(r, b)| (r.request.client, Domain::ClientRequest, &b[..], r.signature))
+                .collect();
+            if !crypto::verify_batch(&items) {
+                self.violation(format!(
+                    "validity: cid {} holds a request with a forged signature",
+                    cid.0
+                ));
+            }
+            if batch
+                .requests
+                .iter()
+                .any(|r| !self.issued.contains(&r.digest()))
+            {
+                self.violation(format!(
+                    "validity: cid {} holds a request no client issued",
+                    cid.0
+                ));
             }
         }
     }

@@ -79,6 +79,8 @@ pub struct SimConfig {
     /// The run fails for liveness if clients have not finished by then.
     pub max_time_us: u64,
     pub client_retransmit_us: u64,
+    /// Clients wait up to this long between operations, and start within this window.
+    pub think_us: u64,
     pub core: Config,
 }
 
@@ -110,6 +112,7 @@ impl SimConfig {
             gst_us: 0,
             max_time_us: 120_000_000,
             client_retransmit_us: 400_000,
+            think_us: 2_000,
             core: sim_core_config(2_000),
         }
     }

@@ -230,7 +230,7 @@ impl<'a> World<'a> {
             w.schedule(c.until_us.max(c.from_us + 1), Ev::CrashEnd(i));
         }
         for i in 0..cfg.clients {
-            let start = w.rng.gen_range(0..1_000);
+            let start = w.rng.gen_range(0..=cfg.think_us);
             w.schedule(start, Ev::ClientStart(i));
         }
         w
@@ -341,8 +341,12 @@ impl<'a> World<'a> {
                     }
                 }
             }
-            Endpoint::Client(_) => match SignedRequest::from_bytes(&bytes) {
-                Ok(req) => self.nodes[i].replica.on_request(local, req),
+            Endpoint::Client(c) => match SignedRequest::from_bytes(&bytes) {
+                Ok(req) => {
+                    // The client's channel is authenticated, as a TLS connection would be.
+                    let channel = Some(self.clients[c].session.key().public());
+                    self.nodes[i].replica.on_request(local, channel, req)
+                }
                 Err(e) => {
                     *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
                     return;
@@ -366,7 +370,7 @@ impl<'a> World<'a> {
             if let Err(v) = self.clients[c].complete(now, done) {
                 self.checker.violate(v);
             }
-            let think = self.rng.gen_range(0..2_000);
+            let think = self.rng.gen_range(0..=self.cfg.think_us);
             self.schedule(now + think, Ev::ClientStart(c));
         }
         self.flush_client(c);

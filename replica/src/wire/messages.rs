@@ -228,7 +228,7 @@ pub fn verify_proof(view: &View, cid: Cid, digest: &Digest, proof: &Proof) -> bo
     let mut seen: Vec<ReplicaId> = Vec::with_capacity(proof.accepts.len());
     let mut items = Vec::with_capacity(proof.accepts.len());
     for (id, sig) in &proof.accepts {
-        let Some(key) = view.key(*id) else {
+        let Some(key) = view.verifying_key(*id) else {
             return false;
         };
         if seen.contains(id) {
@@ -237,7 +237,7 @@ pub fn verify_proof(view: &View, cid: Cid, digest: &Digest, proof: &Proof) -> bo
         seen.push(*id);
         items.push((*key, Domain::Accept, msg.as_slice(), *sig));
     }
-    seen.len() >= view.quorum() && crypto::verify_batch(&items)
+    seen.len() >= view.quorum() && crypto::verify_batch_parsed(&items)
 }
 
 impl Encode for Decision {
