@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting and lints, unit and property tests, the
+# deterministic simulator (2,000 seeds with Byzantine replicas), the scripted protocol
+# scenarios, and the end-to-end tests against a real Kubernetes test bed built from source.
+#
+#   ./test.sh              everything
+#   KMMR_SKIP_TESTBED=1 ./test.sh   everything but the Kubernetes test bed
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+t0=$SECONDS
+stamp() { printf '[test.sh +%ss] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+
+stamp "formatting"
+cargo fmt --all -- --check
+stamp "lints"
+cargo clippy --workspace --all-targets -- -D warnings
+stamp "unit, property, simulator and scenario tests"
+cargo test --workspace
+if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then
+  stamp "skipping the Kubernetes test bed (KMMR_SKIP_TESTBED=1)"
+else
+  stamp "end-to-end tests on the Kubernetes test bed"
+  .ci/testbed-test
+fi
+stamp "all tests passed"
