@@ -67,7 +67,7 @@ while read -r d; do
   find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
 done < <(cgroup_dirs)
 
-if ip netns list 2>/dev/null | grep -qw "^$NETNS"; then
+if [[ -e /run/netns/$NETNS ]]; then
   ip netns pids "$NETNS" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
   ip netns del "$NETNS" && say "removed network namespace $NETNS"
 fi

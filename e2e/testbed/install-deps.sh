@@ -8,7 +8,7 @@ pkgs=(socat openssl ca-certificates gcc libc6-dev iproute2 util-linux procps
   containerd runc containernetworking-plugins iptables conntrack)
 missing=()
 for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == "install ok installed" ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2

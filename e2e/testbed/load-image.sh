@@ -14,5 +14,6 @@ tar="$(mktemp --suffix=.tar)"
 trap 'rm -f "$tar"' EXIT
 "$here/mkimage.sh" --name "$ref" --out "$tar" "$@"
 ctr --address "$sock" --namespace k8s.io images import "$tar" >/dev/null
-ctr --address "$sock" --namespace k8s.io images ls -q | grep -qx "$ref" || die "$ref not imported"
+images="$(ctr --address "$sock" --namespace k8s.io images ls -q)"
+grep -qx "$ref" <<<"$images" || die "$ref not imported"
 log "imported $ref into the node's containerd"

@@ -25,6 +25,11 @@ CNI_BIN="${KMMR_TESTBED_CNI_BIN:-/usr/lib/cni}"
 PAUSE_REF="registry.k8s.io/pause:$PAUSE_VERSION"
 PAUSE_TAR="$KMMR_TESTBED_CACHE/pause-$PAUSE_VERSION/pause.tar"
 SYSCTL_SAVED="$RUN_DIR/sysctl.saved"
+# Fixed host paths that kubelet, containerd's shims and CNI create whatever they are configured
+# with. Those that did not exist before the node started are removed when it stops.
+HOST_PATHS=(/var/lib/kubelet /run/containerd /var/lib/cni /var/log/containers /var/log/pods
+  /usr/libexec/kubernetes)
+HOST_PATHS_NEW="$RUN_DIR/host-paths.new"
 # Host-wide kernel settings kubelet writes when protectKernelDefaults is false.
 KUBELET_SYSCTLS=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
   kernel/keys/root_maxkeys kernel/keys/root_maxbytes)
@@ -116,7 +121,9 @@ EOF
   start containerd ns containerd --config "$CTRD_DIR/config.toml"
   WATCH=containerd wait_for "containerd" 60 ctr_ version || { tail -n 20 "$LOGS/containerd.log" >&2; die "containerd did not start"; }
   ctr_ images import "$PAUSE_TAR" >/dev/null
-  ctr_ images ls -q | grep -qx "$PAUSE_REF" || die "pause image $PAUSE_REF not imported"
+  local images
+  images="$(ctr_ images ls -q)"
+  grep -qx "$PAUSE_REF" <<<"$images" || die "pause image $PAUSE_REF not imported"
   log "containerd ready, $PAUSE_REF imported"
 
   # kubeconfigs for kubelet and kube-proxy, pointing at the apiserver on the namespace's loopback.
@@ -163,6 +170,7 @@ clusterDomain: $CLUSTER_DOMAIN
 resolvConf: ""
 podCIDR: $NODE_POD_CIDR
 podLogsDir: $POD_LOGS
+volumePluginDir: $NODE_DIR/volume-plugins
 registerNode: true
 rotateCertificates: false
 serverTLSBootstrap: false
@@ -180,6 +188,11 @@ syncFrequency: 10s
 fileCheckFrequency: 10s
 maxPods: 30
 EOF
+
+  if [[ ! -f $HOST_PATHS_NEW ]]; then
+    local hp
+    for hp in "${HOST_PATHS[@]}"; do [[ -e $hp ]] || echo "$hp"; done >"$HOST_PATHS_NEW"
+  fi
 
   # kubelet writes host-wide kernel settings: remember them, down restores them.
   if [[ ! -f $SYSCTL_SAVED ]]; then
@@ -214,7 +227,7 @@ conntrack:
 EOF
   start kube-proxy ns kube-proxy --config "$NODE_DIR/kube-proxy.yaml" --v=1
 
-  node_ready() { kubectl_ get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' | grep -qx True; }
+  node_ready() { [[ "$(kubectl_ get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" == True ]]; }
   WATCH="containerd kubelet kube-proxy" wait_for "node $NODE_NAME to be Ready" "${KMMR_TESTBED_NODE_TIMEOUT:-180}" node_ready \
     || { grep -E '^[EF][0-9]{4}' "$LOGS/kubelet.log" | tail -n 15 >&2; die "node not Ready"; }
   touch "$RUN_DIR/node"
@@ -281,7 +294,16 @@ node_down() {
     while read -r k v; do echo "$v" >"/proc/sys/$k" 2>/dev/null || true; done <"$SYSCTL_SAVED"
     rm -f "$SYSCTL_SAVED"
   fi
-  if awk -v d="$NODE_DIR/" 'index($2, d) == 1' /proc/self/mounts | grep -q .; then
+  if [[ -f $HOST_PATHS_NEW ]]; then
+    local hp
+    while read -r hp; do
+      # Only paths this node created, and /run/containerd only while no other containerd runs.
+      [[ $hp == /run/containerd ]] && pgrep -x containerd >/dev/null && continue
+      [[ -e $hp ]] && rm -rf --one-file-system -- "$hp"
+    done <"$HOST_PATHS_NEW"
+    rm -f "$HOST_PATHS_NEW"
+  fi
+  if [[ -n "$(awk -v d="$NODE_DIR/" 'index($2, d) == 1' /proc/self/mounts)" ]]; then
     log "mounts still present below $NODE_DIR; keeping it"
   else
     rm -rf "$NODE_DIR"

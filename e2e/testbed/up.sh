@@ -70,7 +70,7 @@ if [[ ${KMMR_TESTBED_HOST_MODE:-} != 1 && $(id -u) == 0 ]] && command -v socat >
     ip -n "$NETNS" link set kmmr0 up
     # No default route: the namespace knows only loopback, 10.250.0.0/24 and, later, the pods'
     # bridge. A packet to any other address fails with "network unreachable" inside it.
-    if ip -n "$NETNS" route show default | grep -q .; then die "namespace $NETNS has a default route"; fi
+    if [[ -n "$(ip -n "$NETNS" route show default)" ]]; then die "namespace $NETNS has a default route"; fi
   else
     log "cannot create network namespace $NETNS; running Tier A on the host's loopback"
   fi
@@ -168,6 +168,7 @@ start kube-controller-manager "$where" kube-controller-manager \
   --authorization-kubeconfig "$RUN_DIR/controller-manager.kubeconfig" \
   --bind-address 127.0.0.1 --secure-port 10257 --leader-elect=false \
   --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+  --flex-volume-plugin-dir "$RUN_DIR/flexvolume" \
   --use-service-account-credentials=true \
   --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
   --allocate-node-cidrs=true --cluster-cidr "$POD_CIDR" --node-cidr-mask-size 24 \
