@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, GroupVersionKind, LogParams, Patch, PatchParams, PostParams,
+};
 use kube::core::ApiResource;
 use kube::Client;
 use serde_json::json;
@@ -37,7 +39,10 @@ async fn client_or_skip(test: &str) -> Option<Client> {
 
 /// A name no earlier run against the same cluster used.
 fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
@@ -101,8 +106,12 @@ fn probe_crd() -> serde_json::Value {
 async fn install_crd(client: &Client) -> Result<ApiResource> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition = serde_json::from_value(probe_crd())?;
-    crds.patch(CRD_NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-        .await?;
+    crds.patch(
+        CRD_NAME,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
     poll("the CRD to be established", Duration::from_secs(60), || {
         let crds = crds.clone();
         async move {
@@ -117,25 +126,39 @@ async fn install_crd(client: &Client) -> Result<ApiResource> {
         }
     })
     .await?;
-    Ok(ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1alpha1", "Probe"), "probes"))
+    Ok(ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, "v1alpha1", "Probe"),
+        "probes",
+    ))
 }
 
 #[tokio::test]
 async fn server_is_v1_34() -> Result {
-    let Some(client) = client_or_skip("server_is_v1_34").await else { return Ok(()) };
+    let Some(client) = client_or_skip("server_is_v1_34").await else {
+        return Ok(());
+    };
     let info = client.apiserver_version().await?;
-    eprintln!("server version: {} (go {}, built {})", info.git_version, info.go_version, info.build_date);
+    eprintln!(
+        "server version: {} (go {}, built {})",
+        info.git_version, info.go_version, info.build_date
+    );
     if std::env::var_os("KMMR_TESTBED").is_some() {
         assert_eq!(info.major, "1");
         assert_eq!(info.minor, "34", "the test bed must serve Kubernetes 1.34");
-        assert!(info.git_version.starts_with("v1.34."), "git version {}", info.git_version);
+        assert!(
+            info.git_version.starts_with("v1.34."),
+            "git version {}",
+            info.git_version
+        );
     }
     Ok(())
 }
 
 #[tokio::test]
 async fn crd_install_create_and_read_back() -> Result {
-    let Some(client) = client_or_skip("crd_install_create_and_read_back").await else { return Ok(()) };
+    let Some(client) = client_or_skip("crd_install_create_and_read_back").await else {
+        return Ok(());
+    };
     let ar = install_crd(&client).await?;
     let probes: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
 
@@ -156,15 +179,23 @@ async fn crd_install_create_and_read_back() -> Result {
 
     // The status subresource: writes to it are kept, writes of spec through it are not.
     let status = json!({ "status": { "phase": "Observed" }, "spec": { "message": "ignored", "replicas": 7 } });
-    probes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    probes
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
     let back = probes.get(&name).await?;
     assert_eq!(back.data["status"]["phase"], "Observed");
-    assert_eq!(back.data["spec"]["replicas"], 4, "spec must not change through /status");
+    assert_eq!(
+        back.data["spec"]["replicas"], 4,
+        "spec must not change through /status"
+    );
 
     // CEL validation runs in the apiserver: 3 replicas is not 3f+1.
     let mut bad = DynamicObject::new(&unique("bad-probe"), &ar);
     bad.data = json!({ "spec": { "message": "x", "replicas": 3 } });
-    let err = probes.create(&PostParams::default(), &bad).await.expect_err("CEL must reject replicas=3");
+    let err = probes
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("CEL must reject replicas=3");
     assert!(err.to_string().contains("3f+1"), "unexpected error: {err}");
 
     probes.delete(&name, &DeleteParams::default()).await?;
@@ -176,7 +207,9 @@ async fn crd_install_create_and_read_back() -> Result {
 /// Runs when `KMMR_E2E_IMAGE` names such an image; the test bed's node sets it.
 #[tokio::test]
 async fn pod_from_local_image_runs_to_completion() -> Result {
-    let Some(client) = client_or_skip("pod_from_local_image_runs_to_completion").await else { return Ok(()) };
+    let Some(client) = client_or_skip("pod_from_local_image_runs_to_completion").await else {
+        return Ok(());
+    };
     let Ok(image) = std::env::var("KMMR_E2E_IMAGE") else {
         eprintln!(
             "\n*** SKIPPED pod_from_local_image_runs_to_completion: KMMR_E2E_IMAGE is unset \
@@ -191,9 +224,10 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
         async move {
             let list = nodes.list(&Default::default()).await?;
             let ready = list.items.iter().any(|n| {
-                n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                    cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                })
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             });
             Ok(ready.then_some(()))
         }
@@ -205,11 +239,16 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns_name } }))?;
     namespaces.create(&PostParams::default(), &ns).await?;
     // Pods need the namespace's default service account, which the controller manager creates.
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
-    poll("the default service account", Duration::from_secs(60), || {
-        let sas = sas.clone();
-        async move { Ok(sas.get_opt("default").await?.map(|_| ())) }
-    })
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), &ns_name);
+    poll(
+        "the default service account",
+        Duration::from_secs(60),
+        || {
+            let sas = sas.clone();
+            async move { Ok(sas.get_opt("default").await?.map(|_| ())) }
+        },
+    )
     .await?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
@@ -241,6 +280,8 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     assert_eq!(phase, "Succeeded");
     assert!(logs.contains(&token), "logs {logs:?} must contain {token}");
 
-    namespaces.delete(&ns_name, &DeleteParams::default()).await?;
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await?;
     Ok(())
 }
