@@ -16,8 +16,7 @@
 //! reserved, and the frame decoder reassembles any split of a stream and refuses oversized
 //! lengths without panicking.
 //!
-//! Known decoder bugs are pinned by `#[ignore]`d tests named `bug_*` with the reproducer; run
-//! them with `cargo test -p kmmr-replica --test codec -- --ignored`. Case counts follow
+//! Decoder bugs these tests found are kept as regression tests at the end. Case counts follow
 //! proptest's default (256) and can be raised with `PROPTEST_CASES=10000`.
 
 use std::fmt::Debug;
@@ -170,15 +169,6 @@ fn signed_collect() -> impl Strategy<Value = SignedCollect> {
     signed_collect_with(collect())
 }
 
-/// Collects that a SYNC can carry today. A collect with `accepted: None` and no writes encodes
-/// to 85 bytes, below the 120-byte minimum the SYNC decoder assumes per collect, so SYNCs made
-/// of such collects do not decode: see
-/// `bug_sync_carrying_collects_of_replicas_that_never_accepted_does_not_decode`.
-/// Generating `accepted: Some` (121 bytes or more) keeps the rest of SYNC covered.
-fn signed_collect_for_sync() -> impl Strategy<Value = SignedCollect> {
-    signed_collect_with(collect_with((regency(), digest()).prop_map(Some)))
-}
-
 fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
     prop_oneof![
         (cid(), regency(), batch()).prop_map(|(cid, epoch, batch)| ReplicaMessage::Propose {
@@ -219,7 +209,7 @@ fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
         (
             regency(),
             prop::option::of(decision()),
-            vec(signed_collect_for_sync(), 0..5),
+            vec(signed_collect(), 0..5),
             batch()
         )
             .prop_map(|(regency, last, collects, batch)| ReplicaMessage::Sync {
@@ -383,10 +373,7 @@ fn check_round_trip<T: Encode + Decode + PartialEq + Debug>(x: &T) -> Result<(),
 }
 
 /// Decodes untrusted bytes (a panic fails the test by itself). If they are accepted they must
-/// be canonical: re-encoding gives the same bytes. `Reply` is only checked for idempotence
-/// (the decoded value re-encodes to something that decodes to it again), because its reject
-/// reason is decoded lossily: see
-/// `bug_reply_reason_that_is_not_utf8_decodes_to_a_different_encoding`.
+/// be canonical: re-encoding gives the same bytes.
 fn check_untrusted<T: Encode + Decode + PartialEq + Debug>(
     b: &[u8],
     canonical: bool,
@@ -473,7 +460,7 @@ codec_properties! {
     collect: Collect = collect(), canonical = true;
     signed_collect: SignedCollect = signed_collect(), canonical = true;
     view: View = view(), canonical = true;
-    reply: Reply = reply(), canonical = false;
+    reply: Reply = reply(), canonical = true;
 }
 
 proptest! {
@@ -655,7 +642,7 @@ proptest! {
                         prop_assert!(f.len() <= max);
                         check_untrusted::<ReplicaMessage>(&f, true)?;
                         check_untrusted::<SignedRequest>(&f, true)?;
-                        check_untrusted::<Reply>(&f, false)?;
+                        check_untrusted::<Reply>(&f, true)?;
                     }
                     Ok(None) => break,
                     Err(_) => break 'outer,
@@ -895,13 +882,13 @@ fn a_member_address_of_exactly_the_limit_round_trips_and_one_more_byte_is_refuse
     .expect("valid");
     assert_eq!(View::from_bytes(&at_limit.to_bytes()), Ok(at_limit));
 
-    let over = View {
-        id: ViewId(3),
-        f: 1,
-        members: (0..4)
+    let over = View::new_unvalidated(
+        ViewId(3),
+        1,
+        (0..4)
             .map(|i| member(i, "a".repeat(limits::MAX_ADDRESS + 1)))
             .collect(),
-    };
+    );
     assert!(matches!(
         View::from_bytes(&over.to_bytes()),
         Err(DecodeError::TooLong {
@@ -914,31 +901,19 @@ fn a_member_address_of_exactly_the_limit_round_trips_and_one_more_byte_is_refuse
 #[test]
 fn views_breaking_n_3f_plus_1_or_with_duplicate_ids_are_refused_on_decode() {
     let members: Vec<Member> = (0..4).map(|i| member(i, format!("h{i}:1"))).collect();
-    let too_few = View {
-        id: ViewId(0),
-        f: 2,
-        members: members.clone(),
-    };
+    let too_few = View::new_unvalidated(ViewId(0), 2, members.clone());
     assert!(matches!(
         View::from_bytes(&too_few.to_bytes()),
         Err(DecodeError::Invalid(_))
     ));
     let mut dup = members;
     dup[2].id = ReplicaId(0);
-    let dup = View {
-        id: ViewId(0),
-        f: 1,
-        members: dup,
-    };
+    let dup = View::new_unvalidated(ViewId(0), 1, dup);
     assert!(matches!(
         View::from_bytes(&dup.to_bytes()),
         Err(DecodeError::Invalid(_))
     ));
-    let empty = View {
-        id: ViewId(0),
-        f: 0,
-        members: Vec::new(),
-    };
+    let empty = View::new_unvalidated(ViewId(0), 0, Vec::new());
     assert!(View::from_bytes(&empty.to_bytes()).is_err());
 }
 
@@ -1008,7 +983,7 @@ fn unknown_message_and_reply_tags_are_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known bugs (ignored until fixed in replica/src; run with `-- --ignored`)
+// Regressions: decoder bugs these tests found, fixed
 // ---------------------------------------------------------------------------------------------
 
 fn minimal_collect(replica: u32) -> SignedCollect {
@@ -1032,8 +1007,7 @@ fn minimal_collect(replica: u32) -> SignedCollect {
 /// follower. Minimal reproducer (130 bytes): tag 7, regency, last = None, one such collect,
 /// an empty batch.
 #[test]
-#[ignore = "BUG in wire/messages.rs: SYNC collect minimum size 120 > 85-byte minimal collect"]
-fn bug_sync_carrying_collects_of_replicas_that_never_accepted_does_not_decode() {
+fn sync_carrying_collects_of_replicas_that_never_accepted_decodes() {
     let empty_batch = Batch {
         timestamp_ms: 0,
         nonce: 0,
@@ -1062,8 +1036,7 @@ fn bug_sync_carrying_collects_of_replicas_that_never_accepted_does_not_decode() 
 /// (replica 0, session 0, sequence 0, Ordered, Rejected, length 1, byte 0xff) decodes to
 /// `Rejected("\u{fffd}")`, which re-encodes with length 3 and bytes `ef bf bd`.
 #[test]
-#[ignore = "BUG in wire/messages.rs: Reply reason decoded with from_utf8_lossy (not canonical)"]
-fn bug_reply_reason_that_is_not_utf8_decodes_to_a_different_encoding() {
+fn reply_reason_that_is_not_utf8_is_refused() {
     let mut w = Writer::new();
     w.u32(0).u64(0).u64(0).u8(0).u8(2).bytes(&[0xff]);
     let b = w.finish();
@@ -1078,8 +1051,7 @@ fn bug_reply_reason_that_is_not_utf8_decodes_to_a_different_encoding() {
 /// over 1024 bytes (a literal in wire/messages.rs, not in `limits`), so a replica can send a
 /// rejection its clients cannot decode.
 #[test]
-#[ignore = "BUG in wire/messages.rs: Rejected reasons over 1024 bytes encode but do not decode"]
-fn bug_long_reject_reason_encodes_but_does_not_decode() {
+fn long_reject_reason_round_trips() {
     let r = Reply {
         replica: ReplicaId(0),
         session: 1,

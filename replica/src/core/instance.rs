@@ -23,6 +23,8 @@ pub struct Instance {
     pub my_writes: Vec<(Epoch, Digest)>,
     /// The last (epoch, value) this replica accepted; `None` = never accepted.
     pub my_accepted: Option<(Epoch, Digest)>,
+    /// When this replica first held a proposal for the instance (for the latency metric).
+    pub started_us: Option<u64>,
 }
 
 /// What recording a vote found.
@@ -43,6 +45,7 @@ impl Instance {
             accepts: BTreeMap::new(),
             my_writes: Vec::new(),
             my_accepted: None,
+            started_us: None,
         }
     }
 

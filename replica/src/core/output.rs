@@ -23,6 +23,8 @@ pub enum Event {
         digest: Digest,
         requests: usize,
         timestamp_ms: u64,
+        /// From holding the first proposal to deciding, if this replica saw a proposal.
+        latency_us: Option<u64>,
     },
     RegencyInstalled {
         regency: Regency,

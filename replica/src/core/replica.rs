@@ -382,6 +382,7 @@ impl Replica {
     /// authenticated (its TLS key), if any: a request on its own client's channel needs no
     /// signature check here.
     pub fn on_request(&mut self, now: u64, channel: Option<ClientId>, req: SignedRequest) {
+        self.clock_us = self.clock_us.max(now);
         let r = &req.request;
         if r.view < self.view.id {
             let reply = Reply {
@@ -540,6 +541,7 @@ impl Replica {
 
     /// A message from replica `from`, as authenticated by the channel.
     pub fn on_message(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        self.clock_us = self.clock_us.max(now);
         if from == self.me || !self.view.contains(from) {
             self.reject(Some(from), "not_a_member");
             return;
@@ -769,6 +771,7 @@ impl Replica {
     /// Holds a valid proposal for `epoch` and WRITEs it (a replica writes once per epoch).
     fn hold_and_write(&mut self, epoch: Epoch, digest: Digest, batch: Batch) {
         self.instance.proposals.insert(epoch, (digest, batch));
+        self.instance.started_us.get_or_insert(self.clock_us);
         if self.instance.wrote_in(epoch).is_some() {
             return;
         }
@@ -977,6 +980,10 @@ impl Replica {
             digest,
             requests: decision.batch.requests.len(),
             timestamp_ms: decision.batch.timestamp_ms,
+            latency_us: self
+                .instance
+                .started_us
+                .map(|t| self.clock_us.saturating_sub(t)),
         });
         self.stats.decided += 1;
         self.last_decided = Some(cid);

@@ -307,6 +307,9 @@ impl Decode for Collect {
     }
 }
 
+/// Smallest encoding of a signed collect: never accepted, nothing written.
+const MIN_SIGNED_COLLECT: usize = 4 + 4 + 8 + 1 + 4 + 64;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedCollect {
     pub collect: Collect,
@@ -545,7 +548,12 @@ impl Decode for ReplicaMessage {
             7 => ReplicaMessage::Sync {
                 regency: Regency::decode(r)?,
                 last: r.option(Decision::decode)?,
-                collects: r.vec("collects", limits::MAX_REPLICAS, 120, SignedCollect::decode)?,
+                collects: r.vec(
+                    "collects",
+                    limits::MAX_REPLICAS,
+                    MIN_SIGNED_COLLECT,
+                    SignedCollect::decode,
+                )?,
                 batch: Batch::decode(r)?,
             },
             8 => ReplicaMessage::Decided(Decision::decode(r)?),
@@ -619,9 +627,11 @@ impl Decode for Reply {
         let body = match r.u8()? {
             0 => ReplyBody::Result(r.bytes_vec("result", limits::MAX_RESULT)?),
             1 => ReplyBody::NewView(View::decode(r)?),
-            2 => {
-                ReplyBody::Rejected(String::from_utf8_lossy(r.bytes("reason", 1024)?).into_owned())
-            }
+            2 => ReplyBody::Rejected(
+                std::str::from_utf8(r.bytes("reason", limits::MAX_RESULT)?)
+                    .map_err(|_| DecodeError::Invalid("reject reason is not UTF-8"))?
+                    .to_owned(),
+            ),
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "reply body",
