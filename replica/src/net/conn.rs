@@ -1,0 +1,194 @@
+//! The loops that move frames over one established TLS connection: reading frames into the
+//! node, and writing queued frames in batches. Shared by replica and client links.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::stats::{NetStats, Side};
+use super::{NetConfig, RejectReason};
+use crate::wire::frame::{FrameDecoder, FrameError};
+
+/// Plaintext read size. rustls hands out at most one record (16 KiB) per read anyway, and a small
+/// buffer keeps the frame decoder's per-frame compaction cheap.
+const READ_BUF: usize = 8 * 1024;
+
+/// Why a connection loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The other end closed or reset the connection.
+    PeerClosed,
+    /// Every sender of our outbound queue is gone: this link is no longer wanted.
+    QueueClosed,
+    /// The consumer of inbound frames is gone (the node is shutting down).
+    ReceiverGone,
+    /// We closed it for this counted reason.
+    Rejected(RejectReason),
+}
+
+/// Counts `Ended::Rejected` in `stats`.
+pub(crate) fn account(stats: &NetStats, ended: Ended) {
+    if let Ended::Rejected(r) = ended {
+        stats.reject(r);
+    }
+}
+
+/// How a read error ends a connection: a reset or a close without TLS close_notify is an
+/// ordinary disconnect; anything else (malformed TLS records, for one) is counted.
+fn read_error(e: &io::Error) -> Ended {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => Ended::PeerClosed,
+        _ => Ended::Rejected(RejectReason::Io),
+    }
+}
+
+/// Reads frames until the stream ends or misbehaves, handing each to `deliver`, which returns
+/// false once its consumer is gone.
+pub(crate) async fn read_frames<R, F, Fut>(
+    rd: &mut R,
+    max_frame: usize,
+    stats: &NetStats,
+    side: Side,
+    mut deliver: F,
+) -> Ended
+where
+    R: AsyncRead + Unpin,
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut decoder = FrameDecoder::new(max_frame);
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) => return Ended::PeerClosed,
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "read failed");
+                return read_error(&e);
+            }
+        };
+        stats.bytes_in(side, n);
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    stats.frame_in(side);
+                    if !deliver(frame).await {
+                        return Ended::ReceiverGone;
+                    }
+                }
+                Ok(None) => break,
+                Err(FrameError::Oversized { len, limit }) => {
+                    tracing::warn!(len, limit, "oversized frame; closing the connection");
+                    return Ended::Rejected(RejectReason::Oversized);
+                }
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued (up to `cfg.write_batch_bytes`) in one
+/// `write_all`, so that a burst of small frames costs one TLS record run and one syscall.
+pub(crate) async fn write_batch<W>(
+    wr: &mut W,
+    first: Bytes,
+    rx: &mut mpsc::Receiver<Bytes>,
+    batch: &mut Vec<u8>,
+    cfg: &NetConfig,
+    stats: &NetStats,
+    side: Side,
+) -> Result<(), Ended>
+where
+    W: AsyncWrite + Unpin,
+{
+    batch.clear();
+    batch.extend_from_slice(&first);
+    let mut frames = 1;
+    while batch.len() < cfg.write_batch_bytes {
+        match rx.try_recv() {
+            Ok(f) => {
+                batch.extend_from_slice(&f);
+                frames += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let write = async {
+        wr.write_all(batch).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(cfg.write_timeout, write).await {
+        Ok(Ok(())) => {
+            stats.sent(side, frames, batch.len());
+            // A maximal frame must not pin 16 MiB per idle connection.
+            if batch.capacity() > 4 * cfg.write_batch_bytes {
+                *batch = Vec::new();
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            Err(read_error(&e))
+        }
+        Err(_) => Err(Ended::Rejected(RejectReason::WriteTimeout)),
+    }
+}
+
+/// Drives a connection that both delivers frames and sends queued ones, until either direction
+/// ends or `close` fires.
+pub(crate) async fn run_duplex<S, F, Fut>(
+    stream: S,
+    rx: &mut mpsc::Receiver<Bytes>,
+    cfg: &NetConfig,
+    stats: &NetStats,
+    side: Side,
+    close: &tokio::sync::Notify,
+    deliver: F,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let reader = read_frames(&mut rd, cfg.max_frame, stats, side, deliver);
+    let writer = async {
+        let mut batch = Vec::new();
+        loop {
+            let Some(first) = rx.recv().await else {
+                return Ended::QueueClosed;
+            };
+            if let Err(ended) = write_batch(&mut wr, first, rx, &mut batch, cfg, stats, side).await
+            {
+                return ended;
+            }
+        }
+    };
+    let ended = tokio::select! {
+        e = reader => e,
+        e = writer => e,
+        _ = close.notified() => Ended::QueueClosed,
+    };
+    // Best effort: tell the other end we are done (TLS close_notify), without waiting long.
+    let mut stream = rd.unsplit(wr);
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.shutdown()).await;
+    ended
+}
+
+/// Connects with a bound on the time, and turns off Nagle: frames are small and latency-bound,
+/// and batching is done above TCP.
+pub(crate) async fn connect(addr: &str, cfg: &NetConfig) -> io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
