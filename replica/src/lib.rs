@@ -4,6 +4,8 @@
 pub mod client;
 pub mod core;
 pub mod crypto;
+pub mod net;
+pub mod node;
 pub mod service;
 pub mod sim;
 pub mod wire;

@@ -107,6 +107,11 @@ impl ClientSession {
         sequence
     }
 
+    /// Stops retransmitting a request whose caller gave up.
+    pub fn abandon(&mut self, sequence: u64) {
+        self.outstanding.remove(&sequence);
+    }
+
     /// Requests to send to every replica of `view()`.
     pub fn take_to_send(&mut self) -> Vec<SignedRequest> {
         std::mem::take(&mut self.to_send)

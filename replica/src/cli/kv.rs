@@ -1,0 +1,284 @@
+//! Client subcommands: put, get, range, delete, cas, watch, status.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+
+use kmmr::node::config::ViewFile;
+use kmmr::node::SignedStatus;
+use kmmr::service::kv::{KvRequest, KvResponse, RangeRequest, WatchPollRequest};
+
+use super::ClusterArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum KvCmd {
+    /// Write a key.
+    Put {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+        value: String,
+    },
+    /// Read a key (linearizable: ordered, unless --unordered).
+    Get {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+        /// Read from a quorum of matching replicas without ordering.
+        #[arg(long)]
+        unordered: bool,
+    },
+    /// List keys with a prefix.
+    Range {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
+    /// Delete a key.
+    Delete {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+    },
+    /// Compare-and-swap: set KEY to NEW if its value is EXPECTED (or, with --absent, if it does
+    /// not exist).
+    Cas {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+        new: String,
+        #[arg(long, conflicts_with = "absent")]
+        expected: Option<String>,
+        #[arg(long)]
+        absent: bool,
+    },
+    /// Print every change to keys with a prefix after a revision, as it happens.
+    Watch {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many seconds (default: run until interrupted).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Every replica's signed status, checked against its key in the view.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+fn print(resp: &KvResponse) {
+    match resp {
+        KvResponse::Range(r) => {
+            for kv in &r.kvs {
+                println!(
+                    "{} = {} (version {}, mod revision {})",
+                    String::from_utf8_lossy(&kv.key),
+                    String::from_utf8_lossy(&kv.value),
+                    kv.version,
+                    kv.mod_revision
+                );
+            }
+            if r.kvs.is_empty() {
+                println!("(not found)");
+            }
+            println!("revision {}", r.header.revision);
+        }
+        other => println!("{other:?}"),
+    }
+}
+
+/// Prefix range end, etcd style: the prefix with its last byte incremented.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+pub async fn run(cmd: KvCmd) -> Result<()> {
+    match cmd {
+        KvCmd::Put {
+            cluster,
+            key,
+            value,
+        } => {
+            let c = cluster.connect().await?;
+            print(&c.kv(&KvRequest::put(key, value)).await?);
+        }
+        KvCmd::Get {
+            cluster,
+            key,
+            unordered,
+        } => {
+            let c = cluster.connect().await?;
+            let req = KvRequest::get(key);
+            let resp = if unordered {
+                c.kv_read(&req).await?
+            } else {
+                c.kv(&req).await?
+            };
+            print(&resp);
+        }
+        KvCmd::Range {
+            cluster,
+            prefix,
+            limit,
+        } => {
+            let c = cluster.connect().await?;
+            let mut r = RangeRequest::key(prefix.clone());
+            r.range_end = prefix_end(prefix.as_bytes());
+            r.limit = limit;
+            print(&c.kv(&KvRequest::Range(r)).await?);
+        }
+        KvCmd::Delete { cluster, key } => {
+            let c = cluster.connect().await?;
+            print(&c.kv(&KvRequest::delete(key)).await?);
+        }
+        KvCmd::Cas {
+            cluster,
+            key,
+            new,
+            expected,
+            absent,
+        } => {
+            if expected.is_none() && !absent {
+                bail!("say what the value must be: --expected VALUE, or --absent");
+            }
+            let c = cluster.connect().await?;
+            let resp = c
+                .kv(&KvRequest::cas(
+                    key,
+                    expected.as_deref().map(str::as_bytes),
+                    new,
+                ))
+                .await?;
+            match resp.txn_succeeded() {
+                Some(true) => println!("swapped (revision {})", resp.header().revision),
+                Some(false) => {
+                    println!("not swapped: the value differs");
+                    print(&resp);
+                }
+                None => print(&resp),
+            }
+        }
+        KvCmd::Watch {
+            cluster,
+            prefix,
+            from,
+            seconds,
+        } => {
+            let c = cluster.connect().await?;
+            let mut after = from;
+            let until = seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+            loop {
+                if until.is_some_and(|u| std::time::Instant::now() >= u) {
+                    break;
+                }
+                let req = KvRequest::WatchPoll(WatchPollRequest {
+                    key: prefix.clone().into_bytes(),
+                    range_end: prefix_end(prefix.as_bytes()),
+                    after_revision: after,
+                    limit: 1000,
+                    prev_kv: true,
+                });
+                match c.kv(&req).await? {
+                    KvResponse::WatchPoll(w) => {
+                        for e in &w.events {
+                            println!("{e:?}");
+                        }
+                        after = w.resume_after;
+                        if w.events.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    other => bail!("watch failed: {other:?}"),
+                }
+            }
+        }
+        KvCmd::Status { cluster } => {
+            let view_path = cluster
+                .view
+                .clone()
+                .unwrap_or_else(|| cluster.cluster.join("view.toml"));
+            let view = ViewFile::load(&view_path)?;
+            for m in &view.members {
+                let url = status_url(&cluster.cluster, m.id.0);
+                match fetch_status(&url).await {
+                    Ok(s) => {
+                        let ok = s.verify(&m.key);
+                        println!(
+                            "replica {}: {} regency {} leader {} last decided {:?} digest {}{}",
+                            m.id.0,
+                            if ok {
+                                "signature ok,"
+                            } else {
+                                "BAD SIGNATURE,"
+                            },
+                            s.status.regency,
+                            s.status.leader,
+                            s.status.last_decided,
+                            &s.status.state_digest[..16.min(s.status.state_digest.len())],
+                            s.status
+                                .byzantine
+                                .as_ref()
+                                .map(|b| format!(" [BYZANTINE test mode {b}]"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    Err(e) => println!("replica {}: unreachable ({e:#})", m.id.0),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The status address of replica `id` in a cluster directory made by `local`.
+pub fn status_url(cluster: &std::path::Path, id: u32) -> String {
+    let http = std::fs::read_to_string(cluster.join(format!("r{id}.toml")))
+        .ok()
+        .and_then(|t| toml::from_str::<kmmr::node::NodeConfig>(&t).ok())
+        .map(|c| c.http_listen)
+        .unwrap_or_default();
+    format!("http://{http}/status")
+}
+
+/// GET over plain HTTP/1.1 on loopback: enough for the replica's status endpoint.
+pub async fn fetch_status(url: &str) -> Result<SignedStatus> {
+    let body = http_get(url).await?;
+    serde_json::from_str(&body).context("parsing /status")
+}
+
+pub async fn http_get(url: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(host))
+        .await
+        .context("connect timed out")??;
+    let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("read timed out")??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}

@@ -1,0 +1,377 @@
+//! `kmmr-replica local`: an n-replica cluster on loopback, each replica its own process with its
+//! own generated key, some of them optionally Byzantine; and a checked workload against it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use tokio::process::{Child, Command};
+
+use kmmr::client::{Client, ClientOptions};
+use kmmr::core::view::{default_f, Member, View};
+use kmmr::crypto::KeyPair;
+use kmmr::node::config::{save_key, ViewFile};
+use kmmr::node::{NodeConfig, ProtocolConfig};
+use kmmr::service::kv::KvRequest;
+use kmmr::sim::linearizability::{self, CheckResult, Operation};
+use kmmr::wire::ids::{ReplicaId, ViewId};
+
+use super::kv::{fetch_status, http_get};
+use super::{load_or_create_key, ByzantineMode, ServiceArg};
+
+#[derive(Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// Replicas (n >= 3f+1 with f = floor((n-1)/3)).
+    #[arg(long, default_value_t = 4)]
+    pub n: usize,
+    /// Directory for keys, configs, logs and data (replaced if it exists).
+    #[arg(long, default_value = "kmmr-local")]
+    pub dir: PathBuf,
+    /// Replica i listens on base-port+i, its clients on base-port+1000+i, HTTP on +2000+i.
+    #[arg(long, default_value_t = 17000)]
+    pub base_port: u16,
+    /// How many replicas run a Byzantine test mode: replicas 0, 1, ... (replica 0 leads first).
+    #[arg(long, default_value_t = 0)]
+    pub byzantine: usize,
+    #[arg(long, value_enum, default_value = "equivocate")]
+    pub byzantine_mode: ByzantineMode,
+    #[arg(long, value_enum, default_value = "kv")]
+    pub service: ServiceArg,
+    /// Run a workload of this many key-value operations from 4 concurrent clients, check every
+    /// result (linearizability, replica agreement) and print what happened.
+    #[arg(long)]
+    pub workload: Option<usize>,
+    /// Keep the cluster running until interrupted (otherwise it stops after the workload).
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Request timeout of the replicas, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub request_timeout_ms: u64,
+}
+
+/// A running local cluster; its processes die with it (kill on drop).
+pub struct LocalCluster {
+    pub view: View,
+    pub _children: BTreeMap<u32, Child>,
+    pub byzantine: Vec<u32>,
+}
+
+pub fn http_port(base: u16, i: usize) -> u16 {
+    base + 2000 + i as u16
+}
+
+/// Writes keys, the view and one config per replica.
+pub fn prepare(args: &LocalArgs) -> Result<View> {
+    let f = default_f(args.n);
+    if args.n < 4 {
+        bail!(
+            "--n {} is too small: BFT needs n >= 4 (n = 3f+1 with f >= 1)",
+            args.n
+        );
+    }
+    if args.byzantine > f {
+        bail!(
+            "--byzantine {} exceeds f = {} for n = {}: the cluster could not stay correct",
+            args.byzantine,
+            f,
+            args.n
+        );
+    }
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("clearing {}", args.dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let mut members = Vec::new();
+    for i in 0..args.n {
+        let key = KeyPair::generate(&mut rand::rngs::OsRng);
+        save_key(&key, &args.dir.join(format!("r{i}.key")))?;
+        members.push(Member {
+            id: ReplicaId(i as u32),
+            address: format!("127.0.0.1:{}", args.base_port + i as u16),
+            key: key.public(),
+        });
+    }
+    let view = View::new(ViewId(0), f, members).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ViewFile::save(&view, &args.dir.join("view.toml"))?;
+    for i in 0..args.n {
+        let cfg = NodeConfig {
+            id: i as u32,
+            key_file: PathBuf::from(format!("r{i}.key")),
+            view_file: PathBuf::from("view.toml"),
+            data_dir: PathBuf::from(format!("data/r{i}")),
+            listen: None,
+            client_listen: None,
+            http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
+            protocol: ProtocolConfig {
+                request_timeout_ms: args.request_timeout_ms,
+                ..ProtocolConfig::default()
+            },
+        };
+        std::fs::write(
+            args.dir.join(format!("r{i}.toml")),
+            toml::to_string_pretty(&cfg)?,
+        )?;
+    }
+    load_or_create_key(&args.dir.join("client.key"))?;
+    Ok(view)
+}
+
+pub async fn spawn_replica(
+    dir: &Path,
+    i: u32,
+    service: ServiceArg,
+    byzantine: Option<ByzantineMode>,
+) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating kmmr-replica")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("r{i}.log")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(dir.join(format!("r{i}.toml")))
+        .arg("--service")
+        .arg(match service {
+            ServiceArg::Kv => "kv",
+            ServiceArg::Noop => "noop",
+        })
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    if let Some(b) = byzantine {
+        cmd.arg("--byzantine")
+            .arg(b.name())
+            .arg("--i-know-this-breaks-the-replica");
+    }
+    cmd.spawn().with_context(|| format!("starting replica {i}"))
+}
+
+pub async fn wait_healthy(base_port: u16, i: usize, within: Duration) -> Result<()> {
+    let url = format!("http://127.0.0.1:{}/healthz", http_port(base_port, i));
+    let until = Instant::now() + within;
+    loop {
+        if http_get(&url).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("replica {i} did not become healthy within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
+    let view = prepare(args)?;
+    let mut children = BTreeMap::new();
+    let byzantine: Vec<u32> = (0..args.byzantine as u32).collect();
+    for i in 0..args.n as u32 {
+        let mode = byzantine.contains(&i).then_some(args.byzantine_mode);
+        children.insert(i, spawn_replica(&args.dir, i, args.service, mode).await?);
+    }
+    for i in 0..args.n {
+        wait_healthy(args.base_port, i, Duration::from_secs(15)).await?;
+    }
+    Ok(LocalCluster {
+        view,
+        _children: children,
+        byzantine,
+    })
+}
+
+pub async fn run(args: LocalArgs) -> Result<()> {
+    let cluster = start(&args).await?;
+    println!(
+        "local cluster: n = {}, f = {}, replicas on 127.0.0.1:{}..{}, files in {}",
+        cluster.view.n(),
+        cluster.view.f,
+        args.base_port,
+        args.base_port + args.n as u16 - 1,
+        args.dir.display()
+    );
+    for b in &cluster.byzantine {
+        println!(
+            "replica {b} is BYZANTINE ({}): it misbehaves on purpose",
+            args.byzantine_mode.name()
+        );
+    }
+    let mut ok = true;
+    if let Some(ops) = args.workload {
+        ok = workload(&args, &cluster, ops).await?;
+    }
+    if args.keep_running {
+        println!(
+            "running; try: kmmr-replica put --cluster {} k v   (Ctrl-C stops)",
+            args.dir.display()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    drop(cluster);
+    if !ok {
+        bail!("the workload found a problem (see above)");
+    }
+    Ok(())
+}
+
+/// Runs `ops` operations from 4 concurrent clients and checks them.
+pub async fn workload(args: &LocalArgs, cluster: &LocalCluster, ops: usize) -> Result<bool> {
+    const CLIENTS: usize = 4;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let key = KeyPair::generate(&mut rand::rngs::OsRng);
+        let client = Client::connect(key, cluster.view.clone(), ClientOptions::default()).await?;
+        let n_ops = ops / CLIENTS + usize::from(c < ops % CLIENTS);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
+            let mut history = Vec::new();
+            let mut latencies = Vec::new();
+            let mut failures = 0usize;
+            for i in 0..n_ops {
+                let key = format!("wl/k{}", rng.gen_range(0..8)).into_bytes();
+                let value = format!("c{c}-{i}").into_bytes();
+                let req = match rng.gen_range(0..10) {
+                    0..=3 => KvRequest::put(key, value),
+                    4..=6 => KvRequest::get(key),
+                    7 => KvRequest::delete(key),
+                    _ => KvRequest::cas(key, None, value),
+                };
+                let invoke = t0.elapsed().as_micros() as u64;
+                let resp = client.kv(&req).await;
+                let complete = t0.elapsed().as_micros() as u64;
+                match resp {
+                    Ok(r) => {
+                        latencies.push(complete - invoke);
+                        history.push(Operation {
+                            client: c as u64,
+                            invoke,
+                            complete: Some(complete),
+                            request: req,
+                            response: Some(r),
+                        });
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        history.push(Operation {
+                            client: c as u64,
+                            invoke,
+                            complete: None,
+                            request: req,
+                            response: None,
+                        });
+                    }
+                }
+            }
+            (history, latencies, failures)
+        }));
+    }
+    let mut history = Vec::new();
+    let mut latencies = Vec::new();
+    let mut failures = 0;
+    for t in tasks {
+        let (h, l, f) = t.await?;
+        history.extend(h);
+        latencies.extend(l);
+        failures += f;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let p = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "workload: {} of {} operations completed in {:.2} s from {} clients ({:.0} ops/s); latency p50 {} us, p99 {} us",
+        latencies.len(),
+        ops,
+        secs,
+        CLIENTS,
+        latencies.len() as f64 / secs,
+        p(0.5),
+        p(0.99)
+    );
+    let mut ok = failures == 0;
+    if failures > 0 {
+        println!("FAIL: {failures} operations got no agreed reply");
+    }
+    match linearizability::check(&history) {
+        CheckResult::Linearizable => {
+            println!("linearizability: every result is consistent with one total order")
+        }
+        other => {
+            ok = false;
+            println!("FAIL: linearizability: {other:?}");
+        }
+    }
+    ok &= check_replicas(args, cluster).await?;
+    Ok(ok)
+}
+
+/// Correct replicas must report the same state digest once they reach the same instance.
+pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<bool> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut statuses = BTreeMap::new();
+        for m in &cluster.view.members {
+            let url = format!(
+                "http://127.0.0.1:{}/status",
+                http_port(args.base_port, m.id.0 as usize)
+            );
+            if let Ok(s) = fetch_status(&url).await {
+                statuses.insert(m.id.0, (s.verify(&m.key), s));
+            }
+        }
+        let correct: Vec<_> = statuses
+            .iter()
+            .filter(|(id, _)| !cluster.byzantine.contains(id))
+            .collect();
+        let same_cid = correct
+            .windows(2)
+            .all(|w| w[0].1 .1.status.last_decided == w[1].1 .1.status.last_decided);
+        if (same_cid && correct.len() == cluster.view.n() - cluster.byzantine.len())
+            || Instant::now() > until
+        {
+            for (id, (sig_ok, s)) in &statuses {
+                println!(
+                    "replica {id}: {}regency {}, leader {}, last decided {:?}, state {}{}",
+                    if *sig_ok {
+                        ""
+                    } else {
+                        "BAD STATUS SIGNATURE, "
+                    },
+                    s.status.regency,
+                    s.status.leader,
+                    s.status.last_decided,
+                    &s.status.state_digest[..16.min(s.status.state_digest.len())],
+                    if cluster.byzantine.contains(id) {
+                        " (Byzantine)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let digests: std::collections::BTreeSet<_> = correct
+                .iter()
+                .map(|(_, (_, s))| s.status.state_digest.clone())
+                .collect();
+            let agree = same_cid && digests.len() == 1 && correct.iter().all(|(_, (ok, _))| *ok);
+            if agree {
+                println!(
+                    "agreement: the {} correct replicas hold byte-identical state",
+                    correct.len()
+                );
+            } else {
+                println!("FAIL: correct replicas disagree or lag: {statuses:?}");
+            }
+            return Ok(agree);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,217 @@
+//! Command-line interface of `kmmr-replica`.
+
+mod bench;
+mod kv;
+mod local;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use kmmr::client::{Client, ClientOptions};
+use kmmr::crypto::KeyPair;
+use kmmr::node::config::{load_key, save_key, ViewFile};
+use kmmr::node::{NodeConfig, ServiceChoice};
+use kmmr::sim::byzantine::Behaviour;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmmr-replica",
+    version,
+    about = "KmMR: a BFT-SMaRt replica with a revisioned key-value store"
+)]
+pub struct Cli {
+    /// Runtime worker threads.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Generate an ed25519 key pair; prints the public key.
+    Keygen {
+        /// Where to write the private key (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run a replica.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "kv")]
+        service: ServiceArg,
+        /// TEST ONLY: make this replica Byzantine. Requires --i-know-this-breaks-the-replica.
+        #[arg(long, value_enum)]
+        byzantine: Option<ByzantineMode>,
+        /// Confirms --byzantine: the replica will lie, equivocate or misbehave on purpose.
+        #[arg(long)]
+        i_know_this_breaks_the_replica: bool,
+    },
+    /// Start an n-replica cluster on loopback with generated keys, optionally with Byzantine
+    /// replicas, and optionally run a checked workload against it.
+    Local(local::LocalArgs),
+    /// Client operations against a cluster.
+    #[command(flatten)]
+    Kv(kv::KvCmd),
+    /// Load generator: ops/s and latency percentiles (BFT-SMaRt's ThroughputLatency).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceArg {
+    Kv,
+    Noop,
+}
+
+impl From<ServiceArg> for ServiceChoice {
+    fn from(s: ServiceArg) -> Self {
+        match s {
+            ServiceArg::Kv => ServiceChoice::Kv,
+            ServiceArg::Noop => ServiceChoice::Noop,
+        }
+    }
+}
+
+/// Byzantine test modes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByzantineMode {
+    /// As leader, propose different batches to the two halves and vote for both.
+    Equivocate,
+    /// Flip bits in frames and lie in replies to clients.
+    Corrupt,
+    /// Send nothing.
+    Silent,
+    /// Delay everything by 50 ms.
+    Slow,
+    /// Send oversized frames and frames whose length fields lie.
+    Garbage,
+    /// Send forged signatures, unproven claims, forged client requests.
+    Forge,
+    /// Re-send old frames.
+    Replay,
+    /// A mix of all of the above.
+    Mixed,
+}
+
+impl ByzantineMode {
+    pub fn behaviour(self) -> Behaviour {
+        match self {
+            ByzantineMode::Equivocate => Behaviour::Equivocate,
+            ByzantineMode::Corrupt => Behaviour::Corrupt,
+            ByzantineMode::Silent => Behaviour::Silent,
+            ByzantineMode::Slow => Behaviour::Slow { extra_us: 50_000 },
+            ByzantineMode::Garbage => Behaviour::Oversize,
+            ByzantineMode::Forge => Behaviour::Forge,
+            ByzantineMode::Replay => Behaviour::Replay,
+            ByzantineMode::Mixed => Behaviour::Mixed,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ByzantineMode::Equivocate => "equivocate",
+            ByzantineMode::Corrupt => "corrupt",
+            ByzantineMode::Silent => "silent",
+            ByzantineMode::Slow => "slow",
+            ByzantineMode::Garbage => "garbage",
+            ByzantineMode::Forge => "forge",
+            ByzantineMode::Replay => "replay",
+            ByzantineMode::Mixed => "mixed",
+        }
+    }
+}
+
+/// Where a client finds a cluster: a directory made by `local` (view.toml and client.key), or
+/// explicit files.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// A cluster directory made by `kmmr-replica local`.
+    #[arg(long, default_value = "kmmr-local")]
+    pub cluster: PathBuf,
+    /// The view file (default: <cluster>/view.toml).
+    #[arg(long)]
+    pub view: Option<PathBuf>,
+    /// The client's private key (default: <cluster>/client.key, created if missing).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    pub async fn connect(&self) -> Result<Client> {
+        let view_path = self
+            .view
+            .clone()
+            .unwrap_or_else(|| self.cluster.join("view.toml"));
+        let view = ViewFile::load(&view_path)?;
+        let key_path = self
+            .key
+            .clone()
+            .unwrap_or_else(|| self.cluster.join("client.key"));
+        let key = load_or_create_key(&key_path)?;
+        Client::connect(key, view, ClientOptions::default()).await
+    }
+}
+
+pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
+    if path.exists() {
+        return load_key(path);
+    }
+    let key = KeyPair::generate(&mut rand::rngs::OsRng);
+    save_key(&key, path)?;
+    Ok(key)
+}
+
+pub async fn main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Keygen { out } => {
+            if out.exists() {
+                bail!("{} exists: refusing to overwrite a key", out.display());
+            }
+            let key = KeyPair::generate(&mut rand::rngs::OsRng);
+            save_key(&key, &out)?;
+            println!("{}", hex::encode(key.public().0));
+            Ok(())
+        }
+        Cmd::Run {
+            config,
+            service,
+            byzantine,
+            i_know_this_breaks_the_replica,
+        } => {
+            if byzantine.is_some() && !i_know_this_breaks_the_replica {
+                bail!("--byzantine makes this replica attack its own cluster; it is for tests only. Add --i-know-this-breaks-the-replica to confirm");
+            }
+            let cfg = NodeConfig::load(&config)
+                .with_context(|| format!("loading {}", config.display()))?;
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            #[cfg(unix)]
+            let shutdown = async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(_) => return shutdown.await,
+                    };
+                tokio::select! {
+                    _ = shutdown => {},
+                    _ = term.recv() => {},
+                }
+            };
+            kmmr::node::run(
+                cfg,
+                service.into(),
+                byzantine.map(|b| b.behaviour()),
+                shutdown,
+            )
+            .await
+        }
+        Cmd::Local(args) => local::run(args).await,
+        Cmd::Kv(cmd) => kv::run(cmd).await,
+        Cmd::Bench(args) => bench::run(args).await,
+    }
+}

@@ -1,0 +1,239 @@
+//! The client proxy: an async handle over a `ClientSession` that dials every replica of the view
+//! with mutual TLS (`net::ClientConnector`), sends each request to all of them, and resolves when
+//! enough distinct replicas agreed on the result. Many requests may be in flight at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::session::{ClientError, ClientSession};
+use crate::core::view::View;
+use crate::crypto::KeyPair;
+use crate::net::{ClientConnector, FromReplica, NetConfig, NetStats, ReplicaLink};
+use crate::node::Clock;
+use crate::service::kv::{KvRequest, KvResponse};
+use crate::wire::codec::{Decode, Encode};
+use crate::wire::ids::ReplicaId;
+use crate::wire::messages::{ClientId, Reply, RequestKind};
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Resend a request that has not gathered enough replies after this long.
+    pub retransmit: Duration,
+    /// Give up on a request after this long.
+    pub timeout: Duration,
+    /// Pause between attempts to re-dial a replica that is down.
+    pub redial: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            retransmit: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+            redial: Duration::from_millis(500),
+        }
+    }
+}
+
+enum Cmd {
+    Invoke {
+        kind: RequestKind,
+        payload: Vec<u8>,
+        done: oneshot::Sender<Result<Vec<u8>, ClientError>>,
+    },
+}
+
+/// A connected client. Cloning shares the session.
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Cmd>,
+    id: ClientId,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Dials every replica of `view` (replicas that are down are re-dialled in the background).
+    pub async fn connect(key: KeyPair, view: View, opts: ClientOptions) -> Result<Client> {
+        let stats = Arc::new(NetStats::default());
+        let connector = Arc::new(
+            ClientConnector::new(&key, NetConfig::default(), stats).context("client TLS setup")?,
+        );
+        let id = key.public();
+        let clock = Clock::new();
+        // Sessions must grow across restarts of a client with the same key: the start time does.
+        let session = ClientSession::new(
+            key,
+            clock.now_us(),
+            view,
+            opts.retransmit.as_micros() as u64,
+        );
+        let (tx, rx) = mpsc::channel(1024);
+        let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let mut task = ProxyTask {
+            session,
+            connector,
+            links: BTreeMap::new(),
+            pending: HashMap::new(),
+            ev_tx,
+            clock,
+            redial: opts.redial,
+        };
+        task.dial_all().await;
+        tokio::spawn(task.run(rx, ev_rx));
+        Ok(Client {
+            tx,
+            id,
+            timeout: opts.timeout,
+        })
+    }
+
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    /// Sends one request and waits for its agreed result.
+    pub async fn invoke(&self, kind: RequestKind, payload: Vec<u8>) -> Result<Vec<u8>> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Invoke {
+                kind,
+                payload,
+                done,
+            })
+            .await
+            .map_err(|_| anyhow!("client stopped"))?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(ClientError::Rejected(reason)))) => Err(anyhow!("rejected: {reason}")),
+            Ok(Err(_)) => Err(anyhow!("client stopped")),
+            Err(_) => Err(anyhow!(
+                "no agreed reply within {:?}: is a quorum of replicas up?",
+                self.timeout
+            )),
+        }
+    }
+
+    /// An ordered key-value operation (linearizable).
+    pub async fn kv(&self, req: &KvRequest) -> Result<KvResponse> {
+        let bytes = self.invoke(RequestKind::Ordered, req.to_bytes()).await?;
+        KvResponse::from_bytes(&bytes).map_err(|e| anyhow!("undecodable reply: {e}"))
+    }
+
+    /// A read answered outside the total order by a quorum of matching replicas (falls back to
+    /// ordering when replicas disagree or are slow).
+    pub async fn kv_read(&self, req: &KvRequest) -> Result<KvResponse> {
+        let bytes = self.invoke(RequestKind::Unordered, req.to_bytes()).await?;
+        KvResponse::from_bytes(&bytes).map_err(|e| anyhow!("undecodable reply: {e}"))
+    }
+}
+
+struct ProxyTask {
+    session: ClientSession,
+    connector: Arc<ClientConnector>,
+    links: BTreeMap<ReplicaId, ReplicaLink>,
+    pending: HashMap<u64, oneshot::Sender<Result<Vec<u8>, ClientError>>>,
+    ev_tx: mpsc::Sender<FromReplica>,
+    clock: Clock,
+    redial: Duration,
+}
+
+impl ProxyTask {
+    async fn dial_all(&mut self) {
+        let members = self.session.view().members.clone();
+        for m in members {
+            if self.links.get(&m.id).is_some_and(|l| !l.is_closed()) {
+                continue;
+            }
+            match self.connector.dial(&m, self.ev_tx.clone()).await {
+                Ok(link) => {
+                    self.links.insert(m.id, link);
+                }
+                Err(e) => {
+                    tracing::debug!(replica = m.id.0, error = %e, "replica unreachable");
+                    self.links.remove(&m.id);
+                }
+            }
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut events: mpsc::Receiver<FromReplica>) {
+        let mut redial = tokio::time::interval(self.redial);
+        loop {
+            let deadline = self.session.next_deadline();
+            let sleep = tokio::time::sleep_until(
+                deadline
+                    .map(|d| self.clock.instant_at(d))
+                    .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(3600))
+                    .into(),
+            );
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(Cmd::Invoke { kind, payload, done }) = cmd else { break };
+                    let seq = self.session.invoke(self.clock.now_us(), kind, payload);
+                    self.pending.insert(seq, done);
+                }
+                Some(ev) = events.recv() => self.on_event(ev),
+                _ = sleep, if deadline.is_some() => {
+                    self.session.on_timeout(self.clock.now_us());
+                }
+                _ = redial.tick() => {
+                    if self.links.len() < self.session.view().n()
+                        || self.links.values().any(|l| l.is_closed())
+                    {
+                        self.dial_all().await;
+                    }
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn on_event(&mut self, ev: FromReplica) {
+        match ev {
+            FromReplica::Frame { from, frame, .. } => {
+                let Ok(reply) = Reply::from_bytes(&frame) else {
+                    tracing::debug!(replica = from.0, "undecodable reply");
+                    return;
+                };
+                let view_before = self.session.view().id;
+                if let Some(done) = self.session.on_reply(self.clock.now_us(), from, reply) {
+                    if let Some(tx) = self.pending.remove(&done.sequence) {
+                        let _ = tx.send(done.result);
+                    }
+                }
+                if self.session.view().id != view_before {
+                    // Membership changed: dial the new view's replicas on the next tick.
+                    let ids: Vec<ReplicaId> = self.session.view().ids().collect();
+                    self.links.retain(|id, _| ids.contains(id));
+                }
+            }
+            FromReplica::Closed { from, link } => {
+                if self.links.get(&from).is_some_and(|l| l.id() == link) {
+                    self.links.remove(&from);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for req in self.session.take_to_send() {
+            let bytes = req.to_bytes();
+            for link in self.links.values() {
+                let _ = link.send(&bytes);
+            }
+        }
+        // Requests whose caller gave up are forgotten.
+        let session = &mut self.session;
+        self.pending.retain(|seq, tx| {
+            let alive = !tx.is_closed();
+            if !alive {
+                session.abandon(*seq);
+            }
+            alive
+        });
+    }
+}

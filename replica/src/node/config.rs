@@ -1,0 +1,221 @@
+//! The replica's configuration: one typed struct, read from a TOML file and validated at
+//! start-up with messages that name the field and the fix.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::core::config::{Config, SlowLeader};
+use crate::core::view::{Member, View};
+use crate::crypto::{KeyPair, PublicKey};
+use crate::wire::ids::{ReplicaId, ViewId};
+
+/// `kmmr-replica run --config <file>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This replica's id in the view.
+    pub id: u32,
+    /// File holding this replica's ed25519 private key (hex seed), readable only by its owner.
+    pub key_file: PathBuf,
+    /// File holding the view (TOML, see `ViewFile`).
+    pub view_file: PathBuf,
+    /// Where the replica keeps its state.
+    pub data_dir: PathBuf,
+    /// Replica-to-replica listener; defaults to this replica's address in the view.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Client listener; defaults to the view address with the port plus 1000.
+    #[serde(default)]
+    pub client_listen: Option<String>,
+    /// `/metrics`, `/status`, `/healthz`.
+    pub http_listen: String,
+    #[serde(default)]
+    pub protocol: ProtocolConfig,
+}
+
+/// Protocol tunables, in milliseconds where they are times.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolConfig {
+    pub request_timeout_ms: u64,
+    pub max_request_timeout_ms: u64,
+    pub max_batch_requests: usize,
+    pub max_batch_bytes: usize,
+    pub slow_leader: bool,
+    pub slow_leader_floor_ms: u64,
+    pub checkpoint_history: u64,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        let c = Config::default();
+        ProtocolConfig {
+            request_timeout_ms: c.request_timeout_us / 1000,
+            max_request_timeout_ms: c.max_request_timeout_us / 1000,
+            max_batch_requests: c.max_batch_requests,
+            max_batch_bytes: c.max_batch_bytes,
+            slow_leader: true,
+            slow_leader_floor_ms: 20,
+            checkpoint_history: 10_000,
+        }
+    }
+}
+
+impl ProtocolConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.request_timeout_ms < 10 {
+            bail!("protocol.request_timeout_ms = {} is too small: use at least 10 (the default is 2000)", self.request_timeout_ms);
+        }
+        if self.max_request_timeout_ms < self.request_timeout_ms {
+            bail!("protocol.max_request_timeout_ms must be >= protocol.request_timeout_ms");
+        }
+        if self.max_batch_requests == 0
+            || self.max_batch_requests > crate::wire::limits::MAX_BATCH_REQUESTS
+        {
+            bail!(
+                "protocol.max_batch_requests must be between 1 and {}",
+                crate::wire::limits::MAX_BATCH_REQUESTS
+            );
+        }
+        Ok(())
+    }
+
+    pub fn core(&self) -> Config {
+        let timeout = self.request_timeout_ms * 1000;
+        Config {
+            request_timeout_us: timeout,
+            max_request_timeout_us: self.max_request_timeout_ms * 1000,
+            stop_retransmit_us: timeout / 2,
+            max_batch_requests: self.max_batch_requests,
+            max_batch_bytes: self.max_batch_bytes,
+            slow_leader: self.slow_leader.then(|| SlowLeader {
+                factor: 8,
+                floor_us: self.slow_leader_floor_ms * 1000,
+                grace_us: timeout / 2,
+            }),
+            ..Config::default()
+        }
+    }
+}
+
+/// The view as written on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewFile {
+    pub id: u32,
+    pub f: usize,
+    pub members: Vec<MemberFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberFile {
+    pub id: u32,
+    pub address: String,
+    /// Hex ed25519 public key.
+    pub key: String,
+}
+
+impl ViewFile {
+    pub fn from_view(v: &View) -> Self {
+        ViewFile {
+            id: v.id.0,
+            f: v.f,
+            members: v
+                .members
+                .iter()
+                .map(|m| MemberFile {
+                    id: m.id.0,
+                    address: m.address.clone(),
+                    key: hex::encode(m.key.0),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn to_view(&self) -> Result<View> {
+        let mut members = Vec::with_capacity(self.members.len());
+        for m in &self.members {
+            members.push(Member {
+                id: ReplicaId(m.id),
+                address: m.address.clone(),
+                key: parse_public_key(&m.key)
+                    .with_context(|| format!("members[id={}].key", m.id))?,
+            });
+        }
+        View::new(ViewId(self.id), self.f, members).map_err(|e| anyhow::anyhow!("view: {e}"))
+    }
+
+    pub fn load(path: &Path) -> Result<View> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the view file {}", path.display()))?;
+        let vf: ViewFile = toml::from_str(&text)
+            .with_context(|| format!("parsing the view file {}", path.display()))?;
+        vf.to_view()
+    }
+
+    pub fn save(view: &View, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(&ViewFile::from_view(view))?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+pub fn parse_public_key(hex_key: &str) -> Result<PublicKey> {
+    let bytes = hex::decode(hex_key.trim()).context("a public key is 64 hex digits")?;
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a public key is 32 bytes (64 hex digits)"))?;
+    if crate::crypto::parse_key(&PublicKey(arr)).is_none() {
+        bail!("not a valid ed25519 public key");
+    }
+    Ok(PublicKey(arr))
+}
+
+/// Reads a private key file (64 hex digits of the seed).
+pub fn load_key(path: &Path) -> Result<KeyPair> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the key file {}", path.display()))?;
+    let bytes = hex::decode(text.trim())
+        .with_context(|| format!("{}: a key file holds 64 hex digits", path.display()))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: a key file holds 32 bytes", path.display()))?;
+    Ok(KeyPair::from_seed(seed))
+}
+
+/// Writes a private key file readable only by its owner.
+pub fn save_key(key: &KeyPair, path: &Path) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating the key file {}", path.display()))?;
+    writeln!(f, "{}", hex::encode(key.seed()))?;
+    Ok(())
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        let mut c: NodeConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing the config file {}", path.display()))?;
+        // Relative paths are relative to the config file.
+        if let Some(dir) = path.parent() {
+            for p in [&mut c.key_file, &mut c.view_file, &mut c.data_dir] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        c.protocol.validate()?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,250 @@
+//! Prometheus metrics of a replica, and the HTTP endpoints `/metrics`, `/status` (JSON signed by
+//! the replica's key, so an operator can cross-check replicas) and `/healthz`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::crypto::{Domain, KeyPair, Signature};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: String,
+}
+
+/// Every metric a replica exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub decided: Counter,
+    pub executed_requests: Counter,
+    pub consensus_latency: Histogram,
+    pub batch_size: Histogram,
+    pub leader_changes: Counter,
+    pub regency: Gauge,
+    pub view_id: Gauge,
+    pub last_decided: Gauge,
+    pub pending_requests: Gauge,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub bytes: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
+    pub frames: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
+    /// Microseconds since the epoch of the node loop's last turn, for `/healthz`.
+    pub heartbeat_us: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kmmr");
+        let decided = Counter::default();
+        let executed_requests = Counter::default();
+        let consensus_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        let leader_changes = Counter::default();
+        let regency = Gauge::default();
+        let view_id = Gauge::default();
+        let last_decided = Gauge::default();
+        let pending_requests = Gauge::default();
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        let bytes = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
+        let frames = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
+        registry.register("decided", "Consensus instances decided", decided.clone());
+        registry.register(
+            "executed_requests",
+            "Client requests executed",
+            executed_requests.clone(),
+        );
+        registry.register(
+            "consensus_latency_seconds",
+            "From holding a proposal to deciding it",
+            consensus_latency.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Requests per decided batch",
+            batch_size.clone(),
+        );
+        registry.register(
+            "leader_changes",
+            "Regencies installed",
+            leader_changes.clone(),
+        );
+        registry.register("regency", "Current regency", regency.clone());
+        registry.register("view_id", "Current view id", view_id.clone());
+        registry.register("last_decided_cid", "Last decided CID", last_decided.clone());
+        registry.register(
+            "pending_requests",
+            "Requests waiting to be ordered",
+            pending_requests.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Messages and requests refused, by reason",
+            rejected.clone(),
+        );
+        registry.register("network_bytes", "Bytes on the network", bytes.clone());
+        registry.register("network_frames", "Frames on the network", frames.clone());
+        Metrics {
+            registry,
+            decided,
+            executed_requests,
+            consensus_latency,
+            batch_size,
+            leader_changes,
+            regency,
+            view_id,
+            last_decided,
+            pending_requests,
+            rejected,
+            bytes,
+            frames,
+            heartbeat_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_network(&self, direction: &str, bytes: u64, frames: u64) {
+        let l = DirectionLabel {
+            direction: direction.to_owned(),
+        };
+        self.bytes.get_or_create(&l).set(bytes);
+        self.frames.get_or_create(&l).set(frames);
+    }
+}
+
+/// What a replica says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub id: u32,
+    pub view_id: u32,
+    pub n: usize,
+    pub f: usize,
+    pub regency: u32,
+    pub leader: u32,
+    pub synchronizing: bool,
+    /// `None` before the first decision.
+    pub last_decided: Option<u64>,
+    /// Hex digest of the service state after `last_decided`.
+    pub state_digest: String,
+    pub pending_requests: usize,
+    /// Set when this replica runs a Byzantine test mode.
+    pub byzantine: Option<String>,
+}
+
+/// `/status`: the status and the replica's signature over its JSON bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedStatus {
+    pub status: Status,
+    /// Hex ed25519 signature, domain `Status`, over `serde_json::to_vec(&status)`.
+    pub signature: String,
+}
+
+impl SignedStatus {
+    pub fn sign(status: Status, key: &KeyPair) -> Self {
+        let bytes = serde_json::to_vec(&status).unwrap_or_default();
+        let signature = hex::encode(key.sign(Domain::Status, &bytes).0);
+        SignedStatus { status, signature }
+    }
+
+    /// Checks the signature against the replica's public key.
+    pub fn verify(&self, key: &crate::crypto::PublicKey) -> bool {
+        let Ok(sig) = hex::decode(&self.signature) else {
+            return false;
+        };
+        let Ok(sig): Result<[u8; 64], _> = sig.try_into() else {
+            return false;
+        };
+        let Ok(bytes) = serde_json::to_vec(&self.status) else {
+            return false;
+        };
+        crate::crypto::verify(key, Domain::Status, &bytes, &Signature(sig))
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Serves the HTTP endpoints until the process ends.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/status", get(status_handler))
+        .route("/healthz", get(health_handler))
+        .with_state(HttpState { metrics, status });
+    axum::serve(listener, app).await
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    let mut out = String::new();
+    if encode(&mut out, &s.metrics.registry).is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, String::new()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+async fn status_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    let (tx, rx) = oneshot::channel();
+    if s.status.send(tx).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "replica stopped").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), rx).await {
+        Ok(Ok(st)) => axum::Json(st).into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "replica busy").into_response(),
+    }
+}
+
+async fn health_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    let beat = s.metrics.heartbeat_us.load(Ordering::Relaxed);
+    if now_us().saturating_sub(beat) < 5_000_000 {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "replica loop stalled")
+    }
+}
