@@ -22,13 +22,20 @@ const CRD_NAME: &str = "probes.testbed.kmmr.dev";
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Prints past libtest's output capture (which swallows `eprintln!` of passing tests), so that a
+/// skipped test is visible in every run.
+fn loud(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "\n*** {msg} ***\n");
+}
+
 /// The client for the cluster `KUBECONFIG` names, or `None` (after saying so loudly) when it is unset.
 async fn client_or_skip(test: &str) -> Option<Client> {
     if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
-        eprintln!(
-            "\n*** SKIPPED {test}: KUBECONFIG is unset. These tests need a real Kubernetes; \
-             run .ci/testbed-test (or e2e/testbed/up.sh and export KUBECONFIG) to run them. ***\n"
-        );
+        loud(&format!(
+            "SKIPPED {test}: KUBECONFIG is unset. These tests need a real Kubernetes; \
+             run .ci/testbed-test (or e2e/testbed/up.sh and export KUBECONFIG) to run them."
+        ));
         return None;
     }
     match Client::try_default().await {
@@ -138,10 +145,10 @@ async fn server_is_v1_34() -> Result {
         return Ok(());
     };
     let info = client.apiserver_version().await?;
-    eprintln!(
+    loud(&format!(
         "server version: {} (go {}, built {})",
         info.git_version, info.go_version, info.build_date
-    );
+    ));
     if std::env::var_os("KMMR_TESTBED").is_some() {
         assert_eq!(info.major, "1");
         assert_eq!(info.minor, "34", "the test bed must serve Kubernetes 1.34");
@@ -211,9 +218,9 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
         return Ok(());
     };
     let Ok(image) = std::env::var("KMMR_E2E_IMAGE") else {
-        eprintln!(
-            "\n*** SKIPPED pod_from_local_image_runs_to_completion: KMMR_E2E_IMAGE is unset \
-             (no node with locally built images; start the test bed with --node). ***\n"
+        loud(
+            "SKIPPED pod_from_local_image_runs_to_completion: KMMR_E2E_IMAGE is unset \
+             (no node with locally built images; start the test bed with --node).",
         );
         return Ok(());
     };
@@ -276,7 +283,7 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     })
     .await?;
     let logs = pods.logs("hello", &LogParams::default()).await?;
-    eprintln!("pod phase {phase}, logs: {logs:?}");
+    loud(&format!("pod phase {phase}, logs: {logs:?}"));
     assert_eq!(phase, "Succeeded");
     assert!(logs.contains(&token), "logs {logs:?} must contain {token}");
 
