@@ -7,7 +7,14 @@ HELM_VERSION=v3.19.5     # helm.sh/helm/v3 (uses the k8s.io v0.34 client librari
 PAUSE_VERSION=3.10.1     # tag of the locally built pause image (the name containerd's sandbox_image uses)
 
 # Where built binaries, certificates and run state live (outside the repository).
-KMMR_TESTBED_CACHE="${KMMR_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kmmr-testbed}"
+KMMR_TESTBED_CACHE="${KMMR_TESTBED_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/kmmr-testbed}"
+# Tools live in sbin directories and Go in /usr/local/go on these machines; a CI environment
+# may not have them on PATH.
+for _d in /usr/local/go/bin /usr/local/sbin /usr/sbin /sbin; do
+  [[ -d $_d && ":$PATH:" != *":$_d:"* ]] && PATH="$PATH:$_d"
+done
+unset _d
+export PATH
 K8S_BIN="$KMMR_TESTBED_CACHE/kubernetes-$K8S_VERSION/bin"
 ETCD_BIN="$KMMR_TESTBED_CACHE/etcd-$ETCD_VERSION/bin"
 HELM_BIN="$KMMR_TESTBED_CACHE/helm-$HELM_VERSION/bin"
