@@ -2,6 +2,7 @@
 //! key-value service that holds Kubernetes control-plane state.
 
 pub mod client;
+pub mod cluster;
 pub mod core;
 pub mod crypto;
 pub mod net;

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Subcommand;
 
+use kmmr::cluster::fetch_status;
 use kmmr::node::config::ViewFile;
-use kmmr::node::SignedStatus;
 use kmmr::service::kv::{KvRequest, KvResponse, RangeRequest, WatchPollRequest};
 
 use super::ClusterArgs;
@@ -252,33 +252,4 @@ pub fn status_url(cluster: &std::path::Path, id: u32) -> String {
         .map(|c| c.http_listen)
         .unwrap_or_default();
     format!("http://{http}/status")
-}
-
-/// GET over plain HTTP/1.1 on loopback: enough for the replica's status endpoint.
-pub async fn fetch_status(url: &str) -> Result<SignedStatus> {
-    let body = http_get(url).await?;
-    serde_json::from_str(&body).context("parsing /status")
-}
-
-pub async fn http_get(url: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(host))
-        .await
-        .context("connect timed out")??;
-    let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .context("read timed out")??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
 }

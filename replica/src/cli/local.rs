@@ -2,26 +2,23 @@
 //! own generated key, some of them optionally Byzantine; and a checked workload against it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use kmmr::client::{Client, ClientOptions};
-use kmmr::core::view::{default_f, Member, View};
+use kmmr::core::view::View;
 use kmmr::crypto::KeyPair;
-use kmmr::node::config::{save_key, ViewFile};
-use kmmr::node::{NodeConfig, ProtocolConfig};
 use kmmr::service::kv::KvRequest;
 use kmmr::sim::linearizability::{self, CheckResult, Operation};
-use kmmr::wire::ids::{ReplicaId, ViewId};
 
-use super::kv::{fetch_status, http_get};
-use super::{load_or_create_key, ByzantineMode, ServiceArg};
+use kmmr::cluster::{fetch_status, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
+
+use super::{ByzantineMode, ServiceArg};
 
 #[derive(Args, Debug, Clone)]
 pub struct LocalArgs {
@@ -51,6 +48,9 @@ pub struct LocalArgs {
     /// Request timeout of the replicas, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub request_timeout_ms: u64,
+    /// Runtime worker threads per replica process.
+    #[arg(long, default_value_t = 1)]
+    pub replica_threads: usize,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -60,119 +60,30 @@ pub struct LocalCluster {
     pub byzantine: Vec<u32>,
 }
 
-pub fn http_port(base: u16, i: usize) -> u16 {
-    base + 2000 + i as u16
-}
-
-/// Writes keys, the view and one config per replica.
-pub fn prepare(args: &LocalArgs) -> Result<View> {
-    let f = default_f(args.n);
-    if args.n < 4 {
-        bail!(
-            "--n {} is too small: BFT needs n >= 4 (n = 3f+1 with f >= 1)",
-            args.n
-        );
-    }
-    if args.byzantine > f {
-        bail!(
-            "--byzantine {} exceeds f = {} for n = {}: the cluster could not stay correct",
-            args.byzantine,
-            f,
-            args.n
-        );
-    }
-    if args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir)
-            .with_context(|| format!("clearing {}", args.dir.display()))?;
-    }
-    std::fs::create_dir_all(&args.dir)?;
-    let mut members = Vec::new();
-    for i in 0..args.n {
-        let key = KeyPair::generate(&mut rand::rngs::OsRng);
-        save_key(&key, &args.dir.join(format!("r{i}.key")))?;
-        members.push(Member {
-            id: ReplicaId(i as u32),
-            address: format!("127.0.0.1:{}", args.base_port + i as u16),
-            key: key.public(),
-        });
-    }
-    let view = View::new(ViewId(0), f, members).map_err(|e| anyhow::anyhow!("{e}"))?;
-    ViewFile::save(&view, &args.dir.join("view.toml"))?;
-    for i in 0..args.n {
-        let cfg = NodeConfig {
-            id: i as u32,
-            key_file: PathBuf::from(format!("r{i}.key")),
-            view_file: PathBuf::from("view.toml"),
-            data_dir: PathBuf::from(format!("data/r{i}")),
-            listen: None,
-            client_listen: None,
-            http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
-            protocol: ProtocolConfig {
-                request_timeout_ms: args.request_timeout_ms,
-                ..ProtocolConfig::default()
-            },
-        };
-        std::fs::write(
-            args.dir.join(format!("r{i}.toml")),
-            toml::to_string_pretty(&cfg)?,
-        )?;
-    }
-    load_or_create_key(&args.dir.join("client.key"))?;
-    Ok(view)
-}
-
-pub async fn spawn_replica(
-    dir: &Path,
-    i: u32,
-    service: ServiceArg,
-    byzantine: Option<ByzantineMode>,
-) -> Result<Child> {
-    let exe = std::env::current_exe().context("locating kmmr-replica")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("r{i}.log")))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(dir.join(format!("r{i}.toml")))
-        .arg("--service")
-        .arg(match service {
-            ServiceArg::Kv => "kv",
-            ServiceArg::Noop => "noop",
-        })
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true);
-    if let Some(b) = byzantine {
-        cmd.arg("--byzantine")
-            .arg(b.name())
-            .arg("--i-know-this-breaks-the-replica");
-    }
-    cmd.spawn().with_context(|| format!("starting replica {i}"))
-}
-
-pub async fn wait_healthy(base_port: u16, i: usize, within: Duration) -> Result<()> {
-    let url = format!("http://127.0.0.1:{}/healthz", http_port(base_port, i));
-    let until = Instant::now() + within;
-    loop {
-        if http_get(&url).await.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            bail!("replica {i} did not become healthy within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
-    let view = prepare(args)?;
-    let mut children = BTreeMap::new();
     let byzantine: Vec<u32> = (0..args.byzantine as u32).collect();
+    let view = prepare(&ClusterSpec {
+        n: args.n,
+        dir: args.dir.clone(),
+        base_port: args.base_port,
+        request_timeout_ms: args.request_timeout_ms,
+        byzantine: byzantine.clone(),
+    })?;
+    let exe = std::env::current_exe().context("locating kmmr-replica")?;
+    let mut children = BTreeMap::new();
     for i in 0..args.n as u32 {
-        let mode = byzantine.contains(&i).then_some(args.byzantine_mode);
-        children.insert(i, spawn_replica(&args.dir, i, args.service, mode).await?);
+        let mode = byzantine.contains(&i).then_some(args.byzantine_mode.name());
+        children.insert(
+            i,
+            spawn_replica(
+                &exe,
+                &args.dir,
+                i,
+                args.service.into(),
+                mode,
+                args.replica_threads,
+            )?,
+        );
     }
     for i in 0..args.n {
         wait_healthy(args.base_port, i, Duration::from_secs(15)).await?;

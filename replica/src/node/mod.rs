@@ -185,6 +185,7 @@ pub async fn run(
         clock: Clock::new(),
         digest_cache: None,
         last_regency: 0,
+        rejections: HashMap::new(),
     };
     node.run(rx, status_rx, shutdown).await;
     Ok(())
@@ -205,6 +206,7 @@ struct NodeLoop {
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
     last_regency: u32,
+    rejections: HashMap<&'static str, u64>,
 }
 
 impl NodeLoop {
@@ -258,7 +260,7 @@ impl NodeLoop {
                 Ok(msg) => self.core.on_message(now, from, msg),
                 Err(e) => {
                     self.metrics.reject(e.reason());
-                    tracing::debug!(%from, error = %e, "undecodable replica frame");
+                    tracing::info!(%from, error = %e, "undecodable replica frame");
                 }
             },
             Inbound::Client {
@@ -272,7 +274,7 @@ impl NodeLoop {
                 }
                 Err(e) => {
                     self.metrics.reject(e.reason());
-                    tracing::debug!(?conn, error = %e, "undecodable client frame");
+                    tracing::info!(?conn, ?client, error = %e, "undecodable client frame");
                 }
             },
             Inbound::ClientGone { conn, client } => {
@@ -384,7 +386,13 @@ impl NodeLoop {
             }
             Event::Rejected { from, reason } => {
                 self.metrics.reject(reason);
-                tracing::debug!(?from, reason, "rejected");
+                // Logged, but a flood of one kind must not flood the log: the first of each
+                // reason and then every thousandth.
+                let n = self.rejections.entry(reason).or_insert(0);
+                *n += 1;
+                if *n == 1 || *n % 1000 == 0 {
+                    tracing::info!(?from, reason, count = *n, "rejected a message");
+                }
             }
             Event::Suspected { regency, why } => {
                 tracing::warn!(regency = regency.0, why, "asking for a leader change");

@@ -1,0 +1,173 @@
+//! Local clusters of replica processes on loopback: the files they need (keys, view, configs),
+//! starting and stopping the processes, and reading their HTTP endpoints. Used by
+//! `kmmr-replica local`, the multi-process tests and the benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::process::{Child, Command};
+
+use crate::core::view::{default_f, Member, View};
+use crate::crypto::KeyPair;
+use crate::node::config::{save_key, ViewFile};
+use crate::node::{NodeConfig, ProtocolConfig, ServiceChoice, SignedStatus};
+use crate::wire::ids::{ReplicaId, ViewId};
+
+/// What to lay out.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub n: usize,
+    /// Replaced if it exists.
+    pub dir: PathBuf,
+    /// Replica i listens on base_port+i, its clients on base_port+1000+i, HTTP on +2000+i.
+    pub base_port: u16,
+    pub request_timeout_ms: u64,
+    /// Ids of the replicas that will run a Byzantine test mode (checked against f).
+    pub byzantine: Vec<u32>,
+}
+
+/// The HTTP port of replica `i`.
+pub fn http_port(base: u16, i: usize) -> u16 {
+    base + 2000 + i as u16
+}
+
+/// Writes keys, the view and one config per replica.
+pub fn prepare(args: &ClusterSpec) -> Result<View> {
+    let f = default_f(args.n);
+    if args.n < 4 {
+        bail!(
+            "--n {} is too small: BFT needs n >= 4 (n = 3f+1 with f >= 1)",
+            args.n
+        );
+    }
+    if args.byzantine.len() > f {
+        bail!(
+            "{} Byzantine replicas exceed f = {} for n = {}: the cluster could not stay correct",
+            args.byzantine.len(),
+            f,
+            args.n
+        );
+    }
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("clearing {}", args.dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let mut members = Vec::new();
+    for i in 0..args.n {
+        let key = KeyPair::generate(&mut rand::rngs::OsRng);
+        save_key(&key, &args.dir.join(format!("r{i}.key")))?;
+        members.push(Member {
+            id: ReplicaId(i as u32),
+            address: format!("127.0.0.1:{}", args.base_port + i as u16),
+            key: key.public(),
+        });
+    }
+    let view = View::new(ViewId(0), f, members).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ViewFile::save(&view, &args.dir.join("view.toml"))?;
+    for i in 0..args.n {
+        let cfg = NodeConfig {
+            id: i as u32,
+            key_file: PathBuf::from(format!("r{i}.key")),
+            view_file: PathBuf::from("view.toml"),
+            data_dir: PathBuf::from(format!("data/r{i}")),
+            listen: None,
+            client_listen: None,
+            http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
+            protocol: ProtocolConfig {
+                request_timeout_ms: args.request_timeout_ms,
+                ..ProtocolConfig::default()
+            },
+        };
+        std::fs::write(
+            args.dir.join(format!("r{i}.toml")),
+            toml::to_string_pretty(&cfg)?,
+        )?;
+    }
+    save_key(
+        &KeyPair::generate(&mut rand::rngs::OsRng),
+        &args.dir.join("client.key"),
+    )?;
+    Ok(view)
+}
+
+/// Starts replica `i` of a prepared cluster directory as a child process of `exe` (the
+/// `kmmr-replica` binary), logging to `<dir>/r<i>.log`. The process dies with the handle.
+pub fn spawn_replica(
+    exe: &Path,
+    dir: &Path,
+    i: u32,
+    service: ServiceChoice,
+    byzantine: Option<&str>,
+    threads: usize,
+) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("r{i}.log")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--threads")
+        .arg(threads.to_string())
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join(format!("r{i}.toml")))
+        .arg("--service")
+        .arg(match service {
+            ServiceChoice::Kv => "kv",
+            ServiceChoice::Noop => "noop",
+        })
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    if let Some(mode) = byzantine {
+        cmd.arg("--byzantine")
+            .arg(mode)
+            .arg("--i-know-this-breaks-the-replica");
+    }
+    cmd.spawn().with_context(|| format!("starting replica {i}"))
+}
+
+pub async fn wait_healthy(base_port: u16, i: usize, within: Duration) -> Result<()> {
+    let url = format!("http://127.0.0.1:{}/healthz", http_port(base_port, i));
+    let until = Instant::now() + within;
+    loop {
+        if http_get(&url).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("replica {i} did not become healthy within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET over plain HTTP/1.1 on loopback: enough for the replica's status endpoint.
+pub async fn fetch_status(url: &str) -> Result<SignedStatus> {
+    let body = http_get(url).await?;
+    serde_json::from_str(&body).context("parsing /status")
+}
+
+pub async fn http_get(url: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(host))
+        .await
+        .context("connect timed out")??;
+    let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("read timed out")??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}

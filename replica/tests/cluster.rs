@@ -1,0 +1,407 @@
+//! Multi-process clusters on loopback: real `kmmr-replica` processes, real TLS sockets, the real
+//! client. Each test lays out its own cluster in a temporary directory on its own ports.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kmmr::client::{Client, ClientOptions};
+use kmmr::cluster::{
+    fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
+};
+use kmmr::core::view::View;
+use kmmr::crypto::{KeyPair, Signature};
+use kmmr::net::{client_address, LinkKind, TlsIdentity};
+use kmmr::node::ServiceChoice;
+use kmmr::service::kv::{KvRequest, KvResponse};
+use kmmr::sim::linearizability::{self, CheckResult, Operation};
+use kmmr::wire::codec::Encode;
+use kmmr::wire::messages::{Request, RequestKind, SignedRequest};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Child;
+
+const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
+
+struct TestCluster {
+    dir: PathBuf,
+    base: u16,
+    view: View,
+    procs: BTreeMap<u32, Child>,
+}
+
+impl TestCluster {
+    async fn start(name: &str, n: usize, base: u16, byzantine: &[(u32, &str)]) -> TestCluster {
+        let dir = std::env::temp_dir().join(format!("kmmr-test-{name}-{}", std::process::id()));
+        let view = prepare(&ClusterSpec {
+            n,
+            dir: dir.clone(),
+            base_port: base,
+            request_timeout_ms: 300,
+            byzantine: byzantine.iter().map(|(i, _)| *i).collect(),
+        })
+        .expect("cluster files");
+        let mut procs = BTreeMap::new();
+        for i in 0..n as u32 {
+            let mode = byzantine.iter().find(|(b, _)| *b == i).map(|(_, m)| *m);
+            let child = spawn_replica(EXE.as_ref(), &dir, i, ServiceChoice::Kv, mode, 1)
+                .expect("replica starts");
+            procs.insert(i, child);
+        }
+        for i in 0..n {
+            wait_healthy(base, i, Duration::from_secs(20))
+                .await
+                .expect("replica healthy");
+        }
+        TestCluster {
+            dir,
+            base,
+            view,
+            procs,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let opts = ClientOptions {
+            retransmit: Duration::from_millis(300),
+            timeout: Duration::from_secs(20),
+            redial: Duration::from_millis(200),
+        };
+        Client::connect(
+            KeyPair::generate(&mut rand::rngs::OsRng),
+            self.view.clone(),
+            opts,
+        )
+        .await
+        .expect("client connects")
+    }
+
+    async fn kill(&mut self, i: u32) {
+        if let Some(mut c) = self.procs.remove(&i) {
+            let _ = c.kill().await;
+        }
+    }
+
+    async fn metrics(&self, i: usize) -> String {
+        http_get(&format!(
+            "http://127.0.0.1:{}/metrics",
+            http_port(self.base, i)
+        ))
+        .await
+        .expect("metrics")
+    }
+
+    fn log(&self, i: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A concurrent, checked key-value workload: `ops` operations from `clients` clients, in the
+/// background; returns the history.
+fn workload(
+    clients: Vec<Client>,
+    ops: usize,
+    t0: Instant,
+) -> tokio::task::JoinHandle<Vec<Operation>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        let per = ops / clients.len().max(1);
+        for (c, client) in clients.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                let mut h = Vec::new();
+                for i in 0..per {
+                    let key = format!("k{}", (i + c) % 5).into_bytes();
+                    let req = match i % 4 {
+                        0 | 1 => KvRequest::put(key, format!("c{c}-{i}").into_bytes()),
+                        2 => KvRequest::get(key),
+                        _ => KvRequest::cas(key, None, format!("c{c}-{i}").into_bytes()),
+                    };
+                    let invoke = t0.elapsed().as_micros() as u64;
+                    let r = client.kv(&req).await;
+                    let complete = t0.elapsed().as_micros() as u64;
+                    h.push(Operation {
+                        client: c as u64,
+                        invoke,
+                        complete: r.is_ok().then_some(complete),
+                        request: req,
+                        response: r.ok(),
+                    });
+                }
+                h
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("client task"));
+        }
+        all
+    })
+}
+
+fn assert_all_completed_and_linearizable(history: &[Operation]) {
+    let failed = history.iter().filter(|o| o.complete.is_none()).count();
+    assert_eq!(failed, 0, "{failed} operations got no agreed reply");
+    assert_eq!(
+        linearizability::check(history),
+        CheckResult::Linearizable,
+        "history not linearizable"
+    );
+}
+
+async fn statuses(c: &TestCluster) -> BTreeMap<u32, kmmr::node::SignedStatus> {
+    let mut out = BTreeMap::new();
+    for m in &c.view.members {
+        let url = format!(
+            "http://127.0.0.1:{}/status",
+            http_port(c.base, m.id.0 as usize)
+        );
+        if let Ok(s) = fetch_status(&url).await {
+            assert!(s.verify(&m.key), "replica {} signs its status", m.id.0);
+            out.insert(m.id.0, s);
+        }
+    }
+    out
+}
+
+/// Correct replicas converge to the same instance and byte-identical state.
+async fn assert_correct_replicas_agree(c: &TestCluster, correct: &[u32]) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = statuses(c).await;
+        let views: Vec<_> = correct
+            .iter()
+            .filter_map(|i| st.get(i))
+            .map(|s| (s.status.last_decided, s.status.state_digest.clone()))
+            .collect();
+        if views.len() == correct.len() && views.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "correct replicas disagree: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_continues_when_a_follower_is_killed() {
+    let mut c = TestCluster::start("follower", 4, 21000, &[]).await;
+    let t0 = Instant::now();
+    let clients = vec![c.client().await, c.client().await, c.client().await];
+    let run = workload(clients, 300, t0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.kill(3).await;
+    let history = run.await.expect("workload");
+    assert_all_completed_and_linearizable(&history);
+    assert_correct_replicas_agree(&c, &[0, 1, 2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_takes_over_within_bounded_time_when_the_leader_is_killed() {
+    let mut c = TestCluster::start("leader", 4, 21100, &[]).await;
+    let client = c.client().await;
+    for i in 0..20 {
+        client
+            .kv(&KvRequest::put(format!("a{i}"), "v"))
+            .await
+            .expect("put before the crash");
+    }
+    let leader = statuses(&c).await[&1].status.leader;
+    c.kill(leader).await;
+    let t = Instant::now();
+    client
+        .kv(&KvRequest::put("after", "crash"))
+        .await
+        .expect("put after the leader crashed");
+    let took = t.elapsed();
+    // Request timeout 300 ms: forward at 300 ms, STOP at 600 ms, then the synchronization.
+    assert!(took < Duration::from_secs(5), "new leader took {took:?}");
+    let st = statuses(&c).await;
+    let alive: Vec<u32> = (0..4).filter(|i| *i != leader).collect();
+    for i in &alive {
+        assert_ne!(
+            st[i].status.leader, leader,
+            "replica {i} moved off the dead leader"
+        );
+    }
+    eprintln!("leader {leader} killed: the next write completed after {took:?}");
+    assert_correct_replicas_agree(&c, &alive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stay_correct_with_an_equivocating_leader() {
+    let c = TestCluster::start("byz", 4, 21200, &[(0, "equivocate")]).await;
+    let t0 = Instant::now();
+    let clients = vec![c.client().await, c.client().await];
+    let history = workload(clients, 200, t0).await.expect("workload");
+    assert_all_completed_and_linearizable(&history);
+    assert_correct_replicas_agree(&c, &[1, 2, 3]).await;
+    let st = statuses(&c).await;
+    assert!(
+        st[&0].status.byzantine.is_some(),
+        "the Byzantine replica says so"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stay_correct_with_a_replica_that_lies_to_clients_and_forges() {
+    let c = TestCluster::start("mixed", 4, 21300, &[(2, "mixed")]).await;
+    let t0 = Instant::now();
+    let clients = vec![c.client().await, c.client().await];
+    let history = workload(clients, 200, t0).await.expect("workload");
+    assert_all_completed_and_linearizable(&history);
+    assert_correct_replicas_agree(&c, &[0, 1, 3]).await;
+}
+
+/// Opens a TLS client connection to replica 0's client port with `key`.
+async fn tls_to_client_port(
+    c: &TestCluster,
+    key: &KeyPair,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let member = &c.view.members[0];
+    let cfg = TlsIdentity::new(key)
+        .expect("identity")
+        .client_config(member.key, LinkKind::Client)
+        .expect("tls config");
+    let tcp = tokio::net::TcpStream::connect(client_address(&member.address).expect("addr"))
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(kmmr::net::server_name(), tcp)
+        .await
+        .expect("handshake")
+}
+
+fn counter(metrics: &str, reason: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.contains(&format!("reason=\"{reason}\"")) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_survived() {
+    let c = TestCluster::start("garbage", 4, 21400, &[]).await;
+    let m0 = &c.view.members[0];
+    // Garbage instead of a TLS handshake, on the replica port and on the client port.
+    for addr in [
+        m0.address.clone(),
+        client_address(&m0.address).expect("addr"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let _ = s
+            .write_all(b"\x16\x03\x01 this is not TLS at all \xff\xfe")
+            .await;
+        let _ = s.shutdown().await;
+    }
+    // Garbage to the HTTP port.
+    {
+        let mut s = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", http_port(c.base, 0)))
+            .await
+            .expect("connect");
+        let _ = s.write_all(b"\x00\x01\x02 GARBAGE\r\n\r\n").await;
+    }
+    let key = KeyPair::generate(&mut rand::rngs::OsRng);
+    // An authenticated client sends an undecodable frame, then an oversized one.
+    {
+        let mut tls = tls_to_client_port(&c, &key).await;
+        let junk = b"\x07\x00\x00\x00garbage";
+        let mut f = (junk.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(junk);
+        tls.write_all(&f).await.expect("write");
+        tls.write_all(&((kmmr::wire::limits::MAX_FRAME as u32) + 1).to_le_bytes())
+            .await
+            .expect("write");
+        let _ = tls.flush().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A request whose signature is forged, on the client's own channel: replicas hold it as
+    // authentic (the channel proves the sender) but the leader checks signatures before
+    // proposing, so it is never ordered.
+    {
+        let mut tls = tls_to_client_port(&c, &key).await;
+        let forged = SignedRequest {
+            request: Request {
+                client: key.public(),
+                session: 1,
+                sequence: 1,
+                kind: RequestKind::Ordered,
+                view: c.view.id,
+                payload: KvRequest::put("forged", "x").to_bytes(),
+            },
+            signature: Signature([7; 64]),
+        };
+        let body = forged.to_bytes();
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&body);
+        tls.write_all(&f).await.expect("write");
+        let _ = tls.flush().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A replay: a signed request resent after a newer one of its session executed.
+    {
+        let replayer = KeyPair::generate(&mut rand::rngs::OsRng);
+        let mut tls = tls_to_client_port(&c, &replayer).await;
+        let signed = |seq: u64| {
+            let r = SignedRequest::sign(
+                Request {
+                    client: replayer.public(),
+                    session: 1,
+                    sequence: seq,
+                    kind: RequestKind::Ordered,
+                    view: c.view.id,
+                    payload: KvRequest::put("replayed", format!("{seq}")).to_bytes(),
+                },
+                &replayer,
+            );
+            let body = r.to_bytes();
+            let mut f = (body.len() as u32).to_le_bytes().to_vec();
+            f.extend_from_slice(&body);
+            f
+        };
+        let first = signed(1);
+        for frame in [first.clone(), signed(2), first] {
+            tls.write_all(&frame).await.expect("write");
+            let _ = tls.flush().await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+    let client = c.client().await;
+    // The replica keeps serving, and nothing forged was executed.
+    let r = client.kv(&KvRequest::get("forged")).await.expect("get");
+    match r {
+        KvResponse::Range(r) => assert!(r.kvs.is_empty(), "the forged request was not executed"),
+        other => panic!("unexpected {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = c.metrics(0).await;
+    for reason in [
+        "net_handshake",
+        "net_oversized",
+        "truncated",
+        "bad_request_signature",
+        "stale_request",
+    ] {
+        assert!(
+            counter(&m, reason) >= 1,
+            "replica 0 counts {reason}; metrics:\n{}",
+            m.lines()
+                .filter(|l| l.contains("rejected"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert!(!c.log(0).contains("panicked"), "no panic in replica 0");
+    assert_correct_replicas_agree(&c, &[0, 1, 2, 3]).await;
+}
