@@ -10,7 +10,7 @@
 #
 # Usage: build.sh [all|control-plane|node|tools|pause]...   (default: all)
 #   control-plane: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
-#   node:          kubelet kube-proxy, the pause image
+#   node:          kubelet kube-proxy coredns, the pause image
 #   tools:         helm kubectl
 # Flags mirror upstream's hack/lib/golang.sh: -trimpath, -tags selinux,notest,grpcnotrace,
 # -ldflags "-s -w -X <version vars>", CGO_ENABLED=0 except for kubelet.
@@ -24,6 +24,7 @@ log() { printf '[testbed-build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 grep -q "k8s.io/kubernetes $K8S_VERSION" "$here/k8s/go.mod" \
   && grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION" "$here/etcd/go.mod" \
   && grep -q "helm.sh/helm/v3 $HELM_VERSION" "$here/helm/go.mod" \
+  && grep -q "github.com/coredns/coredns $COREDNS_VERSION" "$here/coredns/go.mod" \
   || { log "wrapper go.mod files do not match versions.sh: run e2e/testbed/gen-mod.sh"; exit 1; }
 
 # Go builds share two cores with other work: keep them polite unless told otherwise.
@@ -90,6 +91,11 @@ build_helm() {
   build_one helm "$HELM_BIN" helm helm.sh/helm/v3/cmd/helm 0 "$ld" ""
 }
 
+build_coredns() {
+  build_one coredns "$COREDNS_BIN" coredns github.com/coredns/coredns 0 \
+    "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" ""
+}
+
 # The pause image: upstream's build/pause/linux/pause.c from the pinned kubernetes module,
 # compiled statically as upstream does, packed by mkimage.sh under the name containerd's
 # sandbox_image uses.
@@ -111,10 +117,10 @@ total=$SECONDS
 for t in "${targets[@]}"; do
   case "$t" in
     control-plane) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl;;
-    node) build_k8s kubelet kube-proxy; build_pause;;
+    node) build_k8s kubelet kube-proxy; build_coredns; build_pause;;
     pause) build_pause;;
     tools) build_k8s kubectl; build_helm;;
-    all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm; build_pause;;
+    all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm; build_coredns; build_pause;;
     *) log "unknown target $t"; exit 2;;
   esac
 done

@@ -53,6 +53,7 @@ sign scheduler "/CN=system:kube-scheduler" clientAuth
 sign kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
 sign kubelet-serving "/CN=$NODE_NAME" serverAuth "DNS:$NODE_NAME,IP:$NODE_IP,IP:127.0.0.1"
 sign kube-proxy "/CN=system:kube-proxy" clientAuth
+sign coredns "/CN=system:coredns" clientAuth
 sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
 sign front-proxy-client "/CN=front-proxy-client" clientAuth "" front-proxy-ca
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the wrapper Go modules (k8s/, etcd/, helm/) from versions.sh.
+# Regenerates the wrapper Go modules (k8s/, etcd/, helm/, coredns/) from versions.sh.
 #
 # k8s.io/kubernetes requires its ~30 staging modules (k8s.io/api, client-go, ...) at v0.0.0 and
 # replaces them with ./staging/... paths, which do not apply to a dependent module. The k8s
@@ -42,4 +42,5 @@ echo "gen-mod: k8s wrapper replaces ${#staging[@]} staging modules with $staging
 
 write_mod etcd kmmr.invalid/testbed/etcd $'\nrequire go.etcd.io/etcd/server/v3 '"$ETCD_VERSION"$'\n\ntool go.etcd.io/etcd/server/v3\n'
 write_mod helm kmmr.invalid/testbed/helm $'\nrequire helm.sh/helm/v3 '"$HELM_VERSION"$'\n\ntool helm.sh/helm/v3/cmd/helm\n'
+write_mod coredns kmmr.invalid/testbed/coredns $'\nrequire github.com/coredns/coredns '"$COREDNS_VERSION"$'\n\ntool github.com/coredns/coredns\n'
 echo "gen-mod: done"

@@ -4,7 +4,7 @@
 # conntrack. Debian's containerd (1.6.20) is started only by node.sh, with its own config; the
 # package installs no running service on a machine whose PID 1 is not systemd.
 set -euo pipefail
-pkgs=(socat openssl ca-certificates gcc libc6-dev iproute2 util-linux procps
+pkgs=(socat curl openssl ca-certificates gcc libc6-dev iproute2 util-linux procps
   containerd runc containernetworking-plugins iptables conntrack)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -14,6 +14,7 @@ POD_CIDR=10.244.0.0/16
 NODE_POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1                      # the `kubernetes` service
+DNS_IP=10.96.0.10                         # the `kube-dns` service (CoreDNS on the node address)
 CLUSTER_DOMAIN=cluster.local
 CGROUP_NAME=kmmr-testbed                  # every process of the test bed lives below this cgroup
 ETCD_DATA="${KMMR_TESTBED_ETCD_DATA:-/dev/shm/kmmr-testbed-etcd}"  # tmpfs

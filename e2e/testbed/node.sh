@@ -128,7 +128,7 @@ EOF
 
   # kubeconfigs for kubelet and kube-proxy, pointing at the apiserver on the namespace's loopback.
   local u
-  for u in kubelet kube-proxy; do
+  for u in kubelet kube-proxy coredns; do
     cat >"$RUN_DIR/$u.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -167,6 +167,7 @@ authentication:
 authorization:
   mode: Webhook
 clusterDomain: $CLUSTER_DOMAIN
+clusterDNS: [$DNS_IP]
 resolvConf: ""
 podCIDR: $NODE_POD_CIDR
 podLogsDir: $POD_LOGS
@@ -203,6 +204,8 @@ EOF
     mv "$SYSCTL_SAVED.tmp" "$SYSCTL_SAVED"
   fi
 
+  start_dns
+
   start kubelet ns kubelet --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$RUN_DIR/kubelet.kubeconfig" \
     --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --root-dir "$KUBELET_DIR" --v=1
 
@@ -232,6 +235,78 @@ EOF
     || { grep -E '^[EF][0-9]{4}' "$LOGS/kubelet.log" | tail -n 15 >&2; die "node not Ready"; }
   touch "$RUN_DIR/node"
   log "node $NODE_NAME Ready"
+}
+
+# Cluster DNS: CoreDNS runs as a process in the namespace on the node address, answering only
+# for cluster.local and the reverse zones (no forward plugin: nothing is asked upstream). The
+# kube-dns service (10.96.0.10) points at it through a hand-made EndpointSlice.
+start_dns() {
+  [[ -x $COREDNS_BIN/coredns ]] || "$here/build.sh" node
+  cat >"$NODE_DIR/Corefile" <<EOF
+.:53 {
+    bind $NODE_IP
+    errors
+    ready 127.0.0.1:8181
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $RUN_DIR/coredns.kubeconfig kmmr-testbed
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }
+    cache 5
+}
+EOF
+  kubectl_ apply --server-side --field-manager kmmr-testbed -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: "system:coredns" }
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: "system:coredns" }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns" }
+subjects:
+- { apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns" }
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: { k8s-app: kube-dns, kubernetes.io/name: CoreDNS }
+spec:
+  clusterIP: $DNS_IP
+  ports:
+  - { name: dns, port: 53, protocol: UDP, targetPort: 53 }
+  - { name: dns-tcp, port: 53, protocol: TCP, targetPort: 53 }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-kmmr-node
+  namespace: kube-system
+  labels:
+    kubernetes.io/service-name: kube-dns
+    endpointslice.kubernetes.io/managed-by: kmmr-testbed
+addressType: IPv4
+endpoints:
+- addresses: ["$NODE_IP"]
+  conditions: { ready: true }
+ports:
+- { name: dns, port: 53, protocol: UDP }
+- { name: dns-tcp, port: 53, protocol: TCP }
+EOF
+  start coredns ns "$COREDNS_BIN/coredns" -conf "$NODE_DIR/Corefile"
+  dns_ready() { nsenter --net="/run/netns/$NETNS" curl -sf -m 2 http://127.0.0.1:8181/ready; }
+  WATCH=coredns wait_for "CoreDNS" 60 dns_ready || { tail -n 20 "$LOGS/coredns.log" >&2; die "CoreDNS not ready"; }
+  log "CoreDNS ready on $NODE_IP:53, service kube-dns $DNS_IP"
 }
 
 # --- down --------------------------------------------------------------------------------------
@@ -264,6 +339,7 @@ kill_cgroup() { # SUBPATH: KILL every process below the test bed's cgroup SUBPAT
 node_down() {
   stop_pid kubelet
   stop_pid kube-proxy
+  stop_pid coredns
   # The pods' processes (kubelet put them below /kmmr-testbed/kubepods).
   kill_cgroup kubepods
   stop_pid containerd
@@ -308,7 +384,7 @@ node_down() {
   else
     rm -rf "$NODE_DIR"
   fi
-  rm -f "$RUN_DIR/node" "$RUN_DIR/kubelet.kubeconfig" "$RUN_DIR/kube-proxy.kubeconfig"
+  rm -f "$RUN_DIR/node" "$RUN_DIR"/{kubelet,kube-proxy,coredns}.kubeconfig
 }
 
 case "${1:-}" in

@@ -36,7 +36,7 @@ ready() { kubectl_ get --raw /readyz; }
 # --- already up? -------------------------------------------------------------------------------
 if [[ -f "$RUN_DIR/mode" ]] && all_alive "${control_plane[@]}" && ready >/dev/null 2>&1; then
   mode="$(cat "$RUN_DIR/mode")"
-  if [[ $want_node == 0 ]] || { [[ -f "$RUN_DIR/node" ]] && all_alive containerd kubelet kube-proxy; }; then
+  if [[ $want_node == 0 ]] || { [[ -f "$RUN_DIR/node" ]] && all_alive containerd kubelet kube-proxy coredns; }; then
     log "test bed already up ($mode)"
     echo "export KUBECONFIG=$KUBECONFIG_PATH"
     exit 0

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, DeleteParams, DynamicObject, GroupVersionKind, LogParams, Patch, PatchParams, PostParams,
@@ -209,22 +209,29 @@ async fn crd_install_create_and_read_back() -> Result {
     Ok(())
 }
 
-/// Tier B: a pod from a locally built image (imported into the node's containerd, no registry)
-/// runs to completion and its output is readable through the apiserver, like `kubectl logs`.
-/// Runs when `KMMR_E2E_IMAGE` names such an image; the test bed's node sets it.
-#[tokio::test]
-async fn pod_from_local_image_runs_to_completion() -> Result {
-    let Some(client) = client_or_skip("pod_from_local_image_runs_to_completion").await else {
-        return Ok(());
-    };
-    let Ok(image) = std::env::var("KMMR_E2E_IMAGE") else {
-        loud(
-            "SKIPPED pod_from_local_image_runs_to_completion: KMMR_E2E_IMAGE is unset \
-             (no node with locally built images; start the test bed with --node).",
-        );
-        return Ok(());
-    };
+/// The image of the project's own that the test bed's node holds (`KMMR_E2E_IMAGE`), or `None`
+/// (after saying so loudly) when there is no node with locally built images.
+fn image_or_skip(test: &str) -> Option<String> {
+    let image = std::env::var("KMMR_E2E_IMAGE")
+        .ok()
+        .filter(|v| !v.is_empty());
+    if image.is_none() {
+        loud(&format!(
+            "SKIPPED {test}: KMMR_E2E_IMAGE is unset \
+             (no node with locally built images; start the test bed with --node)."
+        ));
+    }
+    image
+}
 
+/// Runs one pod with `image` and `args` to completion in a fresh namespace, and returns its
+/// final phase and its logs (read through the apiserver and kubelet, as `kubectl logs` does).
+async fn run_pod(
+    client: &Client,
+    prefix: &str,
+    image: &str,
+    args: &[&str],
+) -> Result<(String, String)> {
     let nodes: Api<Node> = Api::all(client.clone());
     poll("a Ready node", Duration::from_secs(120), || {
         let nodes = nodes.clone();
@@ -241,13 +248,12 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     })
     .await?;
 
-    let ns_name = unique("e2e-pod");
+    let ns_name = unique(prefix);
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns_name } }))?;
     namespaces.create(&PostParams::default(), &ns).await?;
     // Pods need the namespace's default service account, which the controller manager creates.
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), &ns_name);
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
     poll(
         "the default service account",
         Duration::from_secs(60),
@@ -259,16 +265,15 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     .await?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
-    let token = unique("token");
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "hello" },
+        "metadata": { "name": "run" },
         "spec": {
             "restartPolicy": "Never",
             "containers": [{
-                "name": "hello",
+                "name": "run",
                 "image": image,
                 "imagePullPolicy": "Never",
-                "args": ["kmmr-e2e says", &token]
+                "args": args
             }]
         }
     }))?;
@@ -276,19 +281,55 @@ async fn pod_from_local_image_runs_to_completion() -> Result {
     let phase = poll("the pod to finish", Duration::from_secs(180), || {
         let pods = pods.clone();
         async move {
-            let p = pods.get("hello").await?;
+            let p = pods.get("run").await?;
             let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
             Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
         }
     })
     .await?;
-    let logs = pods.logs("hello", &LogParams::default()).await?;
-    loud(&format!("pod phase {phase}, logs: {logs:?}"));
-    assert_eq!(phase, "Succeeded");
-    assert!(logs.contains(&token), "logs {logs:?} must contain {token}");
-
+    let logs = pods.logs("run", &LogParams::default()).await?;
+    loud(&format!("pod {ns_name}/run: phase {phase}, logs: {logs:?}"));
     namespaces
         .delete(&ns_name, &DeleteParams::default())
         .await?;
+    Ok((phase, logs))
+}
+
+/// Tier B: a pod from a locally built image (imported into the node's containerd, no registry)
+/// runs to completion and its output is readable through the apiserver, like `kubectl logs`.
+#[tokio::test]
+async fn pod_from_local_image_runs_to_completion() -> Result {
+    let test = "pod_from_local_image_runs_to_completion";
+    let Some(client) = client_or_skip(test).await else {
+        return Ok(());
+    };
+    let Some(image) = image_or_skip(test) else {
+        return Ok(());
+    };
+    let token = unique("token");
+    let (phase, logs) = run_pod(&client, "e2e-echo", &image, &["kmmr-e2e says", &token]).await?;
+    assert_eq!(phase, "Succeeded");
+    assert!(logs.contains(&token), "logs {logs:?} must contain {token}");
+    Ok(())
+}
+
+/// Tier B: inside a pod, cluster DNS resolves the `kubernetes` service and kube-proxy carries a
+/// connection to its ClusterIP through to the apiserver, as an operator's client would.
+#[tokio::test]
+async fn pod_reaches_apiserver_by_service_dns() -> Result {
+    let test = "pod_reaches_apiserver_by_service_dns";
+    let Some(client) = client_or_skip(test).await else {
+        return Ok(());
+    };
+    let Some(image) = image_or_skip(test) else {
+        return Ok(());
+    };
+    let target = "kubernetes.default.svc.cluster.local:443";
+    let (phase, logs) = run_pod(&client, "e2e-dns", &image, &["--connect", target]).await?;
+    assert_eq!(phase, "Succeeded", "logs: {logs:?}");
+    assert!(
+        logs.contains(&format!("connected {target}")),
+        "logs {logs:?}"
+    );
     Ok(())
 }
