@@ -16,11 +16,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.unwrap_or(2))
-        .enable_all()
-        .build()
-    {
+    // One thread means everything (network tasks and the replica loop) on the same thread:
+    // no cross-thread wake-ups on the message path, which is what a replica's latency is made of.
+    let threads = args.threads.unwrap_or(2);
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -44,7 +44,7 @@
 //!
 //! # How the node uses it
 //!
-//! ```ignore
+//! ```text
 //! let stats = Arc::new(NetStats::default());
 //! let (tx, mut rx) = tokio::sync::mpsc::channel::<Inbound>(10_000);
 //! let cfg = NetConfig::default();
@@ -66,7 +66,7 @@
 //!
 //! # How a client dials
 //!
-//! ```ignore
+//! ```text
 //! let connector = ClientConnector::new(&client_key, NetConfig::default(), stats)?;
 //! let (tx, mut rx) = tokio::sync::mpsc::channel::<FromReplica>(1024);
 //! let link = connector.dial(&member, tx.clone()).await?; // to client_address(member.address)
