@@ -9,4 +9,5 @@ pub mod net;
 pub mod node;
 pub mod service;
 pub mod sim;
+pub mod storage;
 pub mod wire;

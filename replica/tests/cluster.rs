@@ -65,6 +65,7 @@ impl TestCluster {
             retransmit: Duration::from_millis(300),
             timeout: Duration::from_secs(20),
             redial: Duration::from_millis(200),
+            linearizable_unordered_reads: false,
         };
         Client::connect(
             KeyPair::generate(&mut rand::rngs::OsRng),

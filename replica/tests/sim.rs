@@ -140,5 +140,20 @@ fn replay() {
     let r = run(&cfg);
     eprintln!("{}", show(&r));
     eprintln!("rejected: {:?}", r.rejected);
+    for s in &r.suspicions {
+        eprintln!("suspicion: {s:?}");
+    }
+    for s in &r.node_summaries {
+        eprintln!("node: {s}");
+    }
     assert!(r.ok());
+}
+
+/// Regression: two correct replicas missed the first decision, the others went quiet with empty
+/// pools, and clients waiting for a quorum of replies could not finish: the lagging replicas now
+/// ask for decisions when a request waits a full timeout.
+#[test]
+fn regression_seed_418_n7_lagging_replicas_catch_up_when_the_others_go_quiet() {
+    let r = run(&SimConfig::random(418, 7));
+    assert!(r.ok(), "{}", show(&r));
 }

@@ -151,7 +151,12 @@ impl ClusterArgs {
             .clone()
             .unwrap_or_else(|| self.cluster.join("client.key"));
         let key = load_or_create_key(&key_path)?;
-        Client::connect(key, view, ClientOptions::default()).await
+        // The CLI's writes wait for a quorum so that `get --unordered` stays linearizable.
+        let opts = ClientOptions {
+            linearizable_unordered_reads: true,
+            ..ClientOptions::default()
+        };
+        Client::connect(key, view, opts).await
     }
 }
 

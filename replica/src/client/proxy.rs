@@ -27,6 +27,9 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Pause between attempts to re-dial a replica that is down.
     pub redial: Duration,
+    /// Wait for a quorum of replies to ordered requests (instead of f+1), which lets reads skip
+    /// the total order and stay linearizable. Without it `kv_read` orders its reads.
+    pub linearizable_unordered_reads: bool,
 }
 
 impl Default for ClientOptions {
@@ -35,6 +38,7 @@ impl Default for ClientOptions {
             retransmit: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
             redial: Duration::from_millis(500),
+            linearizable_unordered_reads: false,
         }
     }
 }
@@ -53,6 +57,7 @@ pub struct Client {
     tx: mpsc::Sender<Cmd>,
     id: ClientId,
     timeout: Duration,
+    unordered_reads: bool,
 }
 
 impl Client {
@@ -88,6 +93,7 @@ impl Client {
             tx,
             id,
             timeout: opts.timeout,
+            unordered_reads: opts.linearizable_unordered_reads,
         })
     }
 
@@ -123,10 +129,16 @@ impl Client {
         KvResponse::from_bytes(&bytes).map_err(|e| anyhow!("undecodable reply: {e}"))
     }
 
-    /// A read answered outside the total order by a quorum of matching replicas (falls back to
-    /// ordering when replicas disagree or are slow).
+    /// A linearizable read: outside the total order from a quorum of matching replicas when the
+    /// client runs with `linearizable_unordered_reads` (falling back to ordering when replicas
+    /// disagree or are slow), ordered otherwise.
     pub async fn kv_read(&self, req: &KvRequest) -> Result<KvResponse> {
-        let bytes = self.invoke(RequestKind::Unordered, req.to_bytes()).await?;
+        let kind = if self.unordered_reads {
+            RequestKind::Unordered
+        } else {
+            RequestKind::Ordered
+        };
+        let bytes = self.invoke(kind, req.to_bytes()).await?;
         KvResponse::from_bytes(&bytes).map_err(|e| anyhow!("undecodable reply: {e}"))
     }
 }

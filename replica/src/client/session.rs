@@ -46,6 +46,11 @@ pub struct ClientSession {
     outstanding: BTreeMap<u64, Outstanding>,
     /// Requests to (re)send to every replica of the current view.
     to_send: Vec<SignedRequest>,
+    /// Ordered requests wait for a quorum of matching replies instead of f+1. This is what
+    /// makes unordered reads linearizable: a completed write is then executed by a quorum, and
+    /// any two quorums share a correct replica, so a read's quorum of matching replies cannot
+    /// all predate it (with f+1, a lagging quorum plus a lying replica could serve a stale value).
+    quorum_writes: bool,
 }
 
 impl ClientSession {
@@ -60,7 +65,17 @@ impl ClientSession {
             retransmit_us,
             outstanding: BTreeMap::new(),
             to_send: Vec::new(),
+            quorum_writes: false,
         }
+    }
+
+    /// See `quorum_writes`: required for linearizable unordered reads.
+    pub fn set_quorum_writes(&mut self, on: bool) {
+        self.quorum_writes = on;
+    }
+
+    pub fn quorum_writes(&self) -> bool {
+        self.quorum_writes
     }
 
     pub fn view(&self) -> &View {
@@ -171,6 +186,7 @@ impl ClientSession {
         o.bodies.entry(digest).or_insert(reply.body);
         let matching = o.votes.values().filter(|d| **d == digest).count();
         let needed = match o.request.request.kind {
+            RequestKind::Ordered if self.quorum_writes => self.view.quorum(),
             RequestKind::Ordered => self.view.weak(),
             RequestKind::Unordered => self.view.quorum(),
         };

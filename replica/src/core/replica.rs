@@ -306,6 +306,9 @@ impl Replica {
                 self.send(leader, ReplicaMessage::Forward { requests: fwd });
             }
             self.repeat_votes();
+            // A request this old may mean this replica missed decisions while the others went
+            // quiet: nothing else would tell it (seed 418, n=7, found this).
+            self.request_decisions(now, None);
         }
         // Stage two: the leader is faulty, or merely slow compared with recent leaders.
         if let Some(oldest) = self.pool.oldest_arrival() {
@@ -1425,13 +1428,12 @@ impl Replica {
             self.stop_sent = regency;
         }
         let batch = batch.clone();
-        let fresh_ok = self.current_cid() != target
-            || matches!(choice, Choice::Bound(..))
-            || self.validate_batch(now, &batch).is_ok();
-        if !fresh_ok {
-            self.reject(Some(from), "invalid_sync_batch");
-            self.suspect(now, regency.next(), "invalid_sync_batch");
-            return;
+        if self.current_cid() == target && matches!(choice, Choice::Free) {
+            if let Err(reason) = self.validate_batch(now, &batch) {
+                self.reject(Some(from), reason);
+                self.suspect(now, regency.next(), "invalid_sync_batch");
+                return;
+            }
         }
         self.synchronizing = false;
         self.stop_active = self.stop_sent > regency;

@@ -81,6 +81,8 @@ pub struct SimConfig {
     pub client_retransmit_us: u64,
     /// Clients wait up to this long between operations, and start within this window.
     pub think_us: u64,
+    /// Clients wait for a quorum of replies to writes and send some reads unordered.
+    pub unordered_reads: bool,
     pub core: Config,
 }
 
@@ -113,6 +115,7 @@ impl SimConfig {
             max_time_us: 120_000_000,
             client_retransmit_us: 400_000,
             think_us: 2_000,
+            unordered_reads: false,
             core: sim_core_config(2_000),
         }
     }
@@ -141,6 +144,7 @@ impl SimConfig {
         c.clients = rng.gen_range(2..=5);
         c.ops_per_client = rng.gen_range(4..=12);
         c.keys = rng.gen_range(1..=4);
+        c.unordered_reads = rng.gen_bool(0.5);
         c.clock_offsets_us = (0..n).map(|_| rng.gen_range(0..=5_000)).collect();
         c.gst_us = rng.gen_range(0..=2_000_000);
 

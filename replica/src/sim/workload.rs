@@ -34,6 +34,7 @@ pub struct SimClient {
     counter: u64,
     pub history: Vec<Operation>,
     pub completed: usize,
+    unordered_reads: bool,
 }
 
 impl SimClient {
@@ -47,12 +48,16 @@ impl SimClient {
         payload_bytes: usize,
         service: ServiceKind,
         retransmit_us: u64,
+        unordered_reads: bool,
     ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0xC11E_u64 << 32) ^ index as u64);
         let key = KeyPair::from_seed(rng.gen());
+        let mut session = ClientSession::new(key, 1, view, retransmit_us);
+        session.set_quorum_writes(unordered_reads);
         SimClient {
             index,
-            session: ClientSession::new(key, 1, view, retransmit_us),
+            unordered_reads,
+            session,
             issued: 0,
             min_ops: ops,
             max_ops: ops * 6,
@@ -94,7 +99,13 @@ impl SimClient {
                 (req.to_bytes(), Some(req))
             }
         };
-        let seq = self.session.invoke(now, RequestKind::Ordered, payload);
+        let read = matches!(request, Some(KvRequest::Range(_)));
+        let kind = if read && self.unordered_reads {
+            RequestKind::Unordered
+        } else {
+            RequestKind::Ordered
+        };
+        let seq = self.session.invoke(now, kind, payload);
         let idx = self.history.len();
         if let Some(request) = request {
             self.history.push(Operation {

@@ -48,6 +48,8 @@ pub struct SimReport {
     pub faults: String,
     /// Each replica node's last decided CID at the end (twin copies after the replicas).
     pub node_last_decided: Vec<Option<u64>>,
+    /// One line per replica node at the end: regency, synchronizing, pending requests.
+    pub node_summaries: Vec<String>,
     /// Leader-change requests: (time in us, node, regency asked for, why).
     pub suspicions: Vec<(u64, usize, u32, &'static str)>,
 }
@@ -203,6 +205,7 @@ impl<'a> World<'a> {
                     cfg.payload_bytes,
                     cfg.service,
                     cfg.client_retransmit_us,
+                    cfg.unordered_reads,
                 )
             })
             .collect();
@@ -603,6 +606,23 @@ impl<'a> World<'a> {
             .map(|c| c.issued().max(self.cfg.ops_per_client))
             .sum();
         self.report.end_time_us = self.now;
+        self.report.node_summaries = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{:?}{}: regency {} synchronizing {} pending {} last {:?} next deadline {:?} down {}",
+                    n.id,
+                    if n.faulty { " (faulty)" } else { "" },
+                    n.replica.regency().0,
+                    n.replica.is_synchronizing(),
+                    n.replica.pending_requests(),
+                    n.replica.last_decided(),
+                    n.replica.next_deadline(),
+                    n.down
+                )
+            })
+            .collect();
         self.report.node_last_decided = self
             .nodes
             .iter()
