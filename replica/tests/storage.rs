@@ -16,6 +16,9 @@
 //!
 //! Every test works in its own directory under `std::env::temp_dir()`, removed at the end.
 
+// The helpers below are test code too; clippy.toml's test allowance covers only #[test] fns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
