@@ -136,7 +136,7 @@ pub struct ClusterArgs {
     pub view: Option<PathBuf>,
     /// The client's private key (default: <cluster>/client.key, created if missing).
     #[arg(long)]
-    pub key: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -147,7 +147,7 @@ impl ClusterArgs {
             .unwrap_or_else(|| self.cluster.join("view.toml"));
         let view = ViewFile::load(&view_path)?;
         let key_path = self
-            .key
+            .client_key
             .clone()
             .unwrap_or_else(|| self.cluster.join("client.key"));
         let key = load_or_create_key(&key_path)?;
