@@ -1,0 +1,148 @@
+//! What the operator reports: `BftCluster.status`, computed from what the replicas themselves
+//! say (their signed `/status`), cross-checked. The status carries no timestamp that changes on
+//! every pass (only conditions' lastTransitionTime, which changes on transitions), so it never
+//! flaps and writing it does not re-trigger reconciles.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Observed state of a BftCluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BftClusterStatus {
+    /// The metadata.generation this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Number of replicas in the current view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i32>,
+
+    /// Faulty replicas the current view tolerates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f: Option<i32>,
+
+    /// Replicas that report healthy and agree on the current view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<i32>,
+
+    /// Replicas needed to decide: ceil((n+f+1)/2), 2f+1 when n = 3f+1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<i32>,
+
+    /// Id of the replica that f+1 replicas name as leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<i32>,
+
+    /// Id of the view that f+1 replicas report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_id: Option<i64>,
+
+    /// State digest that at least f+1 replicas report for the latest common checkpoint (at least
+    /// one of them is correct, so this is the correct state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreed_state_digest: Option<String>,
+
+    /// Ids of replicas whose state digest differs from agreedStateDigest: candidates for
+    /// replacement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub diverged_replicas: Vec<i32>,
+
+    /// Each member of the current view as it reports itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub members: Vec<MemberStatus>,
+
+    /// Available, Degraded, Reconfiguring and FaultToleranceExceeded, each with a reason and a
+    /// message saying what to do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One member of the view.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Replica id in the view.
+    pub id: i32,
+    /// Healthy (answers /healthz and signs a /status that matches the view), Unhealthy (answers
+    /// but reports a problem, or its status is not signed by its key in the view) or Unreachable.
+    pub health: MemberHealth,
+    /// Leader or Follower by the replica's own regency, Unknown if it did not report.
+    pub role: MemberRole,
+    /// View id the replica reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_id: Option<i64>,
+    /// Last consensus instance (CID) the replica decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decided_cid: Option<i64>,
+    /// Digest of the replica's state at its latest checkpoint, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
+}
+
+/// Health of one member.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberHealth {
+    // Answers /healthz and signs a /status that matches the view.
+    Healthy,
+    // Answers but reports a problem, or its status is not signed by its key in the view.
+    Unhealthy,
+    // Did not answer.
+    Unreachable,
+}
+
+/// Role of one member.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    // The leader of the current regency.
+    Leader,
+    // Any other member.
+    Follower,
+    // Not known (the replica did not report).
+    Unknown,
+}
+
+/// The condition types the operator sets.
+pub mod condition_types {
+    /// A quorum of healthy replicas agrees on the view and the state.
+    pub const AVAILABLE: &str = "Available";
+    /// At least one replica is unhealthy, unreachable or diverged, but no more than f.
+    pub const DEGRADED: &str = "Degraded";
+    /// The view is being moved toward spec.replicas (a member joining or leaving).
+    pub const RECONFIGURING: &str = "Reconfiguring";
+    /// More than f replicas are faulty: safety is no longer guaranteed. Sticky until a human acts.
+    pub const FAULT_TOLERANCE_EXCEEDED: &str = "FaultToleranceExceeded";
+}
+
+/// Reasons for the conditions (CamelCase, as the Condition schema requires); each is also an
+/// Event reason.
+pub mod condition_reasons {
+    /// Available=True.
+    pub const QUORUM_HEALTHY: &str = "QuorumHealthy";
+    /// Available=False: fewer than a quorum of replicas are healthy.
+    pub const QUORUM_LOST: &str = "QuorumLost";
+    /// Degraded=True: some replicas are unhealthy or unreachable.
+    pub const REPLICAS_UNHEALTHY: &str = "ReplicasUnhealthy";
+    /// Degraded=True: some replicas' state digest differs from the f+1-agreed one.
+    pub const STATE_DIVERGED: &str = "StateDiverged";
+    /// Degraded=False.
+    pub const ALL_REPLICAS_HEALTHY: &str = "AllReplicasHealthy";
+    /// Reconfiguring=True: a replica is joining the view.
+    pub const SCALING_OUT: &str = "ScalingOut";
+    /// Reconfiguring=True: a replica is leaving the view.
+    pub const SCALING_IN: &str = "ScalingIn";
+    /// Reconfiguring=False.
+    pub const VIEW_MATCHES_SPEC: &str = "ViewMatchesSpec";
+    /// FaultToleranceExceeded=True.
+    pub const TOO_MANY_FAULTS: &str = "TooManyFaults";
+    /// FaultToleranceExceeded=False.
+    pub const WITHIN_FAULT_TOLERANCE: &str = "WithinFaultTolerance";
+    /// Any condition: the spec is invalid (stored before a validation rule existed).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Any condition: reconciliation is paused by spec.paused.
+    pub const PAUSED: &str = "Paused";
+}

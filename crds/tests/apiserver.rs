@@ -1,0 +1,194 @@
+//! Admission against a real kube-apiserver: applies the CRD with server-side apply and checks
+//! that invalid BftClusters are rejected with the messages the CEL rules promise. Skipped unless
+//! KUBECONFIG is set (the test bed, or kind in users' CI). Uses the namespace in
+//! KMMR_TEST_NAMESPACE, or `default`.
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kmmr_crds::BftCluster;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::Client;
+use serde_json::{json, Value};
+
+const MANAGER: &str = "kmmr-crds-test";
+
+async fn client_or_skip() -> Option<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("skipped: KUBECONFIG is not set");
+        return None;
+    }
+    Some(
+        Client::try_default()
+            .await
+            .expect("a client from KUBECONFIG"),
+    )
+}
+
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = kmmr_crds::crd();
+    let name = crd.metadata.name.clone().expect("the CRD has a name");
+    crds.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("server-side apply of the CRD");
+    for _ in 0..60 {
+        let crd = crds.get(&name).await.expect("read back the CRD");
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            // The apiserver serves a new CRD a moment after Established.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the CRD {name} did not become Established within 30 s");
+}
+
+fn api(client: &Client) -> Api<BftCluster> {
+    let ns = std::env::var("KMMR_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
+    Api::namespaced(client.clone(), &ns)
+}
+
+fn cluster(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "kmmr.io/v1alpha1",
+        "kind": "BftCluster",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// Applies `obj` (dry run, strict field validation) and returns the apiserver's rejection message.
+async fn rejection(api: &Api<BftCluster>, name: &str, obj: Value) -> String {
+    let pp = PatchParams::apply(MANAGER).dry_run().validation_strict();
+    match api.patch(name, &pp, &Patch::Apply(&obj)).await {
+        Ok(_) => panic!("the apiserver accepted an invalid BftCluster: {obj}"),
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "expected 422 Invalid, got {status:?}");
+            status.message
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
+    let Some(client) = client_or_skip().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let api = api(&client);
+    let image = "kmmr/replica:0.1.0";
+
+    // A minimal valid manifest is accepted, and the apiserver fills in the schema defaults.
+    let ok = api
+        .patch(
+            "crd-test-valid",
+            &PatchParams::apply(MANAGER).dry_run().validation_strict(),
+            &Patch::Apply(cluster(
+                "crd-test-valid",
+                json!({ "replicas": 4, "image": image }),
+            )),
+        )
+        .await
+        .expect("a minimal BftCluster is valid");
+    assert_eq!(ok.spec.ports.replica, 7000);
+    assert_eq!(ok.spec.storage.size.0, "1Gi");
+
+    let msg = rejection(
+        &api,
+        "crd-test-three",
+        cluster("crd-test-three", json!({ "replicas": 3, "image": image })),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.replicas must be at least 4: BFT needs n >= 3f+1 with f >= 1"),
+        "{msg}"
+    );
+
+    let msg = rejection(
+        &api,
+        "crd-test-f",
+        cluster(
+            "crd-test-f",
+            json!({ "replicas": 6, "f": 2, "image": image }),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.f must be at least 1 and spec.replicas must be at least 3*spec.f+1"),
+        "{msg}"
+    );
+
+    let msg = rejection(
+        &api,
+        "crd-test-unknown",
+        cluster(
+            "crd-test-unknown",
+            json!({ "replicas": 4, "image": image, "replicaz": 7 }),
+        ),
+    )
+    .await;
+    assert!(msg.contains("replicaz"), "{msg}");
+
+    let msg = rejection(
+        &api,
+        "crd-test-ports",
+        cluster(
+            "crd-test-ports",
+            json!({ "replicas": 4, "image": image, "ports": { "replica": 7000, "client": 7001 } }),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.ports.client must equal spec.ports.replica + 1000"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn apiserver_refuses_to_change_storage_after_creation() {
+    let Some(client) = client_or_skip().await else {
+        return;
+    };
+    install_crd(&client).await;
+    let api = api(&client);
+    let name = "crd-test-immutable";
+    let pp = PatchParams::apply(MANAGER).force();
+    let spec =
+        json!({ "replicas": 4, "image": "kmmr/replica:0.1.0", "storage": { "size": "1Gi" } });
+    api.patch(name, &pp, &Patch::Apply(cluster(name, spec)))
+        .await
+        .expect("create a valid BftCluster");
+
+    let changed =
+        json!({ "replicas": 4, "image": "kmmr/replica:0.1.0", "storage": { "size": "2Gi" } });
+    let result = api
+        .patch(name, &pp, &Patch::Apply(cluster(name, changed)))
+        .await;
+    // Clean up before asserting so a failure leaves nothing behind.
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the test BftCluster");
+    match result {
+        Ok(_) => panic!("the apiserver let spec.storage change"),
+        Err(kube::Error::Api(status)) => {
+            assert!(
+                status.message.contains("spec.storage is immutable"),
+                "{}",
+                status.message
+            )
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}

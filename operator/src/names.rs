@@ -1,0 +1,147 @@
+//! Names and labels of a cluster's children. Every name is derived from the cluster's name, which
+//! the CRD limits to 40 characters so that these stay valid DNS labels.
+
+use std::collections::BTreeMap;
+
+/// The `app.kubernetes.io/name` of everything we create.
+pub const APP_NAME: &str = "kmmr";
+/// The `app.kubernetes.io/managed-by` of everything we create, and the field manager.
+pub const MANAGER: &str = "kmmr-operator";
+/// Label carrying a replica's id on its StatefulSet, pod and key Secret.
+pub const REPLICA_ID_LABEL: &str = "kmmr.io/replica-id";
+/// Pod annotation with the hash of the view and the replica's configuration.
+pub const CONFIG_HASH_ANNOTATION: &str = "kmmr.io/config-hash";
+
+/// Component of replica StatefulSets, their pods and Services.
+pub const COMPONENT_REPLICA: &str = "replica";
+
+/// StatefulSet of replica `id`: its only pod is `<cluster>-<id>-0`.
+pub fn stateful_set(cluster: &str, id: i32) -> String {
+    format!("{cluster}-{id}")
+}
+
+/// The pod of replica `id`.
+pub fn pod(cluster: &str, id: i32) -> String {
+    format!("{cluster}-{id}-0")
+}
+
+/// Headless Service giving each replica pod a stable DNS name.
+pub fn headless_service(cluster: &str) -> String {
+    format!("{cluster}-replicas")
+}
+
+/// ClusterIP Service on the client port of every replica.
+pub fn client_service(cluster: &str) -> String {
+    format!("{cluster}-client")
+}
+
+/// ConfigMap holding view.toml and one replica-<id>.toml per replica.
+pub fn config_map(cluster: &str) -> String {
+    format!("{cluster}-config")
+}
+
+/// PodDisruptionBudget of the replica pods.
+pub fn pod_disruption_budget(cluster: &str) -> String {
+    format!("{cluster}-pdb")
+}
+
+/// Secret holding replica `id`'s private key, mounted by that replica's pod only.
+pub fn key_secret(cluster: &str, id: i32) -> String {
+    format!("{cluster}-{id}-key")
+}
+
+/// Secret holding the admin key, which signs reconfiguration requests; mounted by no pod.
+pub fn admin_secret(cluster: &str) -> String {
+    format!("{cluster}-admin-key")
+}
+
+/// The entry of replica `id`'s configuration in the ConfigMap.
+pub fn replica_config_entry(id: i32) -> String {
+    format!("replica-{id}.toml")
+}
+
+/// Replica `id`'s address in the view: the stable DNS name of its pod and its replica port.
+pub fn member_address(cluster: &str, namespace: &str, id: i32, port: i32) -> String {
+    format!(
+        "{pod}.{svc}.{namespace}.svc:{port}",
+        pod = pod(cluster, id),
+        svc = headless_service(cluster)
+    )
+}
+
+/// Labels shared by every child of `cluster`.
+pub fn common_labels(cluster: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            cluster.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            APP_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+    ])
+}
+
+/// Selector of all replica pods of `cluster` (Services, PodDisruptionBudget).
+pub fn replica_selector(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            cluster.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            COMPONENT_REPLICA.to_string(),
+        ),
+    ])
+}
+
+/// Selector of replica `id`'s pod (its StatefulSet).
+pub fn replica_pod_selector(cluster: &str, id: i32) -> BTreeMap<String, String> {
+    let mut labels = replica_selector(cluster);
+    labels.insert(REPLICA_ID_LABEL.to_string(), id.to_string());
+    labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_allowed_cluster_name_keeps_every_child_name_a_dns_label() {
+        let cluster = "c".repeat(kmmr_crds::MAX_NAME_LEN as usize);
+        let id = kmmr_crds::MAX_REPLICAS - 1;
+        // A StatefulSet's pods carry controller-revision-hash = <name>-<hash of up to 10>.
+        assert!(stateful_set(&cluster, id).len() + 11 <= 63);
+        for name in [
+            pod(&cluster, id),
+            headless_service(&cluster),
+            client_service(&cluster),
+            key_secret(&cluster, id),
+            admin_secret(&cluster),
+            config_map(&cluster),
+            pod_disruption_budget(&cluster),
+        ] {
+            assert!(name.len() <= 63, "{name} is longer than a DNS label");
+        }
+    }
+
+    #[test]
+    fn member_address_is_the_pods_stable_dns_name() {
+        assert_eq!(
+            member_address("demo", "prod", 2, 7000),
+            "demo-2-0.demo-replicas.prod.svc:7000"
+        );
+    }
+}
