@@ -30,6 +30,11 @@ fn show(r: &SimReport) -> String {
 }
 
 fn sweep(n: usize, seeds: std::ops::Range<u64>) {
+    let failures = failing_seeds(n, seeds);
+    assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
+}
+
+fn failing_seeds(n: usize, seeds: impl Iterator<Item = u64>) -> Vec<u64> {
     let mut failures = Vec::new();
     for seed in seeds {
         let r = run(&SimConfig::random(seed, n));
@@ -41,7 +46,7 @@ fn sweep(n: usize, seeds: std::ops::Range<u64>) {
             failures.push(seed);
         }
     }
-    assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
+    failures
 }
 
 /// Seeds per sweep test; several tests so that the harness spreads them over the cores.
@@ -87,19 +92,20 @@ fn soak() {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             std::thread::spawn(move || {
+                let mut failed = Vec::new();
                 for n in [4usize, 7] {
-                    let mut seed = start + t;
-                    while seed < start + half {
-                        sweep(n, seed..seed + 1);
-                        seed += threads;
-                    }
+                    let seeds = (start + t..start + half).step_by(threads as usize);
+                    failed.extend(failing_seeds(n, seeds).into_iter().map(|s| (n, s)));
                 }
+                failed
             })
         })
         .collect();
+    let mut failed = Vec::new();
     for h in handles {
-        h.join().expect("soak thread");
+        failed.extend(h.join().expect("soak thread"));
     }
+    assert!(failed.is_empty(), "failing (n, seed): {failed:?}");
     eprintln!(
         "soak: {half} seeds at n=4 and {half} at n=7 passed in {:?}",
         t0.elapsed()
@@ -155,5 +161,14 @@ fn replay() {
 #[test]
 fn regression_seed_418_n7_lagging_replicas_catch_up_when_the_others_go_quiet() {
     let r = run(&SimConfig::random(418, 7));
+    assert!(r.ok(), "{}", show(&r));
+}
+
+/// Regression: a replica paused through the first decisions resumed into a quiet cluster; its
+/// one request for decisions was lost, and clients needing a quorum of replies waited forever.
+/// Lagging replicas now keep asking while a request waits.
+#[test]
+fn regression_seed_15452_n4_lagging_replica_keeps_asking_for_decisions() {
+    let r = run(&SimConfig::random(15452, 4));
     assert!(r.ok(), "{}", show(&r));
 }

@@ -266,13 +266,23 @@ impl Replica {
                 at(t);
             }
         }
-        if self.pending_sync.is_some() || !self.decided_ahead.is_empty() {
-            at(self
+        let waiting = self
+            .pool
+            .oldest_arrival()
+            .map(|t| t.saturating_add(self.timeout_us));
+        if self.pending_sync.is_some() || !self.decided_ahead.is_empty() || waiting.is_some() {
+            let next_ask = self
                 .last_catchup_us
                 .unwrap_or(0)
-                .saturating_add(self.catchup_interval_us()));
+                .saturating_add(self.catchup_interval_us());
+            at(waiting.map_or(next_ask, |w| w.max(next_ask)));
         }
         d
+    }
+
+    fn catchup_due(&self, now: u64) -> bool {
+        self.last_catchup_us
+            .is_none_or(|t| now >= t.saturating_add(self.catchup_interval_us()))
     }
 
     fn catchup_interval_us(&self) -> u64 {
@@ -306,8 +316,11 @@ impl Replica {
                 self.send(leader, ReplicaMessage::Forward { requests: fwd });
             }
             self.repeat_votes();
-            // A request this old may mean this replica missed decisions while the others went
-            // quiet: nothing else would tell it (seed 418, n=7, found this).
+        }
+        // A request waiting a full timeout may mean this replica missed decisions while the
+        // others went quiet: nothing else would tell it. Ask, and keep asking while it waits,
+        // since the question itself can be lost (seeds 418 n=7 and 15452 n=4 found this).
+        if self.pool.oldest_arrival().is_some_and(|t| t <= cutoff) && self.catchup_due(now) {
             self.request_decisions(now, None);
         }
         // Stage two: the leader is faulty, or merely slow compared with recent leaders.
