@@ -251,9 +251,7 @@ pub fn verify_batch_parsed(items: &[(ParsedKey, Domain, &[u8], Signature)]) -> b
     // Batch verification pays a fixed cost (random scalars, a multiscalar setup) that only
     // amortises over several signatures: below that, one by one is faster.
     if items.len() < BATCH_THRESHOLD {
-        return items
-            .iter()
-            .all(|(k, d, m, s)| verify_parsed(k, *d, m, s));
+        return items.iter().all(|(k, d, m, s)| verify_parsed(k, *d, m, s));
     }
     let keys: Vec<VerifyingKey> = items.iter().map(|(k, ..)| *k).collect();
     let msgs: Vec<Vec<u8>> = items
