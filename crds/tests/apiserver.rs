@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kmmr_crds::BftCluster;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::Status;
 use kube::Client;
 use serde_json::{json, Value};
 
@@ -68,17 +69,26 @@ fn cluster(name: &str, spec: Value) -> Value {
     })
 }
 
-/// Applies `obj` (dry run, strict field validation) and returns the apiserver's rejection message.
-async fn rejection(api: &Api<BftCluster>, name: &str, obj: Value) -> String {
-    let pp = PatchParams::apply(MANAGER).dry_run().validation_strict();
-    match api.patch(name, &pp, &Patch::Apply(&obj)).await {
+/// Applies `obj` (server-side apply, dry run) and returns the apiserver's rejection.
+async fn rejection(api: &Api<BftCluster>, name: &str, obj: Value, pp: PatchParams) -> Status {
+    match api.patch(name, &pp.dry_run(), &Patch::Apply(&obj)).await {
         Ok(_) => panic!("the apiserver accepted an invalid BftCluster: {obj}"),
-        Err(kube::Error::Api(status)) => {
-            assert_eq!(status.code, 422, "expected 422 Invalid, got {status:?}");
-            status.message
-        }
+        Err(kube::Error::Api(status)) => *status,
         Err(e) => panic!("unexpected error: {e}"),
     }
+}
+
+/// The message of a 422 Invalid, which is how schema and CEL violations come back.
+async fn invalid(api: &Api<BftCluster>, name: &str, obj: Value) -> String {
+    let status = rejection(
+        api,
+        name,
+        obj,
+        PatchParams::apply(MANAGER).validation_strict(),
+    )
+    .await;
+    assert_eq!(status.code, 422, "expected 422 Invalid, got {status:?}");
+    status.message
 }
 
 #[tokio::test]
@@ -105,7 +115,7 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
     assert_eq!(ok.spec.ports.replica, 7000);
     assert_eq!(ok.spec.storage.size.0, "1Gi");
 
-    let msg = rejection(
+    let msg = invalid(
         &api,
         "crd-test-three",
         cluster("crd-test-three", json!({ "replicas": 3, "image": image })),
@@ -116,7 +126,7 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
         "{msg}"
     );
 
-    let msg = rejection(
+    let msg = invalid(
         &api,
         "crd-test-f",
         cluster(
@@ -130,18 +140,40 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
         "{msg}"
     );
 
-    let msg = rejection(
+    let long = "a".repeat(41);
+    let msg = invalid(
         &api,
-        "crd-test-unknown",
-        cluster(
-            "crd-test-unknown",
-            json!({ "replicas": 4, "image": image, "replicaz": 7 }),
-        ),
+        &long,
+        cluster(&long, json!({ "replicas": 4, "image": image })),
     )
     .await;
-    assert!(msg.contains("replicaz"), "{msg}");
+    assert!(
+        msg.contains("metadata.name must be at most 40 characters"),
+        "{msg}"
+    );
 
-    let msg = rejection(
+    // Server-side apply refuses fields the schema does not declare whatever the field
+    // validation directive: kube-apiserver 1.34 answers 500 "field not declared in schema" while
+    // building the typed patch, before validation. kubectl apply (strict by default) rejects
+    // them too; only a non-strict create or update would prune them silently.
+    for pp in [
+        PatchParams::apply(MANAGER).validation_strict(),
+        PatchParams::apply(MANAGER),
+    ] {
+        let status = rejection(
+            &api,
+            "crd-test-unknown",
+            cluster(
+                "crd-test-unknown",
+                json!({ "replicas": 4, "image": image, "replicaz": 7 }),
+            ),
+            pp,
+        )
+        .await;
+        assert!(status.message.contains("replicaz"), "{status:?}");
+    }
+
+    let msg = invalid(
         &api,
         "crd-test-ports",
         cluster(
@@ -157,7 +189,7 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
 }
 
 #[tokio::test]
-async fn apiserver_refuses_to_change_storage_after_creation() {
+async fn apiserver_refuses_to_change_storage_or_keys_after_creation() {
     let Some(client) = client_or_skip().await else {
         return;
     };
@@ -176,10 +208,28 @@ async fn apiserver_refuses_to_change_storage_after_creation() {
     let result = api
         .patch(name, &pp, &Patch::Apply(cluster(name, changed)))
         .await;
+    let with_keys = json!({
+        "replicas": 4, "image": "kmmr/replica:0.1.0", "storage": { "size": "1Gi" },
+        "keys": { "secretName": "mine" },
+    });
+    let keys_result = api
+        .patch(name, &pp, &Patch::Apply(cluster(name, with_keys)))
+        .await;
     // Clean up before asserting so a failure leaves nothing behind.
     api.delete(name, &DeleteParams::default())
         .await
         .expect("delete the test BftCluster");
+    match keys_result {
+        Ok(_) => panic!("the apiserver let spec.keys be added after creation"),
+        Err(kube::Error::Api(status)) => {
+            assert!(
+                status.message.contains("spec.keys cannot be added"),
+                "{}",
+                status.message
+            )
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
     match result {
         Ok(_) => panic!("the apiserver let spec.storage change"),
         Err(kube::Error::Api(status)) => {
