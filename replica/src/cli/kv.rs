@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use kmmr::cluster::fetch_status;
 use kmmr::node::config::ViewFile;
-use kmmr::service::kv::{KvRequest, KvResponse, RangeRequest, WatchPollRequest};
+use kmmr::service::kv::{prefix_end, KvRequest, KvResponse, RangeRequest, WatchPollRequest};
 
 use super::ClusterArgs;
 
@@ -94,18 +94,6 @@ fn print(resp: &KvResponse) {
     }
 }
 
-/// Prefix range end, etcd style: the prefix with its last byte incremented.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 pub async fn run(cmd: KvCmd) -> Result<()> {
     match cmd {
         KvCmd::Put {
@@ -136,8 +124,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             limit,
         } => {
             let c = cluster.connect().await?;
-            let mut r = RangeRequest::key(prefix.clone());
-            r.range_end = prefix_end(prefix.as_bytes());
+            let mut r = RangeRequest::prefix(prefix);
             r.limit = limit;
             print(&c.kv(&KvRequest::Range(r)).await?);
         }
