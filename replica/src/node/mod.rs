@@ -165,6 +165,7 @@ pub async fn run(
         f = view.f,
         "replica started"
     );
+    let adversary = byzantine.map(|b| Adversary::new(b, me, key.clone()));
     let mut node = NodeLoop {
         core,
         key,
@@ -174,17 +175,10 @@ pub async fn run(
         metrics,
         stats,
         conns: HashMap::new(),
-        adversary: byzantine.map(|b| {
-            Adversary::new(
-                b,
-                me,
-                config::load_key(&cfg.key_file).unwrap_or_else(|_| KeyPair::from_seed([0; 32])),
-            )
-        }),
+        adversary,
         rng: ChaCha8Rng::seed_from_u64(metrics::now_us()),
         clock: Clock::new(),
         digest_cache: None,
-        last_regency: 0,
         rejections: HashMap::new(),
     };
     node.run(rx, status_rx, shutdown).await;
@@ -205,7 +199,6 @@ struct NodeLoop {
     rng: ChaCha8Rng,
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
-    last_regency: u32,
     rejections: HashMap<&'static str, u64>,
 }
 
@@ -377,7 +370,6 @@ impl NodeLoop {
             Event::RegencyInstalled { regency, leader } => {
                 self.metrics.leader_changes.inc();
                 self.metrics.regency.set(regency.0 as i64);
-                self.last_regency = regency.0;
                 tracing::info!(
                     regency = regency.0,
                     leader = leader.0,
