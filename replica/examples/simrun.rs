@@ -2,7 +2,7 @@
 //! simrun -- <seed> <n> [clients ops]`. With clients/ops it runs the zero-delay 0/0 benchmark
 //! configuration instead of the seed's random faults, which is handy under a profiler.
 
-use kmmr::sim::{run, NetConfig, ServiceKind, SimConfig};
+use kmmr::sim::{run, SimConfig};
 
 fn main() {
     let args: Vec<u64> = std::env::args()
@@ -13,18 +13,7 @@ fn main() {
     let n = args.get(1).copied().unwrap_or(4) as usize;
     let cfg = match (args.get(2), args.get(3)) {
         (Some(&clients), Some(&ops)) => {
-            let mut c = SimConfig::calm(seed, n);
-            c.net = NetConfig {
-                min_delay_us: 0,
-                max_delay_us: 0,
-                duplicate_prob: 0.0,
-                loss_before_gst: 0.0,
-            };
-            c.service = ServiceKind::Noop;
-            c.clients = clients as usize;
-            c.ops_per_client = ops as usize;
-            c.think_us = 0;
-            c
+            SimConfig::zero_delay_benchmark(seed, n, clients as usize, ops as usize)
         }
         _ => SimConfig::random(seed, n),
     };

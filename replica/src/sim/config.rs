@@ -120,6 +120,24 @@ impl SimConfig {
         }
     }
 
+    /// The 0/0 micro-benchmark: no faults, zero network delay, a no-op service, 0-byte
+    /// requests, clients that never pause. What it measures is CPU alone.
+    pub fn zero_delay_benchmark(seed: u64, n: usize, clients: usize, ops: usize) -> Self {
+        let mut c = SimConfig::calm(seed, n);
+        c.net = NetConfig {
+            min_delay_us: 0,
+            max_delay_us: 0,
+            duplicate_prob: 0.0,
+            loss_before_gst: 0.0,
+        };
+        c.service = ServiceKind::Noop;
+        c.payload_bytes = 0;
+        c.think_us = 0;
+        c.clients = clients;
+        c.ops_per_client = ops;
+        c
+    }
+
     /// Up to f faulty replicas of random kinds, random delays, duplication, loss, partitions and
     /// pauses before GST.
     pub fn random(seed: u64, n: usize) -> Self {
