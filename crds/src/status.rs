@@ -116,6 +116,9 @@ pub mod condition_types {
     pub const RECONFIGURING: &str = "Reconfiguring";
     /// More than f replicas are faulty: safety is no longer guaranteed. Sticky until a human acts.
     pub const FAULT_TOLERANCE_EXCEEDED: &str = "FaultToleranceExceeded";
+    /// Reconciliation is paused (spec.paused or the kmmr.io/paused annotation): children are
+    /// left as they are, status is still reported.
+    pub const PAUSED: &str = "Paused";
 }
 
 /// Reasons for the conditions (CamelCase, as the Condition schema requires); each is also an
@@ -143,6 +146,17 @@ pub mod condition_reasons {
     pub const WITHIN_FAULT_TOLERANCE: &str = "WithinFaultTolerance";
     /// Any condition: the spec is invalid (stored before a validation rule existed).
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// Any condition: reconciliation is paused by spec.paused.
+    /// Paused=True: reconciliation is paused by spec.paused or the kmmr.io/paused annotation.
     pub const PAUSED: &str = "Paused";
+    /// Paused=False.
+    pub const RECONCILING: &str = "Reconciling";
+    /// Available, Degraded and FaultToleranceExceeded while no replica has been healthy yet:
+    /// a new cluster's pods are starting, which is not a fault.
+    pub const STARTING: &str = "Starting";
+    /// Reconfiguring=False: spec.replicas or spec.f differs from the view, but this operator
+    /// cannot move the view through the protocol yet; nothing was changed.
+    pub const RECONFIGURATION_NOT_SUPPORTED: &str = "ReconfigurationNotSupported";
+    /// Reconfiguring=False: the change would leave fewer healthy replicas than a quorum, so it
+    /// waits until enough replicas are healthy.
+    pub const RECONFIGURATION_BLOCKED: &str = "ReconfigurationBlocked";
 }

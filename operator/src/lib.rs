@@ -1,18 +1,31 @@
-//! The KmMR operator's pure parts: everything a reconcile builds from a `BftCluster` as plain
-//! data, with no cluster access, so that each child object is unit-tested without an apiserver.
+//! The KmMR operator.
 //!
+//! Pure parts, unit-tested without an apiserver:
 //! - [`names`]: child names and labels.
 //! - [`keys`]: ed25519 key pairs per replica and for the admin, generated or user-supplied.
 //! - [`config`]: the view and per-replica configuration files the replicas read.
 //! - [`children`]: the StatefulSets, Services, ConfigMap, PodDisruptionBudget and Secrets.
+//! - [`observe`]: status and conditions from what the replicas report.
+//! - [`membership`]: the next membership step and the trait that carries it out.
 //!
-//! This crate must never talk to the apiserver from these modules: the controller (kube-runtime)
-//! applies what they build with server-side apply and computes status from what it observes.
+//! Runtime parts:
+//! - [`probe`]: a replica's signed `/status`, fetched and verified.
+//! - [`controller`]: the reconcile pipeline on kube-runtime.
+//! - [`leader`]: leader election on a Lease.
+//! - [`metrics`]: Prometheus metrics and the operator's HTTP endpoints.
+//! - [`error`]: reconcile errors, each a metric label and Event reason.
 
 pub mod children;
 pub mod config;
+pub mod controller;
+pub mod error;
 pub mod keys;
+pub mod leader;
+pub mod membership;
+pub mod metrics;
 pub mod names;
+pub mod observe;
+pub mod probe;
 
 pub use children::{build_children, build_children_for, BuildError, Children};
 pub use config::Membership;

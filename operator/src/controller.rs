@@ -1,0 +1,730 @@
+//! The BftCluster controller: the reconcile pipeline and its wiring into kube-runtime.
+//!
+//! A reconcile reads the spec and the view the replicas run (the ConfigMap), loads or generates
+//! keys, asks every member for its signed status, decides the next membership step, applies every
+//! child with server-side apply under one field manager, and writes the status computed from what
+//! the replicas said. Status writes do not trigger reconciles (generation and annotation
+//! predicates); replicas are polled by requeueing instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kmmr_crds::{condition_types, BftCluster, BftClusterStatus};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::config::{Membership, VIEW_ENTRY};
+use crate::error::Error;
+use crate::keys::{self, Keys};
+use crate::membership::{plan, Plan, ReconfigError, Reconfigurer, Target};
+use crate::metrics::Metrics;
+use crate::names;
+use crate::observe;
+use crate::probe::{self, Probe};
+
+/// Finalizer on every BftCluster: deleting one first removes its volumes.
+pub const FINALIZER: &str = "kmmr.io/cleanup";
+/// Annotation that pauses reconciliation when "true", like spec.paused, for tools that must not
+/// change the spec.
+pub const PAUSE_ANNOTATION: &str = "kmmr.io/paused";
+
+/// How the controller reaches a replica's HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVia {
+    /// The pod's IP from its status (no DNS involved).
+    PodIp,
+    /// The pod's stable DNS name under the headless Service.
+    Dns,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The apiserver.
+    pub client: Client,
+    /// Publishes Events (events.k8s.io/v1).
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Carries out membership steps.
+    pub reconfigurer: Arc<dyn Reconfigurer>,
+    /// Per-replica time limit of a /status probe.
+    pub probe_timeout: Duration,
+    /// How replicas are reached.
+    pub probe_via: ProbeVia,
+    /// Consecutive failures per cluster, for the back-off.
+    failures: Mutex<HashMap<ObjectRef<BftCluster>, u32>>,
+}
+
+impl Context {
+    /// A context with no failures recorded.
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        reconfigurer: Arc<dyn Reconfigurer>,
+        probe_timeout: Duration,
+        probe_via: ProbeVia,
+    ) -> Context {
+        Context {
+            client,
+            recorder,
+            metrics,
+            reconfigurer,
+            probe_timeout,
+            probe_via,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failure_count(&self, obj: &ObjectRef<BftCluster>, failed: bool) -> u32 {
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failed {
+            let n = map.entry(obj.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        } else {
+            map.remove(obj);
+            0
+        }
+    }
+}
+
+/// The back-off after the `failures`-th consecutive failure: doubling from 2 s (30 s for a
+/// user's mistake, which a retry cannot fix) up to 5 minutes.
+pub fn backoff(failures: u32, user_error: bool) -> Duration {
+    let base: u64 = if user_error { 30 } else { 2 };
+    let exp = failures.saturating_sub(1).min(10);
+    Duration::from_secs((base << exp).min(300))
+}
+
+/// Runs the controller until `shutdown` resolves, then finishes the reconciles in flight.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ours = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={}", names::MANAGER));
+    let (reader, writer) = reflector::store();
+    // Status writes bump neither the generation nor the annotations, so they never come back
+    // as triggers; a spec change or the pause annotation does.
+    let clusters = watcher(
+        api::<BftCluster>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
+    Controller::for_stream(clusters, reader)
+        .owns(api::<StatefulSet>(&client, namespace), ours.clone())
+        .owns(api::<Service>(&client, namespace), ours.clone())
+        .owns(api::<ConfigMap>(&client, namespace), ours.clone())
+        .owns(api::<PodDisruptionBudget>(&client, namespace), ours.clone())
+        .owns(api::<Secret>(&client, namespace), ours)
+        // Pods belong to the StatefulSets, not to the cluster: map them by their instance label so
+        // a replica that dies or comes back is reported at once.
+        .watches(
+            api::<Pod>(&client, namespace),
+            watcher::Config::default().labels(&format!(
+                "app.kubernetes.io/name={},app.kubernetes.io/component={}",
+                names::APP_NAME,
+                names::COMPONENT_REPLICA
+            )),
+            |pod| {
+                let instance = pod.labels().get("app.kubernetes.io/instance").cloned();
+                let ns = pod.namespace();
+                instance
+                    .and_then(|name| ns.map(|ns| ObjectRef::<BftCluster>::new(&name).within(&ns)))
+            },
+        )
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+/// Reconciles one BftCluster.
+pub async fn reconcile(cluster: Arc<BftCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start();
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingMetadata("metadata.namespace"))?;
+    let api: Api<BftCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, cluster.clone(), |event| async {
+        match event {
+            Finalizer::Apply(c) => apply(&c, &ctx).await,
+            Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from);
+    let failed = result.is_err();
+    ctx.failure_count(&ObjectRef::from_obj(&*cluster), failed);
+    if let Err(e) = &result {
+        ctx.metrics.failed(e);
+        tracing::warn!(cluster = %cluster.name_any(), %namespace, reason = e.reason(), error = %e, "reconcile failed");
+        publish(
+            &ctx,
+            &cluster,
+            true,
+            e.reason(),
+            &e.to_string(),
+            "Reconcile",
+        )
+        .await;
+    }
+    result
+}
+
+/// After a failed reconcile: retry with a growing delay.
+pub fn error_policy(cluster: Arc<BftCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    // reconcile already counted this failure; read the count without adding to it.
+    let key = ObjectRef::from_obj(&*cluster);
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|m| m.get(&key).copied().unwrap_or(1))
+        .unwrap_or(1);
+    Action::requeue(backoff(failures, error.is_user_error()))
+}
+
+fn is_paused(cluster: &BftCluster) -> bool {
+    cluster.spec.paused
+        || cluster
+            .annotations()
+            .get(PAUSE_ANNOTATION)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
+    let name = cluster.name_any();
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingMetadata("metadata.namespace"))?;
+    cluster
+        .spec
+        .validate()
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let paused = is_paused(cluster);
+
+    let view = read_view(ctx, &namespace, &name).await?;
+    let membership = view
+        .as_ref()
+        .map(|v| v.membership.clone())
+        .unwrap_or_else(|| Membership::initial(cluster));
+    let (keys, generated) = load_keys(ctx, cluster, &namespace, &membership, view.as_ref()).await?;
+    if !generated.is_empty() {
+        publish(
+            ctx,
+            cluster,
+            false,
+            "KeysGenerated",
+            &format!(
+                "generated ed25519 key pairs for {}; each replica's private key is in a Secret only its pod mounts",
+                generated.join(", ")
+            ),
+            "GenerateKeys",
+        )
+        .await;
+    }
+
+    let probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
+    let previous = cluster.status.as_ref();
+    let now =
+        Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default());
+    let mut obs = observe::Context {
+        generation: cluster.metadata.generation,
+        paused,
+        reconfiguration: None,
+    };
+    let (first, _) = observe::compute(previous, &membership, &probes, &obs, now.clone());
+    let healthy: Vec<i32> = first
+        .members
+        .iter()
+        .filter(|m| m.health == kmmr_crds::MemberHealth::Healthy)
+        .map(|m| m.id)
+        .collect();
+    let target = Target {
+        replicas: cluster.spec.replicas,
+        f: cluster.spec.fault_tolerance(),
+    };
+    // Only a view read back from the running cluster can be changed through the protocol; a
+    // cluster whose first view has not been written yet simply starts with the spec's.
+    let mut membership = membership;
+    if view.is_some() {
+        obs.reconfiguration = match plan(&membership, target, &healthy) {
+            Plan::InSync => None,
+            Plan::Blocked(reason, message) => Some((reason, message)),
+            Plan::Next(_) if paused => None,
+            Plan::Next(step) => match ctx
+                .reconfigurer
+                .apply(&membership, &step, keys.admin())
+                .await
+            {
+                Ok(next) => {
+                    publish(
+                        ctx,
+                        cluster,
+                        false,
+                        "ViewChanged",
+                        &format!(
+                            "{step:?}: view {} now has members {:?}",
+                            next.view_id, next.members
+                        ),
+                        "Reconfigure",
+                    )
+                    .await;
+                    membership = next;
+                    None
+                }
+                Err(ReconfigError::NotSupported(m)) => Some((
+                    kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
+                    m,
+                )),
+                Err(e @ ReconfigError::Rejected(_)) => Some((
+                    kmmr_crds::condition_reasons::RECONFIGURATION_BLOCKED,
+                    e.to_string(),
+                )),
+            },
+        };
+    }
+
+    if !paused {
+        let children = crate::children::build_children_for(cluster, &membership, &keys)?;
+        apply_children(ctx, &namespace, children).await?;
+    }
+
+    let (status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
+    if previous != Some(&status) {
+        write_status(ctx, &namespace, &name, &status).await?;
+    }
+    for t in transitions {
+        publish(ctx, cluster, t.warning, &t.reason, &t.note, "Observe").await;
+    }
+
+    let settled = status.conditions.iter().all(|c| match c.type_.as_str() {
+        condition_types::AVAILABLE => c.status == "True",
+        condition_types::DEGRADED => c.status == "False",
+        _ => true,
+    });
+    Ok(Action::requeue(if settled {
+        Duration::from_secs(15)
+    } else {
+        Duration::from_secs(3)
+    }))
+}
+
+async fn cleanup(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
+    let name = cluster.name_any();
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingMetadata("metadata.namespace"))?;
+    // Everything else carries an owner reference and goes with the cluster; the replicas'
+    // volumes are kept by their StatefulSets' retention policy, so they are removed here.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!(
+        "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={}",
+        names::MANAGER
+    );
+    pvcs.delete_collection(
+        &DeleteParams::background(),
+        &ListParams::default().labels(&selector),
+    )
+    .await?;
+    publish(
+        ctx,
+        cluster,
+        false,
+        "Deleted",
+        "the cluster is being deleted: its replicas' volumes are removed and every other object goes with it",
+        "Delete",
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// The view the replicas run, read back from the ConfigMap the operator wrote.
+pub struct CurrentView {
+    /// Members, view id and f.
+    pub membership: Membership,
+    /// Each member's public key, hex.
+    pub keys: BTreeMap<i32, String>,
+}
+
+async fn read_view(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<CurrentView>, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let cm_name = names::config_map(name);
+    let Some(cm) = api.get_opt(&cm_name).await? else {
+        return Ok(None);
+    };
+    let unreadable = |why: String| Error::ViewUnreadable {
+        name: cm_name.clone(),
+        why,
+    };
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(VIEW_ENTRY))
+        .ok_or_else(|| unreadable(format!("no entry {VIEW_ENTRY}")))?;
+    parse_view(text).map(Some).map_err(unreadable)
+}
+
+/// Parses view.toml with the replica's own type, so the operator reads exactly what replicas do.
+pub fn parse_view(text: &str) -> Result<CurrentView, String> {
+    let file: kmmr::node::config::ViewFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut members = Vec::new();
+    let mut keys = BTreeMap::new();
+    for m in &file.members {
+        let id = i32::try_from(m.id).map_err(|_| format!("member id {} out of range", m.id))?;
+        members.push(id);
+        keys.insert(id, m.key.clone());
+    }
+    members.sort_unstable();
+    Ok(CurrentView {
+        membership: Membership {
+            view_id: i64::from(file.id),
+            f: i32::try_from(file.f).map_err(|_| format!("f = {} out of range", file.f))?,
+            members,
+        },
+        keys,
+    })
+}
+
+/// The cluster's keys: the user's, or ours read back from the Secrets we wrote, generating only
+/// those of members no view has named yet. Returns what was generated, for an Event.
+async fn load_keys(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    view: Option<&CurrentView>,
+) -> Result<(Keys, Vec<String>), Error> {
+    let name = cluster.name_any();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let (keys, generated) = if let Some(user) = &cluster.spec.keys {
+        let secret = secrets
+            .get_opt(&user.secret_name)
+            .await?
+            .ok_or_else(|| Error::KeySecretMissing(user.secret_name.clone()))?;
+        let data = secret.data.unwrap_or_default();
+        (
+            Keys::from_user_secret(&user.secret_name, &data, membership.members.iter().copied())?,
+            Vec::new(),
+        )
+    } else {
+        let selector = format!(
+            "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={}",
+            names::MANAGER
+        );
+        let existing: BTreeMap<String, Secret> = secrets
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .filter(|s| owned_by(s, cluster))
+            .map(|s| (s.name_any(), s))
+            .collect();
+        let read = |secret_name: &str| -> Result<Option<[u8; 32]>, Error> {
+            match existing.get(secret_name) {
+                None => Ok(None),
+                Some(s) => Ok(Some(keys::seed_entry(
+                    secret_name,
+                    &s.data.clone().unwrap_or_default(),
+                    keys::SEED_ENTRY,
+                )?)),
+            }
+        };
+        let mut generated = Vec::new();
+        let mut seeds = BTreeMap::new();
+        for &id in &membership.members {
+            let secret_name = names::key_secret(&name, id);
+            let seed = match read(&secret_name)? {
+                Some(seed) => seed,
+                None if view.is_some_and(|v| v.keys.contains_key(&id)) => {
+                    return Err(Error::KeyLost {
+                        secret: secret_name,
+                        who: format!("replica {id}"),
+                    })
+                }
+                None => {
+                    generated.push(format!("replica {id}"));
+                    ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).to_bytes()
+                }
+            };
+            seeds.insert(id, seed);
+        }
+        let admin_name = names::admin_secret(&name);
+        let admin = match read(&admin_name)? {
+            Some(seed) => seed,
+            None if view.is_some() => {
+                return Err(Error::KeyLost {
+                    secret: admin_name,
+                    who: "the admin".to_string(),
+                })
+            }
+            None => {
+                generated.push("the admin".to_string());
+                ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng).to_bytes()
+            }
+        };
+        (Keys::from_seeds(seeds, admin), generated)
+    };
+    // A key that no longer matches the view would make the replica's signatures invalid to the
+    // others, which they would treat as Byzantine: refuse instead.
+    if let Some(view) = view {
+        for (id, public) in &view.keys {
+            let ours = keys.replica(*id).map(keys::public_hex);
+            if ours.as_deref() != Some(public.as_str()) {
+                return Err(Error::KeyMismatch(*id));
+            }
+        }
+    }
+    Ok((keys, generated))
+}
+
+fn owned_by<K: Resource>(obj: &K, cluster: &BftCluster) -> bool {
+    let uid = cluster.meta().uid.as_deref();
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(o.uid.as_str()) == uid)
+}
+
+async fn probe_members(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &Keys,
+) -> BTreeMap<i32, Probe> {
+    let name = cluster.name_any();
+    let http = cluster.spec.ports.http;
+    let pods: BTreeMap<i32, Pod> = if ctx.probe_via == ProbeVia::PodIp {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+        let selector = names::replica_selector(&name)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        match api.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|p| {
+                    let id = p.labels().get(names::REPLICA_ID_LABEL)?.parse().ok()?;
+                    Some((id, p))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing replica pods");
+                BTreeMap::new()
+            }
+        }
+    } else {
+        BTreeMap::new()
+    };
+    let probes = membership.members.iter().map(|&id| {
+        let addr = match ctx.probe_via {
+            ProbeVia::Dns => Some(format!(
+                "{}.{}.{namespace}.svc:{http}",
+                names::pod(&name, id),
+                names::headless_service(&name)
+            )),
+            ProbeVia::PodIp => pods
+                .get(&id)
+                .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+                .map(|ip| {
+                    if ip.contains(':') {
+                        format!("[{ip}]:{http}")
+                    } else {
+                        format!("{ip}:{http}")
+                    }
+                }),
+        };
+        let key = keys.replica(id).map(keys::public_hex);
+        let timeout = ctx.probe_timeout;
+        async move {
+            let result = match (addr, key) {
+                (None, _) => Probe::Unreachable("no pod address yet".to_string()),
+                (_, None) => Probe::Rejected("no key in the view".to_string()),
+                (Some(addr), Some(key)) => probe::probe(&addr, id, &key, timeout).await,
+            };
+            (id, result)
+        }
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn apply_children(
+    ctx: &Context,
+    namespace: &str,
+    children: crate::children::Children,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(names::MANAGER).force();
+    async fn ssa<K>(
+        client: &Client,
+        namespace: &str,
+        params: &PatchParams,
+        obj: &K,
+    ) -> Result<(), Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Serialize
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+        <K as Resource>::DynamicType: Default,
+    {
+        let name = obj
+            .meta()
+            .name
+            .clone()
+            .ok_or(Error::MissingMetadata("child name"))?;
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
+        api.patch(&name, params, &Patch::Apply(obj)).await?;
+        Ok(())
+    }
+    let c = &ctx.client;
+    // Keys and configuration first: a pod that starts before its Secret exists only waits, but
+    // one that starts with a stale view would have to be restarted.
+    for s in &children.key_secrets {
+        ssa(c, namespace, &params, s).await?;
+    }
+    ssa(c, namespace, &params, &children.admin_secret).await?;
+    ssa(c, namespace, &params, &children.config_map).await?;
+    ssa(c, namespace, &params, &children.headless_service).await?;
+    ssa(c, namespace, &params, &children.client_service).await?;
+    ssa(c, namespace, &params, &children.pod_disruption_budget).await?;
+    for s in &children.stateful_sets {
+        ssa(c, namespace, &params, s).await?;
+    }
+    Ok(())
+}
+
+async fn write_status(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    status: &BftClusterStatus,
+) -> Result<(), Error> {
+    let api: Api<BftCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    // Server-side apply rather than a merge patch: a field the operator no longer sets (a leader
+    // that f+1 replicas stopped naming) is removed, not left stale.
+    let body = serde_json::json!({
+        "apiVersion": BftCluster::api_version(&()),
+        "kind": BftCluster::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(names::MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Publishes an Event about `cluster`; a failure is logged, never fatal.
+async fn publish(
+    ctx: &Context,
+    cluster: &BftCluster,
+    warning: bool,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
+    // events.k8s.io limits a note to 1 kB.
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        let mut cut = 997;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        tracing::warn!(error = %e, %reason, "publishing an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1, false), Duration::from_secs(2));
+        assert_eq!(backoff(2, false), Duration::from_secs(4));
+        assert_eq!(backoff(30, false), Duration::from_secs(300));
+        assert_eq!(backoff(1, true), Duration::from_secs(30));
+        assert_eq!(backoff(0, true), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_view_is_read_with_the_replicas_own_parser() {
+        let text = "id = 2\nf = 1\n\n[[members]]\nid = 1\naddress = \"a:7000\"\nkey = \"aa\"\n\n[[members]]\nid = 0\naddress = \"b:7000\"\nkey = \"bb\"\n";
+        let v = parse_view(text).unwrap();
+        assert_eq!(v.membership.members, vec![0, 1]);
+        assert_eq!(v.membership.view_id, 2);
+        assert_eq!(v.keys[&1], "aa");
+        assert!(parse_view("id = 1\nbogus = 2\n").is_err());
+        assert!(parse_view("not toml [").is_err());
+    }
+}

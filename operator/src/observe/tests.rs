@@ -1,0 +1,232 @@
+use super::*;
+use kmmr::node::Status;
+
+fn membership() -> Membership {
+    Membership {
+        view_id: 0,
+        f: 1,
+        members: vec![0, 1, 2, 3],
+    }
+}
+
+fn report(id: u32, cid: u64, digest: &str) -> Probe {
+    Probe::Verified(Status {
+        id,
+        view_id: 0,
+        n: 4,
+        f: 1,
+        regency: 0,
+        leader: 0,
+        synchronizing: false,
+        last_decided: Some(cid),
+        state_digest: digest.to_string(),
+        pending_requests: 0,
+        byzantine: None,
+    })
+}
+
+fn all_healthy() -> BTreeMap<i32, Probe> {
+    (0..4)
+        .map(|id| (id, report(id as u32, 10, "d10")))
+        .collect()
+}
+
+fn at(secs: i64) -> Time {
+    Time(jiff::Timestamp::from_second(secs).unwrap())
+}
+
+fn ctx() -> Context {
+    Context {
+        generation: Some(1),
+        ..Context::default()
+    }
+}
+
+fn cond<'a>(s: &'a BftClusterStatus, t: &str) -> &'a Condition {
+    s.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+#[test]
+fn a_fully_healthy_cluster_is_available_and_not_degraded() {
+    let (s, events) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    assert_eq!(s.n, Some(4));
+    assert_eq!(s.f, Some(1));
+    assert_eq!(s.quorum, Some(3));
+    assert_eq!(s.healthy, Some(4));
+    assert_eq!(s.leader, Some(0));
+    assert_eq!(s.view_id, Some(0));
+    assert_eq!(s.agreed_state_digest.as_deref(), Some("d10"));
+    assert!(s.diverged_replicas.is_empty());
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(s.members[0].role, MemberRole::Leader);
+    assert_eq!(s.members[1].role, MemberRole::Follower);
+    assert_eq!(cond(&s, kind::AVAILABLE).status, "True");
+    assert_eq!(cond(&s, kind::DEGRADED).status, "False");
+    assert_eq!(cond(&s, kind::FAULT_TOLERANCE_EXCEEDED).status, "False");
+    assert_eq!(
+        cond(&s, kind::RECONFIGURING).reason,
+        reason::VIEW_MATCHES_SPEC
+    );
+    assert_eq!(cond(&s, kind::PAUSED).status, "False");
+    // The first status announces every condition.
+    assert_eq!(events.len(), 5);
+    assert!(events.iter().all(|e| !e.warning), "{events:?}");
+}
+
+#[test]
+fn recomputing_from_the_same_observations_changes_nothing_not_even_timestamps() {
+    let (first, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let (second, events) = compute(Some(&first), &membership(), &all_healthy(), &ctx(), at(200));
+    assert_eq!(first, second);
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[test]
+fn a_new_cluster_is_starting_not_failing() {
+    let probes = BTreeMap::from([(0, report(0, 0, "d0"))]);
+    let (s, events) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert_eq!(cond(&s, kind::AVAILABLE).reason, reason::STARTING);
+    assert_eq!(cond(&s, kind::FAULT_TOLERANCE_EXCEEDED).status, "False");
+    assert_eq!(cond(&s, kind::DEGRADED).status, "False");
+    assert!(events.iter().all(|e| !e.warning), "{events:?}");
+    // Still starting on the next pass.
+    let (s2, _) = compute(Some(&s), &membership(), &probes, &ctx(), at(110));
+    assert_eq!(cond(&s2, kind::AVAILABLE).reason, reason::STARTING);
+}
+
+#[test]
+fn one_replica_down_is_degraded_but_available_with_a_warning_event() {
+    let (healthy, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    probes.insert(2, Probe::Unreachable("connection refused".into()));
+    let (s, events) = compute(Some(&healthy), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(s.healthy, Some(3));
+    assert_eq!(s.members[2].health, MemberHealth::Unreachable);
+    assert_eq!(s.members[2].role, MemberRole::Unknown);
+    assert_eq!(cond(&s, kind::AVAILABLE).status, "True");
+    // Available did not change status: its transition time stays.
+    assert_eq!(cond(&s, kind::AVAILABLE).last_transition_time, at(100));
+    let degraded = cond(&s, kind::DEGRADED);
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, reason::REPLICAS_UNHEALTHY);
+    assert_eq!(degraded.last_transition_time, at(200));
+    assert!(
+        degraded.message.contains("replica 2 (connection refused)"),
+        "{}",
+        degraded.message
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.warning && e.reason == reason::REPLICAS_UNHEALTHY));
+    assert!(events
+        .iter()
+        .any(|e| e.warning && e.reason == "MemberUnreachable"));
+}
+
+#[test]
+fn more_than_f_down_loses_the_quorum_and_exceeds_fault_tolerance_stickily() {
+    let (healthy, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    probes.insert(1, Probe::Unreachable("timeout".into()));
+    probes.insert(2, Probe::Rejected("bad signature".into()));
+    let (s, _) = compute(Some(&healthy), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(cond(&s, kind::AVAILABLE).reason, reason::QUORUM_LOST);
+    assert_eq!(cond(&s, kind::FAULT_TOLERANCE_EXCEEDED).status, "True");
+    assert_eq!(s.members[2].health, MemberHealth::Unhealthy);
+    // One comes back: within f again, but the condition stays until all are healthy.
+    probes.insert(1, report(1, 10, "d10"));
+    let (s2, _) = compute(Some(&s), &membership(), &probes, &ctx(), at(300));
+    assert_eq!(cond(&s2, kind::AVAILABLE).status, "True");
+    assert_eq!(cond(&s2, kind::FAULT_TOLERANCE_EXCEEDED).status, "True");
+    let (s3, events) = compute(Some(&s2), &membership(), &all_healthy(), &ctx(), at(400));
+    assert_eq!(cond(&s3, kind::FAULT_TOLERANCE_EXCEEDED).status, "False");
+    assert!(events
+        .iter()
+        .any(|e| e.reason == reason::WITHIN_FAULT_TOLERANCE));
+}
+
+#[test]
+fn a_replica_whose_digest_differs_from_f_plus_one_at_the_same_instance_is_diverged() {
+    let mut probes = all_healthy();
+    probes.insert(3, report(3, 10, "evil"));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert_eq!(s.diverged_replicas, vec![3]);
+    assert_eq!(s.agreed_state_digest.as_deref(), Some("d10"));
+    assert_eq!(s.members[3].health, MemberHealth::Unhealthy);
+    assert_eq!(cond(&s, kind::DEGRADED).reason, reason::STATE_DIVERGED);
+}
+
+#[test]
+fn replicas_at_different_instances_are_not_called_diverged() {
+    let mut probes = all_healthy();
+    probes.insert(3, report(3, 11, "d11"));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert!(s.diverged_replicas.is_empty());
+    assert_eq!(s.healthy, Some(4));
+}
+
+#[test]
+fn a_lone_liar_cannot_name_the_leader_or_view() {
+    let mut probes: BTreeMap<i32, Probe> = BTreeMap::new();
+    probes.insert(0, report(0, 10, "d10"));
+    let mut lie = Status {
+        id: 1,
+        view_id: 0,
+        n: 4,
+        f: 1,
+        regency: 9,
+        leader: 3,
+        synchronizing: false,
+        last_decided: Some(10),
+        state_digest: "d10".into(),
+        pending_requests: 0,
+        byzantine: None,
+    };
+    probes.insert(1, Probe::Verified(lie.clone()));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert_eq!(
+        s.leader, None,
+        "0 and 3 are each named once; f+1 = 2 are needed"
+    );
+    lie.id = 2;
+    lie.leader = 0;
+    probes.insert(2, Probe::Verified(lie));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert_eq!(s.leader, Some(0));
+}
+
+#[test]
+fn a_replica_in_another_view_or_byzantine_mode_is_unhealthy() {
+    let mut probes = all_healthy();
+    if let Some(Probe::Verified(s)) = probes.get_mut(&1) {
+        s.view_id = 5;
+    }
+    if let Some(Probe::Verified(s)) = probes.get_mut(&2) {
+        s.byzantine = Some("Equivocate".into());
+    }
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(s.healthy, Some(2));
+    let msg = &cond(&s, kind::AVAILABLE).message;
+    assert!(msg.contains("Byzantine test mode"), "{msg}");
+}
+
+#[test]
+fn a_pending_reconfiguration_and_pause_are_reported_with_warnings() {
+    let c = Context {
+        generation: Some(2),
+        paused: true,
+        reconfiguration: Some((reason::RECONFIGURATION_NOT_SUPPORTED, "not applied".into())),
+    };
+    let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
+    let r = cond(&s, kind::RECONFIGURING);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", reason::RECONFIGURATION_NOT_SUPPORTED)
+    );
+    assert_eq!(r.observed_generation, Some(2));
+    assert_eq!(cond(&s, kind::PAUSED).status, "True");
+    assert!(events
+        .iter()
+        .any(|e| e.warning && e.reason == reason::RECONFIGURATION_NOT_SUPPORTED));
+}
