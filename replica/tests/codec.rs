@@ -29,8 +29,8 @@ use kmmr::wire::frame::{encode_frame, FrameDecoder, FrameError};
 use kmmr::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use kmmr::wire::limits;
 use kmmr::wire::messages::{
-    Batch, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody, Request, RequestKind,
-    SignedCollect, SignedRequest,
+    Batch, CheckpointMeta, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody, Request,
+    RequestKind, SignedCollect, SignedRequest,
 };
 use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
@@ -91,7 +91,11 @@ fn view_id() -> impl Strategy<Value = ViewId> {
 }
 
 fn request_kind() -> impl Strategy<Value = RequestKind> {
-    prop_oneof![Just(RequestKind::Ordered), Just(RequestKind::Unordered)]
+    prop_oneof![
+        Just(RequestKind::Ordered),
+        Just(RequestKind::Unordered),
+        Just(RequestKind::Reconfig)
+    ]
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -220,7 +224,43 @@ fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
             }),
         decision().prop_map(ReplicaMessage::Decided),
         cid().prop_map(|from| ReplicaMessage::DecisionRequest { from }),
+        Just(ReplicaMessage::CheckpointQuery),
+        (
+            vec(checkpoint_meta(), 0..=limits::MAX_CHECKPOINTS_ADVERTISED),
+            prop::option::of(cid())
+        )
+            .prop_map(
+                |(checkpoints, first_logged)| ReplicaMessage::CheckpointInfo {
+                    checkpoints,
+                    first_logged
+                }
+            ),
+        (cid(), digest(), any::<u64>(), any::<u32>()).prop_map(|(cid, digest, offset, len)| {
+            ReplicaMessage::ChunkRequest {
+                cid,
+                digest,
+                offset,
+                len,
+            }
+        }),
+        (cid(), digest(), any::<u64>(), bytes(300)).prop_map(|(cid, digest, offset, data)| {
+            ReplicaMessage::Chunk {
+                cid,
+                digest,
+                offset,
+                data,
+            }
+        }),
     ]
+}
+
+fn checkpoint_meta() -> impl Strategy<Value = CheckpointMeta> {
+    (cid(), view_id(), digest(), any::<u64>()).prop_map(|(cid, view, digest, len)| CheckpointMeta {
+        cid,
+        view,
+        digest,
+        len,
+    })
 }
 
 /// A valid view (per `View::new`) of 4..=16 members with distinct ids in arbitrary order,
@@ -245,9 +285,18 @@ fn view() -> impl Strategy<Value = View> {
                     key,
                 })
                 .collect();
-            (Just(id), Just(f), Just(members).prop_shuffle())
+            (
+                Just(id),
+                Just(f),
+                Just(members).prop_shuffle(),
+                prop::option::of(public_key()),
+            )
         })
-        .prop_map(|(id, f, members)| View::new(id, f, members).expect("generated view is valid"))
+        .prop_map(|(id, f, members, admin)| {
+            View::new(id, f, members)
+                .expect("generated view is valid")
+                .with_admin(admin)
+        })
 }
 
 fn reply_body() -> impl Strategy<Value = ReplyBody> {
@@ -278,7 +327,7 @@ fn reply() -> impl Strategy<Value = Reply> {
 
 /// Untrusted input: junk whose first byte is often a valid message tag.
 fn junk() -> impl Strategy<Value = Vec<u8>> {
-    (prop_oneof![0u8..=10, any::<u8>()], bytes(512)).prop_map(|(first, mut rest)| {
+    (prop_oneof![0u8..=14, any::<u8>()], bytes(512)).prop_map(|(first, mut rest)| {
         rest.insert(0, first);
         rest
     })
@@ -468,7 +517,7 @@ proptest! {
 
     /// The variant strategy really reaches every variant (guards the coverage of the above).
     #[test]
-    fn every_replica_message_variant_is_generated_and_tagged_1_to_9(m in replica_message()) {
+    fn every_replica_message_variant_is_generated_and_tagged_1_to_13(m in replica_message()) {
         let tag = m.to_bytes()[0];
         let expected = match m {
             ReplicaMessage::Propose { .. } => 1,
@@ -480,6 +529,10 @@ proptest! {
             ReplicaMessage::Sync { .. } => 7,
             ReplicaMessage::Decided(_) => 8,
             ReplicaMessage::DecisionRequest { .. } => 9,
+            ReplicaMessage::CheckpointQuery => 10,
+            ReplicaMessage::CheckpointInfo { .. } => 11,
+            ReplicaMessage::ChunkRequest { .. } => 12,
+            ReplicaMessage::Chunk { .. } => 13,
         };
         prop_assert_eq!(tag, expected);
     }
@@ -953,7 +1006,7 @@ fn bool_and_option_tags_other_than_0_and_1_are_refused() {
 
 #[test]
 fn unknown_message_and_reply_tags_are_refused() {
-    for tag in [0u8, 10, 255] {
+    for tag in [0u8, 14, 255] {
         assert_eq!(
             ReplicaMessage::from_bytes(&[tag]),
             Err(DecodeError::UnknownTag {
@@ -972,7 +1025,7 @@ fn unknown_message_and_reply_tags_are_refused() {
         })
     );
     let mut w = Writer::new();
-    w.u32(0).u64(0).u64(0).u8(2);
+    w.u32(0).u64(0).u64(0).u8(3);
     assert!(matches!(
         Reply::from_bytes(w.as_slice()),
         Err(DecodeError::UnknownTag {

@@ -61,6 +61,7 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
         from_us: 8 * MS,
         until_us: 3_000 * MS,
         amnesia: false,
+        disk: false,
     }];
     let r = run(&cfg);
     assert_ok(&r);

@@ -30,14 +30,25 @@ fn show(r: &SimReport) -> String {
 }
 
 fn sweep(n: usize, seeds: std::ops::Range<u64>) {
-    let failures = failing_seeds(n, seeds);
+    let mut transfers = 0;
+    let failures = failing_seeds(n, seeds, |r| transfers += r.state_transfers);
     assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
+    // Disk loss and restarts must really exercise state transfer, not only decision replay.
+    assert!(
+        transfers > 0,
+        "no seed of this part needed a state transfer"
+    );
 }
 
-fn failing_seeds(n: usize, seeds: impl Iterator<Item = u64>) -> Vec<u64> {
+fn failing_seeds(
+    n: usize,
+    seeds: impl Iterator<Item = u64>,
+    mut each: impl FnMut(&SimReport),
+) -> Vec<u64> {
     let mut failures = Vec::new();
     for seed in seeds {
         let r = run(&SimConfig::random(seed, n));
+        each(&r);
         if !r.ok() {
             eprintln!("FAILED {}", show(&r));
             eprintln!(
@@ -95,7 +106,7 @@ fn soak() {
                 let mut failed = Vec::new();
                 for n in [4usize, 7] {
                     let seeds = (start + t..start + half).step_by(threads as usize);
-                    failed.extend(failing_seeds(n, seeds).into_iter().map(|s| (n, s)));
+                    failed.extend(failing_seeds(n, seeds, |_| {}).into_iter().map(|s| (n, s)));
                 }
                 failed
             })
@@ -151,6 +162,9 @@ fn replay() {
     }
     for s in &r.node_summaries {
         eprintln!("node: {s}");
+    }
+    for ((from, to, kind), count) in &r.delivered {
+        eprintln!("delivered {from} -> {to}: {kind} x{count}");
     }
     assert!(r.ok());
 }

@@ -186,8 +186,10 @@ impl ClientSession {
         o.bodies.entry(digest).or_insert(reply.body);
         let matching = o.votes.values().filter(|d| **d == digest).count();
         let needed = match o.request.request.kind {
-            RequestKind::Ordered if self.quorum_writes => self.view.quorum(),
-            RequestKind::Ordered => self.view.weak(),
+            RequestKind::Ordered | RequestKind::Reconfig if self.quorum_writes => {
+                self.view.quorum()
+            }
+            RequestKind::Ordered | RequestKind::Reconfig => self.view.weak(),
             RequestKind::Unordered => self.view.quorum(),
         };
         let all_answered = o.votes.len() >= self.view.n();

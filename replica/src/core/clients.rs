@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use crate::crypto::Digest;
+use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
+use crate::wire::limits;
 use crate::wire::messages::{ClientId, SignedRequest};
 
 /// What the replicated state remembers per client. Part of the deterministic state: it decides
@@ -67,6 +69,44 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.by_client.is_empty()
+    }
+}
+
+/// In client order (a `BTreeMap`), so that correct replicas encode identical bytes.
+impl Encode for Sessions {
+    fn encode(&self, w: &mut Writer) {
+        w.len(self.by_client.len());
+        for (client, s) in &self.by_client {
+            client.encode(w);
+            w.u64(s.session);
+            w.u64(s.last_delivered);
+            w.bytes(&s.last_reply);
+        }
+    }
+}
+
+impl Decode for Sessions {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let entries = r.vec("sessions", limits::MAX_SESSIONS, 52, |r| {
+            let client = ClientId::decode(r)?;
+            let session = Session {
+                session: r.u64()?,
+                last_delivered: r.u64()?,
+                last_reply: r.bytes_vec("cached reply", limits::MAX_RESULT)?,
+            };
+            Ok((client, session))
+        })?;
+        let mut by_client = BTreeMap::new();
+        let mut prev: Option<ClientId> = None;
+        for (client, session) in entries {
+            // Strictly increasing keys: the encoding of a session table is canonical.
+            if prev.is_some_and(|p| p >= client) {
+                return Err(DecodeError::Invalid("session table not in client order"));
+            }
+            prev = Some(client);
+            by_client.insert(client, session);
+        }
+        Ok(Sessions { by_client })
     }
 }
 
@@ -178,6 +218,14 @@ impl Pool {
             .collect();
         for d in dead {
             self.remove(&d);
+        }
+    }
+
+    /// Drops every request the session table says was delivered (after a state transfer).
+    pub fn prune_all(&mut self, sessions: &Sessions) {
+        let clients: Vec<ClientId> = self.by_client.keys().copied().collect();
+        for c in clients {
+            self.prune_client(&c, sessions);
         }
     }
 

@@ -37,6 +37,16 @@ pub struct Config {
     /// Signatures remembered as verified, so each request is checked once per replica.
     pub verified_cache: usize,
     pub slow_leader: Option<SlowLeader>,
+    /// A checkpoint is taken after every CID c with (c+1) % checkpoint_period == 0, and after
+    /// every view change; the log is trimmed to what follows the older of the two kept.
+    pub checkpoint_period: u64,
+    /// Bytes asked for per state-transfer chunk, and chunks in flight.
+    pub chunk_bytes: usize,
+    pub transfer_window: usize,
+    /// A state-transfer source that sends nothing for this long is replaced.
+    pub transfer_stall_us: u64,
+    /// Emit `Output::Persist` for every decision (the driver has a log to write).
+    pub persist: bool,
 }
 
 impl Default for Config {
@@ -60,6 +70,11 @@ impl Default for Config {
                 floor_us: 200_000,
                 grace_us: 1_000_000,
             }),
+            checkpoint_period: 1024,
+            chunk_bytes: 1024 * 1024,
+            transfer_window: 4,
+            transfer_stall_us: 2_000_000,
+            persist: false,
         }
     }
 }

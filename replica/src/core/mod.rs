@@ -8,8 +8,11 @@ pub mod clients;
 pub mod config;
 pub mod instance;
 pub mod output;
+pub mod reconfig;
 pub mod replica;
+pub mod state;
 pub mod sync;
+pub mod transfer;
 pub mod verified;
 pub mod view;
 

@@ -1,8 +1,10 @@
 //! What the core asks its driver to do, and what it reports.
 
+use crate::core::state::Checkpoint;
+use crate::core::view::View;
 use crate::crypto::Digest;
-use crate::wire::ids::{Cid, Regency, ReplicaId};
-use crate::wire::messages::{ClientId, ReplicaMessage, Reply};
+use crate::wire::ids::{Cid, Regency, ReplicaId, ViewId};
+use crate::wire::messages::{ClientId, Decision, ReplicaMessage, Reply};
 
 /// An action for the driver.
 #[derive(Debug, Clone)]
@@ -13,6 +15,31 @@ pub enum Output {
     Broadcast { msg: ReplicaMessage },
     /// Answer a client.
     Reply { client: ClientId, reply: Reply },
+    /// Append a decided instance to the log (only with `Config::persist`), in CID order.
+    Persist(Decision),
+    /// A checkpoint was taken after executing `checkpoint.meta.cid`: store it; the log up to
+    /// `trim_before` is no longer needed.
+    Checkpoint {
+        checkpoint: Checkpoint,
+        trim_before: Cid,
+    },
+    /// The state was replaced by a transferred checkpoint: store it and restart the log after it.
+    StateInstalled(Checkpoint),
+    /// A new view is installed: persist it, connect to new members, drop removed ones.
+    ViewChanged(View),
+}
+
+impl Output {
+    /// Storage and membership actions, as opposed to messages.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Output::Persist(_)
+                | Output::Checkpoint { .. }
+                | Output::StateInstalled(_)
+                | Output::ViewChanged(_)
+        )
+    }
 }
 
 /// Something that happened, for metrics, logs and the simulator's checkers.
@@ -39,5 +66,31 @@ pub enum Event {
     Suspected {
         regency: Regency,
         why: &'static str,
+    },
+    /// A reconfiguration installed a new view after `cid`.
+    ViewInstalled {
+        cid: Cid,
+        view: ViewId,
+        n: usize,
+        f: usize,
+        member: bool,
+    },
+    CheckpointTaken {
+        cid: Cid,
+        digest: Digest,
+    },
+    /// State transfer started fetching the checkpoint at `cid`.
+    TransferStarted {
+        cid: Cid,
+        len: u64,
+        from: ReplicaId,
+    },
+    /// A transferred checkpoint was installed.
+    StateInstalled {
+        cid: Cid,
+    },
+    /// This replica's own checkpoint at `cid` disagrees with f+1 others: it repairs itself.
+    Diverged {
+        cid: Cid,
     },
 }

@@ -6,21 +6,26 @@
 //! Never any I/O, clock or randomness of its own.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use crate::core::clients::{Freshness, Pool, Sessions};
 use crate::core::config::Config;
 use crate::core::instance::{Instance, Recorded};
 use crate::core::output::{Event, Output};
+use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
+use crate::core::state::{encode_state, Checkpoint, OrderingState, ReplicaState};
 use crate::core::sync::{self, Choice};
+use crate::core::transfer::{ChunkOutcome, Transfer};
 use crate::core::verified::Verified;
 use crate::core::view::View;
 use crate::crypto::{self, Digest, Domain, KeyCache, KeyPair};
 use crate::service::{ExecContext, Service};
-use crate::wire::codec::Encode;
-use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId};
+use crate::wire::codec::{Decode, Encode};
+use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId, ViewId};
+use crate::wire::limits;
 use crate::wire::messages::{
-    accept_signing_bytes, Batch, ClientId, Collect, Decision, Proof, ReplicaMessage, Reply,
-    ReplyBody, RequestKind, SignedCollect, SignedRequest,
+    accept_signing_bytes, Batch, CheckpointMeta, ClientId, Collect, Decision, Proof,
+    ReplicaMessage, Reply, ReplyBody, RequestKind, SignedCollect, SignedRequest,
 };
 
 /// Regency-change messages buffered for epochs this replica has not installed yet.
@@ -29,6 +34,8 @@ const MAX_FUTURE_EPOCH_MESSAGES: usize = 256;
 const MAX_CARRIED: usize = 1024;
 /// Per-regency latency estimates kept for the slow-leader baseline.
 const LATENCY_HISTORY: usize = 8;
+/// Checkpoints kept in memory to serve state transfer (the newest and the one before).
+const CHECKPOINTS_KEPT: usize = 2;
 
 /// Counters for metrics.
 #[derive(Debug, Default, Clone)]
@@ -37,6 +44,9 @@ pub struct Stats {
     pub executed_requests: u64,
     pub proposals: u64,
     pub regencies_installed: u64,
+    pub checkpoints: u64,
+    pub state_transfers: u64,
+    pub views_installed: u64,
     pub rejected: BTreeMap<&'static str, u64>,
 }
 
@@ -76,6 +86,21 @@ pub struct Replica {
     helped: BTreeMap<ReplicaId, Cid>,
     last_catchup_us: Option<u64>,
 
+    /// Checkpoints kept to serve state transfer, oldest first.
+    checkpoints: VecDeque<Checkpoint>,
+    transfer: Transfer,
+    /// Given a view with history but no state: take no part until a checkpoint of that view
+    /// (or a later one) is installed.
+    joining: bool,
+    /// Replaying the local log at start-up: its decisions are on disk already and their replies
+    /// long sent.
+    replaying: bool,
+    /// A view installed by the batch being executed, taking effect after it.
+    pending_view: Option<View>,
+    /// The first CID ordered in `view`, and the view before (which proved earlier decisions).
+    view_since: Cid,
+    previous_view: Option<View>,
+
     regency: Regency,
     synchronizing: bool,
     stop_votes: BTreeMap<ReplicaId, Regency>,
@@ -86,6 +111,8 @@ pub struct Replica {
     stop_retransmit_at: Option<u64>,
     stopdata: BTreeMap<ReplicaId, (Regency, StopData)>,
     sync_sent: bool,
+    /// The new leader cannot choose yet: it misses decisions its STOPDATAs prove.
+    sync_behind: bool,
     /// The SYNC this replica processed for its regency, relayed to replicas left behind.
     current_sync: Option<ReplicaMessage>,
     sync_relayed: BTreeMap<ReplicaId, Regency>,
@@ -117,6 +144,12 @@ impl Replica {
         service: Box<dyn Service>,
     ) -> Self {
         let timeout_us = config.request_timeout_us;
+        let joining = view.id > ViewId(0);
+        let transfer = Transfer::new(
+            config.chunk_bytes,
+            config.transfer_window,
+            config.transfer_stall_us,
+        );
         Replica {
             me,
             key,
@@ -138,6 +171,13 @@ impl Replica {
             peer_progress: BTreeMap::new(),
             helped: BTreeMap::new(),
             last_catchup_us: None,
+            checkpoints: VecDeque::new(),
+            transfer,
+            joining,
+            replaying: false,
+            pending_view: None,
+            view_since: Cid(0),
+            previous_view: None,
             regency: Regency(0),
             synchronizing: false,
             stop_votes: BTreeMap::new(),
@@ -147,6 +187,7 @@ impl Replica {
             stop_retransmit_at: None,
             stopdata: BTreeMap::new(),
             sync_sent: false,
+            sync_behind: false,
             current_sync: None,
             sync_relayed: BTreeMap::new(),
             pending_sync: None,
@@ -160,6 +201,47 @@ impl Replica {
             events: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// A replica restarted from its disk: the newest checkpoint (the bytes of a `ReplicaState`)
+    /// and the decisions logged after it, replayed without re-checking their proofs (they were
+    /// checked when decided, and the log is checksummed). `view` is the configured view, used
+    /// when there is no checkpoint.
+    pub fn recover(
+        me: ReplicaId,
+        key: KeyPair,
+        view: View,
+        config: Config,
+        service: Box<dyn Service>,
+        checkpoint: Option<Vec<u8>>,
+        decisions: Vec<Decision>,
+    ) -> Result<Self, String> {
+        let mut r = Replica::new(me, key, view, config, service);
+        if let Some(bytes) = checkpoint {
+            let meta = CheckpointMeta {
+                cid: Cid(0),
+                view: ViewId(0),
+                digest: Digest::of(&bytes),
+                len: bytes.len() as u64,
+            };
+            r.install_state(Arc::new(bytes), meta, false)?;
+        }
+        if r.last_decided.is_some() || !decisions.is_empty() {
+            r.joining = false;
+        }
+        r.replaying = true;
+        for d in decisions {
+            if d.cid == r.current_cid() {
+                r.decide(d, None);
+            }
+        }
+        r.replaying = false;
+        // Replies and log appends of the replay were sent and written before the restart; a
+        // checkpoint it crossed may not have been written before the crash, so keep those.
+        r.outputs
+            .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
+        r.events.clear();
+        Ok(r)
     }
 
     // ----- accessors -------------------------------------------------------------------------
@@ -206,6 +288,34 @@ impl Replica {
 
     pub fn decision(&self, cid: Cid) -> Option<&Decision> {
         self.log.get(&cid)
+    }
+
+    /// The newest checkpoint held.
+    pub fn latest_checkpoint(&self) -> Option<&CheckpointMeta> {
+        self.checkpoints.back().map(|c| &c.meta)
+    }
+
+    /// True while the replica waits for state before taking part (joining, or state transfer).
+    pub fn is_transferring(&self) -> bool {
+        self.joining || self.transfer.in_progress().is_some()
+    }
+
+    /// Bytes of the state transfer in progress: (received, total).
+    pub fn transfer_progress(&self) -> Option<(u64, u64)> {
+        self.transfer.progress()
+    }
+
+    /// False for a replica removed from the view, or not yet holding the state of its view.
+    pub fn participating(&self) -> bool {
+        !self.joining && self.view.contains(self.me)
+    }
+
+    /// The view whose members proved the decision of `cid`.
+    fn view_for(&self, cid: Cid) -> &View {
+        match &self.previous_view {
+            Some(p) if cid < self.view_since => p,
+            _ => &self.view,
+        }
     }
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
@@ -270,12 +380,24 @@ impl Replica {
             .pool
             .oldest_arrival()
             .map(|t| t.saturating_add(self.timeout_us));
-        if self.pending_sync.is_some() || !self.decided_ahead.is_empty() || waiting.is_some() {
+        if self.pending_sync.is_some()
+            || !self.decided_ahead.is_empty()
+            || waiting.is_some()
+            || self.sync_behind
+        {
             let next_ask = self
                 .last_catchup_us
                 .unwrap_or(0)
                 .saturating_add(self.catchup_interval_us());
             at(waiting.map_or(next_ask, |w| w.max(next_ask)));
+        }
+        if let Some(t) = self.transfer.deadline() {
+            at(t);
+        } else if self.joining {
+            at(self
+                .last_catchup_us
+                .unwrap_or(0)
+                .saturating_add(self.catchup_interval_us()));
         }
         d
     }
@@ -306,6 +428,16 @@ impl Replica {
 
     pub fn on_timeout(&mut self, now: u64) {
         self.clock_us = self.clock_us.max(now);
+        if self.transfer.deadline().is_some_and(|t| now >= t) {
+            for (to, msg) in self.transfer.on_timeout(now) {
+                self.send(to, msg);
+            }
+        } else if self.joining && self.transfer.in_progress().is_none() && self.catchup_due(now) {
+            // A joiner may start before the members installed the view naming it (they refuse
+            // it until then): keep asking.
+            self.last_catchup_us = Some(now);
+            self.broadcast(ReplicaMessage::CheckpointQuery);
+        }
         // Request timer, stage one: forward what waited a full timeout to the leader, and
         // repeat this replica's votes in case they were lost.
         let cutoff = now.saturating_sub(self.timeout_us);
@@ -352,7 +484,7 @@ impl Replica {
                 self.stop_retransmit_at = Some(now + self.config.stop_retransmit_us);
             }
         }
-        if (self.pending_sync.is_some() || !self.decided_ahead.is_empty())
+        if (self.pending_sync.is_some() || !self.decided_ahead.is_empty() || self.sync_behind)
             && now
                 >= self
                     .last_catchup_us
@@ -436,7 +568,7 @@ impl Replica {
                     reply,
                 });
             }
-            RequestKind::Ordered => {
+            RequestKind::Ordered | RequestKind::Reconfig => {
                 match self.sessions.freshness(&r.client, r.session, r.sequence) {
                     Freshness::New => self.pool_insert(now, req, digest),
                     Freshness::Repeat => {
@@ -445,7 +577,7 @@ impl Replica {
                                 replica: self.me,
                                 session: r.session,
                                 sequence: r.sequence,
-                                kind: RequestKind::Ordered,
+                                kind: r.kind,
                                 body: ReplyBody::Result(s.last_reply.clone()),
                             };
                             self.outputs.push(Output::Reply {
@@ -536,7 +668,7 @@ impl Replica {
     fn adopt_requests(&mut self, now: u64, from: ReplicaId, requests: Vec<SignedRequest>) {
         for req in requests {
             let r = &req.request;
-            if r.kind != RequestKind::Ordered
+            if r.kind == RequestKind::Unordered
                 || self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New
             {
                 continue;
@@ -567,6 +699,17 @@ impl Replica {
     }
 
     fn dispatch(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
+        if self.joining
+            && !matches!(
+                msg,
+                ReplicaMessage::Sync { .. }
+                    | ReplicaMessage::CheckpointInfo { .. }
+                    | ReplicaMessage::Chunk { .. }
+            )
+        {
+            // Nothing else can be checked or answered before the state arrives.
+            return;
+        }
         match msg {
             ReplicaMessage::Propose { cid, epoch, .. }
             | ReplicaMessage::Write { cid, epoch, .. }
@@ -598,6 +741,32 @@ impl Replica {
             ReplicaMessage::Decided(d) => self.on_decided(now, from, d),
             ReplicaMessage::DecisionRequest { from: start } => {
                 self.on_decision_request(from, start)
+            }
+            ReplicaMessage::CheckpointQuery => {
+                self.advertise(Some(from));
+                self.relay_sync(from);
+            }
+            ReplicaMessage::CheckpointInfo {
+                checkpoints,
+                first_logged,
+            } => {
+                self.transfer.record(from, checkpoints, first_logged);
+                self.consider_transfer(now);
+            }
+            ReplicaMessage::ChunkRequest {
+                cid,
+                digest,
+                offset,
+                len,
+            } => self.serve_chunk(from, cid, digest, offset, len),
+            ReplicaMessage::Chunk {
+                cid,
+                digest,
+                offset,
+                data,
+            } => {
+                let outcome = self.transfer.on_chunk(now, from, cid, digest, offset, data);
+                self.on_chunk_outcome(now, outcome);
             }
         }
     }
@@ -641,6 +810,13 @@ impl Replica {
 
     fn request_decisions(&mut self, now: u64, to: Option<Vec<ReplicaId>>) {
         self.last_catchup_us = Some(now);
+        if self.joining {
+            // Decisions before this replica's view cannot be checked against it: state first.
+            if self.transfer.in_progress().is_none() {
+                self.broadcast(ReplicaMessage::CheckpointQuery);
+            }
+            return;
+        }
         let from = self.current_cid();
         match to {
             Some(ids) => {
@@ -682,6 +858,12 @@ impl Replica {
         let Some(last) = self.last_decided else {
             return;
         };
+        self.relay_sync(from);
+        if start <= last && !self.log.contains_key(&start) {
+            // Trimmed below a checkpoint: the requester needs state, not decisions.
+            self.advertise(Some(from));
+            return;
+        }
         let end = last.0.min(
             start
                 .0
@@ -701,6 +883,14 @@ impl Replica {
     fn on_decided(&mut self, now: u64, from: ReplicaId, d: Decision) {
         let _ = now;
         let current = self.current_cid();
+        if Some(d.cid) == self.last_decided && !self.log.contains_key(&d.cid) {
+            // The decision of the checkpoint this replica installed: it proves this replica's
+            // position in a later leader change.
+            if d.verify(self.view_for(d.cid)) {
+                self.log.insert(d.cid, d);
+            }
+            return;
+        }
         if d.cid < current || self.decided_ahead.contains_key(&d.cid) {
             return;
         }
@@ -708,7 +898,7 @@ impl Replica {
             self.reject(Some(from), "too_far_ahead");
             return;
         }
-        if !d.verify(&self.view) {
+        if !d.verify(self.view_for(d.cid)) {
             self.reject(Some(from), "invalid_decision_proof");
             return;
         }
@@ -788,7 +978,7 @@ impl Replica {
     fn hold_and_write(&mut self, epoch: Epoch, digest: Digest, batch: Batch) {
         self.instance.proposals.insert(epoch, (digest, batch));
         self.instance.started_us.get_or_insert(self.clock_us);
-        if self.instance.wrote_in(epoch).is_some() {
+        if self.instance.wrote_in(epoch).is_some() || !self.participating() {
             return;
         }
         self.instance.my_writes.push((epoch, digest));
@@ -800,7 +990,7 @@ impl Replica {
     }
 
     fn check_writes(&mut self, epoch: Epoch) {
-        if self.synchronizing || epoch != self.regency {
+        if self.synchronizing || epoch != self.regency || !self.participating() {
             return;
         }
         let Some(mine) = self.instance.wrote_in(epoch) else {
@@ -895,7 +1085,7 @@ impl Replica {
         let mut unverified: Vec<SignedRequest> = Vec::new();
         for req in batch.requests.iter() {
             let r = &req.request;
-            if r.kind != RequestKind::Ordered {
+            if r.kind == RequestKind::Unordered {
                 return Err("unordered_request_in_batch");
             }
             let key = (r.session, r.sequence);
@@ -1004,6 +1194,9 @@ impl Replica {
         self.stats.decided += 1;
         self.last_decided = Some(cid);
         self.last_timestamp_ms = self.last_timestamp_ms.max(decision.batch.timestamp_ms);
+        if self.config.persist && !self.replaying {
+            self.outputs.push(Output::Persist(decision.clone()));
+        }
         self.log.insert(cid, decision);
         while self.log.len() as u64 > self.config.log_retention {
             self.log.pop_first();
@@ -1011,6 +1204,17 @@ impl Replica {
         self.instance = Instance::new(cid.next());
         self.future = self.future.split_off(&cid.next());
         self.decided_ahead = self.decided_ahead.split_off(&cid.next());
+        let reconfigured = match self.pending_view.take() {
+            Some(v) => {
+                self.install_view(cid, v);
+                true
+            }
+            None => false,
+        };
+        // After a view change too, so that a joiner finds a checkpoint of the view naming it.
+        if reconfigured || (cid.0 + 1) % self.config.checkpoint_period.max(1) == 0 {
+            self.take_checkpoint(cid);
+        }
         if !self.synchronizing {
             self.progress_in_regency = true;
             self.timeout_us = self.config.request_timeout_us;
@@ -1032,27 +1236,304 @@ impl Replica {
             if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New {
                 continue;
             }
-            let ctx = ExecContext {
-                cid: cid.0,
-                timestamp_ms: batch.timestamp_ms,
-                index: i as u32,
+            let result = if r.kind == RequestKind::Reconfig {
+                self.execute_reconfig(&r.client, &r.payload).to_bytes()
+            } else {
+                let ctx = ExecContext {
+                    cid: cid.0,
+                    timestamp_ms: batch.timestamp_ms,
+                    index: i as u32,
+                };
+                self.service.execute(&ctx, &r.payload)
             };
-            let result = self.service.execute(&ctx, &r.payload);
             self.stats.executed_requests += 1;
             self.sessions
                 .record(r.client, r.session, r.sequence, result.clone());
             self.pool.prune_client(&r.client, &self.sessions);
+            if self.replaying {
+                continue;
+            }
             self.outputs.push(Output::Reply {
                 client: r.client,
                 reply: Reply {
                     replica: self.me,
                     session: r.session,
                     sequence: r.sequence,
-                    kind: RequestKind::Ordered,
+                    kind: r.kind,
                     body: ReplyBody::Result(result),
                 },
             });
         }
+    }
+
+    // ----- reconfiguration -------------------------------------------------------------------
+
+    /// Executes a view change. It takes effect after the batch, so every request of the batch
+    /// runs in the view that ordered it.
+    fn execute_reconfig(&mut self, client: &ClientId, payload: &[u8]) -> ReconfigOutcome {
+        let current = self.pending_view.as_ref().unwrap_or(&self.view);
+        if current.admin.as_ref() != Some(client) {
+            return ReconfigOutcome::Refused(
+                "reconfiguration must be signed by the view's admin key".into(),
+            );
+        }
+        let req = match ReconfigRequest::from_bytes(payload) {
+            Ok(r) => r,
+            Err(e) => return ReconfigOutcome::Refused(format!("malformed request: {e}")),
+        };
+        match reconfig::apply(current, &req) {
+            Ok(v) => {
+                self.pending_view = Some(v.clone());
+                ReconfigOutcome::Installed(v)
+            }
+            Err(why) => ReconfigOutcome::Refused(why),
+        }
+    }
+
+    fn install_view(&mut self, cid: Cid, view: View) {
+        let member = view.contains(self.me);
+        self.events.push(Event::ViewInstalled {
+            cid,
+            view: view.id,
+            n: view.n(),
+            f: view.f,
+            member,
+        });
+        self.stats.views_installed += 1;
+        self.previous_view = Some(std::mem::replace(&mut self.view, view.clone()));
+        self.view_since = cid.next();
+        self.outputs.push(Output::ViewChanged(view));
+        // Votes, buffered messages and proofs count only from members of the new view.
+        let v = &self.view;
+        for q in self.future.values_mut() {
+            q.retain(|(from, _)| v.contains(*from));
+        }
+        self.future_epoch.retain(|(from, _)| v.contains(*from));
+        self.decided_ahead.retain(|_, d| d.verify(v));
+        self.stop_votes
+            .retain(|id, _| v.contains(*id) || *id == self.me);
+        self.stopdata.retain(|id, _| v.contains(*id));
+        self.peer_progress.retain(|id, _| v.contains(*id));
+        self.helped.retain(|id, _| v.contains(*id));
+        self.transfer.retain_members(v);
+    }
+
+    // ----- checkpoints and state transfer ----------------------------------------------------
+
+    fn take_checkpoint(&mut self, cid: Cid) {
+        let service = self.service.snapshot();
+        let bytes = encode_state(
+            &OrderingState {
+                cid,
+                timestamp_ms: self.last_timestamp_ms,
+                view: &self.view,
+                view_since: self.view_since,
+                previous_view: self.previous_view.as_ref(),
+                sessions: &self.sessions,
+            },
+            &service,
+        );
+        drop(service);
+        let cp = Checkpoint::new(cid, &self.view, bytes);
+        self.events.push(Event::CheckpointTaken {
+            cid,
+            digest: cp.meta.digest,
+        });
+        self.stats.checkpoints += 1;
+        self.keep_checkpoint(cp.clone());
+        let oldest = self.checkpoints.front().map_or(cid, |c| c.meta.cid);
+        // Decisions from the older checkpoint on stay: laggards can still replay them, and the
+        // checkpoint's own decision proves where this replica stands in a leader change.
+        self.log = self.log.split_off(&oldest);
+        self.outputs.push(Output::Checkpoint {
+            checkpoint: cp,
+            trim_before: oldest,
+        });
+        if !self.replaying {
+            // Lets the others check their state against this one (and this one against theirs).
+            self.advertise(None);
+        }
+    }
+
+    fn keep_checkpoint(&mut self, cp: Checkpoint) {
+        self.checkpoints.retain(|c| c.meta.cid != cp.meta.cid);
+        self.checkpoints.push_back(cp);
+        while self.checkpoints.len() > CHECKPOINTS_KEPT {
+            self.checkpoints.pop_front();
+        }
+    }
+
+    /// Tells one replica (or all) which checkpoints this one can serve.
+    fn advertise(&mut self, to: Option<ReplicaId>) {
+        if self.checkpoints.is_empty() {
+            return;
+        }
+        let checkpoints: Vec<CheckpointMeta> = self.checkpoints.iter().map(|c| c.meta).collect();
+        let msg = ReplicaMessage::CheckpointInfo {
+            checkpoints,
+            first_logged: self.log.keys().next().copied(),
+        };
+        match to {
+            Some(id) => self.send(id, msg),
+            None => self.broadcast(msg),
+        }
+    }
+
+    /// Starts a state transfer if this replica needs one and f+1 replicas vouch for a
+    /// checkpoint that would do.
+    fn consider_transfer(&mut self, now: u64) {
+        if self.transfer.in_progress().is_some() {
+            return;
+        }
+        let current = self.current_cid();
+        let far = self.config.checkpoint_period.max(1);
+        let joining = self.joining;
+        let min_view = self.view.id;
+        // Decisions are cheaper to replay than state to copy, while enough replicas still log
+        // them; past a checkpoint period, or once they trimmed them, state it is.
+        let trimmed = self.transfer.trimmed_past(&self.view, self.me, current) >= self.view.weak();
+        let choice = self.transfer.choose(&self.view, self.me, |m| {
+            if joining {
+                m.view >= min_view && m.cid >= current
+            } else {
+                m.cid >= current && (trimmed || m.cid.0 >= current.0.saturating_add(far))
+            }
+        });
+        let choice = match choice {
+            Some(c) => Some(c),
+            None => match self.checkpoints.back().map(|c| c.meta) {
+                Some(mine) => {
+                    let c = self.transfer.contradicted(&self.view, self.me, &mine);
+                    if c.is_some() {
+                        self.events.push(Event::Diverged { cid: mine.cid });
+                        self.reject(None, "diverged_checkpoint");
+                    }
+                    c
+                }
+                None => None,
+            },
+        };
+        let Some((meta, sources)) = choice else {
+            return;
+        };
+        let reqs = self.transfer.start(now, meta, sources);
+        if let Some((from, _)) = reqs.first() {
+            self.events.push(Event::TransferStarted {
+                cid: meta.cid,
+                len: meta.len,
+                from: *from,
+            });
+        }
+        for (to, msg) in reqs {
+            self.send(to, msg);
+        }
+    }
+
+    fn serve_chunk(&mut self, to: ReplicaId, cid: Cid, digest: Digest, offset: u64, len: u32) {
+        let Some(cp) = self
+            .checkpoints
+            .iter()
+            .find(|c| c.meta.cid == cid && c.meta.digest == digest)
+        else {
+            self.reject(Some(to), "unknown_checkpoint");
+            return;
+        };
+        let total = cp.bytes.len() as u64;
+        if offset >= total {
+            self.reject(Some(to), "chunk_out_of_range");
+            return;
+        }
+        let end = offset
+            .saturating_add((len as u64).min(limits::MAX_CHUNK as u64))
+            .min(total);
+        let data = cp.bytes[offset as usize..end as usize].to_vec();
+        self.send(
+            to,
+            ReplicaMessage::Chunk {
+                cid,
+                digest,
+                offset,
+                data,
+            },
+        );
+    }
+
+    fn on_chunk_outcome(&mut self, now: u64, outcome: ChunkOutcome) {
+        match outcome {
+            ChunkOutcome::Ignored => {}
+            ChunkOutcome::More(reqs) => {
+                for (to, msg) in reqs {
+                    self.send(to, msg);
+                }
+            }
+            ChunkOutcome::BadSource(bad, reqs) => {
+                self.reject(Some(bad), "bad_checkpoint_bytes");
+                for (to, msg) in reqs {
+                    self.send(to, msg);
+                }
+            }
+            ChunkOutcome::Complete(meta, bytes) => {
+                let cid = meta.cid;
+                match self.install_state(Arc::new(bytes), meta, true) {
+                    Ok(()) => {
+                        self.stats.state_transfers += 1;
+                        self.events.push(Event::StateInstalled { cid });
+                        // The decision of the checkpoint itself, and whatever followed.
+                        self.last_catchup_us = Some(now);
+                        self.broadcast(ReplicaMessage::DecisionRequest { from: cid });
+                    }
+                    Err(_) => self.reject(None, "undecodable_checkpoint"),
+                }
+            }
+        }
+    }
+
+    /// Replaces the state with a checkpoint (whose digest was agreed on, or read from this
+    /// replica's own disk). `announce` tells the driver to store it.
+    fn install_state(
+        &mut self,
+        bytes: Arc<Vec<u8>>,
+        meta: CheckpointMeta,
+        announce: bool,
+    ) -> Result<(), String> {
+        let st = ReplicaState::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        self.service
+            .restore(&st.service)
+            .map_err(|e| e.to_string())?;
+        let cid = st.cid;
+        let meta = CheckpointMeta {
+            cid,
+            view: st.view.id,
+            ..meta
+        };
+        let view_changed = st.view != self.view;
+        self.sessions = st.sessions;
+        self.view = st.view;
+        self.view_since = st.view_since;
+        self.previous_view = st.previous_view;
+        self.last_timestamp_ms = st.timestamp_ms;
+        // Own decisions after the checkpoint are proven: replay them rather than fetch them.
+        let mine = self.log.split_off(&cid.next());
+        self.log.clear();
+        self.last_decided = Some(cid);
+        self.instance = Instance::new(cid.next());
+        self.future = self.future.split_off(&cid.next());
+        let ahead = std::mem::take(&mut self.decided_ahead).split_off(&cid.next());
+        self.decided_ahead = mine.into_iter().chain(ahead).collect();
+        self.pending_sync = None;
+        self.pool.prune_all(&self.sessions);
+        self.joining = false;
+        self.transfer.retain_members(&self.view);
+        let cp = Checkpoint { meta, bytes };
+        self.keep_checkpoint(cp.clone());
+        self.checkpoints.retain(|c| c.meta.cid <= cid);
+        if announce {
+            self.outputs.push(Output::StateInstalled(cp));
+            if view_changed {
+                self.outputs.push(Output::ViewChanged(self.view.clone()));
+            }
+        }
+        Ok(())
     }
 
     fn sample_latency(&mut self, us: u64) {
@@ -1112,6 +1593,9 @@ impl Replica {
     /// Asks to move to `target` (or joins others asking): STOP to all, retransmitted until the
     /// regency changes. A replica never votes for a lower regency than it voted for before.
     fn suspect(&mut self, now: u64, target: Regency, why: &'static str) {
+        if !self.participating() {
+            return;
+        }
         let target = target.max(self.regency.next()).max(self.stop_sent);
         if target == self.stop_sent && self.stop_active {
             return;
@@ -1189,6 +1673,7 @@ impl Replica {
         self.regency = regency;
         self.synchronizing = true;
         self.sync_sent = false;
+        self.sync_behind = false;
         self.progress_in_regency = false;
         self.regency_started_us = now;
         self.stop_active = self.stop_sent > regency;
@@ -1203,6 +1688,9 @@ impl Replica {
         let leader = self.view.leader(regency);
         self.events
             .push(Event::RegencyInstalled { regency, leader });
+        if !self.participating() {
+            return;
+        }
         let (last, collect, values) = self.own_stopdata();
         if leader == self.me {
             self.stopdata.insert(
@@ -1266,7 +1754,7 @@ impl Replica {
         }
         let last_ok = match &last {
             None => c.cid == Cid(0),
-            Some(d) => d.cid.next() == c.cid && d.verify(&self.view),
+            Some(d) => d.cid.next() == c.cid && d.verify(self.view_for(d.cid)),
         };
         if !last_ok {
             // Includes a STOPDATA claiming a higher decision it cannot prove.
@@ -1353,9 +1841,13 @@ impl Replica {
                     return self.try_sync(now);
                 }
             }
-            self.request_decisions(now, None);
+            self.sync_behind = true;
+            if self.catchup_due(now) {
+                self.request_decisions(now, None);
+            }
             return;
         }
+        self.sync_behind = false;
         let collects: Vec<SignedCollect> = data.iter().map(|s| s.collect.clone()).collect();
         let bound = match choice {
             Choice::Bound(_, digest) => Some(
@@ -1423,7 +1915,9 @@ impl Replica {
             }
             if self.current_cid() < target {
                 self.pending_sync = Some((from, msg.clone()));
-                self.request_decisions(now, None);
+                if self.catchup_due(now) {
+                    self.request_decisions(now, None);
+                }
                 return;
             }
         }
@@ -1449,6 +1943,7 @@ impl Replica {
             }
         }
         self.synchronizing = false;
+        self.sync_behind = false;
         self.stop_active = self.stop_sent > regency;
         if !self.stop_active {
             self.stop_retransmit_at = None;
@@ -1471,7 +1966,7 @@ impl Replica {
         target: Cid,
     ) -> Result<Choice, &'static str> {
         if let Some(d) = last {
-            if !d.verify(&self.view) {
+            if !d.verify(self.view_for(d.cid)) {
                 return Err("sync_unproven_last");
             }
         }

@@ -55,6 +55,9 @@ pub struct View {
     pub id: ViewId,
     pub f: usize,
     pub members: Vec<Member>,
+    /// The admin principal whose signature reconfiguration requests need (BFT-SMaRt's trusted
+    /// third party); `None` = this view cannot be reconfigured.
+    pub admin: Option<PublicKey>,
     /// Members' keys parsed once, in member order (`None` for a key that is not a valid point,
     /// whose signatures then never verify).
     parsed: Vec<Option<ParsedKey>>,
@@ -62,7 +65,7 @@ pub struct View {
 
 impl PartialEq for View {
     fn eq(&self, o: &Self) -> bool {
-        (self.id, self.f, &self.members) == (o.id, o.f, &o.members)
+        (self.id, self.f, &self.members, &self.admin) == (o.id, o.f, &o.members, &o.admin)
     }
 }
 
@@ -80,6 +83,7 @@ impl View {
             id,
             f,
             members,
+            admin: None,
             parsed,
         };
         v.validate()?;
@@ -94,8 +98,15 @@ impl View {
             id,
             f,
             members,
+            admin: None,
             parsed,
         }
+    }
+
+    /// The same view with `admin` as the key that may reconfigure it.
+    pub fn with_admin(mut self, admin: Option<PublicKey>) -> Self {
+        self.admin = admin;
+        self
     }
 
     /// A member's parsed key.
@@ -180,6 +191,7 @@ impl Encode for View {
         for m in &self.members {
             m.encode(w);
         }
+        w.option(self.admin.as_ref(), |w, k| k.encode(w));
     }
 }
 
@@ -188,7 +200,9 @@ impl Decode for View {
         let id = ViewId::decode(r)?;
         let f = r.u32()? as usize;
         let members = r.vec("members", limits::MAX_REPLICAS, 40, Member::decode)?;
+        let admin = r.option(PublicKey::decode)?;
         View::new(id, f, members)
+            .map(|v| v.with_admin(admin))
             .map_err(|_| DecodeError::Invalid("view violates n >= 3f+1 or has duplicate ids"))
     }
 }

@@ -316,6 +316,10 @@ impl NodeLoop {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
                 }
             }
+            Output::Persist(_)
+            | Output::Checkpoint { .. }
+            | Output::StateInstalled(_)
+            | Output::ViewChanged(_) => {}
         }
     }
 
@@ -339,6 +343,7 @@ impl NodeLoop {
                     let _ = clients.send(conn, &f.bytes);
                 }
             }
+            Dest::Nowhere => {}
         };
         if f.extra_delay_us == 0 {
             send();
@@ -389,6 +394,7 @@ impl NodeLoop {
             Event::Suspected { regency, why } => {
                 tracing::warn!(regency = regency.0, why, "asking for a leader change");
             }
+            _ => {}
         }
     }
 

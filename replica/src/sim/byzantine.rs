@@ -55,6 +55,8 @@ pub enum Dest {
     /// Every other replica of the view.
     AllReplicas,
     Client(ClientId),
+    /// Not a network output (storage, view change): handled by the driver, never sent.
+    Nowhere,
 }
 
 /// A frame leaving a node, with extra delay on top of the network's.
@@ -98,6 +100,14 @@ pub fn honest(out: &Output) -> Frame {
         Output::Send { to, msg } => frame(Dest::Replica(*to), msg),
         Output::Broadcast { msg } => frame(Dest::AllReplicas, msg),
         Output::Reply { client, reply } => frame(Dest::Client(*client), reply),
+        Output::Persist(_)
+        | Output::Checkpoint { .. }
+        | Output::StateInstalled(_)
+        | Output::ViewChanged(_) => Frame {
+            dest: Dest::Nowhere,
+            bytes: Vec::new(),
+            extra_delay_us: 0,
+        },
     }
 }
 
@@ -114,6 +124,9 @@ impl Adversary {
     }
 
     pub fn transform(&mut self, rng: &mut ChaCha8Rng, out: Output, pos: &Position) -> Vec<Frame> {
+        if out.is_local() {
+            return Vec::new();
+        }
         let behaviour = match &self.behaviour {
             Behaviour::Mixed => match rng.gen_range(0..7) {
                 0 => Behaviour::Correct,

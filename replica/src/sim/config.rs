@@ -28,14 +28,16 @@ pub struct Partition {
     pub side_b: Vec<usize>,
 }
 
-/// A node stops (dropping what it receives) and later resumes. With `amnesia`, it resumes
-/// from an empty state, which makes it faulty (it may vote twice in one epoch).
+/// A node stops (dropping what it receives) and later resumes. With `amnesia`, it loses its
+/// memory, which makes it count against f (it may vote twice in one epoch): it restarts from
+/// what it persisted if `disk`, else from nothing (disk loss), and must catch up either way.
 #[derive(Debug, Clone)]
 pub struct Crash {
     pub node: usize,
     pub from_us: u64,
     pub until_us: u64,
     pub amnesia: bool,
+    pub disk: bool,
 }
 
 /// Scripted loss: drops replica-to-replica messages of one kind (`ReplicaMessage::kind`, or
@@ -195,6 +197,7 @@ impl SimConfig {
                         from_us: from,
                         until_us: from + rng.gen_range(1_000..=500_000),
                         amnesia: true,
+                        disk: false,
                     });
                 }
             }
@@ -227,6 +230,7 @@ impl SimConfig {
                     from_us: from,
                     until_us: until,
                     amnesia: false,
+                    disk: false,
                 });
             }
         }
@@ -241,6 +245,12 @@ impl SimConfig {
                 side_b,
             });
         }
+        // Drawn last, so that the schedules of older seeds stay as they were.
+        for crash in c.crashes.iter_mut().filter(|x| x.amnesia) {
+            crash.disk = rng.gen_bool(0.5);
+        }
+        c.core.checkpoint_period = rng.gen_range(4..=16);
+        c.core.chunk_bytes = rng.gen_range(64..=2048);
         c.gst_us = c
             .partitions
             .iter()
@@ -274,6 +284,10 @@ pub fn sim_core_config(max_delay_us: u64) -> Config {
             floor_us: timeout / 2,
             grace_us: timeout,
         }),
+        checkpoint_period: 8,
+        chunk_bytes: 512,
+        transfer_stall_us: timeout,
+        persist: true,
         ..Config::default()
     }
 }

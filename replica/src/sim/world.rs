@@ -22,7 +22,7 @@ use crate::sim::workload::SimClient;
 use crate::wire::codec::Decode;
 use crate::wire::ids::{Cid, ReplicaId, ViewId};
 use crate::wire::limits;
-use crate::wire::messages::{ReplicaMessage, Reply, SignedRequest};
+use crate::wire::messages::{Decision, ReplicaMessage, Reply, SignedRequest};
 
 /// Steps after which a run is declared livelocked.
 const MAX_EVENTS: u64 = 3_000_000;
@@ -52,6 +52,12 @@ pub struct SimReport {
     pub node_summaries: Vec<String>,
     /// Leader-change requests: (time in us, node, regency asked for, why).
     pub suspicions: Vec<(u64, usize, u32, &'static str)>,
+    /// State transfers completed, checkpoints taken, and views installed, over all nodes.
+    pub state_transfers: u64,
+    pub checkpoints: u64,
+    pub views_installed: u64,
+    /// Replica-to-replica messages delivered, by (sender node, receiver node, kind).
+    pub delivered: BTreeMap<(usize, usize, &'static str), u64>,
 }
 
 impl SimReport {
@@ -116,6 +122,33 @@ struct Node {
     down: bool,
     timer_at: Option<u64>,
     last_checked: Option<Cid>,
+    disk: SimDisk,
+}
+
+/// What a node persisted: its newest checkpoint and the decisions logged after it.
+#[derive(Default)]
+struct SimDisk {
+    checkpoint: Option<Vec<u8>>,
+    decisions: Vec<Decision>,
+}
+
+impl SimDisk {
+    fn apply(&mut self, out: &Output) {
+        match out {
+            Output::Persist(d) if self.decisions.last().is_none_or(|l| l.cid.next() == d.cid) => {
+                self.decisions.push(d.clone());
+            }
+            Output::Checkpoint { checkpoint: cp, .. } | Output::StateInstalled(cp) => {
+                let cid = cp.meta.cid;
+                self.checkpoint = Some(cp.bytes.as_ref().clone());
+                self.decisions.retain(|d| d.cid > cid);
+                if matches!(out, Output::StateInstalled(_)) {
+                    self.decisions.clear();
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 struct World<'a> {
@@ -166,8 +199,9 @@ impl<'a> World<'a> {
         let make = |i: usize, twin_of: Option<usize>| {
             let behaviour = cfg.behaviours.get(i).cloned().unwrap_or(Behaviour::Correct);
             let id = ReplicaId(i as u32);
-            let amnesia = cfg.crashes.iter().any(|c| c.node == i && c.amnesia);
-            let faulty = behaviour != Behaviour::Correct || cfg.twins.contains(&i) || amnesia;
+            // A node that loses its memory counts against f but runs correct code: the checks
+            // hold it to the same agreement and state as the others.
+            let faulty = behaviour != Behaviour::Correct || cfg.twins.contains(&i);
             Node {
                 id,
                 twin_of,
@@ -186,6 +220,7 @@ impl<'a> World<'a> {
                 down: false,
                 timer_at: None,
                 last_checked: None,
+                disk: SimDisk::default(),
             }
         };
         for i in 0..cfg.n {
@@ -308,14 +343,39 @@ impl<'a> World<'a> {
                 let crash = &self.cfg.crashes[k];
                 let node = crash.node;
                 if crash.amnesia {
+                    let disk = crash.disk;
                     let n = &mut self.nodes[node];
-                    n.replica = Replica::new(
-                        n.id,
-                        n.key.clone(),
-                        self.view.clone(),
-                        self.cfg.core.clone(),
-                        new_service(self.cfg.service),
-                    );
+                    let fresh = || {
+                        Replica::new(
+                            n.id,
+                            n.key.clone(),
+                            self.view.clone(),
+                            self.cfg.core.clone(),
+                            new_service(self.cfg.service),
+                        )
+                    };
+                    n.replica = if disk {
+                        match Replica::recover(
+                            n.id,
+                            n.key.clone(),
+                            self.view.clone(),
+                            self.cfg.core.clone(),
+                            new_service(self.cfg.service),
+                            n.disk.checkpoint.clone(),
+                            n.disk.decisions.clone(),
+                        ) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                self.checker.violate(format!(
+                                    "node {node} cannot recover from its disk: {e}"
+                                ));
+                                fresh()
+                            }
+                        }
+                    } else {
+                        n.disk = SimDisk::default();
+                        fresh()
+                    };
                     n.last_checked = None;
                 }
                 self.nodes[node].down = false;
@@ -336,7 +396,11 @@ impl<'a> World<'a> {
         match from {
             Endpoint::Node(s) => {
                 let sender = self.nodes[s].id;
-                match ReplicaMessage::from_bytes(&bytes) {
+                let decoded = ReplicaMessage::from_bytes(&bytes);
+                if let Ok(m) = &decoded {
+                    *self.report.delivered.entry((s, i, m.kind())).or_insert(0) += 1;
+                }
+                match decoded {
                     Ok(msg) => self.nodes[i].replica.on_message(local, sender, msg),
                     Err(e) => {
                         *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
@@ -396,6 +460,10 @@ impl<'a> World<'a> {
     fn flush_node(&mut self, i: usize) {
         let outputs = self.nodes[i].replica.take_outputs();
         for out in outputs {
+            if out.is_local() {
+                self.nodes[i].disk.apply(&out);
+                continue;
+            }
             let frames = self.frames_for(i, out);
             for f in frames {
                 self.route(i, f);
@@ -474,6 +542,7 @@ impl<'a> World<'a> {
                     }
                 }
             }
+            Dest::Nowhere => {}
             Dest::AllReplicas => {
                 let me = self.nodes[from].id;
                 for j in 0..self.nodes.len() {
@@ -634,6 +703,21 @@ impl<'a> World<'a> {
             .map(|n| n.replica.regency().0)
             .max()
             .unwrap_or(0);
+        self.report.state_transfers = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.stats().state_transfers)
+            .sum();
+        self.report.checkpoints = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.stats().checkpoints)
+            .sum();
+        self.report.views_installed = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.stats().views_installed)
+            .sum();
         self.report.executed_requests = self
             .nodes
             .iter()
@@ -658,7 +742,11 @@ fn describe_faults(cfg: &SimConfig) -> String {
         parts.push(format!(
             "r{}:{}[{}..{}ms]",
             c.node,
-            if c.amnesia { "amnesia" } else { "pause" },
+            match (c.amnesia, c.disk) {
+                (false, _) => "pause",
+                (true, true) => "restart from disk",
+                (true, false) => "disk loss",
+            },
             c.from_us / 1000,
             c.until_us / 1000
         ));

@@ -16,3 +16,9 @@ pub const MAX_CARRIED_REQUESTS: usize = 4096;
 pub const MAX_WRITE_SET: usize = 1024;
 /// Bytes of a reply result.
 pub const MAX_RESULT: usize = 8 * 1024 * 1024;
+/// Checkpoints one replica advertises in a `CheckpointInfo`.
+pub const MAX_CHECKPOINTS_ADVERTISED: usize = 4;
+/// Bytes of one state-transfer chunk.
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
+/// Clients remembered in a checkpoint's session table.
+pub const MAX_SESSIONS: usize = 16 * 1024 * 1024;

@@ -18,6 +18,9 @@ pub enum RequestKind {
     Ordered,
     /// Read-only, answered by each replica directly.
     Unordered,
+    /// A view change signed by the admin key, ordered like `Ordered` and executed by the
+    /// ordering layer itself rather than the service.
+    Reconfig,
 }
 
 impl Encode for RequestKind {
@@ -25,6 +28,7 @@ impl Encode for RequestKind {
         w.u8(match self {
             RequestKind::Ordered => 0,
             RequestKind::Unordered => 1,
+            RequestKind::Reconfig => 2,
         });
     }
 }
@@ -34,6 +38,7 @@ impl Decode for RequestKind {
         match r.u8()? {
             0 => Ok(RequestKind::Ordered),
             1 => Ok(RequestKind::Unordered),
+            2 => Ok(RequestKind::Reconfig),
             tag => Err(DecodeError::UnknownTag {
                 what: "request kind",
                 tag,
@@ -400,6 +405,59 @@ pub enum ReplicaMessage {
     Decided(Decision),
     /// The sender is missing decisions from `from` on.
     DecisionRequest { from: Cid },
+    /// The sender needs state: every replica answers with `CheckpointInfo`.
+    CheckpointQuery,
+    /// The checkpoints the sender holds and can serve, oldest first, and the first CID whose
+    /// decision it can still send (older ones are trimmed: only state transfer reaches them).
+    CheckpointInfo {
+        checkpoints: Vec<CheckpointMeta>,
+        first_logged: Option<Cid>,
+    },
+    /// Asks for `len` bytes of a checkpoint from `offset` on.
+    ChunkRequest {
+        cid: Cid,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+    },
+    /// A piece of a checkpoint (its whole length is in the `CheckpointMeta` agreed on).
+    Chunk {
+        cid: Cid,
+        digest: Digest,
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+/// What identifies a checkpoint: the state after executing `cid`, in view `view`, whose
+/// encoding is `len` bytes with digest `digest`. Correct replicas produce identical metadata
+/// for one CID, so f+1 matching ones vouch for a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CheckpointMeta {
+    pub cid: Cid,
+    pub view: ViewId,
+    pub digest: Digest,
+    pub len: u64,
+}
+
+impl Encode for CheckpointMeta {
+    fn encode(&self, w: &mut Writer) {
+        self.cid.encode(w);
+        self.view.encode(w);
+        self.digest.encode(w);
+        w.u64(self.len);
+    }
+}
+
+impl Decode for CheckpointMeta {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(CheckpointMeta {
+            cid: Cid::decode(r)?,
+            view: ViewId::decode(r)?,
+            digest: Digest::decode(r)?,
+            len: r.u64()?,
+        })
+    }
 }
 
 impl ReplicaMessage {
@@ -415,6 +473,10 @@ impl ReplicaMessage {
             ReplicaMessage::Sync { .. } => "sync",
             ReplicaMessage::Decided(_) => "decided",
             ReplicaMessage::DecisionRequest { .. } => "decision_request",
+            ReplicaMessage::CheckpointQuery => "checkpoint_query",
+            ReplicaMessage::CheckpointInfo { .. } => "checkpoint_info",
+            ReplicaMessage::ChunkRequest { .. } => "chunk_request",
+            ReplicaMessage::Chunk { .. } => "chunk",
         }
     }
 }
@@ -509,6 +571,44 @@ impl Encode for ReplicaMessage {
                 w.u8(9);
                 from.encode(w);
             }
+            ReplicaMessage::CheckpointQuery => {
+                w.u8(10);
+            }
+            ReplicaMessage::CheckpointInfo {
+                checkpoints,
+                first_logged,
+            } => {
+                w.u8(11);
+                w.len(checkpoints.len());
+                for c in checkpoints {
+                    c.encode(w);
+                }
+                w.option(first_logged.as_ref(), |w, c| c.encode(w));
+            }
+            ReplicaMessage::ChunkRequest {
+                cid,
+                digest,
+                offset,
+                len,
+            } => {
+                w.u8(12);
+                cid.encode(w);
+                digest.encode(w);
+                w.u64(*offset);
+                w.u32(*len);
+            }
+            ReplicaMessage::Chunk {
+                cid,
+                digest,
+                offset,
+                data,
+            } => {
+                w.u8(13);
+                cid.encode(w);
+                digest.encode(w);
+                w.u64(*offset);
+                w.bytes(data);
+            }
         }
     }
 }
@@ -559,6 +659,28 @@ impl Decode for ReplicaMessage {
             8 => ReplicaMessage::Decided(Decision::decode(r)?),
             9 => ReplicaMessage::DecisionRequest {
                 from: Cid::decode(r)?,
+            },
+            10 => ReplicaMessage::CheckpointQuery,
+            11 => ReplicaMessage::CheckpointInfo {
+                checkpoints: r.vec(
+                    "checkpoints",
+                    limits::MAX_CHECKPOINTS_ADVERTISED,
+                    52,
+                    CheckpointMeta::decode,
+                )?,
+                first_logged: r.option(Cid::decode)?,
+            },
+            12 => ReplicaMessage::ChunkRequest {
+                cid: Cid::decode(r)?,
+                digest: Digest::decode(r)?,
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            13 => ReplicaMessage::Chunk {
+                cid: Cid::decode(r)?,
+                digest: Digest::decode(r)?,
+                offset: r.u64()?,
+                data: r.bytes_vec("chunk", limits::MAX_CHUNK)?,
             },
             tag => {
                 return Err(DecodeError::UnknownTag {
