@@ -132,8 +132,9 @@ pub async fn run(
     let ours = watcher::Config::default()
         .labels(&format!("app.kubernetes.io/managed-by={}", names::MANAGER));
     let (reader, writer) = reflector::store();
-    // Status writes bump neither the generation nor the annotations, so they never come back
-    // as triggers; a spec change or the pause annotation does.
+    // Status writes bump neither the generation, the annotations nor the finalizers, so they
+    // never come back as triggers; a spec change or the pause annotation does, and so does
+    // adding the finalizer (after which the finalizer helper waits for a change to carry on).
     let clusters = watcher(
         api::<BftCluster>(&client, namespace),
         watcher::Config::default(),
@@ -142,7 +143,9 @@ pub async fn run(
     .reflect(writer)
     .applied_objects()
     .predicate_filter(
-        predicates::generation.combine(predicates::annotations),
+        predicates::generation
+            .combine(predicates::annotations)
+            .combine(predicates::finalizers),
         Default::default(),
     );
     Controller::for_stream(clusters, reader)
@@ -173,8 +176,11 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile did not complete");
+            match result {
+                // Already counted, logged and published by reconcile.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => tracing::warn!(error = %e, "controller"),
+                Ok(_) => {}
             }
         })
         .await;
@@ -289,8 +295,18 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     // cluster whose first view has not been written yet simply starts with the spec's.
     let mut membership = membership;
     if view.is_some() {
-        obs.reconfiguration = match plan(&membership, target, &healthy) {
+        let planned = plan(&membership, target, &healthy);
+        let unsupported = (planned != Plan::InSync)
+            .then(|| ctx.reconfigurer.unsupported(&membership, target))
+            .flatten();
+        obs.reconfiguration = match planned {
             Plan::InSync => None,
+            _ if unsupported.is_some() => unsupported.map(|m| {
+                (
+                    kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
+                    m,
+                )
+            }),
             Plan::Blocked(reason, message) => Some((reason, message)),
             Plan::Next(_) if paused => None,
             Plan::Next(step) => match ctx

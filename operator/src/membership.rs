@@ -111,6 +111,13 @@ pub enum ReconfigError {
 
 /// Carries out one step through the protocol and returns the view installed by it.
 pub trait Reconfigurer: Send + Sync {
+    /// Why this reconfigurer can never move `current` toward `target`, whatever the replicas'
+    /// health; `None` when it can try. Checked before [`plan`]'s safety rules, so that a user is
+    /// told a change is unsupported rather than waiting for a health that would not help.
+    fn unsupported(&self, _current: &Membership, _target: Target) -> Option<String> {
+        None
+    }
+
     /// Sends the admin-signed request for `step` to the members of `current` and waits until
     /// they install the new view.
     fn apply<'a>(
@@ -126,6 +133,16 @@ pub trait Reconfigurer: Send + Sync {
 pub struct NotSupported;
 
 impl Reconfigurer for NotSupported {
+    fn unsupported(&self, current: &Membership, target: Target) -> Option<String> {
+        Some(format!(
+            "the spec asks for {} replicas with f = {}, but this operator version cannot change membership through the protocol yet; nothing was changed and the cluster keeps its view of {} replicas with f = {}. Set spec.replicas and spec.f back to match to clear this",
+            target.replicas,
+            target.f,
+            current.members.len(),
+            current.f
+        ))
+    }
+
     fn apply<'a>(
         &'a self,
         current: &'a Membership,

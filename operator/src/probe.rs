@@ -134,6 +134,7 @@ mod tests {
             state_digest: "ab".repeat(32),
             pending_requests: 0,
             byzantine: None,
+            ..Default::default()
         }
     }
 

@@ -22,6 +22,7 @@ fn report(id: u32, cid: u64, digest: &str) -> Probe {
         state_digest: digest.to_string(),
         pending_requests: 0,
         byzantine: None,
+        ..Default::default()
     })
 }
 
@@ -181,6 +182,7 @@ fn a_lone_liar_cannot_name_the_leader_or_view() {
         state_digest: "d10".into(),
         pending_requests: 0,
         byzantine: None,
+        ..Default::default()
     };
     probes.insert(1, Probe::Verified(lie.clone()));
     let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
