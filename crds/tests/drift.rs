@@ -8,6 +8,18 @@ fn committed_crd_yaml_matches_the_rust_types() {
     assert!(
         generated == committed,
         "crds/bftcluster.yaml is stale: regenerate it with \
-         `cargo run -p kmmr-crds --bin crdgen > crds/bftcluster.yaml` and commit it"
+         `cargo run -p kmmr-crds --bin crdgen > crds/bftcluster.yaml`, copy it to charts/kmmr/files/ and commit both"
+    );
+}
+
+/// The chart ships the same file (Helm templates can only read files inside the chart).
+#[test]
+fn the_charts_copy_of_the_crd_is_the_committed_one() {
+    let committed = include_str!("../bftcluster.yaml");
+    let chart = include_str!("../../charts/kmmr/files/bftcluster.yaml");
+    assert!(
+        committed == chart,
+        "charts/kmmr/files/bftcluster.yaml differs from crds/bftcluster.yaml: \
+         cp crds/bftcluster.yaml charts/kmmr/files/bftcluster.yaml"
     );
 }

@@ -78,7 +78,11 @@ start() {
   procs="$(cgroup_procs | tr '\n' ' ')"
   # The inner shell joins the cgroup, records its own PID and the program it becomes, then
   # execs it, so the PID file names the program itself and everything it forks is in the cgroup.
+  # umask 022 whatever the caller's: containerd creates image snapshot roots with it, and a
+  # 077 root directory makes every image unusable to non-root containers (the dynamic loader
+  # cannot read its libraries: "libgcc_s.so.1: Permission denied").
   setsid "${pre[@]}" bash -c '
+    umask 022
     for f in $3; do echo $$ >"$f" 2>/dev/null || true; done
     echo "$$ $1" >"$2"; shift 3; exec "$@"' _ "$exe" "$PIDS/$name.pid" "$procs" "$@" \
     </dev/null >>"$LOGS/$name.log" 2>&1 &

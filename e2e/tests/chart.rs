@@ -1,0 +1,205 @@
+//! The Helm chart: `helm lint` and `helm template` pass, the rendered CRD is the one generated
+//! from the Rust types and survives `helm uninstall`, RBAC grants what the operator calls, and
+//! images use fixed tags. Needs only the helm binary, no cluster.
+
+mod common;
+
+use common::{loud, run, strict, tool, Result};
+use serde_json::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kmmr");
+
+fn helm_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let helm = tool("helm");
+    if helm.is_none() {
+        let msg = format!(
+            "{test}: no helm binary (looked on PATH and in ~/.cache/kmmr-testbed/helm-v3.19.5/bin); \
+             build it with e2e/testbed/build.sh helm"
+        );
+        assert!(!strict(), "{msg}");
+        loud(&format!("SKIPPED {msg}"));
+    }
+    helm
+}
+
+fn render(helm: &std::path::PathBuf, extra: &[&str]) -> Result<Vec<Value>> {
+    let mut args = vec!["template", "kmmr", CHART, "--namespace", "kmmr-system"];
+    args.extend_from_slice(extra);
+    let text = run(helm, &args, None)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn chart_lints_strictly() -> Result {
+    let Some(helm) = helm_or_skip("chart_lints_strictly") else {
+        return Ok(());
+    };
+    let out = run(&helm, &["lint", CHART, "--strict"], None)?;
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    // values.schema.json refuses a moving tag and unknown values.
+    assert!(run(
+        &helm,
+        &["lint", CHART, "--strict", "--set", "image.tag=latest"],
+        None
+    )
+    .is_err());
+    assert!(run(
+        &helm,
+        &["lint", CHART, "--strict", "--set", "bogus=1"],
+        None
+    )
+    .is_err());
+    Ok(())
+}
+
+#[test]
+fn rendered_crd_is_the_generated_one_and_is_kept_on_uninstall() -> Result {
+    let Some(helm) = helm_or_skip("rendered_crd_is_the_generated_one_and_is_kept_on_uninstall")
+    else {
+        return Ok(());
+    };
+    let docs = render(&helm, &[])?;
+    let crds = find(&docs, "CustomResourceDefinition");
+    assert_eq!(crds.len(), 1);
+    let crd = crds[0];
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "helm uninstall must not delete the CRD (and every BftCluster with it)"
+    );
+    let generated = serde_json::to_value(kmmr_crds::crd())?;
+    if let Some(diff) = first_difference(&crd["spec"], &generated["spec"], "spec") {
+        panic!("the chart's CRD differs from the generated one at {diff}");
+    }
+    assert_eq!(crd["metadata"]["name"], generated["metadata"]["name"]);
+    // Without the CRD (installed some other way) nothing else changes.
+    let docs = render(&helm, &["--set", "crd.install=false"])?;
+    assert!(find(&docs, "CustomResourceDefinition").is_empty());
+    Ok(())
+}
+
+/// Where two JSON values first differ; numbers compare by value (YAML has no int/float split).
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            (x.as_f64() != y.as_f64()).then(|| format!("{path}: {x} vs {y}"))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys()) {
+                let d = first_difference(
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    &format!("{path}.{k}"),
+                );
+                if d.is_some() {
+                    return d;
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}[{i}]"))),
+        _ => (a != b).then(|| format!("{path}: {a} vs {b}")),
+    }
+}
+
+fn allows(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    rules.as_array().into_iter().flatten().any(|r| {
+        let has = |field: &str, v: &str| {
+            r[field]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == v || x == "*"))
+        };
+        has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+    })
+}
+
+#[test]
+fn rbac_grants_every_call_the_operator_makes() -> Result {
+    let Some(helm) = helm_or_skip("rbac_grants_every_call_the_operator_makes") else {
+        return Ok(());
+    };
+    let docs = render(&helm, &[])?;
+    let cluster_roles = find(&docs, "ClusterRole");
+    assert_eq!(cluster_roles.len(), 1);
+    let rules = &cluster_roles[0]["rules"];
+    for (group, resource, verbs) in [
+        (
+            "kmmr.io",
+            "bftclusters",
+            &["get", "list", "watch", "patch"][..],
+        ),
+        ("kmmr.io", "bftclusters/status", &["patch"][..]),
+        ("kmmr.io", "bftclusters/finalizers", &["update"][..]),
+        ("apps", "statefulsets", &["list", "watch", "patch"][..]),
+        ("", "services", &["list", "watch", "patch"][..]),
+        ("", "configmaps", &["get", "list", "watch", "patch"][..]),
+        ("", "secrets", &["get", "list", "watch", "patch"][..]),
+        ("", "pods", &["list", "watch"][..]),
+        ("", "persistentvolumeclaims", &["deletecollection"][..]),
+        (
+            "policy",
+            "poddisruptionbudgets",
+            &["list", "watch", "patch"][..],
+        ),
+        ("events.k8s.io", "events", &["create", "patch"][..]),
+    ] {
+        for verb in verbs {
+            assert!(
+                allows(rules, group, resource, verb),
+                "ClusterRole lacks {verb} on {group}/{resource}"
+            );
+        }
+    }
+    let leader = find(&docs, "Role")
+        .into_iter()
+        .find(|r| allows(&r["rules"], "coordination.k8s.io", "leases", "update"))
+        .expect("a Role for the leader Lease");
+    assert_eq!(leader["metadata"]["namespace"], "kmmr-system");
+
+    // Scoped to one namespace, the operator gets a Role there instead.
+    let docs = render(&helm, &["--set", "watchNamespace=apps"])?;
+    assert!(find(&docs, "ClusterRole").is_empty());
+    assert!(find(&docs, "Role")
+        .iter()
+        .any(|r| r["metadata"]["namespace"] == "apps"));
+    Ok(())
+}
+
+#[test]
+fn deployment_runs_non_root_with_a_fixed_tag_and_the_downward_api() -> Result {
+    let Some(helm) = helm_or_skip("deployment_runs_non_root_with_a_fixed_tag_and_the_downward_api")
+    else {
+        return Ok(());
+    };
+    let docs = render(&helm, &[])?;
+    let deploy = find(&docs, "Deployment");
+    assert_eq!(deploy.len(), 1);
+    let pod = &deploy[0]["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let image = c["image"].as_str().unwrap_or_default();
+    assert!(
+        !image.ends_with(":latest") && image.contains(':'),
+        "{image}"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+        "{env:?}"
+    );
+    Ok(())
+}

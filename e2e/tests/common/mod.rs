@@ -1,0 +1,115 @@
+//! Helpers shared by the e2e tests that drive the cluster through kubectl and helm, as a user
+//! would: skipping loudly without a cluster, polling, and running the tools.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Prints past libtest's output capture, so that skips and measurements show in every run.
+pub fn loud(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "\n*** {msg} ***\n");
+}
+
+/// Whether `KUBECONFIG` names a cluster; says loudly when not.
+pub fn cluster_or_skip(test: &str) -> bool {
+    if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
+        loud(&format!(
+            "SKIPPED {test}: KUBECONFIG is unset. These tests need a real Kubernetes; \
+             run .ci/testbed-test (or e2e/testbed/up.sh --node and export KUBECONFIG) to run them."
+        ));
+        return false;
+    }
+    true
+}
+
+/// Whether this run must not skip for lack of a tool (CI, or the test bed's test command).
+pub fn strict() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("KMMR_TESTBED").is_some()
+}
+
+/// A name no earlier run against the same cluster used (a DNS label).
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}", (nanos / 1000) % 100_000_000)
+}
+
+/// A tool by name: on PATH, else in the test bed's cache.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let home = PathBuf::from(std::env::var_os("HOME")?);
+        let cache = home.join(".cache/kmmr-testbed");
+        [
+            cache.join("helm-v3.19.5/bin").join(name),
+            cache.join("kubernetes-v1.34.4/bin").join(name),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+    })
+}
+
+/// Runs a tool, returning its stdout, or an error carrying its stderr.
+pub fn run(tool_path: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut child = Command::new(tool_path)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", tool_path.display()))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} {} failed ({}): {}",
+            tool_path.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` every `every` until it returns `Some`, for at most `timeout`.
+pub async fn poll<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    while start.elapsed() < timeout {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e.to_string()),
+        }
+        tokio::time::sleep(every).await;
+    }
+    Err(format!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})").into())
+}
