@@ -82,12 +82,45 @@ impl ClientSession {
         &self.view
     }
 
+    /// Adopts a newer view learnt elsewhere (the outcome of a reconfiguration this client made,
+    /// which f+1 replicas already vouched for).
+    pub fn install_view(&mut self, view: View) {
+        if view.id > self.view.id {
+            self.view = view;
+        }
+    }
+
     pub fn key(&self) -> &KeyPair {
         &self.key
     }
 
     pub fn in_flight(&self) -> usize {
         self.outstanding.len()
+    }
+
+    /// One line per request in flight, for diagnostics: sequence, kind, view, votes.
+    pub fn describe_in_flight(&self) -> Vec<String> {
+        self.outstanding
+            .iter()
+            .map(|(seq, o)| {
+                format!(
+                    "seq {seq} {:?} view {} votes {:?} bodies {:?}",
+                    o.request.request.kind,
+                    o.request.request.view.0,
+                    o.votes
+                        .iter()
+                        .map(|(r, d)| (r.0, d.short()))
+                        .collect::<Vec<_>>(),
+                    o.bodies
+                        .iter()
+                        .map(|(d, b)| (
+                            d.short(),
+                            format!("{b:?}").chars().take(120).collect::<String>()
+                        ))
+                        .collect::<Vec<_>>()
+                )
+            })
+            .collect()
     }
 
     /// Starts a request; returns its sequence number. The signed request is queued in
@@ -178,24 +211,54 @@ impl ClientSession {
         if reply.kind != o.request.request.kind {
             return None;
         }
+        if let ReplyBody::NewView(v) = &reply.body {
+            // A late answer to this request as signed for an older view: not a vote.
+            if v.id <= o.request.request.view {
+                return None;
+            }
+        }
         let digest = Digest::of(&reply.body.to_bytes());
-        if o.votes.contains_key(&from) {
+        // A replica's latest answer counts: one that moved to a newer view since it answered
+        // must be able to say so. Changing its own vote gives no replica more than one.
+        if o.votes.get(&from) == Some(&digest) {
             return None;
         }
         o.votes.insert(from, digest);
         o.bodies.entry(digest).or_insert(reply.body);
         let matching = o.votes.values().filter(|d| **d == digest).count();
-        let needed = match o.request.request.kind {
-            RequestKind::Ordered | RequestKind::Reconfig if self.quorum_writes => {
+        let needed = match (&o.bodies[&digest], o.request.request.kind) {
+            // One correct replica among f+1 vouches for a view; results may need more.
+            (ReplyBody::NewView(_), _) => self.view.weak(),
+            (_, RequestKind::Ordered | RequestKind::Reconfig) if self.quorum_writes => {
                 self.view.quorum()
             }
-            RequestKind::Ordered | RequestKind::Reconfig => self.view.weak(),
-            RequestKind::Unordered => self.view.quorum(),
+            (_, RequestKind::Ordered | RequestKind::Reconfig) => self.view.weak(),
+            (_, RequestKind::Unordered) => self.view.quorum(),
         };
-        let all_answered = o.votes.len() >= self.view.n();
+        // No answer can reach the threshold any more, counting replicas yet to answer.
+        let best = o
+            .votes
+            .values()
+            .fold(BTreeMap::<Digest, usize>::new(), |mut m, d| {
+                *m.entry(*d).or_default() += 1;
+                m
+            })
+            .into_values()
+            .max()
+            .unwrap_or(0);
+        let hopeless = best + self.view.n().saturating_sub(o.votes.len()) < needed;
         if matching < needed {
-            if all_answered && o.request.request.kind == RequestKind::Unordered {
-                self.reissue_ordered(now, seq);
+            if hopeless {
+                if o.request.request.kind == RequestKind::Unordered {
+                    self.reissue_ordered(now, seq);
+                } else {
+                    // Answers split, e.g. some replicas replied before a view change and some
+                    // after: one vote per replica would leave it stuck, so ask again.
+                    o.votes.clear();
+                    o.bodies.clear();
+                    o.retransmit_at = now + self.retransmit_us;
+                    self.to_send.push(o.request.clone());
+                }
             }
             return None;
         }
@@ -218,16 +281,22 @@ impl ClientSession {
             ReplyBody::NewView(view) => {
                 if view.id > self.view.id {
                     self.view = view;
-                    for s in self.outstanding.keys().copied().collect::<Vec<_>>() {
-                        if let Some(o) = self.outstanding.get_mut(&s) {
-                            let mut r = o.request.request.clone();
-                            r.view = self.view.id;
-                            o.request = SignedRequest::sign(r, &self.key);
-                            o.votes.clear();
-                            o.bodies.clear();
-                            o.retransmit_at = now + self.retransmit_us;
-                            self.to_send.push(o.request.clone());
+                }
+                // Every request signed for an older view is re-signed for the current one, this
+                // one included even if the view it was told about is already installed (learnt
+                // from another request): its votes are spent on the old view.
+                for s in self.outstanding.keys().copied().collect::<Vec<_>>() {
+                    if let Some(o) = self.outstanding.get_mut(&s) {
+                        if o.request.request.view >= self.view.id && s != seq {
+                            continue;
                         }
+                        let mut r = o.request.request.clone();
+                        r.view = self.view.id;
+                        o.request = SignedRequest::sign(r, &self.key);
+                        o.votes.clear();
+                        o.bodies.clear();
+                        o.retransmit_at = now + self.retransmit_us;
+                        self.to_send.push(o.request.clone());
                     }
                 }
                 None

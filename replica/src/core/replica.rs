@@ -702,9 +702,7 @@ impl Replica {
         if self.joining
             && !matches!(
                 msg,
-                ReplicaMessage::Sync { .. }
-                    | ReplicaMessage::CheckpointInfo { .. }
-                    | ReplicaMessage::Chunk { .. }
+                ReplicaMessage::CheckpointInfo { .. } | ReplicaMessage::Chunk { .. }
             )
         {
             // Nothing else can be checked or answered before the state arrives.
@@ -742,10 +740,7 @@ impl Replica {
             ReplicaMessage::DecisionRequest { from: start } => {
                 self.on_decision_request(from, start)
             }
-            ReplicaMessage::CheckpointQuery => {
-                self.advertise(Some(from));
-                self.relay_sync(from);
-            }
+            ReplicaMessage::CheckpointQuery => self.advertise(Some(from)),
             ReplicaMessage::CheckpointInfo {
                 checkpoints,
                 first_logged,
@@ -1970,6 +1965,8 @@ impl Replica {
                 return Err("sync_unproven_last");
             }
         }
+        // The instance the SYNC is about may precede a view change: judge it in its own view.
+        let view = self.view_for(target);
         let mut signers = BTreeSet::new();
         for c in collects {
             if c.collect.regency != regency {
@@ -1978,7 +1975,7 @@ impl Replica {
             if !signers.insert(c.collect.replica) {
                 return Err("sync_duplicate_collect");
             }
-            if !c.verify(&self.view) {
+            if !c.verify(view) {
                 return Err("sync_forged_collect");
             }
         }
@@ -1987,7 +1984,7 @@ impl Replica {
             .map(|c| sync::project(&c.collect, target))
             .collect();
         let states = states.ok_or("sync_collect_beyond_last")?;
-        match sync::choose(&self.view, &states) {
+        match sync::choose(view, &states) {
             None => Err("sync_collects_not_sound"),
             Some(Choice::Bound(e, d)) => {
                 if batch.digest() == d {

@@ -6,6 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::core::config::{Config, SlowLeader};
 use crate::core::view::default_f;
+use crate::sim::admin::{ReconfigStep, SimChange};
 use crate::sim::byzantine::Behaviour;
 
 /// Network behaviour. Before GST messages may also be lost and replicas partitioned; after it,
@@ -78,6 +79,10 @@ pub struct SimConfig {
     /// Per-replica clock offsets.
     pub clock_offsets_us: Vec<u64>,
     pub gst_us: u64,
+    /// Extra nodes (indices n, n+1, ...) outside the initial view, for reconfiguration to add.
+    pub spares: usize,
+    /// Membership changes the admin makes, one at a time, in order.
+    pub reconfigs: Vec<ReconfigStep>,
     /// The run fails for liveness if clients have not finished by then.
     pub max_time_us: u64,
     pub client_retransmit_us: u64,
@@ -114,6 +119,8 @@ impl SimConfig {
             drops: Vec::new(),
             clock_offsets_us: vec![0; n],
             gst_us: 0,
+            spares: 0,
+            reconfigs: Vec::new(),
             max_time_us: 120_000_000,
             client_retransmit_us: 400_000,
             think_us: 2_000,
@@ -251,6 +258,30 @@ impl SimConfig {
         }
         c.core.checkpoint_period = rng.gen_range(4..=16);
         c.core.chunk_bytes = rng.gen_range(64..=2048);
+        // A replica joins under the faults above, racing its own addition half the time, and
+        // sometimes one leaves again (the first leader, in half of those): f never changes, so
+        // the faulty budget holds in every view.
+        if rng.gen_bool(0.3) {
+            c.spares = 1;
+            let at = rng.gen_range(0..=c.gst_us + 100_000);
+            c.reconfigs.push(ReconfigStep {
+                at_us: at,
+                change: SimChange::Add { node: n },
+                early_join: rng.gen_bool(0.5),
+            });
+            if rng.gen_bool(0.5) {
+                let node = if rng.gen_bool(0.5) {
+                    0
+                } else {
+                    rng.gen_range(0..n)
+                };
+                c.reconfigs.push(ReconfigStep {
+                    at_us: at + rng.gen_range(0..=200_000),
+                    change: SimChange::Remove { node },
+                    early_join: false,
+                });
+            }
+        }
         c.gst_us = c
             .partitions
             .iter()

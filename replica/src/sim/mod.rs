@@ -7,6 +7,7 @@
 //! KMMR_SIM_SEED=<seed> KMMR_SIM_N=<n> cargo test -p kmmr-replica --test sim replay -- --nocapture
 //! ```
 
+pub mod admin;
 pub mod byzantine;
 pub mod checker;
 pub mod config;

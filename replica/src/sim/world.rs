@@ -10,10 +10,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::core::output::{Event, Output};
 use crate::core::replica::Replica;
 use crate::core::view::{Member, View};
-use crate::crypto::KeyPair;
+use crate::crypto::{Digest, KeyPair};
 use crate::service::kv::KvStore;
 use crate::service::noop::NoopService;
 use crate::service::Service;
+use crate::sim::admin::{AdminAction, SimAdmin};
 use crate::sim::byzantine::{honest, Adversary, Behaviour, Dest, Frame, Position};
 use crate::sim::checker::Checker;
 use crate::sim::config::{ServiceKind, SimConfig};
@@ -70,6 +71,7 @@ impl SimReport {
 enum Endpoint {
     Node(usize),
     Client(usize),
+    Admin,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,8 @@ enum Ev {
     NodeTimer(usize),
     ClientTimer(usize),
     ClientStart(usize),
+    AdminStart,
+    AdminTimer,
     CrashStart(usize),
     CrashEnd(usize),
 }
@@ -159,6 +163,9 @@ struct World<'a> {
     queue: BinaryHeap<Scheduled>,
     nodes: Vec<Node>,
     clients: Vec<SimClient>,
+    /// Node index of each spare, by its index in the configuration (n, n+1, ...).
+    spare_nodes: BTreeMap<usize, usize>,
+    admin: Option<SimAdmin>,
     rng: ChaCha8Rng,
     checker: Checker,
     report: SimReport,
@@ -181,8 +188,17 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 impl<'a> World<'a> {
     fn new(cfg: &'a SimConfig) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let keys: Vec<KeyPair> = (0..cfg.n).map(|_| KeyPair::from_seed(rng.gen())).collect();
-        let members = keys
+        let mut keys: Vec<KeyPair> = (0..cfg.n).map(|_| KeyPair::from_seed(rng.gen())).collect();
+        // Derived without the seeded generator, so that runs without reconfiguration keep the
+        // schedules they always had.
+        let derived = |what: &str, i: usize| {
+            KeyPair::from_seed(
+                Digest::of_parts(&[&cfg.seed.to_le_bytes(), what.as_bytes(), &i.to_le_bytes()]).0,
+            )
+        };
+        let admin_key = derived("admin", 0);
+        keys.extend((0..cfg.spares).map(|i| derived("spare", i)));
+        let members = keys[..cfg.n]
             .iter()
             .enumerate()
             .map(|(i, k)| Member {
@@ -192,7 +208,7 @@ impl<'a> World<'a> {
             })
             .collect();
         let view = match View::new(ViewId(0), cfg.f, members) {
-            Ok(v) => v,
+            Ok(v) => v.with_admin(Some(admin_key.public())),
             Err(e) => panic!("simulation configured with an invalid view: {e}"),
         };
         let mut nodes = Vec::new();
@@ -229,6 +245,22 @@ impl<'a> World<'a> {
         for &t in &cfg.twins {
             nodes.push(make(t, Some(t)));
         }
+        // Spares wait, down, until the admin starts them with the view that names them.
+        let mut spare_nodes = BTreeMap::new();
+        for k in 0..cfg.spares {
+            spare_nodes.insert(cfg.n + k, nodes.len());
+            let mut node = make(cfg.n + k, None);
+            node.down = true;
+            nodes.push(node);
+        }
+        let admin = (!cfg.reconfigs.is_empty()).then(|| {
+            SimAdmin::new(
+                admin_key.clone(),
+                view.clone(),
+                cfg.reconfigs.clone(),
+                cfg.client_retransmit_us,
+            )
+        });
         let clients = (0..cfg.clients)
             .map(|i| {
                 SimClient::new(
@@ -253,6 +285,8 @@ impl<'a> World<'a> {
             queue: BinaryHeap::new(),
             nodes,
             clients,
+            spare_nodes,
+            admin,
             rng,
             checker: Checker::default(),
             report: SimReport {
@@ -270,6 +304,9 @@ impl<'a> World<'a> {
         for i in 0..cfg.clients {
             let start = w.rng.gen_range(0..=cfg.think_us);
             w.schedule(start, Ev::ClientStart(i));
+        }
+        if let Some(t) = w.admin.as_ref().and_then(|a| a.next_start()) {
+            w.schedule(t, Ev::AdminStart);
         }
         w
     }
@@ -297,7 +334,7 @@ impl<'a> World<'a> {
             }
             self.step(s.ev);
             let (now, gst) = (self.now, self.cfg.gst_us);
-            if self.clients.iter().all(|c| c.done(now, gst)) {
+            if self.clients.iter().all(|c| c.done(now, gst)) && self.admin_done() {
                 break;
             }
             if self.checker.violations.len() >= 4 {
@@ -311,6 +348,7 @@ impl<'a> World<'a> {
             Ev::Frame { to, from, bytes } => match to {
                 Endpoint::Node(i) => self.deliver_to_node(i, from, bytes),
                 Endpoint::Client(c) => self.deliver_to_client(c, from, bytes),
+                Endpoint::Admin => self.deliver_to_admin(from, bytes),
             },
             Ev::NodeTimer(i) => {
                 let n = &mut self.nodes[i];
@@ -335,6 +373,23 @@ impl<'a> World<'a> {
                 self.clients[c].start_next(now, self.cfg.gst_us);
                 self.flush_client(c);
             }
+            Ev::AdminStart => {
+                let now = self.now;
+                let members: Vec<(ReplicaId, Member)> = self.member_table();
+                let actions = match self.admin.as_mut() {
+                    Some(a) => a.start_next(now, |i| members[i].clone()),
+                    None => Vec::new(),
+                };
+                self.admin_actions(actions);
+                self.flush_admin();
+            }
+            Ev::AdminTimer => {
+                let now = self.now;
+                if let Some(a) = self.admin.as_mut() {
+                    a.session.on_timeout(now);
+                }
+                self.flush_admin();
+            }
             Ev::CrashStart(k) => {
                 let node = self.cfg.crashes[k].node;
                 self.nodes[node].down = true;
@@ -344,12 +399,13 @@ impl<'a> World<'a> {
                 let node = crash.node;
                 if crash.amnesia {
                     let disk = crash.disk;
+                    let view = self.current_view();
                     let n = &mut self.nodes[node];
                     let fresh = || {
                         Replica::new(
                             n.id,
                             n.key.clone(),
-                            self.view.clone(),
+                            view.clone(),
                             self.cfg.core.clone(),
                             new_service(self.cfg.service),
                         )
@@ -358,7 +414,7 @@ impl<'a> World<'a> {
                         match Replica::recover(
                             n.id,
                             n.key.clone(),
-                            self.view.clone(),
+                            view.clone(),
                             self.cfg.core.clone(),
                             new_service(self.cfg.service),
                             n.disk.checkpoint.clone(),
@@ -419,8 +475,112 @@ impl<'a> World<'a> {
                     return;
                 }
             },
+            Endpoint::Admin => match SignedRequest::from_bytes(&bytes) {
+                Ok(req) => {
+                    let channel = self.admin.as_ref().map(|a| a.session.key().public());
+                    self.nodes[i].replica.on_request(local, channel, req)
+                }
+                Err(e) => {
+                    *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
+                    return;
+                }
+            },
         }
         self.flush_node(i);
+    }
+
+    fn admin_done(&self) -> bool {
+        self.admin.as_ref().is_none_or(|a| a.done())
+    }
+
+    /// Every node's identity as a view member, by configuration index.
+    fn member_table(&self) -> Vec<(ReplicaId, Member)> {
+        let mut table: Vec<(ReplicaId, Member)> = Vec::new();
+        for i in 0..self.cfg.n + self.cfg.spares {
+            let node = if i < self.cfg.n {
+                i
+            } else {
+                self.spare_nodes[&i]
+            };
+            let n = &self.nodes[node];
+            table.push((
+                n.id,
+                Member {
+                    id: n.id,
+                    address: format!("sim:{i}"),
+                    key: n.key.public(),
+                },
+            ));
+        }
+        table
+    }
+
+    /// The newest view the admin knows: what an operator would hand a restarted replica.
+    fn current_view(&self) -> View {
+        self.admin
+            .as_ref()
+            .map_or_else(|| self.view.clone(), |a| a.session.view().clone())
+    }
+
+    fn admin_actions(&mut self, actions: Vec<AdminAction>) {
+        for AdminAction::Start { node, view } in actions {
+            let Some(&i) = self.spare_nodes.get(&node) else {
+                continue;
+            };
+            let n = &mut self.nodes[i];
+            n.replica = Replica::new(
+                n.id,
+                n.key.clone(),
+                view,
+                self.cfg.core.clone(),
+                new_service(self.cfg.service),
+            );
+            n.down = false;
+            n.last_checked = None;
+            self.arm_node_timer(i);
+        }
+    }
+
+    fn deliver_to_admin(&mut self, from: Endpoint, bytes: Vec<u8>) {
+        let Endpoint::Node(s) = from else {
+            return;
+        };
+        let sender = self.nodes[s].id;
+        let Ok(reply) = Reply::from_bytes(&bytes) else {
+            return;
+        };
+        let now = self.now;
+        let Some(admin) = self.admin.as_mut() else {
+            return;
+        };
+        if let Some(done) = admin.session.on_reply(now, sender, reply) {
+            match admin.on_completion(done) {
+                Ok(actions) => self.admin_actions(actions),
+                Err(v) => self.checker.violate(v),
+            }
+            if let Some(t) = self.admin.as_ref().and_then(|a| a.next_start()) {
+                self.schedule(t.max(now + 1), Ev::AdminStart);
+            }
+        }
+        self.flush_admin();
+    }
+
+    fn flush_admin(&mut self) {
+        let Some(admin) = self.admin.as_mut() else {
+            return;
+        };
+        let to_send = admin.session.take_to_send();
+        let deadline = admin.session.next_deadline();
+        for req in to_send {
+            self.checker.issued.insert(req.digest());
+            let bytes = crate::wire::codec::Encode::to_bytes(&req);
+            for i in 0..self.nodes.len() {
+                self.transmit(Endpoint::Admin, Endpoint::Node(i), bytes.clone(), 0);
+            }
+        }
+        if let Some(d) = deadline {
+            self.schedule(d.max(self.now + 1), Ev::AdminTimer);
+        }
     }
 
     fn deliver_to_client(&mut self, c: usize, from: Endpoint, bytes: Vec<u8>) {
@@ -516,6 +676,19 @@ impl<'a> World<'a> {
 
     fn route(&mut self, from: usize, f: Frame) {
         match f.dest {
+            Dest::Client(key)
+                if self
+                    .admin
+                    .as_ref()
+                    .is_some_and(|a| a.session.key().public() == key) =>
+            {
+                self.transmit(
+                    Endpoint::Node(from),
+                    Endpoint::Admin,
+                    f.bytes,
+                    f.extra_delay_us,
+                );
+            }
             Dest::Client(key) => {
                 if let Some(c) = self
                     .clients
@@ -635,6 +808,14 @@ impl<'a> World<'a> {
 
     fn finish(mut self) -> SimReport {
         let (now, gst) = (self.now, self.cfg.gst_us);
+        if let Some(a) = self.admin.as_ref().filter(|a| !a.done()) {
+            self.checker.violate(format!(
+                "liveness: reconfiguration unfinished at {} ms ({} of {} views installed)",
+                self.now / 1000,
+                a.installed.len(),
+                self.cfg.reconfigs.len()
+            ));
+        }
         let done = self.clients.iter().all(|c| c.done(now, gst));
         if !done {
             let pending: usize = self
@@ -692,6 +873,17 @@ impl<'a> World<'a> {
                 )
             })
             .collect();
+        for c in &self.clients {
+            if c.session.in_flight() > 0 {
+                self.report.node_summaries.push(format!(
+                    "client {}: view {} completed {}: {:?}",
+                    c.index,
+                    c.session.view().id.0,
+                    c.completed,
+                    c.session.describe_in_flight()
+                ));
+            }
+        }
         self.report.node_last_decided = self
             .nodes
             .iter()
@@ -753,6 +945,14 @@ fn describe_faults(cfg: &SimConfig) -> String {
     }
     if !cfg.partitions.is_empty() {
         parts.push(format!("{} partitions", cfg.partitions.len()));
+    }
+    for r in &cfg.reconfigs {
+        parts.push(format!(
+            "{:?}{}@{}ms",
+            r.change,
+            if r.early_join { " (joiner early)" } else { "" },
+            r.at_us / 1000
+        ));
     }
     if parts.is_empty() {
         "none".into()
