@@ -5,6 +5,9 @@
 //! KMMR_SIM_SEED=<seed> KMMR_SIM_N=<n> cargo test -p kmmr-replica --test sim replay -- --nocapture
 //! ```
 //!
+//! Random seeds include disk loss, restarts from disk (checkpoints and state transfer) and, in
+//! about a third, a replica joining (sometimes before its addition is decided) and one leaving.
+//!
 //! The soak runs many more seeds on demand:
 //!
 //! ```text
@@ -30,13 +33,20 @@ fn show(r: &SimReport) -> String {
 }
 
 fn sweep(n: usize, seeds: std::ops::Range<u64>) {
-    let mut transfers = 0;
-    let failures = failing_seeds(n, seeds, |r| transfers += r.state_transfers);
+    let (mut transfers, mut reconfigured) = (0, 0);
+    let failures = failing_seeds(n, seeds, |r| {
+        transfers += r.state_transfers;
+        reconfigured += (r.views_installed > 0) as u64;
+    });
     assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
-    // Disk loss and restarts must really exercise state transfer, not only decision replay.
+    // Disk loss, restarts and joiners must really exercise state transfer and reconfiguration.
     assert!(
         transfers > 0,
         "no seed of this part needed a state transfer"
+    );
+    assert!(
+        reconfigured > 20,
+        "only {reconfigured} seeds of this part changed the view"
     );
 }
 
