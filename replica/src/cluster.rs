@@ -23,17 +23,22 @@ pub struct ClusterSpec {
     pub dir: PathBuf,
     /// Replica i listens on base_port+i, its clients on base_port+1000+i, HTTP on +2000+i.
     pub base_port: u16,
-    pub request_timeout_ms: u64,
     /// Ids of the replicas that will run a Byzantine test mode (checked against f).
     pub byzantine: Vec<u32>,
+    /// Written into every replica's config.
+    pub protocol: ProtocolConfig,
 }
+
+/// The file holding the admin key pair of a prepared cluster (it signs reconfigurations).
+pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// The HTTP port of replica `i`.
 pub fn http_port(base: u16, i: usize) -> u16 {
     base + 2000 + i as u16
 }
 
-/// Writes keys, the view and one config per replica.
+/// Writes keys (the replicas', a client's and the admin's), the view and one config per
+/// replica.
 pub fn prepare(args: &ClusterSpec) -> Result<View> {
     let f = default_f(args.n);
     if args.n < 4 {
@@ -65,7 +70,11 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             key: key.public(),
         });
     }
-    let view = View::new(ViewId(0), f, members).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let admin = KeyPair::generate(&mut rand::rngs::OsRng);
+    save_key(&admin, &args.dir.join(ADMIN_KEY_FILE))?;
+    let view = View::new(ViewId(0), f, members)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_admin(Some(admin.public()));
     ViewFile::save(&view, &args.dir.join("view.toml"))?;
     for i in 0..args.n {
         let cfg = NodeConfig {
@@ -76,10 +85,7 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             listen: None,
             client_listen: None,
             http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
-            protocol: ProtocolConfig {
-                request_timeout_ms: args.request_timeout_ms,
-                ..ProtocolConfig::default()
-            },
+            protocol: args.protocol.clone(),
         };
         std::fs::write(
             args.dir.join(format!("r{i}.toml")),

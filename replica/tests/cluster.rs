@@ -36,8 +36,11 @@ impl TestCluster {
             n,
             dir: dir.clone(),
             base_port: base,
-            request_timeout_ms: 300,
             byzantine: byzantine.iter().map(|(i, _)| *i).collect(),
+            protocol: kmmr::node::ProtocolConfig {
+                request_timeout_ms: 300,
+                ..Default::default()
+            },
         })
         .expect("cluster files");
         let mut procs = BTreeMap::new();

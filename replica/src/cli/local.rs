@@ -17,6 +17,7 @@ use kmmr::service::kv::KvRequest;
 use kmmr::sim::linearizability::{self, CheckResult, Operation};
 
 use kmmr::cluster::{fetch_status, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
+use kmmr::node::ProtocolConfig;
 
 use super::{ByzantineMode, ServiceArg};
 
@@ -51,6 +52,12 @@ pub struct LocalArgs {
     /// Runtime worker threads per replica process.
     #[arg(long, default_value_t = 1)]
     pub replica_threads: usize,
+    /// Write nothing to disk and never wait for it (replicas recover by state transfer only).
+    #[arg(long)]
+    pub no_durable: bool,
+    /// A checkpoint every this many consensus instances.
+    #[arg(long, default_value_t = ProtocolConfig::default().checkpoint_period)]
+    pub checkpoint_period: u64,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -66,8 +73,13 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         n: args.n,
         dir: args.dir.clone(),
         base_port: args.base_port,
-        request_timeout_ms: args.request_timeout_ms,
         byzantine: byzantine.clone(),
+        protocol: ProtocolConfig {
+            request_timeout_ms: args.request_timeout_ms,
+            checkpoint_period: args.checkpoint_period,
+            durable: !args.no_durable,
+            ..ProtocolConfig::default()
+        },
     })?;
     let exe = std::env::current_exe().context("locating kmmr-replica")?;
     let mut children = BTreeMap::new();

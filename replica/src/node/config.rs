@@ -46,6 +46,15 @@ pub struct ProtocolConfig {
     pub slow_leader: bool,
     pub slow_leader_floor_ms: u64,
     pub checkpoint_history: u64,
+    /// A checkpoint every this many CIDs (and after every view change); the log is trimmed to
+    /// what follows the older of the two kept.
+    pub checkpoint_period: u64,
+    /// Bytes asked for per state-transfer chunk.
+    pub chunk_bytes: usize,
+    /// Log every decision and checkpoint to `data_dir`, fsynced, and answer a client only once
+    /// the decision behind the answer is on disk. Off: nothing is written, nothing waits, and a
+    /// restarted replica recovers everything by state transfer.
+    pub durable: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -59,6 +68,9 @@ impl Default for ProtocolConfig {
             slow_leader: true,
             slow_leader_floor_ms: 20,
             checkpoint_history: 10_000,
+            checkpoint_period: c.checkpoint_period,
+            chunk_bytes: c.chunk_bytes,
+            durable: true,
         }
     }
 }
@@ -79,6 +91,16 @@ impl ProtocolConfig {
                 crate::wire::limits::MAX_BATCH_REQUESTS
             );
         }
+        if self.checkpoint_period == 0 {
+            bail!("protocol.checkpoint_period must be at least 1 (the default is 1024)");
+        }
+        if self.chunk_bytes < 1024 || self.chunk_bytes > crate::wire::limits::MAX_CHUNK {
+            bail!(
+                "protocol.chunk_bytes = {} must be between 1024 and {} (the default is 1 MiB)",
+                self.chunk_bytes,
+                crate::wire::limits::MAX_CHUNK
+            );
+        }
         Ok(())
     }
 
@@ -95,6 +117,9 @@ impl ProtocolConfig {
                 floor_us: self.slow_leader_floor_ms * 1000,
                 grace_us: timeout / 2,
             }),
+            checkpoint_period: self.checkpoint_period,
+            chunk_bytes: self.chunk_bytes,
+            persist: self.durable,
             ..Config::default()
         }
     }
@@ -107,6 +132,10 @@ pub struct ViewFile {
     pub id: u32,
     pub f: usize,
     pub members: Vec<MemberFile>,
+    /// Hex ed25519 public key whose signature reconfiguration requests need; without one the
+    /// view cannot be reconfigured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +161,7 @@ impl ViewFile {
                     key: hex::encode(m.key.0),
                 })
                 .collect(),
+            admin_key: v.admin.as_ref().map(|k| hex::encode(k.0)),
         }
     }
 
@@ -145,7 +175,13 @@ impl ViewFile {
                     .with_context(|| format!("members[id={}].key", m.id))?,
             });
         }
-        View::new(ViewId(self.id), self.f, members).map_err(|e| anyhow::anyhow!("view: {e}"))
+        let admin = match &self.admin_key {
+            Some(k) => Some(parse_public_key(k).context("admin_key")?),
+            None => None,
+        };
+        let view = View::new(ViewId(self.id), self.f, members)
+            .map_err(|e| anyhow::anyhow!("view: {e}"))?;
+        Ok(view.with_admin(admin))
     }
 
     pub fn load(path: &Path) -> Result<View> {

@@ -47,6 +47,17 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     pub bytes: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
     pub frames: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
+    /// Highest CID on disk (-1: none; stays -1 with durability off).
+    pub durable_cid: Gauge,
+    /// CID of the newest checkpoint held (-1: none).
+    pub checkpoint_cid: Gauge,
+    pub checkpoints: Counter,
+    pub state_transfers: Counter,
+    pub transfer_bytes: Counter,
+    pub view_installs: Counter,
+    pub diverged: Counter,
+    /// Replies waiting for their decision to reach the disk.
+    pub held_replies: Gauge,
     /// Microseconds since the epoch of the node loop's last turn, for `/healthz`.
     pub heartbeat_us: AtomicU64,
 }
@@ -100,6 +111,52 @@ impl Default for Metrics {
             "Messages and requests refused, by reason",
             rejected.clone(),
         );
+        let durable_cid = Gauge::default();
+        durable_cid.set(-1);
+        let checkpoint_cid = Gauge::default();
+        checkpoint_cid.set(-1);
+        let checkpoints = Counter::default();
+        let state_transfers = Counter::default();
+        let transfer_bytes = Counter::default();
+        let view_installs = Counter::default();
+        let diverged = Counter::default();
+        let held_replies = Gauge::default();
+        registry.register(
+            "durable_cid",
+            "Highest CID whose decision is on disk (-1: none)",
+            durable_cid.clone(),
+        );
+        registry.register(
+            "checkpoint_cid",
+            "CID of the newest checkpoint (-1: none)",
+            checkpoint_cid.clone(),
+        );
+        registry.register("checkpoints", "Checkpoints taken", checkpoints.clone());
+        registry.register(
+            "state_transfers",
+            "Checkpoints installed by state transfer",
+            state_transfers.clone(),
+        );
+        registry.register(
+            "state_transfer_bytes",
+            "Bytes of checkpoints installed by state transfer",
+            transfer_bytes.clone(),
+        );
+        registry.register(
+            "view_installs",
+            "Views installed by reconfiguration",
+            view_installs.clone(),
+        );
+        registry.register(
+            "diverged",
+            "Own checkpoints found to disagree with f+1 others (then repaired)",
+            diverged.clone(),
+        );
+        registry.register(
+            "held_replies",
+            "Replies waiting for their decision to be durable",
+            held_replies.clone(),
+        );
         registry.register("network_bytes", "Bytes on the network", bytes.clone());
         registry.register("network_frames", "Frames on the network", frames.clone());
         Metrics {
@@ -116,6 +173,14 @@ impl Default for Metrics {
             rejected,
             bytes,
             frames,
+            durable_cid,
+            checkpoint_cid,
+            checkpoints,
+            state_transfers,
+            transfer_bytes,
+            view_installs,
+            diverged,
+            held_replies,
             heartbeat_us: AtomicU64::new(0),
         }
     }
@@ -140,7 +205,7 @@ impl Metrics {
 }
 
 /// What a replica says about itself.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
     pub id: u32,
     pub view_id: u32,
@@ -156,6 +221,21 @@ pub struct Status {
     pub pending_requests: usize,
     /// Set when this replica runs a Byzantine test mode.
     pub byzantine: Option<String>,
+    /// CID of the newest checkpoint held.
+    #[serde(default)]
+    pub checkpoint_cid: Option<u64>,
+    /// Hex digest of that checkpoint (correct replicas agree on it at equal CIDs).
+    #[serde(default)]
+    pub checkpoint_digest: Option<String>,
+    /// Highest CID on disk; `None` with durability off or before the first write.
+    #[serde(default)]
+    pub durable_cid: Option<u64>,
+    /// Waiting for state (joining, or a state transfer in progress).
+    #[serde(default)]
+    pub transferring: bool,
+    /// This replica is in its current view.
+    #[serde(default)]
+    pub member: bool,
 }
 
 /// `/status`: the status and the replica's signature over its JSON bytes.

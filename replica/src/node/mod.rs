@@ -4,11 +4,16 @@
 //! One task owns the core (it is a plain state machine) and is the only one that touches it:
 //! network tasks hand it authenticated frames over a bounded channel, it decodes them, feeds the
 //! core, and hands the core's outputs back to the network. No locks on the hot path.
+//!
+//! With durability on (`protocol.durable`), decisions, checkpoints and views go to the storage
+//! threads (`durability`), and a reply leaves only once the decision it depends on is on disk:
+//! a client that saw an answer can count on it surviving a crash of every replica.
 
 pub mod config;
+pub mod durability;
 pub mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::core::output::{Event, Output};
 use crate::core::replica::Replica;
@@ -32,6 +37,8 @@ use crate::sim::byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use crate::wire::codec::{Decode, Encode};
 use crate::wire::ids::{Cid, ReplicaId};
 use crate::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
+
+use durability::Durability;
 
 pub use config::{NodeConfig, ProtocolConfig, ViewFile};
 pub use metrics::{Metrics, SignedStatus, Status};
@@ -107,13 +114,53 @@ pub async fn run(
             cfg.id
         );
     }
-    let listen = cfg.listen.clone().unwrap_or_else(|| member.address.clone());
+    let configured_address = member.address.clone();
     let client_listen = match &cfg.client_listen {
         Some(a) => a.clone(),
         None => client_address(&member.address)?,
     };
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+
+    let svc: Box<dyn Service> = match service {
+        ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
+        ServiceChoice::Noop => Box::new(NoopService::default()),
+    };
+    let (failures_tx, failures_rx) = mpsc::unbounded_channel();
+    let (core, durability) = if cfg.protocol.durable {
+        let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx)?;
+        let core = recover(me, &key, view, &cfg, svc, recovered)?;
+        (core, Some(d))
+    } else {
+        tracing::warn!(
+            replica = cfg.id,
+            "durability is off (protocol.durable = false): nothing is written to disk, and a \
+             restarted replica recovers its state from the others"
+        );
+        let core = Replica::new(me, key.clone(), view, cfg.protocol.core(), svc);
+        (core, None)
+    };
+    let view = core.view().clone();
+    if !view.contains(me) {
+        tracing::warn!(
+            replica = cfg.id,
+            view = view.id.0,
+            "this replica was removed from the view before it stopped; it stays stopped"
+        );
+        if let Some(d) = durability {
+            d.close();
+        }
+        return Ok(());
+    }
+    // A recovered view may have moved this replica.
+    let listen = match &cfg.listen {
+        Some(l) => l.clone(),
+        None => view
+            .members
+            .iter()
+            .find(|m| m.id == me)
+            .map_or(configured_address, |m| m.address.clone()),
+    };
 
     let stats = Arc::new(NetStats::default());
     let metrics = Arc::new(Metrics::default());
@@ -144,10 +191,6 @@ pub async fn run(
     let (status_tx, status_rx) = mpsc::channel(16);
     tokio::spawn(metrics::serve_http(http, metrics.clone(), status_tx));
 
-    let svc: Box<dyn Service> = match service {
-        ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
-        ServiceChoice::Noop => Box::new(NoopService::default()),
-    };
     if let Some(b) = &byzantine {
         tracing::warn!(
             replica = cfg.id,
@@ -155,7 +198,6 @@ pub async fn run(
             "THIS REPLICA IS BYZANTINE: it deliberately breaks the protocol (test mode)"
         );
     }
-    let core = Replica::new(me, key.clone(), view.clone(), cfg.protocol.core(), svc);
     tracing::info!(
         replica = cfg.id,
         %listen,
@@ -163,6 +205,10 @@ pub async fn run(
         http = %cfg.http_listen,
         n = view.n(),
         f = view.f,
+        view = view.id.0,
+        last_decided = ?core.last_decided().map(|c| c.0),
+        checkpoint = ?core.latest_checkpoint().map(|c| c.cid.0),
+        durable = cfg.protocol.durable,
         "replica started"
     );
     let adversary = byzantine.map(|b| Adversary::new(b, me, key.clone()));
@@ -180,9 +226,89 @@ pub async fn run(
         clock: Clock::new(),
         digest_cache: None,
         rejections: HashMap::new(),
+        durability,
+        held: VecDeque::new(),
+        removed: false,
     };
-    node.run(rx, status_rx, shutdown).await;
-    Ok(())
+    let result = node.run(rx, status_rx, failures_rx, shutdown).await;
+    if let Some(d) = node.durability.take() {
+        // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
+        d.close();
+    }
+    if node.removed {
+        // The replies just handed to the client connections need a moment to be written out.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    result
+}
+
+/// Rebuilds the replica from what its storage recovered, and says what recovery repaired.
+fn recover(
+    me: ReplicaId,
+    key: &KeyPair,
+    configured: View,
+    cfg: &NodeConfig,
+    service: Box<dyn Service>,
+    recovered: crate::storage::Recovered,
+) -> Result<Replica> {
+    let report = &recovered.report;
+    if let Some(d) = &report.log_damage {
+        tracing::warn!(damage = ?d, "recovery: the log was damaged and cut at the damage");
+    }
+    for r in &report.rejected_checkpoints {
+        tracing::warn!(path = %r.path.display(), reason = %r.reason, "recovery: skipped a damaged checkpoint");
+    }
+    if let Some(e) = &report.view_error {
+        tracing::warn!(error = %e, "recovery: the stored view is damaged; using the configured one");
+    }
+    if !report.removed_temp_files.is_empty() {
+        tracing::info!(
+            files = report.removed_temp_files.len(),
+            "recovery: removed leftovers of interrupted writes"
+        );
+    }
+    if let Some(r) = &report.log_reset {
+        tracing::warn!(
+            needed = r.needed.0,
+            first = r.first.0,
+            end = r.end.0,
+            "recovery: the log does not continue the checkpoint and was dropped; state transfer \
+             fetches what is missing"
+        );
+    }
+    // Replay starts from the checkpoint's own view, or from the configured one at CID 0; a
+    // stored view matters only when there is nothing to replay (a joiner that never got state).
+    let nothing = recovered.checkpoint.is_none() && recovered.decisions.is_empty();
+    let view = match recovered.view {
+        Some(v) if nothing && v.id > configured.id => v,
+        _ => configured,
+    };
+    let checkpoint_cid = recovered.checkpoint.as_ref().map(|c| c.cid.0);
+    let replayed = recovered.decisions.len();
+    let core = Replica::recover(
+        me,
+        key.clone(),
+        view,
+        cfg.protocol.core(),
+        service,
+        recovered.checkpoint.map(|c| c.snapshot),
+        recovered.decisions,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot rebuild the replica from {}: {e}; move that directory away to start empty \
+             and catch up by state transfer",
+            cfg.data_dir.display()
+        )
+    })?;
+    tracing::info!(
+        checkpoint = ?checkpoint_cid,
+        replayed,
+        last_decided = ?core.last_decided().map(|c| c.0),
+        clean = report.is_clean(),
+        "recovered from disk"
+    );
+    Ok(core)
 }
 
 struct NodeLoop {
@@ -200,6 +326,19 @@ struct NodeLoop {
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
     rejections: HashMap<&'static str, u64>,
+    durability: Option<Durability>,
+    /// Replies waiting for the CID they depend on to be durable, in the order they were made.
+    held: VecDeque<(Cid, ClientId, Vec<u8>)>,
+    /// This replica is not in its view any more: it answers what it can and stops.
+    removed: bool,
+}
+
+/// Resolves when the durable CID moves; never without durability.
+async fn durable_changed(rx: &mut Option<watch::Receiver<Option<Cid>>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 impl NodeLoop {
@@ -207,10 +346,12 @@ impl NodeLoop {
         &mut self,
         mut rx: mpsc::Receiver<Inbound>,
         mut status_rx: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+        mut failures: mpsc::UnboundedReceiver<String>,
         shutdown: impl Future<Output = ()>,
-    ) {
+    ) -> Result<()> {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut durable_rx = self.durability.as_ref().map(|d| d.watch());
         loop {
             let deadline = self.core.next_deadline();
             let sleep = tokio::time::sleep_until(
@@ -240,10 +381,78 @@ impl NodeLoop {
                     let _ = reply.send(self.status());
                 }
                 _ = tick.tick() => self.refresh_gauges(),
+                ok = durable_changed(&mut durable_rx) => {
+                    if ok {
+                        self.release();
+                    } else {
+                        durable_rx = None;
+                    }
+                }
+                Some(why) = failures.recv() => {
+                    tracing::error!(error = %why, "storage failed: stopping so that a restart recovers from disk");
+                    bail!("{why}");
+                }
             }
             self.flush();
+            if self.removed {
+                self.finish_removed(&mut durable_rx, &mut failures).await;
+                break;
+            }
         }
         tracing::info!(replica = self.core.id().0, "replica stopping");
+        Ok(())
+    }
+
+    /// Removed from the view: wait (briefly) for the last decisions to be durable so that the
+    /// replies still held can go out, then stop.
+    async fn finish_removed(
+        &mut self,
+        durable_rx: &mut Option<watch::Receiver<Option<Cid>>>,
+        failures: &mut mpsc::UnboundedReceiver<String>,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.held.is_empty() {
+            tokio::select! {
+                ok = durable_changed(durable_rx) => {
+                    if !ok {
+                        break;
+                    }
+                    self.release();
+                }
+                _ = failures.recv() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !self.held.is_empty() {
+            tracing::warn!(
+                replies = self.held.len(),
+                "stopping with replies whose decisions are not on disk; their clients get them \
+                 from the other replicas"
+            );
+        }
+    }
+
+    fn durable_cid(&self) -> Option<Cid> {
+        self.durability.as_ref().and_then(|d| d.durable())
+    }
+
+    /// Sends the held replies whose decisions are now durable.
+    fn release(&mut self) {
+        let durable = self.durable_cid();
+        while let Some((cid, _, _)) = self.held.front() {
+            if Some(*cid) > durable {
+                break;
+            }
+            if let Some((_, client, bytes)) = self.held.pop_front() {
+                if let Some(conn) = self.conns.get(&client) {
+                    let _ = self.clients.send(*conn, &bytes);
+                }
+            }
+        }
+        self.metrics.held_replies.set(self.held.len() as i64);
+        if let Some(d) = durable {
+            self.metrics.durable_cid.set(d.0 as i64);
+        }
     }
 
     fn handle(&mut self, ev: Inbound) {
@@ -279,9 +488,28 @@ impl NodeLoop {
     }
 
     fn flush(&mut self) {
-        for out in self.core.take_outputs() {
+        let outputs = self.core.take_outputs();
+        // The CID each reply depends on: the decision logged right after it (a decision's
+        // replies come before its log entry), or, after the last one, the last decided CID (a
+        // read or a repeated answer reflects the state so far).
+        let mut depends = vec![None; outputs.len()];
+        let mut tag = self.core.last_decided();
+        for (i, out) in outputs.iter().enumerate().rev() {
+            if let Output::Persist(d) = out {
+                tag = Some(d.cid);
+            }
+            depends[i] = tag;
+        }
+        if self.durability.is_some() && !self.held.is_empty() {
+            self.release();
+        }
+        for (out, depends) in outputs.into_iter().zip(depends) {
+            if out.is_local() {
+                self.local(out);
+                continue;
+            }
             match self.adversary.as_mut() {
-                None => self.send_honest(out),
+                None => self.send_honest(out, depends),
                 Some(adv) => {
                     let pos = Position {
                         view: &self.view,
@@ -303,7 +531,7 @@ impl NodeLoop {
             .store(metrics::now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn send_honest(&mut self, out: Output) {
+    fn send_honest(&mut self, out: Output, depends: Option<Cid>) {
         match out {
             Output::Send { to, msg } => {
                 let _ = self.peers.send(to, &msg.to_bytes());
@@ -312,15 +540,86 @@ impl NodeLoop {
                 self.peers.broadcast(&msg.to_bytes());
             }
             Output::Reply { client, reply } => {
+                if let (Some(d), Some(cid)) = (&self.durability, depends) {
+                    if d.durable() < Some(cid) {
+                        self.held.push_back((cid, client, reply.to_bytes()));
+                        self.metrics.held_replies.set(self.held.len() as i64);
+                        return;
+                    }
+                }
                 if let Some(conn) = self.conns.get(&client) {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
                 }
             }
-            Output::Persist(_)
-            | Output::Checkpoint { .. }
-            | Output::StateInstalled(_)
-            | Output::ViewChanged(_) => {}
+            other => self.local(other),
         }
+    }
+
+    /// Storage and membership outputs.
+    fn local(&mut self, out: Output) {
+        match out {
+            Output::Persist(d) => {
+                if let Some(s) = &self.durability {
+                    s.append(d);
+                }
+            }
+            Output::Checkpoint {
+                checkpoint,
+                trim_before,
+            } => {
+                self.metrics
+                    .checkpoint_cid
+                    .set(checkpoint.meta.cid.0 as i64);
+                if let Some(s) = &self.durability {
+                    s.checkpoint(checkpoint, self.view.clone(), trim_before);
+                }
+            }
+            Output::StateInstalled(checkpoint) => {
+                let meta = checkpoint.meta;
+                self.metrics.state_transfers.inc();
+                self.metrics.transfer_bytes.inc_by(meta.len);
+                self.metrics.checkpoint_cid.set(meta.cid.0 as i64);
+                tracing::info!(
+                    cid = meta.cid.0,
+                    bytes = meta.len,
+                    digest = %meta.digest,
+                    view = meta.view.0,
+                    "state transfer: installed a checkpoint agreed by f+1 replicas"
+                );
+                if let Some(s) = &self.durability {
+                    s.installed(checkpoint, self.core.view().clone());
+                }
+            }
+            Output::ViewChanged(view) => self.view_changed(view),
+            Output::Send { .. } | Output::Broadcast { .. } | Output::Reply { .. } => {}
+        }
+    }
+
+    fn view_changed(&mut self, view: View) {
+        let me = self.core.id();
+        let member = view.contains(me);
+        tracing::info!(
+            view = view.id.0,
+            n = view.n(),
+            f = view.f,
+            member,
+            "view installed"
+        );
+        if let Some(s) = &self.durability {
+            s.view(view.clone());
+        }
+        self.metrics.view_id.set(view.id.0 as i64);
+        if member {
+            self.peers.update_view(&view);
+        } else {
+            tracing::warn!(
+                replica = me.0,
+                view = view.id.0,
+                "THIS REPLICA WAS REMOVED FROM THE VIEW: it answers what is pending and stops"
+            );
+            self.removed = true;
+        }
+        self.view = view;
     }
 
     /// A frame from the Byzantine test mode, possibly delayed.
@@ -394,7 +693,46 @@ impl NodeLoop {
             Event::Suspected { regency, why } => {
                 tracing::warn!(regency = regency.0, why, "asking for a leader change");
             }
-            _ => {}
+            Event::ViewInstalled {
+                cid,
+                view,
+                n,
+                f,
+                member,
+            } => {
+                self.metrics.view_installs.inc();
+                tracing::info!(
+                    cid = cid.0,
+                    view = view.0,
+                    n,
+                    f,
+                    member,
+                    "reconfiguration decided"
+                );
+            }
+            Event::CheckpointTaken { cid, digest } => {
+                self.metrics.checkpoints.inc();
+                tracing::info!(cid = cid.0, %digest, "checkpoint taken");
+            }
+            Event::TransferStarted { cid, len, from } => {
+                tracing::info!(
+                    cid = cid.0,
+                    bytes = len,
+                    from = from.0,
+                    "state transfer started"
+                );
+            }
+            Event::StateInstalled { cid } => {
+                tracing::info!(cid = cid.0, "state transfer finished");
+            }
+            Event::Diverged { cid } => {
+                self.metrics.diverged.inc();
+                tracing::error!(
+                    cid = cid.0,
+                    "this replica's checkpoint disagrees with f+1 others: its state diverged, \
+                     repairing it by state transfer"
+                );
+            }
         }
     }
 
@@ -433,6 +771,12 @@ impl NodeLoop {
             }
         }
         self.metrics.view_id.set(self.view.id.0 as i64);
+        if let Some(d) = self.durable_cid() {
+            self.metrics.durable_cid.set(d.0 as i64);
+        }
+        if let Some(c) = self.core.latest_checkpoint() {
+            self.metrics.checkpoint_cid.set(c.cid.0 as i64);
+        }
         self.metrics
             .pending_requests
             .set(self.core.pending_requests() as i64);
@@ -464,6 +808,11 @@ impl NodeLoop {
                 .adversary
                 .as_ref()
                 .map(|a| format!("{:?}", a.behaviour)),
+            checkpoint_cid: self.core.latest_checkpoint().map(|c| c.cid.0),
+            checkpoint_digest: self.core.latest_checkpoint().map(|c| c.digest.to_string()),
+            durable_cid: self.durable_cid().map(|c| c.0),
+            transferring: self.core.is_transferring(),
+            member: self.view.contains(self.core.id()),
         };
         SignedStatus::sign(status, &self.key)
     }

@@ -218,6 +218,28 @@ pub struct LogReset {
     pub removed_segments: Vec<PathBuf>,
 }
 
+/// Writes checkpoint files into a storage directory; see `Storage::checkpoint_writer`. Only one
+/// writer may be used at a time: each write also prunes the older checkpoints.
+#[derive(Debug, Clone)]
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl CheckpointWriter {
+    /// Same as `Storage::write_checkpoint`.
+    pub fn write(
+        &self,
+        cid: Cid,
+        view: &View,
+        snapshot: &[u8],
+        digest: Digest,
+    ) -> Result<(), StorageError> {
+        checkpoint::write_checkpoint(&self.dir, cid, view, snapshot, digest, self.max_bytes)?;
+        Ok(())
+    }
+}
+
 /// The durable state of one replica. Owned by one thread; `durable_watch()` hands out a
 /// cloneable handle for others.
 pub struct Storage {
@@ -386,6 +408,15 @@ impl Storage {
         Ok(())
     }
 
+    /// A handle that writes checkpoints from another thread, so that writing a large one does
+    /// not hold up appends (and with them every reply waiting for durability).
+    pub fn checkpoint_writer(&self) -> CheckpointWriter {
+        CheckpointWriter {
+            dir: self.dir.clone(),
+            max_bytes: self.config.max_checkpoint_bytes,
+        }
+    }
+
     /// The newest checkpoint that validates (checksum and digest), falling back to older ones.
     pub fn load_latest_checkpoint(&self) -> Result<Option<Checkpoint>, StorageError> {
         let (c, rejected) = checkpoint::load_latest(&self.dir, self.config.max_checkpoint_bytes)?;
@@ -407,6 +438,15 @@ impl Storage {
     /// segment that also holds `cid` or later stays). Returns the removed files.
     pub fn truncate_log_before(&mut self, cid: Cid) -> Result<Vec<PathBuf>, StorageError> {
         self.wal.truncate_before(cid, &self.shared)
+    }
+
+    /// Removes the whole log and makes it continue at `cid + 1`. For a transferred checkpoint
+    /// at `cid` that replaces a state the log had already gone past (a diverged replica
+    /// repairing itself): its old successors must not stay in front of the ones replayed next.
+    pub fn restart_log_after(&mut self, cid: Cid) -> Result<Vec<PathBuf>, StorageError> {
+        let removed = self.wal.truncate_before(Cid(u64::MAX), &self.shared)?;
+        self.wal.restart_at(cid.next());
+        Ok(removed)
     }
 
     /// Persists the current view atomically.

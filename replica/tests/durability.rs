@@ -1,0 +1,447 @@
+//! Durability and state transfer with real `kmmr-replica` processes on loopback: a replica that
+//! lost its disk catches up by state transfer to byte-identical state, and writes a client saw
+//! acknowledged survive SIGKILL of every replica. Ports 22000-22999.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kmmr::client::{Client, ClientOptions};
+use kmmr::cluster::{
+    fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
+};
+use kmmr::core::view::View;
+use kmmr::crypto::KeyPair;
+use kmmr::node::{ProtocolConfig, ServiceChoice, SignedStatus};
+use kmmr::service::kv::{KvRequest, KvResponse};
+use tokio::process::Child;
+
+const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
+
+struct TestCluster {
+    dir: PathBuf,
+    base: u16,
+    view: View,
+    procs: BTreeMap<u32, Child>,
+}
+
+impl TestCluster {
+    async fn start(name: &str, n: usize, base: u16, protocol: ProtocolConfig) -> TestCluster {
+        let dir = std::env::temp_dir().join(format!("kmmr-dur-{name}-{}", std::process::id()));
+        let view = prepare(&ClusterSpec {
+            n,
+            dir: dir.clone(),
+            base_port: base,
+            byzantine: Vec::new(),
+            protocol,
+        })
+        .expect("cluster files");
+        let mut c = TestCluster {
+            dir,
+            base,
+            view,
+            procs: BTreeMap::new(),
+        };
+        for i in 0..n as u32 {
+            c.spawn(i);
+        }
+        for i in 0..n as u32 {
+            c.wait_healthy(i).await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: u32) {
+        let child = spawn_replica(EXE.as_ref(), &self.dir, i, ServiceChoice::Kv, None, 1)
+            .expect("replica starts");
+        self.procs.insert(i, child);
+    }
+
+    async fn wait_healthy(&self, i: u32) {
+        if let Err(e) = wait_healthy(self.base, i as usize, Duration::from_secs(20)).await {
+            panic!("{e}; its log:\n{}", self.log(i));
+        }
+    }
+
+    /// SIGKILL: no clean shutdown, no final fsync.
+    async fn kill(&mut self, i: u32) {
+        if let Some(mut c) = self.procs.remove(&i) {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    fn data_dir(&self, i: u32) -> PathBuf {
+        self.dir.join(format!("data/r{i}"))
+    }
+
+    async fn client(&self) -> Client {
+        let opts = ClientOptions {
+            retransmit: Duration::from_millis(300),
+            timeout: Duration::from_secs(20),
+            redial: Duration::from_millis(200),
+            linearizable_unordered_reads: false,
+        };
+        Client::connect(
+            KeyPair::generate(&mut rand::rngs::OsRng),
+            self.view.clone(),
+            opts,
+        )
+        .await
+        .expect("client connects")
+    }
+
+    async fn status(&self, i: u32) -> Option<SignedStatus> {
+        let url = format!(
+            "http://127.0.0.1:{}/status",
+            http_port(self.base, i as usize)
+        );
+        let s = fetch_status(&url).await.ok()?;
+        let key = self.view.key(kmmr::wire::ids::ReplicaId(i))?;
+        assert!(s.verify(key), "replica {i} signs its status");
+        Some(s)
+    }
+
+    /// A counter from `/metrics` (0 when absent).
+    async fn metric(&self, i: u32, name: &str) -> f64 {
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            http_port(self.base, i as usize)
+        );
+        let text = http_get(&url).await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn log(&self, i: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
+    }
+
+    /// Every replica reports the same last decided CID and state digest, in signed statuses.
+    async fn wait_identical(&self, within: Duration) -> (u64, String) {
+        let until = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for m in &self.view.members {
+                if let Some(s) = self.status(m.id.0).await {
+                    seen.push((s.status.last_decided, s.status.state_digest.clone()));
+                }
+            }
+            if seen.len() == self.view.n() && seen.windows(2).all(|w| w[0] == w[1]) {
+                if let Some((Some(cid), digest)) = seen.pop() {
+                    return (cid, digest);
+                }
+            }
+            if Instant::now() > until {
+                panic!(
+                    "replicas did not converge within {within:?}: {seen:?}\nlast replica's log:\n{}",
+                    self.log(self.view.n() as u32 - 1)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn protocol(checkpoint_period: u64) -> ProtocolConfig {
+    ProtocolConfig {
+        request_timeout_ms: 500,
+        checkpoint_period,
+        ..ProtocolConfig::default()
+    }
+}
+
+/// Clients that write until told to stop, remembering every write acknowledged to them.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(clients: Vec<Client>, value_bytes: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let tasks = clients
+            .into_iter()
+            .enumerate()
+            .map(|(c, client)| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("c{c}/k{i}");
+                        let mut value = format!("c{c}-v{i}-");
+                        value.extend(std::iter::repeat_n('x', value_bytes));
+                        let req = KvRequest::put(key.clone(), value.clone());
+                        if let Ok(KvResponse::Put(_)) = client.kv(&req).await {
+                            acked.lock().expect("writers lock").push((key, value));
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Writers { stop, acked, tasks }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().expect("writers lock").len()
+    }
+
+    async fn stop(self) -> Vec<(String, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        std::mem::take(&mut *self.acked.lock().expect("writers lock"))
+    }
+
+    /// Stops at once, dropping requests in flight.
+    fn abort(self) -> Vec<(String, String)> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        std::mem::take(&mut *self.acked.lock().expect("writers lock"))
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_catches_up_by_state_transfer_to_identical_state() {
+    const PERIOD: u64 = 16;
+    let mut c = TestCluster::start("wipe", 4, 22000, protocol(PERIOD)).await;
+    let writers = Writers::start(vec![c.client().await, c.client().await], 512);
+    wait_for(
+        "writes before the crash",
+        Duration::from_secs(30),
+        async || writers.count() >= 100,
+    )
+    .await;
+
+    c.kill(3).await;
+    let had = std::fs::read_dir(c.data_dir(3)).map_or(0, |d| d.count());
+    assert!(had > 0, "replica 3 had written its data directory");
+    std::fs::remove_dir_all(c.data_dir(3)).expect("wipe replica 3's disk");
+
+    // Far enough that the others trimmed their logs past anything replica 3 could replay.
+    let before = c.status(0).await.and_then(|s| s.status.last_decided);
+    wait_for(
+        "the others to move on by several checkpoints",
+        Duration::from_secs(60),
+        async || {
+            let now = c.status(0).await.and_then(|s| s.status.last_decided);
+            now >= before.map(|b| b + 4 * PERIOD)
+        },
+    )
+    .await;
+    let trimmed = c
+        .status(0)
+        .await
+        .and_then(|s| s.status.checkpoint_cid)
+        .expect("replica 0 holds a checkpoint");
+    assert!(trimmed > PERIOD, "replica 0 checkpointed at {trimmed}");
+
+    c.spawn(3);
+    c.wait_healthy(3).await;
+    wait_for(
+        "replica 3 to install a transferred checkpoint",
+        Duration::from_secs(60),
+        async || c.metric(3, "kmmr_state_transfers_total").await >= 1.0,
+    )
+    .await;
+    let acked = writers.stop().await;
+    let (cid, digest) = c.wait_identical(Duration::from_secs(30)).await;
+
+    let s3 = c.status(3).await.expect("replica 3 status").status;
+    assert!(
+        s3.member && !s3.transferring,
+        "replica 3 takes part: {s3:?}"
+    );
+    assert!(
+        s3.durable_cid >= s3.checkpoint_cid && s3.checkpoint_cid.is_some(),
+        "replica 3 stored what it installed: {s3:?}"
+    );
+    let bytes = c.metric(3, "kmmr_state_transfer_bytes_total").await;
+    assert!(bytes > 0.0, "bytes transferred counted");
+    assert!(c.log(3).contains("state transfer: installed"));
+    eprintln!(
+        "{} writes acknowledged; replica 3 lost its disk, installed {bytes} bytes by state \
+         transfer, and all four replicas hold state {} at CID {cid}",
+        acked.len(),
+        &digest[..16]
+    );
+
+    // The repaired replica counts: with replica 0 gone it is needed for a quorum.
+    c.kill(0).await;
+    let client = c.client().await;
+    let (key, value) = acked.last().expect("some writes").clone();
+    match client.kv(&KvRequest::get(key.clone())).await {
+        Ok(KvResponse::Range(r)) => {
+            assert_eq!(
+                r.kvs.first().map(|kv| kv.value.clone()),
+                Some(value.into_bytes())
+            )
+        }
+        other => panic!("reading {key} back: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_sigkill_of_every_replica() {
+    let mut c = TestCluster::start("killall", 4, 22100, protocol(16)).await;
+    let clients = vec![
+        c.client().await,
+        c.client().await,
+        c.client().await,
+        c.client().await,
+    ];
+    let writers = Writers::start(clients, 64);
+    wait_for(
+        "writes before the crash",
+        Duration::from_secs(30),
+        async || writers.count() >= 300,
+    )
+    .await;
+
+    // Every replica at once, with writes in flight.
+    for i in 0..4 {
+        if let Some(p) = c.procs.get_mut(&i) {
+            let _ = p.start_kill();
+        }
+    }
+    let acked = writers.abort();
+    for i in 0..4 {
+        c.kill(i).await;
+    }
+    for i in 0..4 {
+        c.spawn(i);
+    }
+    for i in 0..4 {
+        c.wait_healthy(i).await;
+    }
+    for i in 0..4 {
+        assert!(
+            c.log(i).contains("recovered from disk"),
+            "replica {i} recovered from its disk"
+        );
+    }
+
+    let client = c.client().await;
+    let mut missing = Vec::new();
+    for (key, value) in &acked {
+        match client.kv(&KvRequest::get(key.clone())).await {
+            Ok(KvResponse::Range(r))
+                if r.kvs.first().map(|kv| kv.value.as_slice()) == Some(value.as_bytes()) => {}
+            other => missing.push((key.clone(), format!("{other:?}"))),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost after every replica was killed: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+    client
+        .kv(&KvRequest::put("after", "restart"))
+        .await
+        .expect("the cluster serves writes again");
+    let (cid, _) = c.wait_identical(Duration::from_secs(30)).await;
+    eprintln!(
+        "{} acknowledged writes all read back after SIGKILL of every replica; CID {cid}",
+        acked.len()
+    );
+}
+
+/// The catch-up benchmark (README, Performance): writes about `KMMR_CATCHUP_MIB` MiB (default
+/// 1024) of key-value state in 1 MiB values, wipes one replica's disk, restarts it, and times
+/// how long until its last decided CID and state digest match the others'. Needs about 16 GiB
+/// of memory at the default size (four replicas, each holding the state and a checkpoint).
+///
+/// `cargo test --release -p kmmr-replica --test durability catch_up -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: minutes, gigabytes"]
+async fn catch_up_time_for_a_large_state() {
+    let mib: u64 = std::env::var("KMMR_CATCHUP_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    // One checkpoint, right after the load: the others' logs start there, so the wiped
+    // replica can only catch up by state transfer.
+    let period = mib + 64;
+    let mut c = TestCluster::start("catchup", 4, 22200, protocol(period)).await;
+    let client = c.client().await;
+    let value = vec![b'v'; 1024 * 1024 - 64];
+    let t0 = Instant::now();
+    for i in 0..mib {
+        let mut v = value.clone();
+        v.extend_from_slice(format!("{i:08}").as_bytes());
+        client
+            .kv(&KvRequest::put(format!("big/{i:06}"), v))
+            .await
+            .expect("load");
+    }
+    let load = t0.elapsed();
+    // Small writes up to the checkpoint.
+    let mut i = 0;
+    while c
+        .status(0)
+        .await
+        .and_then(|s| s.status.checkpoint_cid)
+        .is_none()
+    {
+        client
+            .kv(&KvRequest::put(format!("small/{i}"), "x"))
+            .await
+            .expect("small write");
+        i += 1;
+        assert!(i < 10 * period, "no checkpoint after {i} small writes");
+    }
+    let s0 = c.status(0).await.expect("status").status;
+    eprintln!(
+        "loaded {mib} MiB in {:.1} s ({:.1} MiB/s); checkpoint at CID {:?}",
+        load.as_secs_f64(),
+        mib as f64 / load.as_secs_f64(),
+        s0.checkpoint_cid
+    );
+    let (cid, _) = c.wait_identical(Duration::from_secs(600)).await;
+
+    c.kill(3).await;
+    std::fs::remove_dir_all(c.data_dir(3)).expect("wipe replica 3's disk");
+    let t1 = Instant::now();
+    c.spawn(3);
+    c.wait_healthy(3).await;
+    let (cid_after, _) = c.wait_identical(Duration::from_secs(600)).await;
+    let took = t1.elapsed();
+    assert_eq!(cid, cid_after, "nothing was decided meanwhile");
+    assert!(c.metric(3, "kmmr_state_transfers_total").await >= 1.0);
+    let bytes = c.metric(3, "kmmr_state_transfer_bytes_total").await;
+    eprintln!(
+        "catch-up: replica 3 restarted with an empty disk and matched the others (CID {cid}) \
+         after {:.2} s, state transfer of {:.0} MiB ({:.0} MiB/s)",
+        took.as_secs_f64(),
+        bytes / 1048576.0,
+        bytes / 1048576.0 / took.as_secs_f64()
+    );
+}
