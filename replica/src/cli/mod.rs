@@ -1,5 +1,6 @@
 //! Command-line interface of `kmmr-replica`.
 
+mod admin;
 mod bench;
 mod kv;
 mod local;
@@ -58,6 +59,8 @@ pub enum Cmd {
     Kv(kv::KvCmd),
     /// Load generator: ops/s and latency percentiles (BFT-SMaRt's ThroughputLatency).
     Bench(bench::BenchArgs),
+    /// Membership changes signed with the admin key: add, remove, set-f.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,5 +221,6 @@ pub async fn main(cli: Cli) -> Result<()> {
         Cmd::Local(args) => local::run(args).await,
         Cmd::Kv(cmd) => kv::run(cmd).await,
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Admin(args) => admin::run(args).await,
     }
 }

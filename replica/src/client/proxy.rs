@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::client::session::{ClientError, ClientSession};
 use crate::core::view::View;
@@ -49,12 +49,15 @@ enum Cmd {
         payload: Vec<u8>,
         done: oneshot::Sender<Result<Vec<u8>, ClientError>>,
     },
+    /// A newer view learnt from a reconfiguration's agreed outcome.
+    InstallView(View),
 }
 
 /// A connected client. Cloning shares the session.
 #[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Cmd>,
+    view: watch::Receiver<View>,
     id: ClientId,
     timeout: Duration,
     unordered_reads: bool,
@@ -78,7 +81,9 @@ impl Client {
         );
         let (tx, rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let (view_tx, view_rx) = watch::channel(session.view().clone());
         let mut task = ProxyTask {
+            view_tx,
             session,
             connector,
             links: BTreeMap::new(),
@@ -91,6 +96,7 @@ impl Client {
         tokio::spawn(task.run(rx, ev_rx));
         Ok(Client {
             tx,
+            view: view_rx,
             id,
             timeout: opts.timeout,
             unordered_reads: opts.linearizable_unordered_reads,
@@ -99,6 +105,19 @@ impl Client {
 
     pub fn id(&self) -> ClientId {
         self.id
+    }
+
+    /// The newest view this client follows.
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    /// Follows `view` if it is newer (for example the outcome of a reconfiguration).
+    pub async fn install_view(&self, view: View) -> Result<()> {
+        self.tx
+            .send(Cmd::InstallView(view))
+            .await
+            .map_err(|_| anyhow!("client stopped"))
     }
 
     /// Sends one request and waits for its agreed result.
@@ -144,6 +163,7 @@ impl Client {
 }
 
 struct ProxyTask {
+    view_tx: watch::Sender<View>,
     session: ClientSession,
     connector: Arc<ClientConnector>,
     links: BTreeMap<ReplicaId, ReplicaLink>,
@@ -183,11 +203,19 @@ impl ProxyTask {
                     .into(),
             );
             tokio::select! {
-                cmd = rx.recv() => {
-                    let Some(Cmd::Invoke { kind, payload, done }) = cmd else { break };
-                    let seq = self.session.invoke(self.clock.now_us(), kind, payload);
-                    self.pending.insert(seq, done);
-                }
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(Cmd::Invoke { kind, payload, done }) => {
+                        let seq = self.session.invoke(self.clock.now_us(), kind, payload);
+                        self.pending.insert(seq, done);
+                    }
+                    Some(Cmd::InstallView(v)) => {
+                        let before = self.session.view().id;
+                        self.session.install_view(v);
+                        self.view_changed(before);
+                        self.dial_all().await;
+                    }
+                },
                 Some(ev) = events.recv() => self.on_event(ev),
                 _ = sleep, if deadline.is_some() => {
                     self.session.on_timeout(self.clock.now_us());
@@ -217,11 +245,7 @@ impl ProxyTask {
                         let _ = tx.send(done.result);
                     }
                 }
-                if self.session.view().id != view_before {
-                    // Membership changed: dial the new view's replicas on the next tick.
-                    let ids: Vec<ReplicaId> = self.session.view().ids().collect();
-                    self.links.retain(|id, _| ids.contains(id));
-                }
+                self.view_changed(view_before);
             }
             FromReplica::Closed { from, link } => {
                 if self.links.get(&from).is_some_and(|l| l.id() == link) {
@@ -229,6 +253,16 @@ impl ProxyTask {
                 }
             }
         }
+    }
+
+    /// Membership changed: drop links to removed replicas; new ones are dialled on the next tick.
+    fn view_changed(&mut self, before: crate::wire::ids::ViewId) {
+        if self.session.view().id == before {
+            return;
+        }
+        let ids: Vec<ReplicaId> = self.session.view().ids().collect();
+        self.links.retain(|id, _| ids.contains(id));
+        let _ = self.view_tx.send(self.session.view().clone());
     }
 
     fn flush(&mut self) {
