@@ -671,7 +671,94 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     )
     .await?;
 
-    // 8. The operator's metrics, through the apiserver's service proxy.
+    // 8. A new pod template (here: resources) reaches the replicas one at a time: never more
+    //    than one replica down, and no acknowledged write lost.
+    let revision_of = |sts: &Value| sts["status"]["updateRevision"].as_str().map(str::to_string);
+    let before = tools.json(&[
+        "get",
+        "statefulset",
+        &format!("{CLUSTER}-0"),
+        "-n",
+        &namespace,
+    ])?;
+    tools.kubectl(&[
+        "patch",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"cpu":"11m","memory":"32Mi"}}}}"#,
+    ])?;
+    let t_roll = Instant::now();
+    let lowest_healthy = std::cell::Cell::new(4_i64);
+    poll(
+        "every replica to run the new template",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || {
+            let namespace = namespace.clone();
+            let before = before.clone();
+            let tools = &tools;
+            let lowest = &lowest_healthy;
+            async move {
+                let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+                if let Some(h) = c["status"]["healthy"].as_i64() {
+                    lowest.set(lowest.get().min(h));
+                }
+                for id in 0..4 {
+                    let sts = tools.json(&[
+                        "get",
+                        "statefulset",
+                        &format!("{CLUSTER}-{id}"),
+                        "-n",
+                        &namespace,
+                    ])?;
+                    let Some(update) = revision_of(&sts) else {
+                        return Ok(None);
+                    };
+                    if Some(&update) == revision_of(&before).as_ref() {
+                        return Ok(None);
+                    }
+                    let pod = tools.json(&[
+                        "get",
+                        "pod",
+                        &format!("{CLUSTER}-{id}-0"),
+                        "-n",
+                        &namespace,
+                    ])?;
+                    if pod["metadata"]["labels"]["controller-revision-hash"] != update.as_str() {
+                        return Ok(None);
+                    }
+                }
+                let settled = condition_is(&c, "Available", "True") && c["status"]["healthy"] == 4;
+                Ok(settled.then_some(()))
+            }
+        },
+    )
+    .await?;
+    loud(&format!(
+        "MEASURED rolling restart of 4 replicas for a new pod template: {:.1?}, lowest healthy count seen {}",
+        t_roll.elapsed(),
+        lowest_healthy.get()
+    ));
+    assert!(
+        lowest_healthy.get() >= 3,
+        "the roll took down more than one replica at a time"
+    );
+    let (phase, out) = client_pod(&tools, &namespace, "client-4", &replica_image, &[]).await?;
+    assert_eq!(phase, "Succeeded", "{out}");
+    for (k, v) in first.iter().chain(&second) {
+        assert!(
+            out.contains(&format!("{k} = {v} ")),
+            "acknowledged write {k} lost in the roll: {out}"
+        );
+    }
+    let describe = tools.kubectl(&["describe", "bftcluster", CLUSTER, "-n", &namespace])?;
+    assert!(describe.contains("RollingRestart"), "{describe}");
+
+    // 9. The operator's metrics, through the apiserver's service proxy.
     let metrics = tools.kubectl(&[
         "get", "--raw",
         &format!("/api/v1/namespaces/{operator_namespace}/services/kmmr-e2e-metrics:metrics/proxy/metrics"),
@@ -685,7 +772,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
 
-    // 9. Deleting the BftCluster removes everything it made, volumes included.
+    // 10. Deleting the BftCluster removes everything it made, volumes included.
     let t_delete = Instant::now();
     tools.kubectl(&[
         "delete",

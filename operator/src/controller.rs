@@ -345,6 +345,25 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     if !paused {
         let children = crate::children::build_children_for(cluster, &membership, &keys)?;
         apply_children(ctx, &namespace, children).await?;
+        // Only with every member healthy: restarting one then leaves the quorum and the
+        // tolerance of f-1 further faults intact.
+        if view.is_some() && healthy.len() == membership.members.len() {
+            let leader = first.leader;
+            if let Some(id) = roll_one(ctx, &name, &namespace, &membership, leader).await? {
+                publish(
+                    ctx,
+                    cluster,
+                    false,
+                    "RollingRestart",
+                    &format!(
+                        "restarting replica {id} to run the new pod template (image, resources or configuration); the other {} replicas hold the quorum. One replica at a time, the leader last",
+                        membership.members.len() - 1
+                    ),
+                    "Restart",
+                )
+                .await;
+            }
+        }
     }
 
     let (status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
@@ -365,6 +384,50 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     } else {
         Duration::from_secs(3)
     }))
+}
+
+/// StatefulSets use `OnDelete`, so a changed pod template reaches a replica only when its pod is
+/// deleted. Deletes at most one pod that runs an outdated revision, followers before the leader
+/// (each leader restart costs a leader change), and returns its replica id.
+async fn roll_one(
+    ctx: &Context,
+    name: &str,
+    namespace: &str,
+    membership: &Membership,
+    leader: Option<i32>,
+) -> Result<Option<i32>, Error> {
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut outdated = Vec::new();
+    for &id in &membership.members {
+        let Some(set) = sets.get_opt(&names::stateful_set(name, id)).await? else {
+            continue;
+        };
+        let status = set.status.as_ref();
+        // The StatefulSet controller has not yet computed the revision of the newest template.
+        if status.and_then(|s| s.observed_generation) != set.metadata.generation {
+            return Ok(None);
+        }
+        let Some(update) = status.and_then(|s| s.update_revision.clone()) else {
+            continue;
+        };
+        let Some(pod) = pods.get_opt(&names::pod(name, id)).await? else {
+            return Ok(None);
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        if pod.labels().get("controller-revision-hash") != Some(&update) {
+            outdated.push(id);
+        }
+    }
+    outdated.sort_by_key(|id| (Some(*id) == leader, *id));
+    let Some(&id) = outdated.first() else {
+        return Ok(None);
+    };
+    pods.delete(&names::pod(name, id), &DeleteParams::default())
+        .await?;
+    Ok(Some(id))
 }
 
 async fn cleanup(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
