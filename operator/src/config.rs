@@ -50,6 +50,8 @@ struct ViewToml {
     id: i64,
     f: i32,
     members: Vec<MemberToml>,
+    /// The admin's public key: replicas accept view changes signed by it, and only by it.
+    admin_key: String,
 }
 
 #[derive(Serialize)]
@@ -112,6 +114,7 @@ pub fn render_view(
         id: membership.view_id,
         f: membership.f,
         members,
+        admin_key: public_hex(keys.admin()),
     };
     Ok(toml::to_string_pretty(&view)?)
 }

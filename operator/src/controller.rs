@@ -465,6 +465,8 @@ pub struct CurrentView {
     pub membership: Membership,
     /// Each member's public key, hex.
     pub keys: BTreeMap<i32, String>,
+    /// The admin's public key, hex (absent in views written before it was rendered).
+    pub admin: Option<String>,
 }
 
 async fn read_view(
@@ -507,6 +509,7 @@ pub fn parse_view(text: &str) -> Result<CurrentView, String> {
             members,
         },
         keys,
+        admin: file.admin_key.clone(),
     })
 }
 
@@ -595,8 +598,15 @@ async fn load_keys(
         for (id, public) in &view.keys {
             let ours = keys.replica(*id).map(keys::public_hex);
             if ours.as_deref() != Some(public.as_str()) {
-                return Err(Error::KeyMismatch(*id));
+                return Err(Error::KeyMismatch(format!("replica {id}")));
             }
+        }
+        if view
+            .admin
+            .as_ref()
+            .is_some_and(|a| *a != keys::public_hex(keys.admin()))
+        {
+            return Err(Error::KeyMismatch("the admin".to_string()));
         }
     }
     Ok((keys, generated))

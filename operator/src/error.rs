@@ -28,8 +28,8 @@ pub enum Error {
     #[error("Secret {secret} with {who}'s private key is gone, but the running view depends on it: restore the Secret from a backup. The operator will not generate a new key for an existing identity (replacing a key is a reconfiguration)")]
     KeyLost { secret: String, who: String },
     /// A key Secret holds a key whose public half is not the one the view lists.
-    #[error("replica {0}'s key Secret does not match its public key in the view: restore the original Secret. The operator will not change a member's identity outside a reconfiguration")]
-    KeyMismatch(i32),
+    #[error("{0}'s key Secret does not match its public key in the view: restore the original Secret. The operator will not change an identity outside a reconfiguration")]
+    KeyMismatch(String),
     /// The ConfigMap holding the view exists but cannot be read.
     #[error("ConfigMap {name} holds a view the operator cannot read ({why}): restore it or delete it only if no replica has started")]
     ViewUnreadable { name: String, why: String },
@@ -114,7 +114,7 @@ mod tests {
                 secret: "s".into(),
                 who: "replica 1".into(),
             },
-            Error::KeyMismatch(1),
+            Error::KeyMismatch("replica 1".into()),
             Error::ViewUnreadable {
                 name: "c".into(),
                 why: "w".into(),

@@ -580,3 +580,20 @@ fn debug_output_never_contains_a_private_key() {
     }
     assert!(!printed.contains(&hex::encode(keys.admin().to_bytes())));
 }
+
+#[test]
+fn the_view_names_the_admin_key_so_replicas_accept_its_view_changes_only() {
+    let (ch, keys) = build(&cluster(4));
+    let text = &ch.config_map.data.as_ref().unwrap()["view.toml"];
+    let file: kmmr::node::config::ViewFile = toml::from_str(text).unwrap();
+    assert_eq!(
+        file.admin_key.as_deref(),
+        Some(keys::public_hex(keys.admin()).as_str())
+    );
+    // The replica's own conversion accepts it as the view's admin.
+    let view = file.to_view().unwrap();
+    assert_eq!(
+        view.admin.map(|k| hex::encode(k.0)),
+        Some(keys::public_hex(keys.admin()))
+    );
+}
