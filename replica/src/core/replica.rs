@@ -690,7 +690,14 @@ impl Replica {
     /// A message from replica `from`, as authenticated by the channel.
     pub fn on_message(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
         self.clock_us = self.clock_us.max(now);
-        if from == self.me || !self.view.contains(from) {
+        // A replica removed while behind must still learn the decisions up to its removal, or
+        // it would never know it was removed: it may ask for them, and for nothing else.
+        let former = self
+            .previous_view
+            .as_ref()
+            .is_some_and(|v| v.contains(from))
+            && matches!(msg, ReplicaMessage::DecisionRequest { .. });
+        if from == self.me || !(self.view.contains(from) || former) {
             self.reject(Some(from), "not_a_member");
             return;
         }

@@ -43,6 +43,9 @@ use durability::Durability;
 pub use config::{NodeConfig, ProtocolConfig, ViewFile};
 pub use metrics::{Metrics, SignedStatus, Status};
 
+/// How long replicas removed from the view stay connected to catch up on their removal.
+const REMOVED_GRACE: Duration = Duration::from_secs(30);
+
 /// Inbound events handled per turn before outputs are flushed: batching the flush amortises
 /// encoding and syscalls under load without delaying a lone message.
 const DRAIN_PER_TURN: usize = 1024;
@@ -229,6 +232,7 @@ pub async fn run(
         durability,
         held: VecDeque::new(),
         removed: false,
+        removed_grace_until: None,
     };
     let result = node.run(rx, status_rx, failures_rx, shutdown).await;
     if let Some(d) = node.durability.take() {
@@ -331,6 +335,8 @@ struct NodeLoop {
     held: VecDeque<(Cid, ClientId, Vec<u8>)>,
     /// This replica is not in its view any more: it answers what it can and stops.
     removed: bool,
+    /// Until then, replicas removed by the last view change stay connected (see `view_changed`).
+    removed_grace_until: Option<Instant>,
 }
 
 /// Resolves when the durable CID moves; never without durability.
@@ -380,7 +386,13 @@ impl NodeLoop {
                 Some(reply) = status_rx.recv() => {
                     let _ = reply.send(self.status());
                 }
-                _ = tick.tick() => self.refresh_gauges(),
+                _ = tick.tick() => {
+                    self.refresh_gauges();
+                    if self.removed_grace_until.is_some_and(|t| Instant::now() >= t) {
+                        self.removed_grace_until = None;
+                        self.peers.update_view(&self.view);
+                    }
+                }
                 ok = durable_changed(&mut durable_rx) => {
                     if ok {
                         self.release();
@@ -610,7 +622,24 @@ impl NodeLoop {
         }
         self.metrics.view_id.set(view.id.0 as i64);
         if member {
-            self.peers.update_view(&view);
+            // Replicas just removed stay connected for a while: one that was behind learns the
+            // decisions up to its removal (and so that it was removed) before its links go.
+            let removed: Vec<_> = self
+                .view
+                .members
+                .iter()
+                .filter(|m| !view.contains(m.id))
+                .cloned()
+                .collect();
+            if removed.is_empty() {
+                self.peers.update_view(&view);
+            } else {
+                let mut members = view.members.clone();
+                members.extend(removed);
+                self.peers
+                    .update_view(&View::new_unvalidated(view.id, view.f, members));
+                self.removed_grace_until = Some(Instant::now() + REMOVED_GRACE);
+            }
         } else {
             tracing::warn!(
                 replica = me.0,
