@@ -362,3 +362,61 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         steps.join("\n  ")
     );
 }
+
+/// The Java library's start-up waits for more than (n+f)/2 *other* replicas, so n=4 cannot
+/// start with one replica missing. Ours starts with f down, serves, and the late replica
+/// catches up to identical state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_starts_with_f_replicas_down() {
+    const B: u16 = 23500;
+    let dir = std::env::temp_dir().join(format!("kmmr-fdown-{}", std::process::id()));
+    let view = prepare(&ClusterSpec {
+        n: 4,
+        dir: dir.clone(),
+        base_port: B,
+        byzantine: Vec::new(),
+        protocol: protocol(),
+    })
+    .expect("cluster files");
+    let mut c = Cluster {
+        dir: dir.clone(),
+        procs: Vec::new(),
+    };
+    for i in 0..3 {
+        let child = spawn_replica(EXE.as_ref(), &dir, i, ServiceChoice::Kv, None, 1)
+            .expect("replica starts");
+        c.procs.push((i, child));
+    }
+    let client = Client::connect(
+        KeyPair::generate(&mut rand::rngs::OsRng),
+        view.clone(),
+        options(),
+    )
+    .await
+    .expect("client");
+    for k in 0..20 {
+        let r = client.kv(&KvRequest::put(format!("k{k}"), "v")).await;
+        assert!(
+            matches!(r, Ok(KvResponse::Put(_))),
+            "write {k} with replica 3 down: {r:?}"
+        );
+    }
+    let child = spawn_replica(EXE.as_ref(), &dir, 3, ServiceChoice::Kv, None, 1).expect("late");
+    c.procs.push((3, child));
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = |i: usize| format!("http://127.0.0.1:{}/status", http_port(B, i));
+        let a = fetch_status(&url(0)).await.ok().map(|s| s.status);
+        let b = fetch_status(&url(3)).await.ok().map(|s| s.status);
+        if let (Some(a), Some(b)) = (&a, &b) {
+            if a.last_decided == b.last_decided && a.state_digest == b.state_digest {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "replica 3 did not catch up: {a:?} vs {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

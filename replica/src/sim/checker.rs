@@ -92,6 +92,11 @@ impl Checker {
         }
     }
 
+    /// The state digest correct replicas reached after `cid`, if one reported it.
+    pub fn state_at(&self, cid: Cid) -> Option<Digest> {
+        self.states.get(&cid).map(|(d, _)| *d)
+    }
+
     pub fn highest_decided(&self) -> Option<Cid> {
         self.decided.keys().next_back().copied()
     }

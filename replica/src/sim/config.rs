@@ -83,6 +83,9 @@ pub struct SimConfig {
     pub spares: usize,
     /// Membership changes the admin makes, one at a time, in order.
     pub reconfigs: Vec<ReconfigStep>,
+    /// (node, cid): that node's service silently changes its state while executing that CID
+    /// (a rogue write, bit rot). The node runs correct protocol code and must repair itself.
+    pub diverge: Option<(usize, u64)>,
     /// The run fails for liveness if clients have not finished by then.
     pub max_time_us: u64,
     pub client_retransmit_us: u64,
@@ -121,6 +124,7 @@ impl SimConfig {
             gst_us: 0,
             spares: 0,
             reconfigs: Vec::new(),
+            diverge: None,
             max_time_us: 120_000_000,
             client_retransmit_us: 400_000,
             think_us: 2_000,

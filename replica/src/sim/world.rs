@@ -11,7 +11,7 @@ use crate::core::output::{Event, Output};
 use crate::core::replica::Replica;
 use crate::core::view::{Member, View};
 use crate::crypto::{Digest, KeyPair};
-use crate::service::kv::KvStore;
+use crate::service::kv::{KvRequest, KvStore};
 use crate::service::noop::NoopService;
 use crate::service::Service;
 use crate::sim::admin::{AdminAction, SimAdmin};
@@ -20,7 +20,7 @@ use crate::sim::checker::Checker;
 use crate::sim::config::{ServiceKind, SimConfig};
 use crate::sim::linearizability::{self, CheckResult};
 use crate::sim::workload::SimClient;
-use crate::wire::codec::Decode;
+use crate::wire::codec::{Decode, Encode};
 use crate::wire::ids::{Cid, ReplicaId, ViewId};
 use crate::wire::limits;
 use crate::wire::messages::{Decision, ReplicaMessage, Reply, SignedRequest};
@@ -178,6 +178,35 @@ fn new_service(kind: ServiceKind) -> Box<dyn Service> {
     }
 }
 
+/// A key-value store that writes one key nobody asked for while executing CID `at`: its state
+/// diverges from the other replicas' while its protocol behaviour stays correct.
+struct Diverging {
+    inner: KvStore,
+    at: u64,
+}
+
+impl Service for Diverging {
+    fn execute(&mut self, ctx: &crate::service::ExecContext, request: &[u8]) -> Vec<u8> {
+        if ctx.cid == self.at && ctx.index == 0 {
+            let rot = KvRequest::put("rot", "bits").to_bytes();
+            self.inner.execute(ctx, &rot);
+        }
+        self.inner.execute(ctx, request)
+    }
+
+    fn query(&self, request: &[u8]) -> Vec<u8> {
+        self.inner.query(request)
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.inner.snapshot()
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), crate::service::RestoreError> {
+        self.inner.restore(snapshot)
+    }
+}
+
 /// Runs one simulation to completion (every client done) or to its time limit.
 pub fn run(cfg: &SimConfig) -> SimReport {
     let mut w = World::new(cfg);
@@ -217,18 +246,25 @@ impl<'a> World<'a> {
             let id = ReplicaId(i as u32);
             // A node that loses its memory counts against f but runs correct code: the checks
             // hold it to the same agreement and state as the others.
-            let faulty = behaviour != Behaviour::Correct || cfg.twins.contains(&i);
+            let diverging = cfg
+                .diverge
+                .filter(|(node, _)| *node == i && twin_of.is_none())
+                .map(|(_, at)| at);
+            // A diverging node is held to the others' state only once it repaired itself.
+            let faulty =
+                behaviour != Behaviour::Correct || cfg.twins.contains(&i) || diverging.is_some();
+            let service: Box<dyn Service> = match diverging {
+                Some(at) => Box::new(Diverging {
+                    inner: KvStore::new(KV_HISTORY),
+                    at,
+                }),
+                None => new_service(cfg.service),
+            };
             Node {
                 id,
                 twin_of,
                 key: keys[i].clone(),
-                replica: Replica::new(
-                    id,
-                    keys[i].clone(),
-                    view.clone(),
-                    cfg.core.clone(),
-                    new_service(cfg.service),
-                ),
+                replica: Replica::new(id, keys[i].clone(), view.clone(), cfg.core.clone(), service),
                 adversary: (behaviour != Behaviour::Correct)
                     .then(|| Adversary::new(behaviour, id, keys[i].clone())),
                 faulty,
@@ -808,6 +844,20 @@ impl<'a> World<'a> {
 
     fn finish(mut self) -> SimReport {
         let (now, gst) = (self.now, self.cfg.gst_us);
+        if let Some((node, _)) = self.cfg.diverge {
+            let r = &self.nodes[node].replica;
+            let repaired = r
+                .last_decided()
+                .and_then(|cid| self.checker.state_at(cid).map(|d| d == r.state_digest()));
+            if repaired != Some(true) {
+                self.checker.violate(format!(
+                    "node {node} diverged and did not repair itself: at {:?} its state is {} (others: {:?})",
+                    r.last_decided(),
+                    r.state_digest().short(),
+                    r.last_decided().and_then(|c| self.checker.state_at(c)).map(|d| d.short())
+                ));
+            }
+        }
         if let Some(a) = self.admin.as_ref().filter(|a| !a.done()) {
             self.checker.violate(format!(
                 "liveness: reconfiguration unfinished at {} ms ({} of {} views installed)",
