@@ -199,10 +199,11 @@ fn regression_seed_15452_n4_lagging_replica_keeps_asking_for_decisions() {
 
 /// Regressions found while adding reconfiguration: a client whose votes split between replicas
 /// that answered before and after a view change (164 n=7), a late NewView answer counted for the
-/// re-signed request (98 n=4), a joiner never learning the regency (205 n=4).
+/// re-signed request (98 n=4), a joiner never learning the regency (205 n=4), a removed replica
+/// whose leader-suspicion timer fired forever (2112 n=7, found by the soak).
 #[test]
 fn regression_seeds_reconfiguration_clients_and_joiners() {
-    for (seed, n) in [(164, 7), (98, 4), (205, 4), (166, 4)] {
+    for (seed, n) in [(164, 7), (98, 4), (205, 4), (166, 4), (2112, 7)] {
         let r = run(&SimConfig::random(seed, n));
         assert!(r.ok(), "{}", show(&r));
         assert!(r.views_installed > 0, "seed {seed} n={n} changed no view");

@@ -359,7 +359,8 @@ impl Replica {
             at(t.saturating_add(self.timeout_us));
         }
         if let Some(oldest) = self.pool.oldest_arrival() {
-            if !self.stop_active {
+            // A replica outside its view (removed, or still joining) suspects nobody.
+            if !self.stop_active && self.participating() {
                 at(oldest.saturating_add(2 * self.timeout_us));
                 if !self.synchronizing {
                     if let Some(slow) = self.slow_threshold_us() {
