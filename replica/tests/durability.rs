@@ -152,7 +152,10 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         self.procs.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Kept after a failure, for its logs.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -380,6 +383,31 @@ async fn every_acknowledged_write_survives_sigkill_of_every_replica() {
 /// of memory at the default size (four replicas, each holding the state and a checkpoint).
 ///
 /// `cargo test --release -p kmmr-replica --test durability catch_up -- --ignored --nocapture`
+/// In an idle cluster nothing would tell a restarted replica that it is behind: it asks at
+/// start-up, and catches up by state transfer with no client writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_catches_up_in_an_idle_cluster() {
+    const PERIOD: u64 = 8;
+    let mut c = TestCluster::start("idle", 4, 22200, protocol(PERIOD)).await;
+    let writers = Writers::start(vec![c.client().await], 64);
+    wait_for("writes", Duration::from_secs(30), async || {
+        writers.count() >= 6 * PERIOD as usize
+    })
+    .await;
+    c.kill(3).await;
+    std::fs::remove_dir_all(c.data_dir(3)).expect("wipe replica 3's disk");
+    wait_for("more writes", Duration::from_secs(30), async || {
+        writers.count() >= 12 * PERIOD as usize
+    })
+    .await;
+    // Idle from here on.
+    writers.stop().await;
+    c.spawn(3);
+    c.wait_healthy(3).await;
+    c.wait_identical(Duration::from_secs(30)).await;
+    assert!(c.metric(3, "kmmr_state_transfers_total").await >= 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: minutes, gigabytes"]
 async fn catch_up_time_for_a_large_state() {

@@ -36,6 +36,10 @@ const MAX_CARRIED: usize = 1024;
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
 const CHECKPOINTS_KEPT: usize = 2;
+/// Start-up requests for decisions, one per catch-up interval, until a peer answers with a
+/// decision or its checkpoints (the first ones may precede the links; a replica that is not
+/// behind gets no answer and stops after these).
+const STARTUP_PROBES: u32 = 40;
 
 /// Counters for metrics.
 #[derive(Debug, Default, Clone)]
@@ -97,6 +101,9 @@ pub struct Replica {
     replaying: bool,
     /// A view installed by the batch being executed, taking effect after it.
     pending_view: Option<View>,
+    /// Start-up probes left: a replica that (re)starts asks the others where they are, since in
+    /// an idle cluster nothing else would tell it that it is behind.
+    startup_probes: u32,
     /// The first CID ordered in `view`, and the view before (which proved earlier decisions).
     view_since: Cid,
     previous_view: Option<View>,
@@ -176,6 +183,7 @@ impl Replica {
             joining,
             replaying: false,
             pending_view: None,
+            startup_probes: STARTUP_PROBES,
             view_since: Cid(0),
             previous_view: None,
             regency: Regency(0),
@@ -392,6 +400,11 @@ impl Replica {
                 .saturating_add(self.catchup_interval_us());
             at(waiting.map_or(next_ask, |w| w.max(next_ask)));
         }
+        if self.startup_probes > 0 {
+            at(self
+                .last_catchup_us
+                .map_or(0, |t| t.saturating_add(self.catchup_interval_us())));
+        }
         if let Some(t) = self.transfer.deadline() {
             at(t);
         } else if self.joining {
@@ -429,6 +442,10 @@ impl Replica {
 
     pub fn on_timeout(&mut self, now: u64) {
         self.clock_us = self.clock_us.max(now);
+        if self.startup_probes > 0 && self.catchup_due(now) {
+            self.startup_probes -= 1;
+            self.request_decisions(now, None);
+        }
         if self.transfer.deadline().is_some_and(|t| now >= t) {
             for (to, msg) in self.transfer.on_timeout(now) {
                 self.send(to, msg);
@@ -744,7 +761,10 @@ impl Replica {
                 values,
             } => self.on_stopdata(now, from, regency, last, collect, values),
             msg @ ReplicaMessage::Sync { .. } => self.on_sync(now, from, msg),
-            ReplicaMessage::Decided(d) => self.on_decided(now, from, d),
+            ReplicaMessage::Decided(d) => {
+                self.startup_probes = 0;
+                self.on_decided(now, from, d)
+            }
             ReplicaMessage::DecisionRequest { from: start } => {
                 self.on_decision_request(from, start)
             }
@@ -753,6 +773,7 @@ impl Replica {
                 checkpoints,
                 first_logged,
             } => {
+                self.startup_probes = 0;
                 self.transfer.record(from, checkpoints, first_logged);
                 self.consider_transfer(now);
             }
