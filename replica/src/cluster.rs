@@ -149,6 +149,9 @@ pub async fn wait_healthy(base_port: u16, i: usize, within: Duration) -> Result<
     }
 }
 
+/// Largest HTTP response read from a replica.
+const MAX_HTTP_RESPONSE: u64 = 4 * 1024 * 1024;
+
 /// GET over plain HTTP/1.1 on loopback: enough for the replica's status endpoint.
 pub async fn fetch_status(url: &str) -> Result<SignedStatus> {
     let body = http_get(url).await?;
@@ -164,10 +167,14 @@ pub async fn http_get(url: &str) -> Result<String> {
         .context("connect timed out")??;
     let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
+    // A replica may be Byzantine: what it sends back is bounded like any other input.
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .context("read timed out")??;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        (&mut s).take(MAX_HTTP_RESPONSE).read_to_end(&mut buf),
+    )
+    .await
+    .context("read timed out")??;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
