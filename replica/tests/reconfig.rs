@@ -36,6 +36,44 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Lays out an n=4 cluster at `base` and starts the replicas in `started`.
+    fn start(name: &str, base: u16, started: std::ops::Range<u32>) -> (Cluster, View) {
+        let dir = std::env::temp_dir().join(format!("kmmr-{name}-{}", std::process::id()));
+        let view = prepare(&ClusterSpec {
+            n: 4,
+            dir: dir.clone(),
+            base_port: base,
+            byzantine: Vec::new(),
+            protocol: protocol(),
+        })
+        .expect("cluster files");
+        let mut c = Cluster {
+            dir,
+            procs: Vec::new(),
+        };
+        for i in started {
+            c.spawn(i);
+        }
+        (c, view)
+    }
+
+    fn spawn(&mut self, i: u32) {
+        let child = spawn_replica(EXE.as_ref(), &self.dir, i, ServiceChoice::Kv, None, 1)
+            .expect("replica starts");
+        self.procs.push((i, child));
+    }
+
+    /// (last decided CID, state digest) of every member of `view`, duplicates removed.
+    async fn distinct_states(&self, view: &View) -> Vec<(Option<u64>, String)> {
+        let mut states = Vec::new();
+        for m in &view.members {
+            let s = self.status(view, m.id.0).await.expect("status");
+            states.push((s.last_decided, s.state_digest));
+        }
+        states.dedup();
+        states
+    }
+
     fn log(&self, i: u32) -> String {
         std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
     }
@@ -68,9 +106,7 @@ impl Cluster {
             toml::to_string_pretty(&cfg).expect("config"),
         )
         .expect("joiner config");
-        let child = spawn_replica(EXE.as_ref(), &self.dir, id, ServiceChoice::Kv, None, 1)
-            .expect("joiner starts");
-        self.procs.push((id, child));
+        self.spawn(id);
         if let Err(e) = wait_healthy(BASE, id as usize, Duration::from_secs(20)).await {
             panic!("{e}; its log:\n{}", self.log(id));
         }
@@ -201,24 +237,7 @@ impl Writers {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
-    let dir = std::env::temp_dir().join(format!("kmmr-reconfig-{}", std::process::id()));
-    let view0 = prepare(&ClusterSpec {
-        n: 4,
-        dir: dir.clone(),
-        base_port: BASE,
-        byzantine: Vec::new(),
-        protocol: protocol(),
-    })
-    .expect("cluster files");
-    let mut c = Cluster {
-        dir: dir.clone(),
-        procs: Vec::new(),
-    };
-    for i in 0..4 {
-        let child = spawn_replica(EXE.as_ref(), &dir, i, ServiceChoice::Kv, None, 1)
-            .expect("replica starts");
-        c.procs.push((i, child));
-    }
+    let (mut c, view0) = Cluster::start("reconfig", BASE, 0..4);
     for i in 0..4 {
         wait_healthy(BASE, i, Duration::from_secs(20))
             .await
@@ -240,7 +259,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         );
     }
     let writers = Writers::start(clients);
-    let admin_key = load_key(&dir.join("admin.key")).expect("admin key");
+    let admin_key = load_key(&c.dir.join("admin.key")).expect("admin key");
     let admin = Admin::connect(admin_key, view0.clone(), options())
         .await
         .expect("admin connects");
@@ -338,21 +357,11 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         }
     }
     // The members that remain hold identical state.
-    let mut states = Vec::new();
-    for m in &final_view.members {
-        let s = c.status(&final_view, m.id.0).await.expect("status");
-        states.push((s.last_decided, s.state_digest));
-    }
-    states.dedup();
+    let mut states = c.distinct_states(&final_view).await;
     let until = Instant::now() + Duration::from_secs(10);
     while states.len() > 1 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        states.clear();
-        for m in &final_view.members {
-            let s = c.status(&final_view, m.id.0).await.expect("status");
-            states.push((s.last_decided, s.state_digest));
-        }
-        states.dedup();
+        states = c.distinct_states(&final_view).await;
     }
     assert_eq!(states.len(), 1, "members diverge: {states:?}");
     eprintln!(
@@ -369,24 +378,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_starts_with_f_replicas_down() {
     const B: u16 = 23500;
-    let dir = std::env::temp_dir().join(format!("kmmr-fdown-{}", std::process::id()));
-    let view = prepare(&ClusterSpec {
-        n: 4,
-        dir: dir.clone(),
-        base_port: B,
-        byzantine: Vec::new(),
-        protocol: protocol(),
-    })
-    .expect("cluster files");
-    let mut c = Cluster {
-        dir: dir.clone(),
-        procs: Vec::new(),
-    };
-    for i in 0..3 {
-        let child = spawn_replica(EXE.as_ref(), &dir, i, ServiceChoice::Kv, None, 1)
-            .expect("replica starts");
-        c.procs.push((i, child));
-    }
+    let (mut c, view) = Cluster::start("fdown", B, 0..3);
     let client = Client::connect(
         KeyPair::generate(&mut rand::rngs::OsRng),
         view.clone(),
@@ -401,8 +393,7 @@ async fn a_cluster_starts_with_f_replicas_down() {
             "write {k} with replica 3 down: {r:?}"
         );
     }
-    let child = spawn_replica(EXE.as_ref(), &dir, 3, ServiceChoice::Kv, None, 1).expect("late");
-    c.procs.push((3, child));
+    c.spawn(3);
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let url = |i: usize| format!("http://127.0.0.1:{}/status", http_port(B, i));

@@ -945,21 +945,12 @@ impl<'a> World<'a> {
             .map(|n| n.replica.regency().0)
             .max()
             .unwrap_or(0);
-        self.report.state_transfers = self
-            .nodes
-            .iter()
-            .map(|n| n.replica.stats().state_transfers)
-            .sum();
-        self.report.checkpoints = self
-            .nodes
-            .iter()
-            .map(|n| n.replica.stats().checkpoints)
-            .sum();
-        self.report.views_installed = self
-            .nodes
-            .iter()
-            .map(|n| n.replica.stats().views_installed)
-            .sum();
+        let total = |count: fn(&crate::core::replica::Stats) -> u64| -> u64 {
+            self.nodes.iter().map(|n| count(n.replica.stats())).sum()
+        };
+        self.report.state_transfers = total(|s| s.state_transfers);
+        self.report.checkpoints = total(|s| s.checkpoints);
+        self.report.views_installed = total(|s| s.views_installed);
         self.report.executed_requests = self
             .nodes
             .iter()
