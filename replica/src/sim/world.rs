@@ -607,13 +607,7 @@ impl<'a> World<'a> {
         };
         let to_send = admin.session.take_to_send();
         let deadline = admin.session.next_deadline();
-        for req in to_send {
-            self.checker.issued.insert(req.digest());
-            let bytes = crate::wire::codec::Encode::to_bytes(&req);
-            for i in 0..self.nodes.len() {
-                self.transmit(Endpoint::Admin, Endpoint::Node(i), bytes.clone(), 0);
-            }
-        }
+        self.send_requests(Endpoint::Admin, to_send);
         if let Some(d) = deadline {
             self.schedule(d.max(self.now + 1), Ev::AdminTimer);
         }
@@ -641,15 +635,20 @@ impl<'a> World<'a> {
 
     fn flush_client(&mut self, c: usize) {
         let to_send = self.clients[c].session.take_to_send();
-        for req in to_send {
-            self.checker.issued.insert(req.digest());
-            let bytes = crate::wire::codec::Encode::to_bytes(&req);
-            for i in 0..self.nodes.len() {
-                self.transmit(Endpoint::Client(c), Endpoint::Node(i), bytes.clone(), 0);
-            }
-        }
+        self.send_requests(Endpoint::Client(c), to_send);
         if let Some(d) = self.clients[c].session.next_deadline() {
             self.schedule(d.max(self.now + 1), Ev::ClientTimer(c));
+        }
+    }
+
+    /// Sends a client's (or the admin's) requests to every node, recording them as issued.
+    fn send_requests(&mut self, from: Endpoint, requests: Vec<SignedRequest>) {
+        for req in requests {
+            self.checker.issued.insert(req.digest());
+            let bytes = req.to_bytes();
+            for i in 0..self.nodes.len() {
+                self.transmit(from, Endpoint::Node(i), bytes.clone(), 0);
+            }
         }
     }
 
