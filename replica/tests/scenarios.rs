@@ -148,3 +148,39 @@ fn slow_leader_is_rotated_before_the_request_timeout() {
         without.end_time_us / MS
     );
 }
+
+/// CI, 2026-11: a restarted replica chose a checkpoint that f+1 replicas advertised, but its
+/// chunks did not come before those replicas took two newer checkpoints and dropped it. Asking
+/// for chunks no one held any more, it never caught up. It must give that fetch up and take a
+/// newer checkpoint.
+#[test]
+fn a_transfer_outlived_by_its_checkpoint_moves_to_a_newer_one() {
+    let mut cfg = SimConfig::calm(11, 4);
+    fixed_network(&mut cfg);
+    cfg.core.checkpoint_period = 4;
+    cfg.clients = 2;
+    cfg.ops_per_client = 200;
+    cfg.crashes = vec![Crash {
+        node: 3,
+        from_us: 5 * MS,
+        until_us: 40 * MS,
+        amnesia: true,
+        disk: true,
+    }];
+    // Its chunks are lost until the others are well past the checkpoint it first chose.
+    cfg.drops = vec![drop_to("chunk", 3, 300 * MS)];
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert_eq!(r.ops_completed, r.ops_total);
+    assert!(
+        r.end_time_us > 400 * MS,
+        "the run outlasts the drops: {r:?}"
+    );
+    assert!(r.state_transfers >= 1, "{r:?}");
+    let top = r.node_last_decided.iter().max().copied().flatten();
+    assert_eq!(
+        r.node_last_decided[3], top,
+        "r3 caught up: {:?}",
+        r.node_summaries
+    );
+}

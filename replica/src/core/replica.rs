@@ -775,6 +775,7 @@ impl Replica {
             } => {
                 self.startup_probes = 0;
                 self.transfer.record(from, checkpoints, first_logged);
+                self.transfer.abandon_if_unserved(&self.view, self.me);
                 self.consider_transfer(now);
             }
             ReplicaMessage::ChunkRequest {
@@ -1459,7 +1460,10 @@ impl Replica {
             .iter()
             .find(|c| c.meta.cid == cid && c.meta.digest == digest)
         else {
+            // Most likely trimmed since the requester chose it: tell it what is on offer now,
+            // or it would keep asking for a checkpoint no one holds.
             self.reject(Some(to), "unknown_checkpoint");
+            self.advertise(Some(to));
             return;
         };
         let total = cp.bytes.len() as u64;

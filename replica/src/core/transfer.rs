@@ -108,7 +108,7 @@ impl Transfer {
     }
 
     /// The replicas (members of `view`, other than `me`) that advertise `meta`.
-    fn supporters(&self, view: &View, me: ReplicaId, meta: &CheckpointMeta) -> Vec<ReplicaId> {
+    pub fn supporters(&self, view: &View, me: ReplicaId, meta: &CheckpointMeta) -> Vec<ReplicaId> {
         self.infos
             .iter()
             .filter(|(id, ms)| **id != me && view.contains(**id) && ms.contains(meta))
@@ -174,6 +174,24 @@ impl Transfer {
 
     pub fn cancel(&mut self) {
         self.fetch = None;
+    }
+
+    /// Drops the fetch in progress once no member advertises its checkpoint any more: they all
+    /// moved past it and trimmed it, so no one would ever serve the missing chunks. Returns
+    /// whether it did. A fetch that some member still offers is kept, even below f+1, so one
+    /// Byzantine replica withdrawing its support cannot restart a long transfer.
+    pub fn abandon_if_unserved(&mut self, view: &View, me: ReplicaId) -> bool {
+        let Some(f) = self.fetch.as_ref() else {
+            return false;
+        };
+        let offered = self
+            .supporters(view, me, &f.meta)
+            .into_iter()
+            .any(|s| !self.bad.contains(&(f.meta, s)));
+        if !offered {
+            self.fetch = None;
+        }
+        !offered
     }
 
     /// Requests up to the window.
@@ -402,5 +420,25 @@ mod tests {
             ReplicaMessage::ChunkRequest { offset: 4, .. }
         ));
         assert_eq!(t.progress(), Some((4, 10)));
+    }
+
+    #[test]
+    fn a_fetch_no_one_offers_any_more_is_abandoned() {
+        let v = view();
+        let old = meta_of(5, b"old state");
+        let new = meta_of(13, b"newer state");
+        let mut t = Transfer::new(4, 1, 100);
+        t.record(ReplicaId(1), vec![old], None);
+        t.record(ReplicaId(2), vec![old], None);
+        let (m, s) = t.choose(&v, ReplicaId(0), |_| true).unwrap();
+        t.start(0, m, s);
+        // One supporter moving on is not enough: the other can still serve it.
+        t.record(ReplicaId(1), vec![new], Some(Cid(6)));
+        assert!(!t.abandon_if_unserved(&v, ReplicaId(0)));
+        assert_eq!(t.in_progress(), Some(&old));
+        t.record(ReplicaId(2), vec![new], Some(Cid(6)));
+        assert!(t.abandon_if_unserved(&v, ReplicaId(0)));
+        assert!(t.in_progress().is_none());
+        assert_eq!(t.choose(&v, ReplicaId(0), |_| true).unwrap().0, new);
     }
 }
