@@ -68,6 +68,17 @@ impl Instance {
         }
     }
 
+    /// Whether an ACCEPT from `from` in `epoch` would be stored: not for an epoch too old to
+    /// keep, nor a second one from the same sender. Checked before the signature, so that
+    /// repeats cost no verification.
+    pub fn would_record_accept(&self, epoch: Epoch, from: ReplicaId, current: Epoch) -> bool {
+        epoch.0.saturating_add(ACCEPT_EPOCHS_KEPT) >= current.0
+            && !self
+                .accepts
+                .get(&epoch)
+                .is_some_and(|v| v.contains_key(&from))
+    }
+
     pub fn record_accept(
         &mut self,
         epoch: Epoch,
@@ -107,12 +118,6 @@ impl Instance {
                 .map(|(id, (_, s))| (*id, *s))
                 .collect()
         })
-    }
-
-    pub fn forget_accept(&mut self, epoch: Epoch, from: ReplicaId) {
-        if let Some(v) = self.accepts.get_mut(&epoch) {
-            v.remove(&from);
-        }
     }
 
     pub fn wrote_in(&self, epoch: Epoch) -> Option<Digest> {

@@ -982,11 +982,28 @@ impl Replica {
                 self.check_writes(epoch);
             }
             ReplicaMessage::Accept {
+                cid,
                 epoch,
                 digest,
                 signature,
-                ..
             } => {
+                // Checked on arrival, one at a time: the ACCEPTs before the last one needed are
+                // verified while this replica waits anyway, so deciding costs one verification
+                // instead of a batch of a quorum. Its own signature is never checked.
+                if from != self.me
+                    && self.instance.would_record_accept(epoch, from, self.regency)
+                    && !self.view.verifying_key(from).is_some_and(|k| {
+                        crypto::verify_parsed(
+                            k,
+                            Domain::Accept,
+                            &accept_signing_bytes(cid, epoch, &digest),
+                            &signature,
+                        )
+                    })
+                {
+                    self.reject(Some(from), "forged_accept");
+                    return;
+                }
                 let r = self
                     .instance
                     .record_accept(epoch, from, digest, signature, self.regency);
@@ -1047,6 +1064,7 @@ impl Replica {
     /// on a digest alone: BFT-SMaRt PR #99/#100).
     fn check_accepts(&mut self, epoch: Epoch, digest: Digest) {
         let q = self.view.quorum();
+        // Every recorded ACCEPT is this replica's own or had its signature checked on arrival.
         let mut accepts = self.instance.accepts_for(epoch, &digest);
         if accepts.len() < q {
             return;
@@ -1055,35 +1073,6 @@ impl Replica {
             return;
         };
         let cid = self.current_cid();
-        let msg = accept_signing_bytes(cid, epoch, &digest);
-        let items: Vec<_> = accepts
-            .iter()
-            .filter_map(|(id, s)| {
-                self.view
-                    .verifying_key(*id)
-                    .map(|k| (*k, Domain::Accept, &msg[..], *s))
-            })
-            .collect();
-        if items.len() < accepts.len() || !crypto::verify_batch_parsed(&items) {
-            // Find and drop the forgeries; the rest may still make a quorum later.
-            let mut good = Vec::new();
-            for (id, s) in accepts {
-                let ok = self
-                    .view
-                    .verifying_key(id)
-                    .is_some_and(|k| crypto::verify_parsed(k, Domain::Accept, &msg, &s));
-                if ok {
-                    good.push((id, s));
-                } else {
-                    self.instance.forget_accept(epoch, id);
-                    self.reject(Some(id), "forged_accept");
-                }
-            }
-            accepts = good;
-            if accepts.len() < q {
-                return;
-            }
-        }
         accepts.truncate(q);
         self.decide(
             Decision {
