@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The catch-up benchmark (tests/durability.rs, `catch_up_time_for_a_large_state`) with the
 # resident memory of every replica sampled once a second, and a guard that kills the run when
-# the machine's available memory falls under KMMR_MIN_AVAIL_MIB (default 3072).
+# the machine's available memory falls under KMMR_MIN_AVAIL_MIB (default 3072) or the free disk
+# under KMMR_MIN_DISK_MIB (default 2048). KMMR_CATCHUP_PERIOD sets the checkpoint period.
 #
 #   replica/scripts/bench-catchup.sh <MiB of values> [output directory]
 #
@@ -13,6 +14,8 @@ set -euo pipefail
 mib=${1:?usage: bench-catchup.sh <MiB> [output dir]}
 out=${2:-kmmr-bench-catchup-$mib}
 min_avail=${KMMR_MIN_AVAIL_MIB:-3072}
+# The replicas' data directories are under $TMPDIR: stop before they fill the disk.
+min_disk=${KMMR_MIN_DISK_MIB:-2048}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -34,8 +37,9 @@ while kill -0 "$test_pid" 2>/dev/null; do
         [ -n "$cfg" ] && [ -n "$rss" ] && printf '%s\t%s\t%s\t%s\n' "$now" "${cfg%.toml}" "$rss" "$pid" >>"$out/rss.tsv"
     done
     avail=$(awk '/^MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
-    if [ "$avail" -lt "$min_avail" ]; then
-        echo "available memory fell to $avail MiB: stopping the benchmark" >&2
+    disk=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
+    if [ "$avail" -lt "$min_avail" ] || [ "$disk" -lt "$min_disk" ]; then
+        echo "available memory $avail MiB, disk $disk MiB: stopping the benchmark" >&2
         aborted=1
         for pid in $(pgrep -f 'kmmr-replica.*kmmr-dur-catchup' || true); do kill "$pid" 2>/dev/null || true; done
         kill "$test_pid" 2>/dev/null || true

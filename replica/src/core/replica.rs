@@ -38,6 +38,10 @@ const MAX_CARRIED: usize = 1024;
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
 const CHECKPOINTS_KEPT: usize = 2;
+/// Request bytes of decisions sent in answer to one request (past the first decision). A
+/// laggard asks again every catch-up interval: replies of `max_decisions_per_reply` large
+/// batches each piled up in the peers' send queues, gigabytes while a replica caught up.
+const DECISION_REPLY_BYTES: usize = 4 << 20;
 /// Start-up requests for decisions, one per catch-up interval, until a peer answers with a
 /// decision or its checkpoints (the first ones may precede the links; a replica that is not
 /// behind gets no answer and stops after these).
@@ -916,8 +920,15 @@ impl Replica {
                 .saturating_sub(1),
         );
         let mut cid = start.0;
-        while cid <= end {
+        let mut bytes = 0;
+        while cid <= end && bytes < DECISION_REPLY_BYTES {
             if let Some(d) = self.log.get(&Cid(cid)) {
+                bytes += d
+                    .batch
+                    .requests
+                    .iter()
+                    .map(|r| r.request.payload.len())
+                    .sum::<usize>();
                 let d = d.clone();
                 self.send(from, ReplicaMessage::Decided(d));
             }
