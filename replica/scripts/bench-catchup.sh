@@ -20,6 +20,7 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
+touch "$out/started"
 cd "$here"
 KMMR_CATCHUP_MIB=$mib cargo test --release -p kmmr-replica --test durability catch_up \
     -- --ignored --nocapture >"$out/test.log" 2>&1 &
@@ -48,6 +49,11 @@ while kill -0 "$test_pid" 2>/dev/null; do
     sleep 1
 done
 wait "$test_pid" && status=0 || status=$?
+# A killed test leaves its cluster directory (gigabytes) behind: remove it.
+if [ -n "$aborted" ]; then
+    find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'kmmr-dur-catchup-*' -newer "$out/started" \
+        -exec rm -rf {} +
+fi
 
 grep -E '^(loaded|catch-up|test result)|panicked' "$out/test.log" || true
 echo "peak RSS per replica (MiB):"

@@ -318,11 +318,11 @@ impl Replica {
         digest: Digest,
         stored: Arc<dyn StoredCheckpoint>,
     ) {
-        let held = self.checkpoints.iter_mut();
-        if let Some((_, bytes)) = held
-            .filter(|(m, _)| m.cid == cid && m.digest == digest)
-            .next()
-        {
+        let held = self
+            .checkpoints
+            .iter_mut()
+            .find(|(m, _)| m.cid == cid && m.digest == digest);
+        if let Some((_, bytes)) = held {
             *bytes = HeldBytes::Stored(stored);
         }
     }

@@ -255,12 +255,15 @@ pub(crate) fn read_checkpoint(path: &Path, max_bytes: u64) -> Result<Checkpoint,
     })
 }
 
+/// A checkpoint read from disk, and where its snapshot lies in its file.
+pub(crate) type Located = (Checkpoint, SnapshotLocation);
+
 /// The newest valid checkpoint in `dir` and where its snapshot lies, and the newer files that
 /// were rejected on the way.
 pub(crate) fn load_latest(
     dir: &Path,
     max_bytes: u64,
-) -> Result<(Option<(Checkpoint, SnapshotLocation)>, Vec<RejectedFile>), StorageError> {
+) -> Result<(Option<Located>, Vec<RejectedFile>), StorageError> {
     let mut rejected = Vec::new();
     for (cid, path) in list_checkpoints(dir)?.into_iter().rev() {
         match read_checkpoint(&path, max_bytes) {
