@@ -13,7 +13,9 @@ use crate::core::config::Config;
 use crate::core::instance::{Instance, Recorded};
 use crate::core::output::{Event, Output};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
-use crate::core::state::{encode_state, Checkpoint, OrderingState, ReplicaState};
+use crate::core::state::{
+    encode_state, Checkpoint, HeldBytes, OrderingState, ReplicaState, StoredCheckpoint,
+};
 use crate::core::sync::{self, Choice};
 use crate::core::transfer::{ChunkOutcome, Transfer};
 use crate::core::verified::Verified;
@@ -36,6 +38,10 @@ const MAX_CARRIED: usize = 1024;
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
 const CHECKPOINTS_KEPT: usize = 2;
+/// Request bytes of decisions sent in answer to one request (past the first decision). A
+/// laggard asks again every catch-up interval: replies of `max_decisions_per_reply` large
+/// batches each piled up in the peers' send queues, gigabytes while a replica caught up.
+const DECISION_REPLY_BYTES: usize = 4 << 20;
 /// Start-up requests for decisions, one per catch-up interval, until a peer answers with a
 /// decision or its checkpoints (the first ones may precede the links; a replica that is not
 /// behind gets no answer and stops after these).
@@ -90,8 +96,9 @@ pub struct Replica {
     helped: BTreeMap<ReplicaId, Cid>,
     last_catchup_us: Option<u64>,
 
-    /// Checkpoints kept to serve state transfer, oldest first.
-    checkpoints: VecDeque<Checkpoint>,
+    /// Checkpoints kept to serve state transfer, oldest first: in memory until the driver
+    /// says where it stored them.
+    checkpoints: VecDeque<(CheckpointMeta, HeldBytes)>,
     transfer: Transfer,
     /// Given a view with history but no state: take no part until a checkpoint of that view
     /// (or a later one) is installed.
@@ -232,7 +239,7 @@ impl Replica {
                 digest: Digest::of(&bytes),
                 len: bytes.len() as u64,
             };
-            r.install_state(Arc::new(bytes), meta, false)?;
+            r.install_state(bytes, meta, false)?;
         }
         if r.last_decided.is_some() || !decisions.is_empty() {
             r.joining = false;
@@ -300,7 +307,24 @@ impl Replica {
 
     /// The newest checkpoint held.
     pub fn latest_checkpoint(&self) -> Option<&CheckpointMeta> {
-        self.checkpoints.back().map(|c| &c.meta)
+        self.checkpoints.back().map(|(m, _)| m)
+    }
+
+    /// The driver stored the checkpoint at `cid` with `digest` and can read it back: serve
+    /// state transfer from there and drop the in-memory copy (each is the size of the state).
+    pub fn checkpoint_stored(
+        &mut self,
+        cid: Cid,
+        digest: Digest,
+        stored: Arc<dyn StoredCheckpoint>,
+    ) {
+        let held = self
+            .checkpoints
+            .iter_mut()
+            .find(|(m, _)| m.cid == cid && m.digest == digest);
+        if let Some((_, bytes)) = held {
+            *bytes = HeldBytes::Stored(stored);
+        }
     }
 
     /// True while the replica waits for state before taking part (joining, or state transfer).
@@ -896,8 +920,15 @@ impl Replica {
                 .saturating_sub(1),
         );
         let mut cid = start.0;
-        while cid <= end {
+        let mut bytes = 0;
+        while cid <= end && bytes < DECISION_REPLY_BYTES {
             if let Some(d) = self.log.get(&Cid(cid)) {
+                bytes += d
+                    .batch
+                    .requests
+                    .iter()
+                    .map(|r| r.request.payload.len())
+                    .sum::<usize>();
                 let d = d.clone();
                 self.send(from, ReplicaMessage::Decided(d));
             }
@@ -1335,7 +1366,6 @@ impl Replica {
     // ----- checkpoints and state transfer ----------------------------------------------------
 
     fn take_checkpoint(&mut self, cid: Cid) {
-        let service = self.service.snapshot();
         let bytes = encode_state(
             &OrderingState {
                 cid,
@@ -1345,17 +1375,16 @@ impl Replica {
                 previous_view: self.previous_view.as_ref(),
                 sessions: &self.sessions,
             },
-            &service,
+            &*self.service,
         );
-        drop(service);
         let cp = Checkpoint::new(cid, &self.view, bytes);
         self.events.push(Event::CheckpointTaken {
             cid,
             digest: cp.meta.digest,
         });
         self.stats.checkpoints += 1;
-        self.keep_checkpoint(cp.clone());
-        let oldest = self.checkpoints.front().map_or(cid, |c| c.meta.cid);
+        self.keep_checkpoint(&cp);
+        let oldest = self.checkpoints.front().map_or(cid, |(m, _)| m.cid);
         // Decisions from the older checkpoint on stay: laggards can still replay them, and the
         // checkpoint's own decision proves where this replica stands in a leader change.
         self.log = self.log.split_off(&oldest);
@@ -1369,9 +1398,10 @@ impl Replica {
         }
     }
 
-    fn keep_checkpoint(&mut self, cp: Checkpoint) {
-        self.checkpoints.retain(|c| c.meta.cid != cp.meta.cid);
-        self.checkpoints.push_back(cp);
+    fn keep_checkpoint(&mut self, cp: &Checkpoint) {
+        self.checkpoints.retain(|(m, _)| m.cid != cp.meta.cid);
+        self.checkpoints
+            .push_back((cp.meta, HeldBytes::Memory(cp.bytes.clone())));
         while self.checkpoints.len() > CHECKPOINTS_KEPT {
             self.checkpoints.pop_front();
         }
@@ -1382,7 +1412,7 @@ impl Replica {
         if self.checkpoints.is_empty() {
             return;
         }
-        let checkpoints: Vec<CheckpointMeta> = self.checkpoints.iter().map(|c| c.meta).collect();
+        let checkpoints: Vec<CheckpointMeta> = self.checkpoints.iter().map(|(m, _)| *m).collect();
         let msg = ReplicaMessage::CheckpointInfo {
             checkpoints,
             first_logged: self.log.keys().next().copied(),
@@ -1415,7 +1445,7 @@ impl Replica {
         });
         let choice = match choice {
             Some(c) => Some(c),
-            None => match self.checkpoints.back().map(|c| c.meta) {
+            None => match self.checkpoints.back().map(|(m, _)| *m) {
                 Some(mine) => {
                     let c = self.transfer.contradicted(&self.view, self.me, &mine);
                     if c.is_some() {
@@ -1444,10 +1474,10 @@ impl Replica {
     }
 
     fn serve_chunk(&mut self, to: ReplicaId, cid: Cid, digest: Digest, offset: u64, len: u32) {
-        let Some(cp) = self
+        let Some((meta, bytes)) = self
             .checkpoints
             .iter()
-            .find(|c| c.meta.cid == cid && c.meta.digest == digest)
+            .find(|(m, _)| m.cid == cid && m.digest == digest)
         else {
             // Most likely trimmed since the requester chose it: tell it what is on offer now,
             // or it would keep asking for a checkpoint no one holds.
@@ -1455,7 +1485,7 @@ impl Replica {
             self.advertise(Some(to));
             return;
         };
-        let total = cp.bytes.len() as u64;
+        let total = meta.len;
         if offset >= total {
             self.reject(Some(to), "chunk_out_of_range");
             return;
@@ -1463,7 +1493,11 @@ impl Replica {
         let end = offset
             .saturating_add((len as u64).min(limits::MAX_CHUNK as u64))
             .min(total);
-        let data = cp.bytes[offset as usize..end as usize].to_vec();
+        let Some(data) = bytes.read(offset, (end - offset) as usize) else {
+            // The driver's copy failed to read back; the requester moves to another source.
+            self.reject(None, "checkpoint_unreadable");
+            return;
+        };
         self.send(
             to,
             ReplicaMessage::Chunk {
@@ -1491,7 +1525,7 @@ impl Replica {
             }
             ChunkOutcome::Complete(meta, bytes) => {
                 let cid = meta.cid;
-                match self.install_state(Arc::new(bytes), meta, true) {
+                match self.install_state(bytes, meta, true) {
                     Ok(()) => {
                         self.stats.state_transfers += 1;
                         self.events.push(Event::StateInstalled { cid });
@@ -1509,13 +1543,13 @@ impl Replica {
     /// replica's own disk). `announce` tells the driver to store it.
     fn install_state(
         &mut self,
-        bytes: Arc<Vec<u8>>,
+        bytes: Vec<u8>,
         meta: CheckpointMeta,
         announce: bool,
     ) -> Result<(), String> {
-        let st = ReplicaState::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        let st = ReplicaState::decode_from(&bytes).map_err(|e| e.to_string())?;
         self.service
-            .restore(&st.service)
+            .restore(st.service)
             .map_err(|e| e.to_string())?;
         let cid = st.cid;
         let meta = CheckpointMeta {
@@ -1541,9 +1575,12 @@ impl Replica {
         self.pool.prune_all(&self.sessions);
         self.joining = false;
         self.transfer.retain_members(&self.view);
-        let cp = Checkpoint { meta, bytes };
-        self.keep_checkpoint(cp.clone());
-        self.checkpoints.retain(|c| c.meta.cid <= cid);
+        let cp = Checkpoint {
+            meta,
+            bytes: Arc::new(bytes),
+        };
+        self.keep_checkpoint(&cp);
+        self.checkpoints.retain(|(m, _)| m.cid <= cid);
         if announce {
             self.outputs.push(Output::StateInstalled(cp));
             if view_changed {

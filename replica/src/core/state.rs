@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::core::clients::Sessions;
 use crate::core::view::View;
 use crate::crypto::Digest;
+use crate::service::Service;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::Cid;
 use crate::wire::messages::CheckpointMeta;
@@ -17,9 +18,10 @@ use crate::wire::messages::CheckpointMeta;
 /// Largest service snapshot a checkpoint holds (the length prefix is 32 bits).
 pub const MAX_SERVICE_SNAPSHOT: usize = u32::MAX as usize;
 
-/// A decoded checkpoint.
+/// A decoded checkpoint, borrowing the service snapshot from the checkpoint's bytes (which can
+/// be gigabytes: a copy would double what installing one costs).
 #[derive(Debug, Clone)]
-pub struct ReplicaState {
+pub struct ReplicaState<'a> {
     /// The last CID executed.
     pub cid: Cid,
     pub timestamp_ms: u64,
@@ -29,7 +31,7 @@ pub struct ReplicaState {
     /// The view before it, which proved the decisions before `view_since`.
     pub previous_view: Option<View>,
     pub sessions: Sessions,
-    pub service: Vec<u8>,
+    pub service: &'a [u8],
 }
 
 /// The ordering layer's part of a checkpoint.
@@ -42,9 +44,10 @@ pub struct OrderingState<'a> {
     pub sessions: &'a Sessions,
 }
 
-/// Encodes a checkpoint without building a `ReplicaState` (the service snapshot can be large).
-pub fn encode_state(o: &OrderingState<'_>, service: &[u8]) -> Vec<u8> {
-    let mut w = Writer::with_capacity(service.len() + 4096);
+/// Encodes a checkpoint, the service writing its snapshot straight into the checkpoint's
+/// buffer: the state is never held twice.
+pub fn encode_state(o: &OrderingState<'_>, service: &dyn Service) -> Vec<u8> {
+    let mut w = Writer::new();
     w.u8(STATE_VERSION);
     o.cid.encode(&mut w);
     w.u64(o.timestamp_ms);
@@ -52,14 +55,29 @@ pub fn encode_state(o: &OrderingState<'_>, service: &[u8]) -> Vec<u8> {
     o.view_since.encode(&mut w);
     w.option(o.previous_view, |w, v| v.encode(w));
     o.sessions.encode(&mut w);
-    w.bytes(service);
-    w.finish()
+    let mut buf = w.finish();
+    // The snapshot's length prefix, filled in once the snapshot is written.
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    service.write_snapshot(&mut |piece| buf.extend_from_slice(piece));
+    // Saturating like `Writer::bytes`: a snapshot past 4 GiB does not decode (MAX_SERVICE_SNAPSHOT).
+    let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
+    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    buf
 }
 
 const STATE_VERSION: u8 = 1;
 
-impl Decode for ReplicaState {
-    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+impl<'a> ReplicaState<'a> {
+    /// Decodes a whole checkpoint (trailing bytes are an error).
+    pub fn decode_from(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let st = Self::decode_reader(&mut r)?;
+        r.finish()?;
+        Ok(st)
+    }
+
+    fn decode_reader(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let version = r.u8()?;
         if version != STATE_VERSION {
             return Err(DecodeError::UnknownTag {
@@ -74,12 +92,44 @@ impl Decode for ReplicaState {
             view_since: Cid::decode(r)?,
             previous_view: r.option(View::decode)?,
             sessions: Sessions::decode(r)?,
-            service: r.bytes_vec("service snapshot", MAX_SERVICE_SNAPSHOT)?,
+            service: r.bytes("service snapshot", MAX_SERVICE_SNAPSHOT)?,
         })
     }
 }
 
-/// A checkpoint this replica took or installed, kept in memory to serve state transfer.
+/// Where the driver stored a checkpoint's bytes, so that the core can serve state transfer from
+/// there instead of keeping them in memory (see `Replica::checkpoint_stored`). Reads are of
+/// bytes the driver already holds (a local file): short, and never of the network.
+pub trait StoredCheckpoint: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` with the checkpoint's bytes from `offset` on.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// A checkpoint's bytes as the core keeps them to serve state transfer.
+#[derive(Debug, Clone)]
+pub enum HeldBytes {
+    Memory(Arc<Vec<u8>>),
+    Stored(Arc<dyn StoredCheckpoint>),
+}
+
+impl HeldBytes {
+    /// `len` bytes from `offset`, or `None` if the store cannot read them.
+    pub fn read(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        match self {
+            HeldBytes::Memory(b) => {
+                let start = usize::try_from(offset).ok()?;
+                b.get(start..start.checked_add(len)?).map(<[u8]>::to_vec)
+            }
+            HeldBytes::Stored(s) => {
+                let mut buf = vec![0; len];
+                s.read_at(offset, &mut buf).ok()?;
+                Some(buf)
+            }
+        }
+    }
+}
+
+/// A checkpoint this replica took or installed, handed to the driver to store.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub meta: CheckpointMeta,

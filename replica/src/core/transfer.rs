@@ -15,6 +15,10 @@ use crate::wire::ids::{Cid, ReplicaId};
 use crate::wire::limits;
 use crate::wire::messages::{CheckpointMeta, ReplicaMessage};
 
+/// The most a fetch reserves up front (the largest checkpoint a replica produces, plus its
+/// ordering state).
+const RESERVE_LIMIT: usize = crate::core::state::MAX_SERVICE_SNAPSHOT + (64 << 20);
+
 /// What to send after an input.
 pub type Requests = Vec<(ReplicaId, ReplicaMessage)>;
 
@@ -163,7 +167,11 @@ impl Transfer {
             meta,
             sources,
             source,
-            assembled: Vec::new(),
+            // f+1 members vouch for the length, so one correct replica does: reserving it spares
+            // the copies of a growing buffer (a large state would be copied several times over).
+            assembled: Vec::with_capacity(
+                usize::try_from(meta.len).map_or(0, |l| l.min(RESERVE_LIMIT)),
+            ),
             ahead: BTreeMap::new(),
             outstanding: BTreeSet::new(),
             next_offset: 0,

@@ -8,6 +8,10 @@
 //! What is durable comes back on a watch channel: the group-commit thread publishes each fsynced
 //! CID, the checkpoint thread each checkpoint written (a checkpoint makes every CID it covers
 //! durable). The node holds a reply until the CID it depends on is published.
+//!
+//! Each checkpoint written also comes back, opened for reading, on the `stored` channel: the
+//! core then serves state transfer from the file and drops its in-memory copy, so a replica
+//! holds its state once, not once more per checkpoint kept.
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -17,11 +21,38 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use crate::core::state::Checkpoint;
+use crate::core::state::{Checkpoint, StoredCheckpoint};
 use crate::core::view::View;
-use crate::storage::{CheckpointWriter, Recovered, Storage, StorageConfig, StorageError};
+use crate::crypto::Digest;
+use crate::storage::{
+    CheckpointWriter, Recovered, SnapshotFile, SnapshotLocation, Storage, StorageConfig,
+    StorageError,
+};
 use crate::wire::ids::Cid;
 use crate::wire::messages::Decision;
+
+impl StoredCheckpoint for SnapshotFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        SnapshotFile::read_at(self, offset, buf)
+    }
+}
+
+/// A checkpoint on disk, ready to serve from: its CID and digest, and its file opened.
+pub struct Stored {
+    pub cid: Cid,
+    pub digest: Digest,
+    pub file: Arc<dyn StoredCheckpoint>,
+}
+
+impl Stored {
+    pub fn open(cid: Cid, digest: Digest, at: &SnapshotLocation) -> std::io::Result<Stored> {
+        Ok(Stored {
+            cid,
+            digest,
+            file: Arc::new(SnapshotFile::open(at)?),
+        })
+    }
+}
 
 /// Work for the thread that owns the log.
 enum LogCmd {
@@ -97,6 +128,7 @@ impl Durability {
     pub fn open(
         dir: &std::path::Path,
         failures: mpsc::UnboundedSender<String>,
+        stored: mpsc::UnboundedSender<Stored>,
     ) -> Result<(Durability, Recovered)> {
         let (tx, durable) = watch::channel(None);
         let publisher = Arc::new(Publisher {
@@ -123,7 +155,7 @@ impl Durability {
         let (p, log) = (publisher.clone(), log_tx.clone());
         let ck_thread = std::thread::Builder::new()
             .name("kmmr-checkpoint".into())
-            .spawn(move || run_checkpoints(writer, ck_rx, log, p, failures))
+            .spawn(move || run_checkpoints(writer, ck_rx, log, p, failures, stored))
             .context("starting the checkpoint thread")?;
         Ok((
             Durability {
@@ -263,6 +295,7 @@ fn run_checkpoints(
     log: std_mpsc::Sender<LogCmd>,
     publisher: Arc<Publisher>,
     failures: mpsc::UnboundedSender<String>,
+    stored: mpsc::UnboundedSender<Stored>,
 ) {
     while let Ok(mut job) = rx.recv() {
         // While a large checkpoint was written, newer ones may have queued up: only the newest
@@ -273,13 +306,30 @@ fn run_checkpoints(
             skipped += 1;
         }
         let meta = job.checkpoint.meta;
+        let trim_before = job.trim_before;
         let t0 = Instant::now();
-        if let Err(e) = writer.write(meta.cid, &job.view, &job.checkpoint.bytes, meta.digest) {
-            let _ = failures.send(format!(
-                "writing the checkpoint at CID {} failed: {e}",
-                meta.cid.0
-            ));
-            return;
+        let at = match writer.write(meta.cid, &job.view, &job.checkpoint.bytes, meta.digest) {
+            Ok(at) => at,
+            Err(e) => {
+                let _ = failures.send(format!(
+                    "writing the checkpoint at CID {} failed: {e}",
+                    meta.cid.0
+                ));
+                return;
+            }
+        };
+        // This thread's reference goes before the core is told, so the core's is the last.
+        drop(job);
+        match Stored::open(meta.cid, meta.digest, &at) {
+            Ok(s) => {
+                let _ = stored.send(s);
+            }
+            // Not fatal: the core keeps serving from memory.
+            Err(e) => tracing::warn!(
+                cid = meta.cid.0,
+                error = %e,
+                "cannot reopen the checkpoint just written; serving it from memory"
+            ),
         }
         tracing::info!(
             cid = meta.cid.0,
@@ -289,7 +339,7 @@ fn run_checkpoints(
             "checkpoint stored"
         );
         publisher.update(|s| s.checkpoint = s.checkpoint.max(Some(meta.cid)));
-        if let Some(t) = job.trim_before {
+        if let Some(t) = trim_before {
             let _ = log.send(LogCmd::Trim(t));
         }
     }

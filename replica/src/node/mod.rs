@@ -38,7 +38,7 @@ use crate::wire::codec::{Decode, Encode};
 use crate::wire::ids::{Cid, ReplicaId};
 use crate::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
 
-use durability::Durability;
+use durability::{Durability, Stored};
 
 pub use config::{NodeConfig, ProtocolConfig, ViewFile};
 pub use metrics::{Metrics, SignedStatus, Status};
@@ -130,8 +130,9 @@ pub async fn run(
         ServiceChoice::Noop => Box::new(NoopService::default()),
     };
     let (failures_tx, failures_rx) = mpsc::unbounded_channel();
+    let (stored_tx, stored_rx) = mpsc::unbounded_channel();
     let (core, durability) = if cfg.protocol.durable {
-        let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx)?;
+        let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
         let core = recover(me, &key, view, &cfg, svc, recovered)?;
         (core, Some(d))
     } else {
@@ -234,7 +235,9 @@ pub async fn run(
         removed: false,
         removed_grace_until: None,
     };
-    let result = node.run(rx, status_rx, failures_rx, shutdown).await;
+    let result = node
+        .run(rx, status_rx, failures_rx, stored_rx, shutdown)
+        .await;
     if let Some(d) = node.durability.take() {
         // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
         d.close();
@@ -289,7 +292,19 @@ fn recover(
     };
     let checkpoint_cid = recovered.checkpoint.as_ref().map(|c| c.cid.0);
     let replayed = recovered.decisions.len();
-    let core = Replica::recover(
+    // Opened before the replay: the file the checkpoint was read from is not pruned until a
+    // newer one is written, which only this replica's own storage threads do, later.
+    let stored = match (&recovered.checkpoint, &recovered.checkpoint_location) {
+        (Some(c), Some(at)) => match Stored::open(c.cid, c.digest, at) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the recovered checkpoint; serving it from memory");
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut core = Replica::recover(
         me,
         key.clone(),
         view,
@@ -305,6 +320,9 @@ fn recover(
             cfg.data_dir.display()
         )
     })?;
+    if let Some(s) = stored {
+        core.checkpoint_stored(s.cid, s.digest, s.file);
+    }
     tracing::info!(
         checkpoint = ?checkpoint_cid,
         replayed,
@@ -353,6 +371,7 @@ impl NodeLoop {
         mut rx: mpsc::Receiver<Inbound>,
         mut status_rx: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
         mut failures: mpsc::UnboundedReceiver<String>,
+        mut stored: mpsc::UnboundedReceiver<Stored>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         tokio::pin!(shutdown);
@@ -399,6 +418,9 @@ impl NodeLoop {
                     } else {
                         durable_rx = None;
                     }
+                }
+                Some(s) = stored.recv() => {
+                    self.core.checkpoint_stored(s.cid, s.digest, s.file);
                 }
                 Some(why) = failures.recv() => {
                     tracing::error!(error = %why, "storage failed: stopping so that a restart recovers from disk");

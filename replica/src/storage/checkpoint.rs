@@ -47,6 +47,59 @@ pub struct Checkpoint {
     pub digest: Digest,
 }
 
+/// Where a checkpoint's snapshot lies in its file, to read it back piecemeal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotLocation {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A checkpoint's snapshot read in place from its file. The file stays open, so a checkpoint
+/// pruned from the directory (unlinked) still reads back until this is dropped.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    file: File,
+    offset: u64,
+    len: u64,
+}
+
+impl SnapshotFile {
+    pub fn open(at: &SnapshotLocation) -> std::io::Result<SnapshotFile> {
+        Ok(SnapshotFile {
+            file: File::open(&at.path)?,
+            offset: at.offset,
+            len: at.len,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fills `buf` from `offset` within the snapshot; reading past its end is an error.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the snapshot",
+            ));
+        }
+        self.file.read_exact_at(buf, self.offset + offset)
+    }
+}
+
+/// Offset of the snapshot in a checkpoint file whose view encodes to `view_len` bytes.
+fn snapshot_offset(view_len: u64) -> u64 {
+    8 + 8 + 32 + 4 + view_len + 8
+}
+
 /// A checkpoint file that could not be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedFile {
@@ -88,7 +141,7 @@ pub(crate) fn write_checkpoint(
     snapshot: &[u8],
     digest: Digest,
     max_bytes: u64,
-) -> Result<PathBuf, StorageError> {
+) -> Result<SnapshotLocation, StorageError> {
     let computed = Digest::of(snapshot);
     if computed != digest {
         return Err(StorageError::DigestMismatch {
@@ -140,7 +193,11 @@ pub(crate) fn write_checkpoint(
     if removed {
         super::atomic::sync_dir(dir)?;
     }
-    Ok(path)
+    Ok(SnapshotLocation {
+        path,
+        offset: snapshot_offset(view_bytes.len() as u64),
+        len: snapshot.len() as u64,
+    })
 }
 
 /// Reads and validates one checkpoint file. `Err(reason)` for a damaged file; I/O failures other
@@ -198,15 +255,26 @@ pub(crate) fn read_checkpoint(path: &Path, max_bytes: u64) -> Result<Checkpoint,
     })
 }
 
-/// The newest valid checkpoint in `dir`, and the newer files that were rejected on the way.
+/// A checkpoint read from disk, and where its snapshot lies in its file.
+pub(crate) type Located = (Checkpoint, SnapshotLocation);
+
+/// The newest valid checkpoint in `dir` and where its snapshot lies, and the newer files that
+/// were rejected on the way.
 pub(crate) fn load_latest(
     dir: &Path,
     max_bytes: u64,
-) -> Result<(Option<Checkpoint>, Vec<RejectedFile>), StorageError> {
+) -> Result<(Option<Located>, Vec<RejectedFile>), StorageError> {
     let mut rejected = Vec::new();
     for (cid, path) in list_checkpoints(dir)?.into_iter().rev() {
         match read_checkpoint(&path, max_bytes) {
-            Ok(c) if c.cid == cid => return Ok((Some(c), rejected)),
+            Ok(c) if c.cid == cid => {
+                let at = SnapshotLocation {
+                    path,
+                    offset: snapshot_offset(c.view.to_bytes().len() as u64),
+                    len: c.snapshot.len() as u64,
+                };
+                return Ok((Some((c, at)), rejected));
+            }
             Ok(c) => rejected.push(RejectedFile {
                 path,
                 reason: format!("holds CID {} but is named for {cid}", c.cid),

@@ -51,7 +51,7 @@ use crate::wire::ids::Cid;
 use crate::wire::messages::Decision;
 
 use atomic::{io_err, remove_temp_files, sync_dir};
-pub use checkpoint::{Checkpoint, RejectedFile, CHECKPOINTS_KEPT};
+pub use checkpoint::{Checkpoint, RejectedFile, SnapshotFile, SnapshotLocation, CHECKPOINTS_KEPT};
 use commit::{Committer, Shared};
 pub use commit::{DurableCallback, DurableWatch};
 use wal::Wal;
@@ -162,6 +162,8 @@ impl fmt::Debug for StorageConfig {
 pub struct Recovered {
     /// The newest valid checkpoint: restore the service from it.
     pub checkpoint: Option<Checkpoint>,
+    /// Where `checkpoint`'s snapshot lies on disk, to serve it from there.
+    pub checkpoint_location: Option<SnapshotLocation>,
     /// Every logged decision after the checkpoint (from CID 0 without one), contiguous and in
     /// order: replay them. Their proofs were checked when they were decided, not here.
     pub decisions: Vec<Decision>,
@@ -227,16 +229,15 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// Same as `Storage::write_checkpoint`.
+    /// Same as `Storage::write_checkpoint`; says where the snapshot was written.
     pub fn write(
         &self,
         cid: Cid,
         view: &View,
         snapshot: &[u8],
         digest: Digest,
-    ) -> Result<(), StorageError> {
-        checkpoint::write_checkpoint(&self.dir, cid, view, snapshot, digest, self.max_bytes)?;
-        Ok(())
+    ) -> Result<SnapshotLocation, StorageError> {
+        checkpoint::write_checkpoint(&self.dir, cid, view, snapshot, digest, self.max_bytes)
     }
 }
 
@@ -274,7 +275,8 @@ impl Storage {
             ..RecoveryReport::default()
         };
 
-        let (checkpoint, rejected) = checkpoint::load_latest(&dir, config.max_checkpoint_bytes)?;
+        let (loaded, rejected) = checkpoint::load_latest(&dir, config.max_checkpoint_bytes)?;
+        let (checkpoint, checkpoint_location) = loaded.unzip();
         report.rejected_checkpoints = rejected;
         let view = match checkpoint::read_view(&dir) {
             Ok(v) => v,
@@ -346,6 +348,7 @@ impl Storage {
             storage,
             Recovered {
                 checkpoint,
+                checkpoint_location,
                 decisions,
                 view,
                 report,
@@ -423,7 +426,7 @@ impl Storage {
         for r in rejected {
             tracing::warn!(path = %r.path.display(), reason = %r.reason, "skipped a damaged checkpoint");
         }
-        Ok(c)
+        Ok(c.map(|(c, _)| c))
     }
 
     /// CIDs of the checkpoint files on disk, oldest first (not validated).

@@ -64,6 +64,10 @@ impl Service for KvStore {
         self.encode_snapshot()
     }
 
+    fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+        KvStore::write_snapshot(self, out)
+    }
+
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
         *self = KvStore::decode_snapshot(snapshot, self.history_limit())?;
         Ok(())

@@ -1,24 +1,46 @@
 //! The store's canonical snapshot and its validation on restore.
 //!
 //! Layout: format tag, revision, compact revision, consensus time, next lease id, then the kvs in
-//! key order, the events in log order and the leases in id order. Derived indexes (lease key sets,
-//! the expiry queue) are rebuilt rather than stored, so they cannot disagree with what they index.
-//! Restore checks every invariant execution maintains, including that undoing the event log from
-//! the current kvs is consistent, so a snapshot that decodes is one the store could have produced.
+//! key order, the changes in log order (kind, key, revision, the replaced record) and the leases
+//! in id order. A put's new record is not in the log: it is the next record on its key, so every
+//! version of a value is encoded once. Derived indexes (lease key sets, the expiry queue) are
+//! rebuilt rather than stored, so they cannot disagree with what they index. Restore checks every
+//! invariant execution maintains, including that undoing the log from the current kvs is
+//! consistent, so a snapshot that decodes is one the store could have produced.
+//!
+//! The encoding is produced in pieces (`write_snapshot`), so that it can be hashed or copied
+//! into a larger buffer without an intermediate copy of the whole state.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::encoding::EVENT_MIN_LEN;
-use super::store::{KvStore, Lease};
+use super::store::{Change, KvStore, Lease};
 use super::types::*;
 use crate::service::RestoreError;
-use crate::wire::codec::{Decode, Encode, Reader, Writer};
+use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 
-const FORMAT: u8 = 1;
+/// Format 1 stored each put's new record in the log as well, twice the bytes for fresh puts.
+const FORMAT: u8 = 2;
+/// Encoded records are handed out in pieces of about this size.
+const PIECE: usize = 256 * 1024;
+/// Smallest encoding of a change: kind, empty key, revision, no previous record.
+const CHANGE_MIN_LEN: usize = 1 + 4 + 8 + 1;
 
 impl KvStore {
     pub(super) fn encode_snapshot(&self) -> Vec<u8> {
-        let mut w = Writer::new();
+        let mut out = Vec::new();
+        self.write_snapshot(&mut |piece| out.extend_from_slice(piece));
+        out
+    }
+
+    /// Hands the canonical snapshot to `out` in order, in pieces.
+    pub(super) fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+        let mut w = Writer::with_capacity(PIECE + 4096);
+        let mut flush = |w: &mut Writer, force: bool| {
+            if force || w.as_slice().len() >= PIECE {
+                out(w.as_slice());
+                *w = Writer::with_capacity(PIECE + 4096);
+            }
+        };
         w.u8(FORMAT)
             .u64(self.revision)
             .u64(self.compact_revision)
@@ -27,16 +49,19 @@ impl KvStore {
         w.len(self.kvs.len());
         for kv in self.kvs.values() {
             kv.encode(&mut w);
+            flush(&mut w, false);
         }
         w.len(self.history.values().map(Vec::len).sum());
-        for e in self.history.values().flatten() {
-            e.encode(&mut w);
+        for c in self.history.values().flatten() {
+            c.encode(&mut w);
+            flush(&mut w, false);
         }
         w.len(self.leases.len());
         for (id, l) in &self.leases {
             w.i64(*id).i64(l.ttl).u64(l.deadline_ms);
+            flush(&mut w, false);
         }
-        w.finish()
+        flush(&mut w, true);
     }
 
     pub(super) fn decode_snapshot(bytes: &[u8], history_limit: u64) -> Result<Self, RestoreError> {
@@ -61,12 +86,12 @@ impl KvStore {
         let kvs = r
             .vec("snapshot kvs", u32::MAX as usize, 40, KeyValue::decode)
             .map_err(dec)?;
-        let events = r
+        let changes = r
             .vec(
-                "snapshot events",
+                "snapshot changes",
                 u32::MAX as usize,
-                EVENT_MIN_LEN,
-                Event::decode,
+                CHANGE_MIN_LEN,
+                Change::decode,
             )
             .map_err(dec)?;
         let leases = r
@@ -129,8 +154,8 @@ impl KvStore {
         }
 
         let mut last_rev = s.compact_revision;
-        for e in events {
-            let rev = e.revision();
+        for c in changes {
+            let rev = c.revision;
             if rev <= s.compact_revision || rev > s.revision {
                 return Err(bad("event outside the retained history"));
             }
@@ -139,8 +164,10 @@ impl KvStore {
                 return Err(bad("events out of order or with a gap"));
             }
             last_rev = rev;
-            check_event_shape(&e).map_err(bad)?;
-            s.history.entry(rev).or_default().push(e);
+            if c.key.is_empty() {
+                return Err(bad("empty key in the history"));
+            }
+            s.history.entry(rev).or_default().push(c);
         }
         if last_rev != s.revision {
             return Err(bad("event history does not reach the revision"));
@@ -150,69 +177,79 @@ impl KvStore {
     }
 }
 
-fn check_event_shape(e: &Event) -> Result<(), &'static str> {
-    let rev = e.revision();
-    match e.kind {
-        EventKind::Put => {
-            let kv = &e.kv;
-            if kv.key.is_empty() || kv.version == 0 || kv.create_revision == 0 {
-                return Err("malformed put event");
+impl Encode for Change {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(match self.kind {
+            EventKind::Put => 0,
+            EventKind::Delete => 1,
+        })
+        .bytes(&self.key)
+        .u64(self.revision)
+        .option(self.prev.as_ref(), |w, kv| kv.encode(w));
+    }
+}
+
+impl Decode for Change {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let kind = match r.u8()? {
+            0 => EventKind::Put,
+            1 => EventKind::Delete,
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    what: "change",
+                    tag,
+                })
             }
-            match &e.prev_kv {
-                None if kv.version != 1 || kv.create_revision != rev => {
-                    Err("put event creating a key has the wrong version or create revision")
-                }
-                Some(p)
-                    if p.version.checked_add(1) != Some(kv.version)
-                        || p.create_revision != kv.create_revision =>
-                {
-                    Err("put event does not follow its previous record")
-                }
-                _ => Ok(()),
-            }
-        }
-        EventKind::Delete => {
-            let tombstone = KeyValue {
-                key: e.kv.key.clone(),
-                mod_revision: rev,
-                ..Default::default()
-            };
-            if e.kv != tombstone || e.kv.key.is_empty() {
-                return Err("malformed delete event");
-            }
-            match &e.prev_kv {
-                Some(p) if p.key == e.kv.key => Ok(()),
-                _ => Err("delete event without the deleted record"),
-            }
+        };
+        Ok(Change {
+            kind,
+            key: r.bytes_vec("key", MAX_KEY_LEN)?,
+            revision: r.u64()?,
+            prev: r.option(KeyValue::decode)?,
+        })
+    }
+}
+
+/// Whether a put at `rev` that produced `kv` over `prev` is one execution could have made.
+fn put_follows(rev: u64, kv: &KeyValue, prev: Option<&KeyValue>) -> bool {
+    if kv.mod_revision != rev || kv.version == 0 || kv.create_revision == 0 {
+        return false;
+    }
+    match prev {
+        None => kv.version == 1 && kv.create_revision == rev,
+        Some(p) => {
+            p.version.checked_add(1) == Some(kv.version) && p.create_revision == kv.create_revision
         }
     }
 }
 
-/// Undoes every retained event, newest first, from the current kvs: each event must find exactly
-/// the record it claims to have produced. This is what past reads rely on.
+/// Undoes every retained change, newest first, from the current kvs: a put must find the record
+/// it produced (which is what makes that record its new value), a delete must find the key
+/// absent. This is what past reads and watches rely on.
 fn check_undo(s: &KvStore) -> Result<(), &'static str> {
     let mut overlay: BTreeMap<&[u8], Option<&KeyValue>> = BTreeMap::new();
-    for e in s.history.values().flat_map(|v| v.iter()).rev() {
-        let key = e.kv.key.as_slice();
+    for c in s.history.values().flat_map(|v| v.iter()).rev() {
+        let key = c.key.as_slice();
         let current = match overlay.get(key) {
             Some(v) => *v,
             None => s.kvs.get(key),
         };
-        let consistent = match e.kind {
-            EventKind::Put => current == Some(&e.kv),
-            EventKind::Delete => current.is_none(),
+        let consistent = match (c.kind, current) {
+            (EventKind::Put, Some(kv)) => put_follows(c.revision, kv, c.prev.as_ref()),
+            (EventKind::Delete, None) => c.prev.is_some(),
+            _ => false,
         };
         if !consistent {
             return Err("event log is inconsistent with the current kvs");
         }
         // A record is replaced at or after the revision that wrote it (at it when a transaction
         // writes the same key twice).
-        if let Some(p) = &e.prev_kv {
-            if p.key != e.kv.key || p.mod_revision > e.revision() {
+        if let Some(p) = &c.prev {
+            if p.key != c.key || p.mod_revision > c.revision {
                 return Err("previous record does not precede its replacement");
             }
         }
-        overlay.insert(key, e.prev_kv.as_ref());
+        overlay.insert(key, c.prev.as_ref());
     }
     // What remains is the state at the compaction point: nothing in it may be newer.
     let untouched = s

@@ -69,12 +69,25 @@ pub(super) struct Lease {
     pub(super) keys: BTreeSet<Vec<u8>>,
 }
 
+/// One write in the history, as it is kept. A put's new record is not stored with it: it is the
+/// record that replaced it on the same key (the next change's `prev`) or, after the last write,
+/// the current record in `kvs`. So every version of a value is held, and snapshotted, once: with
+/// the new record stored too, a store that is mostly fresh puts held (and transferred) its
+/// values twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Change {
+    pub(super) kind: EventKind,
+    pub(super) key: Vec<u8>,
+    pub(super) revision: u64,
+    /// The record the write replaced (always present for a delete).
+    pub(super) prev: Option<KeyValue>,
+}
+
 /// The revisioned key-value store that backs Kubernetes control-plane state.
 ///
-/// State is the current kvs plus an event log of every write since the compaction point, each
-/// event carrying the record it replaced. Reads at a past revision start from the current kvs and
-/// undo the newer events, so history is stored once (in the log) and serves both watches and
-/// past reads.
+/// State is the current kvs plus a log of every write since the compaction point, each carrying
+/// the record it replaced. Reads at a past revision start from the current kvs and undo the newer
+/// changes, so history is stored once (in the log) and serves both watches and past reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvStore {
     /// Revisions of history retained; configuration, not state (see [`KvStore::new`]).
@@ -82,8 +95,8 @@ pub struct KvStore {
     pub(super) revision: u64,
     pub(super) compact_revision: u64,
     pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
-    /// Events by revision, covering exactly the revisions `(compact_revision, revision]`.
-    pub(super) history: BTreeMap<u64, Vec<Event>>,
+    /// Changes by revision, covering exactly the revisions `(compact_revision, revision]`.
+    pub(super) history: BTreeMap<u64, Vec<Change>>,
     pub(super) leases: BTreeMap<i64, Lease>,
     /// `(deadline_ms, id)` of every lease: expiry order. Derived, not snapshotted.
     pub(super) lease_deadlines: BTreeSet<(u64, i64)>,
@@ -314,11 +327,11 @@ impl KvStore {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
                     let undo = newer.collect::<Vec<_>>();
-                    for (_, events) in undo.into_iter().rev() {
-                        for e in events.iter().rev().filter(|e| range.contains(&e.kv.key)) {
-                            match &e.prev_kv {
+                    for (_, changes) in undo.into_iter().rev() {
+                        for c in changes.iter().rev().filter(|c| range.contains(&c.key)) {
+                            match &c.prev {
                                 Some(prev) => view.insert(prev.key.clone(), prev.clone()),
-                                None => view.remove(&e.kv.key),
+                                None => view.remove(&c.key),
                             };
                         }
                     }
@@ -368,31 +381,34 @@ impl KvStore {
     }
 
     fn put_in(&mut self, w: &mut WriteTxn, req: &PutRequest) -> PutResponse {
-        let prev = self.kvs.get(&req.key).cloned();
+        let prev = self.kvs.get(&req.key);
         let kv = KeyValue {
             key: req.key.clone(),
-            create_revision: prev.as_ref().map_or(w.rev, |p| p.create_revision),
+            create_revision: prev.map_or(w.rev, |p| p.create_revision),
             mod_revision: w.rev,
-            version: prev.as_ref().map_or(1, |p| p.version.saturating_add(1)),
+            version: prev.map_or(1, |p| p.version.saturating_add(1)),
             value: req.value.clone(),
             lease: req.lease,
         };
+        // The replaced record moves into the history rather than being copied there.
+        let prev = self.kvs.insert(req.key.clone(), kv);
         if let Some(p) = &prev {
             self.detach(p.lease, &p.key);
         }
         if let Some(l) = self.leases.get_mut(&req.lease) {
             l.keys.insert(req.key.clone());
         }
-        self.kvs.insert(req.key.clone(), kv.clone());
-        self.history.entry(w.rev).or_default().push(Event {
+        let prev_kv = if req.prev_kv { prev.clone() } else { None };
+        self.history.entry(w.rev).or_default().push(Change {
             kind: EventKind::Put,
-            kv,
-            prev_kv: prev.clone(),
+            key: req.key.clone(),
+            revision: w.rev,
+            prev,
         });
         w.wrote = true;
         PutResponse {
             header: ResponseHeader::default(),
-            prev_kv: if req.prev_kv { prev } else { None },
+            prev_kv,
         }
     }
 
@@ -424,27 +440,27 @@ impl KvStore {
             if let Some(prev) = self.delete_key(w, &key) {
                 resp.deleted += 1;
                 if req.prev_kv {
-                    resp.prev_kvs.push(prev);
+                    resp.prev_kvs.push(prev.clone());
                 }
             }
         }
         resp
     }
 
-    fn delete_key(&mut self, w: &mut WriteTxn, key: &[u8]) -> Option<KeyValue> {
+    /// Deletes `key` at the transaction's revision; returns the deleted record, now kept in the
+    /// history.
+    fn delete_key(&mut self, w: &mut WriteTxn, key: &[u8]) -> Option<&KeyValue> {
         let prev = self.kvs.remove(key)?;
         self.detach(prev.lease, key);
-        self.history.entry(w.rev).or_default().push(Event {
-            kind: EventKind::Delete,
-            kv: KeyValue {
-                key: key.to_vec(),
-                mod_revision: w.rev,
-                ..Default::default()
-            },
-            prev_kv: Some(prev.clone()),
-        });
         w.wrote = true;
-        Some(prev)
+        let changes = self.history.entry(w.rev).or_default();
+        changes.push(Change {
+            kind: EventKind::Delete,
+            key: key.to_vec(),
+            revision: w.rev,
+            prev: Some(prev),
+        });
+        changes.last().and_then(|c| c.prev.as_ref())
     }
 
     fn compare_holds(&self, c: &Compare) -> bool {
@@ -543,22 +559,50 @@ impl KvStore {
             });
         }
         let range = KeyRange::new(key, range_end);
-        let mut events = Vec::new();
+        let newer = (Bound::Excluded(after_revision), Bound::Unbounded);
+        let mut count = 0;
         let mut resume_after = self.revision.max(after_revision);
-        for (&rev, batch) in self
-            .history
-            .range((Bound::Excluded(after_revision), Bound::Unbounded))
-        {
-            let matching = batch.iter().filter(|e| range.contains(&e.kv.key));
-            let n = matching.clone().count();
-            if limit > 0 && !events.is_empty() && events.len() + n > limit {
-                // History has an event at every revision in (compact, revision], so everything
+        for (&rev, batch) in self.history.range(newer) {
+            let n = batch.iter().filter(|c| range.contains(&c.key)).count();
+            if limit > 0 && count > 0 && count + n > limit {
+                // History has a change at every revision in (compact, revision], so everything
                 // before `rev` has been scanned.
                 resume_after = rev - 1;
                 break;
             }
-            events.extend(matching.cloned());
+            count += n;
         }
+        // A put's new record is the one that followed it on its key: walk back from the
+        // current kvs, undoing changes, to recover it.
+        let mut after: BTreeMap<&[u8], Option<&KeyValue>> = BTreeMap::new();
+        let mut events = Vec::with_capacity(count);
+        for (&rev, batch) in self.history.range(newer).rev() {
+            for c in batch.iter().rev().filter(|c| range.contains(&c.key)) {
+                if rev <= resume_after {
+                    let kv = match c.kind {
+                        EventKind::Put => after
+                            .get(c.key.as_slice())
+                            .copied()
+                            .unwrap_or_else(|| self.kvs.get(&c.key))
+                            .cloned()
+                            // Unreachable: restore and execution keep every put's record.
+                            .unwrap_or_default(),
+                        EventKind::Delete => KeyValue {
+                            key: c.key.clone(),
+                            mod_revision: rev,
+                            ..Default::default()
+                        },
+                    };
+                    events.push(Event {
+                        kind: c.kind,
+                        kv,
+                        prev_kv: c.prev.clone(),
+                    });
+                }
+                after.insert(&c.key, c.prev.as_ref());
+            }
+        }
+        events.reverse();
         Ok(WatchBatch {
             events,
             resume_after,
