@@ -117,24 +117,31 @@ cleanup() {
   trap - EXIT INT TERM
   local g
   for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  for g in "${pgids[@]}"; do { wait "$g"; } 2>/dev/null || true; done
   [[ -n $work && -d $work ]] && rm -rf "$work"
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# Stops a process group: SIGINT/SIGTERM to its leader, then SIGKILL to the group after 10 s.
-stop_group() { # pgid signal
-  local g=$1 sig=$2 i
-  kill "-$sig" "$g" 2>/dev/null || true
+# Stops process groups: the signal to each leader, then SIGKILL to what is left of the groups
+# after 10 s; reaps them and forgets them.
+stop_groups() { # signal pgid...
+  local sig=$1 g i alive
+  shift
+  for g in "$@"; do kill "-$sig" "$g" 2>/dev/null || true; done
   for ((i = 0; i < 100; i++)); do
-    kill -0 -- "-$g" 2>/dev/null || break
+    alive=0
+    for g in "$@"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
+    ((alive)) || break
     sleep 0.1
   done
-  kill -KILL -- "-$g" 2>/dev/null || true
-  wait "$g" 2>/dev/null || true
-  local keep=()
-  for i in "${pgids[@]}"; do [[ $i == "$g" ]] || keep+=("$i"); done
+  for g in "$@"; do
+    kill -KILL -- "-$g" 2>/dev/null || true
+    { wait "$g"; } 2>/dev/null || true
+  done
+  local keep=() k
+  for k in "${pgids[@]}"; do [[ " $* " == *" $k "* ]] || keep+=("$k"); done
   pgids=("${keep[@]}")
 }
 
@@ -163,7 +170,7 @@ peak_rss_kib() {
 # ---------------------------------------------------------------- clusters
 server_pids=()
 start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
-  local n=$1 dir=$2 i cluster="" p
+  local n=$1 dir=$2 i cluster="" p token="bench-$1-$RANDOM"
   mkdir -p "$dir"
   for ((i = 0; i < n; i++)); do
     port_free $((ETCD_BASE + 2 * i)) && port_free $((ETCD_BASE + 2 * i + 1)) \
@@ -179,7 +186,7 @@ start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
       --listen-client-urls "http://127.0.0.1:$p" --advertise-client-urls "http://127.0.0.1:$p" \
       --listen-peer-urls "http://127.0.0.1:$((p + 1))" \
       --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
-      --initial-cluster "$cluster" --initial-cluster-token "bench-$n-$RANDOM" \
+      --initial-cluster "$cluster" --initial-cluster-token "$token" \
       --initial-cluster-state new >"$dir/m$i.log" 2>&1 &
     pgids+=($!)
     server_pids+=($!)
@@ -195,8 +202,7 @@ start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
 }
 
 stop_etcd() {
-  local g
-  for g in "${server_pids[@]}"; do stop_group "$g" TERM; done
+  stop_groups TERM "${server_pids[@]}"
   server_pids=()
 }
 
@@ -223,7 +229,7 @@ start_kmmr() { # n service dir
 }
 
 stop_kmmr() {
-  stop_group "$kmmr_local" INT
+  stop_groups INT "$kmmr_local"
   server_pids=()
 }
 
@@ -274,7 +280,7 @@ run_point() { # system n clients window rep
     '. + {system: $sys, n: $n, rep: $rep, rss_kib: $rss, server_cpu_pct: $scpu,
           client_cpu_pct: $ccpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber)}' \
     <<<"$json" >>"$OUT_DIR/results.jsonl"
-  log "$(tail -1 "$OUT_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | floor) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | floor) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%"')"
+  log "$(tail -1 "$OUT_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%"')"
   rm -rf "$dir" "$dir.out" "$dir.err" "$dir.time"
 }
 
