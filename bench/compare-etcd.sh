@@ -27,6 +27,7 @@
 #   LOADS="1x1 64x1 50x8"               clients x window
 #   SYSTEMS="etcd kmmr-kv kmmr-noop"
 #   KMMR_BIN, KMMR_PUT_BIN              use these binaries instead of building them
+#   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local` (e.g. "--replica-threads 2")
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
 #   OUT_DIR           where results.jsonl, table.md and logs of failures go
 #                     (default $KMMR_BENCH_CACHE/results/<date>)
@@ -102,10 +103,13 @@ build_kmmr() {
     [[ -x $KMMR_PUT_BIN ]] || die "KMMR_PUT_BIN=$KMMR_PUT_BIN is not an executable"
   elif [[ " $SYSTEMS " == *" kmmr-kv "* ]]; then
     # Its own workspace, pinned to the repository's lock file.
+    # Its own workspace, pinned to the repository's lock file, in a target directory of its
+    # own: sharing the repository's would make the two builds rebuild the kmmr library in turn
+    # (it is compiled with the repository's lints in one and without them in the other).
     cp "$repo/Cargo.lock" "$here/kmmr-put/Cargo.lock"
-    log "kmmr-put-bench: cargo build --release (bench/kmmr-put, target dir $target_dir)"
-    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir" nice -n 10 cargo build --release -q)
-    KMMR_PUT_BIN="$target_dir/release/kmmr-put-bench"
+    log "kmmr-put-bench: cargo build --release (bench/kmmr-put, target dir $target_dir/kmmr-put-bench)"
+    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir/kmmr-put-bench" nice -n 10 cargo build --release -q)
+    KMMR_PUT_BIN="$target_dir/kmmr-put-bench/release/kmmr-put-bench"
   fi
 }
 
@@ -214,8 +218,9 @@ start_kmmr() { # n service dir
       port_free "$p" || die "port $p is taken: set KMMR_BASE"
     done
   done
+  # shellcheck disable=SC2086 # KMMR_LOCAL_ARGS is a list of words
   setsid "$KMMR_BIN" local --n "$n" --service "$service" --keep-running --dir "$dir" \
-    --base-port "$KMMR_BASE" >"$dir.out" 2>&1 &
+    --base-port "$KMMR_BASE" ${KMMR_LOCAL_ARGS:-} >"$dir.out" 2>&1 &
   kmmr_local=$!
   pgids+=("$kmmr_local")
   local deadline=$((SECONDS + 60))

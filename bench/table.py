@@ -46,6 +46,8 @@ def main():
             "reps": len(rs),
             "failed": len(rs) - len(ok),
             "ops": median([r["ops_per_sec"] for r in ok]),
+            "ops_lo": min([r["ops_per_sec"] for r in ok], default=None),
+            "ops_hi": max([r["ops_per_sec"] for r in ok], default=None),
             "p50": median([r["p50_us"] for r in ok]),
             "p99": median([r["p99_us"] for r in ok]),
             "errors": sum(r.get("errors", 0) for r in ok),
@@ -57,7 +59,7 @@ def main():
 
     if args.header:
         print(args.header + "\n")
-    print("| n | clients x window | system | ops/s | p50 | p99 | peak RSS / replica | "
+    print("| n | clients x window | system | ops/s (min-max) | p50 | p99 | peak RSS / replica | "
           "server CPU (all replicas) | client CPU | machine busy | errors | "
           "kmmr/etcd ops/s | kmmr/etcd p50 | kmmr/etcd p99 | kmmr/etcd RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -81,7 +83,8 @@ def main():
                 is_etcd = system == "etcd"
                 cells = [
                     str(n), f"{load[0]} x {load[1]}", system,
-                    "-" if s["ops"] is None else f"{s['ops']:,.0f}",
+                    "-" if s["ops"] is None else f"{s['ops']:,.0f}"
+                    + (f" ({s['ops_lo']:,.0f}-{s['ops_hi']:,.0f})" if len(rs) > 1 else ""),
                     ms(s["p50"]), ms(s["p99"]),
                     "-" if s["rss"] is None else f"{s['rss']:.0f} MiB",
                     "-" if s["scpu"] is None else f"{s['scpu']:.0f}%",
