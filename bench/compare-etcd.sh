@@ -171,6 +171,17 @@ peak_rss_kib() {
   echo "$m"
 }
 
+# Leader changes: lines matching a pattern in each server log, one count per log.
+log_counts() { # pattern files...
+  local pat=$1 f
+  shift
+  for f in "$@"; do grep -c -- "$pat" "$f" 2>/dev/null || true; done | paste -sd' '
+}
+# The largest per-log growth between two log_counts (each server logs each change it sees).
+count_growth() { # "before" "after"
+  python3 -c 'import sys; a, b = (list(map(int, x.split())) for x in sys.argv[1:3]); print(max([y - x for x, y in zip(a, b)] or [0]))' "$1" "$2"
+}
+
 # ---------------------------------------------------------------- clusters
 server_pids=()
 start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
@@ -243,7 +254,7 @@ stop_kmmr() {
 # $OUT_DIR/results.jsonl.
 run_point() { # system n clients window rep
   local sys=$1 n=$2 clients=$3 window=$4 rep=$5
-  local dir="$work/$sys-n$n-${clients}x$window-r$rep" out json cmd=()
+  local dir="$work/$sys-n$n-${clients}x$window-r$rep" out json cmd=() logs=() pat
   local limit
   limit=$(python3 -c "import math; print(math.ceil($WARMUP + $secs + 60 + $clients * 0.5))")
   case $sys in
@@ -259,7 +270,15 @@ run_point() { # system n clients window rep
     *) die "unknown system $sys" ;;
   esac
   cmd+=(--clients "$clients" --window "$window" --duration "$secs" --warmup "$WARMUP" --json)
-  local c0 c1 mb0 mt0 mb1 mt1 t0 t1
+  # Leader changes during the client's run: etcd's raft logs each election it sees, kmmr each
+  # regency it installs.
+  if [[ $sys == etcd ]]; then
+    pat="elected leader"; for ((i = 0; i < n; i++)); do logs+=("$dir/m$i.log"); done
+  else
+    pat="new regency installed"; for ((i = 0; i < n; i++)); do logs+=("$dir/r$i.log"); done
+  fi
+  local c0 c1 mb0 mt0 mb1 mt1 t0 t1 lc0 lc1
+  lc0=$(log_counts "$pat" "${logs[@]}")
   c0=$(cpu_ticks "${server_pids[@]}"); read -r mb0 mt0 < <(machine_ticks); t0=$(date +%s.%N)
   if ! out=$(/usr/bin/time -f 'CPU %U %S' -o "$dir.time" timeout "$limit" "${cmd[@]}" 2>"$dir.err"); then
     mkdir -p "$OUT_DIR/failed"
@@ -271,6 +290,7 @@ run_point() { # system n clients window rep
     json=$(tail -1 <<<"$out")
   fi
   c1=$(cpu_ticks "${server_pids[@]}"); read -r mb1 mt1 < <(machine_ticks); t1=$(date +%s.%N)
+  lc1=$(log_counts "$pat" "${logs[@]}")
   local rss client_cpu
   rss=$(peak_rss_kib "${server_pids[@]}")
   client_cpu=$(awk '/^CPU/{print $2 + $3}' "$dir.time" 2>/dev/null || echo 0)
@@ -282,10 +302,12 @@ run_point() { # system n clients window rep
     --argjson ccpu "$(python3 -c "print(round(100 * ${client_cpu:-0} / ($t1 - $t0), 1))")" \
     --argjson busy "$(python3 -c "print(round(100 * ($mb1 - $mb0) / max(1, $mt1 - $mt0), 1))")" \
     --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
+    --argjson lchanges "$(count_growth "$lc0" "$lc1")" \
     '. + {system: $sys, n: $n, rep: $rep, rss_kib: $rss, server_cpu_pct: $scpu,
-          client_cpu_pct: $ccpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber)}' \
+          client_cpu_pct: $ccpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber),
+          leader_changes: $lchanges}' \
     <<<"$json" >>"$OUT_DIR/results.jsonl"
-  log "$(tail -1 "$OUT_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%"')"
+  log "$(tail -1 "$OUT_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%, leader changes \(.leader_changes)"')"
   rm -rf "$dir" "$dir.out" "$dir.err" "$dir.time"
 }
 

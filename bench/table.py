@@ -55,14 +55,15 @@ def main():
             "scpu": median([r["server_cpu_pct"] for r in ok]),
             "ccpu": median([r["client_cpu_pct"] for r in ok]),
             "busy": median([r["machine_busy_pct"] for r in ok]),
+            "leader": [r.get("leader_changes") for r in ok],
         }
 
     if args.header:
         print(args.header + "\n")
     print("| n | clients x window | system | ops/s (min-max) | p50 | p99 | peak RSS / replica | "
-          "server CPU (all replicas) | client CPU | machine busy | errors | "
+          "server CPU (all replicas) | client CPU | machine busy | leader changes | errors | "
           "kmmr/etcd ops/s | kmmr/etcd p50 | kmmr/etcd p99 | kmmr/etcd RSS |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     # Sorted by n, then load in the order run, then system in the order first seen.
     loads = []
     systems = []
@@ -90,6 +91,7 @@ def main():
                     "-" if s["scpu"] is None else f"{s['scpu']:.0f}%",
                     "-" if s["ccpu"] is None else f"{s['ccpu']:.0f}%",
                     "-" if s["busy"] is None else f"{s['busy']:.0f}%",
+                    "-" if None in s["leader"] else " ".join(map(str, s["leader"])),
                     str(s["errors"]) + (f" ({s['failed']}/{s['reps']} runs failed)" if s["failed"] else ""),
                 ]
                 if is_etcd or e is None:
@@ -101,7 +103,8 @@ def main():
     print()
     print("Medians of each point's repetitions. ops/s ratio > 1 and latency/RSS ratios < 1 mean "
           "kmmr ahead. CPU: percent of one core during the client's run (warm-up included); "
-          "machine busy: percent of all cores, every process on the machine.")
+          "machine busy: percent of all cores, every process on the machine; leader changes: during "
+          "the client's run, one number per repetition (etcd elections, kmmr regencies).")
     if args.footer:
         print("\n" + args.footer)
 
