@@ -29,7 +29,7 @@
 #   KMMR_BIN, KMMR_PUT_BIN              use these binaries instead of building them
 #   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local` (e.g. "--replica-threads 2")
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
-#   OUT_DIR           where results.jsonl, table.md and logs of failures go
+#   RESULTS_DIR       where results.jsonl, table.md and logs of failures go
 #                     (default $KMMR_BENCH_CACHE/results/<date>)
 #   ETCD_BASE=26100 KMMR_BASE=27100     loopback ports (etcd: base+2i client, +1 peer;
 #                     kmmr: base+i, base+1000+i, base+2000+i)
@@ -49,7 +49,7 @@ SYSTEMS=${SYSTEMS:-"etcd kmmr-kv kmmr-noop"}
 ETCD_BASE=${ETCD_BASE:-26100}
 KMMR_BASE=${KMMR_BASE:-27100}
 KMMR_BENCH_CACHE="${KMMR_BENCH_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/kmmr-bench}"
-OUT_DIR=${OUT_DIR:-$KMMR_BENCH_CACHE/results/$(date +%Y%m%d-%H%M%S)}
+RESULTS_DIR=${RESULTS_DIR:-$KMMR_BENCH_CACHE/results/$(date +%Y%m%d-%H%M%S)}
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 
 log() { printf '[compare-etcd %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -96,7 +96,7 @@ build_kmmr() {
     [[ -x $KMMR_BIN ]] || die "KMMR_BIN=$KMMR_BIN is not an executable"
   else
     log "kmmr-replica: cargo build --release -p kmmr-replica (target dir $target_dir)"
-    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" nice -n 10 cargo build --release -q -p kmmr-replica)
+    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" env -u OUT_DIR nice -n 10 cargo build --release -q -p kmmr-replica)
     KMMR_BIN="$target_dir/release/kmmr-replica"
   fi
   if [[ -n ${KMMR_PUT_BIN:-} ]]; then
@@ -104,11 +104,10 @@ build_kmmr() {
   elif [[ " $SYSTEMS " == *" kmmr-kv "* ]]; then
     # Its own workspace, pinned to the repository's lock file.
     # Its own workspace, pinned to the repository's lock file, in a target directory of its
-    # own: sharing the repository's would make the two builds rebuild the kmmr library in turn
-    # (it is compiled with the repository's lints in one and without them in the other).
+    # own so that neither build can invalidate the other's artifacts.
     cp "$repo/Cargo.lock" "$here/kmmr-put/Cargo.lock"
     log "kmmr-put-bench: cargo build --release (bench/kmmr-put, target dir $target_dir/kmmr-put-bench)"
-    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir/kmmr-put-bench" nice -n 10 cargo build --release -q)
+    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir/kmmr-put-bench" env -u OUT_DIR nice -n 10 cargo build --release -q)
     KMMR_PUT_BIN="$target_dir/kmmr-put-bench/release/kmmr-put-bench"
   fi
 }
@@ -251,7 +250,7 @@ stop_kmmr() {
 
 # ---------------------------------------------------------------- one point
 # Runs one system at one (n, clients, window) on a fresh cluster and appends a JSON line to
-# $OUT_DIR/results.jsonl.
+# $RESULTS_DIR/results.jsonl.
 run_point() { # system n clients window rep
   local sys=$1 n=$2 clients=$3 window=$4 rep=$5
   local dir="$work/$sys-n$n-${clients}x$window-r$rep" out json cmd=() logs=() pat
@@ -281,10 +280,10 @@ run_point() { # system n clients window rep
   lc0=$(log_counts "$pat" "${logs[@]}")
   c0=$(cpu_ticks "${server_pids[@]}"); read -r mb0 mt0 < <(machine_ticks); t0=$(date +%s.%N)
   if ! out=$(/usr/bin/time -f 'CPU %U %S' -o "$dir.time" timeout "$limit" "${cmd[@]}" 2>"$dir.err"); then
-    mkdir -p "$OUT_DIR/failed"
-    cp -r "$dir" "$dir.err" "$OUT_DIR/failed/" 2>/dev/null || true
-    [[ -f $dir.out ]] && cp "$dir.out" "$OUT_DIR/failed/"
-    log "$sys n=$n ${clients}x$window rep $rep FAILED: $(tail -3 "$dir.err" | tr '\n' ' ') (logs in $OUT_DIR/failed)"
+    mkdir -p "$RESULTS_DIR/failed"
+    cp -r "$dir" "$dir.err" "$RESULTS_DIR/failed/" 2>/dev/null || true
+    [[ -f $dir.out ]] && cp "$dir.out" "$RESULTS_DIR/failed/"
+    log "$sys n=$n ${clients}x$window rep $rep FAILED: $(tail -3 "$dir.err" | tr '\n' ' ') (logs in $RESULTS_DIR/failed)"
     json='{"failed":true}'
   else
     json=$(tail -1 <<<"$out")
@@ -306,22 +305,24 @@ run_point() { # system n clients window rep
     '. + {system: $sys, n: $n, rep: $rep, rss_kib: $rss, server_cpu_pct: $scpu,
           client_cpu_pct: $ccpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber),
           leader_changes: $lchanges}' \
-    <<<"$json" >>"$OUT_DIR/results.jsonl"
-  log "$(tail -1 "$OUT_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%, leader changes \(.leader_changes)"')"
+    <<<"$json" >>"$RESULTS_DIR/results.jsonl"
+  log "$(tail -1 "$RESULTS_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%, leader changes \(.leader_changes)"')"
   rm -rf "$dir" "$dir.out" "$dir.err" "$dir.time"
 }
 
 # ---------------------------------------------------------------- main
+# ring's build script reruns when OUT_DIR changes (rerun-if-env-changed), and a rerun rebuilds
+# everything above it: builds here run without an OUT_DIR of the caller's.
 build_etcd
 build_etcd_bench
 build_kmmr
 
-mkdir -p "${BENCH_TMP:-${TMPDIR:-/tmp}}" "$OUT_DIR"
+mkdir -p "${BENCH_TMP:-${TMPDIR:-/tmp}}" "$RESULTS_DIR"
 work=$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/compare-etcd.XXXXXX")
 fstype=$(stat -f -c %T "$work")
 [[ $fstype != tmpfs && $fstype != ramfs ]] \
   || die "$work is on $fstype: fsync would cost nothing; set BENCH_TMP to a directory on a disk"
-: >"$OUT_DIR/results.jsonl"
+: >"$RESULTS_DIR/results.jsonl"
 
 read -ra systems <<<"$SYSTEMS"
 points=0
@@ -342,8 +343,8 @@ for n in $NS; do
 done
 uptime_end=$(uptime)
 
-python3 "$here/table.py" "$OUT_DIR/results.jsonl" \
+python3 "$here/table.py" "$RESULTS_DIR/results.jsonl" \
   --header "Side by side on $(nproc) cores, loopback, ${WARMUP} s warm-up + ${secs} s per point, median of $REPS; etcd $ETCD_VERSION (fsync on) vs kmmr-replica ($(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?'), durable)." \
   --footer "Machine load: at start \`${uptime_start# }\`; at end \`${uptime_end# }\`." \
-  | tee "$OUT_DIR/table.md"
-log "raw results: $OUT_DIR/results.jsonl; table: $OUT_DIR/table.md"
+  | tee "$RESULTS_DIR/table.md"
+log "raw results: $RESULTS_DIR/results.jsonl; table: $RESULTS_DIR/table.md"
