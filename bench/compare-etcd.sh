@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# KmMR against etcd, side by side in one run on loopback (ARCHITECTURE.md, Targets: "at n=5 and
+# n=7, ahead of etcd on both latency and throughput with durability on for both").
+#
+#   bench/compare-etcd.sh [seconds per point, default 5]
+#
+# For n in 5 7 and each load (1 client x 1 in flight, 64 x 1, 50 x 8), runs every system on a
+# fresh cluster, interleaved and repeated REPS times (the order rotates each repetition), and
+# prints a markdown table of medians with kmmr/etcd ratios. Systems:
+#   etcd       etcd $ETCD_VERSION (e2e/testbed/versions.sh), n members, defaults (fsync on), plain
+#              HTTP; load from bench/etcd-bench: a Put of an empty value to a per-client key.
+#   kmmr-kv    `kmmr-replica local --n N --service kv` (durable by default); load from
+#              bench/kmmr-put: a KV Put of an empty value to a per-client key.
+#   kmmr-noop  `kmmr-replica local --n N --service noop`; load from `kmmr-replica bench`
+#              (0-byte requests and replies, BFT-SMaRt's 0/0 micro-benchmark).
+# Every client has its own connection(s) and keeps `window` requests in flight (closed loop);
+# a point measures DURATION seconds after WARMUP seconds.
+#
+# Builds what is missing: etcd into the test bed's cache ($KMMR_TESTBED_CACHE/etcd-<v>/bin),
+# etcd-bench into $KMMR_BENCH_CACHE/etcd-bench-<client version>-<source hash>/, and
+# kmmr-replica and kmmr-put-bench with cargo (in $CARGO_TARGET_DIR, default target/).
+#
+# Environment (all optional):
+#   REPS=3            repetitions of each point (the median is reported)
+#   WARMUP=2          warm-up seconds of each point
+#   NS="5 7"          cluster sizes
+#   LOADS="1x1 64x1 50x8"               clients x window
+#   SYSTEMS="etcd kmmr-kv kmmr-noop"
+#   KMMR_BIN, KMMR_PUT_BIN              use these binaries instead of building them
+#   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local` (e.g. "--replica-threads 2")
+#   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
+#   RESULTS_DIR       where results.jsonl, table.md and logs of failures go
+#                     (default $KMMR_BENCH_CACHE/results/<date>)
+#   ETCD_BASE=26100 KMMR_BASE=27100     loopback ports (etcd: base+2i client, +1 peer;
+#                     kmmr: base+i, base+1000+i, base+2000+i)
+set -euo pipefail
+
+secs=${1:-5}
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+# shellcheck source=../e2e/testbed/versions.sh
+source "$repo/e2e/testbed/versions.sh"
+
+REPS=${REPS:-3}
+WARMUP=${WARMUP:-2}
+NS=${NS:-"5 7"}
+LOADS=${LOADS:-"1x1 64x1 50x8"}
+SYSTEMS=${SYSTEMS:-"etcd kmmr-kv kmmr-noop"}
+ETCD_BASE=${ETCD_BASE:-26100}
+KMMR_BASE=${KMMR_BASE:-27100}
+KMMR_BENCH_CACHE="${KMMR_BENCH_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/kmmr-bench}"
+RESULTS_DIR=${RESULTS_DIR:-$KMMR_BENCH_CACHE/results/$(date +%Y%m%d-%H%M%S)}
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+
+log() { printf '[compare-etcd %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ $secs =~ ^[0-9]+([.][0-9]+)?$ ]] || die "seconds per point must be a number, not '$secs'"
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer"
+for t in go cargo curl jq python3 setsid timeout ss /usr/bin/time; do
+  command -v "$t" >/dev/null || die "$t is needed and not on PATH"
+done
+export GOTOOLCHAIN=local GOFLAGS="-mod=readonly -buildvcs=false"
+
+# ---------------------------------------------------------------- builds
+build_etcd() {
+  local bin="$ETCD_BIN/etcd"
+  if [[ -x $bin ]]; then log "etcd $ETCD_VERSION: cached at $bin"; return; fi
+  grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION" "$repo/e2e/testbed/etcd/go.mod" \
+    || die "e2e/testbed/etcd/go.mod does not pin etcd $ETCD_VERSION: run e2e/testbed/gen-mod.sh"
+  log "etcd $ETCD_VERSION: building (as e2e/testbed/build.sh does) into $ETCD_BIN"
+  mkdir -p "$ETCD_BIN"
+  (cd "$repo/e2e/testbed/etcd" && CGO_ENABLED=0 nice -n 15 go build -trimpath -ldflags "-s -w" \
+      -o "$ETCD_BIN/.etcd.tmp" go.etcd.io/etcd/server/v3)
+  mv -f "$ETCD_BIN/.etcd.tmp" "$bin"
+}
+
+build_etcd_bench() {
+  local mod="$here/etcd-bench" client_v hash dir
+  client_v="$(sed -n 's/^[[:space:]]*go.etcd.io\/etcd\/client\/v3 \(v[^ ]*\).*/\1/p' "$mod/go.mod")"
+  [[ -n $client_v ]] || die "$mod/go.mod does not require go.etcd.io/etcd/client/v3"
+  [[ ${client_v%.*} == "${ETCD_VERSION%.*}" ]] \
+    || die "etcd-bench uses client $client_v but the server is $ETCD_VERSION: align bench/etcd-bench/go.mod"
+  hash="$(cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go | sha256sum | cut -c1-12)"
+  dir="$KMMR_BENCH_CACHE/etcd-bench-$client_v-$hash"
+  ETCD_BENCH="$dir/etcd-bench"
+  if [[ -x $ETCD_BENCH ]]; then log "etcd-bench: cached at $ETCD_BENCH"; return; fi
+  log "etcd-bench: building (client $client_v) into $dir"
+  mkdir -p "$dir"
+  (cd "$mod" && CGO_ENABLED=0 nice -n 15 go build -trimpath -o "$dir/.etcd-bench.tmp" .)
+  mv -f "$dir/.etcd-bench.tmp" "$ETCD_BENCH"
+}
+
+build_kmmr() {
+  if [[ -n ${KMMR_BIN:-} ]]; then
+    [[ -x $KMMR_BIN ]] || die "KMMR_BIN=$KMMR_BIN is not an executable"
+  else
+    log "kmmr-replica: cargo build --release -p kmmr-replica (target dir $target_dir)"
+    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" env -u OUT_DIR nice -n 10 cargo build --release -q -p kmmr-replica)
+    KMMR_BIN="$target_dir/release/kmmr-replica"
+  fi
+  if [[ -n ${KMMR_PUT_BIN:-} ]]; then
+    [[ -x $KMMR_PUT_BIN ]] || die "KMMR_PUT_BIN=$KMMR_PUT_BIN is not an executable"
+  elif [[ " $SYSTEMS " == *" kmmr-kv "* ]]; then
+    # Its own workspace, pinned to the repository's lock file.
+    # Its own workspace, pinned to the repository's lock file, in a target directory of its
+    # own so that neither build can invalidate the other's artifacts.
+    cp "$repo/Cargo.lock" "$here/kmmr-put/Cargo.lock"
+    log "kmmr-put-bench: cargo build --release (bench/kmmr-put, target dir $target_dir/kmmr-put-bench)"
+    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir/kmmr-put-bench" env -u OUT_DIR nice -n 10 cargo build --release -q)
+    KMMR_PUT_BIN="$target_dir/kmmr-put-bench/release/kmmr-put-bench"
+  fi
+}
+
+# ---------------------------------------------------------------- processes
+pgids=()  # process groups started here (each server is a session leader: setsid)
+work=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local g
+  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  for g in "${pgids[@]}"; do { wait "$g"; } 2>/dev/null || true; done
+  [[ -n $work && -d $work ]] && rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# Stops process groups: the signal to each leader, then SIGKILL to what is left of the groups
+# after 10 s; reaps them and forgets them.
+stop_groups() { # signal pgid...
+  local sig=$1 g i alive
+  shift
+  for g in "$@"; do kill "-$sig" "$g" 2>/dev/null || true; done
+  for ((i = 0; i < 100; i++)); do
+    alive=0
+    for g in "$@"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for g in "$@"; do
+    kill -KILL -- "-$g" 2>/dev/null || true
+    { wait "$g"; } 2>/dev/null || true
+  done
+  local keep=() k
+  for k in "${pgids[@]}"; do [[ " $* " == *" $k "* ]] || keep+=("$k"); done
+  pgids=("${keep[@]}")
+}
+
+port_free() { ! ss -Hltn "sport = :$1" | grep -q .; }
+
+# Sums user+system CPU ticks of the given pids (0 for any that has gone).
+cpu_ticks() {
+  local p t=0 f
+  for p in "$@"; do
+    if f=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null); then t=$((t + ${f% *} + ${f#* })); fi
+  done
+  echo "$t"
+}
+# Busy and total jiffies of the whole machine (all processes, everyone's).
+machine_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8; exit}' /proc/stat; }
+# Largest peak RSS (VmHWM, KiB) among the given pids.
+peak_rss_kib() {
+  local p m=0 v
+  for p in "$@"; do
+    v=$(awk '/^VmHWM:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    ((${v:-0} > m)) && m=$v
+  done
+  echo "$m"
+}
+
+# Leader changes: lines matching a pattern in each server log, one count per log.
+log_counts() { # pattern files...
+  local pat=$1 f
+  shift
+  for f in "$@"; do grep -c -- "$pat" "$f" 2>/dev/null || true; done | paste -sd' '
+}
+# The largest per-log growth between two log_counts (each server logs each change it sees).
+count_growth() { # "before" "after"
+  python3 -c 'import sys; a, b = (list(map(int, x.split())) for x in sys.argv[1:3]); print(max([y - x for x, y in zip(a, b)] or [0]))' "$1" "$2"
+}
+
+# ---------------------------------------------------------------- clusters
+server_pids=()
+start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
+  local n=$1 dir=$2 i cluster="" p token="bench-$1-$RANDOM"
+  mkdir -p "$dir"
+  for ((i = 0; i < n; i++)); do
+    port_free $((ETCD_BASE + 2 * i)) && port_free $((ETCD_BASE + 2 * i + 1)) \
+      || die "port $((ETCD_BASE + 2 * i)) or $((ETCD_BASE + 2 * i + 1)) is taken: set ETCD_BASE"
+    cluster+="${cluster:+,}m$i=http://127.0.0.1:$((ETCD_BASE + 2 * i + 1))"
+  done
+  endpoints=""
+  server_pids=()
+  for ((i = 0; i < n; i++)); do
+    p=$((ETCD_BASE + 2 * i))
+    endpoints+="${endpoints:+,}127.0.0.1:$p"
+    setsid "$ETCD_BIN/etcd" --name "m$i" --data-dir "$dir/m$i" \
+      --listen-client-urls "http://127.0.0.1:$p" --advertise-client-urls "http://127.0.0.1:$p" \
+      --listen-peer-urls "http://127.0.0.1:$((p + 1))" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
+      --initial-cluster "$cluster" --initial-cluster-token "$token" \
+      --initial-cluster-state new >"$dir/m$i.log" 2>&1 &
+    pgids+=($!)
+    server_pids+=($!)
+  done
+  local deadline=$((SECONDS + 60))
+  for ((i = 0; i < n; i++)); do
+    until curl -sf -m 2 "http://127.0.0.1:$((ETCD_BASE + 2 * i))/health" | grep -q '"health":"true"'; do
+      ((SECONDS < deadline)) || { tail -5 "$dir/m$i.log" >&2; die "etcd member $i not healthy within 60 s"; }
+      kill -0 "${server_pids[$i]}" 2>/dev/null || { tail -5 "$dir/m$i.log" >&2; die "etcd member $i exited"; }
+      sleep 0.2
+    done
+  done
+}
+
+stop_etcd() {
+  stop_groups TERM "${server_pids[@]}"
+  server_pids=()
+}
+
+kmmr_local=""
+start_kmmr() { # n service dir
+  local n=$1 service=$2 dir=$3 i
+  for ((i = 0; i < n; i++)); do
+    for p in $((KMMR_BASE + i)) $((KMMR_BASE + 1000 + i)) $((KMMR_BASE + 2000 + i)); do
+      port_free "$p" || die "port $p is taken: set KMMR_BASE"
+    done
+  done
+  # shellcheck disable=SC2086 # KMMR_LOCAL_ARGS is a list of words
+  setsid "$KMMR_BIN" local --n "$n" --service "$service" --keep-running --dir "$dir" \
+    --base-port "$KMMR_BASE" ${KMMR_LOCAL_ARGS:-} >"$dir.out" 2>&1 &
+  kmmr_local=$!
+  pgids+=("$kmmr_local")
+  local deadline=$((SECONDS + 60))
+  until grep -q "local cluster" "$dir.out" 2>/dev/null; do
+    ((SECONDS < deadline)) || { tail -5 "$dir.out" >&2; die "kmmr local n=$n not up within 60 s"; }
+    kill -0 "$kmmr_local" 2>/dev/null || { tail -5 "$dir.out" >&2; die "kmmr local n=$n exited"; }
+    sleep 0.2
+  done
+  mapfile -t server_pids < <(pgrep -P "$kmmr_local")
+  ((${#server_pids[@]} == n)) || die "expected $n replica processes under kmmr local, found ${#server_pids[@]}"
+}
+
+stop_kmmr() {
+  stop_groups INT "$kmmr_local"
+  server_pids=()
+}
+
+# ---------------------------------------------------------------- one point
+# Runs one system at one (n, clients, window) on a fresh cluster and appends a JSON line to
+# $RESULTS_DIR/results.jsonl.
+run_point() { # system n clients window rep
+  local sys=$1 n=$2 clients=$3 window=$4 rep=$5
+  local dir="$work/$sys-n$n-${clients}x$window-r$rep" out json cmd=() logs=() pat
+  local limit
+  limit=$(python3 -c "import math; print(math.ceil($WARMUP + $secs + 60 + $clients * 0.5))")
+  case $sys in
+    etcd)
+      start_etcd "$n" "$dir"
+      cmd=("$ETCD_BENCH" --endpoints "$endpoints") ;;
+    kmmr-kv)
+      start_kmmr "$n" kv "$dir"
+      cmd=("$KMMR_PUT_BIN" --cluster "$dir") ;;
+    kmmr-noop)
+      start_kmmr "$n" noop "$dir"
+      cmd=("$KMMR_BIN" bench --cluster "$dir") ;;
+    *) die "unknown system $sys" ;;
+  esac
+  cmd+=(--clients "$clients" --window "$window" --duration "$secs" --warmup "$WARMUP" --json)
+  # Leader changes during the client's run: etcd's raft logs each election it sees, kmmr each
+  # regency it installs.
+  if [[ $sys == etcd ]]; then
+    pat="elected leader"; for ((i = 0; i < n; i++)); do logs+=("$dir/m$i.log"); done
+  else
+    pat="new regency installed"; for ((i = 0; i < n; i++)); do logs+=("$dir/r$i.log"); done
+  fi
+  local c0 c1 mb0 mt0 mb1 mt1 t0 t1 lc0 lc1
+  lc0=$(log_counts "$pat" "${logs[@]}")
+  c0=$(cpu_ticks "${server_pids[@]}"); read -r mb0 mt0 < <(machine_ticks); t0=$(date +%s.%N)
+  if ! out=$(/usr/bin/time -f 'CPU %U %S' -o "$dir.time" timeout "$limit" "${cmd[@]}" 2>"$dir.err"); then
+    mkdir -p "$RESULTS_DIR/failed"
+    cp -r "$dir" "$dir.err" "$RESULTS_DIR/failed/" 2>/dev/null || true
+    [[ -f $dir.out ]] && cp "$dir.out" "$RESULTS_DIR/failed/"
+    log "$sys n=$n ${clients}x$window rep $rep FAILED: $(tail -3 "$dir.err" | tr '\n' ' ') (logs in $RESULTS_DIR/failed)"
+    json='{"failed":true}'
+  else
+    json=$(tail -1 <<<"$out")
+  fi
+  c1=$(cpu_ticks "${server_pids[@]}"); read -r mb1 mt1 < <(machine_ticks); t1=$(date +%s.%N)
+  lc1=$(log_counts "$pat" "${logs[@]}")
+  local rss client_cpu
+  rss=$(peak_rss_kib "${server_pids[@]}")
+  client_cpu=$(awk '/^CPU/{print $2 + $3}' "$dir.time" 2>/dev/null || echo 0)
+  case $sys in etcd) stop_etcd ;; *) stop_kmmr ;; esac
+  # CPU in percent of one core over the whole client run (warm-up included); machine busy in
+  # percent of all cores (every process on the machine, not only ours).
+  jq -c --arg sys "$sys" --argjson n "$n" --argjson rep "$rep" --argjson rss "$rss" \
+    --argjson scpu "$(python3 -c "print(round(100 * ($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0), 1))")" \
+    --argjson ccpu "$(python3 -c "print(round(100 * ${client_cpu:-0} / ($t1 - $t0), 1))")" \
+    --argjson busy "$(python3 -c "print(round(100 * ($mb1 - $mb0) / max(1, $mt1 - $mt0), 1))")" \
+    --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
+    --argjson lchanges "$(count_growth "$lc0" "$lc1")" \
+    '. + {system: $sys, n: $n, rep: $rep, rss_kib: $rss, server_cpu_pct: $scpu,
+          client_cpu_pct: $ccpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber),
+          leader_changes: $lchanges}' \
+    <<<"$json" >>"$RESULTS_DIR/results.jsonl"
+  log "$(tail -1 "$RESULTS_DIR/results.jsonl" | jq -r '"\(.system) n=\(.n) \(.clients // "?")x\(.window // "?") rep \(.rep): \(.ops_per_sec // 0 | round) ops/s, p50 \(.p50_us // 0) us, p99 \(.p99_us // 0) us, errors \(.errors // "-"), peak RSS \(.rss_kib / 1024 | round) MiB, server CPU \(.server_cpu_pct)%, client CPU \(.client_cpu_pct)%, machine busy \(.machine_busy_pct)%, leader changes \(.leader_changes)"')"
+  rm -rf "$dir" "$dir.out" "$dir.err" "$dir.time"
+}
+
+# ---------------------------------------------------------------- main
+# ring's build script reruns when OUT_DIR changes (rerun-if-env-changed), and a rerun rebuilds
+# everything above it: builds here run without an OUT_DIR of the caller's.
+build_etcd
+build_etcd_bench
+build_kmmr
+
+mkdir -p "${BENCH_TMP:-${TMPDIR:-/tmp}}" "$RESULTS_DIR"
+work=$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/compare-etcd.XXXXXX")
+fstype=$(stat -f -c %T "$work")
+[[ $fstype != tmpfs && $fstype != ramfs ]] \
+  || die "$work is on $fstype: fsync would cost nothing; set BENCH_TMP to a directory on a disk"
+: >"$RESULTS_DIR/results.jsonl"
+
+read -ra systems <<<"$SYSTEMS"
+points=0
+for n in $NS; do for load in $LOADS; do points=$((points + REPS * ${#systems[@]})); done; done
+log "$points points of ${WARMUP}+${secs} s: systems $SYSTEMS, n in $NS, loads $LOADS, $REPS reps; data in $work ($fstype)"
+log "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at start"
+uptime_start=$(uptime)
+for n in $NS; do
+  for load in $LOADS; do
+    [[ $load =~ ^([0-9]+)x([0-9]+)$ ]] || die "a load is <clients>x<window>, not '$load'"
+    for ((rep = 0; rep < REPS; rep++)); do
+      # Rotate the order so that no system always runs first (or right after another).
+      for ((k = 0; k < ${#systems[@]}; k++)); do
+        run_point "${systems[$(((k + rep) % ${#systems[@]}))]}" "$n" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "$rep"
+      done
+    done
+  done
+done
+uptime_end=$(uptime)
+
+python3 "$here/table.py" "$RESULTS_DIR/results.jsonl" \
+  --header "Side by side on $(nproc) cores, loopback, ${WARMUP} s warm-up + ${secs} s per point, median of $REPS; etcd $ETCD_VERSION (fsync on) vs kmmr-replica ($(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?'), durable)." \
+  --footer "Machine load: at start \`${uptime_start# }\`; at end \`${uptime_end# }\`." \
+  | tee "$RESULTS_DIR/table.md"
+log "raw results: $RESULTS_DIR/results.jsonl; table: $RESULTS_DIR/table.md"
