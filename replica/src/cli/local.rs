@@ -58,6 +58,13 @@ pub struct LocalArgs {
     /// A checkpoint every this many consensus instances.
     #[arg(long, default_value_t = ProtocolConfig::default().checkpoint_period)]
     pub checkpoint_period: u64,
+    /// Rotate a leader that is slow but not silent only once a request waited this long (and
+    /// eight times the recent baseline).
+    #[arg(long, default_value_t = ProtocolConfig::default().slow_leader_floor_ms)]
+    pub slow_leader_floor_ms: u64,
+    /// Never rotate a leader for slowness alone (only the request timeout does).
+    #[arg(long)]
+    pub no_slow_leader: bool,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -78,6 +85,8 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
             request_timeout_ms: args.request_timeout_ms,
             checkpoint_period: args.checkpoint_period,
             durable: !args.no_durable,
+            slow_leader: !args.no_slow_leader,
+            slow_leader_floor_ms: args.slow_leader_floor_ms,
             ..ProtocolConfig::default()
         },
     })?;
