@@ -562,65 +562,94 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         "{events}"
     );
 
-    // 6. A membership change cannot be applied yet: it is refused loudly and nothing changes.
-    tools.kubectl(&[
-        "patch",
-        "bftcluster",
-        CLUSTER,
-        "-n",
+    // 6. Scaling goes through the protocol: 4 -> 5 adds replica 4 with an admin-signed view
+    //    change (view 1), then 5 -> 4 removes it again (view 2); data survives both.
+    let scale = |n: i64, view: i64| {
+        let namespace = namespace.clone();
+        let tools = &tools;
+        async move {
+            tools.kubectl(&[
+                "patch",
+                "bftcluster",
+                CLUSTER,
+                "-n",
+                &namespace,
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"spec":{{"replicas":{n}}}}}"#),
+            ])?;
+            let t = Instant::now();
+            poll(
+                &format!("view {view} with {n} healthy members"),
+                Duration::from_secs(300),
+                Duration::from_millis(500),
+                || async {
+                    let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+                    let s = &c["status"];
+                    let ok = s["n"] == n
+                        && s["healthy"] == n
+                        && s["viewId"] == view
+                        && condition_is(&c, "Available", "True")
+                        && condition(&c, "Reconfiguring")
+                            .is_some_and(|r| r["reason"] == "ViewMatchesSpec");
+                    Ok(ok.then_some(()))
+                },
+            )
+            .await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(t.elapsed())
+        }
+    };
+    let grew = scale(5, 1).await?;
+    let (phase, out) = client_pod(
+        &tools,
         &namespace,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":7}}"#,
-    ])?;
-    let c = poll(
-        "Reconfiguring to report the refusal",
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            let refused = condition(&c, "Reconfiguring")
-                .is_some_and(|r| r["reason"] == "ReconfigurationNotSupported")
-                && c["status"]["observedGeneration"] == c["metadata"]["generation"];
-            Ok(refused.then_some(c))
-        },
+        "client-5",
+        &replica_image,
+        &[("e2e/k10".into(), "v10".into())],
     )
     .await?;
-    assert_eq!(c["status"]["n"], 4);
-    assert!(
-        tools
-            .kubectl(&[
-                "get",
-                "statefulset",
-                &format!("{CLUSTER}-4"),
-                "-n",
-                &namespace
-            ])
-            .is_err(),
-        "no replica 4 may be created outside the protocol"
-    );
-    tools.kubectl(&[
-        "patch",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":4}}"#,
-    ])?;
+    assert_eq!(phase, "Succeeded", "{out}");
+    for (k, v) in first.iter().chain(&second) {
+        assert!(
+            out.contains(&format!("{k} = {v} ")),
+            "acknowledged write {k} lost by scaling out: {out}"
+        );
+    }
+    let shrank = scale(4, 2).await?;
+    loud(&format!(
+        "MEASURED scale 4 -> 5 through the protocol: {grew:.1?}; 5 -> 4: {shrank:.1?}"
+    ));
     poll(
-        "Reconfiguring to clear",
+        "replica 4's StatefulSet to be removed",
         Duration::from_secs(60),
         Duration::from_millis(500),
         || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            Ok(condition(&c, "Reconfiguring")
-                .is_some_and(|r| r["reason"] == "ViewMatchesSpec")
+            Ok(tools
+                .kubectl(&[
+                    "get",
+                    "statefulset",
+                    &format!("{CLUSTER}-4"),
+                    "-n",
+                    &namespace,
+                ])
+                .is_err()
                 .then_some(()))
         },
     )
     .await?;
+    let describe = tools.kubectl(&["describe", "bftcluster", CLUSTER, "-n", &namespace])?;
+    for needle in ["ViewChanged", "MemberRemoved"] {
+        assert!(
+            describe.contains(needle),
+            "kubectl describe lacks {needle}:\n{describe}"
+        );
+    }
+    let (phase, out) = client_pod(&tools, &namespace, "client-6", &replica_image, &[]).await?;
+    assert_eq!(phase, "Succeeded", "{out}");
+    assert!(
+        out.contains("e2e/k10 = v10 "),
+        "the write made at n=5 is lost: {out}"
+    );
 
     // 7. Pause by annotation: reported, and a deleted child is not recreated until unpaused.
     tools.kubectl(&[

@@ -175,6 +175,32 @@ pub fn build_children_for(
     })
 }
 
+/// Replica `id`'s key Secret alone, exactly as [`build_children_for`] makes it: the controller
+/// stores a joining replica's key before asking the replicas to add it.
+pub fn replica_key_secret(
+    cluster: &BftCluster,
+    id: i32,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<Secret, BuildError> {
+    let name = cluster
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(BuildError::MissingMetadata("metadata.name"))?;
+    let owner = cluster
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("metadata.uid"))?;
+    let mut meta = ObjectMeta {
+        name: Some(names::key_secret(name, id)),
+        namespace: cluster.metadata.namespace.clone(),
+        labels: Some(names::common_labels(name, "replica-key")),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    };
+    add_replica_label(&mut meta, id);
+    Ok(key_secret(meta, key))
+}
+
 fn add_replica_label(meta: &mut ObjectMeta, id: i32) {
     meta.labels
         .get_or_insert_with(BTreeMap::new)

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::config::{Membership, VIEW_ENTRY};
 use crate::error::Error;
 use crate::keys::{self, Keys};
-use crate::membership::{plan, Plan, ReconfigError, Reconfigurer, Target};
+use crate::membership::{plan, Joining, Plan, ReconfigError, Reconfigurer, Step, Target};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::observe;
@@ -294,6 +294,7 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     // Only a view read back from the running cluster can be changed through the protocol; a
     // cluster whose first view has not been written yet simply starts with the spec's.
     let mut membership = membership;
+    let mut keys = keys;
     if view.is_some() {
         let planned = plan(&membership, target, &healthy);
         let unsupported = (planned != Plan::InSync)
@@ -309,42 +310,51 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
             }),
             Plan::Blocked(reason, message) => Some((reason, message)),
             Plan::Next(_) if paused => None,
-            Plan::Next(step) => match ctx
-                .reconfigurer
-                .apply(&membership, &step, keys.admin())
-                .await
-            {
-                Ok(next) => {
-                    publish(
-                        ctx,
-                        cluster,
-                        false,
-                        "ViewChanged",
-                        &format!(
-                            "{step:?}: view {} now has members {:?}",
-                            next.view_id, next.members
-                        ),
-                        "Reconfigure",
-                    )
-                    .await;
-                    membership = next;
-                    None
+            Plan::Next(step) => {
+                match change_view(ctx, cluster, &namespace, &membership, &mut keys, &step).await? {
+                    Ok(next) => {
+                        publish(
+                            ctx,
+                            cluster,
+                            false,
+                            "ViewChanged",
+                            &format!(
+                                "{step:?}: view {} now has members {:?}",
+                                next.view_id, next.members
+                            ),
+                            "Reconfigure",
+                        )
+                        .await;
+                        membership = next;
+                        None
+                    }
+                    Err(ReconfigError::NotSupported(m)) => Some((
+                        kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
+                        m,
+                    )),
+                    Err(e @ ReconfigError::Rejected(_)) => Some((
+                        kmmr_crds::condition_reasons::RECONFIGURATION_BLOCKED,
+                        e.to_string(),
+                    )),
                 }
-                Err(ReconfigError::NotSupported(m)) => Some((
-                    kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
-                    m,
-                )),
-                Err(e @ ReconfigError::Rejected(_)) => Some((
-                    kmmr_crds::condition_reasons::RECONFIGURATION_BLOCKED,
-                    e.to_string(),
-                )),
-            },
+            }
         };
     }
 
     if !paused {
         let children = crate::children::build_children_for(cluster, &membership, &keys)?;
         apply_children(ctx, &namespace, children).await?;
+        for id in remove_departed(ctx, cluster, &namespace, &membership).await? {
+            publish(
+                ctx,
+                cluster,
+                false,
+                "MemberRemoved",
+                &format!("replica {id} left the view: its StatefulSet, key Secret and volume are deleted"),
+                "Reconfigure",
+            )
+            .await;
+        }
         // Only with every member healthy: restarting one then leaves the quorum and the
         // tolerance of f-1 further faults intact.
         if view.is_some() && healthy.len() == membership.members.len() {
@@ -384,6 +394,143 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     } else {
         Duration::from_secs(3)
     }))
+}
+
+/// Stores a joining replica's key (before the view can name it), then asks the replicas for
+/// the change. The outer error is an API failure; the inner one is the replicas' answer.
+async fn change_view(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &mut Keys,
+    step: &Step,
+) -> Result<Result<Membership, ReconfigError>, Error> {
+    let name = cluster.name_any();
+    let joining = match step {
+        Step::Join(id) => {
+            let seed = joining_seed(ctx, cluster, namespace, *id).await?;
+            keys.insert_replica(*id, seed);
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            Some(Joining {
+                address: names::member_address(&name, namespace, *id, cluster.spec.ports.replica),
+                public_key: keys::public_hex(&key),
+            })
+        }
+        _ => None,
+    };
+    // The view exactly as the replicas read it from the ConfigMap.
+    let view_toml = crate::config::render_view(cluster, namespace, membership, keys)
+        .map_err(|e| Error::Build(e.to_string()))?;
+    Ok(ctx
+        .reconfigurer
+        .apply(&view_toml, step, joining.as_ref(), keys.admin())
+        .await)
+}
+
+/// A joining replica's key: the user's, or ours (generated once and stored in its Secret first,
+/// so that a retry after a crash names the same key).
+async fn joining_seed(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    id: i32,
+) -> Result<[u8; 32], Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    if let Some(user) = &cluster.spec.keys {
+        let secret = secrets
+            .get_opt(&user.secret_name)
+            .await?
+            .ok_or_else(|| Error::KeySecretMissing(user.secret_name.clone()))?;
+        return Ok(keys::seed_entry(
+            &user.secret_name,
+            &secret.data.unwrap_or_default(),
+            &keys::user_entry(id),
+        )?);
+    }
+    let secret_name = names::key_secret(&cluster.name_any(), id);
+    if let Some(s) = secrets.get_opt(&secret_name).await? {
+        if owned_by(&s, cluster) {
+            return Ok(keys::seed_entry(
+                &secret_name,
+                &s.data.unwrap_or_default(),
+                keys::SEED_ENTRY,
+            )?);
+        }
+    }
+    let key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    let secret = crate::children::replica_key_secret(cluster, id, &key)?;
+    secrets
+        .patch(
+            &secret_name,
+            &PatchParams::apply(names::MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    Ok(key.to_bytes())
+}
+
+/// Deletes the StatefulSet, key Secret and volume of every replica that is no longer in the
+/// view (after it left through the protocol): a later replica with the same id must start with
+/// a new key and an empty volume.
+async fn remove_departed(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+) -> Result<Vec<i32>, Error> {
+    let name = cluster.name_any();
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = names::replica_selector(&name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut departed = Vec::new();
+    for set in sets
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let Some(id) = set
+            .labels()
+            .get(names::REPLICA_ID_LABEL)
+            .and_then(|v| v.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if membership.members.contains(&id) || !owned_by(&set, cluster) {
+            continue;
+        }
+        let gone = |r: Result<_, kube::Error>| match r {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        };
+        gone(
+            sets.delete(&names::stateful_set(&name, id), &DeleteParams::background())
+                .await
+                .map(|_| ()),
+        )?;
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        gone(
+            secrets
+                .delete(&names::key_secret(&name, id), &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )?;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+        gone(
+            pvcs.delete(
+                &format!("data-{}", names::pod(&name, id)),
+                &DeleteParams::default(),
+            )
+            .await
+            .map(|_| ()),
+        )?;
+        departed.push(id);
+    }
+    Ok(departed)
 }
 
 /// StatefulSets use `OnDelete`, so a changed pod template reaches a replica only when its pod is

@@ -15,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics and the operator's HTTP endpoints.
 //! - [`error`]: reconcile errors, each a metric label and Event reason.
 
+pub mod admin;
 pub mod children;
 pub mod config;
 pub mod controller;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use kmmr_operator::admin::ThroughAdmin;
 use kmmr_operator::controller::{self, Context, ProbeVia};
 use kmmr_operator::leader::{self, Elector};
-use kmmr_operator::membership::NotSupported;
+use kmmr_operator::membership::{NotSupported, Reconfigurer};
 use kmmr_operator::metrics::{self, Metrics};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
@@ -43,6 +44,13 @@ struct Args {
     /// Reach replicas by their pod DNS names instead of pod IPs.
     #[arg(long)]
     probe_via_dns: bool,
+    /// Refuse membership changes (spec.replicas or spec.f differing from the view) instead of
+    /// carrying them out through admin-signed reconfiguration.
+    #[arg(long)]
+    no_reconfiguration: bool,
+    /// Time limit of one view change, in seconds.
+    #[arg(long, default_value_t = 60)]
+    reconfiguration_timeout_secs: u64,
     /// Time limit of one replica's /status probe, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
@@ -170,11 +178,18 @@ async fn run(args: Args) -> Result<(), String> {
             instance: Some(identity),
         },
     );
+    let reconfigurer: Arc<dyn Reconfigurer> = if args.no_reconfiguration {
+        Arc::new(NotSupported)
+    } else {
+        Arc::new(ThroughAdmin {
+            timeout: Duration::from_secs(args.reconfiguration_timeout_secs),
+        })
+    };
     let ctx = Arc::new(Context::new(
         client,
         recorder,
         metrics.clone(),
-        Arc::new(NotSupported),
+        reconfigurer,
         Duration::from_millis(args.probe_timeout_ms),
         if args.probe_via_dns {
             ProbeVia::Dns

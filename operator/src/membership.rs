@@ -109,6 +109,15 @@ pub enum ReconfigError {
     Rejected(String),
 }
 
+/// Where a joining replica will listen and the public half of its (already stored) key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joining {
+    /// Its address in the view.
+    pub address: String,
+    /// Its public key, hex.
+    pub public_key: String,
+}
+
 /// Carries out one step through the protocol and returns the view installed by it.
 pub trait Reconfigurer: Send + Sync {
     /// Why this reconfigurer can never move `current` toward `target`, whatever the replicas'
@@ -118,24 +127,25 @@ pub trait Reconfigurer: Send + Sync {
         None
     }
 
-    /// Sends the admin-signed request for `step` to the members of `current` and waits until
-    /// they install the new view.
+    /// Sends the admin-signed request for `step` to the members of the current view (the
+    /// `view.toml` the replicas read) and waits until they install the new view.
     fn apply<'a>(
         &'a self,
-        current: &'a Membership,
+        view_toml: &'a str,
         step: &'a Step,
+        joining: Option<&'a Joining>,
         admin: &'a ed25519_dalek::SigningKey,
     ) -> BoxFuture<'a, Result<Membership, ReconfigError>>;
 }
 
-/// The `Reconfigurer` of this version: the replicas do not accept admin-signed reconfiguration
-/// requests yet, so every step is refused with a message saying so, and nothing changes.
+/// A `Reconfigurer` that refuses every step (`--no-reconfiguration`, and tests of the refusal
+/// path), with a message saying so; nothing changes.
 pub struct NotSupported;
 
 impl Reconfigurer for NotSupported {
     fn unsupported(&self, current: &Membership, target: Target) -> Option<String> {
         Some(format!(
-            "the spec asks for {} replicas with f = {}, but this operator version cannot change membership through the protocol yet; nothing was changed and the cluster keeps its view of {} replicas with f = {}. Set spec.replicas and spec.f back to match to clear this",
+            "the spec asks for {} replicas with f = {}, but this operator runs with reconfiguration disabled (--no-reconfiguration); nothing was changed and the cluster keeps its view of {} replicas with f = {}. Set spec.replicas and spec.f back to match to clear this",
             target.replicas,
             target.f,
             current.members.len(),
@@ -145,12 +155,11 @@ impl Reconfigurer for NotSupported {
 
     fn apply<'a>(
         &'a self,
-        current: &'a Membership,
+        _view_toml: &'a str,
         step: &'a Step,
+        _joining: Option<&'a Joining>,
         _admin: &'a ed25519_dalek::SigningKey,
     ) -> BoxFuture<'a, Result<Membership, ReconfigError>> {
-        let n = current.members.len();
-        let f = current.f;
         let what = match step {
             Step::Join(id) => format!("adding replica {id}"),
             Step::Leave(id) => format!("removing replica {id}"),
@@ -158,7 +167,7 @@ impl Reconfigurer for NotSupported {
         };
         Box::pin(async move {
             Err(ReconfigError::NotSupported(format!(
-                "the spec asks for a view change ({what}), but this operator version cannot change membership through the protocol yet; nothing was changed and the cluster keeps its view of {n} replicas with f = {f}. Set spec.replicas and spec.f back to match to clear this"
+                "the spec asks for a view change ({what}), but reconfiguration is disabled (--no-reconfiguration); nothing was changed"
             )))
         })
     }
@@ -230,7 +239,7 @@ mod tests {
     async fn the_current_reconfigurer_refuses_and_says_nothing_changed() {
         let admin = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let err = NotSupported
-            .apply(&view(&[0, 1, 2, 3], 1), &Step::Join(4), &admin)
+            .apply("", &Step::Join(4), None, &admin)
             .await
             .unwrap_err();
         let msg = err.to_string();
