@@ -51,6 +51,10 @@ struct Args {
     /// Time limit of one view change, in seconds.
     #[arg(long, default_value_t = 60)]
     reconfiguration_timeout_secs: u64,
+    /// TEST ONLY: honour the kmmr.io/byzantine-test-mode annotation, which runs chosen replicas
+    /// in a Byzantine mode that attacks their own cluster. Never set it outside tests.
+    #[arg(long, env = "KMMR_ALLOW_BYZANTINE_TEST_MODES")]
+    allow_byzantine_test_modes: bool,
     /// Time limit of one replica's /status probe, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
@@ -185,18 +189,27 @@ async fn run(args: Args) -> Result<(), String> {
             timeout: Duration::from_secs(args.reconfiguration_timeout_secs),
         })
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        recorder,
-        metrics.clone(),
-        reconfigurer,
-        Duration::from_millis(args.probe_timeout_ms),
-        if args.probe_via_dns {
-            ProbeVia::Dns
-        } else {
-            ProbeVia::PodIp
-        },
-    ));
+    if args.allow_byzantine_test_modes {
+        tracing::warn!(
+            annotation = kmmr_operator::testmode::ANNOTATION,
+            "TEST ONLY: --allow-byzantine-test-modes is set: a BftCluster annotation can make its replicas attack their own cluster. Never run an operator like this outside tests"
+        );
+    }
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            recorder,
+            metrics.clone(),
+            reconfigurer,
+            Duration::from_millis(args.probe_timeout_ms),
+            if args.probe_via_dns {
+                ProbeVia::Dns
+            } else {
+                ProbeVia::PodIp
+            },
+        )
+        .allowing_byzantine_test_modes(args.allow_byzantine_test_modes),
+    );
     let controller = controller::run(ctx, args.watch_namespace.as_deref(), stopped());
     let lost = async {
         match &elector {

@@ -26,8 +26,9 @@ pub struct Context {
     pub generation: Option<i64>,
     /// Reconciliation is paused (spec or annotation).
     pub paused: bool,
-    /// The view differs from the spec and the change is not being made: (reason, message).
-    pub reconfiguration: Option<(&'static str, String)>,
+    /// The view differs from the spec: (Reconfiguring's status, reason, message). `None` when
+    /// the view is what the spec asks for.
+    pub reconfiguration: Option<(bool, &'static str, String)>,
 }
 
 /// Something that changed and deserves an Event.
@@ -104,28 +105,50 @@ pub fn compute(
             && s.byzantine.is_none()
             && !diverged.contains(&id)
     };
+    let problem_of = |id: i32, p: &Probe| -> Option<String> {
+        match p {
+            Probe::Verified(s) if healthy_report(id, s) => None,
+            Probe::Verified(s) => Some(verified_problem(membership, n, f, &diverged, id, s)),
+            Probe::Rejected(e) | Probe::Unreachable(e) => Some(e.clone()),
+        }
+    };
     let members: Vec<MemberStatus> = reports
         .iter()
-        .map(|(id, p)| match p {
-            Probe::Verified(s) => MemberStatus {
-                id: *id,
-                health: if healthy_report(*id, s) {
-                    MemberHealth::Healthy
-                } else {
-                    MemberHealth::Unhealthy
+        .map(|(id, p)| {
+            let problem = problem_of(*id, p);
+            match p {
+                Probe::Verified(s) => MemberStatus {
+                    id: *id,
+                    health: if problem.is_none() {
+                        MemberHealth::Healthy
+                    } else {
+                        MemberHealth::Unhealthy
+                    },
+                    role: if s.leader == s.id {
+                        MemberRole::Leader
+                    } else {
+                        MemberRole::Follower
+                    },
+                    view_id: Some(i64::from(s.view_id)),
+                    last_decided_cid: s.last_decided.and_then(|c| i64::try_from(c).ok()),
+                    state_digest: Some(s.state_digest.clone()),
+                    problem,
                 },
-                role: if s.leader == s.id {
-                    MemberRole::Leader
-                } else {
-                    MemberRole::Follower
-                },
-                view_id: Some(i64::from(s.view_id)),
-                last_decided_cid: s.last_decided.and_then(|c| i64::try_from(c).ok()),
-                state_digest: Some(s.state_digest.clone()),
-            },
-            Probe::Rejected(_) => blank_member(*id, MemberHealth::Unhealthy),
-            Probe::Unreachable(_) => blank_member(*id, MemberHealth::Unreachable),
+                Probe::Rejected(_) => blank_member(*id, MemberHealth::Unhealthy, problem),
+                Probe::Unreachable(_) => blank_member(*id, MemberHealth::Unreachable, problem),
+            }
         })
+        .collect();
+    // Evidence of misbehaviour rather than of a crash: a status that does not verify, or a
+    // Byzantine test mode the replica's own signed status admits to.
+    let misbehaving: Vec<i32> = reports
+        .iter()
+        .filter(|(_, p)| match p {
+            Probe::Rejected(_) => true,
+            Probe::Verified(s) => s.byzantine.is_some(),
+            Probe::Unreachable(_) => false,
+        })
+        .map(|(id, _)| *id)
         .collect();
     let healthy = members
         .iter()
@@ -146,12 +169,11 @@ pub fn compute(
         .iter()
         .filter(|m| m.health != MemberHealth::Healthy)
         .map(|m| {
-            let why = match &reports.iter().find(|(id, _)| *id == m.id).map(|r| r.1) {
-                Some(Probe::Verified(s)) => verified_problem(membership, n, f, &diverged, m.id, s),
-                Some(Probe::Rejected(e)) | Some(Probe::Unreachable(e)) => e.clone(),
-                None => "not probed".to_string(),
-            };
-            format!("replica {} ({why})", m.id)
+            format!(
+                "replica {} ({})",
+                m.id,
+                m.problem.as_deref().unwrap_or("not probed")
+            )
         })
         .collect();
 
@@ -204,6 +226,20 @@ pub fn compute(
                 "replicas {diverged:?} report a state that differs from the one f+1 replicas agree on: replace each (delete its pod and PersistentVolumeClaim) so it recovers the agreed state"
             ),
         )
+    } else if !misbehaving.is_empty() {
+        let named: Vec<&String> = not_healthy
+            .iter()
+            .filter(|t| misbehaving.iter().any(|id| t.starts_with(&format!("replica {id} "))))
+            .collect();
+        (
+            kind::DEGRADED,
+            true,
+            reason::REPLICAS_MISBEHAVING,
+            format!(
+                "replicas {misbehaving:?} misbehave: {}. Clients stay correct while at most f = {f} replicas are faulty ({faulty} of {n} are not healthy now); replace a misbehaving replica (delete its pod and PersistentVolumeClaim) or remove it by scaling in",
+                named.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
     } else {
         (
             kind::DEGRADED,
@@ -241,7 +277,7 @@ pub fn compute(
         )
     });
     desired.push(match &ctx.reconfiguration {
-        Some((why, message)) => (kind::RECONFIGURING, false, *why, message.clone()),
+        Some((active, why, message)) => (kind::RECONFIGURING, *active, *why, message.clone()),
         None => (
             kind::RECONFIGURING,
             false,
@@ -279,7 +315,7 @@ pub fn compute(
                         | (kind::DEGRADED, "True")
                         | (kind::FAULT_TOLERANCE_EXCEEDED, "True")
                 ) && why != reason::STARTING
-                    || why == reason::RECONFIGURATION_NOT_SUPPORTED
+                    || why == reason::RECONFIGURATION_DISABLED
                     || why == reason::RECONFIGURATION_BLOCKED;
                 transitions.push(Transition {
                     warning: bad,
@@ -338,7 +374,7 @@ pub fn compute(
     (status, transitions)
 }
 
-fn blank_member(id: i32, health: MemberHealth) -> MemberStatus {
+fn blank_member(id: i32, health: MemberHealth, problem: Option<String>) -> MemberStatus {
     MemberStatus {
         id,
         health,
@@ -346,7 +382,25 @@ fn blank_member(id: i32, health: MemberHealth) -> MemberStatus {
         view_id: None,
         last_decided_cid: None,
         state_digest: None,
+        problem,
     }
+}
+
+/// The newest view that more than f members of `membership` report, when it is newer than
+/// `membership`'s own: proof (one of them is correct) that the recorded view is out of date.
+pub fn agreed_newer_view(membership: &Membership, probes: &BTreeMap<i32, Probe>) -> Option<i64> {
+    let mut newer: Vec<i64> = membership
+        .members
+        .iter()
+        .filter_map(|id| match probes.get(id) {
+            Some(Probe::Verified(s)) => Some(i64::from(s.view_id)),
+            _ => None,
+        })
+        .filter(|v| *v > membership.view_id)
+        .collect();
+    // The (f+1)-th highest: at least f+1 members report this view or a newer one.
+    newer.sort_unstable_by(|a, b| b.cmp(a));
+    newer.get(usize::try_from(membership.f).ok()?).copied()
 }
 
 /// Why a replica whose status checks out is still not healthy.

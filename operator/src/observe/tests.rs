@@ -218,17 +218,114 @@ fn a_pending_reconfiguration_and_pause_are_reported_with_warnings() {
     let c = Context {
         generation: Some(2),
         paused: true,
-        reconfiguration: Some((reason::RECONFIGURATION_NOT_SUPPORTED, "not applied".into())),
+        reconfiguration: Some((
+            false,
+            reason::RECONFIGURATION_DISABLED,
+            "not applied".into(),
+        )),
     };
     let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
     let r = cond(&s, kind::RECONFIGURING);
     assert_eq!(
         (r.status.as_str(), r.reason.as_str()),
-        ("False", reason::RECONFIGURATION_NOT_SUPPORTED)
+        ("False", reason::RECONFIGURATION_DISABLED)
     );
     assert_eq!(r.observed_generation, Some(2));
     assert_eq!(cond(&s, kind::PAUSED).status, "True");
     assert!(events
         .iter()
-        .any(|e| e.warning && e.reason == reason::RECONFIGURATION_NOT_SUPPORTED));
+        .any(|e| e.warning && e.reason == reason::RECONFIGURATION_DISABLED));
+}
+
+#[test]
+fn a_view_moving_toward_the_spec_is_reconfiguring_without_a_warning() {
+    let c = Context {
+        generation: Some(3),
+        paused: false,
+        reconfiguration: Some((true, reason::SCALING_OUT, "adding replica 4".into())),
+    };
+    let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
+    let r = cond(&s, kind::RECONFIGURING);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("True", reason::SCALING_OUT)
+    );
+    assert!(events
+        .iter()
+        .any(|e| !e.warning && e.reason == reason::SCALING_OUT));
+}
+
+#[test]
+fn a_misbehaving_replica_is_named_with_its_evidence() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    // Replica 2 admits to a test mode in its signed status; replica 3's status does not verify.
+    let mut probes = all_healthy();
+    if let Some(Probe::Verified(s)) = probes.get_mut(&2) {
+        s.byzantine = Some("Mixed".into());
+    }
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let d = cond(&s, kind::DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::REPLICAS_MISBEHAVING)
+    );
+    assert!(
+        d.message.contains("replicas [2] misbehave")
+            && d.message
+                .contains("replica 2 (runs the Byzantine test mode Mixed)"),
+        "{}",
+        d.message
+    );
+    let m2 = s.members.iter().find(|m| m.id == 2).unwrap();
+    assert_eq!(m2.health, MemberHealth::Unhealthy);
+    assert!(m2.problem.as_deref().unwrap().contains("Mixed"));
+    assert!(s
+        .members
+        .iter()
+        .filter(|m| m.id != 2)
+        .all(|m| m.problem.is_none()));
+    // Still available: 3 of 4 healthy, and clients need only f+1 matching replies.
+    assert_eq!(cond(&s, kind::AVAILABLE).status, "True");
+
+    probes.insert(
+        3,
+        Probe::Rejected("/status is not signed by replica 3's key in the view".into()),
+    );
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let d = cond(&s, kind::DEGRADED);
+    assert!(
+        d.message.contains("replicas [2, 3] misbehave"),
+        "{}",
+        d.message
+    );
+    assert!(
+        d.message.contains("not signed by replica 3's key"),
+        "{}",
+        d.message
+    );
+    // An unreachable replica is a crash, not misbehaviour.
+    let mut probes = all_healthy();
+    probes.insert(1, Probe::Unreachable("connection refused".into()));
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(cond(&s, kind::DEGRADED).reason, reason::REPLICAS_UNHEALTHY);
+}
+
+#[test]
+fn a_newer_view_counts_only_when_f_plus_one_members_report_it() {
+    let m = membership();
+    assert_eq!(agreed_newer_view(&m, &all_healthy()), None);
+    let mut probes = all_healthy();
+    let set_view = |p: &mut BTreeMap<i32, Probe>, id: i32, v: u32| {
+        if let Some(Probe::Verified(s)) = p.get_mut(&id) {
+            s.view_id = v;
+        }
+    };
+    set_view(&mut probes, 1, 7);
+    assert_eq!(agreed_newer_view(&m, &probes), None, "one replica may lie");
+    set_view(&mut probes, 2, 3);
+    assert_eq!(
+        agreed_newer_view(&m, &probes),
+        Some(3),
+        "two say the view moved on, at least to 3"
+    );
 }
