@@ -83,7 +83,9 @@ pub struct MemberStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_digest: Option<String>,
     /// Why the member is not Healthy: the evidence against it (unreachable, a status not signed
-    /// by its key, another view, a diverged state, a Byzantine test mode it runs).
+    /// by its key, another view, catching up, a diverged state, a Byzantine test mode it runs).
+    /// A Healthy member may carry a note here too: a leader change it is taking part in, which
+    /// makes it unhealthy only if it still shows at the next observation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
 }

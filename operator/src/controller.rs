@@ -386,9 +386,11 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
                         )
                         .await;
                         membership = next;
-                        // The probes before the change describe the old view; judging the new
-                        // one by them would report every member out of date for one pass.
-                        probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
+                        // The probes before the change describe the old view, and the members
+                        // install the new one a moment apart: wait (briefly) until those that
+                        // were healthy report it, rather than report them out of date.
+                        probes = settle(ctx, cluster, &namespace, &membership, &keys, &healthy)
+                            .await;
                         let (again, _) =
                             observe::compute(previous, &membership, &probes, &obs, now.clone());
                         healthy = healthy_ids(&again);
@@ -484,6 +486,33 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     } else {
         Duration::from_secs(3)
     }))
+}
+
+/// Probes the members of a view just installed until every member in `were_healthy` reports
+/// it, for at most a few seconds, and returns the last probes.
+async fn settle(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &Keys,
+    were_healthy: &[i32],
+) -> BTreeMap<i32, Probe> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let probes = probe_members(ctx, cluster, namespace, membership, keys).await;
+        let installed = membership
+            .members
+            .iter()
+            .filter(|id| were_healthy.contains(id))
+            .all(|id| {
+                matches!(probes.get(id), Some(Probe::Verified(s)) if i64::from(s.view_id) >= membership.view_id)
+            });
+        if installed || tokio::time::Instant::now() >= deadline {
+            return probes;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn healthy_ids(status: &BftClusterStatus) -> Vec<i32> {

@@ -97,29 +97,37 @@ pub fn compute(
     }
     diverged.sort_unstable();
 
-    let healthy_report = |id: i32, s: &kmmr::node::Status| {
-        i64::from(s.view_id) == membership.view_id
-            && s.n as i64 == i64::from(n)
-            && s.f as i64 == i64::from(f)
-            && !s.synchronizing
-            && s.byzantine.is_none()
-            && !diverged.contains(&id)
+    // How far the cluster has decided: at least f+1 members (one of them correct) have decided
+    // this far, so a member well behind it is still catching up, not a healthy voter.
+    let mut decided: Vec<u64> = verified.iter().filter_map(|(_, s)| s.last_decided).collect();
+    decided.sort_unstable_by(|a, b| b.cmp(a));
+    let progress = usize::try_from(f).ok().and_then(|i| decided.get(i).copied());
+    // A leader change is normal and short: a member in one stays Healthy, with the leader
+    // change noted as its problem, and only one still in it at the next observation counts
+    // as unhealthy, so the status does not flap on every leader change.
+    let was_synchronizing = |id: i32| {
+        previous.is_some_and(|p| {
+            p.members.iter().any(|m| {
+                m.id == id && m.problem.as_deref().is_some_and(|t| t.starts_with(SYNCHRONIZING))
+            })
+        })
     };
-    let problem_of = |id: i32, p: &Probe| -> Option<String> {
+    let problem_of = |id: i32, p: &Probe| -> (bool, Option<String>) {
         match p {
-            Probe::Verified(s) if healthy_report(id, s) => None,
-            Probe::Verified(s) => Some(verified_problem(membership, n, f, &diverged, id, s)),
-            Probe::Rejected(e) | Probe::Unreachable(e) => Some(e.clone()),
+            Probe::Verified(s) => {
+                verified_problem(membership, &diverged, progress, was_synchronizing(id), id, s)
+            }
+            Probe::Rejected(e) | Probe::Unreachable(e) => (false, Some(e.clone())),
         }
     };
     let members: Vec<MemberStatus> = reports
         .iter()
         .map(|(id, p)| {
-            let problem = problem_of(*id, p);
+            let (fine, problem) = problem_of(*id, p);
             match p {
                 Probe::Verified(s) => MemberStatus {
                     id: *id,
-                    health: if problem.is_none() {
+                    health: if fine {
                         MemberHealth::Healthy
                     } else {
                         MemberHealth::Unhealthy
@@ -403,32 +411,50 @@ pub fn agreed_newer_view(membership: &Membership, probes: &BTreeMap<i32, Probe>)
     newer.get(usize::try_from(membership.f).ok()?).copied()
 }
 
-/// Why a replica whose status checks out is still not healthy.
+/// The problem of a member in a leader change.
+const SYNCHRONIZING: &str = "in a leader change (synchronization phase)";
+
+/// How many instances a member may be behind the f+1-agreed progress and still count as caught
+/// up: the probes of one pass are concurrent, not simultaneous, and replicas decide under load.
+pub const MAX_LAG: u64 = 64;
+
+/// Whether a replica whose status checks out is healthy, and what is wrong with it, if anything.
 fn verified_problem(
     membership: &Membership,
-    n: i32,
-    f: i32,
     diverged: &[i32],
+    progress: Option<u64>,
+    was_synchronizing: bool,
     id: i32,
     s: &kmmr::node::Status,
-) -> String {
-    if diverged.contains(&id) {
+) -> (bool, Option<String>) {
+    let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
+    let problem = if diverged.contains(&id) {
         "state diverged".to_string()
     } else if let Some(mode) = &s.byzantine {
         format!("runs the Byzantine test mode {mode}")
-    } else if i64::from(s.view_id) != membership.view_id
-        || s.n as i64 != i64::from(n)
-        || s.f as i64 != i64::from(f)
-    {
+    } else if i64::from(s.view_id) != membership.view_id || s.n as i64 != n || s.f as i64 != f {
         format!(
             "reports view {} with n={} f={}, expected view {} with n={n} f={f}",
             s.view_id, s.n, s.f, membership.view_id
         )
+    } else if !s.member {
+        "does not count itself a member of its view".to_string()
+    } else if s.transferring {
+        "fetching the state from the others (state transfer)".to_string()
+    } else if let Some(p) = progress.filter(|p| s.last_decided.is_none_or(|d| d + MAX_LAG < *p)) {
+        format!(
+            "catching up: decided up to {}, f+1 replicas up to {p}",
+            s.last_decided
+                .map_or_else(|| "nothing yet".to_string(), |d| d.to_string())
+        )
+    } else if s.synchronizing && was_synchronizing {
+        format!("{SYNCHRONIZING} since the previous observation")
     } else if s.synchronizing {
-        "catching up with the others".to_string()
+        return (true, Some(SYNCHRONIZING.to_string()));
     } else {
-        "unknown".to_string()
-    }
+        return (true, None);
+    };
+    (false, Some(problem))
 }
 
 /// The value more than f of `values` share, if any.
@@ -437,7 +463,13 @@ fn agreed(f: i32, values: impl Iterator<Item = i64>) -> Option<i64> {
     for v in values {
         *counts.entry(v).or_default() += 1;
     }
-    counts.into_iter().find(|(_, c)| *c > f).map(|(v, _)| v)
+    // The most reported value (the newer on a tie): a member a view behind the others must not
+    // outvote them merely by sorting first.
+    counts
+        .into_iter()
+        .filter(|(_, c)| *c > f)
+        .max_by_key(|(v, c)| (*c, *v))
+        .map(|(v, _)| v)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ fn report(id: u32, cid: u64, digest: &str) -> Probe {
         state_digest: digest.to_string(),
         pending_requests: 0,
         byzantine: None,
+        member: true,
         ..Default::default()
     })
 }
@@ -182,6 +183,7 @@ fn a_lone_liar_cannot_name_the_leader_or_view() {
         state_digest: "d10".into(),
         pending_requests: 0,
         byzantine: None,
+        member: true,
         ..Default::default()
     };
     probes.insert(1, Probe::Verified(lie.clone()));
@@ -328,4 +330,48 @@ fn a_newer_view_counts_only_when_f_plus_one_members_report_it() {
         Some(3),
         "two say the view moved on, at least to 3"
     );
+}
+
+#[test]
+fn a_joiner_without_the_state_is_catching_up_not_healthy() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    // It reports the right view from its configuration but has decided nothing yet.
+    if let Some(Probe::Verified(s)) = probes.get_mut(&3) {
+        s.last_decided = None;
+    }
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let m3 = s.members.iter().find(|m| m.id == 3).unwrap();
+    assert_eq!(m3.health, MemberHealth::Unhealthy);
+    assert!(m3.problem.as_deref().unwrap().contains("catching up"), "{m3:?}");
+    // Far behind is catching up too; a few instances behind is in step.
+    for (cid, healthy) in [(10 + MAX_LAG + 500, false), (10 + MAX_LAG / 2, true)] {
+        let mut probes = all_healthy();
+        for id in 0..3 {
+            if let Some(Probe::Verified(s)) = probes.get_mut(&id) {
+                s.last_decided = Some(cid);
+            }
+        }
+        let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+        let m3 = s.members.iter().find(|m| m.id == 3).unwrap();
+        assert_eq!(m3.health == MemberHealth::Healthy, healthy, "{cid}: {m3:?}");
+    }
+}
+
+#[test]
+fn a_leader_change_counts_against_a_member_only_if_it_lasts() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    for id in 0..4 {
+        if let Some(Probe::Verified(s)) = probes.get_mut(&id) {
+            s.synchronizing = true;
+        }
+    }
+    let (once, events) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(once.healthy, Some(4), "a leader change is not a fault");
+    assert!(events.iter().all(|e| !e.warning), "{events:?}");
+    assert!(once.members.iter().all(|m| m.problem.is_some()));
+    let (twice, _) = compute(Some(&once), &membership(), &probes, &ctx(), at(300));
+    assert_eq!(twice.healthy, Some(0), "one that does not end is");
+    assert_eq!(cond(&twice, kind::AVAILABLE).status, "False");
 }
