@@ -401,9 +401,12 @@ struct SeenView {
     n: i64,
     f: i64,
     members: Vec<i64>,
-    /// From the patch (or the previous view settling) until every member of this view was
-    /// healthy and the cluster Available.
-    settled_after: Option<Duration>,
+    /// When the status first showed this view, from the patch.
+    first_seen: Duration,
+    /// When the status first showed every member of this view healthy, from the patch. The
+    /// operator takes the next step in the pass that sees that, so only the last view of a
+    /// scaling is seen settled.
+    settled: Option<Duration>,
 }
 
 /// Sets spec.replicas to `n` and follows the status until the view matches the spec, recording
@@ -428,7 +431,8 @@ async fn scale_and_follow(
             .flatten()
             .filter_map(|m| m["id"].as_i64())
             .collect(),
-        settled_after: Some(Duration::ZERO),
+        first_seen: Duration::ZERO,
+        settled: Some(Duration::ZERO),
     };
     tools.kubectl(&[
         "patch",
@@ -441,7 +445,6 @@ async fn scale_and_follow(
         &format!(r#"{{"spec":{{"replicas":{n}}}}}"#),
     ])?;
     let start = Instant::now();
-    let mut last_settled = start;
     let mut seen: Vec<SeenView> = vec![before];
     let mut reconfiguring_seen = false;
     let deadline = Duration::from_secs(420);
@@ -494,30 +497,23 @@ async fn scale_and_follow(
                 n: cn,
                 f: cf,
                 members,
-                settled_after: None,
+                first_seen: start.elapsed(),
+                settled: None,
             });
+            loud(&format!(
+                "scaling to {n}: view {view} (n={cn}, f={cf}) shown after {:.1?}",
+                start.elapsed()
+            ));
         }
         let last = seen.last_mut().ok_or("no view in the status")?;
-        if last.settled_after.is_none() && healthy == cn {
-            last.settled_after = Some(last_settled.elapsed());
-            last_settled = Instant::now();
-            loud(&format!(
-                "scaling to {n}: view {} (n={}, f={}, members {:?}) settled after {:.1?}",
-                last.view,
-                last.n,
-                last.f,
-                last.members,
-                last.settled_after.unwrap_or_default()
-            ));
+        if last.settled.is_none() && healthy == cn {
+            last.settled = Some(start.elapsed());
         }
         let done = cn == n
             && healthy == n
             && condition(&c, "Reconfiguring")
                 .is_some_and(|r| r["status"] == "False" && r["reason"] == "ViewMatchesSpec");
-        if done
-            && (reconfiguring_seen || seen.len() > 1)
-            && seen.iter().all(|v| v.settled_after.is_some())
-        {
+        if done && (reconfiguring_seen || seen.len() > 1) {
             return Ok(seen);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1065,20 +1061,33 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         shrank.last().map(|v| v.members.clone()),
         Some(vec![0, 1, 2, 4])
     );
+    // A step lasts from the view before it appearing to its own view appearing (the joiner
+    // catching up is part of the step that follows it, which waits for it); the last one until
+    // every member of the final view is healthy.
     let step_times = |seen: &[SeenView]| {
-        seen.iter()
-            .skip(1)
-            .map(|v| {
-                format!(
-                    "view {} n={} f={}: {:.1}s",
-                    v.view,
-                    v.n,
-                    v.f,
-                    v.settled_after.unwrap_or_default().as_secs_f64()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+        let mut out = Vec::new();
+        for i in 1..seen.len() {
+            let from = if i == 1 {
+                Duration::ZERO
+            } else {
+                seen[i - 1].first_seen
+            };
+            out.push(format!(
+                "-> view {} (n={} f={}): {:.1}s",
+                seen[i].view,
+                seen[i].n,
+                seen[i].f,
+                (seen[i].first_seen - from).as_secs_f64()
+            ));
+        }
+        if let Some(last) = seen.last() {
+            out.push(format!(
+                "all {} healthy at {:.1}s",
+                last.n,
+                last.settled.unwrap_or_default().as_secs_f64()
+            ));
+        }
+        out.join("; ")
     };
     loud(&format!(
         "MEASURED scale 4 -> 7 step by step: {}\nMEASURED scale 7 -> 4 step by step: {}",

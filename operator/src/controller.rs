@@ -389,8 +389,8 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
                         // The probes before the change describe the old view, and the members
                         // install the new one a moment apart: wait (briefly) until those that
                         // were healthy report it, rather than report them out of date.
-                        probes = settle(ctx, cluster, &namespace, &membership, &keys, &healthy)
-                            .await;
+                        probes =
+                            settle(ctx, cluster, &namespace, &membership, &keys, &healthy).await;
                         let (again, _) =
                             observe::compute(previous, &membership, &probes, &obs, now.clone());
                         healthy = healthy_ids(&again);

@@ -99,24 +99,37 @@ pub fn compute(
 
     // How far the cluster has decided: at least f+1 members (one of them correct) have decided
     // this far, so a member well behind it is still catching up, not a healthy voter.
-    let mut decided: Vec<u64> = verified.iter().filter_map(|(_, s)| s.last_decided).collect();
+    let mut decided: Vec<u64> = verified
+        .iter()
+        .filter_map(|(_, s)| s.last_decided)
+        .collect();
     decided.sort_unstable_by(|a, b| b.cmp(a));
-    let progress = usize::try_from(f).ok().and_then(|i| decided.get(i).copied());
+    let progress = usize::try_from(f)
+        .ok()
+        .and_then(|i| decided.get(i).copied());
     // A leader change is normal and short: a member in one stays Healthy, with the leader
     // change noted as its problem, and only one still in it at the next observation counts
     // as unhealthy, so the status does not flap on every leader change.
     let was_synchronizing = |id: i32| {
         previous.is_some_and(|p| {
             p.members.iter().any(|m| {
-                m.id == id && m.problem.as_deref().is_some_and(|t| t.starts_with(SYNCHRONIZING))
+                m.id == id
+                    && m.problem
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with(SYNCHRONIZING))
             })
         })
     };
     let problem_of = |id: i32, p: &Probe| -> (bool, Option<String>) {
         match p {
-            Probe::Verified(s) => {
-                verified_problem(membership, &diverged, progress, was_synchronizing(id), id, s)
-            }
+            Probe::Verified(s) => verified_problem(
+                membership,
+                &diverged,
+                progress,
+                was_synchronizing(id),
+                id,
+                s,
+            ),
             Probe::Rejected(e) | Probe::Unreachable(e) => (false, Some(e.clone())),
         }
     };

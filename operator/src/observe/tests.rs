@@ -343,7 +343,10 @@ fn a_joiner_without_the_state_is_catching_up_not_healthy() {
     let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
     let m3 = s.members.iter().find(|m| m.id == 3).unwrap();
     assert_eq!(m3.health, MemberHealth::Unhealthy);
-    assert!(m3.problem.as_deref().unwrap().contains("catching up"), "{m3:?}");
+    assert!(
+        m3.problem.as_deref().unwrap().contains("catching up"),
+        "{m3:?}"
+    );
     // Far behind is catching up too; a few instances behind is in step.
     for (cid, healthy) in [(10 + MAX_LAG + 500, false), (10 + MAX_LAG / 2, true)] {
         let mut probes = all_healthy();
