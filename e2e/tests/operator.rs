@@ -1314,6 +1314,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     ])?;
     let t_roll = Instant::now();
     let lowest_healthy = std::cell::Cell::new(4_i64);
+    let lowest_status = std::cell::RefCell::new(String::new());
     poll(
         "every replica to run the new template",
         Duration::from_secs(300),
@@ -1323,9 +1324,13 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
             let before = before.clone();
             let tools = &tools;
             let lowest = &lowest_healthy;
+            let lowest_status = &lowest_status;
             async move {
                 let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
                 if let Some(h) = c["status"]["healthy"].as_i64() {
+                    if h < lowest.get() {
+                        *lowest_status.borrow_mut() = c["status"]["members"].to_string();
+                    }
                     lowest.set(lowest.get().min(h));
                 }
                 for id in [0, 1, 2, 4] {
@@ -1366,7 +1371,8 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     ));
     assert!(
         lowest_healthy.get() >= 3,
-        "the roll took down more than one replica at a time"
+        "the roll took down more than one replica at a time; members then: {}",
+        lowest_status.borrow()
     );
     let (phase, out) = client_pod(&tools, &namespace, "client-4", &replica_image, &[]).await?;
     assert_eq!(phase, "Succeeded", "{out}");

@@ -808,9 +808,9 @@ async fn remove_departed(
 /// StatefulSets use `OnDelete`, so a changed pod template reaches a replica only when its pod is
 /// deleted. Deletes at most one pod that runs an outdated revision and returns its replica id.
 /// With every member healthy any of them may go (followers first, the leader last: each leader
-/// restart costs a leader change). Otherwise only an unhealthy member's pod, which costs the
-/// cluster nothing it has, and only while a quorum is healthy: this is how a replica switched
-/// into (or out of) a test mode, or stuck on a bad template, gets the new one.
+/// restart costs a leader change). With exactly one unhealthy member, only its pod, and only
+/// while a quorum is healthy: this is how a replica switched into (or out of) a test mode, or
+/// stuck on a bad template, gets the new one.
 async fn roll_one(
     ctx: &Context,
     name: &str,
@@ -820,8 +820,17 @@ async fn roll_one(
     quorum: i32,
     leader: Option<i32>,
 ) -> Result<Option<i32>, Error> {
-    let all_healthy = membership.members.iter().all(|id| healthy.contains(id));
-    if !all_healthy && (healthy.len() as i32) < quorum {
+    let unhealthy: Vec<i32> = membership
+        .members
+        .iter()
+        .copied()
+        .filter(|id| !healthy.contains(id))
+        .collect();
+    // Restarting the one unhealthy member costs nothing the cluster has; with two unhealthy,
+    // one of them may be a working voter in a passing state (a leader change, catching up
+    // after its own restart), and restarting it would take two down at once.
+    let restartable = |id: i32| unhealthy.is_empty() || unhealthy == [id];
+    if unhealthy.len() > 1 || (healthy.len() as i32) < quorum {
         return Ok(None);
     }
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
@@ -845,9 +854,7 @@ async fn roll_one(
         if pod.metadata.deletion_timestamp.is_some() {
             return Ok(None);
         }
-        if pod.labels().get("controller-revision-hash") != Some(&update)
-            && (all_healthy || !healthy.contains(&id))
-        {
+        if pod.labels().get("controller-revision-hash") != Some(&update) && restartable(id) {
             outdated.push(id);
         }
     }

@@ -108,16 +108,18 @@ pub fn compute(
         .ok()
         .and_then(|i| decided.get(i).copied());
     // A leader change is normal and short: a member in one stays Healthy, with the leader
-    // change noted as its problem, and only one still in it at the next observation counts
-    // as unhealthy, so the status does not flap on every leader change.
-    let was_synchronizing = |id: i32| {
-        previous.is_some_and(|p| {
-            p.members.iter().any(|m| {
-                m.id == id
-                    && m.problem
-                        .as_deref()
-                        .is_some_and(|t| t.starts_with(SYNCHRONIZING))
-            })
+    // change and when it was first seen noted as its problem, and counts as unhealthy only once
+    // the leader change has lasted LEADER_CHANGE_GRACE, so the status does not flap on every
+    // leader change (a restarted leader, a joiner arriving).
+    let synchronizing_since = |id: i32| {
+        previous.and_then(|p| {
+            p.members
+                .iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.problem.as_deref())
+                .and_then(|t| t.strip_prefix(SYNCHRONIZING))
+                .and_then(|t| t.strip_prefix(" since "))
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
         })
     };
     let problem_of = |id: i32, p: &Probe| -> (bool, Option<String>) {
@@ -126,7 +128,8 @@ pub fn compute(
                 membership,
                 &diverged,
                 progress,
-                was_synchronizing(id),
+                synchronizing_since(id),
+                &now,
                 id,
                 s,
             ),
@@ -427,6 +430,10 @@ pub fn agreed_newer_view(membership: &Membership, probes: &BTreeMap<i32, Probe>)
 /// The problem of a member in a leader change.
 const SYNCHRONIZING: &str = "in a leader change (synchronization phase)";
 
+/// How long a member may stay in one leader change and still count as healthy: a leader change
+/// after a crash takes a request timeout and a synchronization, a few seconds.
+pub const LEADER_CHANGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(15);
+
 /// How many instances a member may be behind the f+1-agreed progress and still count as caught
 /// up: the probes of one pass are concurrent, not simultaneous, and replicas decide under load.
 pub const MAX_LAG: u64 = 64;
@@ -436,7 +443,8 @@ fn verified_problem(
     membership: &Membership,
     diverged: &[i32],
     progress: Option<u64>,
-    was_synchronizing: bool,
+    synchronizing_since: Option<jiff::Timestamp>,
+    now: &Time,
     id: i32,
     s: &kmmr::node::Status,
 ) -> (bool, Option<String>) {
@@ -460,10 +468,13 @@ fn verified_problem(
             s.last_decided
                 .map_or_else(|| "nothing yet".to_string(), |d| d.to_string())
         )
-    } else if s.synchronizing && was_synchronizing {
-        format!("{SYNCHRONIZING} since the previous observation")
     } else if s.synchronizing {
-        return (true, Some(SYNCHRONIZING.to_string()));
+        let since = synchronizing_since.unwrap_or(now.0);
+        let note = format!("{SYNCHRONIZING} since {since}");
+        if now.0.duration_since(since) < LEADER_CHANGE_GRACE {
+            return (true, Some(note));
+        }
+        note
     } else {
         return (true, None);
     };

@@ -374,7 +374,16 @@ fn a_leader_change_counts_against_a_member_only_if_it_lasts() {
     assert_eq!(once.healthy, Some(4), "a leader change is not a fault");
     assert!(events.iter().all(|e| !e.warning), "{events:?}");
     assert!(once.members.iter().all(|m| m.problem.is_some()));
-    let (twice, _) = compute(Some(&once), &membership(), &probes, &ctx(), at(300));
-    assert_eq!(twice.healthy, Some(0), "one that does not end is");
-    assert_eq!(cond(&twice, kind::AVAILABLE).status, "False");
+    let (again, _) = compute(Some(&once), &membership(), &probes, &ctx(), at(210));
+    assert_eq!(
+        again, once,
+        "nothing changes while it lasts less than the grace"
+    );
+    let (long, _) = compute(Some(&again), &membership(), &probes, &ctx(), at(216));
+    assert_eq!(long.healthy, Some(0), "one that does not end is");
+    assert_eq!(cond(&long, kind::AVAILABLE).status, "False");
+    // Over, then a new one: its clock starts again.
+    let (over, _) = compute(Some(&long), &membership(), &all_healthy(), &ctx(), at(220));
+    let (new, _) = compute(Some(&over), &membership(), &probes, &ctx(), at(300));
+    assert_eq!(new.healthy, Some(4));
 }
