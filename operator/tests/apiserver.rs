@@ -300,11 +300,18 @@ async fn controller_applies_children_reports_status_refuses_what_it_may_not_do_a
     .await?;
     assert_eq!(c.status.and_then(|s| s.n), Some(4));
     assert!(sets.get_opt("demo-4").await?.is_none());
-    let reasons = events(&client, &ns, "demo").await?;
-    assert!(
-        reasons.iter().any(|r| r == "ReconfigurationDisabled"),
-        "{reasons:?}"
-    );
+    // The Event is published after the status is written: wait for it rather than race it.
+    poll(
+        "the ReconfigurationDisabled Event",
+        Duration::from_secs(30),
+        || async {
+            let r = events(&client, &ns, "demo").await?;
+            Ok(r.iter()
+                .any(|r| r == "ReconfigurationDisabled")
+                .then_some(()))
+        },
+    )
+    .await?;
 
     // The test-only Byzantine mode annotation: this operator was not started for tests, so it is
     // refused with an error saying so, and no replica is switched.
