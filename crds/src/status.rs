@@ -82,6 +82,12 @@ pub struct MemberStatus {
     /// Digest of the replica's state at its latest checkpoint, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_digest: Option<String>,
+    /// Why the member is not Healthy: the evidence against it (unreachable, a status not signed
+    /// by its key, another view, catching up, a diverged state, a Byzantine test mode it runs).
+    /// A Healthy member may carry a note here too: a leader change it is taking part in, which
+    /// makes it unhealthy only if it still shows at the next observation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Health of one member.
@@ -132,6 +138,9 @@ pub mod condition_reasons {
     pub const REPLICAS_UNHEALTHY: &str = "ReplicasUnhealthy";
     /// Degraded=True: some replicas' state digest differs from the f+1-agreed one.
     pub const STATE_DIVERGED: &str = "StateDiverged";
+    /// Degraded=True: some replicas misbehave: a /status not signed by their key in the view
+    /// (or about another replica, or malformed), or a Byzantine test mode they run.
+    pub const REPLICAS_MISBEHAVING: &str = "ReplicasMisbehaving";
     /// Degraded=False.
     pub const ALL_REPLICAS_HEALTHY: &str = "AllReplicasHealthy";
     /// Reconfiguring=True: a replica is joining the view.
@@ -153,10 +162,12 @@ pub mod condition_reasons {
     /// Available, Degraded and FaultToleranceExceeded while no replica has been healthy yet:
     /// a new cluster's pods are starting, which is not a fault.
     pub const STARTING: &str = "Starting";
-    /// Reconfiguring=False: spec.replicas or spec.f differs from the view, but this operator
-    /// cannot move the view through the protocol yet; nothing was changed.
-    pub const RECONFIGURATION_NOT_SUPPORTED: &str = "ReconfigurationNotSupported";
+    /// Reconfiguring=True: f is changing, the members stay.
+    pub const CHANGING_FAULT_TOLERANCE: &str = "ChangingFaultTolerance";
+    /// Reconfiguring=False: spec.replicas or spec.f differs from the view, but the operator runs
+    /// with reconfiguration disabled (`--no-reconfiguration`); nothing was changed.
+    pub const RECONFIGURATION_DISABLED: &str = "ReconfigurationDisabled";
     /// Reconfiguring=False: the change would leave fewer healthy replicas than a quorum, so it
-    /// waits until enough replicas are healthy.
+    /// waits until enough replicas are healthy; or the replicas refused it.
     pub const RECONFIGURATION_BLOCKED: &str = "ReconfigurationBlocked";
 }

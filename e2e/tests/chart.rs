@@ -138,12 +138,24 @@ fn rbac_grants_every_call_the_operator_makes() -> Result {
         ),
         ("kmmr.io", "bftclusters/status", &["patch"][..]),
         ("kmmr.io", "bftclusters/finalizers", &["update"][..]),
-        ("apps", "statefulsets", &["list", "watch", "patch"][..]),
+        (
+            "apps",
+            "statefulsets",
+            &["get", "list", "watch", "patch", "delete"][..],
+        ),
         ("", "services", &["list", "watch", "patch"][..]),
         ("", "configmaps", &["get", "list", "watch", "patch"][..]),
-        ("", "secrets", &["get", "list", "watch", "patch"][..]),
-        ("", "pods", &["list", "watch"][..]),
-        ("", "persistentvolumeclaims", &["deletecollection"][..]),
+        (
+            "",
+            "secrets",
+            &["get", "list", "watch", "create", "patch", "delete"][..],
+        ),
+        ("", "pods", &["list", "watch", "delete"][..]),
+        (
+            "",
+            "persistentvolumeclaims",
+            &["list", "delete", "deletecollection"][..],
+        ),
         (
             "policy",
             "poddisruptionbudgets",
@@ -200,6 +212,44 @@ fn deployment_runs_non_root_with_a_fixed_tag_and_the_downward_api() -> Result {
     assert!(
         env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
         "{env:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn byzantine_test_modes_are_off_unless_a_test_turns_them_on() -> Result {
+    let Some(helm) = helm_or_skip("byzantine_test_modes_are_off_unless_a_test_turns_them_on")
+    else {
+        return Ok(());
+    };
+    let args = |extra: &[&str]| -> Result<Vec<String>> {
+        let docs = render(&helm, extra)?;
+        let deploy = find(&docs, "Deployment");
+        Ok(
+            deploy[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect(),
+        )
+    };
+    let default = args(&[])?;
+    assert!(
+        !default
+            .iter()
+            .any(|a| a == "--allow-byzantine-test-modes" || a == "--no-reconfiguration"),
+        "{default:?}"
+    );
+    let testing = args(&["--set", "testing.allowByzantineModes=true"])?;
+    assert!(
+        testing.iter().any(|a| a == "--allow-byzantine-test-modes"),
+        "{testing:?}"
+    );
+    let fixed = args(&["--set", "reconfiguration.enabled=false"])?;
+    assert!(
+        fixed.iter().any(|a| a == "--no-reconfiguration"),
+        "{fixed:?}"
     );
     Ok(())
 }

@@ -2,8 +2,11 @@
 //! images, `kubectl apply` a BftCluster of 4, wait until it is Available with 4 healthy members,
 //! write and read through the replicas' client from a pod, kill the leader's pod and check that
 //! the cluster recovers without losing an acknowledged write, check `kubectl get` and
-//! `kubectl describe`, check that a membership change is refused loudly (not yet supported),
-//! pause, and delete everything.
+//! `kubectl describe`, scale 4 -> 7 -> 4 through the protocol one view at a time while a client
+//! keeps writing (with a view change made behind the operator's back and the operator restarted
+//! in between, which it must repair), switch one replica into a Byzantine mode and check that
+//! the status names it while clients stay correct, pause, roll a new pod template, and delete
+//! everything.
 //!
 //! Needs `KUBECONFIG`, and the images in `KMMR_REPLICA_IMAGE` and `KMMR_OPERATOR_IMAGE` present
 //! on the nodes (`.ci/testbed-test` builds and loads them; on kind, `kind load docker-image`).
@@ -149,7 +152,9 @@ fn storage(tools: &Tools, namespace: &str, cleanup: &mut Cleanup) -> Result<Opti
         .join("kmmr-e2e-volumes")
         .join(namespace);
     cleanup.host_dir = Some(dir.clone());
-    for i in 0..6 {
+    // Ids 0-7 are used over the test (4 -> 7, replica 3 removed and replaced, back to 4); a
+    // released volume is not reused, so each id needs its own, plus spares.
+    for i in 0..10 {
         let path = dir.join(i.to_string());
         std::fs::create_dir_all(&path)?;
         // The replica runs as 65532; hostPath volumes get no fsGroup treatment.
@@ -264,6 +269,277 @@ async fn client_pod(
     Ok((phase, logs))
 }
 
+/// Everything that explains a failure of a step: the cluster's status and Events, the pods, and
+/// the logs of every replica (and of its previous container) and of the operator. Written to a
+/// file whose path is printed, and its tail printed too.
+fn diagnose(tools: &Tools, namespace: &str, operator_namespace: &str, why: &str) {
+    let mut out = format!("=== {why}\n");
+    let mut section = |title: &str, args: &[&str]| {
+        out.push_str(&format!("\n=== {title}\n"));
+        match tools.kubectl(args) {
+            Ok(text) => out.push_str(&text),
+            Err(e) => out.push_str(&format!("({e})\n")),
+        }
+    };
+    section(
+        "bftcluster",
+        &["get", "bftcluster", CLUSTER, "-n", namespace, "-o", "yaml"],
+    );
+    section("pods", &["get", "pods", "-n", namespace, "-o", "wide"]);
+    section(
+        "configmap",
+        &[
+            "get",
+            "configmap",
+            &format!("{CLUSTER}-config"),
+            "-n",
+            namespace,
+            "-o",
+            "yaml",
+        ],
+    );
+    section(
+        "events",
+        &["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"],
+    );
+    let pods = tools
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/component=replica",
+            "-o",
+            "name",
+        ])
+        .unwrap_or_default();
+    for pod in pods.lines() {
+        section(
+            &format!("logs {pod}"),
+            &["logs", pod, "-n", namespace, "--tail=300"],
+        );
+        section(
+            &format!("previous logs {pod}"),
+            &["logs", pod, "-n", namespace, "--previous", "--tail=100"],
+        );
+    }
+    section(
+        "operator logs",
+        &[
+            "logs",
+            "-n",
+            operator_namespace,
+            "-l",
+            "app.kubernetes.io/name=kmmr-operator",
+            "--tail=400",
+        ],
+    );
+    let path = std::env::temp_dir().join(format!("kmmr-e2e-diagnosis-{namespace}.txt"));
+    let _ = std::fs::write(&path, &out);
+    let tail: String = out
+        .lines()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    loud(&format!(
+        "DIAGNOSIS ({why}) written to {}; its end:\n{tail}",
+        path.display()
+    ));
+}
+
+/// A pod that writes e2e keys one at a time for as long as the test runs (`kmmr-replica
+/// writes`), printing `acked <key> <value>` for every acknowledged write.
+fn start_writer(tools: &Tools, namespace: &str, name: &str, image: &str, prefix: &str) -> Result {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532 },
+            "volumes": [{
+                "name": "view",
+                "configMap": { "name": format!("{CLUSTER}-config"), "items": [{ "key": "view.toml", "path": "view.toml" }] }
+            }],
+            "containers": [{
+                "name": "writer",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["kmmr-replica"],
+                "args": ["writes", "--view", "/etc/kmmr/view.toml", "--client-key", "/tmp/client.key",
+                         "--interval-ms", "20", "--seconds", "1200", prefix],
+                "volumeMounts": [{ "name": "view", "mountPath": "/etc/kmmr" }]
+            }]
+        }
+    });
+    tools.kubectl_in(&["apply", "-f", "-"], &pod.to_string())?;
+    Ok(())
+}
+
+/// The writes `start_writer`'s pod has had acknowledged so far, in order.
+fn acked(tools: &Tools, namespace: &str, name: &str) -> Result<Vec<(String, String)>> {
+    let logs = tools.kubectl(&["logs", name, "-n", namespace])?;
+    Ok(logs
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.strip_prefix("acked ")?.split(' ');
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect())
+}
+
+/// One view the status showed while scaling.
+#[derive(Debug, Clone, PartialEq)]
+struct SeenView {
+    view: i64,
+    n: i64,
+    f: i64,
+    members: Vec<i64>,
+    /// When the status first showed this view, from the patch.
+    first_seen: Duration,
+    /// When the status first showed every member of this view healthy, from the patch. The
+    /// operator takes the next step in the pass that sees that, so only the last view of a
+    /// scaling is seen settled.
+    settled: Option<Duration>,
+}
+
+/// Sets spec.replicas to `n` and follows the status until the view matches the spec, recording
+/// each view it passed through and checking at every observation that the cluster stayed
+/// Available with a healthy quorum.
+async fn scale_and_follow(
+    tools: &Tools,
+    namespace: &str,
+    operator_namespace: &str,
+    n: i64,
+) -> Result<Vec<SeenView>> {
+    let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", namespace])?;
+    let before = SeenView {
+        view: c["status"]["viewId"]
+            .as_i64()
+            .ok_or("no view id before scaling")?,
+        n: c["status"]["n"].as_i64().unwrap_or(-1),
+        f: c["status"]["f"].as_i64().unwrap_or(-1),
+        members: c["status"]["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_i64())
+            .collect(),
+        first_seen: Duration::ZERO,
+        settled: Some(Duration::ZERO),
+    };
+    tools.kubectl(&[
+        "patch",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"spec":{{"replicas":{n}}}}}"#),
+    ])?;
+    let start = Instant::now();
+    let mut seen: Vec<SeenView> = vec![before];
+    let mut reconfiguring_seen = false;
+    let deadline = Duration::from_secs(420);
+    loop {
+        if start.elapsed() > deadline {
+            diagnose(
+                tools,
+                namespace,
+                operator_namespace,
+                &format!("scaling to {n}"),
+            );
+            return Err(format!(
+                "scaling to {n} did not finish within {deadline:?}; views seen: {seen:?}"
+            )
+            .into());
+        }
+        let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", namespace])?;
+        let s = &c["status"];
+        let (view, cn, cf) = (
+            s["viewId"].as_i64().unwrap_or(-1),
+            s["n"].as_i64().unwrap_or(-1),
+            s["f"].as_i64().unwrap_or(-1),
+        );
+        let healthy = s["healthy"].as_i64().unwrap_or(0);
+        let quorum = s["quorum"].as_i64().unwrap_or(i64::MAX);
+        // Never a step that leaves fewer than a quorum healthy: every observation is Available.
+        if !(condition_is(&c, "Available", "True") && healthy >= quorum) {
+            diagnose(
+                tools,
+                namespace,
+                operator_namespace,
+                "quorum lost while scaling",
+            );
+            return Err(
+                format!("while scaling to {n} the cluster lost its healthy quorum: {s}").into(),
+            );
+        }
+        if condition_is(&c, "Reconfiguring", "True") {
+            reconfiguring_seen = true;
+        }
+        let members: Vec<i64> = s["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_i64())
+            .collect();
+        if seen.last().is_none_or(|v| v.view != view) && view >= 0 {
+            seen.push(SeenView {
+                view,
+                n: cn,
+                f: cf,
+                members,
+                first_seen: start.elapsed(),
+                settled: None,
+            });
+            loud(&format!(
+                "scaling to {n}: view {view} (n={cn}, f={cf}) shown after {:.1?}",
+                start.elapsed()
+            ));
+        }
+        let last = seen.last_mut().ok_or("no view in the status")?;
+        if last.settled.is_none() && healthy == cn {
+            last.settled = Some(start.elapsed());
+        }
+        let done = cn == n
+            && healthy == n
+            && condition(&c, "Reconfiguring")
+                .is_some_and(|r| r["status"] == "False" && r["reason"] == "ViewMatchesSpec");
+        if done && (reconfiguring_seen || seen.len() > 1) {
+            return Ok(seen);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Checks the views a scaling passed through: one member (or f) per view, view ids consecutive.
+fn assert_single_steps(seen: &[SeenView], expected: &[(i64, i64)]) {
+    let got: Vec<(i64, i64)> = seen.iter().skip(1).map(|v| (v.n, v.f)).collect();
+    assert_eq!(got, expected, "views seen: {seen:?}");
+    for pair in seen.windows(2) {
+        assert_eq!(
+            pair[1].view,
+            pair[0].view + 1,
+            "a view was skipped: {seen:?}"
+        );
+        let (a, b) = (&pair[0].members, &pair[1].members);
+        let changed = a.iter().filter(|m| !b.contains(m)).count()
+            + b.iter().filter(|m| !a.contains(m)).count();
+        assert!(
+            changed <= 1,
+            "more than one member changed in one step: {seen:?}"
+        );
+    }
+}
+
 async fn wait_healthy(tools: &Tools, namespace: &str, timeout: Duration) -> Result<Value> {
     poll(
         "the BftCluster to be Available with 4 healthy members",
@@ -361,6 +637,9 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
             "image.pullPolicy=IfNotPresent",
             "--set",
             "resources.requests.cpu=10m",
+            // The Byzantine-replica test below needs the test-only annotation honoured.
+            "--set",
+            "testing.allowByzantineModes=true",
             "--wait",
             "--timeout",
             "180s",
@@ -488,37 +767,53 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         tools.json(&["get", "pod", &victim, "-n", &namespace])?["metadata"]["uid"].clone();
     let t_kill = Instant::now();
     tools.kubectl(&["delete", "pod", &victim, "-n", &namespace, "--wait=false"])?;
-    let degraded = poll(
-        "the status to notice the killed replica",
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            Ok((c["status"]["healthy"].as_i64().is_some_and(|h| h < 4)).then_some(c))
-        },
-    )
-    .await;
-    let noticed = t_kill.elapsed();
+    // Writes go on while the replica is down; meanwhile its replacement is timed: a new pod
+    // (new uid), Ready, and the status with all 4 healthy again. Whether the status caught the
+    // replica down at all depends on how fast the pod came back between two observations.
+    let seen_down = std::cell::Cell::new(None::<Duration>);
     let second: Vec<(String, String)> = (5..10)
         .map(|i| (format!("e2e/k{i}"), format!("v{i}")))
         .collect();
-    let (phase, out) = client_pod(&tools, &namespace, "client-2", &replica_image, &second).await?;
+    let replacement = poll(
+        "the killed replica to be replaced and the cluster healthy",
+        Duration::from_secs(240),
+        Duration::from_millis(250),
+        || async {
+            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+            let healthy = c["status"]["healthy"].as_i64().unwrap_or(0);
+            if healthy < 4 && seen_down.get().is_none() {
+                seen_down.set(Some(t_kill.elapsed()));
+            }
+            let Ok(pod) = tools.json(&["get", "pod", &victim, "-n", &namespace]) else {
+                return Ok(None);
+            };
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let replaced = pod["metadata"]["uid"] != old_uid && ready && healthy == 4;
+            Ok(replaced.then(|| (t_kill.elapsed(), c)))
+        },
+    );
+    let writes = client_pod(&tools, &namespace, "client-2", &replica_image, &second);
+    let (replacement, writes) = tokio::join!(replacement, writes);
+    let (replaced, c) = replacement?;
+    let (phase, out) = writes?;
     assert_eq!(
         phase, "Succeeded",
         "writes while one replica is down must succeed: {out}"
     );
-    let c = wait_healthy(&tools, &namespace, Duration::from_secs(240)).await?;
-    let replaced = t_kill.elapsed();
-    let new_uid =
-        tools.json(&["get", "pod", &victim, "-n", &namespace])?["metadata"]["uid"].clone();
-    assert_ne!(old_uid, new_uid, "the pod must have been replaced");
+    let c = if condition_is(&c, "Available", "True") {
+        c
+    } else {
+        wait_healthy(&tools, &namespace, Duration::from_secs(120)).await?
+    };
     loud(&format!(
-        "MEASURED killed leader replica {leader}: status showed it {} after {noticed:.1?}; \
-         replaced and all 4 healthy again after {replaced:.1?}; new leader {}",
-        if degraded.is_ok() {
-            "unhealthy"
-        } else {
-            "(never seen unhealthy)"
+        "MEASURED killed leader replica {leader}: {}; new pod Ready and all 4 healthy again after {replaced:.1?}; new leader {}",
+        match seen_down.get() {
+            Some(t) => format!("status showed it down after {t:.1?}"),
+            None => "it came back before the status caught it down".to_string(),
         },
         c["status"]["leader"]
     ));
@@ -562,65 +857,407 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         "{events}"
     );
 
-    // 6. A membership change cannot be applied yet: it is refused loudly and nothing changes.
-    tools.kubectl(&[
-        "patch",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":7}}"#,
-    ])?;
-    let c = poll(
-        "Reconfiguring to report the refusal",
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            let refused = condition(&c, "Reconfiguring")
-                .is_some_and(|r| r["reason"] == "ReconfigurationNotSupported")
-                && c["status"]["observedGeneration"] == c["metadata"]["generation"];
-            Ok(refused.then_some(c))
-        },
-    )
-    .await?;
-    assert_eq!(c["status"]["n"], 4);
-    assert!(
-        tools
-            .kubectl(&[
-                "get",
-                "statefulset",
-                &format!("{CLUSTER}-4"),
-                "-n",
-                &namespace
-            ])
-            .is_err(),
-        "no replica 4 may be created outside the protocol"
-    );
-    tools.kubectl(&[
-        "patch",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":4}}"#,
-    ])?;
+    // 6. Scaling through the protocol, 4 -> 7 -> 4, one member (or f) per view, while a client
+    //    keeps writing; every acknowledged write reads back afterwards.
+    start_writer(&tools, &namespace, "writer", &replica_image, "e2e/w/")?;
     poll(
-        "Reconfiguring to clear",
-        Duration::from_secs(60),
+        "the writer's first acknowledged writes",
+        Duration::from_secs(120),
         Duration::from_millis(500),
         || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            Ok(condition(&c, "Reconfiguring")
-                .is_some_and(|r| r["reason"] == "ViewMatchesSpec")
+            Ok((acked(&tools, &namespace, "writer")
+                .unwrap_or_default()
+                .len()
+                >= 3)
                 .then_some(()))
         },
     )
     .await?;
+    let acked_before_out = acked(&tools, &namespace, "writer")?.len();
+    let grew = scale_and_follow(&tools, &namespace, &operator_namespace, 7).await?;
+    assert_single_steps(&grew, &[(5, 1), (6, 1), (7, 1), (7, 2)]);
+    assert_eq!(
+        grew.last().map(|v| v.members.clone()),
+        Some((0..7).collect::<Vec<i64>>())
+    );
+    let acked_after_out = acked(&tools, &namespace, "writer")?.len();
+    assert!(
+        acked_after_out > acked_before_out,
+        "the writer made no progress while the cluster grew ({acked_before_out} -> {acked_after_out})"
+    );
+    let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+    assert_eq!(
+        (
+            c["status"]["n"].as_i64(),
+            c["status"]["f"].as_i64(),
+            c["status"]["quorum"].as_i64()
+        ),
+        (Some(7), Some(2), Some(5))
+    );
+    let table = tools.kubectl(&["get", "bftclusters", "-n", &namespace])?;
+    loud(&format!("after scaling out:\n{table}"));
+
+    // 6b. A lost answer: a view change the operator never heard of. Paused, the admin key (from
+    //     its Secret) removes replica 3 behind the operator's back, leaving the ConfigMap's view
+    //     stale. Unpaused, and with the operator itself restarted, the operator must learn the
+    //     installed view from the replicas, repair the ConfigMap, delete replica 3's objects,
+    //     and grow back to 7 with a new id: converging from the state a crash would leave.
+    tools.kubectl(&[
+        "annotate",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        "kmmr.io/paused=true",
+    ])?;
+    poll(
+        "Paused=True",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || async {
+            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+            Ok(condition_is(&c, "Paused", "True").then_some(()))
+        },
+    )
+    .await?;
+    let recorded_view = c["status"]["viewId"].as_i64().ok_or("no view id")?;
+    let admin_pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "behind-the-back", "namespace": namespace },
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532 },
+            "volumes": [
+                { "name": "view", "configMap": { "name": format!("{CLUSTER}-config"), "items": [{ "key": "view.toml", "path": "view.toml" }] } },
+                { "name": "admin", "secret": { "secretName": format!("{CLUSTER}-admin-key"), "items": [{ "key": "key", "path": "admin.key" }] } }
+            ],
+            "containers": [{
+                "name": "admin",
+                "image": replica_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["kmmr-replica"],
+                "args": ["admin", "--view", "/etc/kmmr/view.toml", "--admin-key", "/etc/admin/admin.key", "--no-write-view", "remove", "--id", "3"],
+                "volumeMounts": [
+                    { "name": "view", "mountPath": "/etc/kmmr" },
+                    { "name": "admin", "mountPath": "/etc/admin" }
+                ]
+            }]
+        }
+    });
+    tools.kubectl_in(&["apply", "-f", "-"], &admin_pod.to_string())?;
+    let phase = poll(
+        "the admin pod to finish",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            let p = tools.json(&["get", "pod", "behind-the-back", "-n", &namespace])?;
+            let phase = p["status"]["phase"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+        },
+    )
+    .await?;
+    let admin_out = tools
+        .kubectl(&["logs", "behind-the-back", "-n", &namespace])
+        .unwrap_or_default();
+    assert_eq!(
+        phase, "Succeeded",
+        "the admin's removal failed: {admin_out}"
+    );
+    let cm = tools.json(&[
+        "get",
+        "configmap",
+        &format!("{CLUSTER}-config"),
+        "-n",
+        &namespace,
+    ])?;
+    let cm_view = cm["data"]["view.toml"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        cm_view.starts_with(&format!("id = {recorded_view}\n")),
+        "while paused the operator must not have rewritten the view:\n{cm_view}"
+    );
+    let t_repair = Instant::now();
+    tools.kubectl(&[
+        "annotate",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        "kmmr.io/paused-",
+    ])?;
+    tools.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        &operator_namespace,
+        "-l",
+        "app.kubernetes.io/name=kmmr-operator",
+        "--wait=false",
+    ])?;
+    let repaired = poll(
+        "the operator to follow the installed view and grow back to 7 without replica 3",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || async {
+            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+            let s = &c["status"];
+            let ids: Vec<i64> = s["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["id"].as_i64())
+                .collect();
+            let ok = s["n"] == 7
+                && s["f"] == 2
+                && s["healthy"] == 7
+                && !ids.contains(&3)
+                && condition(&c, "Reconfiguring").is_some_and(|r| r["reason"] == "ViewMatchesSpec");
+            Ok(ok.then_some(c))
+        },
+    )
+    .await;
+    let repaired = match repaired {
+        Ok(c) => c,
+        Err(e) => {
+            diagnose(
+                &tools,
+                &namespace,
+                &operator_namespace,
+                "repairing a stale view",
+            );
+            return Err(e);
+        }
+    };
+    loud(&format!(
+        "MEASURED lost answer repaired (operator restarted, stale view {recorded_view} -> view {} with members {}): {:.1?}",
+        repaired["status"]["viewId"],
+        repaired["status"]["members"].as_array().map(|m| m.iter().map(|x| x["id"].to_string()).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+        t_repair.elapsed()
+    ));
+    for gone in [
+        vec!["statefulset".to_string(), format!("{CLUSTER}-3")],
+        vec!["secret".to_string(), format!("{CLUSTER}-3-key")],
+        vec!["pvc".to_string(), format!("data-{CLUSTER}-3-0")],
+    ] {
+        poll(
+            &format!("{} {} to be deleted", gone[0], gone[1]),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || async {
+                Ok(tools
+                    .kubectl(&["get", &gone[0], &gone[1], "-n", &namespace])
+                    .is_err()
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
+    let events = tools.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &namespace,
+        "--field-selector",
+        &format!("involvedObject.name={CLUSTER}"),
+    ])?;
+    assert!(events.contains("ViewRecovered"), "{events}");
+
+    // 6c. Back to 4: the highest ids leave one per view.
+    let acked_before_in = acked(&tools, &namespace, "writer")?.len();
+    let shrank = scale_and_follow(&tools, &namespace, &operator_namespace, 4).await?;
+    assert_single_steps(&shrank, &[(6, 1), (5, 1), (4, 1)]);
+    assert_eq!(
+        shrank.last().map(|v| v.members.clone()),
+        Some(vec![0, 1, 2, 4])
+    );
+    // A step lasts from the view before it appearing to its own view appearing (the joiner
+    // catching up is part of the step that follows it, which waits for it); the last one until
+    // every member of the final view is healthy.
+    let step_times = |seen: &[SeenView]| {
+        let mut out = Vec::new();
+        for i in 1..seen.len() {
+            let from = if i == 1 {
+                Duration::ZERO
+            } else {
+                seen[i - 1].first_seen
+            };
+            out.push(format!(
+                "-> view {} (n={} f={}): {:.1}s",
+                seen[i].view,
+                seen[i].n,
+                seen[i].f,
+                (seen[i].first_seen - from).as_secs_f64()
+            ));
+        }
+        if let Some(last) = seen.last() {
+            out.push(format!(
+                "all {} healthy at {:.1}s",
+                last.n,
+                last.settled.unwrap_or_default().as_secs_f64()
+            ));
+        }
+        out.join("; ")
+    };
+    loud(&format!(
+        "MEASURED scale 4 -> 7 step by step: {}\nMEASURED scale 7 -> 4 step by step: {}",
+        step_times(&grew),
+        step_times(&shrank)
+    ));
+    for id in [5, 6, 7] {
+        poll(
+            &format!("replica {id}'s StatefulSet to be removed"),
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || async {
+                Ok(tools
+                    .kubectl(&[
+                        "get",
+                        "statefulset",
+                        &format!("{CLUSTER}-{id}"),
+                        "-n",
+                        &namespace,
+                    ])
+                    .is_err()
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
+    let written = acked(&tools, &namespace, "writer")?;
+    assert!(
+        written.len() > acked_before_in,
+        "the writer made no progress while the cluster shrank"
+    );
+    tools.kubectl(&["delete", "pod", "writer", "-n", &namespace, "--wait=false"])?;
+    let describe = tools.kubectl(&["describe", "bftcluster", CLUSTER, "-n", &namespace])?;
+    for needle in ["ViewChanged", "MemberRemoved", "ScalingOut", "ScalingIn"] {
+        assert!(
+            describe.contains(needle),
+            "kubectl describe lacks {needle}:\n{describe}"
+        );
+    }
+    let (phase, out) = client_pod(&tools, &namespace, "client-5", &replica_image, &[]).await?;
+    assert_eq!(phase, "Succeeded", "{out}");
+    for (k, v) in first.iter().chain(&second).chain(&written) {
+        assert!(
+            out.contains(&format!("{k} = {v} ")),
+            "acknowledged write {k} = {v} lost by scaling: {}",
+            out.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+    loud(&format!(
+        "scaling: {} writes acknowledged during 4 -> 7 -> 4 and all read back",
+        written.len()
+    ));
+
+    // 6d. One replica switched into a Byzantine mode (test-only annotation, honoured because
+    //     this operator was installed with testing.allowByzantineModes): the status names it,
+    //     from its own signed status, and clients keep getting correct results.
+    let c = wait_healthy(&tools, &namespace, Duration::from_secs(120)).await?;
+    let leader = c["status"]["leader"].as_i64().unwrap_or(-1);
+    let liar = [1_i64, 2, 4]
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap_or(1);
+    let t_byz = Instant::now();
+    tools.kubectl(&[
+        "annotate",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        &format!("kmmr.io/byzantine-test-mode={liar}=mixed"),
+    ])?;
+    let named = poll(
+        "the status to name the Byzantine replica",
+        Duration::from_secs(180),
+        Duration::from_millis(500),
+        || async {
+            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
+            let degraded = condition(&c, "Degraded").cloned().unwrap_or_default();
+            let member = c["status"]["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["id"] == liar)
+                .cloned()
+                .unwrap_or_default();
+            let ok = degraded["status"] == "True"
+                && degraded["reason"] == "ReplicasMisbehaving"
+                && degraded["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("replica {liar} (")))
+                && member["health"] == "Unhealthy"
+                && member["problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("Byzantine"))
+                && condition_is(&c, "Available", "True");
+            Ok(ok.then_some(c))
+        },
+    )
+    .await;
+    let named = match named {
+        Ok(c) => c,
+        Err(e) => {
+            diagnose(
+                &tools,
+                &namespace,
+                &operator_namespace,
+                "naming a Byzantine replica",
+            );
+            return Err(e);
+        }
+    };
+    loud(&format!(
+        "MEASURED replica {liar} switched to Byzantine mode mixed and named in the status after {:.1?}: {}",
+        t_byz.elapsed(),
+        condition(&named, "Degraded").map(|d| d["message"].to_string()).unwrap_or_default()
+    ));
+    let pod = tools.json(&[
+        "get",
+        "pod",
+        &format!("{CLUSTER}-{liar}-0"),
+        "-n",
+        &namespace,
+    ])?;
+    assert!(
+        pod["spec"]["containers"][0]["args"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "mixed")),
+        "the replica must really run the mode: {}",
+        pod["spec"]["containers"][0]["args"]
+    );
+    let third: Vec<(String, String)> = (20..25)
+        .map(|i| (format!("e2e/k{i}"), format!("v{i}")))
+        .collect();
+    let (phase, out) = client_pod(&tools, &namespace, "client-byz", &replica_image, &third).await?;
+    assert_eq!(
+        phase, "Succeeded",
+        "clients must stay correct with one Byzantine replica: {out}"
+    );
+    for (k, v) in first.iter().chain(&second).chain(&third).chain(&written) {
+        assert!(
+            out.contains(&format!("{k} = {v} ")),
+            "with a Byzantine replica, {k} = {v} did not read back"
+        );
+    }
+    // Switched back: the operator restarts the unhealthy replica with the honest template.
+    tools.kubectl(&[
+        "annotate",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        "kmmr.io/byzantine-test-mode-",
+    ])?;
+    wait_healthy(&tools, &namespace, Duration::from_secs(180)).await?;
 
     // 7. Pause by annotation: reported, and a deleted child is not recreated until unpaused.
     tools.kubectl(&[
@@ -693,6 +1330,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     ])?;
     let t_roll = Instant::now();
     let lowest_healthy = std::cell::Cell::new(4_i64);
+    let lowest_status = std::cell::RefCell::new(String::new());
     poll(
         "every replica to run the new template",
         Duration::from_secs(300),
@@ -702,12 +1340,16 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
             let before = before.clone();
             let tools = &tools;
             let lowest = &lowest_healthy;
+            let lowest_status = &lowest_status;
             async move {
                 let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
                 if let Some(h) = c["status"]["healthy"].as_i64() {
+                    if h < lowest.get() {
+                        *lowest_status.borrow_mut() = c["status"]["members"].to_string();
+                    }
                     lowest.set(lowest.get().min(h));
                 }
-                for id in 0..4 {
+                for id in [0, 1, 2, 4] {
                     let sts = tools.json(&[
                         "get",
                         "statefulset",
@@ -745,7 +1387,8 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     ));
     assert!(
         lowest_healthy.get() >= 3,
-        "the roll took down more than one replica at a time"
+        "the roll took down more than one replica at a time; members then: {}",
+        lowest_status.borrow()
     );
     let (phase, out) = client_pod(&tools, &namespace, "client-4", &replica_image, &[]).await?;
     assert_eq!(phase, "Succeeded", "{out}");

@@ -113,6 +113,17 @@ pub fn build_children_for(
     membership: &Membership,
     keys: &Keys,
 ) -> Result<Children, BuildError> {
+    build_children_with(cluster, membership, keys, &BTreeMap::new())
+}
+
+/// As [`build_children_for`], with replicas run in a Byzantine test mode (replica id -> mode,
+/// already checked by [`crate::testmode::requested`]).
+pub fn build_children_with(
+    cluster: &BftCluster,
+    membership: &Membership,
+    keys: &Keys,
+    test_modes: &BTreeMap<i32, String>,
+) -> Result<Children, BuildError> {
     cluster.spec.validate()?;
     let name = cluster
         .metadata
@@ -141,7 +152,7 @@ pub fn build_children_for(
     let mut key_secrets = Vec::new();
     for &id in &membership.members {
         let replica = config::render_replica(cluster, id)?;
-        let hash = config::config_hash(&view, &replica);
+        let hash = config::config_hash(&replica, &keys::public_hex(keys.admin()));
         config_data.insert(names::replica_config_entry(id), replica);
         let key = keys.replica(id).ok_or(ConfigError::MissingKey(id))?;
         let mut secret_meta = meta(names::key_secret(name, id), "replica-key");
@@ -149,7 +160,14 @@ pub fn build_children_for(
         key_secrets.push(key_secret(secret_meta, key));
         let mut sts_meta = meta(names::stateful_set(name, id), names::COMPONENT_REPLICA);
         add_replica_label(&mut sts_meta, id);
-        stateful_sets.push(stateful_set(cluster, name, id, sts_meta, &hash));
+        stateful_sets.push(stateful_set(
+            cluster,
+            name,
+            id,
+            sts_meta,
+            &hash,
+            test_modes.get(&id).map(String::as_str),
+        ));
     }
 
     Ok(Children {
@@ -173,6 +191,32 @@ pub fn build_children_for(
         key_secrets,
         admin_secret: key_secret(meta(names::admin_secret(name), "admin-key"), keys.admin()),
     })
+}
+
+/// Replica `id`'s key Secret alone, exactly as [`build_children_for`] makes it: the controller
+/// stores a joining replica's key before asking the replicas to add it.
+pub fn replica_key_secret(
+    cluster: &BftCluster,
+    id: i32,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<Secret, BuildError> {
+    let name = cluster
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(BuildError::MissingMetadata("metadata.name"))?;
+    let owner = cluster
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("metadata.uid"))?;
+    let mut meta = ObjectMeta {
+        name: Some(names::key_secret(name, id)),
+        namespace: cluster.metadata.namespace.clone(),
+        labels: Some(names::common_labels(name, "replica-key")),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    };
+    add_replica_label(&mut meta, id);
+    Ok(key_secret(meta, key))
 }
 
 fn add_replica_label(meta: &mut ObjectMeta, id: i32) {
@@ -206,6 +250,7 @@ fn stateful_set(
     id: i32,
     metadata: ObjectMeta,
     config_hash: &str,
+    test_mode: Option<&str>,
 ) -> StatefulSet {
     let spec = &cluster.spec;
     let selector = names::replica_pod_selector(name, id);
@@ -258,11 +303,7 @@ fn stateful_set(
         image: Some(spec.image.clone()),
         image_pull_policy: Some(spec.image_pull_policy.as_str().to_string()),
         command: Some(vec!["kmmr-replica".to_string()]),
-        args: Some(vec![
-            "run".to_string(),
-            "--config".to_string(),
-            config::CONFIG_FILE.to_string(),
-        ]),
+        args: Some(replica_args(test_mode)),
         ports: Some(vec![
             container_port("replica", spec.ports.replica),
             container_port("client", spec.ports.client),
@@ -319,6 +360,14 @@ fn stateful_set(
         ..Container::default()
     };
 
+    let mut pod_annotations = BTreeMap::from([(
+        names::CONFIG_HASH_ANNOTATION.to_string(),
+        config_hash.to_string(),
+    )]);
+    if let Some(mode) = test_mode {
+        // Seen in `kubectl describe pod`: this pod misbehaves on purpose.
+        pod_annotations.insert(crate::testmode::ANNOTATION.to_string(), mode.to_string());
+    }
     let pod_spec = PodSpec {
         containers: vec![container],
         volumes: Some(vec![config_volume, tmp_volume]),
@@ -376,10 +425,7 @@ fn stateful_set(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        names::CONFIG_HASH_ANNOTATION.to_string(),
-                        config_hash.to_string(),
-                    )])),
+                    annotations: Some(pod_annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec),
@@ -402,6 +448,22 @@ fn stateful_set(
         }),
         ..StatefulSet::default()
     }
+}
+
+fn replica_args(test_mode: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--config".to_string(),
+        config::CONFIG_FILE.to_string(),
+    ];
+    if let Some(mode) = test_mode {
+        args.extend([
+            "--byzantine".to_string(),
+            mode.to_string(),
+            "--i-know-this-breaks-the-replica".to_string(),
+        ]);
+    }
+    args
 }
 
 fn key_to_path(key: &str, path: &str, mode: Option<i32>) -> KeyToPath {

@@ -141,11 +141,15 @@ pub fn render_replica(cluster: &BftCluster, id: i32) -> Result<String, ConfigErr
     Ok(toml::to_string_pretty(&config)?)
 }
 
-/// Hash of what replica `id` reads at start-up, for the pod annotation that marks a pod as
-/// running an outdated configuration.
-pub fn config_hash(view: &str, replica: &str) -> String {
+/// Hash of what replica `id` reads at start-up that only a restart brings in, for the pod
+/// annotation that marks a pod as running an outdated configuration: its own configuration and
+/// the admin key. The members are left out on purpose: a running replica learns every view change
+/// through the protocol (it executes the change itself), and a restarted one reads the current
+/// view from the ConfigMap or its disk. Hashing them would restart every replica after every
+/// membership step, each restart costing the cluster a member while it scales.
+pub fn config_hash(replica: &str, admin_public_key: &str) -> String {
     let mut hasher = blake3::Hasher::new();
-    for part in [view, replica] {
+    for part in [replica, admin_public_key] {
         hasher.update(&(part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
     }

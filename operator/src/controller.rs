@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::config::{Membership, VIEW_ENTRY};
 use crate::error::Error;
 use crate::keys::{self, Keys};
-use crate::membership::{plan, Plan, ReconfigError, Reconfigurer, Target};
+use crate::membership::{plan, Joining, Plan, ReconfigError, Reconfigurer, Step, Target};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::observe;
@@ -63,6 +63,8 @@ pub struct Context {
     pub probe_timeout: Duration,
     /// How replicas are reached.
     pub probe_via: ProbeVia,
+    /// Honour the test-only `kmmr.io/byzantine-test-mode` annotation ([`crate::testmode`]).
+    pub allow_byzantine_test_modes: bool,
     /// Consecutive failures per cluster, for the back-off.
     failures: Mutex<HashMap<ObjectRef<BftCluster>, u32>>,
 }
@@ -84,8 +86,15 @@ impl Context {
             reconfigurer,
             probe_timeout,
             probe_via,
+            allow_byzantine_test_modes: false,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// TEST ONLY: lets clusters ask for replicas in a Byzantine mode by annotation.
+    pub fn allowing_byzantine_test_modes(mut self, allowed: bool) -> Context {
+        self.allow_byzantine_test_modes = allowed;
+        self
     }
 
     fn failure_count(&self, obj: &ObjectRef<BftCluster>, failed: bool) -> u32 {
@@ -251,11 +260,12 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     let paused = is_paused(cluster);
 
     let view = read_view(ctx, &namespace, &name).await?;
-    let membership = view
+    let mut membership = view
         .as_ref()
         .map(|v| v.membership.clone())
         .unwrap_or_else(|| Membership::initial(cluster));
-    let (keys, generated) = load_keys(ctx, cluster, &namespace, &membership, view.as_ref()).await?;
+    let (mut keys, generated) =
+        load_keys(ctx, cluster, &namespace, &membership, view.as_ref()).await?;
     if !generated.is_empty() {
         publish(
             ctx,
@@ -271,29 +281,69 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
 
-    let probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
-    let previous = cluster.status.as_ref();
-    let now =
-        Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default());
+    let mut probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
     let mut obs = observe::Context {
         generation: cluster.metadata.generation,
         paused,
         reconfiguration: None,
     };
+    // The ConfigMap holds the view of the last change whose answer came back. If f+1 members
+    // run a newer one, an answer was lost (a timeout, or this operator restarted mid-change):
+    // ask the replicas for their view and follow it, even while paused, so the status is right.
+    let mut view_unconfirmed = None;
+    if view.is_some() {
+        if let Some(newer) = observe::agreed_newer_view(&membership, &probes) {
+            match recover_view(ctx, cluster, &namespace, &membership, &mut keys).await? {
+                Ok(installed) => {
+                    publish(
+                        ctx,
+                        cluster,
+                        false,
+                        "ViewRecovered",
+                        &format!(
+                            "the replicas run view {} (members {:?}, f = {}), newer than the view {} the operator recorded (the answer to a view change was lost): following it",
+                            installed.view_id, installed.members, installed.f, membership.view_id
+                        ),
+                        "Reconfigure",
+                    )
+                    .await;
+                    membership = installed;
+                    probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
+                }
+                Err(why) => {
+                    tracing::warn!(cluster = %name, %namespace, newer, error = %why, "reading the installed view back");
+                    view_unconfirmed = Some(format!(
+                        "f+1 replicas run view {newer}, newer than the recorded view {}, but the view itself could not be read from them yet ({why}); no change is made until it is",
+                        membership.view_id
+                    ));
+                }
+            }
+        }
+    }
+    let test_modes = crate::testmode::requested(
+        cluster
+            .annotations()
+            .get(crate::testmode::ANNOTATION)
+            .map(String::as_str),
+        ctx.allow_byzantine_test_modes,
+        &membership.members,
+        membership.f,
+    )
+    .map_err(Error::ByzantineTestMode)?;
+
+    let previous = cluster.status.as_ref();
+    let now =
+        Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default());
     let (first, _) = observe::compute(previous, &membership, &probes, &obs, now.clone());
-    let healthy: Vec<i32> = first
-        .members
-        .iter()
-        .filter(|m| m.health == kmmr_crds::MemberHealth::Healthy)
-        .map(|m| m.id)
-        .collect();
+    let mut healthy: Vec<i32> = healthy_ids(&first);
+    let mut leader = first.leader;
     let target = Target {
         replicas: cluster.spec.replicas,
         f: cluster.spec.fault_tolerance(),
     };
     // Only a view read back from the running cluster can be changed through the protocol; a
     // cluster whose first view has not been written yet simply starts with the spec's.
-    let mut membership = membership;
+    let mut requeue_soon = false;
     if view.is_some() {
         let planned = plan(&membership, target, &healthy);
         let unsupported = (planned != Plan::InSync)
@@ -303,60 +353,109 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
             Plan::InSync => None,
             _ if unsupported.is_some() => unsupported.map(|m| {
                 (
-                    kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
+                    false,
+                    kmmr_crds::condition_reasons::RECONFIGURATION_DISABLED,
                     m,
                 )
             }),
-            Plan::Blocked(reason, message) => Some((reason, message)),
-            Plan::Next(_) if paused => None,
-            Plan::Next(step) => match ctx
-                .reconfigurer
-                .apply(&membership, &step, keys.admin())
-                .await
-            {
-                Ok(next) => {
-                    publish(
-                        ctx,
-                        cluster,
+            _ if view_unconfirmed.is_some() => {
+                requeue_soon = true;
+                view_unconfirmed.map(|m| (true, progress_reason(&membership, target), m))
+            }
+            Plan::Blocked(reason, message) => Some((false, reason, message)),
+            Plan::Wait(message) => Some((true, progress_reason(&membership, target), message)),
+            Plan::Next(step) if paused => Some((
+                false,
+                kmmr_crds::condition_reasons::PAUSED,
+                format!("{step} is next, but reconciliation is paused"),
+            )),
+            Plan::Next(step) => {
+                requeue_soon = true;
+                match change_view(ctx, cluster, &namespace, &membership, &mut keys, &step).await? {
+                    Ok(next) => {
+                        publish(
+                            ctx,
+                            cluster,
+                            false,
+                            "ViewChanged",
+                            &format!(
+                                "{step}: the replicas installed view {} with members {:?} and f = {}",
+                                next.view_id, next.members, next.f
+                            ),
+                            "Reconfigure",
+                        )
+                        .await;
+                        membership = next;
+                        // The probes before the change describe the old view, and the members
+                        // install the new one a moment apart: wait (briefly) until those that
+                        // were healthy report it, rather than report them out of date.
+                        probes =
+                            settle(ctx, cluster, &namespace, &membership, &keys, &healthy).await;
+                        let (again, _) =
+                            observe::compute(previous, &membership, &probes, &obs, now.clone());
+                        healthy = healthy_ids(&again);
+                        leader = again.leader;
+                        progress(
+                            &membership,
+                            target,
+                            &format!("{step} done (view {})", membership.view_id),
+                        )
+                    }
+                    Err(ReconfigError::NotSupported(m)) => Some((
                         false,
-                        "ViewChanged",
-                        &format!(
-                            "{step:?}: view {} now has members {:?}",
-                            next.view_id, next.members
-                        ),
-                        "Reconfigure",
-                    )
-                    .await;
-                    membership = next;
-                    None
+                        kmmr_crds::condition_reasons::RECONFIGURATION_DISABLED,
+                        m,
+                    )),
+                    Err(e @ ReconfigError::Refused(_)) => Some((
+                        false,
+                        kmmr_crds::condition_reasons::RECONFIGURATION_BLOCKED,
+                        format!("{step}: {e}"),
+                    )),
+                    Err(e @ ReconfigError::Unknown(_)) => Some((
+                        true,
+                        progress_reason(&membership, target),
+                        format!("{step}: {e}"),
+                    )),
                 }
-                Err(ReconfigError::NotSupported(m)) => Some((
-                    kmmr_crds::condition_reasons::RECONFIGURATION_NOT_SUPPORTED,
-                    m,
-                )),
-                Err(e @ ReconfigError::Rejected(_)) => Some((
-                    kmmr_crds::condition_reasons::RECONFIGURATION_BLOCKED,
-                    e.to_string(),
-                )),
-            },
+            }
         };
     }
 
     if !paused {
-        let children = crate::children::build_children_for(cluster, &membership, &keys)?;
+        let children =
+            crate::children::build_children_with(cluster, &membership, &keys, &test_modes)?;
         apply_children(ctx, &namespace, children).await?;
-        // Only with every member healthy: restarting one then leaves the quorum and the
-        // tolerance of f-1 further faults intact.
-        if view.is_some() && healthy.len() == membership.members.len() {
-            let leader = first.leader;
-            if let Some(id) = roll_one(ctx, &name, &namespace, &membership, leader).await? {
+        for id in remove_departed(ctx, cluster, &namespace, &membership).await? {
+            publish(
+                ctx,
+                cluster,
+                false,
+                "MemberRemoved",
+                &format!("replica {id} is not in view {}: its StatefulSet, volume and key Secret are deleted", membership.view_id),
+                "Reconfigure",
+            )
+            .await;
+        }
+        if view.is_some() {
+            let quorum = kmmr_crds::quorum_size(membership.members.len() as i32, membership.f);
+            if let Some(id) = roll_one(
+                ctx,
+                &name,
+                &namespace,
+                &membership,
+                &healthy,
+                quorum,
+                leader,
+            )
+            .await?
+            {
                 publish(
                     ctx,
                     cluster,
                     false,
                     "RollingRestart",
                     &format!(
-                        "restarting replica {id} to run the new pod template (image, resources or configuration); the other {} replicas hold the quorum. One replica at a time, the leader last",
+                        "restarting replica {id} to run the new pod template (image, resources, configuration or test mode); the other {} replicas hold the quorum. One replica at a time, unhealthy ones first, the leader last",
                         membership.members.len() - 1
                     ),
                     "Restart",
@@ -377,25 +476,363 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     let settled = status.conditions.iter().all(|c| match c.type_.as_str() {
         condition_types::AVAILABLE => c.status == "True",
         condition_types::DEGRADED => c.status == "False",
+        condition_types::RECONFIGURING => c.status == "False",
         _ => true,
     });
-    Ok(Action::requeue(if settled {
+    Ok(Action::requeue(if requeue_soon {
+        Duration::from_secs(1)
+    } else if settled {
         Duration::from_secs(15)
     } else {
         Duration::from_secs(3)
     }))
 }
 
+/// Probes the members of a view just installed until every member in `were_healthy` reports
+/// it, for at most a few seconds, and returns the last probes.
+async fn settle(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &Keys,
+    were_healthy: &[i32],
+) -> BTreeMap<i32, Probe> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let probes = probe_members(ctx, cluster, namespace, membership, keys).await;
+        let installed = membership
+            .members
+            .iter()
+            .filter(|id| were_healthy.contains(id))
+            .all(|id| {
+                matches!(probes.get(id), Some(Probe::Verified(s)) if i64::from(s.view_id) >= membership.view_id)
+            });
+        if installed || tokio::time::Instant::now() >= deadline {
+            return probes;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn healthy_ids(status: &BftClusterStatus) -> Vec<i32> {
+    status
+        .members
+        .iter()
+        .filter(|m| m.health == kmmr_crds::MemberHealth::Healthy)
+        .map(|m| m.id)
+        .collect()
+}
+
+/// The Reconfiguring reason while the view moves toward the spec.
+fn progress_reason(membership: &Membership, target: Target) -> &'static str {
+    use kmmr_crds::condition_reasons as r;
+    let n = membership.members.len() as i32;
+    if target.replicas > n {
+        r::SCALING_OUT
+    } else if target.replicas < n {
+        r::SCALING_IN
+    } else {
+        r::CHANGING_FAULT_TOLERANCE
+    }
+}
+
+/// Reconfiguring after a step: True while the view still differs from the spec.
+fn progress(
+    membership: &Membership,
+    target: Target,
+    done: &str,
+) -> Option<(bool, &'static str, String)> {
+    let n = membership.members.len() as i32;
+    (n != target.replicas || membership.f != target.f).then(|| {
+        (
+            true,
+            progress_reason(membership, target),
+            format!(
+                "{done}; the view has {n} replicas with f = {}, the spec asks for {} with f = {}: one step at a time, each once every member is healthy",
+                membership.f, target.replicas, target.f
+            ),
+        )
+    })
+}
+
+/// Reads the installed view from the replicas and loads the keys of members it names that the
+/// recorded view did not (joiners whose addition was installed without the operator hearing of
+/// it: their key Secrets were written before the request). The outer error is an API failure;
+/// the inner one why the view could not be read.
+async fn recover_view(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &mut Keys,
+) -> Result<Result<Membership, String>, Error> {
+    let view_toml = crate::config::render_view(cluster, namespace, membership, keys)
+        .map_err(|e| Error::Build(e.to_string()))?;
+    let installed = match ctx
+        .reconfigurer
+        .current_view(&view_toml, keys.admin())
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if installed.membership.view_id <= membership.view_id {
+        return Ok(Err(format!(
+            "the admin client still sees view {}",
+            installed.membership.view_id
+        )));
+    }
+    for (&id, public) in &installed.keys {
+        if keys.replica(id).is_none() {
+            let seed = stored_seed(ctx, cluster, namespace, id)
+                .await?
+                .ok_or_else(|| Error::KeyLost {
+                    secret: names::key_secret(&cluster.name_any(), id),
+                    who: format!(
+                        "replica {id} (a member of the replicas' view {})",
+                        installed.membership.view_id
+                    ),
+                })?;
+            keys.insert_replica(id, seed);
+        }
+        if keys.replica(id).map(keys::public_hex).as_deref() != Some(public.as_str()) {
+            return Err(Error::KeyMismatch(format!("replica {id}")));
+        }
+    }
+    Ok(Ok(installed.membership))
+}
+
+/// Stores a joining replica's key (before the view can name it), then asks the replicas for
+/// the change. The outer error is an API failure; the inner one is the replicas' answer.
+async fn change_view(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+    keys: &mut Keys,
+    step: &Step,
+) -> Result<Result<Membership, ReconfigError>, Error> {
+    let name = cluster.name_any();
+    let joining = match step {
+        Step::Join(id) => {
+            let seed = joining_seed(ctx, cluster, namespace, *id, membership.view_id).await?;
+            keys.insert_replica(*id, seed);
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            Some(Joining {
+                address: names::member_address(&name, namespace, *id, cluster.spec.ports.replica),
+                public_key: keys::public_hex(&key),
+            })
+        }
+        _ => None,
+    };
+    // The view exactly as the replicas read it from the ConfigMap.
+    let view_toml = crate::config::render_view(cluster, namespace, membership, keys)
+        .map_err(|e| Error::Build(e.to_string()))?;
+    let answer = ctx
+        .reconfigurer
+        .apply(&view_toml, step, joining.as_ref(), keys.admin())
+        .await;
+    Ok(answer.map(|installed| installed.membership))
+}
+
+/// A replica key that was stored earlier: the user's, or ours from its Secret.
+async fn stored_seed(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    id: i32,
+) -> Result<Option<[u8; 32]>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    if let Some(user) = &cluster.spec.keys {
+        let secret = secrets
+            .get_opt(&user.secret_name)
+            .await?
+            .ok_or_else(|| Error::KeySecretMissing(user.secret_name.clone()))?;
+        return Ok(Some(keys::seed_entry(
+            &user.secret_name,
+            &secret.data.unwrap_or_default(),
+            &keys::user_entry(id),
+        )?));
+    }
+    let secret_name = names::key_secret(&cluster.name_any(), id);
+    match secrets.get_opt(&secret_name).await? {
+        Some(s) if owned_by(&s, cluster) => Ok(Some(keys::seed_entry(
+            &secret_name,
+            &s.data.unwrap_or_default(),
+            keys::SEED_ENTRY,
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+/// A joining replica's key: the user's, or ours, stored in its Secret before the request so that
+/// a retry in the same view (after a lost answer or a restart) names the same key. A Secret left
+/// from a request in an older view is never installed any more: it is replaced, so that an id is
+/// never given a key it had before.
+async fn joining_seed(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    id: i32,
+    view_id: i64,
+) -> Result<[u8; 32], Error> {
+    if cluster.spec.keys.is_some() {
+        return stored_seed(ctx, cluster, namespace, id)
+            .await?
+            .ok_or_else(|| Error::Build(format!("no key for replica {id}")));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret_name = names::key_secret(&cluster.name_any(), id);
+    if let Some(s) = secrets.get_opt(&secret_name).await? {
+        let same_view = s
+            .annotations()
+            .get(names::JOIN_VIEW_ANNOTATION)
+            .is_some_and(|v| *v == view_id.to_string());
+        if owned_by(&s, cluster) && same_view {
+            return Ok(keys::seed_entry(
+                &secret_name,
+                &s.data.unwrap_or_default(),
+                keys::SEED_ENTRY,
+            )?);
+        }
+        if owned_by(&s, cluster) {
+            secrets
+                .delete(&secret_name, &DeleteParams::default())
+                .await?;
+        } else {
+            return Err(Error::Build(format!(
+                "Secret {secret_name} exists but does not belong to this BftCluster: the operator will not take it over as replica {id}'s key; delete or rename it"
+            )));
+        }
+    }
+    let key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+    let mut secret = crate::children::replica_key_secret(cluster, id, &key)?;
+    secret
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(names::JOIN_VIEW_ANNOTATION.to_string(), view_id.to_string());
+    secrets
+        .create(&kube::api::PostParams::default(), &secret)
+        .await?;
+    Ok(key.to_bytes())
+}
+
+/// Deletes the StatefulSet, volume and key Secret of every replica id that is not in the view
+/// (after it left through the protocol, or a join that was never installed): a later replica
+/// with the same id must start with a new key and an empty volume. The Secret goes last, so an
+/// interrupted pass finds the replica again by what is left; a joiner's Secret is kept while its
+/// request can still be installed (the view it was made in is current).
+async fn remove_departed(
+    ctx: &Context,
+    cluster: &BftCluster,
+    namespace: &str,
+    membership: &Membership,
+) -> Result<Vec<i32>, Error> {
+    let name = cluster.name_any();
+    let selector = format!(
+        "app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={}",
+        names::MANAGER
+    );
+    let list = ListParams::default().labels(&selector);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let label_id = |labels: &BTreeMap<String, String>| {
+        labels
+            .get(names::REPLICA_ID_LABEL)
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    let outside = |id: &i32| !membership.members.contains(id);
+    let mut departed = std::collections::BTreeSet::new();
+    for set in sets.list(&list).await?.items {
+        if let Some(id) = label_id(set.labels()).filter(outside) {
+            if owned_by(&set, cluster) {
+                departed.insert(id);
+            }
+        }
+    }
+    // Claims belong to no owner (the StatefulSets' retention keeps them): found by name.
+    for claim in pvcs.list(&list).await?.items {
+        if let Some(id) = names::data_claim_id(&name, &claim.name_any()).filter(outside) {
+            departed.insert(id);
+        }
+    }
+    let mut stale_keys = Vec::new();
+    if cluster.spec.keys.is_none() {
+        for s in secrets.list(&list).await?.items {
+            let Some(id) = label_id(s.labels()).filter(outside) else {
+                continue;
+            };
+            let pending = s
+                .annotations()
+                .get(names::JOIN_VIEW_ANNOTATION)
+                .is_some_and(|v| *v == membership.view_id.to_string());
+            if owned_by(&s, cluster) && !pending {
+                stale_keys.push(id);
+            }
+        }
+    }
+    let gone = |r: Result<(), kube::Error>| match r {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    };
+    for &id in &departed {
+        gone(
+            sets.delete(&names::stateful_set(&name, id), &DeleteParams::background())
+                .await
+                .map(|_| ()),
+        )?;
+        gone(
+            pvcs.delete(&names::data_claim(&name, id), &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    for &id in departed.iter().chain(&stale_keys) {
+        if cluster.spec.keys.is_some() {
+            continue;
+        }
+        gone(
+            secrets
+                .delete(&names::key_secret(&name, id), &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    Ok(departed.into_iter().collect())
+}
+
 /// StatefulSets use `OnDelete`, so a changed pod template reaches a replica only when its pod is
-/// deleted. Deletes at most one pod that runs an outdated revision, followers before the leader
-/// (each leader restart costs a leader change), and returns its replica id.
+/// deleted. Deletes at most one pod that runs an outdated revision and returns its replica id.
+/// With every member healthy any of them may go (followers first, the leader last: each leader
+/// restart costs a leader change). With exactly one unhealthy member, only its pod, and only
+/// while a quorum is healthy: this is how a replica switched into (or out of) a test mode, or
+/// stuck on a bad template, gets the new one.
 async fn roll_one(
     ctx: &Context,
     name: &str,
     namespace: &str,
     membership: &Membership,
+    healthy: &[i32],
+    quorum: i32,
     leader: Option<i32>,
 ) -> Result<Option<i32>, Error> {
+    let unhealthy: Vec<i32> = membership
+        .members
+        .iter()
+        .copied()
+        .filter(|id| !healthy.contains(id))
+        .collect();
+    // Restarting the one unhealthy member costs nothing the cluster has; with two unhealthy,
+    // one of them may be a working voter in a passing state (a leader change, catching up
+    // after its own restart), and restarting it would take two down at once.
+    let restartable = |id: i32| unhealthy.is_empty() || unhealthy == [id];
+    if unhealthy.len() > 1 || (healthy.len() as i32) < quorum {
+        return Ok(None);
+    }
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let mut outdated = Vec::new();
@@ -417,7 +854,7 @@ async fn roll_one(
         if pod.metadata.deletion_timestamp.is_some() {
             return Ok(None);
         }
-        if pod.labels().get("controller-revision-hash") != Some(&update) {
+        if pod.labels().get("controller-revision-hash") != Some(&update) && restartable(id) {
             outdated.push(id);
         }
     }

@@ -36,6 +36,10 @@ pub enum Error {
     /// The object lacks metadata the apiserver always sets.
     #[error("the BftCluster has no {0}")]
     MissingMetadata(&'static str),
+    /// The test-only Byzantine mode annotation is refused (operator not started for tests, or
+    /// a bad value).
+    #[error("{0}")]
+    ByzantineTestMode(String),
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
@@ -55,11 +59,12 @@ impl Error {
             Error::ViewUnreadable { .. } => "ViewUnreadable",
             Error::MissingMetadata(_) => "MissingMetadata",
             Error::Finalizer(_) => "FinalizerFailed",
+            Error::ByzantineTestMode(_) => "ByzantineTestModeRefused",
         }
     }
 
     /// Every reason, so that the failure metric has all its series from the start.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "KubeApiError",
         kmmr_crds::condition_reasons::INVALID_SPEC,
         "BuildFailed",
@@ -70,6 +75,7 @@ impl Error {
         "ViewUnreadable",
         "MissingMetadata",
         "FinalizerFailed",
+        "ByzantineTestModeRefused",
     ];
 
     /// Whether retrying soon can help: a user's mistake waits longer between retries.
@@ -121,6 +127,7 @@ mod tests {
             },
             Error::MissingMetadata("m"),
             Error::Finalizer("f".into()),
+            Error::ByzantineTestMode("b".into()),
         ];
         for e in samples {
             assert!(Error::REASONS.contains(&e.reason()), "{}", e.reason());

@@ -103,6 +103,11 @@ impl Keys {
         Ok(Keys { replicas, admin })
     }
 
+    /// Adds (or replaces) replica `id`'s key: a replica about to join the view.
+    pub fn insert_replica(&mut self, id: i32, seed: [u8; 32]) {
+        self.replicas.insert(id, SigningKey::from_bytes(&seed));
+    }
+
     /// Replica ids that have keys, in order.
     pub fn replica_ids(&self) -> impl Iterator<Item = i32> + '_ {
         self.replicas.keys().copied()

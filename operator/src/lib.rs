@@ -7,14 +7,17 @@
 //! - [`children`]: the StatefulSets, Services, ConfigMap, PodDisruptionBudget and Secrets.
 //! - [`observe`]: status and conditions from what the replicas report.
 //! - [`membership`]: the next membership step and the trait that carries it out.
+//! - [`testmode`]: the test-only Byzantine modes a cluster's annotation may ask for.
 //!
 //! Runtime parts:
 //! - [`probe`]: a replica's signed `/status`, fetched and verified.
 //! - [`controller`]: the reconcile pipeline on kube-runtime.
+//! - [`admin`]: membership steps as admin-signed view changes through `kmmr::client::admin`.
 //! - [`leader`]: leader election on a Lease.
 //! - [`metrics`]: Prometheus metrics and the operator's HTTP endpoints.
 //! - [`error`]: reconcile errors, each a metric label and Event reason.
 
+pub mod admin;
 pub mod children;
 pub mod config;
 pub mod controller;
@@ -26,7 +29,8 @@ pub mod metrics;
 pub mod names;
 pub mod observe;
 pub mod probe;
+pub mod testmode;
 
-pub use children::{build_children, build_children_for, BuildError, Children};
+pub use children::{build_children, build_children_for, build_children_with, BuildError, Children};
 pub use config::Membership;
 pub use keys::{KeyError, Keys};

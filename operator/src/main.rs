@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use kmmr_operator::admin::ThroughAdmin;
 use kmmr_operator::controller::{self, Context, ProbeVia};
 use kmmr_operator::leader::{self, Elector};
-use kmmr_operator::membership::NotSupported;
+use kmmr_operator::membership::{NotSupported, Reconfigurer};
 use kmmr_operator::metrics::{self, Metrics};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
@@ -43,6 +44,17 @@ struct Args {
     /// Reach replicas by their pod DNS names instead of pod IPs.
     #[arg(long)]
     probe_via_dns: bool,
+    /// Refuse membership changes (spec.replicas or spec.f differing from the view) instead of
+    /// carrying them out through admin-signed reconfiguration.
+    #[arg(long)]
+    no_reconfiguration: bool,
+    /// Time limit of one view change, in seconds.
+    #[arg(long, default_value_t = 60)]
+    reconfiguration_timeout_secs: u64,
+    /// TEST ONLY: honour the kmmr.io/byzantine-test-mode annotation, which runs chosen replicas
+    /// in a Byzantine mode that attacks their own cluster. Never set it outside tests.
+    #[arg(long, env = "KMMR_ALLOW_BYZANTINE_TEST_MODES")]
+    allow_byzantine_test_modes: bool,
     /// Time limit of one replica's /status probe, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
@@ -170,18 +182,34 @@ async fn run(args: Args) -> Result<(), String> {
             instance: Some(identity),
         },
     );
-    let ctx = Arc::new(Context::new(
-        client,
-        recorder,
-        metrics.clone(),
-        Arc::new(NotSupported),
-        Duration::from_millis(args.probe_timeout_ms),
-        if args.probe_via_dns {
-            ProbeVia::Dns
-        } else {
-            ProbeVia::PodIp
-        },
-    ));
+    let reconfigurer: Arc<dyn Reconfigurer> = if args.no_reconfiguration {
+        Arc::new(NotSupported)
+    } else {
+        Arc::new(ThroughAdmin {
+            timeout: Duration::from_secs(args.reconfiguration_timeout_secs),
+        })
+    };
+    if args.allow_byzantine_test_modes {
+        tracing::warn!(
+            annotation = kmmr_operator::testmode::ANNOTATION,
+            "TEST ONLY: --allow-byzantine-test-modes is set: a BftCluster annotation can make its replicas attack their own cluster. Never run an operator like this outside tests"
+        );
+    }
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            recorder,
+            metrics.clone(),
+            reconfigurer,
+            Duration::from_millis(args.probe_timeout_ms),
+            if args.probe_via_dns {
+                ProbeVia::Dns
+            } else {
+                ProbeVia::PodIp
+            },
+        )
+        .allowing_byzantine_test_modes(args.allow_byzantine_test_modes),
+    );
     let controller = controller::run(ctx, args.watch_namespace.as_deref(), stopped());
     let lost = async {
         match &elector {

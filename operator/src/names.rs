@@ -9,7 +9,11 @@ pub const APP_NAME: &str = "kmmr";
 pub const MANAGER: &str = "kmmr-operator";
 /// Label carrying a replica's id on its StatefulSet, pod and key Secret.
 pub const REPLICA_ID_LABEL: &str = "kmmr.io/replica-id";
-/// Pod annotation with the hash of the view and the replica's configuration.
+/// On a joining replica's key Secret: the view id its addition was requested in. The request can
+/// only be installed while that view is current, so once the view has moved on without the
+/// replica, the Secret is known to be unused and is deleted.
+pub const JOIN_VIEW_ANNOTATION: &str = "kmmr.io/join-requested-in-view";
+/// Pod annotation with the hash of the replica's configuration (what only a restart brings in).
 pub const CONFIG_HASH_ANNOTATION: &str = "kmmr.io/config-hash";
 
 /// Component of replica StatefulSets, their pods and Services.
@@ -18,6 +22,22 @@ pub const COMPONENT_REPLICA: &str = "replica";
 /// StatefulSet of replica `id`: its only pod is `<cluster>-<id>-0`.
 pub fn stateful_set(cluster: &str, id: i32) -> String {
     format!("{cluster}-{id}")
+}
+
+/// The PersistentVolumeClaim of replica `id` (from its StatefulSet's claim template `data`).
+pub fn data_claim(cluster: &str, id: i32) -> String {
+    format!("data-{}", pod(cluster, id))
+}
+
+/// The replica id of a claim named by [`data_claim`], if `claim` is one of `cluster`'s.
+pub fn data_claim_id(cluster: &str, claim: &str) -> Option<i32> {
+    claim
+        .strip_prefix("data-")?
+        .strip_prefix(cluster)?
+        .strip_prefix('-')?
+        .strip_suffix("-0")?
+        .parse()
+        .ok()
 }
 
 /// The pod of replica `id`.
@@ -117,6 +137,15 @@ pub fn replica_pod_selector(cluster: &str, id: i32) -> BTreeMap<String, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_name_gives_back_its_replica_id_and_only_its_cluster_s() {
+        assert_eq!(data_claim_id("demo", &data_claim("demo", 12)), Some(12));
+        // "demo-1" is another cluster whose names start like demo's.
+        assert_eq!(data_claim_id("demo", &data_claim("demo-1", 3)), None);
+        assert_eq!(data_claim_id("demo", "data-demo-x-0"), None);
+        assert_eq!(data_claim_id("demo", "other"), None);
+    }
 
     #[test]
     fn longest_allowed_cluster_name_keeps_every_child_name_a_dns_label() {

@@ -26,8 +26,9 @@ pub struct Context {
     pub generation: Option<i64>,
     /// Reconciliation is paused (spec or annotation).
     pub paused: bool,
-    /// The view differs from the spec and the change is not being made: (reason, message).
-    pub reconfiguration: Option<(&'static str, String)>,
+    /// The view differs from the spec: (Reconfiguring's status, reason, message). `None` when
+    /// the view is what the spec asks for.
+    pub reconfiguration: Option<(bool, &'static str, String)>,
 }
 
 /// Something that changed and deserves an Event.
@@ -96,36 +97,82 @@ pub fn compute(
     }
     diverged.sort_unstable();
 
-    let healthy_report = |id: i32, s: &kmmr::node::Status| {
-        i64::from(s.view_id) == membership.view_id
-            && s.n as i64 == i64::from(n)
-            && s.f as i64 == i64::from(f)
-            && !s.synchronizing
-            && s.byzantine.is_none()
-            && !diverged.contains(&id)
+    // How far the cluster has decided: at least f+1 members (one of them correct) have decided
+    // this far, so a member well behind it is still catching up, not a healthy voter.
+    let mut decided: Vec<u64> = verified
+        .iter()
+        .filter_map(|(_, s)| s.last_decided)
+        .collect();
+    decided.sort_unstable_by(|a, b| b.cmp(a));
+    let progress = usize::try_from(f)
+        .ok()
+        .and_then(|i| decided.get(i).copied());
+    // A leader change is normal and short: a member in one stays Healthy, with the leader
+    // change and when it was first seen noted as its problem, and counts as unhealthy only once
+    // the leader change has lasted LEADER_CHANGE_GRACE, so the status does not flap on every
+    // leader change (a restarted leader, a joiner arriving).
+    let synchronizing_since = |id: i32| {
+        previous.and_then(|p| {
+            p.members
+                .iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.problem.as_deref())
+                .and_then(|t| t.strip_prefix(SYNCHRONIZING))
+                .and_then(|t| t.strip_prefix(" since "))
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        })
+    };
+    let problem_of = |id: i32, p: &Probe| -> (bool, Option<String>) {
+        match p {
+            Probe::Verified(s) => verified_problem(
+                membership,
+                &diverged,
+                progress,
+                synchronizing_since(id),
+                &now,
+                id,
+                s,
+            ),
+            Probe::Rejected(e) | Probe::Unreachable(e) => (false, Some(e.clone())),
+        }
     };
     let members: Vec<MemberStatus> = reports
         .iter()
-        .map(|(id, p)| match p {
-            Probe::Verified(s) => MemberStatus {
-                id: *id,
-                health: if healthy_report(*id, s) {
-                    MemberHealth::Healthy
-                } else {
-                    MemberHealth::Unhealthy
+        .map(|(id, p)| {
+            let (fine, problem) = problem_of(*id, p);
+            match p {
+                Probe::Verified(s) => MemberStatus {
+                    id: *id,
+                    health: if fine {
+                        MemberHealth::Healthy
+                    } else {
+                        MemberHealth::Unhealthy
+                    },
+                    role: if s.leader == s.id {
+                        MemberRole::Leader
+                    } else {
+                        MemberRole::Follower
+                    },
+                    view_id: Some(i64::from(s.view_id)),
+                    last_decided_cid: s.last_decided.and_then(|c| i64::try_from(c).ok()),
+                    state_digest: Some(s.state_digest.clone()),
+                    problem,
                 },
-                role: if s.leader == s.id {
-                    MemberRole::Leader
-                } else {
-                    MemberRole::Follower
-                },
-                view_id: Some(i64::from(s.view_id)),
-                last_decided_cid: s.last_decided.and_then(|c| i64::try_from(c).ok()),
-                state_digest: Some(s.state_digest.clone()),
-            },
-            Probe::Rejected(_) => blank_member(*id, MemberHealth::Unhealthy),
-            Probe::Unreachable(_) => blank_member(*id, MemberHealth::Unreachable),
+                Probe::Rejected(_) => blank_member(*id, MemberHealth::Unhealthy, problem),
+                Probe::Unreachable(_) => blank_member(*id, MemberHealth::Unreachable, problem),
+            }
         })
+        .collect();
+    // Evidence of misbehaviour rather than of a crash: a status that does not verify, or a
+    // Byzantine test mode the replica's own signed status admits to.
+    let misbehaving: Vec<i32> = reports
+        .iter()
+        .filter(|(_, p)| match p {
+            Probe::Rejected(_) => true,
+            Probe::Verified(s) => s.byzantine.is_some(),
+            Probe::Unreachable(_) => false,
+        })
+        .map(|(id, _)| *id)
         .collect();
     let healthy = members
         .iter()
@@ -146,12 +193,11 @@ pub fn compute(
         .iter()
         .filter(|m| m.health != MemberHealth::Healthy)
         .map(|m| {
-            let why = match &reports.iter().find(|(id, _)| *id == m.id).map(|r| r.1) {
-                Some(Probe::Verified(s)) => verified_problem(membership, n, f, &diverged, m.id, s),
-                Some(Probe::Rejected(e)) | Some(Probe::Unreachable(e)) => e.clone(),
-                None => "not probed".to_string(),
-            };
-            format!("replica {} ({why})", m.id)
+            format!(
+                "replica {} ({})",
+                m.id,
+                m.problem.as_deref().unwrap_or("not probed")
+            )
         })
         .collect();
 
@@ -204,6 +250,20 @@ pub fn compute(
                 "replicas {diverged:?} report a state that differs from the one f+1 replicas agree on: replace each (delete its pod and PersistentVolumeClaim) so it recovers the agreed state"
             ),
         )
+    } else if !misbehaving.is_empty() {
+        let named: Vec<&String> = not_healthy
+            .iter()
+            .filter(|t| misbehaving.iter().any(|id| t.starts_with(&format!("replica {id} "))))
+            .collect();
+        (
+            kind::DEGRADED,
+            true,
+            reason::REPLICAS_MISBEHAVING,
+            format!(
+                "replicas {misbehaving:?} misbehave: {}. Clients stay correct while at most f = {f} replicas are faulty ({faulty} of {n} are not healthy now); replace a misbehaving replica (delete its pod and PersistentVolumeClaim) or remove it by scaling in",
+                named.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
     } else {
         (
             kind::DEGRADED,
@@ -241,7 +301,7 @@ pub fn compute(
         )
     });
     desired.push(match &ctx.reconfiguration {
-        Some((why, message)) => (kind::RECONFIGURING, false, *why, message.clone()),
+        Some((active, why, message)) => (kind::RECONFIGURING, *active, *why, message.clone()),
         None => (
             kind::RECONFIGURING,
             false,
@@ -279,7 +339,7 @@ pub fn compute(
                         | (kind::DEGRADED, "True")
                         | (kind::FAULT_TOLERANCE_EXCEEDED, "True")
                 ) && why != reason::STARTING
-                    || why == reason::RECONFIGURATION_NOT_SUPPORTED
+                    || why == reason::RECONFIGURATION_DISABLED
                     || why == reason::RECONFIGURATION_BLOCKED;
                 transitions.push(Transition {
                     warning: bad,
@@ -338,7 +398,7 @@ pub fn compute(
     (status, transitions)
 }
 
-fn blank_member(id: i32, health: MemberHealth) -> MemberStatus {
+fn blank_member(id: i32, health: MemberHealth, problem: Option<String>) -> MemberStatus {
     MemberStatus {
         id,
         health,
@@ -346,35 +406,79 @@ fn blank_member(id: i32, health: MemberHealth) -> MemberStatus {
         view_id: None,
         last_decided_cid: None,
         state_digest: None,
+        problem,
     }
 }
 
-/// Why a replica whose status checks out is still not healthy.
+/// The newest view that more than f members of `membership` report, when it is newer than
+/// `membership`'s own: proof (one of them is correct) that the recorded view is out of date.
+pub fn agreed_newer_view(membership: &Membership, probes: &BTreeMap<i32, Probe>) -> Option<i64> {
+    let mut newer: Vec<i64> = membership
+        .members
+        .iter()
+        .filter_map(|id| match probes.get(id) {
+            Some(Probe::Verified(s)) => Some(i64::from(s.view_id)),
+            _ => None,
+        })
+        .filter(|v| *v > membership.view_id)
+        .collect();
+    // The (f+1)-th highest: at least f+1 members report this view or a newer one.
+    newer.sort_unstable_by(|a, b| b.cmp(a));
+    newer.get(usize::try_from(membership.f).ok()?).copied()
+}
+
+/// The problem of a member in a leader change.
+const SYNCHRONIZING: &str = "in a leader change (synchronization phase)";
+
+/// How long a member may stay in one leader change and still count as healthy: a leader change
+/// after a crash takes a request timeout and a synchronization, a few seconds.
+pub const LEADER_CHANGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(15);
+
+/// How many instances a member may be behind the f+1-agreed progress and still count as caught
+/// up: the probes of one pass are concurrent, not simultaneous, and replicas decide under load.
+pub const MAX_LAG: u64 = 64;
+
+/// Whether a replica whose status checks out is healthy, and what is wrong with it, if anything.
 fn verified_problem(
     membership: &Membership,
-    n: i32,
-    f: i32,
     diverged: &[i32],
+    progress: Option<u64>,
+    synchronizing_since: Option<jiff::Timestamp>,
+    now: &Time,
     id: i32,
     s: &kmmr::node::Status,
-) -> String {
-    if diverged.contains(&id) {
+) -> (bool, Option<String>) {
+    let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
+    let problem = if diverged.contains(&id) {
         "state diverged".to_string()
     } else if let Some(mode) = &s.byzantine {
         format!("runs the Byzantine test mode {mode}")
-    } else if i64::from(s.view_id) != membership.view_id
-        || s.n as i64 != i64::from(n)
-        || s.f as i64 != i64::from(f)
-    {
+    } else if i64::from(s.view_id) != membership.view_id || s.n as i64 != n || s.f as i64 != f {
         format!(
             "reports view {} with n={} f={}, expected view {} with n={n} f={f}",
             s.view_id, s.n, s.f, membership.view_id
         )
+    } else if !s.member {
+        "does not count itself a member of its view".to_string()
+    } else if s.transferring {
+        "fetching the state from the others (state transfer)".to_string()
+    } else if let Some(p) = progress.filter(|p| s.last_decided.is_none_or(|d| d + MAX_LAG < *p)) {
+        format!(
+            "catching up: decided up to {}, f+1 replicas up to {p}",
+            s.last_decided
+                .map_or_else(|| "nothing yet".to_string(), |d| d.to_string())
+        )
     } else if s.synchronizing {
-        "catching up with the others".to_string()
+        let since = synchronizing_since.unwrap_or(now.0);
+        let note = format!("{SYNCHRONIZING} since {since}");
+        if now.0.duration_since(since) < LEADER_CHANGE_GRACE {
+            return (true, Some(note));
+        }
+        note
     } else {
-        "unknown".to_string()
-    }
+        return (true, None);
+    };
+    (false, Some(problem))
 }
 
 /// The value more than f of `values` share, if any.
@@ -383,7 +487,13 @@ fn agreed(f: i32, values: impl Iterator<Item = i64>) -> Option<i64> {
     for v in values {
         *counts.entry(v).or_default() += 1;
     }
-    counts.into_iter().find(|(_, c)| *c > f).map(|(v, _)| v)
+    // The most reported value (the newer on a tie): a member a view behind the others must not
+    // outvote them merely by sorting first.
+    counts
+        .into_iter()
+        .filter(|(_, c)| *c > f)
+        .max_by_key(|(v, c)| (*c, *v))
+        .map(|(v, _)| v)
 }
 
 #[cfg(test)]

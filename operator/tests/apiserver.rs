@@ -144,9 +144,10 @@ async fn events(client: &Client, ns: &str, name: &str) -> Result<Vec<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn controller_applies_children_reports_status_refuses_reconfiguration_and_cleans_up() -> Result
-{
-    let test = "controller_applies_children_reports_status_refuses_reconfiguration_and_cleans_up";
+async fn controller_applies_children_reports_status_refuses_what_it_may_not_do_and_cleans_up(
+) -> Result {
+    let test =
+        "controller_applies_children_reports_status_refuses_what_it_may_not_do_and_cleans_up";
     let Some(client) = client_or_skip(test).await else {
         return Ok(());
     };
@@ -290,7 +291,7 @@ async fn controller_applies_children_reports_status_refuses_reconfiguration_and_
             let refused = c.status.as_ref().is_some_and(|s| {
                 s.observed_generation == Some(2)
                     && s.conditions.iter().any(|c| {
-                        c.type_ == "Reconfiguring" && c.reason == "ReconfigurationNotSupported"
+                        c.type_ == "Reconfiguring" && c.reason == "ReconfigurationDisabled"
                     })
             });
             Ok(refused.then_some(c))
@@ -299,11 +300,49 @@ async fn controller_applies_children_reports_status_refuses_reconfiguration_and_
     .await?;
     assert_eq!(c.status.and_then(|s| s.n), Some(4));
     assert!(sets.get_opt("demo-4").await?.is_none());
-    let reasons = events(&client, &ns, "demo").await?;
-    assert!(
-        reasons.iter().any(|r| r == "ReconfigurationNotSupported"),
-        "{reasons:?}"
-    );
+    // The Event is published after the status is written: wait for it rather than race it.
+    poll(
+        "the ReconfigurationDisabled Event",
+        Duration::from_secs(30),
+        || async {
+            let r = events(&client, &ns, "demo").await?;
+            Ok(r.iter()
+                .any(|r| r == "ReconfigurationDisabled")
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // The test-only Byzantine mode annotation: this operator was not started for tests, so it is
+    // refused with an error saying so, and no replica is switched.
+    clusters
+        .patch(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "annotations": { "kmmr.io/byzantine-test-mode": "1=mixed" } } }),
+            ),
+        )
+        .await?;
+    poll(
+        "the ByzantineTestModeRefused Event",
+        Duration::from_secs(60),
+        || async {
+            let r = events(&client, &ns, "demo").await?;
+            Ok(r.iter()
+                .any(|r| r == "ByzantineTestModeRefused")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let args = sets
+        .get("demo-1")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers[0].args.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(!args.iter().any(|a| a == "--byzantine"), "{args:?}");
 
     // A user key Secret that does not exist: an error Event, a failure metric, no children.
     let bad: BftCluster = serde_json::from_value(json!({

@@ -216,23 +216,25 @@ fn replica_config_is_accepted_by_the_replica() {
     }
 }
 
+fn template_annotations(sts: &StatefulSet) -> BTreeMap<String, String> {
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap()
+}
+
 #[test]
-fn config_hash_annotation_changes_when_the_view_changes() {
+fn config_hash_follows_what_only_a_restart_brings_in() {
     let c = cluster(4);
-    let keys = Keys::generate(0..4);
+    let keys = Keys::generate(0..5);
     let hash = |ch: &Children, i: usize| {
-        ch.stateful_sets[i]
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[names::CONFIG_HASH_ANNOTATION]
-            .clone()
+        template_annotations(&ch.stateful_sets[i])[names::CONFIG_HASH_ANNOTATION].clone()
     };
     let before = build_children(&c, &keys).unwrap();
     let again = build_children(&c, &keys).unwrap();
@@ -246,17 +248,46 @@ fn config_hash_annotation_changes_when_the_view_changes() {
         hash(&before, 1),
         "each replica has its own configuration"
     );
+    // A new view reaches running replicas through the protocol: no restart.
     let next = Membership {
         view_id: 1,
-        ..Membership::initial(&c)
+        f: 1,
+        members: vec![0, 1, 2, 3, 4],
     };
     let after = build_children_for(&c, &next, &keys).unwrap();
     for i in 0..4 {
-        assert_ne!(
-            hash(&before, i),
-            hash(&after, i),
-            "replica {i} must see the new view"
-        );
+        assert_eq!(hash(&before, i), hash(&after, i), "replica {i}");
+    }
+    // A protocol setting does need one.
+    let mut slower = c.clone();
+    slower.spec.protocol =
+        serde_json::from_value(serde_json::json!({ "requestTimeoutMs": 900 })).unwrap();
+    let changed = build_children(&slower, &keys).unwrap();
+    for i in 0..4 {
+        assert_ne!(hash(&before, i), hash(&changed, i), "replica {i}");
+    }
+}
+
+#[test]
+fn a_byzantine_test_mode_reaches_only_its_replica_with_the_confirmation_flag() {
+    let c = cluster(4);
+    let keys = Keys::generate(0..4);
+    let modes = BTreeMap::from([(2, "mixed".to_string())]);
+    let ch = build_children_with(&c, &Membership::initial(&c), &keys, &modes).unwrap();
+    for sts in &ch.stateful_sets {
+        let id = replica_id(sts);
+        let args = pod_spec(sts).containers[0].args.clone().unwrap();
+        let annotated = template_annotations(sts).contains_key(crate::testmode::ANNOTATION);
+        if id == 2 {
+            assert_eq!(
+                args[3..],
+                ["--byzantine", "mixed", "--i-know-this-breaks-the-replica"]
+            );
+            assert!(annotated);
+        } else {
+            assert_eq!(args, ["run", "--config", config::CONFIG_FILE]);
+            assert!(!annotated);
+        }
     }
 }
 

@@ -22,6 +22,7 @@ fn report(id: u32, cid: u64, digest: &str) -> Probe {
         state_digest: digest.to_string(),
         pending_requests: 0,
         byzantine: None,
+        member: true,
         ..Default::default()
     })
 }
@@ -182,6 +183,7 @@ fn a_lone_liar_cannot_name_the_leader_or_view() {
         state_digest: "d10".into(),
         pending_requests: 0,
         byzantine: None,
+        member: true,
         ..Default::default()
     };
     probes.insert(1, Probe::Verified(lie.clone()));
@@ -218,17 +220,170 @@ fn a_pending_reconfiguration_and_pause_are_reported_with_warnings() {
     let c = Context {
         generation: Some(2),
         paused: true,
-        reconfiguration: Some((reason::RECONFIGURATION_NOT_SUPPORTED, "not applied".into())),
+        reconfiguration: Some((
+            false,
+            reason::RECONFIGURATION_DISABLED,
+            "not applied".into(),
+        )),
     };
     let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
     let r = cond(&s, kind::RECONFIGURING);
     assert_eq!(
         (r.status.as_str(), r.reason.as_str()),
-        ("False", reason::RECONFIGURATION_NOT_SUPPORTED)
+        ("False", reason::RECONFIGURATION_DISABLED)
     );
     assert_eq!(r.observed_generation, Some(2));
     assert_eq!(cond(&s, kind::PAUSED).status, "True");
     assert!(events
         .iter()
-        .any(|e| e.warning && e.reason == reason::RECONFIGURATION_NOT_SUPPORTED));
+        .any(|e| e.warning && e.reason == reason::RECONFIGURATION_DISABLED));
+}
+
+#[test]
+fn a_view_moving_toward_the_spec_is_reconfiguring_without_a_warning() {
+    let c = Context {
+        generation: Some(3),
+        paused: false,
+        reconfiguration: Some((true, reason::SCALING_OUT, "adding replica 4".into())),
+    };
+    let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
+    let r = cond(&s, kind::RECONFIGURING);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("True", reason::SCALING_OUT)
+    );
+    assert!(events
+        .iter()
+        .any(|e| !e.warning && e.reason == reason::SCALING_OUT));
+}
+
+#[test]
+fn a_misbehaving_replica_is_named_with_its_evidence() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    // Replica 2 admits to a test mode in its signed status; replica 3's status does not verify.
+    let mut probes = all_healthy();
+    if let Some(Probe::Verified(s)) = probes.get_mut(&2) {
+        s.byzantine = Some("Mixed".into());
+    }
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let d = cond(&s, kind::DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::REPLICAS_MISBEHAVING)
+    );
+    assert!(
+        d.message.contains("replicas [2] misbehave")
+            && d.message
+                .contains("replica 2 (runs the Byzantine test mode Mixed)"),
+        "{}",
+        d.message
+    );
+    let m2 = s.members.iter().find(|m| m.id == 2).unwrap();
+    assert_eq!(m2.health, MemberHealth::Unhealthy);
+    assert!(m2.problem.as_deref().unwrap().contains("Mixed"));
+    assert!(s
+        .members
+        .iter()
+        .filter(|m| m.id != 2)
+        .all(|m| m.problem.is_none()));
+    // Still available: 3 of 4 healthy, and clients need only f+1 matching replies.
+    assert_eq!(cond(&s, kind::AVAILABLE).status, "True");
+
+    probes.insert(
+        3,
+        Probe::Rejected("/status is not signed by replica 3's key in the view".into()),
+    );
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let d = cond(&s, kind::DEGRADED);
+    assert!(
+        d.message.contains("replicas [2, 3] misbehave"),
+        "{}",
+        d.message
+    );
+    assert!(
+        d.message.contains("not signed by replica 3's key"),
+        "{}",
+        d.message
+    );
+    // An unreachable replica is a crash, not misbehaviour.
+    let mut probes = all_healthy();
+    probes.insert(1, Probe::Unreachable("connection refused".into()));
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(cond(&s, kind::DEGRADED).reason, reason::REPLICAS_UNHEALTHY);
+}
+
+#[test]
+fn a_newer_view_counts_only_when_f_plus_one_members_report_it() {
+    let m = membership();
+    assert_eq!(agreed_newer_view(&m, &all_healthy()), None);
+    let mut probes = all_healthy();
+    let set_view = |p: &mut BTreeMap<i32, Probe>, id: i32, v: u32| {
+        if let Some(Probe::Verified(s)) = p.get_mut(&id) {
+            s.view_id = v;
+        }
+    };
+    set_view(&mut probes, 1, 7);
+    assert_eq!(agreed_newer_view(&m, &probes), None, "one replica may lie");
+    set_view(&mut probes, 2, 3);
+    assert_eq!(
+        agreed_newer_view(&m, &probes),
+        Some(3),
+        "two say the view moved on, at least to 3"
+    );
+}
+
+#[test]
+fn a_joiner_without_the_state_is_catching_up_not_healthy() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    // It reports the right view from its configuration but has decided nothing yet.
+    if let Some(Probe::Verified(s)) = probes.get_mut(&3) {
+        s.last_decided = None;
+    }
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let m3 = s.members.iter().find(|m| m.id == 3).unwrap();
+    assert_eq!(m3.health, MemberHealth::Unhealthy);
+    assert!(
+        m3.problem.as_deref().unwrap().contains("catching up"),
+        "{m3:?}"
+    );
+    // Far behind is catching up too; a few instances behind is in step.
+    for (cid, healthy) in [(10 + MAX_LAG + 500, false), (10 + MAX_LAG / 2, true)] {
+        let mut probes = all_healthy();
+        for id in 0..3 {
+            if let Some(Probe::Verified(s)) = probes.get_mut(&id) {
+                s.last_decided = Some(cid);
+            }
+        }
+        let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+        let m3 = s.members.iter().find(|m| m.id == 3).unwrap();
+        assert_eq!(m3.health == MemberHealth::Healthy, healthy, "{cid}: {m3:?}");
+    }
+}
+
+#[test]
+fn a_leader_change_counts_against_a_member_only_if_it_lasts() {
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    for id in 0..4 {
+        if let Some(Probe::Verified(s)) = probes.get_mut(&id) {
+            s.synchronizing = true;
+        }
+    }
+    let (once, events) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert_eq!(once.healthy, Some(4), "a leader change is not a fault");
+    assert!(events.iter().all(|e| !e.warning), "{events:?}");
+    assert!(once.members.iter().all(|m| m.problem.is_some()));
+    let (again, _) = compute(Some(&once), &membership(), &probes, &ctx(), at(210));
+    assert_eq!(
+        again, once,
+        "nothing changes while it lasts less than the grace"
+    );
+    let (long, _) = compute(Some(&again), &membership(), &probes, &ctx(), at(216));
+    assert_eq!(long.healthy, Some(0), "one that does not end is");
+    assert_eq!(cond(&long, kind::AVAILABLE).status, "False");
+    // Over, then a new one: its clock starts again.
+    let (over, _) = compute(Some(&long), &membership(), &all_healthy(), &ctx(), at(220));
+    let (new, _) = compute(Some(&over), &membership(), &probes, &ctx(), at(300));
+    assert_eq!(new.healthy, Some(4));
 }

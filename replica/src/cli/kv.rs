@@ -66,6 +66,22 @@ pub enum KvCmd {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Write <PREFIX><i> = v<i> for i = 0, 1, ... one at a time, each after the previous one was
+    /// acknowledged, printing `acked <key> <value>` for each: a checker's record of what the
+    /// cluster promised to keep. A write that fails is retried with the same key and value
+    /// (writes are idempotent here). Stops after --count writes or --seconds.
+    Writes {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        prefix: String,
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Pause between writes.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
     /// Every replica's signed status, checked against its key in the view.
     Status {
         #[command(flatten)]
@@ -192,6 +208,40 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
                     other => bail!("watch failed: {other:?}"),
                 }
             }
+        }
+        KvCmd::Writes {
+            cluster,
+            prefix,
+            count,
+            seconds,
+            interval_ms,
+        } => {
+            use std::io::Write;
+            let c = cluster.connect().await?;
+            let until = std::time::Instant::now() + Duration::from_secs(seconds);
+            let (mut i, mut failures) = (0_u64, 0_u64);
+            while count.is_none_or(|n| i < n) && std::time::Instant::now() < until {
+                let (key, value) = (format!("{prefix}{i}"), format!("v{i}"));
+                match c.kv(&KvRequest::put(key.clone(), value.clone())).await {
+                    Ok(KvResponse::Put(_)) => {
+                        // Flushed per line: a reader of the log sees every acknowledgement.
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "acked {key} {value}")?;
+                        out.flush()?;
+                        i += 1;
+                    }
+                    Ok(other) => {
+                        failures += 1;
+                        eprintln!("write {key} answered {other:?}; retrying");
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        eprintln!("write {key} failed: {e}; retrying");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+            }
+            println!("done: {i} writes acknowledged, {failures} attempts failed");
         }
         KvCmd::Status { cluster } => {
             let view_path = cluster

@@ -54,6 +54,20 @@ impl Admin {
         self.client.view()
     }
 
+    /// The view the replicas run now, as f+1 of them report it, without changing anything.
+    ///
+    /// After an [`AdminError::Unknown`] the change may have been installed or not; this settles
+    /// it. It sends a read-only request (an empty unordered query) signed for the view this admin
+    /// follows: replicas that moved on answer with their newer view instead, the admin follows
+    /// the one f+1 of them vouch for, and the query then completes in that view.
+    pub async fn current_view(&self) -> Result<View, AdminError> {
+        self.client
+            .invoke(RequestKind::Unordered, Vec::new())
+            .await
+            .map_err(AdminError::Unknown)?;
+        Ok(self.client.view())
+    }
+
     /// Applies one change and returns the view it installed.
     pub async fn apply(&self, change: ViewChange) -> Result<View, AdminError> {
         let req = ReconfigRequest {
