@@ -94,3 +94,48 @@ pub enum Event {
         cid: Cid,
     },
 }
+
+/// Whether a rejection `reason` (of a message from a replica) proves that replica faulty: a
+/// correct replica never sends such a message, whatever the timing. Reasons a correct replica
+/// can cause (it is ahead, behind, or asked for a checkpoint just trimmed) are not listed.
+pub fn proves_misbehaviour(reason: &str) -> bool {
+    matches!(
+        reason,
+        "forged_accept"
+            | "forged_relayed_request"
+            | "forged_request_in_batch"
+            | "equivocating_propose"
+            | "equivocating_write"
+            | "equivocating_accept"
+            | "propose_from_non_leader"
+            | "invalid_collect"
+            | "invalid_decision_proof"
+            | "unproven_last_decision"
+            | "bad_checkpoint_bytes"
+            | "batch_too_large"
+            | "unordered_request_in_batch"
+            | "duplicate_request_in_batch"
+            | "replayed_request"
+            | "sync_unproven_last"
+            | "sync_collect_wrong_regency"
+            | "sync_duplicate_collect"
+            | "sync_forged_collect"
+            | "sync_collects_not_sound"
+            | "sync_dropped_bound_value"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proves_misbehaviour;
+
+    #[test]
+    fn only_what_a_correct_replica_never_sends_is_evidence() {
+        assert!(proves_misbehaviour("forged_accept"));
+        assert!(proves_misbehaviour("equivocating_propose"));
+        // A correct replica ahead of this one, or asking for a checkpoint just trimmed.
+        assert!(!proves_misbehaviour("too_far_ahead"));
+        assert!(!proves_misbehaviour("unknown_checkpoint"));
+        assert!(!proves_misbehaviour("future_buffer_full"));
+    }
+}

@@ -236,6 +236,20 @@ pub struct Status {
     /// This replica is in its current view.
     #[serde(default)]
     pub member: bool,
+    /// Peers this replica caught sending what no correct replica sends, in the last minute or
+    /// so (by id, ascending).
+    #[serde(default)]
+    pub accusations: Vec<Accusation>,
+}
+
+/// Evidence against one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accusation {
+    pub replica: u32,
+    /// Messages rejected as misbehaviour in the window.
+    pub count: u64,
+    /// The latest reason, a metric label such as `forged_accept`.
+    pub reason: String,
 }
 
 /// `/status`: the status and the replica's signature over its JSON bytes.

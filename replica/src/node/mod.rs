@@ -9,6 +9,7 @@
 //! threads (`durability`), and a reply leaves only once the decision it depends on is on disk:
 //! a client that saw an answer can count on it surviving a crash of every replica.
 
+mod accuse;
 pub mod config;
 pub mod durability;
 pub mod metrics;
@@ -41,7 +42,7 @@ use crate::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
 use durability::{Durability, Stored};
 
 pub use config::{NodeConfig, ProtocolConfig, ViewFile};
-pub use metrics::{Metrics, SignedStatus, Status};
+pub use metrics::{Accusation, Metrics, SignedStatus, Status};
 
 /// How long replicas removed from the view stay connected to catch up on their removal.
 const REMOVED_GRACE: Duration = Duration::from_secs(30);
@@ -230,6 +231,7 @@ pub async fn run(
         clock: Clock::new(),
         digest_cache: None,
         rejections: HashMap::new(),
+        accusations: accuse::Accusations::default(),
         durability,
         held: VecDeque::new(),
         removed: false,
@@ -348,6 +350,9 @@ struct NodeLoop {
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
     rejections: HashMap<&'static str, u64>,
+    /// Evidence against peers: rejections that only a faulty sender causes, recent ones only,
+    /// for the signed status (the operator names a replica that f+1 others accuse).
+    accusations: accuse::Accusations,
     durability: Option<Durability>,
     /// Replies waiting for the CID they depend on to be durable, in the order they were made.
     held: VecDeque<(Cid, ClientId, Vec<u8>)>,
@@ -733,6 +738,11 @@ impl NodeLoop {
             }
             Event::Rejected { from, reason } => {
                 self.metrics.reject(reason);
+                if let Some(peer) = from.filter(|p| *p != self.core.id()) {
+                    if crate::core::output::proves_misbehaviour(reason) {
+                        self.accusations.record(Instant::now(), peer.0, reason);
+                    }
+                }
                 // Logged, but a flood of one kind must not flood the log: the first of each
                 // reason and then every thousandth.
                 let n = self.rejections.entry(reason).or_insert(0);
@@ -864,6 +874,7 @@ impl NodeLoop {
             durable_cid: self.durable_cid().map(|c| c.0),
             transferring: self.core.is_transferring(),
             member: self.view.contains(self.core.id()),
+            accusations: self.accusations.recent(Instant::now()),
         };
         SignedStatus::sign(status, &self.key)
     }
