@@ -262,6 +262,34 @@ async fn clients_stay_correct_with_a_replica_that_lies_to_clients_and_forges() {
     let history = workload(clients, 200, t0).await.expect("workload");
     assert_all_completed_and_linearizable(&history);
     assert_correct_replicas_agree(&c, &[0, 1, 3]).await;
+    // The correct replicas caught it and say so in their signed statuses (what the operator
+    // names a Byzantine replica by).
+    let st = statuses(&c).await;
+    let accusers: Vec<u32> = [0, 1, 3]
+        .into_iter()
+        .filter(|i| {
+            st.get(i).is_some_and(|s| {
+                s.status
+                    .accusations
+                    .iter()
+                    .any(|a| a.replica == 2 && a.count > 0)
+            })
+        })
+        .collect();
+    assert!(
+        accusers.len() >= 2,
+        "f+1 correct replicas accuse replica 2: {:?}",
+        st.values()
+            .map(|s| (s.status.id, &s.status.accusations))
+            .collect::<Vec<_>>()
+    );
+    for s in st.values().filter(|s| s.status.id != 2) {
+        assert!(
+            s.status.accusations.iter().all(|a| a.replica == 2),
+            "only the Byzantine replica is accused: {:?}",
+            s.status
+        );
+    }
 }
 
 /// Opens a TLS client connection to replica 0's client port with `key`.
