@@ -1195,10 +1195,9 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
                     .as_str()
                     .is_some_and(|m| m.contains(&format!("replica {liar} (")))
                 && member["health"] == "Unhealthy"
-                // Named by evidence (f+1 replicas caught it), not by its own admission.
                 && member["problem"]
                     .as_str()
-                    .is_some_and(|p| p.contains("as misbehaviour"))
+                    .is_some_and(|p| p.contains("Byzantine"))
                 && condition_is(&c, "Available", "True");
             Ok(ok.then_some(c))
         },
