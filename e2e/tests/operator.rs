@@ -540,6 +540,32 @@ fn assert_single_steps(seen: &[SeenView], expected: &[(i64, i64)]) {
     }
 }
 
+/// `kubectl annotate` the test's BftCluster (`key=value`, or `key-` to remove).
+fn annotate(tools: &Tools, namespace: &str, annotation: &str) -> Result {
+    tools.kubectl(&[
+        "annotate",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        namespace,
+        annotation,
+    ])?;
+    Ok(())
+}
+
+async fn wait_paused(tools: &Tools, namespace: &str) -> Result {
+    poll(
+        "Paused=True",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || async {
+            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", namespace])?;
+            Ok(condition_is(&c, "Paused", "True").then_some(()))
+        },
+    )
+    .await
+}
+
 async fn wait_healthy(tools: &Tools, namespace: &str, timeout: Duration) -> Result<Value> {
     poll(
         "the BftCluster to be Available with 4 healthy members",
@@ -902,24 +928,8 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     //     stale. Unpaused, and with the operator itself restarted, the operator must learn the
     //     installed view from the replicas, repair the ConfigMap, delete replica 3's objects,
     //     and grow back to 7 with a new id: converging from the state a crash would leave.
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "kmmr.io/paused=true",
-    ])?;
-    poll(
-        "Paused=True",
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-        || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            Ok(condition_is(&c, "Paused", "True").then_some(()))
-        },
-    )
-    .await?;
+    annotate(&tools, &namespace, "kmmr.io/paused=true")?;
+    wait_paused(&tools, &namespace).await?;
     let recorded_view = c["status"]["viewId"].as_i64().ok_or("no view id")?;
     let admin_pod = json!({
         "apiVersion": "v1",
@@ -984,14 +994,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         "while paused the operator must not have rewritten the view:\n{cm_view}"
     );
     let t_repair = Instant::now();
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "kmmr.io/paused-",
-    ])?;
+    annotate(&tools, &namespace, "kmmr.io/paused-")?;
     tools.kubectl(&[
         "delete",
         "pod",
@@ -1167,14 +1170,11 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         .find(|id| *id != leader)
         .unwrap_or(1);
     let t_byz = Instant::now();
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
+    annotate(
+        &tools,
         &namespace,
         &format!("kmmr.io/byzantine-test-mode={liar}=mixed"),
-    ])?;
+    )?;
     let named = poll(
         "the status to name the Byzantine replica",
         Duration::from_secs(180),
@@ -1249,35 +1249,12 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         );
     }
     // Switched back: the operator restarts the unhealthy replica with the honest template.
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "kmmr.io/byzantine-test-mode-",
-    ])?;
+    annotate(&tools, &namespace, "kmmr.io/byzantine-test-mode-")?;
     wait_healthy(&tools, &namespace, Duration::from_secs(180)).await?;
 
     // 7. Pause by annotation: reported, and a deleted child is not recreated until unpaused.
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "kmmr.io/paused=true",
-    ])?;
-    poll(
-        "Paused=True",
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        || async {
-            let c = tools.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            Ok(condition_is(&c, "Paused", "True").then_some(()))
-        },
-    )
-    .await?;
+    annotate(&tools, &namespace, "kmmr.io/paused=true")?;
+    wait_paused(&tools, &namespace).await?;
     let pdb = format!("{CLUSTER}-pdb");
     tools.kubectl(&["delete", "pdb", &pdb, "-n", &namespace])?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1287,14 +1264,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
             .is_err(),
         "a paused cluster's children must be left alone"
     );
-    tools.kubectl(&[
-        "annotate",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        "kmmr.io/paused-",
-    ])?;
+    annotate(&tools, &namespace, "kmmr.io/paused-")?;
     poll(
         "the PodDisruptionBudget to come back",
         Duration::from_secs(60),
