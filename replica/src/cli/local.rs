@@ -65,6 +65,10 @@ pub struct LocalArgs {
     /// Never rotate a leader for slowness alone (only the request timeout does).
     #[arg(long)]
     pub no_slow_leader: bool,
+    /// How long to wait for the last ACCEPTs once a quorum arrived, in microseconds (all n
+    /// need no signature check to decide; 0 checks every ACCEPT on arrival).
+    #[arg(long, default_value_t = ProtocolConfig::default().accept_grace_us)]
+    pub accept_grace_us: u64,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -87,6 +91,7 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
             durable: !args.no_durable,
             slow_leader: !args.no_slow_leader,
             slow_leader_floor_ms: args.slow_leader_floor_ms,
+            accept_grace_us: args.accept_grace_us,
             ..ProtocolConfig::default()
         },
     })?;

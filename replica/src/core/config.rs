@@ -47,6 +47,10 @@ pub struct Config {
     pub transfer_stall_us: u64,
     /// Emit `Output::Persist` for every decision (the driver has a log to write).
     pub persist: bool,
+    /// With a quorum of ACCEPTs but not all n, wait this long for the rest before checking the
+    /// quorum's signatures (all n need no check to decide; see `replica/accepts.rs`). 0 checks
+    /// every ACCEPT on arrival.
+    pub accept_grace_us: u64,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             transfer_window: 4,
             transfer_stall_us: 2_000_000,
             persist: false,
+            accept_grace_us: 500,
         }
     }
 }

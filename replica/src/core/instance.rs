@@ -18,13 +18,27 @@ pub struct Instance {
     /// Valid proposals held, at most one per epoch (from that epoch's leader or its SYNC).
     pub proposals: BTreeMap<Epoch, (Digest, Batch)>,
     pub writes: BTreeMap<Epoch, BTreeMap<ReplicaId, Digest>>,
-    pub accepts: BTreeMap<Epoch, BTreeMap<ReplicaId, (Digest, Signature)>>,
+    /// ACCEPTs received, each from the authenticated channel of its sender; the flag says
+    /// whether its signature was checked (it need not be to count towards deciding, only to
+    /// be shown to others as proof).
+    pub accepts: BTreeMap<Epoch, BTreeMap<ReplicaId, Vote>>,
+    /// Senders whose ACCEPT in that epoch carried a bad signature: one is enough, their next
+    /// one is not looked at.
+    pub forged: Vec<(Epoch, ReplicaId)>,
     /// Every (epoch, value) this replica wrote: its write set.
     pub my_writes: Vec<(Epoch, Digest)>,
     /// The last (epoch, value) this replica accepted; `None` = never accepted.
     pub my_accepted: Option<(Epoch, Digest)>,
     /// When this replica first held a proposal for the instance (for the latency metric).
     pub started_us: Option<u64>,
+}
+
+/// One ACCEPT: the value, its signature, and whether that signature was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vote {
+    pub digest: Digest,
+    pub signature: Signature,
+    pub verified: bool,
 }
 
 /// What recording a vote found.
@@ -43,6 +57,7 @@ impl Instance {
             proposals: BTreeMap::new(),
             writes: BTreeMap::new(),
             accepts: BTreeMap::new(),
+            forged: Vec::new(),
             my_writes: Vec::new(),
             my_accepted: None,
             started_us: None,
@@ -77,30 +92,33 @@ impl Instance {
                 .accepts
                 .get(&epoch)
                 .is_some_and(|v| v.contains_key(&from))
+            && !self.forged.contains(&(epoch, from))
     }
 
     pub fn record_accept(
         &mut self,
         epoch: Epoch,
         from: ReplicaId,
-        digest: Digest,
-        signature: Signature,
+        vote: Vote,
         current: Epoch,
     ) -> Recorded {
-        if epoch.0.saturating_add(ACCEPT_EPOCHS_KEPT) < current.0 {
+        if epoch.0.saturating_add(ACCEPT_EPOCHS_KEPT) < current.0
+            || self.forged.contains(&(epoch, from))
+        {
             return Recorded::Duplicate;
         }
         let votes = self.accepts.entry(epoch).or_default();
         let r = match votes.get(&from) {
-            Some((d, _)) if *d == digest => Recorded::Duplicate,
+            Some(v) if v.digest == vote.digest => Recorded::Duplicate,
             Some(_) => Recorded::Equivocation,
             None => {
-                votes.insert(from, (digest, signature));
+                votes.insert(from, vote);
                 Recorded::New
             }
         };
         let floor = crate::wire::ids::Regency(current.0.saturating_sub(ACCEPT_EPOCHS_KEPT));
         self.accepts = self.accepts.split_off(&floor);
+        self.forged.retain(|(e, _)| *e >= floor);
         r
     }
 
@@ -110,14 +128,30 @@ impl Instance {
             .map_or(0, |v| v.values().filter(|d| *d == digest).count())
     }
 
-    /// ACCEPTs for `digest` at `epoch`.
-    pub fn accepts_for(&self, epoch: Epoch, digest: &Digest) -> Vec<(ReplicaId, Signature)> {
+    /// ACCEPTs for `digest` at `epoch`: (sender, signature, verified).
+    pub fn accepts_for(&self, epoch: Epoch, digest: &Digest) -> Vec<(ReplicaId, Signature, bool)> {
         self.accepts.get(&epoch).map_or_else(Vec::new, |v| {
             v.iter()
-                .filter(|(_, (d, _))| d == digest)
-                .map(|(id, (_, s))| (*id, *s))
+                .filter(|(_, v)| v.digest == *digest)
+                .map(|(id, v)| (*id, v.signature, v.verified))
                 .collect()
         })
+    }
+
+    pub fn mark_verified(&mut self, epoch: Epoch, from: ReplicaId) {
+        if let Some(v) = self.accepts.get_mut(&epoch).and_then(|m| m.get_mut(&from)) {
+            v.verified = true;
+        }
+    }
+
+    /// Drops an ACCEPT whose signature failed, and refuses its sender's next one in that epoch.
+    pub fn drop_forged(&mut self, epoch: Epoch, from: ReplicaId) {
+        if let Some(m) = self.accepts.get_mut(&epoch) {
+            m.remove(&from);
+        }
+        if !self.forged.contains(&(epoch, from)) {
+            self.forged.push((epoch, from));
+        }
     }
 
     pub fn wrote_in(&self, epoch: Epoch) -> Option<Digest> {

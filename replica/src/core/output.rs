@@ -52,6 +52,8 @@ pub enum Event {
         timestamp_ms: u64,
         /// From holding the first proposal to deciding, if this replica saw a proposal.
         latency_us: Option<u64>,
+        /// Decided on all n ACCEPTs with their signatures left to check until shown.
+        unchecked: bool,
     },
     RegencyInstalled {
         regency: Regency,

@@ -5,12 +5,14 @@
 //! with the driver's current time. Outputs: messages, replies, events, and the next deadline.
 //! Never any I/O, clock or randomness of its own.
 
+mod accepts;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::core::clients::{Freshness, Pool, Sessions};
 use crate::core::config::Config;
-use crate::core::instance::{Instance, Recorded};
+use crate::core::instance::{Instance, Recorded, Vote};
 use crate::core::output::{Event, Output};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
 use crate::core::state::{
@@ -88,7 +90,14 @@ pub struct Replica {
     last_decided: Option<Cid>,
     last_timestamp_ms: u64,
     log: BTreeMap<Cid, Decision>,
+    /// Logged (or replayable) decisions whose proofs hold signatures not checked yet.
+    unproven: BTreeSet<Cid>,
     instance: Instance,
+    /// Take ACCEPTs without checking their signatures: all n came in time last instance.
+    lazy_accepts: bool,
+    /// A quorum of ACCEPTs for (epoch, digest) but not all n: when to stop waiting and check.
+    settle_at: Option<(Epoch, Digest, u64)>,
+    last_round: Option<accepts::LastRound>,
     future: BTreeMap<Cid, Vec<(ReplicaId, ReplicaMessage)>>,
     future_epoch: Vec<(ReplicaId, ReplicaMessage)>,
     decided_ahead: BTreeMap<Cid, Decision>,
@@ -178,7 +187,11 @@ impl Replica {
             last_decided: None,
             last_timestamp_ms: 0,
             log: BTreeMap::new(),
+            unproven: BTreeSet::new(),
             instance: Instance::new(Cid(0)),
+            lazy_accepts: false,
+            settle_at: None,
+            last_round: None,
             future: BTreeMap::new(),
             future_epoch: Vec::new(),
             decided_ahead: BTreeMap::new(),
@@ -247,7 +260,8 @@ impl Replica {
         r.replaying = true;
         for d in decisions {
             if d.cid == r.current_cid() {
-                r.decide(d, None);
+                // Logged as decided, possibly on unchecked ACCEPTs.
+                r.decide(d, false);
             }
         }
         r.replaying = false;
@@ -387,6 +401,9 @@ impl Replica {
     pub fn next_deadline(&self) -> Option<u64> {
         let mut d: Option<u64> = None;
         let mut at = |t: u64| d = Some(d.map_or(t, |x: u64| x.min(t)));
+        if let Some((_, _, due)) = self.settle_at {
+            at(due);
+        }
         if let Some(t) = self.pool.oldest_unforwarded() {
             at(t.saturating_add(self.timeout_us));
         }
@@ -466,6 +483,7 @@ impl Replica {
 
     pub fn on_timeout(&mut self, now: u64) {
         self.clock_us = self.clock_us.max(now);
+        self.settle(now);
         if self.startup_probes > 0 && self.catchup_due(now) {
             self.startup_probes -= 1;
             self.request_decisions(now, None);
@@ -549,12 +567,12 @@ impl Replica {
             });
         }
         if let Some((e, d)) = self.instance.my_accepted {
-            if let Some((_, sig)) = self
+            if let Some(sig) = self
                 .instance
                 .accepts
                 .get(&e)
                 .and_then(|v| v.get(&self.me))
-                .copied()
+                .map(|v| v.signature)
             {
                 self.broadcast(ReplicaMessage::Accept {
                     cid,
@@ -765,7 +783,16 @@ impl Replica {
                 if epoch < self.regency && !matches!(msg, ReplicaMessage::Accept { .. }) {
                     self.relay_sync(from);
                 }
-                if self.last_decided.is_some_and(|l| cid <= l) {
+                let late = match &msg {
+                    ReplicaMessage::Accept {
+                        cid, epoch, digest, ..
+                    } => self.late_accept(from, *cid, *epoch, *digest),
+                    _ => false,
+                };
+                if late {
+                    // Its sender is voting on what was just decided; the ACCEPTs it lacks
+                    // are on their way to it.
+                } else if self.last_decided.is_some_and(|l| cid <= l) {
                     self.help(from, cid);
                 } else if cid > self.current_cid() {
                     self.buffer_future(from, cid, msg);
@@ -882,6 +909,9 @@ impl Replica {
         if self.helped.get(&to).is_some_and(|c| *c >= cid) {
             return;
         }
+        if !self.prove(cid) {
+            return;
+        }
         if let Some(d) = self.log.get(&cid) {
             let d = d.clone();
             self.helped.insert(to, cid);
@@ -922,6 +952,9 @@ impl Replica {
         let mut cid = start.0;
         let mut bytes = 0;
         while cid <= end && bytes < DECISION_REPLY_BYTES {
+            if !self.prove(Cid(cid)) {
+                break;
+            }
             if let Some(d) = self.log.get(&Cid(cid)) {
                 bytes += d
                     .batch
@@ -958,6 +991,7 @@ impl Replica {
             self.reject(Some(from), "invalid_decision_proof");
             return;
         }
+        self.unproven.remove(&d.cid);
         self.decided_ahead.insert(d.cid, d);
     }
 
@@ -1017,32 +1051,7 @@ impl Replica {
                 epoch,
                 digest,
                 signature,
-            } => {
-                // Checked on arrival, one at a time: the ACCEPTs before the last one needed are
-                // verified while this replica waits anyway, so deciding costs one verification
-                // instead of a batch of a quorum. Its own signature is never checked.
-                if from != self.me
-                    && self.instance.would_record_accept(epoch, from, self.regency)
-                    && !self.view.verifying_key(from).is_some_and(|k| {
-                        crypto::verify_parsed(
-                            k,
-                            Domain::Accept,
-                            &accept_signing_bytes(cid, epoch, &digest),
-                            &signature,
-                        )
-                    })
-                {
-                    self.reject(Some(from), "forged_accept");
-                    return;
-                }
-                let r = self
-                    .instance
-                    .record_accept(epoch, from, digest, signature, self.regency);
-                if r == Recorded::Equivocation {
-                    self.reject(Some(from), "equivocating_accept");
-                }
-                self.check_accepts(epoch, digest);
-            }
+            } => self.on_accept(from, cid, epoch, digest, signature),
             _ => {}
         }
     }
@@ -1080,8 +1089,13 @@ impl Replica {
             .key
             .sign(Domain::Accept, &accept_signing_bytes(cid, epoch, &mine));
         self.instance.my_accepted = Some((epoch, mine));
+        let vote = Vote {
+            digest: mine,
+            signature,
+            verified: true,
+        };
         self.instance
-            .record_accept(epoch, self.me, mine, signature, self.regency);
+            .record_accept(epoch, self.me, vote, self.regency);
         self.broadcast(ReplicaMessage::Accept {
             cid,
             epoch,
@@ -1089,30 +1103,6 @@ impl Replica {
             signature,
         });
         self.check_accepts(epoch, mine);
-    }
-
-    /// Decides once a quorum of valid ACCEPTs names a batch this replica actually holds (never
-    /// on a digest alone: BFT-SMaRt PR #99/#100).
-    fn check_accepts(&mut self, epoch: Epoch, digest: Digest) {
-        let q = self.view.quorum();
-        // Every recorded ACCEPT is this replica's own or had its signature checked on arrival.
-        let mut accepts = self.instance.accepts_for(epoch, &digest);
-        if accepts.len() < q {
-            return;
-        }
-        let Some(batch) = self.instance.batch_for(&digest).cloned() else {
-            return;
-        };
-        let cid = self.current_cid();
-        accepts.truncate(q);
-        self.decide(
-            Decision {
-                cid,
-                batch,
-                proof: Proof { epoch, accepts },
-            },
-            None,
-        );
     }
 
     /// Checks a proposed batch against the state after the previous instance.
@@ -1218,7 +1208,9 @@ impl Replica {
 
     // ----- decision and execution ------------------------------------------------------------
 
-    fn decide(&mut self, decision: Decision, _via: Option<ReplicaId>) {
+    /// Executes the next decision. `proven`: its proof was checked (else `prove` checks it
+    /// before it is shown to anyone).
+    fn decide(&mut self, decision: Decision, proven: bool) {
         let cid = decision.cid;
         debug_assert_eq!(
             Some(cid),
@@ -1235,6 +1227,7 @@ impl Replica {
                 .instance
                 .started_us
                 .map(|t| self.clock_us.saturating_sub(t)),
+            unchecked: !proven,
         });
         self.stats.decided += 1;
         self.last_decided = Some(cid);
@@ -1243,12 +1236,20 @@ impl Replica {
             self.outputs.push(Output::Persist(decision.clone()));
         }
         self.log.insert(cid, decision);
+        if proven {
+            self.unproven.remove(&cid);
+        } else {
+            self.unproven.insert(cid);
+        }
         while self.log.len() as u64 > self.config.log_retention {
             self.log.pop_first();
         }
         self.instance = Instance::new(cid.next());
+        self.settle_at = None;
+        self.last_round = None;
         self.future = self.future.split_off(&cid.next());
         self.decided_ahead = self.decided_ahead.split_off(&cid.next());
+        self.trim_unproven();
         let reconfigured = match self.pending_view.take() {
             Some(v) => {
                 self.install_view(cid, v);
@@ -1388,6 +1389,7 @@ impl Replica {
         // Decisions from the older checkpoint on stay: laggards can still replay them, and the
         // checkpoint's own decision proves where this replica stands in a leader change.
         self.log = self.log.split_off(&oldest);
+        self.trim_unproven();
         self.outputs.push(Output::Checkpoint {
             checkpoint: cp,
             trim_before: oldest,
@@ -1571,6 +1573,7 @@ impl Replica {
         self.future = self.future.split_off(&cid.next());
         let ahead = std::mem::take(&mut self.decided_ahead).split_off(&cid.next());
         self.decided_ahead = mine.into_iter().chain(ahead).collect();
+        self.trim_unproven();
         self.pending_sync = None;
         self.pool.prune_all(&self.sessions);
         self.joining = false;
@@ -1605,7 +1608,9 @@ impl Replica {
         loop {
             let current = self.current_cid();
             if let Some(d) = self.decided_ahead.remove(&current) {
-                self.decide(d, None);
+                // Verified on arrival, unless it is one of this replica's own logged ones.
+                let proven = !self.unproven.contains(&current);
+                self.decide(d, proven);
                 continue;
             }
             if let Some((from, msg)) = self.pending_sync.take() {
@@ -1772,7 +1777,10 @@ impl Replica {
         }
     }
 
-    fn own_stopdata(&self) -> (Option<Decision>, SignedCollect, Vec<Batch>) {
+    fn own_stopdata(&mut self) -> (Option<Decision>, SignedCollect, Vec<Batch>) {
+        if let Some(c) = self.last_decided {
+            self.prove(c);
+        }
         let last = self.last_decided.and_then(|c| self.log.get(&c).cloned());
         let collect = Collect {
             regency: self.regency,
@@ -1891,7 +1899,7 @@ impl Replica {
         if self.current_cid() < target {
             if let Some(b) = &best {
                 if self.current_cid() == b.cid {
-                    self.decide(b.clone(), None);
+                    self.decide(b.clone(), true);
                     return self.try_sync(now);
                 }
             }
@@ -1964,7 +1972,7 @@ impl Replica {
         if self.current_cid() < target {
             if let Some(d) = last {
                 if self.current_cid() == d.cid {
-                    self.decide(d.clone(), None);
+                    self.decide(d.clone(), true);
                 }
             }
             if self.current_cid() < target {

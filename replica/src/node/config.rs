@@ -55,6 +55,9 @@ pub struct ProtocolConfig {
     /// the decision behind the answer is on disk. Off: nothing is written, nothing waits, and a
     /// restarted replica recovers everything by state transfer.
     pub durable: bool,
+    /// Microseconds to wait for the last ACCEPTs of an instance once a quorum arrived: all n
+    /// let it decide without checking their signatures first. 0 checks every ACCEPT.
+    pub accept_grace_us: u64,
 }
 
 impl Default for ProtocolConfig {
@@ -74,6 +77,7 @@ impl Default for ProtocolConfig {
             checkpoint_period: c.checkpoint_period,
             chunk_bytes: c.chunk_bytes,
             durable: true,
+            accept_grace_us: c.accept_grace_us,
         }
     }
 }
@@ -123,6 +127,7 @@ impl ProtocolConfig {
             checkpoint_period: self.checkpoint_period,
             chunk_bytes: self.chunk_bytes,
             persist: self.durable,
+            accept_grace_us: self.accept_grace_us,
             ..Config::default()
         }
     }

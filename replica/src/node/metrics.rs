@@ -36,6 +36,7 @@ pub struct DirectionLabel {
 pub struct Metrics {
     pub registry: Registry,
     pub decided: Counter,
+    pub decided_unchecked: Counter,
     pub executed_requests: Counter,
     pub consensus_latency: Histogram,
     pub batch_size: Histogram,
@@ -66,6 +67,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kmmr");
         let decided = Counter::default();
+        let decided_unchecked = Counter::default();
         let executed_requests = Counter::default();
         let consensus_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
@@ -78,6 +80,11 @@ impl Default for Metrics {
         let bytes = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
         let frames = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
         registry.register("decided", "Consensus instances decided", decided.clone());
+        registry.register(
+            "decided_unchecked",
+            "Instances decided on all n ACCEPTs, their signatures checked only when shown",
+            decided_unchecked.clone(),
+        );
         registry.register(
             "executed_requests",
             "Client requests executed",
@@ -162,6 +169,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             decided,
+            decided_unchecked,
             executed_requests,
             consensus_latency,
             batch_size,

@@ -717,9 +717,13 @@ impl NodeLoop {
                 cid,
                 requests,
                 latency_us,
+                unchecked,
                 ..
             } => {
                 self.metrics.decided.inc();
+                if unchecked {
+                    self.metrics.decided_unchecked.inc();
+                }
                 self.metrics.executed_requests.inc_by(requests as u64);
                 self.metrics.batch_size.observe(requests as f64);
                 self.metrics.last_decided.set(cid.0 as i64);

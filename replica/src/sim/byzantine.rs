@@ -46,6 +46,10 @@ pub enum Behaviour {
     SplitProposal,
     /// In every STOPDATA claims a decision several instances beyond its own, without a proof.
     LyingStopData,
+    /// Votes like a correct replica but signs its ACCEPTs of odd CIDs with garbage: they count
+    /// on the authenticated channel, and poison the proof of any decision that holds them. The
+    /// good ones in between let the others trust ACCEPTs unchecked again.
+    BadAcceptSignatures,
 }
 
 /// Where a frame goes.
@@ -149,8 +153,18 @@ impl Adversary {
             }
             Behaviour::Equivocate => self.equivocate(rng, out, pos),
             Behaviour::Corrupt => vec![self.corrupt(rng, out)],
+            Behaviour::BadAcceptSignatures => match &out {
+                Output::Broadcast {
+                    msg: ReplicaMessage::Accept { cid, .. },
+                } if cid.0 % 2 == 1 => vec![self.poison_accept(rng, &out)],
+                _ => vec![honest(&out)],
+            },
             Behaviour::Forge => {
-                let mut v = vec![honest(&out)];
+                let mut v = if rng.gen_bool(0.5) {
+                    vec![self.poison_accept(rng, &out)]
+                } else {
+                    vec![honest(&out)]
+                };
                 if rng.gen_bool(0.3) {
                     v.extend(self.forge(rng, pos));
                 }
@@ -188,6 +202,27 @@ impl Adversary {
             }
         }
         frames
+    }
+
+    /// `out` as a correct replica sends it, except that an ACCEPT's signature is garbage.
+    fn poison_accept(&self, rng: &mut ChaCha8Rng, out: &Output) -> Frame {
+        match out {
+            Output::Broadcast {
+                msg:
+                    ReplicaMessage::Accept {
+                        cid, epoch, digest, ..
+                    },
+            } => frame(
+                Dest::AllReplicas,
+                &ReplicaMessage::Accept {
+                    cid: *cid,
+                    epoch: *epoch,
+                    digest: *digest,
+                    signature: Signature([rng.gen(); 64]),
+                },
+            ),
+            _ => honest(out),
+        }
     }
 
     fn halves(&self, view: &View) -> (Vec<ReplicaId>, Vec<ReplicaId>) {

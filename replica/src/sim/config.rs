@@ -187,7 +187,7 @@ impl SimConfig {
             idx.swap(i, j);
         }
         for &r in idx.iter().take(faulty) {
-            match rng.gen_range(0..11) {
+            match rng.gen_range(0..12) {
                 0 | 1 => c.twins.push(r),
                 2 => c.behaviours[r] = Behaviour::Silent,
                 3 => {
@@ -201,6 +201,7 @@ impl SimConfig {
                 7 => c.behaviours[r] = Behaviour::Replay,
                 8 => c.behaviours[r] = Behaviour::Oversize,
                 9 => c.behaviours[r] = Behaviour::Mixed,
+                10 => c.behaviours[r] = Behaviour::BadAcceptSignatures,
                 _ => {
                     let from = rng.gen_range(0..=c.gst_us.max(1));
                     c.crashes.push(Crash {
