@@ -1,39 +1,68 @@
-//! The load generator: closed-loop clients (each with `window` requests in flight) sending
-//! requests of a given size for a given time; prints throughput and latency percentiles. With
-//! `local --service noop` and `--request-size 0` it is BFT-SMaRt's 0/0 ThroughputLatency
-//! micro-benchmark.
+//! The load generator, BFT-SMaRt's ThroughputLatency client and more: closed loop (each client
+//! keeps `window` requests in flight) or open loop (requests leave on a fixed schedule at
+//! `rate` per second whatever the replies do), of raw requests with chosen request and reply
+//! sizes for `local --service noop`, or KV Puts for the key-value service. Prints throughput
+//! and latency percentiles. With the no-op service and 0-byte requests and replies it is the
+//! 0/0 micro-benchmark.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use clap::Args;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 
 use kmmr::client::{Client, ClientOptions};
 use kmmr::crypto::KeyPair;
 use kmmr::node::config::ViewFile;
+use kmmr::service::kv::{KvRequest, KvResponse};
+use kmmr::service::noop;
 use kmmr::wire::messages::RequestKind;
 
 use super::ClusterArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// Ordered raw requests of `--request-size` bytes asking for `--reply-size` bytes (for
+    /// `--service noop`).
+    Noop,
+    /// KV Put of a `--request-size`-byte value to a key of the client's own (for `--service
+    /// kv`); any answer but a Put response counts as an error.
+    Put,
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// What each request does.
+    #[arg(long, value_enum, default_value = "noop")]
+    pub op: Op,
     /// Concurrent clients, each with its own key and connections.
     #[arg(long, default_value_t = 1)]
     pub clients: usize,
-    /// Requests each client keeps in flight.
+    /// Requests each client keeps in flight (closed loop).
     #[arg(long, default_value_t = 1)]
     pub window: usize,
+    /// Open loop: requests per second over all clients, sent on schedule whatever the replies
+    /// do. Latency counts from the scheduled time, so a generator that falls behind shows it.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Open loop: requests one client may have in flight; a scheduled request beyond it is
+    /// not sent and counted as dropped.
+    #[arg(long, default_value_t = 1000)]
+    pub max_in_flight: usize,
     /// Measured seconds (after the warm-up).
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
-    /// Request payload bytes.
+    /// Request payload bytes (noop: at least 4 when a reply size is asked for; put: the value).
     #[arg(long, default_value_t = 0)]
     pub request_size: usize,
+    /// Reply bytes each request asks the no-op service for.
+    #[arg(long, default_value_t = 0)]
+    pub reply_size: usize,
     /// Print one machine-readable JSON line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -41,9 +70,15 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
+    pub op: Op,
+    /// "closed" or "open".
+    pub mode: &'static str,
     pub clients: usize,
     pub window: usize,
+    /// Open loop: the offered rate, requests per second.
+    pub rate: Option<f64>,
     pub request_size: usize,
+    pub reply_size: usize,
     pub ops: usize,
     pub seconds: f64,
     pub ops_per_sec: f64,
@@ -52,6 +87,34 @@ pub struct BenchResult {
     pub p99_us: u64,
     pub max_us: u64,
     pub errors: usize,
+    /// Open loop: scheduled requests not sent because the client had `max_in_flight` already.
+    pub dropped: usize,
+}
+
+impl BenchArgs {
+    fn validate(&self) -> Result<()> {
+        if self.clients == 0 {
+            bail!("--clients must be at least 1");
+        }
+        if !(self.duration > 0.0 && self.warmup >= 0.0) {
+            bail!("--duration must be positive and --warmup not negative");
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("--rate must be a positive number of requests per second");
+            }
+            if self.max_in_flight == 0 {
+                bail!("--max-in-flight must be at least 1");
+            }
+        }
+        if self.reply_size > noop::MAX_REPLY {
+            bail!("--reply-size is at most {} bytes", noop::MAX_REPLY);
+        }
+        if self.op == Op::Put && self.reply_size > 0 {
+            bail!("--reply-size is for --op noop; a Put's reply is the KV service's");
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -59,84 +122,228 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
+        let load = match r.rate {
+            Some(rate) => format!("open loop at {rate:.0}/s over {} clients", r.clients),
+            None => format!("{} clients x {} in flight", r.clients, r.window),
+        };
         println!(
-            "{} clients x {} in flight, {}-byte requests: {:.0} ops/s over {:.1} s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; {} errors",
-            r.clients, r.window, r.request_size, r.ops_per_sec, r.seconds, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.errors
+            "{load}, {:?} of {} -> {} bytes: {:.0} ops/s over {:.1} s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; {} errors{}",
+            r.op,
+            r.request_size,
+            r.reply_size,
+            r.ops_per_sec,
+            r.seconds,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.max_us,
+            r.errors,
+            if r.dropped > 0 {
+                format!(", {} dropped (generator at max in flight)", r.dropped)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())
 }
 
+/// One request's work, shared by every task of a run.
+struct Work {
+    op: Op,
+    payload: Vec<u8>,
+}
+
+impl Work {
+    async fn once(&self, client: &Client, key: &[u8]) -> Result<()> {
+        match self.op {
+            Op::Noop => {
+                client
+                    .invoke(RequestKind::Ordered, self.payload.clone())
+                    .await?;
+            }
+            Op::Put => match client
+                .kv(&KvRequest::put(key.to_vec(), self.payload.clone()))
+                .await?
+            {
+                KvResponse::Put(_) => {}
+                other => bail!("Put answered with {other:?}"),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Latencies of requests inside the measured window, and errors there.
+#[derive(Default)]
+struct Tally {
+    lat: Vec<u64>,
+    errors: usize,
+    dropped: usize,
+}
+
+impl Tally {
+    fn count(&mut self, from: Instant, t0: Instant, t1: Instant, end: Instant, ok: bool) {
+        if t0 >= from && t1 <= end {
+            if ok {
+                self.lat.push((t1 - t0).as_micros() as u64);
+            } else {
+                self.errors += 1;
+            }
+        }
+    }
+
+    fn merge(&mut self, o: Tally) {
+        self.lat.extend(o.lat);
+        self.errors += o.errors;
+        self.dropped += o.dropped;
+    }
+}
+
 pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
+    args.validate()?;
     let view_path = args
         .cluster
         .view
         .clone()
         .unwrap_or_else(|| args.cluster.cluster.join("view.toml"));
     let view = ViewFile::load(&view_path)?;
+    let work = Arc::new(Work {
+        op: args.op,
+        payload: match args.op {
+            Op::Noop => noop::request(args.request_size, args.reply_size),
+            Op::Put => vec![0u8; args.request_size],
+        },
+    });
     let mut clients = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
+    for i in 0..args.clients {
         let key = KeyPair::generate(&mut rand::rngs::OsRng);
-        clients.push(Client::connect(key, view.clone(), ClientOptions::default()).await?);
+        let client = Client::connect(key, view.clone(), ClientOptions::default()).await?;
+        let k = format!("bench/c{i}").into_bytes();
+        if args.op == Op::Put {
+            // Every client must work before the clock starts.
+            work.once(&client, &k)
+                .await
+                .with_context(|| format!("client {i}: first Put"))?;
+        }
+        clients.push((client, Arc::new(k)));
     }
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.duration);
-    let payload = Arc::new(vec![0u8; args.request_size]);
+    let from = start + Duration::from_secs_f64(args.warmup);
+    let end = from + Duration::from_secs_f64(args.duration);
     let mut tasks = Vec::new();
-    for c in clients {
-        for _ in 0..args.window.max(1) {
-            let c = c.clone();
-            let payload = payload.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0usize;
-                while Instant::now() < end {
-                    let t0 = Instant::now();
-                    let ok = c
-                        .invoke(RequestKind::Ordered, payload.as_ref().clone())
-                        .await
-                        .is_ok();
-                    let t1 = Instant::now();
-                    if t0 >= measure_from && t1 <= end {
-                        if ok {
-                            lat.push((t1 - t0).as_micros() as u64);
-                        } else {
-                            errors += 1;
+    match args.rate {
+        None => {
+            for (c, k) in clients {
+                for _ in 0..args.window.max(1) {
+                    let (c, k, work) = (c.clone(), k.clone(), work.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut t = Tally::default();
+                        while Instant::now() < end {
+                            let t0 = Instant::now();
+                            let ok = work.once(&c, &k).await.is_ok();
+                            t.count(from, t0, Instant::now(), end, ok);
                         }
-                    }
+                        t
+                    }));
                 }
-                (lat, errors)
-            }));
+            }
+        }
+        Some(rate) => {
+            let per_client = rate / args.clients as f64;
+            let interval = Duration::from_secs_f64(1.0 / per_client);
+            for (i, (c, k)) in clients.into_iter().enumerate() {
+                let (work, cap) = (work.clone(), args.max_in_flight);
+                // Clients start spread over one interval, not all at once.
+                let first = start + interval.mul_f64(i as f64 / args.clients as f64);
+                tasks.push(tokio::spawn(open_loop(
+                    c, k, work, first, interval, cap, from, end,
+                )));
+            }
         }
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut all = Tally::default();
     for t in tasks {
-        let (l, e) = t.await?;
-        all.extend(l);
-        errors += e;
+        all.merge(t.await?);
     }
-    all.sort_unstable();
+    all.lat.sort_unstable();
+    let lat = &all.lat;
     let pct = |p: f64| -> u64 {
-        if all.is_empty() {
+        if lat.is_empty() {
             0
         } else {
-            all[((all.len() as f64 * p) as usize).min(all.len() - 1)]
+            lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
         }
     };
     let seconds = args.duration;
     Ok(BenchResult {
+        op: args.op,
+        mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
         clients: args.clients,
-        window: args.window,
-        request_size: args.request_size,
-        ops: all.len(),
+        window: if args.rate.is_some() { 0 } else { args.window },
+        rate: args.rate,
+        request_size: work.payload.len(),
+        reply_size: args.reply_size,
+        ops: lat.len(),
         seconds,
-        ops_per_sec: all.len() as f64 / seconds,
+        ops_per_sec: lat.len() as f64 / seconds,
         p50_us: pct(0.5),
         p90_us: pct(0.9),
         p99_us: pct(0.99),
-        max_us: all.last().copied().unwrap_or(0),
-        errors,
+        max_us: lat.last().copied().unwrap_or(0),
+        errors: all.errors,
+        dropped: all.dropped,
     })
+}
+
+/// One open-loop client: the k-th request is due at `first + k * interval` and timed from then.
+#[allow(clippy::too_many_arguments)]
+async fn open_loop(
+    client: Client,
+    key: Arc<Vec<u8>>,
+    work: Arc<Work>,
+    first: Instant,
+    interval: Duration,
+    cap: usize,
+    from: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut running = tokio::task::JoinSet::new();
+    let mut due = first;
+    while due < end {
+        tokio::select! {
+            biased;
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Ok((t0, t1, ok)) = done {
+                    tally.count(from, t0, t1, end, ok);
+                }
+            }
+            _ = tokio::time::sleep_until(due.into()) => {
+                if running.len() >= cap {
+                    if due >= from {
+                        tally.dropped += 1;
+                    }
+                } else {
+                    let (c, k, w, t0) = (client.clone(), key.clone(), work.clone(), due);
+                    running.spawn(async move {
+                        let ok = w.once(&c, &k).await.is_ok();
+                        (t0, Instant::now(), ok)
+                    });
+                }
+                due += interval;
+            }
+        }
+    }
+    // Requests still out at the end finish (or time out) before the run reports.
+    while let Some(done) = running.join_next().await {
+        if let Ok((t0, t1, ok)) = done {
+            tally.count(from, t0, t1, end, ok);
+        }
+    }
+    tally
 }

@@ -111,8 +111,29 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
             )?,
         );
     }
-    for i in 0..args.n {
+    for (i, member) in view.members.iter().enumerate() {
         wait_healthy(args.base_port, i, Duration::from_secs(15)).await?;
+        // Whatever answers on the port must be this replica, not one left over from another
+        // cluster on the same ports: its status is signed with the key just generated for it.
+        let url = format!("http://127.0.0.1:{}/status", http_port(args.base_port, i));
+        let ours = fetch_status(&url)
+            .await
+            .is_ok_and(|s| s.verify(&member.key));
+        let exited = match children.get_mut(&(i as u32)) {
+            Some(c) => c.try_wait()?.is_some(),
+            None => true,
+        };
+        if exited || !ours {
+            bail!(
+                "replica {i} did not start: {}; see {}",
+                if exited {
+                    "it exited"
+                } else {
+                    "another process answers on its status port"
+                },
+                args.dir.join(format!("r{i}.log")).display()
+            );
+        }
     }
     Ok(LocalCluster {
         view,
@@ -146,7 +167,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
             "running; try: kmmr-replica put --cluster {} k v   (Ctrl-C stops)",
             args.dir.display()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        super::interrupted().await;
     }
     drop(cluster);
     if !ok {

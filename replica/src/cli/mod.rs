@@ -194,27 +194,11 @@ pub async fn main(cli: Cli) -> Result<()> {
             }
             let cfg = NodeConfig::load(&config)
                 .with_context(|| format!("loading {}", config.display()))?;
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            #[cfg(unix)]
-            let shutdown = async {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(s) => s,
-                        Err(_) => return shutdown.await,
-                    };
-                tokio::select! {
-                    _ = shutdown => {},
-                    _ = term.recv() => {},
-                }
-            };
             kmmr::node::run(
                 cfg,
                 service.into(),
                 byzantine.map(|b| b.behaviour()),
-                shutdown,
+                interrupted(),
             )
             .await
         }
@@ -223,4 +207,21 @@ pub async fn main(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Admin(args) => admin::run(args).await,
     }
+}
+
+/// Ctrl-C or SIGTERM: how a replica, or a local cluster that must take its replicas down with
+/// it, is asked to stop.
+pub async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
