@@ -409,6 +409,15 @@ struct SeenView {
     settled: Option<Duration>,
 }
 
+/// How the status words a member named by the evidence of f+1 others (operator/src/observe.rs).
+const ACCUSED: &str = "accused by ";
+
+/// How many replicas accuse a member, from its problem text (`accused by N replicas [..]`).
+fn accusers(problem: &str) -> Option<usize> {
+    let rest = &problem[problem.find(ACCUSED)? + ACCUSED.len()..];
+    rest.split_once(" replicas")?.0.parse().ok()
+}
+
 /// Sets spec.replicas to `n` and follows the status until the view matches the spec, recording
 /// each view it passed through and checking at every observation that the cluster stayed
 /// Available with a healthy quorum.
@@ -481,6 +490,26 @@ async fn scale_and_follow(
             return Err(
                 format!("while scaling to {n} the cluster lost its healthy quorum: {s}").into(),
             );
+        }
+        // No replica runs a Byzantine mode here: any member named by its peers' accusations was
+        // judged by a view or state its accusers did not hold (joiners did, once).
+        let accused: Vec<&Value> = s["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["problem"].as_str().is_some_and(|p| p.contains(ACCUSED)))
+            .collect();
+        if !accused.is_empty() {
+            diagnose(
+                tools,
+                namespace,
+                operator_namespace,
+                "a correct replica accused while scaling",
+            );
+            return Err(format!(
+                "while scaling to {n} correct replicas were named by accusations: {accused:?}"
+            )
+            .into());
         }
         if condition_is(&c, "Reconfiguring", "True") {
             reconfiguring_seen = true;
@@ -1175,6 +1204,8 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         &namespace,
         &format!("kmmr.io/byzantine-test-mode={liar}=mixed"),
     )?;
+    // When the status first showed the liar admitting its mode (its own word), for comparison.
+    let admitted = std::cell::Cell::new(None::<Duration>);
     let named = poll(
         "the status to name the Byzantine replica",
         Duration::from_secs(180),
@@ -1195,10 +1226,19 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
                     .as_str()
                     .is_some_and(|m| m.contains(&format!("replica {liar} (")))
                 && member["health"] == "Unhealthy"
+                // Named by evidence (f+1 replicas caught it), not by its own admission.
                 && member["problem"]
                     .as_str()
-                    .is_some_and(|p| p.contains("Byzantine"))
+                    .and_then(accusers)
+                    .is_some_and(|by| by >= 2)
                 && condition_is(&c, "Available", "True");
+            if admitted.get().is_none()
+                && member["problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("Byzantine test mode"))
+            {
+                admitted.set(Some(t_byz.elapsed()));
+            }
             Ok(ok.then_some(c))
         },
     )
@@ -1215,11 +1255,9 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
             return Err(e);
         }
     };
-    loud(&format!(
-        "MEASURED replica {liar} switched to Byzantine mode mixed and named in the status after {:.1?}: {}",
-        t_byz.elapsed(),
-        condition(&named, "Degraded").map(|d| d["message"].to_string()).unwrap_or_default()
-    ));
+    let to_named = t_byz.elapsed();
+    // The switch itself is a restart of the liar's pod: time the naming from its container's
+    // start too (the kubelet's clock is this machine's, to the second).
     let pod = tools.json(&[
         "get",
         "pod",
@@ -1227,6 +1265,16 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         "-n",
         &namespace,
     ])?;
+    let since_start = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+        .as_str()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(|t| jiff::Timestamp::now().duration_since(t));
+    loud(&format!(
+        "MEASURED replica {liar} switched to Byzantine mode mixed (annotation) and named in the status by the evidence of its peers after {to_named:.1?} ({} after its restarted container started; its own status admitted the mode after {}): {}",
+        since_start.map_or_else(|| "?".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),
+        admitted.get().map_or_else(|| "never seen".to_string(), |d| format!("{d:.1?}")),
+        condition(&named, "Degraded").map(|d| d["message"].to_string()).unwrap_or_default()
+    ));
     assert!(
         pod["spec"]["containers"][0]["args"]
             .as_array()

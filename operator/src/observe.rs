@@ -68,6 +68,42 @@ pub fn compute(
         })
         .collect();
 
+    // Evidence from the replicas themselves: a member that more than f others caught, lately,
+    // sending what no correct replica sends (forged signatures, equivocation, proofs unsound in
+    // the view the accuser holds for them) is faulty, since at least one of its accusers is
+    // correct. An accuser still fetching state or outside its view may judge by the wrong view:
+    // replicas do not accuse then, and its word would not count here either.
+    let mut accusers: BTreeMap<i32, (Vec<i32>, u64, String)> = BTreeMap::new();
+    for (id, s) in verified.iter().filter(|(_, s)| s.member && !s.transferring) {
+        for a in &s.accusations {
+            let Ok(target) = i32::try_from(a.replica) else {
+                continue;
+            };
+            if target == *id || !membership.members.contains(&target) || a.count == 0 {
+                continue;
+            }
+            let e = accusers.entry(target).or_default();
+            if !e.0.contains(id) {
+                e.0.push(*id);
+            }
+            e.1 += a.count;
+            e.2.clone_from(&a.reason);
+        }
+    }
+    let accused: BTreeMap<i32, String> = accusers
+        .into_iter()
+        .filter(|(_, (by, _, _))| by.len() as i32 > f)
+        .map(|(id, (by, count, reason))| {
+            (
+                id,
+                format!(
+                    "accused by {} replicas {by:?}: {count} of its messages rejected as misbehaviour in the last minute (latest: {reason})",
+                    by.len()
+                ),
+            )
+        })
+        .collect();
+
     // The state digest a replica reports is the one after its last decided instance, so only
     // reports at the same instance are comparable. At each instance where f+1 agree, any other
     // digest is a diverged replica; the newest such instance is the one shown.
@@ -127,13 +163,17 @@ pub fn compute(
             Probe::Verified(s) => verified_problem(
                 membership,
                 &diverged,
+                accused.get(&id).map(String::as_str),
                 progress,
                 synchronizing_since(id),
                 &now,
                 id,
                 s,
             ),
-            Probe::Rejected(e) | Probe::Unreachable(e) => (false, Some(e.clone())),
+            Probe::Rejected(e) | Probe::Unreachable(e) => match accused.get(&id) {
+                Some(a) => (false, Some(format!("{e}; {a}"))),
+                None => (false, Some(e.clone())),
+            },
         }
     };
     let members: Vec<MemberStatus> = reports
@@ -163,14 +203,17 @@ pub fn compute(
             }
         })
         .collect();
-    // Evidence of misbehaviour rather than of a crash: a status that does not verify, or a
-    // Byzantine test mode the replica's own signed status admits to.
+    // Evidence of misbehaviour rather than of a crash: f+1 replicas accuse it, its status does
+    // not verify, or its own signed status admits to a Byzantine test mode.
     let misbehaving: Vec<i32> = reports
         .iter()
-        .filter(|(_, p)| match p {
-            Probe::Rejected(_) => true,
-            Probe::Verified(s) => s.byzantine.is_some(),
-            Probe::Unreachable(_) => false,
+        .filter(|(id, p)| {
+            accused.contains_key(id)
+                || match p {
+                    Probe::Rejected(_) => true,
+                    Probe::Verified(s) => s.byzantine.is_some(),
+                    Probe::Unreachable(_) => false,
+                }
         })
         .map(|(id, _)| *id)
         .collect();
@@ -439,9 +482,11 @@ pub const LEADER_CHANGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from
 pub const MAX_LAG: u64 = 64;
 
 /// Whether a replica whose status checks out is healthy, and what is wrong with it, if anything.
+#[allow(clippy::too_many_arguments)]
 fn verified_problem(
     membership: &Membership,
     diverged: &[i32],
+    accused: Option<&str>,
     progress: Option<u64>,
     synchronizing_since: Option<jiff::Timestamp>,
     now: &Time,
@@ -451,6 +496,8 @@ fn verified_problem(
     let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
     let problem = if diverged.contains(&id) {
         "state diverged".to_string()
+    } else if let Some(a) = accused {
+        a.to_string()
     } else if let Some(mode) = &s.byzantine {
         format!("runs the Byzantine test mode {mode}")
     } else if i64::from(s.view_id) != membership.view_id || s.n as i64 != n || s.f as i64 != f {

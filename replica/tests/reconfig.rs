@@ -2,6 +2,7 @@
 //! -> 4 through admin-signed view changes under a client workload, the first leader removed on
 //! the way down. Ports 23000-23999.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use kmmr::client::{Admin, Client, ClientOptions};
 use kmmr::cluster::{fetch_status, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
 use kmmr::core::reconfig::ViewChange;
 use kmmr::core::view::{Member, View};
-use kmmr::crypto::KeyPair;
+use kmmr::crypto::{KeyPair, PublicKey};
 use kmmr::node::config::{load_key, save_key, ViewFile};
 use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice, Status};
 use kmmr::service::kv::{KvRequest, KvResponse};
@@ -143,6 +144,14 @@ impl Cluster {
         }
     }
 
+    /// Kills a replica's process (as a crash would; its disk stays).
+    async fn kill(&mut self, id: u32) {
+        if let Some(pos) = self.procs.iter().position(|(i, _)| *i == id) {
+            let (_, mut child) = self.procs.remove(pos);
+            child.kill().await.expect("kill");
+        }
+    }
+
     /// Waits for a removed replica's process to stop on its own.
     async fn wait_exit(&mut self, id: u32, within: Duration) {
         let Some(pos) = self.procs.iter().position(|(i, _)| *i == id) else {
@@ -235,6 +244,101 @@ impl Writers {
     }
 }
 
+/// (accuser, accused, reason) -> the accuser's status when first seen.
+type Seen = BTreeMap<(u32, u32, String), Status>;
+
+/// Every accusation any replica publishes in its signed status while the membership changes.
+/// No replica here is Byzantine, so each one is false: a replica judged a correct peer's message
+/// by a view or state it did not hold yet.
+struct AccusationWatch {
+    stop: Arc<AtomicBool>,
+    /// Keys of the replicas to poll, by id; joiners are added as they start.
+    keys: Arc<Mutex<BTreeMap<u32, PublicKey>>>,
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AccusationWatch {
+    fn start(view: &View) -> AccusationWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let keys = Arc::new(Mutex::new(
+            view.members
+                .iter()
+                .map(|m| (m.id.0, m.key))
+                .collect::<BTreeMap<_, _>>(),
+        ));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let task = {
+            let (stop, keys, seen) = (stop.clone(), keys.clone(), seen.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let polled: Vec<(u32, PublicKey)> = keys
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .map(|(i, k)| (*i, *k))
+                        .collect();
+                    for (id, key) in polled {
+                        let url =
+                            format!("http://127.0.0.1:{}/status", http_port(BASE, id as usize));
+                        // A replica not started yet, or already gone, has nothing to say.
+                        let Ok(s) = fetch_status(&url).await else {
+                            continue;
+                        };
+                        assert!(s.verify(&key), "replica {id} signs its status");
+                        let mut seen = seen.lock().expect("lock");
+                        for a in &s.status.accusations {
+                            seen.entry((id, a.replica, a.reason.clone()))
+                                .or_insert_with(|| {
+                                    eprintln!(
+                                        "replica {id} accuses replica {} ({} messages, {}) at view {} regency {}, last decided {:?}, transferring {}",
+                                        a.replica, a.count, a.reason, s.status.view_id, s.status.regency, s.status.last_decided, s.status.transferring
+                                    );
+                                    s.status.clone()
+                                });
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        };
+        AccusationWatch {
+            stop,
+            keys,
+            seen,
+            task,
+        }
+    }
+
+    fn add(&self, id: u32, key: PublicKey) {
+        self.keys.lock().expect("lock").insert(id, key);
+    }
+
+    /// Fails the test on any accusation seen so far, naming accuser, accused and reason.
+    fn assert_none(&self, after: &str) {
+        let seen = self.seen.lock().expect("lock");
+        assert!(
+            seen.is_empty(),
+            "{after}: correct replicas accused (accuser, accused, reason), with the accuser's \
+             status then:\n{}",
+            seen.iter()
+                .map(|(k, s)| format!("  {k:?}: {s:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
+    /// Stops polling; accusations stay in a status for 30-60 s, so one made during the last
+    /// step has been seen by then.
+    async fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Err(e) = (&mut self.task).await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        self.assert_none("after the last step");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
     let (mut c, view0) = Cluster::start("reconfig", BASE, 0..4);
@@ -243,7 +347,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             .await
             .expect("healthy");
     }
-    let leader = c
+    let first_leader = c
         .status(&view0, 1)
         .await
         .expect("status of replica 1")
@@ -259,6 +363,31 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         );
     }
     let writers = Writers::start(clients);
+    let mut watch = AccusationWatch::start(&view0);
+
+    // As on the test bed, where the leader's pod is killed first: the leader crashes and comes
+    // back from its disk, so the changes below run in a later regency, installed in the first
+    // view, whose SYNC every joiner is shown while it catches up.
+    c.kill(first_leader).await;
+    let other = (first_leader + 1) % 4;
+    let until = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let s = c.status(&view0, other).await;
+        if let Some(s) = s.filter(|s| s.regency > 0 && !s.synchronizing) {
+            break s.leader;
+        }
+        assert!(
+            Instant::now() < until,
+            "no leader change after the leader crashed; log of {other}:\n{}",
+            c.log(other)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    c.spawn(first_leader);
+    let at = c.status(&view0, other).await.and_then(|s| s.last_decided);
+    c.wait_members(&view0, at.unwrap_or(0), Duration::from_secs(30))
+        .await;
+    watch.assert_none("after the leader's crash and restart");
     let admin_key = load_key(&c.dir.join("admin.key")).expect("admin key");
     let admin = Admin::connect(admin_key, view0.clone(), options())
         .await
@@ -282,10 +411,12 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             })
             .await
             .unwrap_or_else(|e| panic!("adding replica {id}: {e}"));
+        watch.add(id, key.public());
         c.start_joiner(id, &key, &view).await;
         let at = c.status(&view, 1).await.and_then(|s| s.last_decided);
         c.wait_members(&view, at.unwrap_or(0), Duration::from_secs(60))
             .await;
+        watch.assert_none(&format!("after adding replica {id}"));
         steps.push(format!(
             "add {id}: view {} n={} f={} in {:?}",
             view.id.0,
@@ -313,6 +444,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             .and_then(|s| s.last_decided);
         c.wait_members(&view, at.unwrap_or(0), Duration::from_secs(60))
             .await;
+        watch.assert_none(&format!("after removing replica {id}"));
         steps.push(format!(
             "remove {id}{}: view {} n={} f={} in {:?}",
             if id == leader { " (the leader)" } else { "" },
@@ -324,6 +456,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
     }
     let written_during = writers.count();
     let (acked, errors) = writers.stop().await;
+    watch.stop().await;
     let final_view = admin.view();
     assert_eq!((final_view.n(), final_view.f), (4, 1));
     assert!(!final_view.contains(ReplicaId(leader)));

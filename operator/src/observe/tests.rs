@@ -313,6 +313,63 @@ fn a_misbehaving_replica_is_named_with_its_evidence() {
 }
 
 #[test]
+fn a_replica_accused_by_f_plus_one_others_is_named_one_accuser_is_not_enough() {
+    use kmmr::node::Accusation;
+    let accuse = |probes: &mut BTreeMap<i32, Probe>, by: i32, target: u32| {
+        if let Some(Probe::Verified(s)) = probes.get_mut(&by) {
+            s.accusations = vec![Accusation {
+                replica: target,
+                count: 7,
+                reason: "forged_accept".into(),
+            }];
+        }
+    };
+    let (before, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    // One accuser may be the liar itself: not enough.
+    let mut probes = all_healthy();
+    accuse(&mut probes, 3, 1);
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    assert!(s.members.iter().all(|m| m.health == MemberHealth::Healthy));
+    assert_eq!(cond(&s, kind::DEGRADED).status, "False");
+    // A second accuser that is still fetching state (or outside its view) may judge by a view
+    // it does not hold (joiners did, on the test bed): its word does not count.
+    accuse(&mut probes, 0, 1);
+    let unsure = |probes: &mut BTreeMap<i32, Probe>, transferring: bool, member: bool| {
+        if let Some(Probe::Verified(s)) = probes.get_mut(&0) {
+            (s.transferring, s.member) = (transferring, member);
+        }
+    };
+    for (transferring, member) in [(true, true), (false, false)] {
+        unsure(&mut probes, transferring, member);
+        let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+        let m1 = s.members.iter().find(|m| m.id == 1).unwrap();
+        assert!(
+            m1.problem.as_deref().is_none_or(|p| !p.contains("accused")),
+            "{m1:?}"
+        );
+    }
+    // f+1 = 2 up-to-date accusers: one of them is correct.
+    unsure(&mut probes, false, true);
+    let (s, _) = compute(Some(&before), &membership(), &probes, &ctx(), at(200));
+    let m1 = s.members.iter().find(|m| m.id == 1).unwrap();
+    assert_eq!(m1.health, MemberHealth::Unhealthy);
+    let p = m1.problem.as_deref().unwrap();
+    assert!(
+        p.contains("accused by 2 replicas [0, 3]: 14 of its messages rejected as misbehaviour")
+            && p.contains("forged_accept"),
+        "{p}"
+    );
+    let d = cond(&s, kind::DEGRADED);
+    assert_eq!(d.reason, reason::REPLICAS_MISBEHAVING);
+    assert!(
+        d.message.contains("replicas [1] misbehave"),
+        "{}",
+        d.message
+    );
+    assert_eq!(cond(&s, kind::AVAILABLE).status, "True");
+}
+
+#[test]
 fn a_newer_view_counts_only_when_f_plus_one_members_report_it() {
     let m = membership();
     assert_eq!(agreed_newer_view(&m, &all_healthy()), None);

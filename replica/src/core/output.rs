@@ -99,7 +99,9 @@ pub enum Event {
 
 /// Whether a rejection `reason` (of a message from a replica) proves that replica faulty: a
 /// correct replica never sends such a message, whatever the timing. Reasons a correct replica
-/// can cause (it is ahead, behind, or asked for a checkpoint just trimmed) are not listed.
+/// can cause (it is ahead, behind, or asked for a checkpoint just trimmed) are not listed, nor
+/// are proofs that failed against a view the rejecting replica does not hold for them
+/// (`*_in_unheld_view`: made in an older or newer view, they may be sound there).
 pub fn proves_misbehaviour(reason: &str) -> bool {
     matches!(
         reason,
@@ -139,5 +141,10 @@ mod tests {
         assert!(!proves_misbehaviour("too_far_ahead"));
         assert!(!proves_misbehaviour("unknown_checkpoint"));
         assert!(!proves_misbehaviour("future_buffer_full"));
+        // Proofs judged against a view that may not be theirs: a joiner shown the SYNC of a
+        // regency installed views ago, a laggard sent decisions of a view it has not reached.
+        assert!(!proves_misbehaviour("sync_in_unheld_view"));
+        assert!(!proves_misbehaviour("decision_in_unheld_view"));
+        assert!(!proves_misbehaviour("stopdata_last_in_unheld_view"));
     }
 }

@@ -356,6 +356,15 @@ impl Replica {
         !self.joining && self.view.contains(self.me)
     }
 
+    /// Whether this replica holds the view that ordered `cid`, and so can tell a bad proof from
+    /// one made in a view it never held: its own view covers `view_since` up to the instance in
+    /// progress. The previous view is kept without where it began, and a later instance may
+    /// follow a reconfiguration not decided here yet (a joiner shown an old SYNC, a laggard
+    /// sent decisions of the next view, found both on loopback: tests/reconfig.rs).
+    fn holds_view_for(&self, cid: Cid) -> bool {
+        self.view_since <= cid && cid <= self.current_cid()
+    }
+
     /// The view whose members proved the decision of `cid`.
     fn view_for(&self, cid: Cid) -> &View {
         match &self.previous_view {
@@ -988,7 +997,12 @@ impl Replica {
             return;
         }
         if !d.verify(self.view_for(d.cid)) {
-            self.reject(Some(from), "invalid_decision_proof");
+            let reason = if self.holds_view_for(d.cid) {
+                "invalid_decision_proof"
+            } else {
+                "decision_in_unheld_view"
+            };
+            self.reject(Some(from), reason);
             return;
         }
         self.unproven.remove(&d.cid);
@@ -1230,6 +1244,7 @@ impl Replica {
             unchecked: !proven,
         });
         self.stats.decided += 1;
+        self.learn_regency(decision.proof.epoch);
         self.last_decided = Some(cid);
         self.last_timestamp_ms = self.last_timestamp_ms.max(decision.batch.timestamp_ms);
         if self.config.persist && !self.replaying {
@@ -1269,6 +1284,42 @@ impl Replica {
             self.stop_active = false;
             self.stop_retransmit_at = None;
         }
+    }
+
+    /// A decision proven at a later epoch than this replica's regency shows that a quorum
+    /// installed that regency and finished its synchronization: take part in it. The SYNC that
+    /// installed it may belong to a view this replica never held (a joiner, a restarted
+    /// replica), and then this is the only way it learns the regency; without it, it buffers
+    /// every message of the regency and takes no part until the next leader change.
+    fn learn_regency(&mut self, epoch: Epoch) {
+        if epoch <= self.regency {
+            return;
+        }
+        self.regency = epoch;
+        self.synchronizing = false;
+        self.sync_behind = false;
+        if self
+            .pending_sync
+            .as_ref()
+            .is_some_and(|(_, m)| sync_regency(m) <= epoch)
+        {
+            self.pending_sync = None;
+        }
+        self.current_sync = None;
+        self.stop_votes.retain(|_, r| *r > epoch);
+        self.stopdata.retain(|_, (r, _)| *r > epoch);
+        self.stop_sent = self.stop_sent.max(epoch);
+        self.stop_active = self.stop_sent > epoch;
+        if !self.stop_active {
+            self.stop_retransmit_at = None;
+        }
+        self.regency_started_us = self.clock_us;
+        self.pool.restart_timers(self.clock_us);
+        self.stats.regencies_installed += 1;
+        self.events.push(Event::RegencyInstalled {
+            regency: epoch,
+            leader: self.view.leader(epoch),
+        });
     }
 
     fn execute(&mut self, cid: Cid, batch: &Batch) {
@@ -1820,7 +1871,13 @@ impl Replica {
         };
         if !last_ok {
             // Includes a STOPDATA claiming a higher decision it cannot prove.
-            self.reject(Some(from), "unproven_last_decision");
+            let reason = match &last {
+                Some(d) if d.cid.next() == c.cid && !self.holds_view_for(d.cid) => {
+                    "stopdata_last_in_unheld_view"
+                }
+                _ => "unproven_last_decision",
+            };
+            self.reject(Some(from), reason);
             return;
         }
         let named: Vec<Digest> = c
@@ -2027,13 +2084,6 @@ impl Replica {
         batch: &Batch,
         target: Cid,
     ) -> Result<Choice, &'static str> {
-        if let Some(d) = last {
-            if !d.verify(self.view_for(d.cid)) {
-                return Err("sync_unproven_last");
-            }
-        }
-        // The instance the SYNC is about may precede a view change: judge it in its own view.
-        let view = self.view_for(target);
         let mut signers = BTreeSet::new();
         for c in collects {
             if c.collect.regency != regency {
@@ -2042,9 +2092,21 @@ impl Replica {
             if !signers.insert(c.collect.replica) {
                 return Err("sync_duplicate_collect");
             }
-            if !c.verify(view) {
-                return Err("sync_forged_collect");
+        }
+        // What follows depends on the view that ordered those instances. A regency outlives
+        // views, so its SYNC may predate every view this replica held (it is relayed to each
+        // joiner): failing there proves nothing against the sender.
+        let held = self.holds_view_for(target) && last.is_none_or(|d| self.holds_view_for(d.cid));
+        let judged = |reason: &'static str| if held { reason } else { "sync_in_unheld_view" };
+        if let Some(d) = last {
+            if !d.verify(self.view_for(d.cid)) {
+                return Err(judged("sync_unproven_last"));
             }
+        }
+        // The instance the SYNC is about may precede a view change: judge it in its own view.
+        let view = self.view_for(target);
+        if !collects.iter().all(|c| c.verify(view)) {
+            return Err(judged("sync_forged_collect"));
         }
         let states: Option<Vec<sync::State>> = collects
             .iter()
@@ -2052,12 +2114,12 @@ impl Replica {
             .collect();
         let states = states.ok_or("sync_collect_beyond_last")?;
         match sync::choose(view, &states) {
-            None => Err("sync_collects_not_sound"),
+            None => Err(judged("sync_collects_not_sound")),
             Some(Choice::Bound(e, d)) => {
                 if batch.digest() == d {
                     Ok(Choice::Bound(e, d))
                 } else {
-                    Err("sync_dropped_bound_value")
+                    Err(judged("sync_dropped_bound_value"))
                 }
             }
             Some(Choice::Free) => Ok(Choice::Free),
@@ -2071,6 +2133,13 @@ fn msg_epoch(m: &ReplicaMessage) -> Option<Epoch> {
         | ReplicaMessage::Write { epoch, .. }
         | ReplicaMessage::Accept { epoch, .. } => Some(*epoch),
         _ => None,
+    }
+}
+
+fn sync_regency(m: &ReplicaMessage) -> Regency {
+    match m {
+        ReplicaMessage::Sync { regency, .. } => *regency,
+        _ => Regency(0),
     }
 }
 

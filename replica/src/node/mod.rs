@@ -742,8 +742,11 @@ impl NodeLoop {
             }
             Event::Rejected { from, reason } => {
                 self.metrics.reject(reason);
+                // Evidence only from a replica that holds the state and view it judged by: one
+                // still joining, fetching state or outside its view may be the one mistaken.
+                let judge = self.core.participating() && !self.core.is_transferring();
                 if let Some(peer) = from.filter(|p| *p != self.core.id()) {
-                    if crate::core::output::proves_misbehaviour(reason) {
+                    if judge && crate::core::output::proves_misbehaviour(reason) {
                         self.accusations.record(Instant::now(), peer.0, reason);
                     }
                 }
