@@ -242,8 +242,15 @@ impl Replica {
         config: Config,
         service: Box<dyn Service>,
         checkpoint: Option<Vec<u8>>,
-        decisions: Vec<Decision>,
+        mut decisions: Vec<Decision>,
     ) -> Result<Self, String> {
+        if checkpoint.is_none() && view.id > ViewId(0) {
+            // A log with no checkpoint begins in view 0, which this replica no longer knows:
+            // replayed under the configured (later) view, its decisions and every proof after
+            // them would be judged by the wrong members and quorum. The state comes from the
+            // others instead, as for a joiner.
+            decisions.clear();
+        }
         let mut r = Replica::new(me, key, view, config, service);
         if let Some(bytes) = checkpoint {
             let meta = CheckpointMeta {
@@ -1570,9 +1577,18 @@ impl Replica {
                     self.send(to, msg);
                 }
             }
-            ChunkOutcome::BadSource(bad, reqs) => {
-                self.reject(Some(bad), "bad_checkpoint_bytes");
-                for (to, msg) in reqs {
+            ChunkOutcome::BadSource {
+                source,
+                proven,
+                requests,
+            } => {
+                let reason = if proven {
+                    "bad_checkpoint_bytes"
+                } else {
+                    "checkpoint_digest_mismatch"
+                };
+                self.reject(Some(source), reason);
+                for (to, msg) in requests {
                     self.send(to, msg);
                 }
             }
@@ -1875,6 +1891,9 @@ impl Replica {
                 Some(d) if d.cid.next() == c.cid && !self.holds_view_for(d.cid) => {
                     "stopdata_last_in_unheld_view"
                 }
+                // A replica that installed a checkpoint holds no decision for its CID until a
+                // peer sends it one: it cannot prove where it stands, which is no lie.
+                None => "stopdata_without_last",
                 _ => "unproven_last_decision",
             };
             self.reject(Some(from), reason);

@@ -32,8 +32,14 @@ pub enum ChunkOutcome {
     /// The checkpoint is complete and hashes to the agreed digest.
     Complete(CheckpointMeta, Vec<u8>),
     /// The source sent bytes that do not fit or do not hash right; it is dropped and the fetch
-    /// restarts from another supporter with these requests.
-    BadSource(ReplicaId, Requests),
+    /// restarts from another supporter with these requests. `proven`: every byte came from
+    /// it, so it is to blame; after a stalled source was replaced, a bad digest could be the
+    /// earlier source's doing.
+    BadSource {
+        source: ReplicaId,
+        proven: bool,
+        requests: Requests,
+    },
 }
 
 #[derive(Debug)]
@@ -47,6 +53,8 @@ struct Fetch {
     outstanding: BTreeSet<u64>,
     next_offset: u64,
     last_progress_us: u64,
+    /// Bytes from more than one source are in `assembled`.
+    mixed: bool,
 }
 
 #[derive(Debug)]
@@ -176,6 +184,7 @@ impl Transfer {
             outstanding: BTreeSet::new(),
             next_offset: 0,
             last_progress_us: now,
+            mixed: false,
         });
         self.fill()
     }
@@ -248,7 +257,7 @@ impl Transfer {
         }
         let expected = (f.meta.len - offset).min(self.chunk_bytes as u64);
         if data.len() as u64 != expected {
-            return self.drop_source(now);
+            return self.drop_source(now, true);
         }
         f.outstanding.remove(&offset);
         f.last_progress_us = now;
@@ -263,12 +272,13 @@ impl Transfer {
                 self.fetch = None;
                 return ChunkOutcome::Complete(meta, bytes);
             }
-            return self.drop_source(now);
+            let proven = !f.mixed;
+            return self.drop_source(now, proven);
         }
         ChunkOutcome::More(self.fill())
     }
 
-    fn drop_source(&mut self, now: u64) -> ChunkOutcome {
+    fn drop_source(&mut self, now: u64, proven: bool) -> ChunkOutcome {
         let Some(f) = self.fetch.take() else {
             return ChunkOutcome::Ignored;
         };
@@ -277,7 +287,11 @@ impl Transfer {
             self.bad.pop_first();
         }
         let reqs = self.start(now, f.meta, f.sources);
-        ChunkOutcome::BadSource(f.source, reqs)
+        ChunkOutcome::BadSource {
+            source: f.source,
+            proven,
+            requests: reqs,
+        }
     }
 
     /// When the fetch in progress must show progress by.
@@ -300,6 +314,7 @@ impl Transfer {
             f.source = f.sources[(i + 1) % f.sources.len()];
         }
         f.last_progress_us = now;
+        f.mixed |= !f.assembled.is_empty();
         f.ahead.clear();
         f.outstanding.clear();
         f.next_offset = f.assembled.len() as u64;
@@ -392,9 +407,14 @@ mod tests {
                 match t.on_chunk(1, from, meta.cid, meta.digest, offset, d) {
                     ChunkOutcome::More(r) => reqs.extend(r),
                     ChunkOutcome::Complete(m, b) => done = Some((m, b)),
-                    ChunkOutcome::BadSource(bad, r) => {
-                        assert_eq!(bad, liar);
-                        reqs = r;
+                    ChunkOutcome::BadSource {
+                        source,
+                        proven,
+                        requests,
+                    } => {
+                        assert_eq!(source, liar);
+                        assert!(proven);
+                        reqs = requests;
                         break;
                     }
                     ChunkOutcome::Ignored => {}

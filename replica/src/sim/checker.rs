@@ -19,7 +19,7 @@ pub struct Checker {
 }
 
 impl Checker {
-    fn violation(&mut self, v: String) {
+    pub fn violation(&mut self, v: String) {
         // One violation usually cascades; the first few tell the story.
         if self.violations.len() < 16 {
             self.violations.push(v);

@@ -672,8 +672,22 @@ impl<'a> World<'a> {
                     let batch = self.nodes[i].replica.decision(cid).map(|d| d.batch.clone());
                     self.checker.on_decided(i, cid, digest, batch.as_ref());
                 }
-                Event::Rejected { reason, .. } => {
+                Event::Rejected { reason, from } => {
                     *self.report.rejected.entry(reason).or_insert(0) += 1;
+                    // What a replica holds as evidence against a peer (the operator names a
+                    // replica by it) must never be held against a correct one.
+                    if let Some(j) = from {
+                        if !faulty
+                            && crate::core::output::proves_misbehaviour(reason)
+                            && self.correct_id(j)
+                        {
+                            self.checker.violation(format!(
+                                "false accusation at {} us: node {i} rejected a message of \
+                                 correct replica {} as {reason}",
+                                self.now, j.0
+                            ));
+                        }
+                    }
                 }
                 Event::Suspected { regency, why } if self.report.suspicions.len() < 64 => {
                     self.report.suspicions.push((self.now, i, regency.0, why));
@@ -692,6 +706,18 @@ impl<'a> World<'a> {
             }
         }
         self.arm_node_timer(i);
+    }
+
+    /// A replica id run only by correct code that never lost its memory: no twin, no
+    /// adversary, no crash with amnesia.
+    fn correct_id(&self, id: ReplicaId) -> bool {
+        let mut nodes = self.nodes.iter().enumerate().filter(|(_, n)| n.id == id);
+        let Some((i, first)) = nodes.next() else {
+            return false;
+        };
+        nodes.next().is_none()
+            && !first.faulty
+            && !self.cfg.crashes.iter().any(|c| c.node == i && c.amnesia)
     }
 
     fn frames_for(&mut self, i: usize, out: Output) -> Vec<Frame> {
