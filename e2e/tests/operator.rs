@@ -181,45 +181,40 @@ fn storage(tools: &Tools, namespace: &str, cleanup: &mut Cleanup) -> Result<Opti
     Ok(Some(class.to_string()))
 }
 
-/// Runs the replica binary's client in a pod: one init container per put (a put that did not
-/// succeed stops the pod, so every later step saw every earlier put acknowledged), then `range`
-/// over the prefix. Returns the pod's phase and the range's output.
-async fn client_pod(
-    tools: &Tools,
+/// A container running the replica binary's client subcommand `args[0]` against the cluster's
+/// view, with its own throw-away key, followed by the rest of `args`.
+fn kmmr_container(name: &str, image: &str, args: Vec<String>) -> Value {
+    let mut full = vec![
+        "--view".to_string(),
+        "/etc/kmmr/view.toml".to_string(),
+        "--client-key".to_string(),
+        "/tmp/client.key".to_string(),
+    ];
+    // Subcommand first, then the cluster options, then its positional arguments.
+    let (sub, rest) = args
+        .split_first()
+        .map(|(s, r)| (s.clone(), r.to_vec()))
+        .unwrap_or_default();
+    full.insert(0, sub);
+    full.extend(rest);
+    json!({
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["kmmr-replica"],
+        "args": full,
+        "volumeMounts": [{ "name": "view", "mountPath": "/etc/kmmr" }]
+    })
+}
+
+/// A one-shot, non-root pod with the cluster's view mounted for `kmmr_container`s.
+fn kmmr_client_pod(
     namespace: &str,
     name: &str,
-    image: &str,
-    puts: &[(String, String)],
-) -> Result<(String, String)> {
-    let client = |cname: String, args: Vec<String>| {
-        let mut full = vec![
-            "--view".to_string(),
-            "/etc/kmmr/view.toml".to_string(),
-            "--client-key".to_string(),
-            "/tmp/client.key".to_string(),
-        ];
-        // Subcommand first, then the cluster options, then its positional arguments.
-        let (sub, rest) = args
-            .split_first()
-            .map(|(s, r)| (s.clone(), r.to_vec()))
-            .unwrap_or_default();
-        full.insert(0, sub);
-        full.extend(rest);
-        json!({
-            "name": cname,
-            "image": image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": ["kmmr-replica"],
-            "args": full,
-            "volumeMounts": [{ "name": "view", "mountPath": "/etc/kmmr" }]
-        })
-    };
-    let inits: Vec<Value> = puts
-        .iter()
-        .enumerate()
-        .map(|(i, (k, v))| client(format!("put-{i}"), vec!["put".into(), k.clone(), v.clone()]))
-        .collect();
-    let pod = json!({
+    inits: Vec<Value>,
+    containers: Vec<Value>,
+) -> Value {
+    json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": { "name": name, "namespace": namespace },
@@ -232,9 +227,33 @@ async fn client_pod(
                 "configMap": { "name": format!("{CLUSTER}-config"), "items": [{ "key": "view.toml", "path": "view.toml" }] }
             }],
             "initContainers": inits,
-            "containers": [client("range".into(), vec!["range".into(), "e2e/".into()])]
+            "containers": containers
         }
-    });
+    })
+}
+
+/// Runs the replica binary's client in a pod: one init container per put (a put that did not
+/// succeed stops the pod, so every later step saw every earlier put acknowledged), then `range`
+/// over the prefix. Returns the pod's phase and the range's output.
+async fn client_pod(
+    tools: &Tools,
+    namespace: &str,
+    name: &str,
+    image: &str,
+    puts: &[(String, String)],
+) -> Result<(String, String)> {
+    let client = |cname: String, args: Vec<String>| kmmr_container(&cname, image, args);
+    let inits: Vec<Value> = puts
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| client(format!("put-{i}"), vec!["put".into(), k.clone(), v.clone()]))
+        .collect();
+    let pod = kmmr_client_pod(
+        namespace,
+        name,
+        inits,
+        vec![client("range".into(), vec!["range".into(), "e2e/".into()])],
+    );
     tools.kubectl_in(&["apply", "-f", "-"], &pod.to_string())?;
     let phase = poll(
         &format!("client pod {name} to finish"),
@@ -355,29 +374,13 @@ fn diagnose(tools: &Tools, namespace: &str, operator_namespace: &str, why: &str)
 /// A pod that writes e2e keys one at a time for as long as the test runs (`kmmr-replica
 /// writes`), printing `acked <key> <value>` for every acknowledged write.
 fn start_writer(tools: &Tools, namespace: &str, name: &str, image: &str, prefix: &str) -> Result {
-    let pod = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": name, "namespace": namespace },
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": false,
-            "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532 },
-            "volumes": [{
-                "name": "view",
-                "configMap": { "name": format!("{CLUSTER}-config"), "items": [{ "key": "view.toml", "path": "view.toml" }] }
-            }],
-            "containers": [{
-                "name": "writer",
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": ["kmmr-replica"],
-                "args": ["writes", "--view", "/etc/kmmr/view.toml", "--client-key", "/tmp/client.key",
-                         "--interval-ms", "20", "--seconds", "1200", prefix],
-                "volumeMounts": [{ "name": "view", "mountPath": "/etc/kmmr" }]
-            }]
-        }
-    });
+    let args = ["writes", "--interval-ms", "20", "--seconds", "1200", prefix];
+    let writer = kmmr_container(
+        "writer",
+        image,
+        args.iter().map(|a| a.to_string()).collect(),
+    );
+    let pod = kmmr_client_pod(namespace, name, Vec::new(), vec![writer]);
     tools.kubectl_in(&["apply", "-f", "-"], &pod.to_string())?;
     Ok(())
 }
