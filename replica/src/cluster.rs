@@ -27,6 +27,8 @@ pub struct ClusterSpec {
     pub byzantine: Vec<u32>,
     /// Written into every replica's config.
     pub protocol: ProtocolConfig,
+    /// Written into every replica's config (`NodeConfig::busy_poll_us`).
+    pub busy_poll_us: u64,
 }
 
 /// The file holding the admin key pair of a prepared cluster (it signs reconfigurations).
@@ -85,8 +87,10 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             listen: None,
             client_listen: None,
             http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
+            busy_poll_us: args.busy_poll_us,
             protocol: args.protocol.clone(),
         };
+        cfg.validate()?;
         std::fs::write(
             args.dir.join(format!("r{i}.toml")),
             toml::to_string_pretty(&cfg)?,

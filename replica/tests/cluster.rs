@@ -37,6 +37,7 @@ impl TestCluster {
             dir: dir.clone(),
             base_port: base,
             byzantine: byzantine.iter().map(|(i, _)| *i).collect(),
+            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
             protocol: kmmr::node::ProtocolConfig {
                 request_timeout_ms: 300,
                 ..Default::default()

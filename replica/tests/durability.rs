@@ -35,6 +35,7 @@ impl TestCluster {
             dir: dir.clone(),
             base_port: base,
             byzantine: Vec::new(),
+            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
             protocol,
         })
         .expect("cluster files");

@@ -45,6 +45,7 @@ impl Cluster {
             dir: dir.clone(),
             base_port: base,
             byzantine: Vec::new(),
+            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
             protocol: protocol(),
         })
         .expect("cluster files");
@@ -100,6 +101,7 @@ impl Cluster {
             listen: None,
             client_listen: None,
             http_listen: format!("127.0.0.1:{}", http_port(BASE, id as usize)),
+            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
             protocol: protocol(),
         };
         std::fs::write(

@@ -69,6 +69,10 @@ pub struct LocalArgs {
     /// need no signature check to decide; 0 checks every ACCEPT on arrival).
     #[arg(long, default_value_t = ProtocolConfig::default().accept_grace_us)]
     pub accept_grace_us: u64,
+    /// After network input, how long a replica polls for more before it sleeps, in
+    /// microseconds (0: never; at most 10000).
+    #[arg(long, default_value_t = kmmr::node::config::DEFAULT_BUSY_POLL_US)]
+    pub busy_poll_us: u64,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -85,6 +89,7 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         dir: args.dir.clone(),
         base_port: args.base_port,
         byzantine: byzantine.clone(),
+        busy_poll_us: args.busy_poll_us,
         protocol: ProtocolConfig {
             request_timeout_ms: args.request_timeout_ms,
             checkpoint_period: args.checkpoint_period,

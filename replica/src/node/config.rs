@@ -31,8 +31,24 @@ pub struct NodeConfig {
     pub client_listen: Option<String>,
     /// `/metrics`, `/status`, `/healthz`.
     pub http_listen: String,
+    /// After handling network input, poll for more for up to this many microseconds before
+    /// sleeping, yielding the CPU to anything else runnable meanwhile. Saves a wake-up per
+    /// message delay when messages come in quick succession; 0 turns it off.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u64,
     #[serde(default)]
     pub protocol: ProtocolConfig,
+}
+
+/// Measured on loopback with 4 replicas and a client on 2 cores: 60-200 us cut the median
+/// single-client latency by a quarter and left throughput as it was; see README.
+pub const DEFAULT_BUSY_POLL_US: u64 = 100;
+
+/// Longer polls would hold a thread for no gain: a message delay is tens of microseconds.
+pub const MAX_BUSY_POLL_US: u64 = 10_000;
+
+fn default_busy_poll_us() -> u64 {
+    DEFAULT_BUSY_POLL_US
 }
 
 /// Protocol tunables, in milliseconds where they are times.
@@ -259,7 +275,52 @@ impl NodeConfig {
                 }
             }
         }
-        c.protocol.validate()?;
+        c.validate()?;
         Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.busy_poll_us > MAX_BUSY_POLL_US {
+            bail!(
+                "busy_poll_us = {} is too large: use at most {MAX_BUSY_POLL_US} (the default is \
+                 {DEFAULT_BUSY_POLL_US}; 0 turns busy polling off)",
+                self.busy_poll_us
+            );
+        }
+        self.protocol.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &Path, extra: &str) -> PathBuf {
+        let path = dir.join("r0.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "id = 0\nkey_file = \"r0.key\"\nview_file = \"view.toml\"\ndata_dir = \"data\"\n\
+                 http_listen = \"127.0.0.1:0\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn busy_polling_is_on_by_default_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("kmmr-config-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = NodeConfig::load(&write_config(&dir, "")).unwrap();
+        assert_eq!(c.busy_poll_us, DEFAULT_BUSY_POLL_US);
+        let c = NodeConfig::load(&write_config(&dir, "busy_poll_us = 0\n")).unwrap();
+        assert_eq!(c.busy_poll_us, 0);
+        let e = NodeConfig::load(&write_config(&dir, "busy_poll_us = 50000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("busy_poll_us = 50000 is too large"), "{e}");
+        assert!(e.contains("0 turns busy polling off"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

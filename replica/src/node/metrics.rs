@@ -28,6 +28,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: String,
 }
@@ -59,6 +64,10 @@ pub struct Metrics {
     pub diverged: Counter,
     /// Replies waiting for their decision to reach the disk.
     pub held_replies: Gauge,
+    /// Busy polls after input, by whether more input came (`input`) or the budget ran out.
+    pub busy_polls: Family<OutcomeLabel, Counter>,
+    /// CPU time spent in busy polls (an upper bound: other threads ran during the yields).
+    pub busy_poll_seconds: Counter<f64, AtomicU64>,
     /// Microseconds since the epoch of the node loop's last turn, for `/healthz`.
     pub heartbeat_us: AtomicU64,
 }
@@ -128,6 +137,18 @@ impl Default for Metrics {
         let view_installs = Counter::default();
         let diverged = Counter::default();
         let held_replies = Gauge::default();
+        let busy_polls = Family::<OutcomeLabel, Counter>::default();
+        let busy_poll_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "busy_polls",
+            "Polls for more input before sleeping, by outcome (input: it came; idle: budget spent)",
+            busy_polls.clone(),
+        );
+        registry.register(
+            "busy_poll_seconds",
+            "Time spent polling for input before sleeping",
+            busy_poll_seconds.clone(),
+        );
         registry.register(
             "durable_cid",
             "Highest CID whose decision is on disk (-1: none)",
@@ -189,6 +210,8 @@ impl Default for Metrics {
             view_installs,
             diverged,
             held_replies,
+            busy_polls,
+            busy_poll_seconds,
             heartbeat_us: AtomicU64::new(0),
         }
     }
