@@ -5,6 +5,7 @@
 //! and latency percentiles. With the no-op service and 0-byte requests and replies it is the
 //! 0/0 micro-benchmark.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -250,16 +251,14 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
             }
         }
         Some(rate) => {
-            let per_client = rate / args.clients as f64;
-            let interval = Duration::from_secs_f64(1.0 / per_client);
-            for (i, (c, k)) in clients.into_iter().enumerate() {
-                let (work, cap) = (work.clone(), args.max_in_flight);
-                // Clients start spread over one interval, not all at once.
-                let first = start + interval.mul_f64(i as f64 / args.clients as f64);
-                tasks.push(tokio::spawn(open_loop(
-                    c, k, work, first, interval, cap, from, end,
-                )));
-            }
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            tasks.push(tokio::spawn(open_loop(
+                clients,
+                work.clone(),
+                interval,
+                args.max_in_flight,
+                Window { start, from, end },
+            )));
         }
     }
     let mut all = Tally::default();
@@ -300,50 +299,70 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
     })
 }
 
-/// One open-loop client: the k-th request is due at `first + k * interval` and timed from then.
-#[allow(clippy::too_many_arguments)]
-async fn open_loop(
-    client: Client,
-    key: Arc<Vec<u8>>,
-    work: Arc<Work>,
-    first: Instant,
-    interval: Duration,
-    cap: usize,
+/// When the run starts, when measuring starts, and when it ends.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
     from: Instant,
     end: Instant,
+}
+
+/// The open loop: the j-th request is due at `start + j * interval` and goes to client
+/// `j mod clients`; it is timed from when it was due.
+///
+/// The schedule is kept by a thread of its own sleeping with the OS's high-resolution timer:
+/// the runtime's timers fire on a millisecond wheel, up to ~2 ms late, and since latency counts
+/// from the due time, that lateness showed up as latency (2 ms medians at 200 requests/s
+/// against 0.4 ms closed-loop). The thread wakes within ~0.1 ms and hands the request to the
+/// runtime.
+async fn open_loop(
+    clients: Vec<(Client, Arc<Vec<u8>>)>,
+    work: Arc<Work>,
+    interval: Duration,
+    cap: usize,
+    w: Window,
 ) -> Tally {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = std::thread::spawn(move || {
+        let in_flight: Vec<Arc<AtomicUsize>> = clients
+            .iter()
+            .map(|_| Arc::new(AtomicUsize::new(0)))
+            .collect();
+        let mut dropped = 0;
+        let mut due = w.start;
+        let mut j = 0usize;
+        while due < w.end {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let i = j % clients.len();
+            if in_flight[i].load(Ordering::Relaxed) >= cap {
+                if due >= w.from {
+                    dropped += 1;
+                }
+            } else {
+                in_flight[i].fetch_add(1, Ordering::Relaxed);
+                let (c, k) = clients[i].clone();
+                let (work, n, tx, t0) = (work.clone(), in_flight[i].clone(), done_tx.clone(), due);
+                runtime.spawn(async move {
+                    let ok = work.once(&c, &k).await.is_ok();
+                    n.fetch_sub(1, Ordering::Relaxed);
+                    let _ = tx.send((t0, Instant::now(), ok));
+                });
+            }
+            j += 1;
+            due += interval;
+        }
+        dropped
+    });
     let mut tally = Tally::default();
-    let mut running = tokio::task::JoinSet::new();
-    let mut due = first;
-    while due < end {
-        tokio::select! {
-            biased;
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Ok((t0, t1, ok)) = done {
-                    tally.count(from, t0, t1, end, ok);
-                }
-            }
-            _ = tokio::time::sleep_until(due.into()) => {
-                if running.len() >= cap {
-                    if due >= from {
-                        tally.dropped += 1;
-                    }
-                } else {
-                    let (c, k, w, t0) = (client.clone(), key.clone(), work.clone(), due);
-                    running.spawn(async move {
-                        let ok = w.once(&c, &k).await.is_ok();
-                        (t0, Instant::now(), ok)
-                    });
-                }
-                due += interval;
-            }
-        }
+    // The channel closes once the pacer is done and every request it sent has finished (or
+    // timed out), so the run reports only then.
+    while let Some((t0, t1, ok)) = done_rx.recv().await {
+        tally.count(w.from, t0, t1, w.end, ok);
     }
-    // Requests still out at the end finish (or time out) before the run reports.
-    while let Some(done) = running.join_next().await {
-        if let Ok((t0, t1, ok)) = done {
-            tally.count(from, t0, t1, end, ok);
-        }
-    }
+    tally.dropped = pacer.join().unwrap_or(0);
     tally
 }
