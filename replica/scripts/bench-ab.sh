@@ -30,7 +30,12 @@ run_one() {
         grep -q "local cluster" "$dir.out" 2>/dev/null && break
         sleep 0.2
     done
-    grep -q "local cluster" "$dir.out" || { cat "$dir.out" >&2; kill $pid; exit 1; }
+    grep -q "local cluster" "$dir.out" || {
+        cat "$dir.out" >&2
+        for log in "$dir"/r*.log; do echo "--- $log" >&2; tail -20 "$log" >&2; done
+        kill $pid
+        exit 1
+    }
     for load in "--clients 1" "--clients 50 --window 8"; do
         # shellcheck disable=SC2086
         line=$("$bin" bench --cluster "$dir" $load --duration "$secs" --warmup 2 --json) || {
