@@ -41,7 +41,7 @@ pub struct NodeConfig {
 }
 
 /// Measured on loopback with 4 replicas and a client on 2 cores: 60-200 us cut the median
-/// single-client latency by a quarter and left throughput as it was; see README.
+/// single-client latency by about 30% and left throughput as it was; see README.
 pub const DEFAULT_BUSY_POLL_US: u64 = 100;
 
 /// Longer polls would hold a thread for no gain: a message delay is tens of microseconds.

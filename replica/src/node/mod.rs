@@ -440,7 +440,7 @@ impl NodeLoop {
             }
             self.flush();
             if input && !self.busy_poll.is_zero() {
-                self.busy_poll(&rx).await;
+                self.poll_more(&rx).await;
             }
             if self.removed {
                 self.finish_removed(&mut durable_rx, &mut failures).await;
@@ -453,7 +453,7 @@ impl NodeLoop {
 
     /// Looks for more input before the runtime may sleep: the next message of an instance
     /// usually follows within microseconds, and waking up for it costs more than waiting.
-    async fn busy_poll(&mut self, rx: &mpsc::Receiver<Inbound>) {
+    async fn poll_more(&mut self, rx: &mpsc::Receiver<Inbound>) {
         let start = Instant::now();
         let outcome = match poll::poll_for_input(rx, self.busy_poll).await {
             poll::Polled::Input => "input",
