@@ -82,6 +82,23 @@ pub struct LocalCluster {
     pub byzantine: Vec<u32>,
 }
 
+impl LocalCluster {
+    /// Kills every replica and waits until each has exited: dropping the children only sends
+    /// the signal, and a cluster started right after on the same ports would race the dying
+    /// processes for them ("address already in use").
+    pub async fn stop(mut self) {
+        for (i, child) in self._children.iter_mut() {
+            let _ = child.start_kill();
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!("replica {i} did not exit within 10 s of SIGKILL");
+            }
+        }
+    }
+}
+
 pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
     let byzantine: Vec<u32> = (0..args.byzantine as u32).collect();
     let view = prepare(&ClusterSpec {
@@ -174,7 +191,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         );
         super::interrupted().await;
     }
-    drop(cluster);
+    cluster.stop().await;
     if !ok {
         bail!("the workload found a problem (see above)");
     }
