@@ -62,6 +62,7 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
         until_us: 3_000 * MS,
         amnesia: false,
         disk: false,
+        lost_tail: 0,
     }];
     let r = run(&cfg);
     assert_ok(&r);
@@ -168,6 +169,7 @@ fn a_transfer_outlived_by_its_checkpoint_moves_to_a_newer_one() {
         until_us: 40 * MS,
         amnesia: true,
         disk: true,
+        lost_tail: 0,
     }];
     // Its chunks are lost until the others are well past the checkpoint it first chose.
     cfg.drops = vec![drop_to("chunk", 3, 300 * MS)];
@@ -214,6 +216,7 @@ fn garbage_accept_signatures_never_reach_a_proof_shown_to_others() {
         until_us: 100_000 * MS,
         amnesia: false,
         disk: false,
+        lost_tail: 0,
     }];
     let r = run(&cfg);
     assert_ok(&r);

@@ -197,6 +197,26 @@ fn regression_seed_15452_n4_lagging_replica_keeps_asking_for_decisions() {
     assert!(r.ok(), "{}", show(&r));
 }
 
+/// Correct replicas restarted from their disks, beyond the f faults. Before votes were
+/// promised to disk, a restarted leader proposed another batch for the instance it had
+/// proposed in (453: its only fault is one restart; 824: two restarts, and no progress), which
+/// the others saw as equivocation. 426: two replicas lost the unsynced tail of their logs, one
+/// of them the only replica that had decided an instance, and waited for the others to tell
+/// it; promises now carry the decisions the log had not synced.
+#[test]
+fn regression_seeds_restarts_from_disk_keep_their_votes() {
+    for seed in [453, 824, 426] {
+        let cfg = SimConfig::random(seed, 4);
+        assert!(
+            cfg.crashes.iter().any(|c| c.amnesia && c.disk),
+            "seed {seed} restarts nothing from disk"
+        );
+        assert_eq!(cfg.faulty_budget_used(), 0, "seed {seed}");
+        let r = run(&cfg);
+        assert!(r.ok(), "{}", show(&r));
+    }
+}
+
 /// Regressions found while adding reconfiguration: a client whose votes split between replicas
 /// that answered before and after a view change (164 n=7), a late NewView answer counted for the
 /// re-signed request (98 n=4), a joiner never learning the regency (205 n=4), a removed replica

@@ -8,6 +8,7 @@ pub mod clients;
 pub mod config;
 pub mod instance;
 pub mod output;
+pub mod promise;
 pub mod reconfig;
 pub mod replica;
 pub mod state;

@@ -1,5 +1,6 @@
 //! What the core asks its driver to do, and what it reports.
 
+use crate::core::promise::Promise;
 use crate::core::state::Checkpoint;
 use crate::core::view::View;
 use crate::crypto::Digest;
@@ -17,6 +18,9 @@ pub enum Output {
     Reply { client: ClientId, reply: Reply },
     /// Append a decided instance to the log (only with `Config::persist`), in CID order.
     Persist(Decision),
+    /// Make this promise durable before sending any output after it (only with
+    /// `Config::persist`): it replaces the previous one.
+    Promise(Promise),
     /// A checkpoint was taken after executing `checkpoint.meta.cid`: store it; the log up to
     /// `trim_before` is no longer needed.
     Checkpoint {
@@ -35,6 +39,7 @@ impl Output {
         matches!(
             self,
             Output::Persist(_)
+                | Output::Promise(_)
                 | Output::Checkpoint { .. }
                 | Output::StateInstalled(_)
                 | Output::ViewChanged(_)

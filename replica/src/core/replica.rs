@@ -14,6 +14,7 @@ use crate::core::clients::{Freshness, Pool, Sessions};
 use crate::core::config::Config;
 use crate::core::instance::{Instance, Recorded, Vote};
 use crate::core::output::{Event, Output};
+use crate::core::promise::{Promise, PromiseKey};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
 use crate::core::state::{
     encode_state, Checkpoint, HeldBytes, OrderingState, ReplicaState, StoredCheckpoint,
@@ -70,6 +71,16 @@ struct StopData {
     values: Vec<Batch>,
 }
 
+/// What a restarted replica finds on its disk: the newest checkpoint (the bytes of a
+/// `ReplicaState`), the decisions logged after it, replayed without re-checking their proofs
+/// (they were checked when decided, and the log is checksummed), and its last promise.
+#[derive(Debug, Default)]
+pub struct FromDisk {
+    pub checkpoint: Option<Vec<u8>>,
+    pub decisions: Vec<Decision>,
+    pub promise: Option<Promise>,
+}
+
 pub struct Replica {
     me: ReplicaId,
     key: KeyPair,
@@ -117,6 +128,11 @@ pub struct Replica {
     replaying: bool,
     /// A view installed by the batch being executed, taking effect after it.
     pending_view: Option<View>,
+    /// What the last `Output::Promise` said (only with `Config::persist`).
+    promised: Option<PromiseKey>,
+    /// A promise recovered from disk for an instance not reached yet (the log lost its tail in
+    /// the crash): this replica takes no part until it gets there, then restores it.
+    restored: Option<Promise>,
     /// Start-up probes left: a replica that (re)starts asks the others where they are, since in
     /// an idle cluster nothing else would tell it that it is behind.
     startup_probes: u32,
@@ -203,6 +219,8 @@ impl Replica {
             joining,
             replaying: false,
             pending_view: None,
+            promised: None,
+            restored: None,
             startup_probes: STARTUP_PROBES,
             view_since: Cid(0),
             previous_view: None,
@@ -231,9 +249,7 @@ impl Replica {
         }
     }
 
-    /// A replica restarted from its disk: the newest checkpoint (the bytes of a `ReplicaState`)
-    /// and the decisions logged after it, replayed without re-checking their proofs (they were
-    /// checked when decided, and the log is checksummed). `view` is the configured view, used
+    /// A replica restarted from its disk (see `FromDisk`). `view` is the configured view, used
     /// when there is no checkpoint.
     pub fn recover(
         me: ReplicaId,
@@ -241,9 +257,13 @@ impl Replica {
         view: View,
         config: Config,
         service: Box<dyn Service>,
-        checkpoint: Option<Vec<u8>>,
-        mut decisions: Vec<Decision>,
+        disk: FromDisk,
     ) -> Result<Self, String> {
+        let FromDisk {
+            checkpoint,
+            mut decisions,
+            promise,
+        } = disk;
         if checkpoint.is_none() && view.id > ViewId(0) {
             // A log with no checkpoint begins in view 0, which this replica no longer knows:
             // replayed under the configured (later) view, its decisions and every proof after
@@ -276,11 +296,32 @@ impl Replica {
         // checkpoint it crossed may not have been written before the crash, so keep those.
         r.outputs
             .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
+        if let Some(mut p) = promise {
+            // Decided before the crash but not yet in the log: replayed like the log, and
+            // logged now (their replies were held for the log, so none went out).
+            r.replaying = true;
+            for d in std::mem::take(&mut p.decided) {
+                if d.cid == r.current_cid() {
+                    if r.config.persist {
+                        r.outputs.push(Output::Persist(d.clone()));
+                    }
+                    r.decide(d, false);
+                }
+            }
+            r.replaying = false;
+            r.recover_promise(p);
+        }
         r.events.clear();
         Ok(r)
     }
 
     // ----- accessors -------------------------------------------------------------------------
+
+    /// Decisions this replica holds after `after` (all it holds with `None`), oldest first.
+    pub fn decisions_after(&self, after: Option<Cid>) -> Vec<Decision> {
+        let from = after.map_or(Cid(0), |c| c.next());
+        self.log.range(from..).map(|(_, d)| d.clone()).collect()
+    }
 
     pub fn id(&self) -> ReplicaId {
         self.me
@@ -360,7 +401,7 @@ impl Replica {
 
     /// False for a replica removed from the view, or not yet holding the state of its view.
     pub fn participating(&self) -> bool {
-        !self.joining && self.view.contains(self.me)
+        !self.joining && self.view.contains(self.me) && self.restored.is_none()
     }
 
     /// Whether this replica holds the view that ordered `cid`, and so can tell a bad proof from
@@ -403,12 +444,142 @@ impl Replica {
 
     fn send(&mut self, to: ReplicaId, msg: ReplicaMessage) {
         if to != self.me {
+            self.promise_before(&msg);
             self.outputs.push(Output::Send { to, msg });
         }
     }
 
     fn broadcast(&mut self, msg: ReplicaMessage) {
+        self.promise_before(&msg);
         self.outputs.push(Output::Broadcast { msg });
+    }
+
+    // ----- promises (votes persisted before they are sent) -----------------------------------
+
+    /// Messages that show this replica's votes or regency go out only after a promise that
+    /// covers them. PROPOSE and SYNC are promised by their maker with the value they carry
+    /// (`promise_proposal`), before that value is recorded as written.
+    fn promise_before(&mut self, msg: &ReplicaMessage) {
+        if matches!(
+            msg,
+            ReplicaMessage::Write { .. }
+                | ReplicaMessage::Accept { .. }
+                | ReplicaMessage::StopData { .. }
+        ) {
+            self.promise(None);
+        }
+    }
+
+    /// Promises `batch` as this replica's write in `epoch` of the current instance, about to be
+    /// proposed (as leader, or in a SYNC).
+    fn promise_proposal(&mut self, epoch: Epoch, batch: &Batch) {
+        self.promise(Some((epoch, batch)));
+    }
+
+    fn promise(&mut self, proposal: Option<(Epoch, &Batch)>) {
+        if !self.config.persist || self.replaying {
+            return;
+        }
+        let extra = proposal
+            .filter(|(e, _)| self.instance.wrote_in(*e).is_none())
+            .map(|(e, b)| (e, b.digest(), b));
+        let key = PromiseKey {
+            cid: self.current_cid(),
+            regency: self.regency,
+            writes: self.instance.my_writes.len() + usize::from(extra.is_some()),
+            accepted: self.instance.my_accepted,
+        };
+        if self.promised == Some(key) {
+            return;
+        }
+        let mut writes = self.instance.my_writes.clone();
+        if let Some((e, d, _)) = extra {
+            writes.push((e, d));
+        }
+        let mut batches: Vec<Batch> = Vec::new();
+        let wanted = writes
+            .iter()
+            .map(|(_, d)| *d)
+            .chain(self.instance.my_accepted.map(|(_, d)| d));
+        for d in wanted {
+            if batches.iter().any(|b| b.digest() == d) {
+                continue;
+            }
+            let batch = match extra {
+                Some((_, ed, b)) if ed == d => Some(b),
+                _ => self.instance.batch_for(&d),
+            };
+            if let Some(b) = batch {
+                batches.push(b.clone());
+            }
+        }
+        self.promised = Some(key);
+        self.outputs.push(Output::Promise(Promise {
+            collect: Collect {
+                regency: self.regency,
+                replica: self.me,
+                cid: key.cid,
+                accepted: self.instance.my_accepted,
+                writes,
+            },
+            batches,
+            decided: Vec::new(),
+        }));
+    }
+
+    /// Start-up: take back the votes promised before the restart. A promise for an instance
+    /// already decided (and logged) is moot; one for a later instance than the log reaches
+    /// waits, and the replica votes in nothing until it gets there.
+    fn recover_promise(&mut self, p: Promise) {
+        if p.collect.cid < self.current_cid() {
+            return;
+        }
+        let regency = p.collect.regency;
+        if regency > self.regency {
+            self.learn_regency(regency);
+            // Without a write in it, the promise may be the STOPDATA's and the SYNC not seen
+            // yet: wait for it, or for a decision proven in this regency (`learn_regency`).
+            self.synchronizing = !p.collect.writes.iter().any(|(e, _)| *e == regency);
+        }
+        self.promised = Some(p.key());
+        self.restored = Some(p);
+        self.reach_restored();
+    }
+
+    /// Restores a recovered promise once the instance it is about is the current one.
+    fn reach_restored(&mut self) {
+        let current = self.current_cid();
+        let Some(p) = self.restored.take_if(|p| p.collect.cid <= current) else {
+            return;
+        };
+        if p.collect.cid < self.current_cid() {
+            return;
+        }
+        for (epoch, digest) in &p.collect.writes {
+            if let Some(b) = p.batch_for(digest) {
+                self.instance
+                    .proposals
+                    .entry(*epoch)
+                    .or_insert_with(|| (*digest, b.clone()));
+            }
+            self.instance.record_write(*epoch, self.me, *digest);
+        }
+        self.instance.my_writes = p.collect.writes.clone();
+        if let Some((epoch, digest)) = p.collect.accepted {
+            let cid = self.current_cid();
+            let signature = self
+                .key
+                .sign(Domain::Accept, &accept_signing_bytes(cid, epoch, &digest));
+            let vote = Vote {
+                digest,
+                signature,
+                verified: true,
+            };
+            self.instance
+                .record_accept(epoch, self.me, vote, self.regency);
+            self.instance.my_accepted = Some((epoch, digest));
+        }
+        self.promised = Some(p.key());
     }
 
     // ----- timers ----------------------------------------------------------------------------
@@ -1166,6 +1337,7 @@ impl Replica {
 
     fn maybe_propose(&mut self, now: u64) {
         if !self.is_leader()
+            || !self.participating()
             || self.synchronizing
             || self.pool.is_empty()
             || self.instance.proposals.contains_key(&self.regency)
@@ -1180,6 +1352,7 @@ impl Replica {
         let digest = batch.digest();
         let cid = self.current_cid();
         let epoch = self.regency;
+        self.promise_proposal(epoch, &batch);
         self.broadcast(ReplicaMessage::Propose {
             cid,
             epoch,
@@ -1267,6 +1440,7 @@ impl Replica {
             self.log.pop_first();
         }
         self.instance = Instance::new(cid.next());
+        self.reach_restored();
         self.settle_at = None;
         self.last_round = None;
         self.future = self.future.split_off(&cid.next());
@@ -1298,10 +1472,13 @@ impl Replica {
     /// installed it may belong to a view this replica never held (a joiner, a restarted
     /// replica), and then this is the only way it learns the regency; without it, it buffers
     /// every message of the regency and takes no part until the next leader change.
+    /// The same holds for a decision proven in this replica's own regency while it still waits
+    /// for that regency's SYNC (a replica restarted between its STOPDATA and the SYNC).
     fn learn_regency(&mut self, epoch: Epoch) {
-        if epoch <= self.regency {
+        if epoch < self.regency || (epoch == self.regency && !self.synchronizing) {
             return;
         }
+        let new = epoch > self.regency;
         self.regency = epoch;
         self.synchronizing = false;
         self.sync_behind = false;
@@ -1322,11 +1499,13 @@ impl Replica {
         }
         self.regency_started_us = self.clock_us;
         self.pool.restart_timers(self.clock_us);
-        self.stats.regencies_installed += 1;
-        self.events.push(Event::RegencyInstalled {
-            regency: epoch,
-            leader: self.view.leader(epoch),
-        });
+        if new {
+            self.stats.regencies_installed += 1;
+            self.events.push(Event::RegencyInstalled {
+                regency: epoch,
+                leader: self.view.leader(epoch),
+            });
+        }
     }
 
     fn execute(&mut self, cid: Cid, batch: &Batch) {
@@ -1637,6 +1816,7 @@ impl Replica {
         self.log.clear();
         self.last_decided = Some(cid);
         self.instance = Instance::new(cid.next());
+        self.reach_restored();
         self.future = self.future.split_off(&cid.next());
         let ahead = std::mem::take(&mut self.decided_ahead).split_off(&cid.next());
         self.decided_ahead = mine.into_iter().chain(ahead).collect();
@@ -1927,7 +2107,7 @@ impl Replica {
 
     /// The new leader: once the collects are sound, choose the value and send SYNC.
     fn try_sync(&mut self, now: u64) {
-        if !self.synchronizing || self.sync_sent || !self.is_leader() {
+        if !self.synchronizing || self.sync_sent || !self.is_leader() || !self.participating() {
             return;
         }
         // Decisions learnt since installing make this replica's own STOPDATA stale.
@@ -2006,6 +2186,9 @@ impl Replica {
                 self.fresh_batch(now, requests)
             }
         };
+        if self.current_cid() == target {
+            self.promise_proposal(self.regency, &batch);
+        }
         let msg = ReplicaMessage::Sync {
             regency: self.regency,
             last: best,

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub busy_polls: Family<OutcomeLabel, Counter>,
     /// CPU time spent in busy polls (an upper bound: other threads ran during the yields).
     pub busy_poll_seconds: Counter<f64, AtomicU64>,
+    /// Writing a promise (votes to disk before they are sent), fsync included.
+    pub promise_seconds: Histogram,
     /// Microseconds since the epoch of the node loop's last turn, for `/healthz`.
     pub heartbeat_us: AtomicU64,
 }
@@ -149,6 +151,13 @@ impl Default for Metrics {
             "Time spent polling for input before sleeping",
             busy_poll_seconds.clone(),
         );
+        let promise_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 18));
+        registry.register(
+            "promise_write_seconds",
+            "Writing the promise of this replica's votes to disk (fdatasync included), before \
+             the messages that cast them",
+            promise_seconds.clone(),
+        );
         registry.register(
             "durable_cid",
             "Highest CID whose decision is on disk (-1: none)",
@@ -212,6 +221,7 @@ impl Default for Metrics {
             held_replies,
             busy_polls,
             busy_poll_seconds,
+            promise_seconds,
             heartbeat_us: AtomicU64::new(0),
         }
     }

@@ -8,6 +8,10 @@
 //! With durability on (`protocol.durable`), decisions, checkpoints and views go to the storage
 //! threads (`durability`), and a reply leaves only once the decision it depends on is on disk:
 //! a client that saw an answer can count on it surviving a crash of every replica.
+//!
+//! The one write the loop does itself is the promise (`storage::promise`): a vote must be on
+//! disk before the message that casts it leaves, and the messages behind it wait anyway, so
+//! handing it to a thread would only add a wake-up to every instance.
 
 mod accuse;
 pub mod config;
@@ -26,7 +30,8 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::core::output::{Event, Output};
-use crate::core::replica::Replica;
+use crate::core::promise::{Promise, MAX_PROMISED_DECISIONS};
+use crate::core::replica::{FromDisk, Replica};
 use crate::core::view::View;
 use crate::crypto::{Digest, KeyPair};
 use crate::net::{
@@ -36,6 +41,7 @@ use crate::service::kv::KvStore;
 use crate::service::noop::NoopService;
 use crate::service::Service;
 use crate::sim::byzantine::{Adversary, Behaviour, Dest, Frame, Position};
+use crate::storage::promise::PromiseFile;
 use crate::wire::codec::{Decode, Encode};
 use crate::wire::ids::{Cid, ReplicaId};
 use crate::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
@@ -133,10 +139,14 @@ pub async fn run(
     };
     let (failures_tx, failures_rx) = mpsc::unbounded_channel();
     let (stored_tx, stored_rx) = mpsc::unbounded_channel();
-    let (core, durability) = if cfg.protocol.durable {
+    let mut recovered_until = None;
+    let (core, durability, promises) = if cfg.protocol.durable {
         let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
-        let core = recover(me, &key, view, &cfg, svc, recovered)?;
-        (core, Some(d))
+        let next = recovered.next_cid();
+        recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
+        let (promises, promise) = open_promise(&cfg)?;
+        let core = recover(me, &key, view, &cfg, svc, recovered, promise)?;
+        (core, Some(d), Some(promises))
     } else {
         tracing::warn!(
             replica = cfg.id,
@@ -144,7 +154,7 @@ pub async fn run(
              restarted replica recovers its state from the others"
         );
         let core = Replica::new(me, key.clone(), view, cfg.protocol.core(), svc);
-        (core, None)
+        (core, None, None)
     };
     let view = core.view().clone();
     if !view.contains(me) {
@@ -234,6 +244,9 @@ pub async fn run(
         rejections: HashMap::new(),
         accusations: accuse::Accusations::default(),
         durability,
+        promises,
+        recovered_until,
+        fatal: None,
         held: VecDeque::new(),
         removed: false,
         removed_grace_until: None,
@@ -253,6 +266,36 @@ pub async fn run(
     result
 }
 
+/// Opens the promise files and reads the last promise this replica made before it stopped.
+fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Promise>)> {
+    let (file, found) = PromiseFile::open(&cfg.data_dir)?;
+    for d in &found.damaged {
+        // Expected after a crash during a write: that promise was never acted on.
+        tracing::warn!(damage = %d, "recovery: a promise file is damaged; using the other one");
+    }
+    let promise = match found.payload {
+        None => None,
+        Some(bytes) => Some(Promise::from_bytes(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the promise in {} passes its checksum but does not decode ({e}); without it \
+                 this replica could vote twice in one epoch. Move the data directory away to \
+                 start empty, which counts as one of the f faults until it has caught up",
+                cfg.data_dir.display()
+            )
+        })?),
+    };
+    if let Some(p) = &promise {
+        tracing::info!(
+            cid = p.collect.cid.0,
+            regency = p.collect.regency.0,
+            writes = p.collect.writes.len(),
+            accepted = p.collect.accepted.is_some(),
+            "recovery: restored the votes promised before the restart"
+        );
+    }
+    Ok((file, promise))
+}
+
 /// Rebuilds the replica from what its storage recovered, and says what recovery repaired.
 fn recover(
     me: ReplicaId,
@@ -261,6 +304,7 @@ fn recover(
     cfg: &NodeConfig,
     service: Box<dyn Service>,
     recovered: crate::storage::Recovered,
+    promise: Option<Promise>,
 ) -> Result<Replica> {
     let report = &recovered.report;
     if let Some(d) = &report.log_damage {
@@ -314,8 +358,11 @@ fn recover(
         view,
         cfg.protocol.core(),
         service,
-        recovered.checkpoint.map(|c| c.snapshot),
-        recovered.decisions,
+        FromDisk {
+            checkpoint: recovered.checkpoint.map(|c| c.snapshot),
+            decisions: recovered.decisions,
+            promise,
+        },
     )
     .map_err(|e| {
         anyhow::anyhow!(
@@ -356,6 +403,12 @@ struct NodeLoop {
     /// for the signed status (the operator names a replica that f+1 others accuse).
     accusations: accuse::Accusations,
     durability: Option<Durability>,
+    /// Where votes are promised (with durability).
+    promises: Option<PromiseFile>,
+    /// The last CID in the log at start-up (durable, whatever the log thread reports).
+    recovered_until: Option<Cid>,
+    /// A promise could not be written: nothing more may be sent, the replica stops.
+    fatal: Option<String>,
     /// Replies waiting for the CID they depend on to be durable, in the order they were made.
     held: VecDeque<(Cid, ClientId, Vec<u8>)>,
     /// This replica is not in its view any more: it answers what it can and stops.
@@ -365,6 +418,9 @@ struct NodeLoop {
     /// How long to poll for more input after handling some (see `poll`).
     busy_poll: Duration,
 }
+
+/// How long a promise waits for a log that is too far behind (see `wait_for_log`).
+const LOG_WAIT: Duration = Duration::from_secs(30);
 
 /// Resolves when the durable CID moves; never without durability.
 async fn durable_changed(rx: &mut Option<watch::Receiver<Option<Cid>>>) -> bool {
@@ -439,6 +495,10 @@ impl NodeLoop {
                 }
             }
             self.flush();
+            if let Some(why) = self.fatal.take() {
+                tracing::error!(error = %why, "cannot promise votes: stopping so that a restart recovers from disk");
+                bail!("{why}");
+            }
             if input && !self.busy_poll.is_zero() {
                 self.poll_more(&rx).await;
             }
@@ -494,6 +554,24 @@ impl NodeLoop {
                 "stopping with replies whose decisions are not on disk; their clients get them \
                  from the other replicas"
             );
+        }
+    }
+
+    /// The log's durable end, once it is at most `MAX_PROMISED_DECISIONS` behind `cid`; a
+    /// promise carries the rest. Blocks while the log is further behind: the votes cannot go
+    /// out before their promise anyway. `None` if it stays behind for `LOG_WAIT`.
+    fn wait_for_log(&self, cid: Cid) -> Option<Option<Cid>> {
+        let deadline = Instant::now() + LOG_WAIT;
+        loop {
+            let durable = self.durable_cid().max(self.recovered_until);
+            let behind = cid.0 - durable.map_or(0, |d| d.0 + 1);
+            if behind as usize <= MAX_PROMISED_DECISIONS {
+                return Some(durable);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -569,6 +647,10 @@ impl NodeLoop {
             self.release();
         }
         for (out, depends) in outputs.into_iter().zip(depends) {
+            if self.fatal.is_some() {
+                // Messages after an unwritten promise must not leave; the loop stops next.
+                break;
+            }
             if out.is_local() {
                 self.local(out);
                 continue;
@@ -623,6 +705,28 @@ impl NodeLoop {
     /// Storage and membership outputs.
     fn local(&mut self, out: Output) {
         match out {
+            Output::Promise(mut p) => {
+                // What the log holds after a crash now: what it had at start-up, and what it
+                // has synced since. The rest goes with the promise.
+                let Some(durable) = self.wait_for_log(p.collect.cid) else {
+                    self.fatal = Some(format!(
+                        "the log stayed more than {MAX_PROMISED_DECISIONS} decisions behind for \
+                         {LOG_WAIT:?}: the disk does not keep up"
+                    ));
+                    return;
+                };
+                p.decided = self.core.decisions_after(durable);
+                if let Some(file) = &mut self.promises {
+                    let start = Instant::now();
+                    match file.write(&p.to_bytes()) {
+                        Ok(()) => self
+                            .metrics
+                            .promise_seconds
+                            .observe(start.elapsed().as_secs_f64()),
+                        Err(e) => self.fatal = Some(e.to_string()),
+                    }
+                }
+            }
             Output::Persist(d) => {
                 if let Some(s) = &self.durability {
                     s.append(d);

@@ -105,6 +105,7 @@ pub fn honest(out: &Output) -> Frame {
         Output::Broadcast { msg } => frame(Dest::AllReplicas, msg),
         Output::Reply { client, reply } => frame(Dest::Client(*client), reply),
         Output::Persist(_)
+        | Output::Promise(_)
         | Output::Checkpoint { .. }
         | Output::StateInstalled(_)
         | Output::ViewChanged(_) => Frame {

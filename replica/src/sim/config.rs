@@ -30,8 +30,9 @@ pub struct Partition {
 }
 
 /// A node stops (dropping what it receives) and later resumes. With `amnesia`, it loses its
-/// memory, which makes it count against f (it may vote twice in one epoch): it restarts from
-/// what it persisted if `disk`, else from nothing (disk loss), and must catch up either way.
+/// memory and restarts from what it persisted if `disk` (its promise included, so it is still
+/// correct), else from nothing: a lost disk makes it count against f, since it may vote twice
+/// in one epoch. Either way it must catch up.
 #[derive(Debug, Clone)]
 pub struct Crash {
     pub node: usize,
@@ -39,6 +40,16 @@ pub struct Crash {
     pub until_us: u64,
     pub amnesia: bool,
     pub disk: bool,
+    /// Decisions at the end of the log lost with the disk's cache: the log's group commit had
+    /// not synced them yet (the promise is synced before the votes go out, so it survives).
+    pub lost_tail: usize,
+}
+
+impl Crash {
+    /// Whether the restart loses votes the node may have sent: only without its disk.
+    pub fn forgets_votes(&self) -> bool {
+        self.amnesia && !self.disk
+    }
 }
 
 /// Scripted loss: drops replica-to-replica messages of one kind (`ReplicaMessage::kind`, or
@@ -210,6 +221,7 @@ impl SimConfig {
                         until_us: from + rng.gen_range(1_000..=500_000),
                         amnesia: true,
                         disk: false,
+                        lost_tail: 0,
                     });
                 }
             }
@@ -243,6 +255,7 @@ impl SimConfig {
                     until_us: until,
                     amnesia: false,
                     disk: false,
+                    lost_tail: 0,
                 });
             }
         }
@@ -287,6 +300,22 @@ impl SimConfig {
                 });
             }
         }
+        // Correct replicas restart from their disks (pods rescheduled, nodes rebooted), beyond
+        // the f faults: a restart that keeps the disk must not cost the protocol its safety.
+        if rng.gen_bool(0.4) {
+            for _ in 0..rng.gen_range(1..=2) {
+                let node = correct[rng.gen_range(0..correct.len())];
+                let from = rng.gen_range(0..=c.gst_us.max(1));
+                c.crashes.push(Crash {
+                    node,
+                    from_us: from,
+                    until_us: from + rng.gen_range(1_000..=300_000),
+                    amnesia: true,
+                    disk: true,
+                    lost_tail: rng.gen_range(0..=3),
+                });
+            }
+        }
         c.gst_us = c
             .partitions
             .iter()
@@ -303,7 +332,7 @@ impl SimConfig {
             .take(self.n)
             .filter(|b| **b != Behaviour::Correct)
             .count();
-        let amnesia = self.crashes.iter().filter(|c| c.amnesia).count();
+        let amnesia = self.crashes.iter().filter(|c| c.forgets_votes()).count();
         byz + self.twins.len() + amnesia
     }
 }

@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::core::output::{Event, Output};
-use crate::core::replica::Replica;
+use crate::core::promise::Promise;
+use crate::core::replica::{FromDisk, Replica};
 use crate::core::view::{Member, View};
 use crate::crypto::{Digest, KeyPair};
 use crate::service::kv::{KvRequest, KvStore};
@@ -129,11 +130,15 @@ struct Node {
     disk: SimDisk,
 }
 
-/// What a node persisted: its newest checkpoint and the decisions logged after it.
+/// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this).
+const LOG_LAG: usize = 3;
+
+/// What a node persisted: its newest checkpoint, the decisions logged after it, its promise.
 #[derive(Default)]
 struct SimDisk {
     checkpoint: Option<Vec<u8>>,
     decisions: Vec<Decision>,
+    promise: Option<Promise>,
 }
 
 impl SimDisk {
@@ -141,6 +146,20 @@ impl SimDisk {
         match out {
             Output::Persist(d) if self.decisions.last().is_none_or(|l| l.cid.next() == d.cid) => {
                 self.decisions.push(d.clone());
+            }
+            Output::Promise(p) => {
+                // The log syncs in groups: the last few decisions may not be durable when the
+                // promise is (a crash's `lost_tail`), so the promise carries them, as the node
+                // does for those its log has not synced.
+                let mut p = p.clone();
+                let from = p.collect.cid.0.saturating_sub(LOG_LAG as u64);
+                p.decided = self
+                    .decisions
+                    .iter()
+                    .filter(|d| d.cid.0 >= from && d.cid < p.collect.cid)
+                    .cloned()
+                    .collect();
+                self.promise = Some(p);
             }
             Output::Checkpoint { checkpoint: cp, .. } | Output::StateInstalled(cp) => {
                 let cid = cp.meta.cid;
@@ -435,6 +454,12 @@ impl<'a> World<'a> {
                 let node = crash.node;
                 if crash.amnesia {
                     let disk = crash.disk;
+                    let keep = self.nodes[node]
+                        .disk
+                        .decisions
+                        .len()
+                        .saturating_sub(crash.lost_tail.min(LOG_LAG));
+                    self.nodes[node].disk.decisions.truncate(keep);
                     let view = self.current_view();
                     let n = &mut self.nodes[node];
                     let fresh = || {
@@ -453,8 +478,11 @@ impl<'a> World<'a> {
                             view.clone(),
                             self.cfg.core.clone(),
                             new_service(self.cfg.service),
-                            n.disk.checkpoint.clone(),
-                            n.disk.decisions.clone(),
+                            FromDisk {
+                                checkpoint: n.disk.checkpoint.clone(),
+                                decisions: n.disk.decisions.clone(),
+                                promise: n.disk.promise.clone(),
+                            },
                         ) {
                             Ok(r) => r,
                             Err(e) => {
@@ -709,7 +737,7 @@ impl<'a> World<'a> {
     }
 
     /// A replica id run only by correct code that never lost its memory: no twin, no
-    /// adversary, no crash with amnesia.
+    /// adversary, no restart without its disk.
     fn correct_id(&self, id: ReplicaId) -> bool {
         let mut nodes = self.nodes.iter().enumerate().filter(|(_, n)| n.id == id);
         let Some((i, first)) = nodes.next() else {
@@ -717,7 +745,11 @@ impl<'a> World<'a> {
         };
         nodes.next().is_none()
             && !first.faulty
-            && !self.cfg.crashes.iter().any(|c| c.node == i && c.amnesia)
+            && !self
+                .cfg
+                .crashes
+                .iter()
+                .any(|c| c.node == i && c.forgets_votes())
     }
 
     fn frames_for(&mut self, i: usize, out: Output) -> Vec<Frame> {

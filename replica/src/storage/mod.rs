@@ -7,6 +7,8 @@
 //! wal-<first cid>.log          log segments (see `wal`), 64 MiB by default
 //! checkpoint-<cid>.ckpt        the newest two checkpoints (see `checkpoint`)
 //! view                         the current view
+//! promise-0, promise-1         the last votes in the instance in progress (see `promise`;
+//!                              written by the node, not by `Storage`)
 //! *.tmp                        leftovers of interrupted atomic writes, removed on open
 //! ```
 //!
@@ -36,6 +38,7 @@
 mod atomic;
 pub mod checkpoint;
 pub mod commit;
+pub mod promise;
 pub mod wal;
 
 use std::fmt;
