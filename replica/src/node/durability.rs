@@ -3,11 +3,11 @@
 //! The node loop never touches the disk. Log appends, trims and view writes go, in the order the
 //! core emitted them, to one thread that owns the `Storage`; checkpoint files, which can be
 //! gigabytes, go to a second thread, so that writing one holds up neither ordering nor the
-//! appends (and replies) behind it.
+//! appends behind it.
 //!
 //! What is durable comes back on a watch channel: the group-commit thread publishes each fsynced
 //! CID, the checkpoint thread each checkpoint written (a checkpoint makes every CID it covers
-//! durable). The node holds a reply until the CID it depends on is published.
+//! durable). A promise carries the decisions after the published CID (see the node).
 //!
 //! Each checkpoint written also comes back, opened for reading, on the `stored` channel: the
 //! core then serves state transfer from the file and drops its in-memory copy, so a replica

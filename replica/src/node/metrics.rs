@@ -62,8 +62,6 @@ pub struct Metrics {
     pub transfer_bytes: Counter,
     pub view_installs: Counter,
     pub diverged: Counter,
-    /// Replies waiting for their decision to reach the disk.
-    pub held_replies: Gauge,
     /// Busy polls after input, by whether more input came (`input`) or the budget ran out.
     pub busy_polls: Family<OutcomeLabel, Counter>,
     /// CPU time spent in busy polls (an upper bound: other threads ran during the yields).
@@ -138,7 +136,6 @@ impl Default for Metrics {
         let transfer_bytes = Counter::default();
         let view_installs = Counter::default();
         let diverged = Counter::default();
-        let held_replies = Gauge::default();
         let busy_polls = Family::<OutcomeLabel, Counter>::default();
         let busy_poll_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
@@ -189,11 +186,6 @@ impl Default for Metrics {
             "Own checkpoints found to disagree with f+1 others (then repaired)",
             diverged.clone(),
         );
-        registry.register(
-            "held_replies",
-            "Replies waiting for their decision to be durable",
-            held_replies.clone(),
-        );
         registry.register("network_bytes", "Bytes on the network", bytes.clone());
         registry.register("network_frames", "Frames on the network", frames.clone());
         Metrics {
@@ -218,7 +210,6 @@ impl Default for Metrics {
             transfer_bytes,
             view_installs,
             diverged,
-            held_replies,
             busy_polls,
             busy_poll_seconds,
             promise_seconds,

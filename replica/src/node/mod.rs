@@ -6,8 +6,9 @@
 //! core, and hands the core's outputs back to the network. No locks on the hot path.
 //!
 //! With durability on (`protocol.durable`), decisions, checkpoints and views go to the storage
-//! threads (`durability`), and a reply leaves only once the decision it depends on is on disk:
-//! a client that saw an answer can count on it surviving a crash of every replica.
+//! threads (`durability`), and every vote is promised to disk before it is sent (see `local`):
+//! a value is decided only once a quorum holds it durably, so a client that saw an answer can
+//! count on it surviving a crash of every replica, and replies need not wait for the log.
 //!
 //! The one write the loop does itself is the promise (`storage::promise`): a vote must be on
 //! disk before the message that casts it leaves, and the messages behind it wait anyway, so
@@ -19,7 +20,7 @@ pub mod durability;
 pub mod metrics;
 mod poll;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -247,7 +248,6 @@ pub async fn run(
         promises,
         recovered_until,
         fatal: None,
-        held: VecDeque::new(),
         removed: false,
         removed_grace_until: None,
         busy_poll: Duration::from_micros(cfg.busy_poll_us),
@@ -409,8 +409,6 @@ struct NodeLoop {
     recovered_until: Option<Cid>,
     /// A promise could not be written: nothing more may be sent, the replica stops.
     fatal: Option<String>,
-    /// Replies waiting for the CID they depend on to be durable, in the order they were made.
-    held: VecDeque<(Cid, ClientId, Vec<u8>)>,
     /// This replica is not in its view any more: it answers what it can and stops.
     removed: bool,
     /// Until then, replicas removed by the last view change stay connected (see `view_changed`).
@@ -481,7 +479,9 @@ impl NodeLoop {
                 }
                 ok = durable_changed(&mut durable_rx) => {
                     if ok {
-                        self.release();
+                        if let Some(d) = self.durable_cid() {
+                            self.metrics.durable_cid.set(d.0 as i64);
+                        }
                     } else {
                         durable_rx = None;
                     }
@@ -503,7 +503,6 @@ impl NodeLoop {
                 self.poll_more(&rx).await;
             }
             if self.removed {
-                self.finish_removed(&mut durable_rx, &mut failures).await;
                 break;
             }
         }
@@ -528,35 +527,6 @@ impl NodeLoop {
             .inc();
     }
 
-    /// Removed from the view: wait (briefly) for the last decisions to be durable so that the
-    /// replies still held can go out, then stop.
-    async fn finish_removed(
-        &mut self,
-        durable_rx: &mut Option<watch::Receiver<Option<Cid>>>,
-        failures: &mut mpsc::UnboundedReceiver<String>,
-    ) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !self.held.is_empty() {
-            tokio::select! {
-                ok = durable_changed(durable_rx) => {
-                    if !ok {
-                        break;
-                    }
-                    self.release();
-                }
-                _ = failures.recv() => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        if !self.held.is_empty() {
-            tracing::warn!(
-                replies = self.held.len(),
-                "stopping with replies whose decisions are not on disk; their clients get them \
-                 from the other replicas"
-            );
-        }
-    }
-
     /// The log's durable end, once it is at most `MAX_PROMISED_DECISIONS` behind `cid`; a
     /// promise carries the rest. Blocks while the log is further behind: the votes cannot go
     /// out before their promise anyway. `None` if it stays behind for `LOG_WAIT`.
@@ -577,25 +547,6 @@ impl NodeLoop {
 
     fn durable_cid(&self) -> Option<Cid> {
         self.durability.as_ref().and_then(|d| d.durable())
-    }
-
-    /// Sends the held replies whose decisions are now durable.
-    fn release(&mut self) {
-        let durable = self.durable_cid();
-        while let Some((cid, _, _)) = self.held.front() {
-            if Some(*cid) > durable {
-                break;
-            }
-            if let Some((_, client, bytes)) = self.held.pop_front() {
-                if let Some(conn) = self.conns.get(&client) {
-                    let _ = self.clients.send(*conn, &bytes);
-                }
-            }
-        }
-        self.metrics.held_replies.set(self.held.len() as i64);
-        if let Some(d) = durable {
-            self.metrics.durable_cid.set(d.0 as i64);
-        }
     }
 
     fn handle(&mut self, ev: Inbound) {
@@ -632,21 +583,7 @@ impl NodeLoop {
 
     fn flush(&mut self) {
         let outputs = self.core.take_outputs();
-        // The CID each reply depends on: the decision logged right after it (a decision's
-        // replies come before its log entry), or, after the last one, the last decided CID (a
-        // read or a repeated answer reflects the state so far).
-        let mut depends = vec![None; outputs.len()];
-        let mut tag = self.core.last_decided();
-        for (i, out) in outputs.iter().enumerate().rev() {
-            if let Output::Persist(d) = out {
-                tag = Some(d.cid);
-            }
-            depends[i] = tag;
-        }
-        if self.durability.is_some() && !self.held.is_empty() {
-            self.release();
-        }
-        for (out, depends) in outputs.into_iter().zip(depends) {
+        for out in outputs {
             if self.fatal.is_some() {
                 // Messages after an unwritten promise must not leave; the loop stops next.
                 break;
@@ -656,7 +593,7 @@ impl NodeLoop {
                 continue;
             }
             match self.adversary.as_mut() {
-                None => self.send_honest(out, depends),
+                None => self.send_honest(out),
                 Some(adv) => {
                     let pos = Position {
                         view: &self.view,
@@ -678,7 +615,7 @@ impl NodeLoop {
             .store(metrics::now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn send_honest(&mut self, out: Output, depends: Option<Cid>) {
+    fn send_honest(&mut self, out: Output) {
         match out {
             Output::Send { to, msg } => {
                 let _ = self.peers.send(to, &msg.to_bytes());
@@ -687,13 +624,10 @@ impl NodeLoop {
                 self.peers.broadcast(&msg.to_bytes());
             }
             Output::Reply { client, reply } => {
-                if let (Some(d), Some(cid)) = (&self.durability, depends) {
-                    if d.durable() < Some(cid) {
-                        self.held.push_back((cid, client, reply.to_bytes()));
-                        self.metrics.held_replies.set(self.held.len() as i64);
-                        return;
-                    }
-                }
+                // No waiting for the log: a replica decides only on a quorum of ACCEPTs, each
+                // sent after its promise was on disk, so f+1 correct replicas already hold the
+                // decided value durably (as an accepted vote, or as a decision their next
+                // promise carries), and a leader change after any crash binds it again.
                 if let Some(conn) = self.conns.get(&client) {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
                 }

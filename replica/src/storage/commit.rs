@@ -293,8 +293,8 @@ impl Drop for Committer {
     }
 }
 
-/// A cloneable, thread-safe view of the highest durable CID, for whoever delays replies until
-/// their decision is on disk.
+/// A cloneable, thread-safe view of the highest durable CID, for whoever needs to know how far
+/// the log is on disk.
 #[derive(Clone)]
 pub struct DurableWatch {
     pub(crate) shared: Arc<Shared>,

@@ -24,9 +24,9 @@
 //!    (contiguous, ready to replay), the persisted view, and a report of what was repaired.
 //! 2. For each decided instance, in CID order, `append(&decision)`. It writes and returns
 //!    without waiting for the disk; the group-commit thread fsyncs in batches and advances the
-//!    durable CID (`durable_cid()`, `durable_watch()`, or `StorageConfig::on_durable`). With
-//!    durability on, the node holds a decision's replies until its CID is durable; with it off,
-//!    it never waits. `sync()` forces everything appended so far to disk.
+//!    durable CID (`durable_cid()`, `durable_watch()`, or `StorageConfig::on_durable`). The node
+//!    sends the decisions not durable yet along with its next promise (`promise`), so it never
+//!    waits for the log. `sync()` forces everything appended so far to disk.
 //! 3. At each checkpoint: `write_checkpoint(cid, view, snapshot, digest)`, then
 //!    `truncate_log_before(c + 1)` where `c` is the *older* retained checkpoint's CID
 //!    (`checkpoint_cids()[0]`), so the log can still replay from the fallback checkpoint if the
@@ -415,7 +415,7 @@ impl Storage {
     }
 
     /// A handle that writes checkpoints from another thread, so that writing a large one does
-    /// not hold up appends (and with them every reply waiting for durability).
+    /// not hold up appends.
     pub fn checkpoint_writer(&self) -> CheckpointWriter {
         CheckpointWriter {
             dir: self.dir.clone(),
