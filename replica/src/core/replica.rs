@@ -297,8 +297,9 @@ impl Replica {
         r.outputs
             .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
         if let Some(mut p) = promise {
-            // Decided before the crash but not yet in the log: replayed like the log, and
-            // logged now (their replies were held for the log, so none went out).
+            // Decided before the crash but not yet in the log: replayed like the log (no
+            // replies again: clients that missed one ask, and get it from the session), and
+            // logged now.
             r.replaying = true;
             for d in std::mem::take(&mut p.decided) {
                 if d.cid == r.current_cid() {
@@ -1341,6 +1342,7 @@ impl Replica {
             || self.synchronizing
             || self.pool.is_empty()
             || self.instance.proposals.contains_key(&self.regency)
+            || self.instance.wrote_in(self.regency).is_some()
         {
             return;
         }
@@ -2188,6 +2190,9 @@ impl Replica {
         };
         if self.current_cid() == target {
             self.promise_proposal(self.regency, &batch);
+        } else {
+            // About an instance decided here already: only the regency is new.
+            self.promise(None);
         }
         let msg = ReplicaMessage::Sync {
             regency: self.regency,
