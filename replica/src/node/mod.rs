@@ -534,7 +534,7 @@ impl NodeLoop {
         let deadline = Instant::now() + LOG_WAIT;
         loop {
             let durable = self.durable_cid().max(self.recovered_until);
-            let behind = cid.0 - durable.map_or(0, |d| d.0 + 1);
+            let behind = cid.0.saturating_sub(durable.map_or(0, |d| d.0 + 1));
             if behind as usize <= MAX_PROMISED_DECISIONS {
                 return Some(durable);
             }
