@@ -106,14 +106,20 @@ impl TestCluster {
         Some(s)
     }
 
-    /// A counter from `/metrics` (0 when absent).
-    async fn metric(&self, i: u32, name: &str) -> f64 {
+    /// `/metrics` of replica `i` (empty when it does not answer).
+    async fn metrics_text(&self, i: u32) -> String {
         let url = format!(
             "http://127.0.0.1:{}/metrics",
             http_port(self.base, i as usize)
         );
-        let text = http_get(&url).await.unwrap_or_default();
-        text.lines()
+        http_get(&url).await.unwrap_or_default()
+    }
+
+    /// A counter from `/metrics` (0 when absent).
+    async fn metric(&self, i: u32, name: &str) -> f64 {
+        self.metrics_text(i)
+            .await
+            .lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(' ')?;
                 (k == name).then(|| v.parse().ok()).flatten()
@@ -123,12 +129,9 @@ impl TestCluster {
 
     /// The sum of a counter family's samples whose labels contain `label` (0 when absent).
     async fn metric_sum(&self, i: u32, family: &str, label: &str) -> f64 {
-        let url = format!(
-            "http://127.0.0.1:{}/metrics",
-            http_port(self.base, i as usize)
-        );
-        let text = http_get(&url).await.unwrap_or_default();
-        text.lines()
+        self.metrics_text(i)
+            .await
+            .lines()
             .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()

@@ -128,21 +128,15 @@ fn checksum(seq: u64, payload: &[u8]) -> [u8; 8] {
 }
 
 fn read_one(f: &File) -> Result<Option<(u64, Vec<u8>)>, String> {
-    let mut header = [0u8; HEADER];
-    let mut got = 0;
-    while got < HEADER {
-        match f.read_at(&mut header[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    if got == 0 {
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    if size == 0 {
         return Ok(None);
     }
-    if got < HEADER {
-        return Err(format!("torn header ({got} of {HEADER} bytes)"));
+    if size < HEADER as u64 {
+        return Err(format!("torn header ({size} of {HEADER} bytes)"));
     }
+    let mut header = [0u8; HEADER];
+    f.read_exact_at(&mut header, 0).map_err(|e| e.to_string())?;
     if &header[..8] != MAGIC {
         return Err("bad magic".into());
     }
@@ -151,20 +145,13 @@ fn read_one(f: &File) -> Result<Option<(u64, Vec<u8>)>, String> {
     if len > MAX_PROMISE {
         return Err(format!("length {len} over the limit of {MAX_PROMISE}"));
     }
-    let mut payload = Vec::with_capacity(len);
-    let mut off = HEADER as u64;
-    payload.resize(len, 0);
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut payload[done..], off) {
-            Ok(0) => return Err(format!("torn payload ({done} of {len} bytes)")),
-            Ok(n) => {
-                done += n;
-                off += n as u64;
-            }
-            Err(e) => return Err(e.to_string()),
-        }
+    let have = size - HEADER as u64;
+    if have < len as u64 {
+        return Err(format!("torn payload ({have} of {len} bytes)"));
     }
+    let mut payload = vec![0u8; len];
+    f.read_exact_at(&mut payload, HEADER as u64)
+        .map_err(|e| e.to_string())?;
     if checksum(seq, &payload) != header[20..28] {
         return Err("checksum mismatch".into());
     }
