@@ -8,10 +8,12 @@
 //! Random seeds include disk loss, restarts from disk (checkpoints and state transfer) and, in
 //! about a third, a replica joining (sometimes before its addition is decided) and one leaving.
 //!
-//! The soak runs many more seeds on demand:
+//! The soak runs many more seeds on demand, from the first seed after those every run covers
+//! or from `KMMR_SIM_SOAK_START`, so that soaks on different machines cover different seeds:
 //!
 //! ```text
 //! KMMR_SIM_SOAK=100000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
+//! KMMR_SIM_SOAK=100000 KMMR_SIM_SOAK_START=1000000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
 //! ```
 
 use kmmr::sim::{run, SimConfig, SimReport};
@@ -96,17 +98,73 @@ sweeps! {
     random_seeds_n7_part3: 7, 3;
 }
 
+/// A number from the environment; a value that is set but not a number stops the test rather
+/// than silently running something else.
+fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse::<u64>() {
+        Ok(n) => Some(n),
+        Err(e) => panic!("{name}={v:?} is not a number of seeds: {e}"),
+    }
+}
+
+/// Seeds far above the random sweep's, kept when they combine what the soak failures of the
+/// 100,000-seed run combined: a correct replica restarted from its disk, and a membership
+/// change, a paused replica or a partition. About two seeds in five qualify.
+fn stress_seeds(n: usize, part: u64) -> Vec<u64> {
+    let first = STRESS_START + part * STRESS_SCAN;
+    (first..first + STRESS_SCAN)
+        .filter(|seed| {
+            let c = SimConfig::random(*seed, n);
+            c.crashes.iter().any(|c| c.amnesia && c.disk)
+                && (!c.reconfigs.is_empty()
+                    || !c.partitions.is_empty()
+                    || c.crashes.iter().any(|c| !c.amnesia))
+        })
+        .collect()
+}
+
+const STRESS_START: u64 = 10_000_000;
+/// Seeds scanned per stress part (about 250 of them qualify).
+const STRESS_SCAN: u64 = 625;
+
+macro_rules! stress {
+    ($($name:ident: $n:expr, $part:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            let seeds = stress_seeds($n, $part);
+            assert!(seeds.len() > 150, "only {} stress seeds", seeds.len());
+            let failures = failing_seeds($n, seeds.into_iter(), |_| {});
+            assert!(failures.is_empty(), "failing stress seeds for n={}: {failures:?}", $n);
+        }
+    )*};
+}
+
+// About 2,000 more seeds on every run, each restarting a correct replica from disk beside
+// membership changes, pauses or partitions.
+stress! {
+    stress_seeds_n4_part0: 4, 0;
+    stress_seeds_n4_part1: 4, 1;
+    stress_seeds_n4_part2: 4, 2;
+    stress_seeds_n4_part3: 4, 3;
+    stress_seeds_n7_part0: 7, 0;
+    stress_seeds_n7_part1: 7, 1;
+    stress_seeds_n7_part2: 7, 2;
+    stress_seeds_n7_part3: 7, 3;
+}
+
 /// The long soak, on demand: `KMMR_SIM_SOAK=<seeds>` (split evenly over n=4 and n=7), starting
-/// after the seeds every run covers.
+/// at `KMMR_SIM_SOAK_START`, or after the seeds every run covers.
 #[test]
 fn soak() {
-    let Some(total) = std::env::var("KMMR_SIM_SOAK")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    let Some(total) = env_number("KMMR_SIM_SOAK") else {
         return;
     };
-    let start = 4 * SEEDS_PER_PART;
+    let start = env_number("KMMR_SIM_SOAK_START").unwrap_or(4 * SEEDS_PER_PART);
+    assert!(
+        start.checked_add(total).is_some(),
+        "KMMR_SIM_SOAK_START + KMMR_SIM_SOAK overflows"
+    );
     let half = total / 2;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let t0 = std::time::Instant::now();
@@ -128,7 +186,8 @@ fn soak() {
     }
     assert!(failed.is_empty(), "failing (n, seed): {failed:?}");
     eprintln!(
-        "soak: {half} seeds at n=4 and {half} at n=7 passed in {:?}",
+        "soak: seeds {start}..{} at n=4 and at n=7 ({half} each) passed in {:?}",
+        start + half,
         t0.elapsed()
     );
 }
@@ -212,6 +271,62 @@ fn regression_seeds_restarts_from_disk_keep_their_votes() {
             "seed {seed} restarts nothing from disk"
         );
         assert_eq!(cfg.faulty_budget_used(), 0, "seed {seed}");
+        let r = run(&cfg);
+        assert!(r.ok(), "{}", show(&r));
+    }
+}
+
+/// Regressions from the 100,000-seed soak: correct replicas accused of equivocation. Each had
+/// installed a checkpoint behind the instance it was voting in: a state transfer started while
+/// it was behind finished after decisions had overtaken it (or a repair of diverged state), the
+/// install reset the instance, the replay of its own log brought it back there, and it voted
+/// again, differently: a real second PROPOSE or WRITE for one instance and epoch, not a wrong
+/// judgement. A transfer overtaken by decisions is now dropped, and an install keeps the votes
+/// of the instance in progress. (n=7 40345 and 5173 have no Byzantine replica, no restart:
+/// loss and a partition are enough to leave a replica behind.)
+#[test]
+fn regression_seeds_a_state_install_never_makes_a_replica_vote_twice() {
+    let seeds = [
+        (4, 1690),
+        (4, 10647),
+        (4, 18649),
+        (4, 28205),
+        (4, 36226),
+        (4, 37037),
+        (4, 36984),
+        (7, 5173),
+        (7, 19285),
+        (7, 25618),
+        (7, 32045),
+        (7, 33585),
+        (7, 38931),
+        (7, 40345),
+        (7, 40453),
+        (7, 42856),
+        (7, 49844),
+    ];
+    for (n, seed) in seeds {
+        let r = run(&SimConfig::random(seed, n));
+        assert!(r.ok(), "{}", show(&r));
+    }
+}
+
+/// Regressions from the soak: clusters that stopped deciding after correct replicas restarted
+/// from disk. A restarted replica had its checkpoint but not the decision at the checkpoint's
+/// CID (recovery replayed only what followed it, and the checkpoint could reach the disk before
+/// the log synced that decision), so it could not prove where it stood and every new leader
+/// refused its STOPDATA; with one Byzantine replica that left too few for any leader change.
+/// 4408, 40394, 42533: peers still held the proof, but the replica never asked for it (it asks
+/// now). 27973, 45025: no correct replica held it any more (recovery keeps it now, and a
+/// checkpoint is written only after the log holds its decision).
+#[test]
+fn regression_seeds_restarted_replicas_can_prove_where_they_stand() {
+    for seed in [4408, 40394, 42533, 27973, 45025] {
+        let cfg = SimConfig::random(seed, 4);
+        assert!(
+            cfg.crashes.iter().any(|c| c.amnesia && c.disk),
+            "seed {seed} restarts nothing from disk"
+        );
         let r = run(&cfg);
         assert!(r.ok(), "{}", show(&r));
     }

@@ -10,6 +10,8 @@
 //!   removes the later segments that would follow a hole;
 //! * a leftover temporary checkpoint is ignored and removed; a damaged newest checkpoint falls
 //!   back to the older one, and the log still replays on top of it;
+//! * recovery returns the decision at the checkpoint's CID beside the checkpoint (a restarted
+//!   replica's proof of where it stands);
 //! * `truncate_log_before` removes only segments whose every decision precedes the CID;
 //! * group commit reports durable CIDs in increasing order, up to the last one appended;
 //! * `appends_per_second_with_group_commit_and_with_fsync_per_record` prints a measurement.
@@ -391,6 +393,43 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_older_and_the_log_replays_on_it
         drop(s);
         fs::write(&newest, good).unwrap();
     }
+}
+
+/// The decision at the checkpoint's CID is what a restarted replica shows a new leader to prove
+/// where it stands: recovery returns it beside the checkpoint, not among the decisions to replay.
+#[test]
+fn recovery_keeps_the_decision_at_the_checkpoints_cid_beside_it() {
+    let dir = TempDir::new("ckpt-decision");
+    let v = view();
+    let snap = b"state after 19".repeat(50);
+    {
+        let (mut s, rec) = Storage::open(dir.path(), config(4096)).unwrap();
+        assert!(rec.checkpoint_decision.is_none());
+        for c in 0..25 {
+            s.append(&decision(c, 100)).unwrap();
+        }
+        s.write_checkpoint(Cid(19), &v, &snap, Digest::of(&snap))
+            .unwrap();
+        s.sync().unwrap();
+    }
+    let (s, rec) = Storage::open(dir.path(), config(4096)).unwrap();
+    assert_eq!(rec.checkpoint.unwrap().cid, Cid(19));
+    assert_eq!(rec.checkpoint_decision, Some(decision(19, 100)));
+    assert_eq!(cids(&rec.decisions), (20..25).collect::<Vec<_>>());
+    drop(s);
+
+    // Without a checkpoint there is no such decision: everything replays.
+    let plain = TempDir::new("ckpt-decision-none");
+    {
+        let (mut s, _) = Storage::open(plain.path(), config(4096)).unwrap();
+        for c in 0..5 {
+            s.append(&decision(c, 100)).unwrap();
+        }
+        s.sync().unwrap();
+    }
+    let (_s, rec) = Storage::open(plain.path(), config(4096)).unwrap();
+    assert!(rec.checkpoint_decision.is_none());
+    assert_eq!(cids(&rec.decisions), (0..5).collect::<Vec<_>>());
 }
 
 #[test]

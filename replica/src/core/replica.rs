@@ -72,11 +72,16 @@ struct StopData {
 }
 
 /// What a restarted replica finds on its disk: the newest checkpoint (the bytes of a
-/// `ReplicaState`), the decisions logged after it, replayed without re-checking their proofs
-/// (they were checked when decided, and the log is checksummed), and its last promise.
+/// `ReplicaState`) and the decision at its CID, the decisions logged after it, replayed without
+/// re-checking their proofs (they were checked when decided, and the log is checksummed), and
+/// its last promise.
 #[derive(Debug, Default)]
 pub struct FromDisk {
     pub checkpoint: Option<Vec<u8>>,
+    /// The decision at the checkpoint's CID: without it a restarted replica cannot prove where
+    /// it stands to a new leader, and if every correct replica restarted so, no leader change
+    /// could complete (seed 27973 n=4).
+    pub checkpoint_decision: Option<Decision>,
     pub decisions: Vec<Decision>,
     pub promise: Option<Promise>,
 }
@@ -261,6 +266,7 @@ impl Replica {
     ) -> Result<Self, String> {
         let FromDisk {
             checkpoint,
+            checkpoint_decision,
             mut decisions,
             promise,
         } = disk;
@@ -280,6 +286,12 @@ impl Replica {
                 len: bytes.len() as u64,
             };
             r.install_state(bytes, meta, false)?;
+            if let Some(d) = checkpoint_decision.filter(|d| Some(d.cid) == r.last_decided) {
+                // Checked when decided, possibly on unchecked ACCEPTs: `prove` checks it before
+                // it is shown.
+                r.unproven.insert(d.cid);
+                r.log.insert(d.cid, d);
+            }
         }
         if r.last_decided.is_some() || !decisions.is_empty() {
             r.joining = false;
@@ -493,6 +505,14 @@ impl Replica {
         if self.promised == Some(key) {
             return;
         }
+        self.promised = Some(key);
+        let p = self.instance_promise(extra);
+        self.outputs.push(Output::Promise(p));
+    }
+
+    /// This replica's votes in the instance in progress, with `extra` (a value about to be
+    /// proposed) as one more write.
+    fn instance_promise(&self, extra: Option<(Epoch, Digest, &Batch)>) -> Promise {
         let mut writes = self.instance.my_writes.clone();
         if let Some((e, d, _)) = extra {
             writes.push((e, d));
@@ -514,18 +534,17 @@ impl Replica {
                 batches.push(b.clone());
             }
         }
-        self.promised = Some(key);
-        self.outputs.push(Output::Promise(Promise {
+        Promise {
             collect: Collect {
                 regency: self.regency,
                 replica: self.me,
-                cid: key.cid,
+                cid: self.current_cid(),
                 accepted: self.instance.my_accepted,
                 writes,
             },
             batches,
             decided: Vec::new(),
-        }));
+        }
     }
 
     /// Start-up: take back the votes promised before the restart. A promise for an instance
@@ -1081,7 +1100,14 @@ impl Replica {
             }
             return;
         }
-        let from = self.current_cid();
+        // From the last decision on if its proof is missing (a checkpoint restored from disk
+        // whose decision the log lost, or one just transferred): without it this replica
+        // cannot show where it stands to a new leader, whose STOPDATA count it may be needed
+        // for (seed 4408 n=4: two such replicas and a silent one stalled every leader change).
+        let from = match self.last_decided {
+            Some(last) if !self.log.contains_key(&last) => last,
+            _ => self.current_cid(),
+        };
         match to {
             Some(ids) => {
                 for id in ids {
@@ -1459,6 +1485,7 @@ impl Replica {
         if reconfigured || (cid.0 + 1) % self.config.checkpoint_period.max(1) == 0 {
             self.take_checkpoint(cid);
         }
+        self.drop_overtaken_transfer();
         if !self.synchronizing {
             self.progress_in_regency = true;
             self.timeout_us = self.config.request_timeout_us;
@@ -1714,6 +1741,24 @@ impl Replica {
         }
     }
 
+    /// A transfer of a checkpoint this replica has reached by deciding is of no use, unless it
+    /// repairs this replica's own diverged checkpoint at that CID: installing it would only roll
+    /// the state back (seed 40345 n=7: a transfer started while behind finished 260 ms after
+    /// decisions had overtaken it).
+    fn drop_overtaken_transfer(&mut self) {
+        let Some(fetch) = self.transfer.in_progress().copied() else {
+            return;
+        };
+        let reached = self.last_decided.is_some_and(|l| fetch.cid <= l);
+        let repair = self
+            .checkpoints
+            .iter()
+            .any(|(m, _)| m.cid == fetch.cid && m.digest != fetch.digest);
+        if reached && !repair {
+            self.transfer.cancel();
+        }
+    }
+
     fn serve_chunk(&mut self, to: ReplicaId, cid: Cid, digest: Digest, offset: u64, len: u32) {
         let Some((meta, bytes)) = self
             .checkpoints
@@ -1817,6 +1862,13 @@ impl Replica {
         let mine = self.log.split_off(&cid.next());
         self.log.clear();
         self.last_decided = Some(cid);
+        // A checkpoint at or behind the instance in progress (a repair of diverged state) must
+        // not erase this replica's votes there: replaying its log brings it back to that
+        // instance, where it would otherwise vote again, and differently (seed 40345 n=7).
+        let voted = !self.instance.my_writes.is_empty() || self.instance.my_accepted.is_some();
+        if voted && self.instance.cid > cid && self.restored.is_none() {
+            self.restored = Some(self.instance_promise(None));
+        }
         self.instance = Instance::new(cid.next());
         self.reach_restored();
         self.future = self.future.split_off(&cid.next());

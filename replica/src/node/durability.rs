@@ -14,9 +14,9 @@
 //! holds its state once, not once more per checkpoint kept.
 
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
@@ -76,7 +76,13 @@ struct CheckpointJob {
 struct Publisher {
     tx: watch::Sender<Option<Cid>>,
     state: Mutex<PublishState>,
+    /// Signalled on every update, for the checkpoint thread waiting for the log.
+    updated: Condvar,
 }
+
+/// How long a checkpoint waits for the log to hold its decision durably. Longer means the log
+/// thread stopped on a storage error (reported on its own), and the checkpoint is not written.
+const CHECKPOINT_LOG_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct PublishState {
@@ -92,6 +98,7 @@ impl Publisher {
     fn update(&self, f: impl FnOnce(&mut PublishState)) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
+        self.updated.notify_all();
         if let Some(g) = s.gate {
             if s.checkpoint >= Some(g) {
                 s.gate = None;
@@ -110,6 +117,18 @@ impl Publisher {
                 false
             }
         });
+    }
+}
+
+impl Publisher {
+    /// Waits until the log is durable through `cid`; false if `limit` passed first.
+    fn wait_for_log(&self, cid: Cid, limit: Duration) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .updated
+            .wait_timeout_while(s, limit, |s| s.log < Some(cid))
+            .unwrap_or_else(|p| p.into_inner());
+        s.log >= Some(cid)
     }
 }
 
@@ -134,6 +153,7 @@ impl Durability {
         let publisher = Arc::new(Publisher {
             tx,
             state: Mutex::new(PublishState::default()),
+            updated: Condvar::new(),
         });
         let p = publisher.clone();
         let config = StorageConfig {
@@ -307,6 +327,17 @@ fn run_checkpoints(
         }
         let meta = job.checkpoint.meta;
         let trim_before = job.trim_before;
+        // A checkpoint taken here goes to disk only after the decision at its CID: recovery
+        // keeps that decision beside the checkpoint, and its proof is how a restarted replica
+        // shows a new leader where it stands (if every replica that decided it lost the proof,
+        // no leader change could complete).
+        if trim_before.is_some() && !publisher.wait_for_log(meta.cid, CHECKPOINT_LOG_WAIT) {
+            tracing::warn!(
+                cid = meta.cid.0,
+                "the log did not make the checkpoint's decision durable in time; checkpoint not written"
+            );
+            continue;
+        }
         let t0 = Instant::now();
         let at = match writer.write(meta.cid, &job.view, &job.checkpoint.bytes, meta.digest) {
             Ok(at) => at,

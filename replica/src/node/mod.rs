@@ -360,6 +360,7 @@ fn recover(
         service,
         FromDisk {
             checkpoint: recovered.checkpoint.map(|c| c.snapshot),
+            checkpoint_decision: recovered.checkpoint_decision,
             decisions: recovered.decisions,
             promise,
         },

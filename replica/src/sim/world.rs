@@ -133,10 +133,14 @@ struct Node {
 /// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this).
 const LOG_LAG: usize = 3;
 
-/// What a node persisted: its newest checkpoint, the decisions logged after it, its promise.
+/// What a node persisted: its newest checkpoint and the decision at its CID, the decisions
+/// logged after it, its promise.
 #[derive(Default)]
 struct SimDisk {
     checkpoint: Option<Vec<u8>>,
+    /// A checkpoint this replica took is written only once the log holds its decision durably
+    /// (as the node's checkpoint thread waits for the log), so no crash loses this one.
+    checkpoint_decision: Option<Decision>,
     decisions: Vec<Decision>,
     promise: Option<Promise>,
 }
@@ -164,8 +168,10 @@ impl SimDisk {
             Output::Checkpoint { checkpoint: cp, .. } | Output::StateInstalled(cp) => {
                 let cid = cp.meta.cid;
                 self.checkpoint = Some(cp.bytes.as_ref().clone());
+                self.checkpoint_decision = self.decisions.iter().find(|d| d.cid == cid).cloned();
                 self.decisions.retain(|d| d.cid > cid);
                 if matches!(out, Output::StateInstalled(_)) {
+                    self.checkpoint_decision = None;
                     self.decisions.clear();
                 }
             }
@@ -188,6 +194,9 @@ struct World<'a> {
     rng: ChaCha8Rng,
     checker: Checker,
     report: SimReport,
+    /// `KMMR_SIM_TRACE=1`: print every delivered replica message and every core event, to
+    /// follow a failing seed step by step.
+    trace: bool,
 }
 
 fn new_service(kind: ServiceKind) -> Box<dyn Service> {
@@ -351,6 +360,7 @@ impl<'a> World<'a> {
                 faults,
                 ..SimReport::default()
             },
+            trace: std::env::var_os("KMMR_SIM_TRACE").is_some(),
         };
         for (i, c) in cfg.crashes.iter().enumerate() {
             w.schedule(c.from_us, Ev::CrashStart(i));
@@ -480,6 +490,7 @@ impl<'a> World<'a> {
                             new_service(self.cfg.service),
                             FromDisk {
                                 checkpoint: n.disk.checkpoint.clone(),
+                                checkpoint_decision: n.disk.checkpoint_decision.clone(),
                                 decisions: n.disk.decisions.clone(),
                                 promise: n.disk.promise.clone(),
                             },
@@ -521,7 +532,12 @@ impl<'a> World<'a> {
                     *self.report.delivered.entry((s, i, m.kind())).or_insert(0) += 1;
                 }
                 match decoded {
-                    Ok(msg) => self.nodes[i].replica.on_message(local, sender, msg),
+                    Ok(msg) => {
+                        if self.trace {
+                            eprintln!("{} {s}->{i} {}", self.now, trace_message(&msg));
+                        }
+                        self.nodes[i].replica.on_message(local, sender, msg)
+                    }
                     Err(e) => {
                         *self.report.rejected.entry(e.reason()).or_insert(0) += 1;
                         return;
@@ -695,6 +711,9 @@ impl<'a> World<'a> {
         let events = self.nodes[i].replica.take_events();
         let faulty = self.nodes[i].faulty;
         for e in events {
+            if self.trace {
+                eprintln!("{} node {i}: {e:?}", self.now);
+            }
             match e {
                 Event::Decided { cid, digest, .. } if !faulty => {
                     let batch = self.nodes[i].replica.decision(cid).map(|d| d.batch.clone());
@@ -1056,5 +1075,47 @@ fn describe_faults(cfg: &SimConfig) -> String {
         "none".into()
     } else {
         parts.join(", ")
+    }
+}
+
+/// One line for a replica message in a trace: its kind and what identifies its vote.
+fn trace_message(m: &ReplicaMessage) -> String {
+    match m {
+        ReplicaMessage::Propose { cid, epoch, batch } => format!(
+            "propose cid {} epoch {} {} ({} requests)",
+            cid.0,
+            epoch.0,
+            batch.digest().short(),
+            batch.requests.len()
+        ),
+        ReplicaMessage::Write { cid, epoch, digest } => {
+            format!("write cid {} epoch {} {}", cid.0, epoch.0, digest.short())
+        }
+        ReplicaMessage::Accept {
+            cid, epoch, digest, ..
+        } => format!("accept cid {} epoch {} {}", cid.0, epoch.0, digest.short()),
+        ReplicaMessage::Stop { regency, .. } => format!("stop regency {}", regency.0),
+        ReplicaMessage::StopData {
+            regency, collect, ..
+        } => format!("stopdata regency {} {:?}", regency.0, collect.collect),
+        ReplicaMessage::Sync {
+            regency,
+            last,
+            batch,
+            ..
+        } => format!(
+            "sync regency {} last {:?} batch {}",
+            regency.0,
+            last.as_ref().map(|d| d.cid.0),
+            batch.digest().short()
+        ),
+        ReplicaMessage::Decided(d) => format!(
+            "decided cid {} epoch {} {}",
+            d.cid.0,
+            d.proof.epoch.0,
+            d.batch.digest().short()
+        ),
+        ReplicaMessage::DecisionRequest { from } => format!("decision request from {}", from.0),
+        other => other.kind().to_string(),
     }
 }

@@ -170,6 +170,9 @@ pub struct Recovered {
     /// Every logged decision after the checkpoint (from CID 0 without one), contiguous and in
     /// order: replay them. Their proofs were checked when they were decided, not here.
     pub decisions: Vec<Decision>,
+    /// The logged decision at the checkpoint's own CID: its proof shows where the replica
+    /// stands in a leader change (a new leader refuses a STOPDATA that cannot prove it).
+    pub checkpoint_decision: Option<Decision>,
     /// The persisted view, if one was written and is intact.
     pub view: Option<View>,
     pub report: RecoveryReport,
@@ -293,9 +296,12 @@ impl Storage {
         // contiguous, so the first one kept decides whether the log connects.
         let needed = checkpoint.as_ref().map_or(Cid(0), |c| c.cid.next());
         let mut decisions = Vec::new();
+        let mut checkpoint_decision = None;
         let mut connects = true;
         let scanned = wal::recover(&dir, |d| {
-            if d.cid >= needed && connects {
+            if checkpoint.as_ref().is_some_and(|c| c.cid == d.cid) {
+                checkpoint_decision = Some(d);
+            } else if d.cid >= needed && connects {
                 if decisions.is_empty() && d.cid != needed {
                     connects = false;
                 } else {
@@ -353,6 +359,7 @@ impl Storage {
                 checkpoint,
                 checkpoint_location,
                 decisions,
+                checkpoint_decision,
                 view,
                 report,
             },
