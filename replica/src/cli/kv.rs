@@ -265,7 +265,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
                             s.status.regency,
                             s.status.leader,
                             s.status.last_decided,
-                            &s.status.state_digest[..16.min(s.status.state_digest.len())],
+                            s.status.state_digest_prefix(),
                             s.status
                                 .byzantine
                                 .as_ref()

@@ -329,7 +329,7 @@ pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<
                     s.status.regency,
                     s.status.leader,
                     s.status.last_decided,
-                    &s.status.state_digest[..16.min(s.status.state_digest.len())],
+                    s.status.state_digest_prefix(),
                     if cluster.byzantine.contains(id) {
                         " (Byzantine)"
                     } else {

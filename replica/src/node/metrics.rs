@@ -274,6 +274,15 @@ pub struct Status {
     pub accusations: Vec<Accusation>,
 }
 
+impl Status {
+    /// The first 16 characters of `state_digest`, for one-line displays. The replica that sent
+    /// the status chose the string: slicing it at byte 16 panicked on a multi-byte character.
+    pub fn state_digest_prefix(&self) -> &str {
+        let s = self.state_digest.as_str();
+        s.char_indices().nth(16).map_or(s, |(end, _)| &s[..end])
+    }
+}
+
 /// Evidence against one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accusation {
@@ -372,5 +381,34 @@ async fn health_handler(State(s): State<HttpState>) -> impl IntoResponse {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "replica loop stalled")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    fn with_digest(d: &str) -> Status {
+        Status {
+            state_digest: d.to_owned(),
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn a_digest_prefix_never_splits_a_character_a_byzantine_replica_sent() {
+        // Byte 16 falls inside the euro sign: the old `[..16]` slice panicked here.
+        let s = with_digest("0123456789abcde\u{20ac}tail");
+        assert_eq!(s.state_digest_prefix(), "0123456789abcde\u{20ac}");
+        let s = with_digest(&"\u{1f600}".repeat(20));
+        assert_eq!(s.state_digest_prefix(), "\u{1f600}".repeat(16));
+    }
+
+    #[test]
+    fn a_digest_prefix_is_the_first_sixteen_hex_digits_or_the_whole_short_string() {
+        let hex = "00112233445566778899aabbccddeeff";
+        assert_eq!(with_digest(hex).state_digest_prefix(), "0011223344556677");
+        assert_eq!(with_digest("abc").state_digest_prefix(), "abc");
+        assert_eq!(with_digest("").state_digest_prefix(), "");
     }
 }

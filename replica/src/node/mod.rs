@@ -495,7 +495,7 @@ impl NodeLoop {
                     bail!("{why}");
                 }
             }
-            self.flush();
+            self.flush().await;
             if let Some(why) = self.fatal.take() {
                 tracing::error!(error = %why, "cannot promise votes: stopping so that a restart recovers from disk");
                 bail!("{why}");
@@ -529,21 +529,35 @@ impl NodeLoop {
     }
 
     /// The log's durable end, once it is at most `MAX_PROMISED_DECISIONS` behind `cid`; a
-    /// promise carries the rest. Blocks while the log is further behind: the votes cannot go
-    /// out before their promise anyway. `None` if it stays behind for `LOG_WAIT`.
-    fn wait_for_log(&self, cid: Cid) -> Option<Option<Cid>> {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            let durable = self.durable_cid().max(self.recovered_until);
+    /// promise carries the rest. Waits (without blocking the runtime's thread) while the log is
+    /// further behind: the votes cannot go out before their promise anyway, so the loop takes
+    /// no input meanwhile. `None` if it stays behind for `LOG_WAIT`.
+    async fn wait_for_log(&self, cid: Cid) -> Option<Option<Cid>> {
+        let ready = |durable: Option<Cid>| {
             let behind = cid.0.saturating_sub(durable.map_or(0, |d| d.0 + 1));
-            if behind as usize <= MAX_PROMISED_DECISIONS {
-                return Some(durable);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+            (behind as usize <= MAX_PROMISED_DECISIONS).then_some(durable)
+        };
+        let now = self.durable_cid().max(self.recovered_until);
+        if let Some(d) = ready(now) {
+            return Some(d);
         }
+        // Without storage nothing would ever become durable.
+        let mut watch = self.durability.as_ref()?.watch();
+        let recovered = self.recovered_until;
+        tokio::time::timeout(LOG_WAIT, async move {
+            loop {
+                if let Some(d) = ready((*watch.borrow_and_update()).max(recovered)) {
+                    return Some(d);
+                }
+                if watch.changed().await.is_err() {
+                    // The log thread stopped on an error, which `failures` reports.
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     fn durable_cid(&self) -> Option<Cid> {
@@ -582,7 +596,7 @@ impl NodeLoop {
         }
     }
 
-    fn flush(&mut self) {
+    async fn flush(&mut self) {
         let outputs = self.core.take_outputs();
         for out in outputs {
             if self.fatal.is_some() {
@@ -590,11 +604,11 @@ impl NodeLoop {
                 break;
             }
             if out.is_local() {
-                self.local(out);
+                self.local(out).await;
                 continue;
             }
             match self.adversary.as_mut() {
-                None => self.send_honest(out),
+                None => self.send_honest(out).await,
                 Some(adv) => {
                     let pos = Position {
                         view: &self.view,
@@ -616,7 +630,7 @@ impl NodeLoop {
             .store(metrics::now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn send_honest(&mut self, out: Output) {
+    async fn send_honest(&mut self, out: Output) {
         match out {
             Output::Send { to, msg } => {
                 let _ = self.peers.send(to, &msg.to_bytes());
@@ -633,17 +647,17 @@ impl NodeLoop {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
                 }
             }
-            other => self.local(other),
+            other => self.local(other).await,
         }
     }
 
     /// Storage and membership outputs.
-    fn local(&mut self, out: Output) {
+    async fn local(&mut self, out: Output) {
         match out {
             Output::Promise(mut p) => {
                 // What the log holds after a crash now: what it had at start-up, and what it
                 // has synced since. The rest goes with the promise.
-                let Some(durable) = self.wait_for_log(p.collect.cid) else {
+                let Some(durable) = self.wait_for_log(p.collect.cid).await else {
                     self.fatal = Some(format!(
                         "the log stayed more than {MAX_PROMISED_DECISIONS} decisions behind for \
                          {LOG_WAIT:?}: the disk does not keep up"
