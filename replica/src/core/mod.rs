@@ -10,6 +10,7 @@ pub mod instance;
 pub mod output;
 pub mod promise;
 pub mod reconfig;
+pub mod rejection;
 pub mod replica;
 pub mod state;
 pub mod sync;

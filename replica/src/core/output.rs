@@ -1,6 +1,7 @@
 //! What the core asks its driver to do, and what it reports.
 
 use crate::core::promise::Promise;
+use crate::core::rejection::Rejection;
 use crate::core::state::Checkpoint;
 use crate::core::view::View;
 use crate::crypto::Digest;
@@ -64,10 +65,10 @@ pub enum Event {
         regency: Regency,
         leader: ReplicaId,
     },
-    /// A message or request was refused; `reason` is a stable metric label.
+    /// A message or request was refused (`from`: the replica that sent it, if one did).
     Rejected {
         from: Option<ReplicaId>,
-        reason: &'static str,
+        reason: Rejection,
     },
     /// This replica asked for a leader change.
     Suspected {
@@ -100,56 +101,4 @@ pub enum Event {
     Diverged {
         cid: Cid,
     },
-}
-
-/// Whether a rejection `reason` (of a message from a replica) proves that replica faulty: a
-/// correct replica never sends such a message, whatever the timing. Reasons a correct replica
-/// can cause (it is ahead, behind, or asked for a checkpoint just trimmed) are not listed, nor
-/// are proofs that failed against a view the rejecting replica does not hold for them
-/// (`*_in_unheld_view`: made in an older or newer view, they may be sound there).
-pub fn proves_misbehaviour(reason: &str) -> bool {
-    matches!(
-        reason,
-        "forged_accept"
-            | "forged_relayed_request"
-            | "forged_request_in_batch"
-            | "equivocating_propose"
-            | "equivocating_write"
-            | "equivocating_accept"
-            | "propose_from_non_leader"
-            | "invalid_collect"
-            | "invalid_decision_proof"
-            | "unproven_last_decision"
-            | "bad_checkpoint_bytes"
-            | "batch_too_large"
-            | "unordered_request_in_batch"
-            | "duplicate_request_in_batch"
-            | "replayed_request"
-            | "sync_unproven_last"
-            | "sync_collect_wrong_regency"
-            | "sync_duplicate_collect"
-            | "sync_forged_collect"
-            | "sync_collects_not_sound"
-            | "sync_dropped_bound_value"
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::proves_misbehaviour;
-
-    #[test]
-    fn only_what_a_correct_replica_never_sends_is_evidence() {
-        assert!(proves_misbehaviour("forged_accept"));
-        assert!(proves_misbehaviour("equivocating_propose"));
-        // A correct replica ahead of this one, or asking for a checkpoint just trimmed.
-        assert!(!proves_misbehaviour("too_far_ahead"));
-        assert!(!proves_misbehaviour("unknown_checkpoint"));
-        assert!(!proves_misbehaviour("future_buffer_full"));
-        // Proofs judged against a view that may not be theirs: a joiner shown the SYNC of a
-        // regency installed views ago, a laggard sent decisions of a view it has not reached.
-        assert!(!proves_misbehaviour("sync_in_unheld_view"));
-        assert!(!proves_misbehaviour("decision_in_unheld_view"));
-        assert!(!proves_misbehaviour("stopdata_last_in_unheld_view"));
-    }
 }

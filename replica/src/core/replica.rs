@@ -16,6 +16,7 @@ use crate::core::instance::{Instance, Recorded, Vote};
 use crate::core::output::{Event, Output};
 use crate::core::promise::{Promise, PromiseKey};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
+use crate::core::rejection::Rejection;
 use crate::core::state::{
     encode_state, Checkpoint, HeldBytes, OrderingState, ReplicaState, StoredCheckpoint,
 };
@@ -60,7 +61,7 @@ pub struct Stats {
     pub checkpoints: u64,
     pub state_transfers: u64,
     pub views_installed: u64,
-    pub rejected: BTreeMap<&'static str, u64>,
+    pub rejected: BTreeMap<Rejection, u64>,
 }
 
 /// A STOPDATA the new leader has accepted.
@@ -336,6 +337,14 @@ impl Replica {
         self.log.range(from..).map(|(_, d)| d.clone()).collect()
     }
 
+    /// Completes a promise this replica emitted with the decisions its log has not made durable
+    /// (those after `durable`), so that log and promise together always reach the promise's
+    /// instance (see `Promise`). The node calls it with the log's durable end, the simulator
+    /// with its model of one, so both run this.
+    pub fn complete_promise(&self, promise: &mut Promise, durable: Option<Cid>) {
+        promise.decided = self.decisions_after(durable);
+    }
+
     pub fn id(&self) -> ReplicaId {
         self.me
     }
@@ -450,7 +459,7 @@ impl Replica {
         self.view.leader(self.regency) == self.me
     }
 
-    fn reject(&mut self, from: Option<ReplicaId>, reason: &'static str) {
+    fn reject(&mut self, from: Option<ReplicaId>, reason: Rejection) {
         *self.stats.rejected.entry(reason).or_insert(0) += 1;
         self.events.push(Event::Rejected { from, reason });
     }
@@ -817,7 +826,7 @@ impl Replica {
         if channel == Some(r.client) {
             self.authentic.insert(digest);
         } else if !self.check_signature(&req, &digest) {
-            self.reject(None, "bad_request_signature");
+            self.reject(None, Rejection::BadRequestSignature);
             return;
         }
         match r.kind {
@@ -854,7 +863,7 @@ impl Replica {
                         }
                     }
                     Freshness::Stale => {
-                        self.reject(None, "stale_request");
+                        self.reject(None, Rejection::StaleRequest);
                     }
                 }
             }
@@ -924,9 +933,11 @@ impl Replica {
             match e {
                 crate::core::clients::PoolRefusal::Duplicate => {}
                 crate::core::clients::PoolRefusal::ClientFull => {
-                    self.reject(None, "client_queue_full")
+                    self.reject(None, Rejection::ClientQueueFull)
                 }
-                crate::core::clients::PoolRefusal::PoolFull => self.reject(None, "pool_full"),
+                crate::core::clients::PoolRefusal::PoolFull => {
+                    self.reject(None, Rejection::PoolFull)
+                }
             }
         }
     }
@@ -945,7 +956,7 @@ impl Replica {
                 continue;
             }
             if !self.check_signature(&req, &digest) {
-                self.reject(Some(from), "forged_relayed_request");
+                self.reject(Some(from), Rejection::ForgedRelayedRequest);
                 continue;
             }
             self.pool_insert(now, req, digest);
@@ -965,7 +976,7 @@ impl Replica {
             .is_some_and(|v| v.contains(from))
             && matches!(msg, ReplicaMessage::DecisionRequest { .. });
         if from == self.me || !(self.view.contains(from) || former) {
-            self.reject(Some(from), "not_a_member");
+            self.reject(Some(from), Rejection::NotAMember);
             return;
         }
         self.dispatch(now, from, msg);
@@ -1056,12 +1067,12 @@ impl Replica {
 
     fn buffer_future(&mut self, from: ReplicaId, cid: Cid, msg: ReplicaMessage) {
         if cid.0 > self.current_cid().0 + self.config.future_window {
-            self.reject(Some(from), "too_far_ahead");
+            self.reject(Some(from), Rejection::TooFarAhead);
             return;
         }
         let q = self.future.entry(cid).or_default();
         if q.len() >= self.config.max_buffered_per_instance {
-            self.reject(Some(from), "future_buffer_full");
+            self.reject(Some(from), Rejection::FutureBufferFull);
             return;
         }
         q.push((from, msg));
@@ -1198,14 +1209,14 @@ impl Replica {
             return;
         }
         if d.cid.0 > current.0 + self.config.future_window {
-            self.reject(Some(from), "too_far_ahead");
+            self.reject(Some(from), Rejection::TooFarAhead);
             return;
         }
         if !d.verify(self.view_for(d.cid)) {
             let reason = if self.holds_view_for(d.cid) {
-                "invalid_decision_proof"
+                Rejection::InvalidDecisionProof
             } else {
-                "decision_in_unheld_view"
+                Rejection::DecisionInUnheldView
             };
             self.reject(Some(from), reason);
             return;
@@ -1226,7 +1237,7 @@ impl Replica {
         let accept = matches!(msg, ReplicaMessage::Accept { .. });
         if epoch > self.regency || (epoch == self.regency && self.synchronizing && !accept) {
             if self.future_epoch.len() >= MAX_FUTURE_EPOCH_MESSAGES {
-                self.reject(Some(from), "future_epoch_buffer_full");
+                self.reject(Some(from), Rejection::FutureEpochBufferFull);
             } else {
                 self.future_epoch.push((from, msg));
             }
@@ -1238,19 +1249,19 @@ impl Replica {
                     return;
                 }
                 if from != self.view.leader(epoch) {
-                    self.reject(Some(from), "propose_from_non_leader");
+                    self.reject(Some(from), Rejection::ProposeFromNonLeader);
                     return;
                 }
                 let digest = batch.digest();
                 if let Some((d, _)) = self.instance.proposals.get(&epoch) {
                     if *d != digest {
-                        self.reject(Some(from), "equivocating_propose");
+                        self.reject(Some(from), Rejection::EquivocatingPropose);
                     }
                     return;
                 }
                 if let Err(reason) = self.validate_batch(now, &batch) {
                     self.reject(Some(from), reason);
-                    self.suspect(now, self.regency.next(), reason);
+                    self.suspect(now, self.regency.next(), reason.label());
                     return;
                 }
                 self.stats.proposals += 1;
@@ -1261,7 +1272,7 @@ impl Replica {
                     return;
                 }
                 if self.instance.record_write(epoch, from, digest) == Recorded::Equivocation {
-                    self.reject(Some(from), "equivocating_write");
+                    self.reject(Some(from), Rejection::EquivocatingWrite);
                 }
                 self.check_writes(epoch);
             }
@@ -1325,30 +1336,30 @@ impl Replica {
     }
 
     /// Checks a proposed batch against the state after the previous instance.
-    fn validate_batch(&mut self, now: u64, batch: &Batch) -> Result<(), &'static str> {
+    fn validate_batch(&mut self, now: u64, batch: &Batch) -> Result<(), Rejection> {
         if batch.requests.len() > self.config.max_batch_requests {
-            return Err("batch_too_large");
+            return Err(Rejection::BatchTooLarge);
         }
         if batch.timestamp_ms < self.last_timestamp_ms {
-            return Err("timestamp_went_backwards");
+            return Err(Rejection::TimestampWentBackwards);
         }
         if batch.timestamp_ms > now_ms(now).saturating_add(self.config.max_clock_skew_ms) {
-            return Err("timestamp_in_future");
+            return Err(Rejection::TimestampInFuture);
         }
         let mut last_in_batch: BTreeMap<ClientId, (u64, u64)> = BTreeMap::new();
         let mut unverified: Vec<SignedRequest> = Vec::new();
         for req in batch.requests.iter() {
             let r = &req.request;
             if r.kind == RequestKind::Unordered {
-                return Err("unordered_request_in_batch");
+                return Err(Rejection::UnorderedRequestInBatch);
             }
             let key = (r.session, r.sequence);
             if let Some(prev) = last_in_batch.get(&r.client) {
                 if key <= *prev {
-                    return Err("duplicate_request_in_batch");
+                    return Err(Rejection::DuplicateRequestInBatch);
                 }
             } else if self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New {
-                return Err("replayed_request");
+                return Err(Rejection::ReplayedRequest);
             }
             last_in_batch.insert(r.client, key);
             if !self.authentic.contains(&req.digest()) {
@@ -1358,7 +1369,7 @@ impl Replica {
         if self.check_signatures(&unverified).iter().all(|ok| *ok) {
             Ok(())
         } else {
-            Err("forged_request_in_batch")
+            Err(Rejection::ForgedRequestInBatch)
         }
     }
 
@@ -1402,7 +1413,7 @@ impl Replica {
                 out.push(req);
             } else {
                 self.pool.remove(&req.digest());
-                self.reject(None, "bad_request_signature");
+                self.reject(None, Rejection::BadRequestSignature);
             }
         }
         out
@@ -1718,7 +1729,7 @@ impl Replica {
                     let c = self.transfer.contradicted(&self.view, self.me, &mine);
                     if c.is_some() {
                         self.events.push(Event::Diverged { cid: mine.cid });
-                        self.reject(None, "diverged_checkpoint");
+                        self.reject(None, Rejection::DivergedCheckpoint);
                     }
                     c
                 }
@@ -1767,13 +1778,13 @@ impl Replica {
         else {
             // Most likely trimmed since the requester chose it: tell it what is on offer now,
             // or it would keep asking for a checkpoint no one holds.
-            self.reject(Some(to), "unknown_checkpoint");
+            self.reject(Some(to), Rejection::UnknownCheckpoint);
             self.advertise(Some(to));
             return;
         };
         let total = meta.len;
         if offset >= total {
-            self.reject(Some(to), "chunk_out_of_range");
+            self.reject(Some(to), Rejection::ChunkOutOfRange);
             return;
         }
         let end = offset
@@ -1781,7 +1792,7 @@ impl Replica {
             .min(total);
         let Some(data) = bytes.read(offset, (end - offset) as usize) else {
             // The driver's copy failed to read back; the requester moves to another source.
-            self.reject(None, "checkpoint_unreadable");
+            self.reject(None, Rejection::CheckpointUnreadable);
             return;
         };
         self.send(
@@ -1809,9 +1820,9 @@ impl Replica {
                 requests,
             } => {
                 let reason = if proven {
-                    "bad_checkpoint_bytes"
+                    Rejection::BadCheckpointBytes
                 } else {
-                    "checkpoint_digest_mismatch"
+                    Rejection::CheckpointDigestMismatch
                 };
                 self.reject(Some(source), reason);
                 for (to, msg) in requests {
@@ -1828,7 +1839,7 @@ impl Replica {
                         self.last_catchup_us = Some(now);
                         self.broadcast(ReplicaMessage::DecisionRequest { from: cid });
                     }
-                    Err(_) => self.reject(None, "undecodable_checkpoint"),
+                    Err(_) => self.reject(None, Rejection::UndecodableCheckpoint),
                 }
             }
         }
@@ -2107,12 +2118,12 @@ impl Replica {
         values: Vec<Batch>,
     ) {
         if self.view.leader(regency) != self.me || regency < self.regency {
-            self.reject(Some(from), "misdirected_stopdata");
+            self.reject(Some(from), Rejection::MisdirectedStopdata);
             return;
         }
         let c = &collect.collect;
         if c.replica != from || c.regency != regency || !collect.verify(&self.view) {
-            self.reject(Some(from), "invalid_collect");
+            self.reject(Some(from), Rejection::InvalidCollect);
             return;
         }
         let last_ok = match &last {
@@ -2123,12 +2134,12 @@ impl Replica {
             // Includes a STOPDATA claiming a higher decision it cannot prove.
             let reason = match &last {
                 Some(d) if d.cid.next() == c.cid && !self.holds_view_for(d.cid) => {
-                    "stopdata_last_in_unheld_view"
+                    Rejection::StopdataLastInUnheldView
                 }
                 // A replica that installed a checkpoint holds no decision for its CID until a
                 // peer sends it one: it cannot prove where it stands, which is no lie.
-                None => "stopdata_without_last",
-                _ => "unproven_last_decision",
+                None => Rejection::StopdataWithoutLast,
+                _ => Rejection::UnprovenLastDecision,
             };
             self.reject(Some(from), reason);
             return;
@@ -2279,7 +2290,7 @@ impl Replica {
             Err(reason) => {
                 self.reject(Some(from), reason);
                 if from == self.view.leader(regency) && regency == self.regency {
-                    self.suspect(now, regency.next(), reason);
+                    self.suspect(now, regency.next(), reason.label());
                 }
                 return;
             }
@@ -2342,43 +2353,49 @@ impl Replica {
         collects: &[SignedCollect],
         batch: &Batch,
         target: Cid,
-    ) -> Result<Choice, &'static str> {
+    ) -> Result<Choice, Rejection> {
         let mut signers = BTreeSet::new();
         for c in collects {
             if c.collect.regency != regency {
-                return Err("sync_collect_wrong_regency");
+                return Err(Rejection::SyncCollectWrongRegency);
             }
             if !signers.insert(c.collect.replica) {
-                return Err("sync_duplicate_collect");
+                return Err(Rejection::SyncDuplicateCollect);
             }
         }
         // What follows depends on the view that ordered those instances. A regency outlives
         // views, so its SYNC may predate every view this replica held (it is relayed to each
         // joiner): failing there proves nothing against the sender.
         let held = self.holds_view_for(target) && last.is_none_or(|d| self.holds_view_for(d.cid));
-        let judged = |reason: &'static str| if held { reason } else { "sync_in_unheld_view" };
+        let judged = |reason: Rejection| {
+            if held {
+                reason
+            } else {
+                Rejection::SyncInUnheldView
+            }
+        };
         if let Some(d) = last {
             if !d.verify(self.view_for(d.cid)) {
-                return Err(judged("sync_unproven_last"));
+                return Err(judged(Rejection::SyncUnprovenLast));
             }
         }
         // The instance the SYNC is about may precede a view change: judge it in its own view.
         let view = self.view_for(target);
         if !collects.iter().all(|c| c.verify(view)) {
-            return Err(judged("sync_forged_collect"));
+            return Err(judged(Rejection::SyncForgedCollect));
         }
         let states: Option<Vec<sync::State>> = collects
             .iter()
             .map(|c| sync::project(&c.collect, target))
             .collect();
-        let states = states.ok_or("sync_collect_beyond_last")?;
+        let states = states.ok_or(Rejection::SyncCollectBeyondLast)?;
         match sync::choose(view, &states) {
-            None => Err(judged("sync_collects_not_sound")),
+            None => Err(judged(Rejection::SyncCollectsNotSound)),
             Some(Choice::Bound(e, d)) => {
                 if batch.digest() == d {
                     Ok(Choice::Bound(e, d))
                 } else {
-                    Err(judged("sync_dropped_bound_value"))
+                    Err(judged(Rejection::SyncDroppedBoundValue))
                 }
             }
             Some(Choice::Free) => Ok(Choice::Free),

@@ -8,14 +8,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::metrics::Accusation;
+use crate::core::rejection::Rejection;
 
 const BUCKET: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct Accusations {
     start: Option<Instant>,
-    current: BTreeMap<u32, (u64, &'static str)>,
-    previous: BTreeMap<u32, (u64, &'static str)>,
+    current: BTreeMap<u32, (u64, Rejection)>,
+    previous: BTreeMap<u32, (u64, Rejection)>,
 }
 
 impl Accusations {
@@ -32,7 +33,7 @@ impl Accusations {
         }
     }
 
-    pub fn record(&mut self, now: Instant, peer: u32, reason: &'static str) {
+    pub fn record(&mut self, now: Instant, peer: u32, reason: Rejection) {
         self.rotate(now);
         let e = self.current.entry(peer).or_insert((0, reason));
         e.0 += 1;
@@ -50,7 +51,7 @@ impl Accusations {
             });
             a.count += count;
             // `current` comes last: its reason is the latest.
-            a.reason = reason.to_string();
+            a.reason = reason.label().to_string();
         }
         out.into_values().collect()
     }
@@ -64,15 +65,19 @@ mod tests {
     fn evidence_is_reported_while_recent_then_forgotten() {
         let t0 = Instant::now();
         let mut a = Accusations::default();
-        a.record(t0, 2, "forged_accept");
-        a.record(t0 + Duration::from_secs(1), 2, "equivocating_write");
-        a.record(t0 + Duration::from_secs(2), 3, "forged_accept");
+        a.record(t0, 2, Rejection::ForgedAccept);
+        a.record(t0 + Duration::from_secs(1), 2, Rejection::EquivocatingWrite);
+        a.record(t0 + Duration::from_secs(2), 3, Rejection::ForgedAccept);
         let r = a.recent(t0 + Duration::from_secs(3));
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].replica, r[0].count), (2, 2));
         assert_eq!(r[0].reason, "equivocating_write");
         // Still there one bucket on, with a new one added.
-        a.record(t0 + BUCKET + Duration::from_secs(1), 2, "forged_accept");
+        a.record(
+            t0 + BUCKET + Duration::from_secs(1),
+            2,
+            Rejection::ForgedAccept,
+        );
         let r = a.recent(t0 + BUCKET + Duration::from_secs(2));
         assert_eq!((r[0].replica, r[0].count), (2, 3));
         // Two quiet buckets later, nothing.

@@ -399,7 +399,7 @@ struct NodeLoop {
     rng: ChaCha8Rng,
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
-    rejections: HashMap<&'static str, u64>,
+    rejections: HashMap<crate::core::rejection::Rejection, u64>,
     /// Evidence against peers: rejections that only a faulty sender causes, recent ones only,
     /// for the signed status (the operator names a replica that f+1 others accuse).
     accusations: accuse::Accusations,
@@ -664,7 +664,7 @@ impl NodeLoop {
                     ));
                     return;
                 };
-                p.decided = self.core.decisions_after(durable);
+                self.core.complete_promise(&mut p, durable);
                 if let Some(file) = &mut self.promises {
                     let start = Instant::now();
                     match file.write(&p.to_bytes()) {
@@ -820,12 +820,12 @@ impl NodeLoop {
                 );
             }
             Event::Rejected { from, reason } => {
-                self.metrics.reject(reason);
+                self.metrics.reject(reason.label());
                 // Evidence only from a replica that holds the state and view it judged by: one
                 // still joining, fetching state or outside its view may be the one mistaken.
                 let judge = self.core.participating() && !self.core.is_transferring();
                 if let Some(peer) = from.filter(|p| *p != self.core.id()) {
-                    if judge && crate::core::output::proves_misbehaviour(reason) {
+                    if judge && reason.proves_misbehaviour() {
                         self.accusations.record(Instant::now(), peer.0, reason);
                     }
                 }
@@ -834,7 +834,12 @@ impl NodeLoop {
                 let n = self.rejections.entry(reason).or_insert(0);
                 *n += 1;
                 if *n == 1 || *n % 1000 == 0 {
-                    tracing::info!(?from, reason, count = *n, "rejected a message");
+                    tracing::info!(
+                        ?from,
+                        reason = reason.label(),
+                        count = *n,
+                        "rejected a message"
+                    );
                 }
             }
             Event::Suspected { regency, why } => {

@@ -146,7 +146,7 @@ struct SimDisk {
 }
 
 impl SimDisk {
-    fn apply(&mut self, out: &Output) {
+    fn apply(&mut self, out: &Output, replica: &Replica) {
         match out {
             Output::Persist(d) if self.decisions.last().is_none_or(|l| l.cid.next() == d.cid) => {
                 self.decisions.push(d.clone());
@@ -156,13 +156,8 @@ impl SimDisk {
                 // promise is (a crash's `lost_tail`), so the promise carries them, as the node
                 // does for those its log has not synced.
                 let mut p = p.clone();
-                let from = p.collect.cid.0.saturating_sub(LOG_LAG as u64);
-                p.decided = self
-                    .decisions
-                    .iter()
-                    .filter(|d| d.cid.0 >= from && d.cid < p.collect.cid)
-                    .cloned()
-                    .collect();
+                let durable = p.collect.cid.0.checked_sub(LOG_LAG as u64 + 1).map(Cid);
+                replica.complete_promise(&mut p, durable);
                 self.promise = Some(p);
             }
             Output::Checkpoint { checkpoint: cp, .. } | Output::StateInstalled(cp) => {
@@ -700,7 +695,8 @@ impl<'a> World<'a> {
         let outputs = self.nodes[i].replica.take_outputs();
         for out in outputs {
             if out.is_local() {
-                self.nodes[i].disk.apply(&out);
+                let node = &mut self.nodes[i];
+                node.disk.apply(&out, &node.replica);
                 continue;
             }
             let frames = self.frames_for(i, out);
@@ -720,14 +716,11 @@ impl<'a> World<'a> {
                     self.checker.on_decided(i, cid, digest, batch.as_ref());
                 }
                 Event::Rejected { reason, from } => {
-                    *self.report.rejected.entry(reason).or_insert(0) += 1;
+                    *self.report.rejected.entry(reason.label()).or_insert(0) += 1;
                     // What a replica holds as evidence against a peer (the operator names a
                     // replica by it) must never be held against a correct one.
                     if let Some(j) = from {
-                        if !faulty
-                            && crate::core::output::proves_misbehaviour(reason)
-                            && self.correct_id(j)
-                        {
+                        if !faulty && reason.proves_misbehaviour() && self.correct_id(j) {
                             self.checker.violation(format!(
                                 "false accusation at {} us: node {i} rejected a message of \
                                  correct replica {} as {reason}",

@@ -48,7 +48,7 @@ impl Replica {
                 )
             });
             if !ok {
-                self.reject(Some(from), "forged_accept");
+                self.reject(Some(from), Rejection::ForgedAccept);
                 return;
             }
             true
@@ -63,7 +63,7 @@ impl Replica {
         // A second, different ACCEPT on one authenticated channel is equivocation whatever its
         // signature.
         if self.instance.record_accept(epoch, from, vote, self.regency) == Recorded::Equivocation {
-            self.reject(Some(from), "equivocating_accept");
+            self.reject(Some(from), Rejection::EquivocatingAccept);
         }
         self.check_accepts(epoch, digest);
     }
@@ -150,7 +150,7 @@ impl Replica {
                 self.instance.mark_verified(epoch, id);
             } else {
                 self.instance.drop_forged(epoch, id);
-                self.reject(Some(id), "forged_accept");
+                self.reject(Some(id), Rejection::ForgedAccept);
             }
         }
         self.check_accepts(epoch, digest);
@@ -214,11 +214,11 @@ impl Replica {
             }
         }
         for id in bad {
-            self.reject(Some(id), "forged_accept");
+            self.reject(Some(id), Rejection::ForgedAccept);
         }
         if good.len() < q {
             // More than f bad signatures among n ACCEPTs: beyond what the protocol tolerates.
-            self.reject(None, "unprovable_decision");
+            self.reject(None, Rejection::UnprovableDecision);
             return false;
         }
         if let Some(d) = self.log.get_mut(&cid) {
