@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and property tests, the
-# deterministic simulator (2,000 seeds with Byzantine replicas), the scripted protocol
+# deterministic simulator (4,000 seeds with Byzantine replicas), the scripted protocol
 # scenarios, and the end-to-end tests against a real Kubernetes test bed built from source.
 #
 #   ./test.sh              everything
