@@ -14,6 +14,12 @@ stamp "formatting"
 cargo fmt --all -- --check
 stamp "lints"
 cargo clippy --workspace --all-targets -- -D warnings
+if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
+  # The chart tests in the workspace run helm; on a fresh machine it is built first (cached by
+  # version outside the repository, so a warm run skips this).
+  stamp "building helm for the chart tests (cached by version)"
+  e2e/testbed/build.sh helm
+fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace
 if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then

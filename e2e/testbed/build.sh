@@ -8,7 +8,7 @@
 # A binary that is already there is not rebuilt, so a warm start costs nothing. Each binary is
 # linked to a temporary name and renamed, so an interrupted build never leaves a half binary.
 #
-# Usage: build.sh [all|control-plane|node|tools|pause]...   (default: all)
+# Usage: build.sh [all|control-plane|node|tools|helm|pause]...   (default: all)
 #   control-plane: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 #   node:          kubelet kube-proxy coredns, the pause image
 #   tools:         helm kubectl
@@ -120,6 +120,7 @@ for t in "${targets[@]}"; do
     node) build_k8s kubelet kube-proxy; build_coredns; build_pause;;
     pause) build_pause;;
     tools) build_k8s kubectl; build_helm;;
+    helm) build_helm;;
     all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm; build_coredns; build_pause;;
     *) log "unknown target $t"; exit 2;;
   esac
