@@ -12,10 +12,10 @@
 
 #![no_main]
 
-use kmmr::wire::codec::{Decode, Encode};
-use kmmr::wire::frame::{FrameDecoder, FrameError};
-use kmmr::wire::limits;
-use kmmr::wire::messages::{ReplicaMessage, Reply, SignedRequest};
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::frame::{FrameDecoder, FrameError};
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::{ReplicaMessage, Reply, SignedRequest};
 use libfuzzer_sys::fuzz_target;
 
 fn decoder(limit: u16) -> (FrameDecoder, usize) {

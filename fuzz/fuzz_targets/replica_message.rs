@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use kmmr::wire::codec::{Decode, Encode};
-use kmmr::wire::messages::ReplicaMessage;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::messages::ReplicaMessage;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,4 +1,4 @@
-//! Membership steps through the protocol: the admin client (`kmmr::client::admin`) signs one
+//! Membership steps through the protocol: the admin client (`kmmr_client::admin`) signs one
 //! view change with the cluster's admin key, the replicas order it like any request, and the
 //! view they install comes back. The controller writes that view to the ConfigMap and only then
 //! creates or removes the replica's StatefulSet.
@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kmmr::client::admin::{Admin, AdminError};
-use kmmr::client::proxy::ClientOptions;
-use kmmr::core::reconfig::ViewChange;
-use kmmr::core::view::{Member, View};
-use kmmr::crypto::{KeyPair, PublicKey};
-use kmmr::node::config::ViewFile;
-use kmmr::wire::ids::ReplicaId;
+use kmmr_client::admin::{Admin, AdminError};
+use kmmr_client::files::ViewFile;
+use kmmr_client::proxy::ClientOptions;
+use kmmr_protocol::core::reconfig::ViewChange;
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::wire::ids::ReplicaId;
 
 use crate::config::Membership;
 use crate::membership::{BoxFuture, InstalledView, Joining, ReconfigError, Reconfigurer, Step};

@@ -32,7 +32,7 @@ use crate::membership::{plan, Joining, Plan, ReconfigError, Reconfigurer, Step, 
 use crate::metrics::Metrics;
 use crate::names;
 use crate::observe;
-use crate::probe::{self, Probe};
+use kmmr_client::status::{self as probe, Probe};
 
 /// Finalizer on every BftCluster: deleting one first removes its volumes.
 pub const FINALIZER: &str = "kmmr.io/cleanup";
@@ -930,7 +930,7 @@ async fn read_view(
 
 /// Parses view.toml with the replica's own type, so the operator reads exactly what replicas do.
 pub fn parse_view(text: &str) -> Result<CurrentView, String> {
-    let file: kmmr::node::config::ViewFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let file: kmmr_client::files::ViewFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut members = Vec::new();
     let mut keys = BTreeMap::new();
     for m in &file.members {

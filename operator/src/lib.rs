@@ -10,9 +10,9 @@
 //! - [`testmode`]: the test-only Byzantine modes a cluster's annotation may ask for.
 //!
 //! Runtime parts:
-//! - [`probe`]: a replica's signed `/status`, fetched and verified.
+//! - a replica's signed `/status` is fetched and verified by `kmmr_client::status`.
 //! - [`controller`]: the reconcile pipeline on kube-runtime.
-//! - [`admin`]: membership steps as admin-signed view changes through `kmmr::client::admin`.
+//! - [`admin`]: membership steps as admin-signed view changes through `kmmr_client::admin`.
 //! - [`leader`]: leader election on a Lease.
 //! - [`metrics`]: Prometheus metrics and the operator's HTTP endpoints.
 //! - [`error`]: reconcile errors, each a metric label and Event reason.
@@ -28,7 +28,6 @@ pub mod membership;
 pub mod metrics;
 pub mod names;
 pub mod observe;
-pub mod probe;
 pub mod testmode;
 
 pub use children::{build_children, build_children_for, build_children_with, BuildError, Children};

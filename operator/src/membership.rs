@@ -4,7 +4,7 @@
 //! The protocol's view, not the pod count, is the membership: a replica joins or leaves only
 //! through an admin-signed reconfiguration that the replicas order, and only then does the
 //! controller create or delete its StatefulSet. [`crate::admin::ThroughAdmin`] does that with
-//! `kmmr::client::admin`; [`NotSupported`] (`--no-reconfiguration`) refuses every step.
+//! `kmmr_client::admin`; [`NotSupported`] (`--no-reconfiguration`) refuses every step.
 //!
 //! The answer to a view change can be lost (a timeout, the operator restarting), so the view the
 //! controller wrote down is only a hint: [`Reconfigurer::current_view`] asks the replicas which

@@ -17,7 +17,7 @@ use kmmr_crds::{
 };
 
 use crate::config::Membership;
-use crate::probe::Probe;
+use kmmr_client::status::Probe;
 
 /// What the controller knows besides the replicas' answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub fn compute(
         .iter()
         .map(|id| (*id, probes.get(id).unwrap_or(&unreachable)))
         .collect();
-    let verified: Vec<(i32, &kmmr::node::Status)> = reports
+    let verified: Vec<(i32, &kmmr_client::status::Status)> = reports
         .iter()
         .filter_map(|(id, p)| match p {
             Probe::Verified(s) => Some((*id, s)),
@@ -491,7 +491,7 @@ fn verified_problem(
     synchronizing_since: Option<jiff::Timestamp>,
     now: &Time,
     id: i32,
-    s: &kmmr::node::Status,
+    s: &kmmr_client::status::Status,
 ) -> (bool, Option<String>) {
     let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
     let problem = if diverged.contains(&id) {

@@ -4,7 +4,7 @@
 //! PROPOSE/WRITE/ACCEPT with signed ACCEPTs, decision proofs checked, execution and replies.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kmmr::sim::{run, SimConfig};
+use kmmr_sim::{run, SimConfig};
 
 fn core(c: &mut Criterion) {
     let mut g = c.benchmark_group("core");

@@ -4,12 +4,12 @@
 //! real cluster) they show where a change moved the time.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use kmmr::crypto::{self, Domain, KeyPair};
-use kmmr::wire::codec::{Decode, Encode};
-use kmmr::wire::frame::{encode_frame, FrameDecoder};
-use kmmr::wire::ids::{Cid, Regency, ViewId};
-use kmmr::wire::limits;
-use kmmr::wire::messages::{
+use kmmr_protocol::crypto::{self, Domain, KeyPair};
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::frame::{encode_frame, FrameDecoder};
+use kmmr_protocol::wire::ids::{Cid, Regency, ViewId};
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::{
     accept_signing_bytes, Batch, ReplicaMessage, Request, RequestKind, SignedRequest,
 };
 
@@ -40,7 +40,7 @@ fn crypto(c: &mut Criterion) {
     let mut g = c.benchmark_group("crypto");
     let key = KeyPair::from_seed([1; 32]);
     let parsed = crypto::parse_key(&key.public()).expect("key");
-    let msg = accept_signing_bytes(Cid(9), Regency(0), &kmmr::crypto::Digest::of(b"v"));
+    let msg = accept_signing_bytes(Cid(9), Regency(0), &kmmr_protocol::crypto::Digest::of(b"v"));
     let sig = key.sign(Domain::Accept, &msg);
     g.bench_function("sign_accept", |b| {
         b.iter(|| key.sign(Domain::Accept, black_box(&msg)))
@@ -94,7 +94,7 @@ fn wire(c: &mut Criterion) {
     let write = ReplicaMessage::Write {
         cid: Cid(3),
         epoch: Regency(0),
-        digest: kmmr::crypto::Digest::of(b"v"),
+        digest: kmmr_protocol::crypto::Digest::of(b"v"),
     }
     .to_bytes();
     let mut stream = Vec::new();

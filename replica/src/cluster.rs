@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::process::{Child, Command};
 
-use crate::core::view::{default_f, Member, View};
-use crate::crypto::KeyPair;
-use crate::node::config::{save_key, ViewFile};
-use crate::node::{NodeConfig, ProtocolConfig, ServiceChoice, SignedStatus};
-use crate::wire::ids::{ReplicaId, ViewId};
+use crate::node::{NodeConfig, ProtocolConfig, ServiceChoice};
+use kmmr_client::files::{save_key, ViewFile};
+pub use kmmr_client::status::fetch_status;
+use kmmr_client::status::{split_url, MAX_METRICS_RESPONSE};
+use kmmr_protocol::core::view::{default_f, Member, View};
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 
 /// What to lay out.
 #[derive(Debug, Clone)]
@@ -153,38 +155,15 @@ pub async fn wait_healthy(base_port: u16, i: usize, within: Duration) -> Result<
     }
 }
 
-/// Largest HTTP response read from a replica.
-const MAX_HTTP_RESPONSE: u64 = 4 * 1024 * 1024;
-
-/// GET over plain HTTP/1.1 on loopback: enough for the replica's status endpoint.
-pub async fn fetch_status(url: &str) -> Result<SignedStatus> {
-    let body = http_get(url).await?;
-    serde_json::from_str(&body).context("parsing /status")
-}
-
+/// `GET` of an `http://host:port/path` URL on a replica's HTTP port (`/metrics`, `/healthz`): the
+/// body of a 200 response as text. A replica may be Byzantine: what it sends back is bounded in
+/// size and time like any other input.
 pub async fn http_get(url: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(host))
-        .await
-        .context("connect timed out")??;
-    let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    // A replica may be Byzantine: what it sends back is bounded like any other input.
-    let mut buf = Vec::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        (&mut s).take(MAX_HTTP_RESPONSE).read_to_end(&mut buf),
-    )
-    .await
-    .context("read timed out")??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
+    let (addr, path) = split_url(url)?;
+    let body =
+        kmmr_client::status::http_get(addr, &path, HTTP_TIMEOUT, MAX_METRICS_RESPONSE).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
+
+/// How long a read of a replica's HTTP endpoint may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,13 +1,8 @@
-//! KmMR replica: a Rust port of BFT-SMaRt (Mod-SMaRt over VP-Consensus) and the revisioned
-//! key-value service that holds Kubernetes control-plane state.
+//! The KmMR replica runtime: a replica process (`node`) that drives the protocol core of
+//! `kmmr-protocol` over the network of `kmmr-net`, keeps its log, checkpoints and promises on disk
+//! (`storage`), and serves metrics and its signed status over HTTP; plus local clusters of
+//! replica processes on loopback (`cluster`) for the CLI, the tests and the benchmarks.
 
-pub mod client;
 pub mod cluster;
-pub mod core;
-pub mod crypto;
-pub mod net;
 pub mod node;
-pub mod service;
-pub mod sim;
 pub mod storage;
-pub mod wire;

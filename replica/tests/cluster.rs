@@ -5,18 +5,18 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kmmr::client::{Client, ClientOptions};
 use kmmr::cluster::{
     fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
 };
-use kmmr::core::view::View;
-use kmmr::crypto::{KeyPair, Signature};
-use kmmr::net::{client_address, LinkKind, TlsIdentity};
 use kmmr::node::ServiceChoice;
-use kmmr::service::kv::{KvRequest, KvResponse};
-use kmmr::sim::linearizability::{self, CheckResult, Operation};
-use kmmr::wire::codec::Encode;
-use kmmr::wire::messages::{Request, RequestKind, SignedRequest};
+use kmmr_client::{Client, ClientOptions};
+use kmmr_linearizability::{self as linearizability, CheckResult, Operation};
+use kmmr_net::{client_address, LinkKind, TlsIdentity};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::{KeyPair, Signature};
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
+use kmmr_protocol::wire::codec::Encode;
+use kmmr_protocol::wire::messages::{Request, RequestKind, SignedRequest};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Child;
 
@@ -159,7 +159,7 @@ fn assert_all_completed_and_linearizable(history: &[Operation]) {
     );
 }
 
-async fn statuses(c: &TestCluster) -> BTreeMap<u32, kmmr::node::SignedStatus> {
+async fn statuses(c: &TestCluster) -> BTreeMap<u32, kmmr_client::status::SignedStatus> {
     let mut out = BTreeMap::new();
     for m in &c.view.members {
         let url = format!(
@@ -307,7 +307,7 @@ async fn tls_to_client_port(
         .await
         .expect("connect");
     tokio_rustls::TlsConnector::from(cfg)
-        .connect(kmmr::net::server_name(), tcp)
+        .connect(kmmr_net::server_name(), tcp)
         .await
         .expect("handshake")
 }
@@ -353,7 +353,7 @@ async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_s
         let mut f = (junk.len() as u32).to_le_bytes().to_vec();
         f.extend_from_slice(junk);
         tls.write_all(&f).await.expect("write");
-        tls.write_all(&((kmmr::wire::limits::MAX_FRAME as u32) + 1).to_le_bytes())
+        tls.write_all(&((kmmr_protocol::wire::limits::MAX_FRAME as u32) + 1).to_le_bytes())
             .await
             .expect("write");
         let _ = tls.flush().await;

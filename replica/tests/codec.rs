@@ -22,13 +22,13 @@
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
-use kmmr::core::view::{default_f, Member, View};
-use kmmr::crypto::{Digest, PublicKey, Signature};
-use kmmr::wire::codec::{Decode, DecodeError, Encode, Writer};
-use kmmr::wire::frame::{encode_frame, FrameDecoder, FrameError};
-use kmmr::wire::ids::{Cid, Regency, ReplicaId, ViewId};
-use kmmr::wire::limits;
-use kmmr::wire::messages::{
+use kmmr_protocol::core::view::{default_f, Member, View};
+use kmmr_protocol::crypto::{Digest, PublicKey, Signature};
+use kmmr_protocol::wire::codec::{Decode, DecodeError, Encode, Writer};
+use kmmr_protocol::wire::frame::{encode_frame, FrameDecoder, FrameError};
+use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::{
     Batch, CheckpointMeta, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody, Request,
     RequestKind, SignedCollect, SignedRequest,
 };
@@ -991,7 +991,9 @@ fn a_member_address_that_is_not_utf8_is_refused() {
 fn bool_and_option_tags_other_than_0_and_1_are_refused() {
     let mut w = Writer::new();
     w.u8(2);
-    assert!(kmmr::wire::codec::Reader::new(w.as_slice()).bool().is_err());
+    assert!(kmmr_protocol::wire::codec::Reader::new(w.as_slice())
+        .bool()
+        .is_err());
     // StopData with an option tag of 2 for `last`.
     let mut w = Writer::new();
     w.u8(6).u32(0).u8(2);

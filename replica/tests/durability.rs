@@ -9,14 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmmr::client::{Client, ClientOptions};
 use kmmr::cluster::{
     fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
 };
-use kmmr::core::view::View;
-use kmmr::crypto::KeyPair;
-use kmmr::node::{ProtocolConfig, ServiceChoice, SignedStatus};
-use kmmr::service::kv::{KvRequest, KvResponse};
+use kmmr::node::{ProtocolConfig, ServiceChoice};
+use kmmr_client::status::SignedStatus;
+use kmmr_client::{Client, ClientOptions};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use tokio::process::Child;
 
 const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
@@ -101,7 +102,7 @@ impl TestCluster {
             http_port(self.base, i as usize)
         );
         let s = fetch_status(&url).await.ok()?;
-        let key = self.view.key(kmmr::wire::ids::ReplicaId(i))?;
+        let key = self.view.key(kmmr_protocol::wire::ids::ReplicaId(i))?;
         assert!(s.verify(key), "replica {i} signs its status");
         Some(s)
     }

@@ -8,14 +8,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kmmr::core::view::{Member, View};
-use kmmr::crypto::KeyPair;
-use kmmr::net::{
+use kmmr_net::{
     server_name, ClientConnector, ClientListener, FromReplica, Inbound, LinkKind, NetConfig,
     NetStats, PeerNetwork, RejectReason, SendError, TlsIdentity,
 };
-use kmmr::wire::ids::{ReplicaId, ViewId};
-use kmmr::wire::limits::MAX_FRAME;
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
+use kmmr_protocol::wire::limits::MAX_FRAME;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmmr::client::{Admin, Client, ClientOptions};
-use kmmr::cluster::{fetch_status, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
-use kmmr::core::reconfig::ViewChange;
-use kmmr::core::view::{Member, View};
-use kmmr::crypto::{KeyPair, PublicKey};
-use kmmr::node::config::{load_key, save_key, ViewFile};
-use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice, Status};
-use kmmr::service::kv::{KvRequest, KvResponse};
-use kmmr::wire::ids::ReplicaId;
+use kmmr::cluster::{http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
+use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice};
+use kmmr_client::files::{load_key, save_key, ViewFile};
+use kmmr_client::status::{fetch_status, Status};
+use kmmr_client::{Admin, Client, ClientOptions};
+use kmmr_protocol::core::reconfig::ViewChange;
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
+use kmmr_protocol::wire::ids::ReplicaId;
 use tokio::process::Child;
 
 const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");

@@ -2,9 +2,9 @@
 //! loss, pauses and Byzantine replicas, the exact schedule that broke (or could break)
 //! BFT-SMaRt, and checks agreement, validity, state, linearizability and progress.
 
-use kmmr::sim::byzantine::Behaviour;
-use kmmr::sim::config::sim_core_config;
-use kmmr::sim::{run, Crash, DropRule, NetConfig, SimConfig, SimReport};
+use kmmr_byzantine::Behaviour;
+use kmmr_sim::config::sim_core_config;
+use kmmr_sim::{run, Crash, DropRule, NetConfig, SimConfig, SimReport};
 
 const MS: u64 = 1_000;
 

@@ -16,7 +16,7 @@
 //! KMMR_SIM_SOAK=100000 KMMR_SIM_SOAK_START=1000000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
 //! ```
 
-use kmmr::sim::{run, SimConfig, SimReport};
+use kmmr_sim::{run, SimConfig, SimReport};
 
 fn show(r: &SimReport) -> String {
     format!(
@@ -350,8 +350,8 @@ fn regression_seeds_reconfiguration_clients_and_joiners() {
 /// (the next one takes over without a timeout); the last joiner races its own addition.
 #[test]
 fn membership_4_5_6_7_4_with_a_byzantine_replica() {
-    use kmmr::sim::admin::{ReconfigStep, SimChange};
-    use kmmr::sim::byzantine::Behaviour;
+    use kmmr_byzantine::Behaviour;
+    use kmmr_sim::admin::{ReconfigStep, SimChange};
     for seed in 0..20u64 {
         let mut c = SimConfig::calm(seed, 4);
         c.behaviours[3] = Behaviour::Equivocate;

@@ -26,12 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmmr::core::view::{Member, View};
-use kmmr::crypto::{Digest, PublicKey, Signature};
 use kmmr::storage::{Damage, Storage, StorageConfig, StorageError, SyncMode, CHECKPOINTS_KEPT};
-use kmmr::wire::codec::Encode;
-use kmmr::wire::ids::{Cid, Regency, ReplicaId, ViewId};
-use kmmr::wire::messages::{Batch, Decision, Proof, Request, RequestKind, SignedRequest};
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::crypto::{Digest, PublicKey, Signature};
+use kmmr_protocol::wire::codec::Encode;
+use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
+use kmmr_protocol::wire::messages::{Batch, Decision, Proof, Request, RequestKind, SignedRequest};
 
 /// A directory unique to one test, removed when dropped.
 struct TempDir(PathBuf);

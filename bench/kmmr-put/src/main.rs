@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use kmmr::client::{Client, ClientOptions};
-use kmmr::crypto::KeyPair;
-use kmmr::node::config::ViewFile;
-use kmmr::service::kv::{KvRequest, KvResponse};
+use kmmr_client::{Client, ClientOptions};
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_client::files::ViewFile;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 
 #[derive(Parser, Debug)]
 #[command(name = "kmmr-put-bench", about = "KV Put load generator for a KmMR cluster")]

@@ -125,7 +125,7 @@ fn admin_key_is_in_its_own_secret_and_mounted_by_no_pod() {
 #[test]
 fn key_secrets_hold_the_seed_whose_public_key_is_in_the_view() {
     let (ch, keys) = build(&cluster(4));
-    let view: kmmr::node::config::ViewFile =
+    let view: kmmr_client::files::ViewFile =
         toml::from_str(&ch.config_map.data.as_ref().unwrap()["view.toml"]).unwrap();
     for (secret, member) in ch.key_secrets.iter().zip(&view.members) {
         let name = secret.metadata.name.clone().unwrap();
@@ -182,7 +182,7 @@ fn key_is_projected_owner_read_only_next_to_the_config() {
 fn view_lists_every_member_at_its_stable_dns_name_and_the_replica_accepts_it() {
     let (ch, keys) = build(&cluster(4));
     let text = &ch.config_map.data.as_ref().unwrap()["view.toml"];
-    let file: kmmr::node::config::ViewFile = toml::from_str(text).unwrap();
+    let file: kmmr_client::files::ViewFile = toml::from_str(text).unwrap();
     assert_eq!((file.id, file.f), (0, 1));
     for (i, m) in file.members.iter().enumerate() {
         assert_eq!(m.id, i as u32);
@@ -201,7 +201,7 @@ fn replica_config_is_accepted_by_the_replica() {
     let (ch, _) = build(&c);
     for id in 0..4 {
         let text = &ch.config_map.data.as_ref().unwrap()[&format!("replica-{id}.toml")];
-        let cfg: kmmr::node::config::NodeConfig = toml::from_str(text).unwrap();
+        let cfg: kmmr::node::NodeConfig = toml::from_str(text).unwrap();
         assert_eq!(cfg.id, id as u32);
         assert_eq!(cfg.key_file.to_str(), Some("/etc/kmmr/key"));
         assert_eq!(cfg.view_file.to_str(), Some("/etc/kmmr/view.toml"));
@@ -616,7 +616,7 @@ fn debug_output_never_contains_a_private_key() {
 fn the_view_names_the_admin_key_so_replicas_accept_its_view_changes_only() {
     let (ch, keys) = build(&cluster(4));
     let text = &ch.config_map.data.as_ref().unwrap()["view.toml"];
-    let file: kmmr::node::config::ViewFile = toml::from_str(text).unwrap();
+    let file: kmmr_client::files::ViewFile = toml::from_str(text).unwrap();
     assert_eq!(
         file.admin_key.as_deref(),
         Some(keys::public_hex(keys.admin()).as_str())

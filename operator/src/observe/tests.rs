@@ -1,5 +1,5 @@
 use super::*;
-use kmmr::node::Status;
+use kmmr_client::status::Status;
 
 fn membership() -> Membership {
     Membership {
@@ -314,7 +314,7 @@ fn a_misbehaving_replica_is_named_with_its_evidence() {
 
 #[test]
 fn a_replica_accused_by_f_plus_one_others_is_named_one_accuser_is_not_enough() {
-    use kmmr::node::Accusation;
+    use kmmr_client::status::Accusation;
     let accuse = |probes: &mut BTreeMap<i32, Probe>, by: i32, target: u32| {
         if let Some(Probe::Verified(s)) = probes.get_mut(&by) {
             s.accusations = vec![Accusation {

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use kmmr::client::{Admin, AdminError, ClientOptions};
-use kmmr::core::reconfig::ViewChange;
-use kmmr::core::view::{Member, View};
-use kmmr::node::config::{load_key, parse_public_key, ViewFile};
-use kmmr::wire::ids::ReplicaId;
+use kmmr_client::files::{load_key, parse_public_key, ViewFile};
+use kmmr_client::{Admin, AdminError, ClientOptions};
+use kmmr_protocol::core::reconfig::ViewChange;
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::wire::ids::ReplicaId;
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {

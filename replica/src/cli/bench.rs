@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-use kmmr::client::{Client, ClientOptions};
-use kmmr::crypto::KeyPair;
-use kmmr::node::config::ViewFile;
-use kmmr::service::kv::{KvRequest, KvResponse};
-use kmmr::service::noop;
-use kmmr::wire::messages::RequestKind;
+use kmmr_client::files::ViewFile;
+use kmmr_client::{Client, ClientOptions};
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
+use kmmr_protocol::service::noop;
+use kmmr_protocol::wire::messages::RequestKind;
 
 use super::ClusterArgs;
 

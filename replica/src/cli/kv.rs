@@ -5,9 +5,11 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
-use kmmr::cluster::fetch_status;
-use kmmr::node::config::ViewFile;
-use kmmr::service::kv::{prefix_end, KvRequest, KvResponse, RangeRequest, WatchPollRequest};
+use kmmr_client::files::ViewFile;
+use kmmr_client::status::fetch_status;
+use kmmr_protocol::service::kv::{
+    prefix_end, KvRequest, KvResponse, RangeRequest, WatchPollRequest,
+};
 
 use super::ClusterArgs;
 

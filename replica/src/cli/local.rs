@@ -10,14 +10,15 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use tokio::process::Child;
 
-use kmmr::client::{Client, ClientOptions};
-use kmmr::core::view::View;
-use kmmr::crypto::KeyPair;
-use kmmr::service::kv::KvRequest;
-use kmmr::sim::linearizability::{self, CheckResult, Operation};
+use kmmr_client::{Client, ClientOptions};
+use kmmr_linearizability::{self as linearizability, CheckResult, Operation};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::service::kv::KvRequest;
 
-use kmmr::cluster::{fetch_status, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
+use kmmr::cluster::{http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
 use kmmr::node::ProtocolConfig;
+use kmmr_client::status::fetch_status;
 
 use super::{ByzantineMode, ServiceArg};
 

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use kmmr::client::{Client, ClientOptions};
-use kmmr::crypto::KeyPair;
-use kmmr::node::config::{load_key, save_key, ViewFile};
 use kmmr::node::{NodeConfig, ServiceChoice};
-use kmmr::sim::byzantine::Behaviour;
+use kmmr_byzantine::Behaviour;
+use kmmr_client::files::{load_key, save_key, ViewFile};
+use kmmr_client::{Client, ClientOptions};
+use kmmr_protocol::crypto::KeyPair;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::metrics::Accusation;
-use crate::core::rejection::Rejection;
+use kmmr_client::status::Accusation;
+use kmmr_protocol::core::rejection::Rejection;
 
 const BUCKET: Duration = Duration::from_secs(30);
 

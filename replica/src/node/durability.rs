@@ -21,15 +21,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use crate::core::state::{Checkpoint, StoredCheckpoint};
-use crate::core::view::View;
-use crate::crypto::Digest;
 use crate::storage::{
     CheckpointWriter, Recovered, SnapshotFile, SnapshotLocation, Storage, StorageConfig,
     StorageError,
 };
-use crate::wire::ids::Cid;
-use crate::wire::messages::Decision;
+use kmmr_protocol::core::state::{Checkpoint, StoredCheckpoint};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::wire::ids::Cid;
+use kmmr_protocol::wire::messages::Decision;
 
 impl StoredCheckpoint for SnapshotFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {

@@ -17,10 +17,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::crypto::{Domain, KeyPair, Signature};
+use kmmr_client::clock::now_us;
+use kmmr_client::status::SignedStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -236,103 +236,10 @@ impl Metrics {
     }
 }
 
-/// What a replica says about itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Status {
-    pub id: u32,
-    pub view_id: u32,
-    pub n: usize,
-    pub f: usize,
-    pub regency: u32,
-    pub leader: u32,
-    pub synchronizing: bool,
-    /// `None` before the first decision.
-    pub last_decided: Option<u64>,
-    /// Hex digest of the service state after `last_decided`.
-    pub state_digest: String,
-    pub pending_requests: usize,
-    /// Set when this replica runs a Byzantine test mode.
-    pub byzantine: Option<String>,
-    /// CID of the newest checkpoint held.
-    #[serde(default)]
-    pub checkpoint_cid: Option<u64>,
-    /// Hex digest of that checkpoint (correct replicas agree on it at equal CIDs).
-    #[serde(default)]
-    pub checkpoint_digest: Option<String>,
-    /// Highest CID on disk; `None` with durability off or before the first write.
-    #[serde(default)]
-    pub durable_cid: Option<u64>,
-    /// Waiting for state (joining, or a state transfer in progress).
-    #[serde(default)]
-    pub transferring: bool,
-    /// This replica is in its current view.
-    #[serde(default)]
-    pub member: bool,
-    /// Peers this replica caught sending what no correct replica sends, in the last minute or
-    /// so (by id, ascending).
-    #[serde(default)]
-    pub accusations: Vec<Accusation>,
-}
-
-impl Status {
-    /// The first 16 characters of `state_digest`, for one-line displays. The replica that sent
-    /// the status chose the string: slicing it at byte 16 panicked on a multi-byte character.
-    pub fn state_digest_prefix(&self) -> &str {
-        let s = self.state_digest.as_str();
-        s.char_indices().nth(16).map_or(s, |(end, _)| &s[..end])
-    }
-}
-
-/// Evidence against one peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Accusation {
-    pub replica: u32,
-    /// Messages rejected as misbehaviour in the window.
-    pub count: u64,
-    /// The latest reason, a metric label such as `forged_accept`.
-    pub reason: String,
-}
-
-/// `/status`: the status and the replica's signature over its JSON bytes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignedStatus {
-    pub status: Status,
-    /// Hex ed25519 signature, domain `Status`, over `serde_json::to_vec(&status)`.
-    pub signature: String,
-}
-
-impl SignedStatus {
-    pub fn sign(status: Status, key: &KeyPair) -> Self {
-        let bytes = serde_json::to_vec(&status).unwrap_or_default();
-        let signature = hex::encode(key.sign(Domain::Status, &bytes).0);
-        SignedStatus { status, signature }
-    }
-
-    /// Checks the signature against the replica's public key.
-    pub fn verify(&self, key: &crate::crypto::PublicKey) -> bool {
-        let Ok(sig) = hex::decode(&self.signature) else {
-            return false;
-        };
-        let Ok(sig): Result<[u8; 64], _> = sig.try_into() else {
-            return false;
-        };
-        let Ok(bytes) = serde_json::to_vec(&self.status) else {
-            return false;
-        };
-        crate::crypto::verify(key, Domain::Status, &bytes, &Signature(sig))
-    }
-}
-
 #[derive(Clone)]
 struct HttpState {
     metrics: Arc<Metrics>,
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
-}
-
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Serves the HTTP endpoints until the process ends.
@@ -381,34 +288,5 @@ async fn health_handler(State(s): State<HttpState>) -> impl IntoResponse {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "replica loop stalled")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Status;
-
-    fn with_digest(d: &str) -> Status {
-        Status {
-            state_digest: d.to_owned(),
-            ..Status::default()
-        }
-    }
-
-    #[test]
-    fn a_digest_prefix_never_splits_a_character_a_byzantine_replica_sent() {
-        // Byte 16 falls inside the euro sign: the old `[..16]` slice panicked here.
-        let s = with_digest("0123456789abcde\u{20ac}tail");
-        assert_eq!(s.state_digest_prefix(), "0123456789abcde\u{20ac}");
-        let s = with_digest(&"\u{1f600}".repeat(20));
-        assert_eq!(s.state_digest_prefix(), "\u{1f600}".repeat(16));
-    }
-
-    #[test]
-    fn a_digest_prefix_is_the_first_sixteen_hex_digits_or_the_whole_short_string() {
-        let hex = "00112233445566778899aabbccddeeff";
-        assert_eq!(with_digest(hex).state_digest_prefix(), "0011223344556677");
-        assert_eq!(with_digest("abc").state_digest_prefix(), "abc");
-        assert_eq!(with_digest("").state_digest_prefix(), "");
     }
 }

@@ -30,27 +30,28 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::core::output::{Event, Output};
-use crate::core::promise::{Promise, MAX_PROMISED_DECISIONS};
-use crate::core::replica::{FromDisk, Replica};
-use crate::core::view::View;
-use crate::crypto::{Digest, KeyPair};
-use crate::net::{
-    client_address, ClientListener, ConnId, Inbound, NetConfig, NetStats, PeerNetwork,
-};
-use crate::service::kv::KvStore;
-use crate::service::noop::NoopService;
-use crate::service::Service;
-use crate::sim::byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use crate::storage::promise::PromiseFile;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::ids::{Cid, ReplicaId};
-use crate::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
+use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
+use kmmr_client::clock::{now_us, Clock};
+use kmmr_client::files::{load_key, ViewFile};
+use kmmr_client::status::{SignedStatus, Status};
+use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetConfig, NetStats, PeerNetwork};
+use kmmr_protocol::core::output::{Event, Output};
+use kmmr_protocol::core::promise::{Promise, MAX_PROMISED_DECISIONS};
+use kmmr_protocol::core::replica::{FromDisk, Replica};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::{Digest, KeyPair};
+use kmmr_protocol::service::kv::KvStore;
+use kmmr_protocol::service::noop::NoopService;
+use kmmr_protocol::service::Service;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::ids::{Cid, ReplicaId};
+use kmmr_protocol::wire::messages::{ClientId, ReplicaMessage, SignedRequest};
 
 use durability::{Durability, Stored};
 
-pub use config::{NodeConfig, ProtocolConfig, ViewFile};
-pub use metrics::{Accusation, Metrics, SignedStatus, Status};
+pub use config::{NodeConfig, ProtocolConfig};
+pub use metrics::Metrics;
 
 /// How long replicas removed from the view stay connected to catch up on their removal.
 const REMOVED_GRACE: Duration = Duration::from_secs(30);
@@ -70,38 +71,6 @@ pub enum ServiceChoice {
     Noop,
 }
 
-/// Wall-clock microseconds that never go backwards within the process: the wall clock at start
-/// plus a monotonic elapsed time. Leader timestamps are compared across replicas, so they must
-/// be wall-clock based; timers must not jump when NTP steps the clock.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    wall_at_start_us: u64,
-    start: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Clock {
-            wall_at_start_us: metrics::now_us(),
-            start: Instant::now(),
-        }
-    }
-
-    pub fn now_us(&self) -> u64 {
-        self.wall_at_start_us + self.start.elapsed().as_micros() as u64
-    }
-
-    pub fn instant_at(&self, us: u64) -> Instant {
-        self.start + Duration::from_micros(us.saturating_sub(self.wall_at_start_us))
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Starts a replica and runs it until `shutdown` resolves.
 pub async fn run(
     cfg: NodeConfig,
@@ -109,7 +78,7 @@ pub async fn run(
     byzantine: Option<Behaviour>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let key = config::load_key(&cfg.key_file)?;
+    let key = load_key(&cfg.key_file)?;
     let view = ViewFile::load(&cfg.view_file)?;
     let me = ReplicaId(cfg.id);
     let Some(member) = view.members.iter().find(|m| m.id == me) else {
@@ -239,7 +208,7 @@ pub async fn run(
         stats,
         conns: HashMap::new(),
         adversary,
-        rng: ChaCha8Rng::seed_from_u64(metrics::now_us()),
+        rng: ChaCha8Rng::seed_from_u64(now_us()),
         clock: Clock::new(),
         digest_cache: None,
         rejections: HashMap::new(),
@@ -399,7 +368,7 @@ struct NodeLoop {
     rng: ChaCha8Rng,
     clock: Clock,
     digest_cache: Option<(Option<Cid>, Digest)>,
-    rejections: HashMap<crate::core::rejection::Rejection, u64>,
+    rejections: HashMap<kmmr_protocol::core::rejection::Rejection, u64>,
     /// Evidence against peers: rejections that only a faulty sender causes, recent ones only,
     /// for the signed status (the operator names a replica that f+1 others accuse).
     accusations: accuse::Accusations,
@@ -627,7 +596,7 @@ impl NodeLoop {
         }
         self.metrics
             .heartbeat_us
-            .store(metrics::now_us(), std::sync::atomic::Ordering::Relaxed);
+            .store(now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn send_honest(&mut self, out: Output) {
@@ -932,7 +901,7 @@ impl NodeLoop {
         self.metrics
             .pending_requests
             .set(self.core.pending_requests() as i64);
-        self.metrics.heartbeat_us.store(metrics::now_us(), Relaxed);
+        self.metrics.heartbeat_us.store(now_us(), Relaxed);
     }
 
     fn status(&mut self) -> SignedStatus {

@@ -18,11 +18,11 @@ use std::fs::{self, File};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::core::view::View;
-use crate::crypto::Digest;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::ids::Cid;
-use crate::wire::limits;
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::ids::Cid;
+use kmmr_protocol::wire::limits;
 
 use super::atomic::{io_err, write_atomic, TEMP_SUFFIX};
 use super::StorageError;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::wire::ids::Cid;
+use kmmr_protocol::wire::ids::Cid;
 
 use super::atomic::sync_dir;
 use super::StorageError;

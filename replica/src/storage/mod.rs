@@ -47,11 +47,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::core::view::View;
-use crate::crypto::Digest;
-use crate::wire::codec::Encode;
-use crate::wire::ids::Cid;
-use crate::wire::messages::Decision;
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::wire::codec::Encode;
+use kmmr_protocol::wire::ids::Cid;
+use kmmr_protocol::wire::messages::Decision;
 
 use atomic::{io_err, remove_temp_files, sync_dir};
 pub use checkpoint::{Checkpoint, RejectedFile, SnapshotFile, SnapshotLocation, CHECKPOINTS_KEPT};

@@ -19,10 +19,10 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::wire::codec::Decode;
-use crate::wire::ids::Cid;
-use crate::wire::limits;
-use crate::wire::messages::Decision;
+use kmmr_protocol::wire::codec::Decode;
+use kmmr_protocol::wire::ids::Cid;
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::Decision;
 
 use super::atomic::{io_err, sync_dir};
 use super::commit::Shared;

@@ -1,8 +1,8 @@
-//! Runs one simulation and prints its report: `cargo run --release -p kmmr-replica --example
+//! Runs one simulation and prints its report: `cargo run --release -p kmmr-sim --example
 //! simrun -- <seed> <n> [clients ops]`. With clients/ops it runs the zero-delay 0/0 benchmark
 //! configuration instead of the seed's random faults, which is handy under a profiler.
 
-use kmmr::sim::{run, SimConfig};
+use kmmr_sim::{run, SimConfig};
 
 fn main() {
     let args: Vec<u64> = std::env::args()

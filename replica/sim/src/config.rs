@@ -4,10 +4,10 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::core::config::{Config, SlowLeader};
-use crate::core::view::default_f;
-use crate::sim::admin::{ReconfigStep, SimChange};
-use crate::sim::byzantine::Behaviour;
+use crate::admin::{ReconfigStep, SimChange};
+use kmmr_byzantine::Behaviour;
+use kmmr_protocol::core::config::{Config, SlowLeader};
+use kmmr_protocol::core::view::default_f;
 
 /// Network behaviour. Before GST messages may also be lost and replicas partitioned; after it,
 /// every message between live nodes arrives within `max_delay_us`.

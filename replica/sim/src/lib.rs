@@ -8,10 +8,8 @@
 //! ```
 
 pub mod admin;
-pub mod byzantine;
 pub mod checker;
 pub mod config;
-pub mod linearizability;
 pub mod workload;
 mod world;
 

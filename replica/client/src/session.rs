@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::core::view::View;
-use crate::crypto::{Digest, KeyPair};
-use crate::wire::codec::Encode;
-use crate::wire::ids::ReplicaId;
-use crate::wire::messages::{Reply, ReplyBody, Request, RequestKind, SignedRequest};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::{Digest, KeyPair};
+use kmmr_protocol::wire::codec::Encode;
+use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::messages::{Reply, ReplyBody, Request, RequestKind, SignedRequest};
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

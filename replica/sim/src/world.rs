@@ -7,24 +7,24 @@ use std::collections::{BTreeMap, BinaryHeap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::core::output::{Event, Output};
-use crate::core::promise::Promise;
-use crate::core::replica::{FromDisk, Replica};
-use crate::core::view::{Member, View};
-use crate::crypto::{Digest, KeyPair};
-use crate::service::kv::{KvRequest, KvStore};
-use crate::service::noop::NoopService;
-use crate::service::Service;
-use crate::sim::admin::{AdminAction, SimAdmin};
-use crate::sim::byzantine::{honest, Adversary, Behaviour, Dest, Frame, Position};
-use crate::sim::checker::Checker;
-use crate::sim::config::{ServiceKind, SimConfig};
-use crate::sim::linearizability::{self, CheckResult};
-use crate::sim::workload::SimClient;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::ids::{Cid, ReplicaId, ViewId};
-use crate::wire::limits;
-use crate::wire::messages::{Decision, ReplicaMessage, Reply, SignedRequest};
+use crate::admin::{AdminAction, SimAdmin};
+use crate::checker::Checker;
+use crate::config::{ServiceKind, SimConfig};
+use crate::workload::SimClient;
+use kmmr_byzantine::{honest, Adversary, Behaviour, Dest, Frame, Position};
+use kmmr_linearizability::{self as linearizability, CheckResult};
+use kmmr_protocol::core::output::{Event, Output};
+use kmmr_protocol::core::promise::Promise;
+use kmmr_protocol::core::replica::{FromDisk, Replica};
+use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::crypto::{Digest, KeyPair};
+use kmmr_protocol::service::kv::{KvRequest, KvStore};
+use kmmr_protocol::service::noop::NoopService;
+use kmmr_protocol::service::Service;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::ids::{Cid, ReplicaId, ViewId};
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::{Decision, ReplicaMessage, Reply, SignedRequest};
 
 /// Steps after which a run is declared livelocked.
 const MAX_EVENTS: u64 = 3_000_000;
@@ -209,7 +209,7 @@ struct Diverging {
 }
 
 impl Service for Diverging {
-    fn execute(&mut self, ctx: &crate::service::ExecContext, request: &[u8]) -> Vec<u8> {
+    fn execute(&mut self, ctx: &kmmr_protocol::service::ExecContext, request: &[u8]) -> Vec<u8> {
         if ctx.cid == self.at && ctx.index == 0 {
             let rot = KvRequest::put("rot", "bits").to_bytes();
             self.inner.execute(ctx, &rot);
@@ -225,7 +225,7 @@ impl Service for Diverging {
         self.inner.snapshot()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), crate::service::RestoreError> {
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), kmmr_protocol::service::RestoreError> {
         self.inner.restore(snapshot)
     }
 }
@@ -838,7 +838,7 @@ impl<'a> World<'a> {
     }
 
     /// Which side of partition `p` a node is on; a twin copy sits opposite its original.
-    fn side_b(&self, node: usize, p: &crate::sim::config::Partition) -> bool {
+    fn side_b(&self, node: usize, p: &crate::config::Partition) -> bool {
         match self.nodes[node].twin_of {
             Some(orig) => !p.side_b.contains(&orig),
             None => p.side_b.contains(&node),
@@ -1014,7 +1014,7 @@ impl<'a> World<'a> {
             .map(|n| n.replica.regency().0)
             .max()
             .unwrap_or(0);
-        let total = |count: fn(&crate::core::replica::Stats) -> u64| -> u64 {
+        let total = |count: fn(&kmmr_protocol::core::replica::Stats) -> u64| -> u64 {
             self.nodes.iter().map(|n| count(n.replica.stats())).sum()
         };
         self.report.state_transfers = total(|s| s.state_transfers);

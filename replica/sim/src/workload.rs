@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::client::session::{ClientSession, Completion};
-use crate::core::view::View;
-use crate::crypto::KeyPair;
-use crate::service::kv::{KvRequest, KvResponse, RangeResponse, ResponseOp};
-use crate::sim::config::ServiceKind;
-use crate::sim::linearizability::Operation;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::messages::RequestKind;
+use crate::config::ServiceKind;
+use kmmr_client::session::{ClientSession, Completion};
+use kmmr_linearizability::Operation;
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse, RangeResponse, ResponseOp};
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::messages::RequestKind;
 
 pub struct SimClient {
     pub index: usize,

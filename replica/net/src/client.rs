@@ -21,10 +21,10 @@ use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, AnyKey, TlsIdentity, ALPN_CLIENT};
 use super::SendError;
 use super::{client_address, ClientId, ConnId, Inbound, NetConfig, NetError, RejectReason};
-use crate::core::view::Member;
-use crate::crypto::{KeyPair, PublicKey};
-use crate::wire::frame::encode_frame;
-use crate::wire::ids::ReplicaId;
+use kmmr_protocol::core::view::Member;
+use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::wire::frame::encode_frame;
+use kmmr_protocol::wire::ids::ReplicaId;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -9,15 +9,15 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::client::session::{ClientError, ClientSession};
-use crate::core::view::View;
-use crate::crypto::KeyPair;
-use crate::net::{ClientConnector, FromReplica, NetConfig, NetStats, ReplicaLink};
-use crate::node::Clock;
-use crate::service::kv::{KvRequest, KvResponse};
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::ids::ReplicaId;
-use crate::wire::messages::{ClientId, Reply, RequestKind};
+use crate::clock::Clock;
+use crate::session::{ClientError, ClientSession};
+use kmmr_net::{ClientConnector, FromReplica, NetConfig, NetStats, ReplicaLink};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::messages::{ClientId, Reply, RequestKind};
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -256,7 +256,7 @@ impl ProxyTask {
     }
 
     /// Membership changed: drop links to removed replicas; new ones are dialled on the next tick.
-    fn view_changed(&mut self, before: crate::wire::ids::ViewId) {
+    fn view_changed(&mut self, before: kmmr_protocol::wire::ids::ViewId) {
         if self.session.view().id == before {
             return;
         }

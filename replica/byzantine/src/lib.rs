@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, VecDeque};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::core::output::Output;
-use crate::core::view::View;
-use crate::crypto::{Digest, Domain, KeyPair, Signature};
-use crate::wire::codec::{Encode, Writer};
-use crate::wire::ids::{Cid, Regency, ReplicaId, ViewId};
-use crate::wire::limits;
-use crate::wire::messages::{
+use kmmr_protocol::core::output::Output;
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::{Digest, Domain, KeyPair, Signature};
+use kmmr_protocol::wire::codec::{Encode, Writer};
+use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
+use kmmr_protocol::wire::limits;
+use kmmr_protocol::wire::messages::{
     accept_signing_bytes, Batch, ClientId, Collect, Decision, Proof, ReplicaMessage, Reply,
     ReplyBody, Request, RequestKind, SignedCollect, SignedRequest,
 };

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crypto::{self, Digest, Domain};
-use crate::wire::codec::Encode;
-use crate::wire::ids::Cid;
-use crate::wire::messages::Batch;
+use kmmr_protocol::crypto::{self, Digest, Domain};
+use kmmr_protocol::wire::codec::Encode;
+use kmmr_protocol::wire::ids::Cid;
+use kmmr_protocol::wire::messages::Batch;
 
 #[derive(Debug, Default)]
 pub struct Checker {

@@ -16,7 +16,7 @@
 //! BFT-SMaRt secures replica links with TLS from one shared keystore, so TLS proves only that the
 //! other end holds *some* key of the cluster, not *which* replica it is; a Byzantine replica could
 //! then speak as another. Here every principal presents a self-signed certificate generated at
-//! start-up from its own ed25519 key ([`crate::crypto::KeyPair`]), and each end accepts the other
+//! start-up from its own ed25519 key ([`kmmr_protocol::crypto::KeyPair`]), and each end accepts the other
 //! iff the certificate's SubjectPublicKeyInfo is an ed25519 key that is allowed: for a replica
 //! link, the key the current [`View`] lists for that replica; for a client link, any ed25519 key,
 //! which then *is* the [`ClientId`]. Names, issuers and validity dates are ignored; the handshake
@@ -84,7 +84,7 @@
 //! Dropping a [`PeerNetwork`], [`ClientListener`] or [`ReplicaLink`] closes its sockets and stops
 //! its tasks. Everything here must run inside a tokio runtime.
 //!
-//! [`View`]: crate::core::view::View
+//! [`View`]: kmmr_protocol::core::view::View
 
 mod client;
 mod conn;
@@ -99,9 +99,9 @@ pub use peer::PeerNetwork;
 pub use stats::{NetStats, RejectReason};
 pub use tls::{ed25519_key_of_certificate, server_name, LinkKind, TlsIdentity};
 
-use crate::wire::ids::ReplicaId;
-use crate::wire::limits;
-pub use crate::wire::messages::ClientId;
+use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::limits;
+pub use kmmr_protocol::wire::messages::ClientId;
 
 /// A client connection accepted by a [`ClientListener`]; unique for the listener's lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,12 +7,12 @@
 
 use anyhow::anyhow;
 
-use crate::client::proxy::{Client, ClientOptions};
-use crate::core::reconfig::{ReconfigOutcome, ReconfigRequest, ViewChange};
-use crate::core::view::View;
-use crate::crypto::KeyPair;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::messages::RequestKind;
+use crate::proxy::{Client, ClientOptions};
+use kmmr_protocol::core::reconfig::{ReconfigOutcome, ReconfigRequest, ViewChange};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::messages::RequestKind;
 
 /// Why a change did not happen.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::stats::{NetStats, Side};
 use super::{NetConfig, RejectReason};
-use crate::wire::frame::{FrameDecoder, FrameError};
+use kmmr_protocol::wire::frame::{FrameDecoder, FrameError};
 
 /// Plaintext read size. rustls hands out at most one record (16 KiB) per read anyway, and a small
 /// buffer keeps the frame decoder's per-frame compaction cheap.

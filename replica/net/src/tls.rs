@@ -1,7 +1,7 @@
 //! Certificates made from ed25519 identities, and the verifiers that pin them.
 //!
 //! A principal's certificate is self-signed and generated at start-up from its
-//! [`KeyPair`](crate::crypto::KeyPair); nothing in it but the key matters. The verifiers ignore
+//! [`KeyPair`](kmmr_protocol::crypto::KeyPair); nothing in it but the key matters. The verifiers ignore
 //! names, issuers and validity dates and accept a peer iff its certificate's SubjectPublicKeyInfo
 //! is an ed25519 key that the caller allows (see the module docs of [`crate::net`] for why).
 //! Handshake signatures are checked by rustls's `verify_tls13_signature` with ring's algorithms,
@@ -21,7 +21,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::crypto::{KeyPair, PublicKey};
 
 /// DER of an ed25519 SubjectPublicKeyInfo up to the key (RFC 8410: the algorithm identifier has
 /// no parameters, so the encoding is fixed; DER admits exactly one encoding).

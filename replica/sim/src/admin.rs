@@ -2,13 +2,13 @@
 //! at a time, waits for f+1 matching outcomes, and starts a joining replica with the view that
 //! names it (or, to race the change, before the change is decided).
 
-use crate::client::session::{ClientSession, Completion};
-use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest, ViewChange};
-use crate::core::view::View;
-use crate::crypto::KeyPair;
-use crate::wire::codec::{Decode, Encode};
-use crate::wire::ids::ReplicaId;
-use crate::wire::messages::RequestKind;
+use kmmr_client::session::{ClientSession, Completion};
+use kmmr_protocol::core::reconfig::{self, ReconfigOutcome, ReconfigRequest, ViewChange};
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::messages::RequestKind;
 
 /// One membership change, by node index (spares are the nodes after the initial view).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl SimAdmin {
     pub fn start_next(
         &mut self,
         now: u64,
-        member_of: impl Fn(usize) -> (ReplicaId, crate::core::view::Member),
+        member_of: impl Fn(usize) -> (ReplicaId, kmmr_protocol::core::view::Member),
     ) -> Vec<AdminAction> {
         let Some(step) = self.steps.get(self.next).cloned() else {
             return Vec::new();

@@ -22,10 +22,10 @@ use super::conn::{self, account, Ended};
 use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, KeyPolicy, TlsIdentity, ALPN_PEER};
 use super::{Inbound, NetConfig, NetError, RejectReason, SendError};
-use crate::core::view::View;
-use crate::crypto::{KeyPair, PublicKey};
-use crate::wire::frame::encode_frame;
-use crate::wire::ids::ReplicaId;
+use kmmr_protocol::core::view::View;
+use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::wire::frame::encode_frame;
+use kmmr_protocol::wire::ids::ReplicaId;
 
 /// Locks without propagating poison: every critical section here leaves the maps consistent.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

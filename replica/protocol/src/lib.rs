@@ -1,0 +1,10 @@
+//! KmMR's protocol, free of I/O: the wire format (`wire`), signatures and digests (`crypto`), the
+//! Mod-SMaRt replica core over VP-Consensus (`core`), and the state machines it orders
+//! (`service`: the revisioned key-value store with etcd's semantics, and a no-op service). Every
+//! input arrives as a function argument and every effect leaves as a returned value, so the same
+//! code runs in a replica process and in the deterministic simulator.
+
+pub mod core;
+pub mod crypto;
+pub mod service;
+pub mod wire;
