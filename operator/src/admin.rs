@@ -91,11 +91,9 @@ impl Reconfigurer for ThroughAdmin {
 fn parse_view(view_toml: &str) -> Result<View, ReconfigError> {
     // The operator rendered this text itself: failing to read it is a bug, not the replicas'
     // answer, but it is reported rather than panicked on.
-    let file: ViewFile = toml::from_str(view_toml).map_err(|e| {
-        ReconfigError::Refused(format!("the operator's own view does not parse: {e}"))
-    })?;
-    file.to_view()
-        .map_err(|e| ReconfigError::Refused(format!("the operator's own view is invalid: {e}")))
+    ViewFile::parse(view_toml).map_err(|e| {
+        ReconfigError::Refused(format!("the operator's own view does not parse: {e:#}"))
+    })
 }
 
 fn change_for(step: &Step, joining: Option<&Joining>) -> Result<ViewChange, ReconfigError> {

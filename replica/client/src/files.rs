@@ -70,12 +70,16 @@ impl ViewFile {
         Ok(view.with_admin(admin))
     }
 
+    /// A view from the text of a view file, checked as the replica checks it.
+    pub fn parse(text: &str) -> Result<View> {
+        let vf: ViewFile = toml::from_str(text)?;
+        vf.to_view()
+    }
+
     pub fn load(path: &Path) -> Result<View> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the view file {}", path.display()))?;
-        let vf: ViewFile = toml::from_str(&text)
-            .with_context(|| format!("parsing the view file {}", path.display()))?;
-        vf.to_view()
+        Self::parse(&text).with_context(|| format!("parsing the view file {}", path.display()))
     }
 
     pub fn save(view: &View, path: &Path) -> Result<()> {

@@ -230,7 +230,10 @@ impl Replica {
 
     /// Forgets unproven marks of decisions no longer held.
     pub(super) fn trim_unproven(&mut self) {
-        let first = match (self.log.keys().next(), self.decided_ahead.keys().next()) {
+        let first = match (
+            self.log.keys().next(),
+            self.catchup.decided_ahead.keys().next(),
+        ) {
             (Some(a), Some(b)) => Some(*a.min(b)),
             (a, b) => a.or(b).copied(),
         };

@@ -1,0 +1,174 @@
+//! Client requests: signatures checked once (or trusted from the client's own channel), the
+//! pool, and requests adopted from peers that forwarded or carried them.
+
+use super::*;
+
+impl Replica {
+    /// A request straight from a client. `channel` is the client identity the connection
+    /// authenticated (its TLS key), if any: a request on its own client's channel needs no
+    /// signature check here.
+    pub fn on_request(&mut self, now: u64, channel: Option<ClientId>, req: SignedRequest) {
+        self.clock_us = self.clock_us.max(now);
+        let r = &req.request;
+        if r.view < self.view.id {
+            let reply = Reply {
+                replica: self.me,
+                session: r.session,
+                sequence: r.sequence,
+                kind: r.kind,
+                body: ReplyBody::NewView(self.view.clone()),
+            };
+            self.outputs.push(Output::Reply {
+                client: r.client,
+                reply,
+            });
+            return;
+        }
+        let digest = req.digest();
+        if channel == Some(r.client) {
+            self.authentic.insert(digest);
+        } else if !self.check_signature(&req, &digest) {
+            self.reject(None, Rejection::BadRequestSignature);
+            return;
+        }
+        match r.kind {
+            RequestKind::Unordered => {
+                let result = self.service.query(&r.payload);
+                let reply = Reply {
+                    replica: self.me,
+                    session: r.session,
+                    sequence: r.sequence,
+                    kind: RequestKind::Unordered,
+                    body: ReplyBody::Result(result),
+                };
+                self.outputs.push(Output::Reply {
+                    client: r.client,
+                    reply,
+                });
+            }
+            RequestKind::Ordered | RequestKind::Reconfig => {
+                match self.sessions.freshness(&r.client, r.session, r.sequence) {
+                    Freshness::New => self.pool_insert(now, req, digest),
+                    Freshness::Repeat => {
+                        if let Some(s) = self.sessions.get(&r.client) {
+                            let reply = Reply {
+                                replica: self.me,
+                                session: r.session,
+                                sequence: r.sequence,
+                                kind: r.kind,
+                                body: ReplyBody::Result(s.last_reply.clone()),
+                            };
+                            self.outputs.push(Output::Reply {
+                                client: r.client,
+                                reply,
+                            });
+                        }
+                    }
+                    Freshness::Stale => {
+                        self.reject(None, Rejection::StaleRequest);
+                    }
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    /// Checks a request's signature (once: the result is remembered).
+    pub(super) fn check_signature(&mut self, req: &SignedRequest, digest: &Digest) -> bool {
+        if self.sig_checked.contains(digest) {
+            return true;
+        }
+        let ok = self.keys.get(&req.request.client).is_some_and(|k| {
+            crypto::verify_parsed(
+                &k,
+                Domain::ClientRequest,
+                &req.request.to_bytes(),
+                &req.signature,
+            )
+        });
+        if ok {
+            self.sig_checked.insert(*digest);
+            self.authentic.insert(*digest);
+        }
+        ok
+    }
+
+    /// Batch-checks the signatures of `reqs` not checked yet; returns which are valid.
+    pub(super) fn check_signatures(&mut self, reqs: &[SignedRequest]) -> Vec<bool> {
+        let digests: Vec<Digest> = reqs.iter().map(|r| r.digest()).collect();
+        let todo: Vec<usize> = (0..reqs.len())
+            .filter(|i| !self.sig_checked.contains(&digests[*i]))
+            .collect();
+        if todo.is_empty() {
+            return vec![true; reqs.len()];
+        }
+        let encoded: Vec<Vec<u8>> = todo.iter().map(|i| reqs[*i].request.to_bytes()).collect();
+        let mut items = Vec::with_capacity(todo.len());
+        let mut parse_failed = false;
+        for (i, m) in todo.iter().zip(&encoded) {
+            match self.keys.get(&reqs[*i].request.client) {
+                Some(k) => items.push((k, Domain::ClientRequest, &m[..], reqs[*i].signature)),
+                None => parse_failed = true,
+            }
+        }
+        if !parse_failed && crypto::verify_batch_parsed(&items) {
+            for i in todo {
+                self.sig_checked.insert(digests[i]);
+                self.authentic.insert(digests[i]);
+            }
+            return vec![true; reqs.len()];
+        }
+        // Some signature is bad: find which, one by one.
+        (0..reqs.len())
+            .map(|i| self.check_signature(&reqs[i], &digests[i]))
+            .collect()
+    }
+
+    pub(super) fn pool_insert(&mut self, now: u64, req: SignedRequest, digest: Digest) {
+        if let Err(e) = self.pool.insert(
+            req,
+            digest,
+            now,
+            self.config.max_pending_per_client,
+            self.config.max_pending_total,
+        ) {
+            match e {
+                crate::core::clients::PoolRefusal::Duplicate => {}
+                crate::core::clients::PoolRefusal::ClientFull => {
+                    self.reject(None, Rejection::ClientQueueFull)
+                }
+                crate::core::clients::PoolRefusal::PoolFull => {
+                    self.reject(None, Rejection::PoolFull)
+                }
+            }
+        }
+    }
+
+    /// Requests relayed by a replica (FORWARD, STOP): verified like a client's own.
+    pub(super) fn adopt_requests(
+        &mut self,
+        now: u64,
+        from: ReplicaId,
+        requests: Vec<SignedRequest>,
+    ) {
+        for req in requests {
+            let r = &req.request;
+            if r.kind == RequestKind::Unordered
+                || self.sessions.freshness(&r.client, r.session, r.sequence) != Freshness::New
+            {
+                continue;
+            }
+            let digest = req.digest();
+            if self.pool.contains(&digest) {
+                continue;
+            }
+            if !self.check_signature(&req, &digest) {
+                self.reject(Some(from), Rejection::ForgedRelayedRequest);
+                continue;
+            }
+            self.pool_insert(now, req, digest);
+        }
+    }
+
+    // ----- replica messages ------------------------------------------------------------------
+}
