@@ -197,7 +197,41 @@ impl SimConfig {
             let j = rng.gen_range(0..=i);
             idx.swap(i, j);
         }
-        for &r in idx.iter().take(faulty) {
+        c.draw_faults(&mut rng, &idx[..faulty], max_delay);
+        let correct: Vec<usize> = idx[faulty..].to_vec();
+        c.draw_partitions_and_pauses(&mut rng, &correct);
+        // Twins talk to different halves for a while: that is when they can equivocate.
+        for &t in &c.twins {
+            let from = rng.gen_range(0..=c.gst_us.max(1));
+            let until = from + rng.gen_range(10_000..=1_000_000);
+            let side_b: Vec<usize> = (0..n).filter(|i| *i != t && rng.gen_bool(0.5)).collect();
+            c.partitions.push(Partition {
+                from_us: from,
+                until_us: until,
+                side_b,
+            });
+        }
+        // Drawn last, so that the schedules of older seeds stay as they were.
+        for crash in c.crashes.iter_mut().filter(|x| x.amnesia) {
+            crash.disk = rng.gen_bool(0.5);
+        }
+        c.core.checkpoint_period = rng.gen_range(4..=16);
+        c.core.chunk_bytes = rng.gen_range(64..=2048);
+        c.draw_membership_changes(&mut rng);
+        c.draw_restarts(&mut rng, &correct);
+        c.gst_us = c
+            .partitions
+            .iter()
+            .map(|p| p.until_us)
+            .chain(c.crashes.iter().map(|x| x.until_us))
+            .fold(c.gst_us, u64::max);
+        c
+    }
+
+    /// What each faulty replica does: a twin, a Byzantine behaviour, or a crash with amnesia.
+    fn draw_faults(&mut self, rng: &mut ChaCha8Rng, faulty: &[usize], max_delay: u64) {
+        let c = self;
+        for &r in faulty {
             match rng.gen_range(0..12) {
                 0 | 1 => c.twins.push(r),
                 2 => c.behaviours[r] = Behaviour::Silent,
@@ -226,8 +260,12 @@ impl SimConfig {
                 }
             }
         }
-        let correct: Vec<usize> = idx[faulty..].to_vec();
-        // Partitions and pauses of correct replicas, all healed by GST.
+    }
+
+    /// Partitions and pauses of correct replicas, all healed by GST.
+    fn draw_partitions_and_pauses(&mut self, rng: &mut ChaCha8Rng, correct: &[usize]) {
+        let n = self.n;
+        let c = self;
         if c.gst_us > 0 {
             for _ in 0..rng.gen_range(0..=2) {
                 let from = rng.gen_range(0..c.gst_us);
@@ -259,23 +297,11 @@ impl SimConfig {
                 });
             }
         }
-        // Twins talk to different halves for a while: that is when they can equivocate.
-        for &t in &c.twins {
-            let from = rng.gen_range(0..=c.gst_us.max(1));
-            let until = from + rng.gen_range(10_000..=1_000_000);
-            let side_b: Vec<usize> = (0..n).filter(|i| *i != t && rng.gen_bool(0.5)).collect();
-            c.partitions.push(Partition {
-                from_us: from,
-                until_us: until,
-                side_b,
-            });
-        }
-        // Drawn last, so that the schedules of older seeds stay as they were.
-        for crash in c.crashes.iter_mut().filter(|x| x.amnesia) {
-            crash.disk = rng.gen_bool(0.5);
-        }
-        c.core.checkpoint_period = rng.gen_range(4..=16);
-        c.core.chunk_bytes = rng.gen_range(64..=2048);
+    }
+
+    fn draw_membership_changes(&mut self, rng: &mut ChaCha8Rng) {
+        let n = self.n;
+        let c = self;
         // A replica joins under the faults above, racing its own addition half the time, and
         // sometimes one leaves again (the first leader, in half of those): f never changes, so
         // the faulty budget holds in every view.
@@ -300,6 +326,10 @@ impl SimConfig {
                 });
             }
         }
+    }
+
+    fn draw_restarts(&mut self, rng: &mut ChaCha8Rng, correct: &[usize]) {
+        let c = self;
         // Correct replicas restart from their disks (pods rescheduled, nodes rebooted), beyond
         // the f faults: a restart that keeps the disk must not cost the protocol its safety.
         if rng.gen_bool(0.4) {
@@ -316,13 +346,6 @@ impl SimConfig {
                 });
             }
         }
-        c.gst_us = c
-            .partitions
-            .iter()
-            .map(|p| p.until_us)
-            .chain(c.crashes.iter().map(|x| x.until_us))
-            .fold(c.gst_us, u64::max);
-        c
     }
 
     pub fn faulty_budget_used(&self) -> usize {

@@ -183,33 +183,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             from,
             seconds,
         } => {
-            let c = cluster.connect().await?;
-            let mut after = from;
-            let until = seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s));
-            loop {
-                if until.is_some_and(|u| std::time::Instant::now() >= u) {
-                    break;
-                }
-                let req = KvRequest::WatchPoll(WatchPollRequest {
-                    key: prefix.clone().into_bytes(),
-                    range_end: prefix_end(prefix.as_bytes()),
-                    after_revision: after,
-                    limit: 1000,
-                    prev_kv: true,
-                });
-                match c.kv(&req).await? {
-                    KvResponse::WatchPoll(w) => {
-                        for e in &w.events {
-                            println!("{e:?}");
-                        }
-                        after = w.resume_after;
-                        if w.events.is_empty() {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                    other => bail!("watch failed: {other:?}"),
-                }
-            }
+            watch(cluster, prefix, from, seconds).await?;
         }
         KvCmd::Writes {
             cluster,
@@ -218,66 +192,123 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             seconds,
             interval_ms,
         } => {
-            use std::io::Write;
-            let c = cluster.connect().await?;
-            let until = std::time::Instant::now() + Duration::from_secs(seconds);
-            let (mut i, mut failures) = (0_u64, 0_u64);
-            while count.is_none_or(|n| i < n) && std::time::Instant::now() < until {
-                let (key, value) = (format!("{prefix}{i}"), format!("v{i}"));
-                match c.kv(&KvRequest::put(key.clone(), value.clone())).await {
-                    Ok(KvResponse::Put(_)) => {
-                        // Flushed per line: a reader of the log sees every acknowledgement.
-                        let mut out = std::io::stdout().lock();
-                        writeln!(out, "acked {key} {value}")?;
-                        out.flush()?;
-                        i += 1;
-                    }
-                    Ok(other) => {
-                        failures += 1;
-                        eprintln!("write {key} answered {other:?}; retrying");
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        eprintln!("write {key} failed: {e}; retrying");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
-            }
-            println!("done: {i} writes acknowledged, {failures} attempts failed");
+            writes(cluster, prefix, count, seconds, interval_ms).await?;
         }
         KvCmd::Status { cluster } => {
-            let view_path = cluster
-                .view
-                .clone()
-                .unwrap_or_else(|| cluster.cluster.join("view.toml"));
-            let view = ViewFile::load(&view_path)?;
-            for m in &view.members {
-                let url = status_url(&cluster.cluster, m.id.0);
-                match fetch_status(&url).await {
-                    Ok(s) => {
-                        let ok = s.verify(&m.key);
-                        println!(
-                            "replica {}: {} regency {} leader {} last decided {:?} digest {}{}",
-                            m.id.0,
-                            if ok {
-                                "signature ok,"
-                            } else {
-                                "BAD SIGNATURE,"
-                            },
-                            s.status.regency,
-                            s.status.leader,
-                            s.status.last_decided,
-                            s.status.state_digest_prefix(),
-                            s.status
-                                .byzantine
-                                .as_ref()
-                                .map(|b| format!(" [BYZANTINE test mode {b}]"))
-                                .unwrap_or_default()
-                        );
-                    }
-                    Err(e) => println!("replica {}: unreachable ({e:#})", m.id.0),
+            status(cluster).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Polls for the events under `prefix` after revision `from` and prints them, for `seconds` or
+/// until interrupted.
+async fn watch(
+    cluster: ClusterArgs,
+    prefix: String,
+    from: u64,
+    seconds: Option<u64>,
+) -> Result<()> {
+    let c = cluster.connect().await?;
+    let mut after = from;
+    let until = seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    loop {
+        if until.is_some_and(|u| std::time::Instant::now() >= u) {
+            break;
+        }
+        let req = KvRequest::WatchPoll(WatchPollRequest {
+            key: prefix.clone().into_bytes(),
+            range_end: prefix_end(prefix.as_bytes()),
+            after_revision: after,
+            limit: 1000,
+            prev_kv: true,
+        });
+        match c.kv(&req).await? {
+            KvResponse::WatchPoll(w) => {
+                for e in &w.events {
+                    println!("{e:?}");
+                }
+                after = w.resume_after;
+                if w.events.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+            other => bail!("watch failed: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `prefix0`, `prefix1`, ... until `count` writes or `seconds` are done, printing each
+/// acknowledgement as it comes (a test reads them to check that none is lost).
+async fn writes(
+    cluster: ClusterArgs,
+    prefix: String,
+    count: Option<u64>,
+    seconds: u64,
+    interval_ms: u64,
+) -> Result<()> {
+    use std::io::Write;
+    let c = cluster.connect().await?;
+    let until = std::time::Instant::now() + Duration::from_secs(seconds);
+    let (mut i, mut failures) = (0_u64, 0_u64);
+    while count.is_none_or(|n| i < n) && std::time::Instant::now() < until {
+        let (key, value) = (format!("{prefix}{i}"), format!("v{i}"));
+        match c.kv(&KvRequest::put(key.clone(), value.clone())).await {
+            Ok(KvResponse::Put(_)) => {
+                // Flushed per line: a reader of the log sees every acknowledgement.
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "acked {key} {value}")?;
+                out.flush()?;
+                i += 1;
+            }
+            Ok(other) => {
+                failures += 1;
+                eprintln!("write {key} answered {other:?}; retrying");
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("write {key} failed: {e}; retrying");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+    println!("done: {i} writes acknowledged, {failures} attempts failed");
+    Ok(())
+}
+
+/// Prints each replica's signed status, with whether its signature checks out.
+async fn status(cluster: ClusterArgs) -> Result<()> {
+    let view_path = cluster
+        .view
+        .clone()
+        .unwrap_or_else(|| cluster.cluster.join("view.toml"));
+    let view = ViewFile::load(&view_path)?;
+    for m in &view.members {
+        let url = status_url(&cluster.cluster, m.id.0);
+        match fetch_status(&url).await {
+            Ok(s) => {
+                let ok = s.verify(&m.key);
+                println!(
+                    "replica {}: {} regency {} leader {} last decided {:?} digest {}{}",
+                    m.id.0,
+                    if ok {
+                        "signature ok,"
+                    } else {
+                        "BAD SIGNATURE,"
+                    },
+                    s.status.regency,
+                    s.status.leader,
+                    s.status.last_decided,
+                    s.status.state_digest_prefix(),
+                    s.status
+                        .byzantine
+                        .as_ref()
+                        .map(|b| format!(" [BYZANTINE test mode {b}]"))
+                        .unwrap_or_default()
+                );
+            }
+            Err(e) => println!("replica {}: unreachable ({e:#})", m.id.0),
         }
     }
     Ok(())

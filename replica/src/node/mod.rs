@@ -81,51 +81,21 @@ pub async fn run(
     let key = load_key(&cfg.key_file)?;
     let view = ViewFile::load(&cfg.view_file)?;
     let me = ReplicaId(cfg.id);
-    let Some(member) = view.members.iter().find(|m| m.id == me) else {
-        bail!(
-            "id = {} is not a member of the view in {}",
-            cfg.id,
-            cfg.view_file.display()
-        );
-    };
-    if member.key != key.public() {
-        bail!(
-            "key_file {} does not hold the key the view lists for replica {}",
-            cfg.key_file.display(),
-            cfg.id
-        );
-    }
-    let configured_address = member.address.clone();
+    let configured_address = own_address(&cfg, &view, &key)?;
     let client_listen = match &cfg.client_listen {
         Some(a) => a.clone(),
-        None => client_address(&member.address)?,
+        None => client_address(&configured_address)?,
     };
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-
-    let svc: Box<dyn Service> = match service {
-        ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
-        ServiceChoice::Noop => Box::new(NoopService::default()),
-    };
-    let (failures_tx, failures_rx) = mpsc::unbounded_channel();
-    let (stored_tx, stored_rx) = mpsc::unbounded_channel();
-    let mut recovered_until = None;
-    let (core, durability, promises) = if cfg.protocol.durable {
-        let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
-        let next = recovered.next_cid();
-        recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
-        let (promises, promise) = open_promise(&cfg)?;
-        let core = recover(me, &key, view, &cfg, svc, recovered, promise)?;
-        (core, Some(d), Some(promises))
-    } else {
-        tracing::warn!(
-            replica = cfg.id,
-            "durability is off (protocol.durable = false): nothing is written to disk, and a \
-             restarted replica recovers its state from the others"
-        );
-        let core = Replica::new(me, key.clone(), view, cfg.protocol.core(), svc);
-        (core, None, None)
-    };
+    let Started {
+        core,
+        durability,
+        promises,
+        recovered_until,
+        failures_rx,
+        stored_rx,
+    } = start_core(&cfg, me, &key, view, service)?;
     let view = core.view().clone();
     if !view.contains(me) {
         tracing::warn!(
@@ -233,6 +203,81 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     result
+}
+
+/// The address the view lists for this replica, once the view is known to list it with the key
+/// in `key_file`.
+fn own_address(cfg: &NodeConfig, view: &View, key: &KeyPair) -> Result<String> {
+    let Some(member) = view.members.iter().find(|m| m.id == ReplicaId(cfg.id)) else {
+        bail!(
+            "id = {} is not a member of the view in {}",
+            cfg.id,
+            cfg.view_file.display()
+        );
+    };
+    if member.key != key.public() {
+        bail!(
+            "key_file {} does not hold the key the view lists for replica {}",
+            cfg.key_file.display(),
+            cfg.id
+        );
+    }
+    Ok(member.address.clone())
+}
+
+/// The core, recovered from the data directory when durability is on, and the durable side
+/// that the loop drives.
+struct Started {
+    core: Replica,
+    durability: Option<Durability>,
+    promises: Option<PromiseFile>,
+    /// The last CID the log held at start-up.
+    recovered_until: Option<Cid>,
+    failures_rx: mpsc::UnboundedReceiver<String>,
+    stored_rx: mpsc::UnboundedReceiver<Stored>,
+}
+
+fn start_core(
+    cfg: &NodeConfig,
+    me: ReplicaId,
+    key: &KeyPair,
+    view: View,
+    service: ServiceChoice,
+) -> Result<Started> {
+    let svc: Box<dyn Service> = match service {
+        ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
+        ServiceChoice::Noop => Box::new(NoopService::default()),
+    };
+    let (failures_tx, failures_rx) = mpsc::unbounded_channel();
+    let (stored_tx, stored_rx) = mpsc::unbounded_channel();
+    if cfg.protocol.durable {
+        let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
+        let next = recovered.next_cid();
+        let recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
+        let (promises, promise) = open_promise(cfg)?;
+        let core = recover(me, key, view, cfg, svc, recovered, promise)?;
+        return Ok(Started {
+            core,
+            durability: Some(d),
+            promises: Some(promises),
+            recovered_until,
+            failures_rx,
+            stored_rx,
+        });
+    }
+    tracing::warn!(
+        replica = cfg.id,
+        "durability is off (protocol.durable = false): nothing is written to disk, and a \
+         restarted replica recovers its state from the others"
+    );
+    Ok(Started {
+        core: Replica::new(me, key.clone(), view, cfg.protocol.core(), svc),
+        durability: None,
+        promises: None,
+        recovered_until: None,
+        failures_rx,
+        stored_rx,
+    })
 }
 
 /// Opens the promise files and reads the last promise this replica made before it stopped.
