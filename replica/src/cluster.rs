@@ -36,6 +36,31 @@ pub struct ClusterSpec {
 /// The file holding the admin key pair of a prepared cluster (it signs reconfigurations).
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 
+/// A base port at which `ids` replicas can listen (replica, client and HTTP ports, see
+/// [`ClusterSpec::base_port`]), all free on loopback when asked: the OS picks a free port to
+/// start from, and every port of the layout is bound once to check it. Tests run side by side
+/// with other programs on one machine, so they never assume a fixed port is free.
+pub fn free_base_port(ids: usize) -> Result<u16> {
+    let ids = u16::try_from(ids).context("too many replicas for one machine's ports")?;
+    for _ in 0..64 {
+        let candidate = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if candidate.checked_add(2000 + ids).is_none() {
+            continue;
+        }
+        let ports =
+            (0..ids).flat_map(|i| [candidate + i, candidate + 1000 + i, candidate + 2000 + i]);
+        let held: std::io::Result<Vec<_>> = ports
+            .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
+            .collect();
+        if held.is_ok() {
+            return Ok(candidate);
+        }
+    }
+    bail!("found no free range of ports for {ids} replicas on 127.0.0.1")
+}
+
 /// The HTTP port of replica `i`.
 pub fn http_port(base: u16, i: usize) -> u16 {
     base + 2000 + i as u16

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
-const BASE: u16 = 24000;
 
 fn bench(dir: &PathBuf, extra: &[&str]) -> (bool, String) {
     let out = Command::new(EXE)
@@ -34,6 +33,7 @@ fn field(json: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_and_open_loop_against_a_local_cluster() {
     let dir = std::env::temp_dir().join(format!("kmmr-test-bench-{}", std::process::id()));
+    let base = kmmr::cluster::free_base_port(4).expect("free ports");
     let mut local = tokio::process::Command::new(EXE)
         .args([
             "local",
@@ -44,7 +44,7 @@ async fn closed_and_open_loop_against_a_local_cluster() {
             "--no-durable",
             "--keep-running",
         ])
-        .args(["--base-port", &BASE.to_string(), "--dir"])
+        .args(["--base-port", &base.to_string(), "--dir"])
         .arg(&dir)
         .stdout(Stdio::piped())
         .kill_on_drop(true)

@@ -2,108 +2,28 @@
 //! client. Each test lays out its own cluster in a temporary directory on its own ports.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kmmr::cluster::{
-    fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
-};
-use kmmr::node::ServiceChoice;
-use kmmr_client::{Client, ClientOptions};
+use kmmr::cluster::{fetch_status, http_port};
+use kmmr_client::Client;
 use kmmr_linearizability::{self as linearizability, CheckResult, Operation};
 use kmmr_net::{client_address, LinkKind, TlsIdentity};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::{KeyPair, Signature};
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::messages::{Request, RequestKind, SignedRequest};
 use tokio::io::AsyncWriteExt;
-use tokio::process::Child;
 
-const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
+mod common;
 
-struct TestCluster {
-    dir: PathBuf,
-    base: u16,
-    view: View,
-    procs: BTreeMap<u32, Child>,
-}
+use common::TestCluster;
 
-impl TestCluster {
-    async fn start(name: &str, n: usize, base: u16, byzantine: &[(u32, &str)]) -> TestCluster {
-        let dir = std::env::temp_dir().join(format!("kmmr-test-{name}-{}", std::process::id()));
-        let view = prepare(&ClusterSpec {
-            n,
-            dir: dir.clone(),
-            base_port: base,
-            byzantine: byzantine.iter().map(|(i, _)| *i).collect(),
-            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
-            protocol: kmmr::node::ProtocolConfig {
-                request_timeout_ms: 300,
-                ..Default::default()
-            },
-        })
-        .expect("cluster files");
-        let mut procs = BTreeMap::new();
-        for i in 0..n as u32 {
-            let mode = byzantine.iter().find(|(b, _)| *b == i).map(|(_, m)| *m);
-            let child = spawn_replica(EXE.as_ref(), &dir, i, ServiceChoice::Kv, mode, 1)
-                .expect("replica starts");
-            procs.insert(i, child);
-        }
-        for i in 0..n {
-            wait_healthy(base, i, Duration::from_secs(20))
-                .await
-                .expect("replica healthy");
-        }
-        TestCluster {
-            dir,
-            base,
-            view,
-            procs,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        let opts = ClientOptions {
-            retransmit: Duration::from_millis(300),
-            timeout: Duration::from_secs(20),
-            redial: Duration::from_millis(200),
-            linearizable_unordered_reads: false,
-        };
-        Client::connect(
-            KeyPair::generate(&mut rand::rngs::OsRng),
-            self.view.clone(),
-            opts,
-        )
-        .await
-        .expect("client connects")
-    }
-
-    async fn kill(&mut self, i: u32) {
-        if let Some(mut c) = self.procs.remove(&i) {
-            let _ = c.kill().await;
-        }
-    }
-
-    async fn metrics(&self, i: usize) -> String {
-        http_get(&format!(
-            "http://127.0.0.1:{}/metrics",
-            http_port(self.base, i)
-        ))
-        .await
-        .expect("metrics")
-    }
-
-    fn log(&self, i: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        self.procs.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// The cluster tests' protocol settings: a short request timeout, so that leader changes are
+/// quick.
+fn protocol() -> kmmr::node::ProtocolConfig {
+    kmmr::node::ProtocolConfig {
+        request_timeout_ms: 300,
+        ..Default::default()
     }
 }
 
@@ -197,7 +117,7 @@ async fn assert_correct_replicas_agree(c: &TestCluster, correct: &[u32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_continues_when_a_follower_is_killed() {
-    let mut c = TestCluster::start("follower", 4, 21000, &[]).await;
+    let mut c = TestCluster::start("follower", 4, protocol(), &[]).await;
     let t0 = Instant::now();
     let clients = vec![c.client().await, c.client().await, c.client().await];
     let run = workload(clients, 300, t0);
@@ -210,7 +130,7 @@ async fn workload_continues_when_a_follower_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_takes_over_within_bounded_time_when_the_leader_is_killed() {
-    let mut c = TestCluster::start("leader", 4, 21100, &[]).await;
+    let mut c = TestCluster::start("leader", 4, protocol(), &[]).await;
     let client = c.client().await;
     for i in 0..20 {
         client
@@ -242,7 +162,7 @@ async fn a_new_leader_takes_over_within_bounded_time_when_the_leader_is_killed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_stay_correct_with_an_equivocating_leader() {
-    let c = TestCluster::start("byz", 4, 21200, &[(0, "equivocate")]).await;
+    let c = TestCluster::start("byz", 4, protocol(), &[(0, "equivocate")]).await;
     let t0 = Instant::now();
     let clients = vec![c.client().await, c.client().await];
     let history = workload(clients, 200, t0).await.expect("workload");
@@ -257,7 +177,7 @@ async fn clients_stay_correct_with_an_equivocating_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_stay_correct_with_a_replica_that_lies_to_clients_and_forges() {
-    let c = TestCluster::start("mixed", 4, 21300, &[(2, "mixed")]).await;
+    let c = TestCluster::start("mixed", 4, protocol(), &[(2, "mixed")]).await;
     let t0 = Instant::now();
     let clients = vec![c.client().await, c.client().await];
     let history = workload(clients, 200, t0).await.expect("workload");
@@ -323,7 +243,7 @@ fn counter(metrics: &str, reason: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_survived() {
-    let c = TestCluster::start("garbage", 4, 21400, &[]).await;
+    let c = TestCluster::start("garbage", 4, protocol(), &[]).await;
     let m0 = &c.view.members[0];
     // Garbage instead of a TLS handshake, on the replica port and on the client port.
     for addr in [
@@ -418,7 +338,7 @@ async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_s
         other => panic!("unexpected {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let m = c.metrics(0).await;
+    let m = c.metrics_text(0).await;
     for reason in [
         "net_handshake",
         "net_oversized",

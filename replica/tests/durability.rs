@@ -1,182 +1,19 @@
 //! Durability and state transfer with real `kmmr-replica` processes on loopback: a replica that
 //! lost its disk catches up by state transfer to byte-identical state, and writes a client saw
 //! acknowledged survive SIGKILL of every replica, and a restarted replica keeps the votes it
-//! promised. Ports 22000-22999.
+//! promised.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmmr::cluster::{
-    fetch_status, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
-};
-use kmmr::node::{ProtocolConfig, ServiceChoice};
-use kmmr_client::status::SignedStatus;
-use kmmr_client::{Client, ClientOptions};
-use kmmr_protocol::core::view::View;
-use kmmr_protocol::crypto::KeyPair;
+use kmmr::node::ProtocolConfig;
+use kmmr_client::Client;
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
-use tokio::process::Child;
 
-const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
+mod common;
 
-struct TestCluster {
-    dir: PathBuf,
-    base: u16,
-    view: View,
-    procs: BTreeMap<u32, Child>,
-}
-
-impl TestCluster {
-    async fn start(name: &str, n: usize, base: u16, protocol: ProtocolConfig) -> TestCluster {
-        let dir = std::env::temp_dir().join(format!("kmmr-dur-{name}-{}", std::process::id()));
-        let view = prepare(&ClusterSpec {
-            n,
-            dir: dir.clone(),
-            base_port: base,
-            byzantine: Vec::new(),
-            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
-            protocol,
-        })
-        .expect("cluster files");
-        let mut c = TestCluster {
-            dir,
-            base,
-            view,
-            procs: BTreeMap::new(),
-        };
-        for i in 0..n as u32 {
-            c.spawn(i);
-        }
-        for i in 0..n as u32 {
-            c.wait_healthy(i).await;
-        }
-        c
-    }
-
-    fn spawn(&mut self, i: u32) {
-        let child = spawn_replica(EXE.as_ref(), &self.dir, i, ServiceChoice::Kv, None, 1)
-            .expect("replica starts");
-        self.procs.insert(i, child);
-    }
-
-    async fn wait_healthy(&self, i: u32) {
-        if let Err(e) = wait_healthy(self.base, i as usize, Duration::from_secs(20)).await {
-            panic!("{e}; its log:\n{}", self.log(i));
-        }
-    }
-
-    /// SIGKILL: no clean shutdown, no final fsync.
-    async fn kill(&mut self, i: u32) {
-        if let Some(mut c) = self.procs.remove(&i) {
-            let _ = c.start_kill();
-            let _ = c.wait().await;
-        }
-    }
-
-    fn data_dir(&self, i: u32) -> PathBuf {
-        self.dir.join(format!("data/r{i}"))
-    }
-
-    async fn client(&self) -> Client {
-        let opts = ClientOptions {
-            retransmit: Duration::from_millis(300),
-            timeout: Duration::from_secs(20),
-            redial: Duration::from_millis(200),
-            linearizable_unordered_reads: false,
-        };
-        Client::connect(
-            KeyPair::generate(&mut rand::rngs::OsRng),
-            self.view.clone(),
-            opts,
-        )
-        .await
-        .expect("client connects")
-    }
-
-    async fn status(&self, i: u32) -> Option<SignedStatus> {
-        let url = format!(
-            "http://127.0.0.1:{}/status",
-            http_port(self.base, i as usize)
-        );
-        let s = fetch_status(&url).await.ok()?;
-        let key = self.view.key(kmmr_protocol::wire::ids::ReplicaId(i))?;
-        assert!(s.verify(key), "replica {i} signs its status");
-        Some(s)
-    }
-
-    /// `/metrics` of replica `i` (empty when it does not answer).
-    async fn metrics_text(&self, i: u32) -> String {
-        let url = format!(
-            "http://127.0.0.1:{}/metrics",
-            http_port(self.base, i as usize)
-        );
-        http_get(&url).await.unwrap_or_default()
-    }
-
-    /// A counter from `/metrics` (0 when absent).
-    async fn metric(&self, i: u32, name: &str) -> f64 {
-        self.metrics_text(i)
-            .await
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == name).then(|| v.parse().ok()).flatten()
-            })
-            .unwrap_or(0.0)
-    }
-
-    /// The sum of a counter family's samples whose labels contain `label` (0 when absent).
-    async fn metric_sum(&self, i: u32, family: &str, label: &str) -> f64 {
-        self.metrics_text(i)
-            .await
-            .lines()
-            .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn log(&self, i: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
-    }
-
-    /// Every replica reports the same last decided CID and state digest, in signed statuses.
-    async fn wait_identical(&self, within: Duration) -> (u64, String) {
-        let until = Instant::now() + within;
-        loop {
-            let mut seen = Vec::new();
-            for m in &self.view.members {
-                if let Some(s) = self.status(m.id.0).await {
-                    seen.push((s.status.last_decided, s.status.state_digest.clone()));
-                }
-            }
-            if seen.len() == self.view.n() && seen.windows(2).all(|w| w[0] == w[1]) {
-                if let Some((Some(cid), digest)) = seen.pop() {
-                    return (cid, digest);
-                }
-            }
-            if Instant::now() > until {
-                panic!(
-                    "replicas did not converge within {within:?}: {seen:?}\nlast replica's log:\n{}",
-                    self.log(self.view.n() as u32 - 1)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        self.procs.clear();
-        // Kept after a failure, for its logs.
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
+use common::TestCluster;
 
 fn protocol(checkpoint_period: u64) -> ProtocolConfig {
     ProtocolConfig {
@@ -252,7 +89,7 @@ async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_its_disk_catches_up_by_state_transfer_to_identical_state() {
     const PERIOD: u64 = 16;
-    let mut c = TestCluster::start("wipe", 4, 22000, protocol(PERIOD)).await;
+    let mut c = TestCluster::start("wipe", 4, protocol(PERIOD), &[]).await;
     let writers = Writers::start(vec![c.client().await, c.client().await], 512);
     wait_for(
         "writes before the crash",
@@ -331,7 +168,7 @@ async fn a_replica_that_lost_its_disk_catches_up_by_state_transfer_to_identical_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_write_survives_sigkill_of_every_replica() {
-    let mut c = TestCluster::start("killall", 4, 22100, protocol(16)).await;
+    let mut c = TestCluster::start("killall", 4, protocol(16), &[]).await;
     let clients = vec![
         c.client().await,
         c.client().await,
@@ -348,9 +185,7 @@ async fn every_acknowledged_write_survives_sigkill_of_every_replica() {
 
     // Every replica at once, with writes in flight.
     for i in 0..4 {
-        if let Some(p) = c.procs.get_mut(&i) {
-            let _ = p.start_kill();
-        }
+        c.start_kill(i);
     }
     let acked = writers.abort();
     for i in 0..4 {
@@ -407,7 +242,7 @@ async fn every_acknowledged_write_survives_sigkill_of_every_replica() {
 /// replicas end in identical state with every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_and_restarted_under_load_never_votes_twice() {
-    let mut c = TestCluster::start("promise", 4, 22300, protocol(16)).await;
+    let mut c = TestCluster::start("promise", 4, protocol(16), &[]).await;
     let writers = Writers::start(vec![c.client().await, c.client().await], 64);
     let mut restarted = Vec::new();
     for round in 0..3 {
@@ -478,7 +313,7 @@ async fn a_leader_killed_and_restarted_under_load_never_votes_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_replica_catches_up_in_an_idle_cluster() {
     const PERIOD: u64 = 8;
-    let mut c = TestCluster::start("idle", 4, 22200, protocol(PERIOD)).await;
+    let mut c = TestCluster::start("idle", 4, protocol(PERIOD), &[]).await;
     let writers = Writers::start(vec![c.client().await], 64);
     wait_for("writes", Duration::from_secs(30), async || {
         writers.count() >= 6 * PERIOD as usize
@@ -518,7 +353,7 @@ async fn catch_up_time_for_a_large_state() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(128);
-    let mut c = TestCluster::start("catchup", 4, 22200, protocol(period)).await;
+    let mut c = TestCluster::start("catchup", 4, protocol(period), &[]).await;
     let client = c.client().await;
     let value = vec![b'v'; 1024 * 1024 - 64];
     let t0 = Instant::now();

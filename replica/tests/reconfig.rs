@@ -1,6 +1,6 @@
 //! Reconfiguration with real `kmmr-replica` processes on loopback: membership 4 -> 5 -> 6 -> 7
 //! -> 4 through admin-signed view changes under a client workload, the first leader removed on
-//! the way down. Ports 23000-23999.
+//! the way down.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmmr::cluster::{http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
-use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice};
+use kmmr::cluster::http_port;
+use kmmr::node::{NodeConfig, ProtocolConfig};
 use kmmr_client::files::{load_key, save_key, ViewFile};
 use kmmr_client::status::{fetch_status, Status};
 use kmmr_client::{Admin, Client, ClientOptions};
@@ -18,10 +18,10 @@ use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use kmmr_protocol::wire::ids::ReplicaId;
-use tokio::process::Child;
 
-const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
-const BASE: u16 = 23000;
+mod common;
+
+use common::TestCluster;
 
 fn options() -> ClientOptions {
     ClientOptions {
@@ -32,153 +32,74 @@ fn options() -> ClientOptions {
     }
 }
 
-struct Cluster {
-    dir: PathBuf,
-    procs: Vec<(u32, Child)>,
+/// (last decided CID, state digest) of every member of `view`, duplicates removed.
+async fn distinct_states(c: &TestCluster, view: &View) -> Vec<(Option<u64>, String)> {
+    let mut states = Vec::new();
+    for m in &view.members {
+        let s = status(c, view, m.id.0).await.expect("status");
+        states.push((s.last_decided, s.state_digest));
+    }
+    states.dedup();
+    states
 }
 
-impl Cluster {
-    /// Lays out an n=4 cluster at `base` and starts the replicas in `started`.
-    fn start(name: &str, base: u16, started: std::ops::Range<u32>) -> (Cluster, View) {
-        let dir = std::env::temp_dir().join(format!("kmmr-{name}-{}", std::process::id()));
-        let view = prepare(&ClusterSpec {
-            n: 4,
-            dir: dir.clone(),
-            base_port: base,
-            byzantine: Vec::new(),
-            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
-            protocol: protocol(),
-        })
-        .expect("cluster files");
-        let mut c = Cluster {
-            dir,
-            procs: Vec::new(),
-        };
-        for i in started {
-            c.spawn(i);
-        }
-        (c, view)
-    }
+async fn status(c: &TestCluster, view: &View, i: u32) -> Option<Status> {
+    c.status_in(view, i).await.map(|s| s.status)
+}
 
-    fn spawn(&mut self, i: u32) {
-        let child = spawn_replica(EXE.as_ref(), &self.dir, i, ServiceChoice::Kv, None, 1)
-            .expect("replica starts");
-        self.procs.push((i, child));
-    }
+/// Starts a replica that is not in the initial view, with the view that names it.
+async fn start_joiner(c: &mut TestCluster, id: u32, key: &KeyPair, view: &View) {
+    save_key(key, &c.dir.join(format!("r{id}.key"))).expect("joiner key");
+    let view_file = format!("view-r{id}.toml");
+    ViewFile::save(view, &c.dir.join(&view_file)).expect("joiner view");
+    let cfg = NodeConfig {
+        id,
+        key_file: PathBuf::from(format!("r{id}.key")),
+        view_file: PathBuf::from(view_file),
+        data_dir: PathBuf::from(format!("data/r{id}")),
+        listen: None,
+        client_listen: None,
+        http_listen: format!("127.0.0.1:{}", http_port(c.base, id as usize)),
+        busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
+        protocol: protocol(),
+    };
+    std::fs::write(
+        c.dir.join(format!("r{id}.toml")),
+        toml::to_string_pretty(&cfg).expect("config"),
+    )
+    .expect("joiner config");
+    c.spawn(id);
+    c.wait_healthy(id).await;
+}
 
-    /// (last decided CID, state digest) of every member of `view`, duplicates removed.
-    async fn distinct_states(&self, view: &View) -> Vec<(Option<u64>, String)> {
-        let mut states = Vec::new();
+/// Waits until every member of `view` reports that view, takes part, and has decided at
+/// least up to `cid`.
+async fn wait_members(c: &TestCluster, view: &View, cid: u64, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let mut lagging = Vec::new();
         for m in &view.members {
-            let s = self.status(view, m.id.0).await.expect("status");
-            states.push((s.last_decided, s.state_digest));
-        }
-        states.dedup();
-        states
-    }
-
-    fn log(&self, i: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
-    }
-
-    async fn status(&self, view: &View, i: u32) -> Option<Status> {
-        let url = format!("http://127.0.0.1:{}/status", http_port(BASE, i as usize));
-        let s = fetch_status(&url).await.ok()?;
-        let key = view.key(ReplicaId(i))?;
-        assert!(s.verify(key), "replica {i} signs its status");
-        Some(s.status)
-    }
-
-    /// Starts a replica that is not in the initial view, with the view that names it.
-    async fn start_joiner(&mut self, id: u32, key: &KeyPair, view: &View) {
-        save_key(key, &self.dir.join(format!("r{id}.key"))).expect("joiner key");
-        let view_file = format!("view-r{id}.toml");
-        ViewFile::save(view, &self.dir.join(&view_file)).expect("joiner view");
-        let cfg = NodeConfig {
-            id,
-            key_file: PathBuf::from(format!("r{id}.key")),
-            view_file: PathBuf::from(view_file),
-            data_dir: PathBuf::from(format!("data/r{id}")),
-            listen: None,
-            client_listen: None,
-            http_listen: format!("127.0.0.1:{}", http_port(BASE, id as usize)),
-            busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
-            protocol: protocol(),
-        };
-        std::fs::write(
-            self.dir.join(format!("r{id}.toml")),
-            toml::to_string_pretty(&cfg).expect("config"),
-        )
-        .expect("joiner config");
-        self.spawn(id);
-        if let Err(e) = wait_healthy(BASE, id as usize, Duration::from_secs(20)).await {
-            panic!("{e}; its log:\n{}", self.log(id));
-        }
-    }
-
-    /// Waits until every member of `view` reports that view, takes part, and has decided at
-    /// least up to `cid`.
-    async fn wait_members(&self, view: &View, cid: u64, within: Duration) {
-        let until = Instant::now() + within;
-        loop {
-            let mut lagging = Vec::new();
-            for m in &view.members {
-                match self.status(view, m.id.0).await {
-                    Some(s)
-                        if s.view_id == view.id.0
-                            && s.member
-                            && !s.transferring
-                            && s.last_decided.is_some_and(|c| c >= cid) => {}
-                    other => lagging.push((m.id.0, other)),
-                }
+            match status(c, view, m.id.0).await {
+                Some(s)
+                    if s.view_id == view.id.0
+                        && s.member
+                        && !s.transferring
+                        && s.last_decided.is_some_and(|x| x >= cid) => {}
+                other => lagging.push((m.id.0, other)),
             }
-            if lagging.is_empty() {
-                return;
-            }
-            if Instant::now() > until {
-                let (id, _) = lagging[0];
-                panic!(
-                    "members of view {} not caught up within {within:?}: {lagging:?}\nlog of {id}:\n{}",
-                    view.id.0,
-                    self.log(id)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    /// Kills a replica's process (as a crash would; its disk stays).
-    async fn kill(&mut self, id: u32) {
-        if let Some(pos) = self.procs.iter().position(|(i, _)| *i == id) {
-            let (_, mut child) = self.procs.remove(pos);
-            child.kill().await.expect("kill");
-        }
-    }
-
-    /// Waits for a removed replica's process to stop on its own.
-    async fn wait_exit(&mut self, id: u32, within: Duration) {
-        let Some(pos) = self.procs.iter().position(|(i, _)| *i == id) else {
+        if lagging.is_empty() {
             return;
-        };
-        let (_, mut child) = self.procs.remove(pos);
-        match tokio::time::timeout(within, child.wait()).await {
-            Ok(Ok(status)) => assert!(status.success(), "replica {id} exited with {status}"),
-            Ok(Err(e)) => panic!("waiting for replica {id}: {e}"),
-            Err(_) => panic!(
-                "removed replica {id} still runs after {within:?}; its log:\n{}",
-                self.log(id)
-            ),
         }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.procs.clear();
-        // Kept after a failure, for its logs.
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if Instant::now() > until {
+            let (id, _) = lagging[0];
+            panic!(
+                "members of view {} not caught up within {within:?}: {lagging:?}\nlog of {id}:\n{}",
+                view.id.0,
+                c.log(id)
+            );
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -262,7 +183,7 @@ struct AccusationWatch {
 }
 
 impl AccusationWatch {
-    fn start(view: &View) -> AccusationWatch {
+    fn start(view: &View, base: u16) -> AccusationWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let keys = Arc::new(Mutex::new(
             view.members
@@ -283,7 +204,7 @@ impl AccusationWatch {
                         .collect();
                     for (id, key) in polled {
                         let url =
-                            format!("http://127.0.0.1:{}/status", http_port(BASE, id as usize));
+                            format!("http://127.0.0.1:{}/status", http_port(base, id as usize));
                         // A replica not started yet, or already gone, has nothing to say.
                         let Ok(s) = fetch_status(&url).await else {
                             continue;
@@ -344,14 +265,16 @@ impl AccusationWatch {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
-    let (mut c, view0) = Cluster::start("reconfig", BASE, 0..4);
+    // Ports for the three replicas that join on the way to 7.
+    let mut c = TestCluster::lay_out("reconfig", 4, 3, protocol(), &[]);
+    let view0 = c.view.clone();
     for i in 0..4 {
-        wait_healthy(BASE, i, Duration::from_secs(20))
-            .await
-            .expect("healthy");
+        c.spawn(i);
     }
-    let first_leader = c
-        .status(&view0, 1)
+    for i in 0..4 {
+        c.wait_healthy(i).await;
+    }
+    let first_leader = status(&c, &view0, 1)
         .await
         .expect("status of replica 1")
         .leader;
@@ -366,7 +289,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         );
     }
     let writers = Writers::start(clients);
-    let mut watch = AccusationWatch::start(&view0);
+    let mut watch = AccusationWatch::start(&view0, c.base);
 
     // As on the test bed, where the leader's pod is killed first: the leader crashes and comes
     // back from its disk, so the changes below run in a later regency, installed in the first
@@ -375,7 +298,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
     let other = (first_leader + 1) % 4;
     let until = Instant::now() + Duration::from_secs(30);
     let leader = loop {
-        let s = c.status(&view0, other).await;
+        let s = status(&c, &view0, other).await;
         if let Some(s) = s.filter(|s| s.regency > 0 && !s.synchronizing) {
             break s.leader;
         }
@@ -387,9 +310,8 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     c.spawn(first_leader);
-    let at = c.status(&view0, other).await.and_then(|s| s.last_decided);
-    c.wait_members(&view0, at.unwrap_or(0), Duration::from_secs(30))
-        .await;
+    let at = status(&c, &view0, other).await.and_then(|s| s.last_decided);
+    wait_members(&c, &view0, at.unwrap_or(0), Duration::from_secs(30)).await;
     watch.assert_none("after the leader's crash and restart");
     let admin_key = load_key(&c.dir.join("admin.key")).expect("admin key");
     let admin = Admin::connect(admin_key, view0.clone(), options())
@@ -407,7 +329,7 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             .apply(ViewChange::Add {
                 member: Member {
                     id: ReplicaId(id),
-                    address: format!("127.0.0.1:{}", BASE + id as u16),
+                    address: format!("127.0.0.1:{}", c.base + id as u16),
                     key: key.public(),
                 },
                 f,
@@ -415,10 +337,9 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             .await
             .unwrap_or_else(|e| panic!("adding replica {id}: {e}"));
         watch.add(id, key.public());
-        c.start_joiner(id, &key, &view).await;
-        let at = c.status(&view, 1).await.and_then(|s| s.last_decided);
-        c.wait_members(&view, at.unwrap_or(0), Duration::from_secs(60))
-            .await;
+        start_joiner(&mut c, id, &key, &view).await;
+        let at = status(&c, &view, 1).await.and_then(|s| s.last_decided);
+        wait_members(&c, &view, at.unwrap_or(0), Duration::from_secs(60)).await;
         watch.assert_none(&format!("after adding replica {id}"));
         steps.push(format!(
             "add {id}: view {} n={} f={} in {:?}",
@@ -441,12 +362,10 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
             .unwrap_or_else(|e| panic!("removing replica {id}: {e}"));
         c.wait_exit(id, Duration::from_secs(30)).await;
         let remaining = view.ids().find(|m| *m != ReplicaId(id)).expect("members");
-        let at = c
-            .status(&view, remaining.0)
+        let at = status(&c, &view, remaining.0)
             .await
             .and_then(|s| s.last_decided);
-        c.wait_members(&view, at.unwrap_or(0), Duration::from_secs(60))
-            .await;
+        wait_members(&c, &view, at.unwrap_or(0), Duration::from_secs(60)).await;
         watch.assert_none(&format!("after removing replica {id}"));
         steps.push(format!(
             "remove {id}{}: view {} n={} f={} in {:?}",
@@ -493,11 +412,11 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
         }
     }
     // The members that remain hold identical state.
-    let mut states = c.distinct_states(&final_view).await;
+    let mut states = distinct_states(&c, &final_view).await;
     let until = Instant::now() + Duration::from_secs(10);
     while states.len() > 1 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        states = c.distinct_states(&final_view).await;
+        states = distinct_states(&c, &final_view).await;
     }
     assert_eq!(states.len(), 1, "members diverge: {states:?}");
     eprintln!(
@@ -513,8 +432,11 @@ async fn membership_4_5_6_7_4_under_load_removing_the_leader() {
 /// catches up to identical state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_starts_with_f_replicas_down() {
-    const B: u16 = 23500;
-    let (mut c, view) = Cluster::start("fdown", B, 0..3);
+    let mut c = TestCluster::lay_out("fdown", 4, 0, protocol(), &[]);
+    let view = c.view.clone();
+    for i in 0..3 {
+        c.spawn(i);
+    }
     let client = Client::connect(
         KeyPair::generate(&mut rand::rngs::OsRng),
         view.clone(),
@@ -532,7 +454,7 @@ async fn a_cluster_starts_with_f_replicas_down() {
     c.spawn(3);
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let url = |i: usize| format!("http://127.0.0.1:{}/status", http_port(B, i));
+        let url = |i: usize| format!("http://127.0.0.1:{}/status", http_port(c.base, i));
         let a = fetch_status(&url(0)).await.ok().map(|s| s.status);
         let b = fetch_status(&url(3)).await.ok().map(|s| s.status);
         if let (Some(a), Some(b)) = (&a, &b) {
