@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::conn::{self, account};
@@ -177,29 +177,9 @@ impl Drop for ClientListener {
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<ListenerInner>) {
-    let handshakes = Arc::new(Semaphore::new(
-        inner.config.max_handshakes.clamp(1, Semaphore::MAX_PERMITS),
-    ));
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, addr)) => {
-                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                        inner.stats.reject(RejectReason::TooManyConnections);
-                        tracing::debug!(%addr, "too many client handshakes in progress; refusing");
-                        continue;
-                    };
-                    conns.spawn(serve_client(tcp, addr, acceptor.clone(), inner.clone(), permit));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "client accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next() => {}
-        }
-    }
+    let serve =
+        |tcp, addr, permit| serve_client(tcp, addr, acceptor.clone(), inner.clone(), permit);
+    conn::accept_loop(listener, &inner.config, &inner.stats, Side::Client, serve).await;
 }
 
 async fn serve_client(
@@ -210,30 +190,18 @@ async fn serve_client(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let stats = &inner.stats;
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(inner.config.handshake_timeout, acceptor.accept(tcp)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = tls::classify_handshake_error(&e);
-            stats.reject(reason);
-            tracing::debug!(%addr, reason = reason.as_str(), error = %e, "client handshake refused");
-            return;
-        }
-        Err(_) => {
-            stats.reject(RejectReason::HandshakeTimeout);
-            tracing::debug!(%addr, "client handshake timed out");
-            return;
-        }
-    };
-    drop(permit);
-    let client: ClientId = match tls::peer_key(tls.get_ref().1.peer_certificates()) {
-        Ok(k) => k,
-        Err(e) => {
-            stats.reject(RejectReason::BadCertificate);
-            tracing::debug!(%addr, error = %e, "client certificate unreadable");
-            return;
-        }
+    let Some((tls, client)) = conn::handshake(
+        tcp,
+        addr,
+        &acceptor,
+        &inner.config,
+        stats,
+        Side::Client,
+        permit,
+    )
+    .await
+    else {
+        return;
     };
     let conn = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
     let close = Arc::new(Notify::new());

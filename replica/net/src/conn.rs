@@ -3,15 +3,22 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use super::stats::{NetStats, Side};
+use super::tls;
 use super::{NetConfig, RejectReason};
+use kmmr_protocol::crypto::PublicKey;
 use kmmr_protocol::wire::frame::{FrameDecoder, FrameError};
 
 /// Plaintext read size. rustls hands out at most one record (16 KiB) per read anyway, and a small
@@ -191,4 +198,113 @@ pub(crate) async fn connect(addr: &str, cfg: &NetConfig) -> io::Result<TcpStream
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
     Ok(tcp)
+}
+
+/// Accepts connections on `listener` until the task is dropped and runs `serve` on each, with at
+/// most `config.max_handshakes` TLS handshakes in progress: a flood of connections that never
+/// finish their handshake is refused and counted instead of holding every task and socket.
+/// Replica links and client links share it; `side` names which in logs and counters.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    config: &NetConfig,
+    stats: &NetStats,
+    side: Side,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handshakes = Arc::new(Semaphore::new(
+        config.max_handshakes.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, addr)) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        stats.reject(RejectReason::TooManyConnections);
+                        log(side, format_args!("{addr}: too many {} handshakes in progress; refusing", noun(side)));
+                        continue;
+                    };
+                    conns.spawn(serve(tcp, addr, permit));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, ?side, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next() => {}
+        }
+    }
+}
+
+/// The server side of a TLS handshake on an accepted connection, within
+/// `config.handshake_timeout`, and the ed25519 key the peer's certificate names. A failure is
+/// counted by its reason, logged, and gives `None`. The handshake permit is released once the
+/// handshake is over, whatever its outcome.
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    acceptor: &TlsAcceptor,
+    config: &NetConfig,
+    stats: &NetStats,
+    side: Side,
+    permit: OwnedSemaphorePermit,
+) -> Option<(TlsStream<TcpStream>, PublicKey)> {
+    let _ = tcp.set_nodelay(true);
+    let accepted = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp)).await;
+    drop(permit);
+    let tls = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = tls::classify_handshake_error(&e);
+            stats.reject(reason);
+            log(
+                side,
+                format_args!(
+                    "{addr}: {} handshake refused ({}): {e}",
+                    noun(side),
+                    reason.as_str()
+                ),
+            );
+            return None;
+        }
+        Err(_) => {
+            stats.reject(RejectReason::HandshakeTimeout);
+            log(
+                side,
+                format_args!("{addr}: {} handshake timed out", noun(side)),
+            );
+            return None;
+        }
+    };
+    match tls::peer_key(tls.get_ref().1.peer_certificates()) {
+        Ok(key) => Some((tls, key)),
+        Err(e) => {
+            stats.reject(RejectReason::BadCertificate);
+            log(
+                side,
+                format_args!("{addr}: {} certificate unreadable: {e}", noun(side)),
+            );
+            None
+        }
+    }
+}
+
+fn noun(side: Side) -> &'static str {
+    match side {
+        Side::Peer => "replica",
+        Side::Client => "client",
+    }
+}
+
+/// A refused connection: a warning from a replica (which should never happen between correct
+/// replicas), a debug line from a client (anyone may dial the client port).
+fn log(side: Side, msg: std::fmt::Arguments<'_>) {
+    match side {
+        Side::Peer => tracing::warn!("{msg}"),
+        Side::Client => tracing::debug!("{msg}"),
+    }
 }

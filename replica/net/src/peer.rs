@@ -14,8 +14,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::conn::{self, account, Ended};
@@ -431,30 +431,9 @@ async fn run_outbound(
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<Inner>) {
-    let handshakes = Arc::new(Semaphore::new(
-        inner.config.max_handshakes.clamp(1, Semaphore::MAX_PERMITS),
-    ));
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, addr)) => {
-                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                        inner.stats.reject(RejectReason::TooManyConnections);
-                        tracing::warn!(%addr, "too many replica handshakes in progress; refusing");
-                        continue;
-                    };
-                    conns.spawn(serve_inbound(tcp, addr, acceptor.clone(), inner.clone(), permit));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next() => {}
-        }
-    }
+    let serve =
+        |tcp, addr, permit| serve_inbound(tcp, addr, acceptor.clone(), inner.clone(), permit);
+    conn::accept_loop(listener, &inner.config, &inner.stats, Side::Peer, serve).await;
 }
 
 /// Authenticates one inbound replica connection and delivers its frames.
@@ -466,30 +445,18 @@ async fn serve_inbound(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let stats = &inner.stats;
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(inner.config.handshake_timeout, acceptor.accept(tcp)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = tls::classify_handshake_error(&e);
-            stats.reject(reason);
-            tracing::warn!(%addr, reason = reason.as_str(), error = %e, "replica handshake refused");
-            return;
-        }
-        Err(_) => {
-            stats.reject(RejectReason::HandshakeTimeout);
-            tracing::warn!(%addr, "replica handshake timed out");
-            return;
-        }
-    };
-    drop(permit);
-    let key = match tls::peer_key(tls.get_ref().1.peer_certificates()) {
-        Ok(k) => k,
-        Err(e) => {
-            stats.reject(RejectReason::BadCertificate);
-            tracing::warn!(%addr, error = %e, "replica certificate unreadable");
-            return;
-        }
+    let Some((tls, key)) = conn::handshake(
+        tcp,
+        addr,
+        &acceptor,
+        &inner.config,
+        stats,
+        Side::Peer,
+        permit,
+    )
+    .await
+    else {
+        return;
     };
     // The verifier checked the key against the view, but the view may have changed since.
     let Some(from) = read(&inner.members).peer(&key) else {
