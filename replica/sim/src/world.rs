@@ -730,7 +730,9 @@ impl<'a> World<'a> {
                     }
                 }
                 Event::Suspected { regency, why } if self.report.suspicions.len() < 64 => {
-                    self.report.suspicions.push((self.now, i, regency.0, why));
+                    self.report
+                        .suspicions
+                        .push((self.now, i, regency.0, why.label()));
                 }
                 _ => {}
             }

@@ -857,7 +857,11 @@ impl NodeLoop {
                 }
             }
             Event::Suspected { regency, why } => {
-                tracing::warn!(regency = regency.0, why, "asking for a leader change");
+                tracing::warn!(
+                    regency = regency.0,
+                    why = why.label(),
+                    "asking for a leader change"
+                );
             }
             Event::ViewInstalled {
                 cid,

@@ -73,7 +73,7 @@ pub enum Event {
     /// This replica asked for a leader change.
     Suspected {
         regency: Regency,
-        why: &'static str,
+        why: Suspicion,
     },
     /// A reconfiguration installed a new view after `cid`.
     ViewInstalled {
@@ -101,4 +101,35 @@ pub enum Event {
     Diverged {
         cid: Cid,
     },
+}
+
+/// Why a replica asks for a leader change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspicion {
+    /// A request waited longer than the request timeout.
+    RequestTimeout,
+    /// The leader is slower than the recent regencies' baseline allows.
+    SlowLeader,
+    /// The leader change itself did not complete in time: ask for the next regency.
+    LeaderChangeTimeout,
+    /// f+1 replicas asked for a change, so at least one correct replica did.
+    JoinedLeaderChange,
+    /// The leader sent what a correct leader never sends.
+    Rejected(Rejection),
+    /// A SYNC chose a batch that does not pass the checks on a proposed batch.
+    InvalidSyncBatch,
+}
+
+impl Suspicion {
+    /// The stable snake_case label, for logs and reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Suspicion::RequestTimeout => "request_timeout",
+            Suspicion::SlowLeader => "slow_leader",
+            Suspicion::LeaderChangeTimeout => "leader_change_timeout",
+            Suspicion::JoinedLeaderChange => "joined_leader_change",
+            Suspicion::Rejected(r) => r.label(),
+            Suspicion::InvalidSyncBatch => "invalid_sync_batch",
+        }
+    }
 }

@@ -4,213 +4,104 @@
 
 use std::fmt;
 
-/// A refusal by the core. `label` is the stable metric label and log text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Rejection {
-    // What a correct replica never sends, whatever the timing: evidence.
-    ForgedAccept,
-    ForgedRelayedRequest,
-    ForgedRequestInBatch,
-    EquivocatingPropose,
-    EquivocatingWrite,
-    EquivocatingAccept,
-    ProposeFromNonLeader,
-    InvalidCollect,
-    InvalidDecisionProof,
-    UnprovenLastDecision,
-    BadCheckpointBytes,
-    BatchTooLarge,
-    UnorderedRequestInBatch,
-    DuplicateRequestInBatch,
-    ReplayedRequest,
-    SyncUnprovenLast,
-    SyncCollectWrongRegency,
-    SyncDuplicateCollect,
-    SyncForgedCollect,
-    SyncCollectsNotSound,
-    SyncDroppedBoundValue,
+/// Declares `Rejection` from two lists, each variant with its label written once: what proves
+/// the sender faulty and what does not. The enum, `ALL`, `label` and `proves_misbehaviour` are
+/// generated from them, so a new variant cannot be left out of one of them.
+macro_rules! rejections {
+    (
+        evidence { $($ev:ident => $evl:literal,)+ }
+        not_evidence { $($ok:ident => $okl:literal,)+ }
+    ) => {
+        /// A refusal by the core. `label` is the stable metric label and log text.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Rejection {
+            $($ev,)+
+            $($ok,)+
+        }
 
+        impl Rejection {
+            /// Every variant, evidence first.
+            pub const ALL: [Rejection; [$(stringify!($ev),)+ $(stringify!($ok),)+].len()] =
+                [$(Rejection::$ev,)+ $(Rejection::$ok,)+];
+
+            /// Whether this refusal (of a message from a replica) proves that replica faulty: a
+            /// correct replica never sends such a message, whatever the timing.
+            pub fn proves_misbehaviour(self) -> bool {
+                match self {
+                    $(Rejection::$ev)|+ => true,
+                    $(Rejection::$ok)|+ => false,
+                }
+            }
+
+            /// The stable snake_case label: the `reason` of `kmmr_rejected_total`, of logs, and
+            /// of the accusations in `/status`.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(Rejection::$ev => $evl,)+
+                    $(Rejection::$ok => $okl,)+
+                }
+            }
+        }
+    };
+}
+
+rejections! {
+    // What a correct replica never sends, whatever the timing: evidence.
+    evidence {
+        ForgedAccept => "forged_accept",
+        ForgedRelayedRequest => "forged_relayed_request",
+        ForgedRequestInBatch => "forged_request_in_batch",
+        EquivocatingPropose => "equivocating_propose",
+        EquivocatingWrite => "equivocating_write",
+        EquivocatingAccept => "equivocating_accept",
+        ProposeFromNonLeader => "propose_from_non_leader",
+        InvalidCollect => "invalid_collect",
+        InvalidDecisionProof => "invalid_decision_proof",
+        UnprovenLastDecision => "unproven_last_decision",
+        BadCheckpointBytes => "bad_checkpoint_bytes",
+        BatchTooLarge => "batch_too_large",
+        UnorderedRequestInBatch => "unordered_request_in_batch",
+        DuplicateRequestInBatch => "duplicate_request_in_batch",
+        ReplayedRequest => "replayed_request",
+        SyncUnprovenLast => "sync_unproven_last",
+        SyncCollectWrongRegency => "sync_collect_wrong_regency",
+        SyncDuplicateCollect => "sync_duplicate_collect",
+        SyncForgedCollect => "sync_forged_collect",
+        SyncCollectsNotSound => "sync_collects_not_sound",
+        SyncDroppedBoundValue => "sync_dropped_bound_value",
+    }
     // What a correct replica can cause (it is ahead, behind, its clock differs, it asked for a
     // checkpoint just trimmed), what a client or this replica's own disk caused, and proofs that
     // failed against a view this replica does not hold for them (`*InUnheldView`: made in an
     // older or newer view, they may be sound there).
-    TooFarAhead,
-    FutureBufferFull,
-    FutureEpochBufferFull,
-    NotAMember,
-    MisdirectedStopdata,
-    StopdataWithoutLast,
-    StopdataLastInUnheldView,
-    DecisionInUnheldView,
-    SyncInUnheldView,
-    SyncCollectBeyondLast,
-    UnprovableDecision,
-    TimestampWentBackwards,
-    TimestampInFuture,
-    BadRequestSignature,
-    StaleRequest,
-    ClientQueueFull,
-    PoolFull,
-    UnknownCheckpoint,
-    ChunkOutOfRange,
-    CheckpointUnreadable,
-    CheckpointDigestMismatch,
-    UndecodableCheckpoint,
-    DivergedCheckpoint,
+    not_evidence {
+        TooFarAhead => "too_far_ahead",
+        FutureBufferFull => "future_buffer_full",
+        FutureEpochBufferFull => "future_epoch_buffer_full",
+        NotAMember => "not_a_member",
+        MisdirectedStopdata => "misdirected_stopdata",
+        StopdataWithoutLast => "stopdata_without_last",
+        StopdataLastInUnheldView => "stopdata_last_in_unheld_view",
+        DecisionInUnheldView => "decision_in_unheld_view",
+        SyncInUnheldView => "sync_in_unheld_view",
+        SyncCollectBeyondLast => "sync_collect_beyond_last",
+        UnprovableDecision => "unprovable_decision",
+        TimestampWentBackwards => "timestamp_went_backwards",
+        TimestampInFuture => "timestamp_in_future",
+        BadRequestSignature => "bad_request_signature",
+        StaleRequest => "stale_request",
+        ClientQueueFull => "client_queue_full",
+        PoolFull => "pool_full",
+        UnknownCheckpoint => "unknown_checkpoint",
+        ChunkOutOfRange => "chunk_out_of_range",
+        CheckpointUnreadable => "checkpoint_unreadable",
+        CheckpointDigestMismatch => "checkpoint_digest_mismatch",
+        UndecodableCheckpoint => "undecodable_checkpoint",
+        DivergedCheckpoint => "diverged_checkpoint",
+    }
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 44] = [
-        Rejection::ForgedAccept,
-        Rejection::ForgedRelayedRequest,
-        Rejection::ForgedRequestInBatch,
-        Rejection::EquivocatingPropose,
-        Rejection::EquivocatingWrite,
-        Rejection::EquivocatingAccept,
-        Rejection::ProposeFromNonLeader,
-        Rejection::InvalidCollect,
-        Rejection::InvalidDecisionProof,
-        Rejection::UnprovenLastDecision,
-        Rejection::BadCheckpointBytes,
-        Rejection::BatchTooLarge,
-        Rejection::UnorderedRequestInBatch,
-        Rejection::DuplicateRequestInBatch,
-        Rejection::ReplayedRequest,
-        Rejection::SyncUnprovenLast,
-        Rejection::SyncCollectWrongRegency,
-        Rejection::SyncDuplicateCollect,
-        Rejection::SyncForgedCollect,
-        Rejection::SyncCollectsNotSound,
-        Rejection::SyncDroppedBoundValue,
-        Rejection::TooFarAhead,
-        Rejection::FutureBufferFull,
-        Rejection::FutureEpochBufferFull,
-        Rejection::NotAMember,
-        Rejection::MisdirectedStopdata,
-        Rejection::StopdataWithoutLast,
-        Rejection::StopdataLastInUnheldView,
-        Rejection::DecisionInUnheldView,
-        Rejection::SyncInUnheldView,
-        Rejection::SyncCollectBeyondLast,
-        Rejection::UnprovableDecision,
-        Rejection::TimestampWentBackwards,
-        Rejection::TimestampInFuture,
-        Rejection::BadRequestSignature,
-        Rejection::StaleRequest,
-        Rejection::ClientQueueFull,
-        Rejection::PoolFull,
-        Rejection::UnknownCheckpoint,
-        Rejection::ChunkOutOfRange,
-        Rejection::CheckpointUnreadable,
-        Rejection::CheckpointDigestMismatch,
-        Rejection::UndecodableCheckpoint,
-        Rejection::DivergedCheckpoint,
-    ];
-
-    /// Whether this refusal (of a message from a replica) proves that replica faulty: a correct
-    /// replica never sends such a message, whatever the timing.
-    pub fn proves_misbehaviour(self) -> bool {
-        use Rejection::*;
-        match self {
-            ForgedAccept
-            | ForgedRelayedRequest
-            | ForgedRequestInBatch
-            | EquivocatingPropose
-            | EquivocatingWrite
-            | EquivocatingAccept
-            | ProposeFromNonLeader
-            | InvalidCollect
-            | InvalidDecisionProof
-            | UnprovenLastDecision
-            | BadCheckpointBytes
-            | BatchTooLarge
-            | UnorderedRequestInBatch
-            | DuplicateRequestInBatch
-            | ReplayedRequest
-            | SyncUnprovenLast
-            | SyncCollectWrongRegency
-            | SyncDuplicateCollect
-            | SyncForgedCollect
-            | SyncCollectsNotSound
-            | SyncDroppedBoundValue => true,
-            TooFarAhead
-            | FutureBufferFull
-            | FutureEpochBufferFull
-            | NotAMember
-            | MisdirectedStopdata
-            | StopdataWithoutLast
-            | StopdataLastInUnheldView
-            | DecisionInUnheldView
-            | SyncInUnheldView
-            | SyncCollectBeyondLast
-            | UnprovableDecision
-            | TimestampWentBackwards
-            | TimestampInFuture
-            | BadRequestSignature
-            | StaleRequest
-            | ClientQueueFull
-            | PoolFull
-            | UnknownCheckpoint
-            | ChunkOutOfRange
-            | CheckpointUnreadable
-            | CheckpointDigestMismatch
-            | UndecodableCheckpoint
-            | DivergedCheckpoint => false,
-        }
-    }
-
-    /// The stable snake_case label: the `reason` of `kmmr_rejected_total`, of logs, and of the
-    /// accusations in `/status`.
-    pub fn label(self) -> &'static str {
-        use Rejection::*;
-        match self {
-            ForgedAccept => "forged_accept",
-            ForgedRelayedRequest => "forged_relayed_request",
-            ForgedRequestInBatch => "forged_request_in_batch",
-            EquivocatingPropose => "equivocating_propose",
-            EquivocatingWrite => "equivocating_write",
-            EquivocatingAccept => "equivocating_accept",
-            ProposeFromNonLeader => "propose_from_non_leader",
-            InvalidCollect => "invalid_collect",
-            InvalidDecisionProof => "invalid_decision_proof",
-            UnprovenLastDecision => "unproven_last_decision",
-            BadCheckpointBytes => "bad_checkpoint_bytes",
-            BatchTooLarge => "batch_too_large",
-            UnorderedRequestInBatch => "unordered_request_in_batch",
-            DuplicateRequestInBatch => "duplicate_request_in_batch",
-            ReplayedRequest => "replayed_request",
-            SyncUnprovenLast => "sync_unproven_last",
-            SyncCollectWrongRegency => "sync_collect_wrong_regency",
-            SyncDuplicateCollect => "sync_duplicate_collect",
-            SyncForgedCollect => "sync_forged_collect",
-            SyncCollectsNotSound => "sync_collects_not_sound",
-            SyncDroppedBoundValue => "sync_dropped_bound_value",
-            TooFarAhead => "too_far_ahead",
-            FutureBufferFull => "future_buffer_full",
-            FutureEpochBufferFull => "future_epoch_buffer_full",
-            NotAMember => "not_a_member",
-            MisdirectedStopdata => "misdirected_stopdata",
-            StopdataWithoutLast => "stopdata_without_last",
-            StopdataLastInUnheldView => "stopdata_last_in_unheld_view",
-            DecisionInUnheldView => "decision_in_unheld_view",
-            SyncInUnheldView => "sync_in_unheld_view",
-            SyncCollectBeyondLast => "sync_collect_beyond_last",
-            UnprovableDecision => "unprovable_decision",
-            TimestampWentBackwards => "timestamp_went_backwards",
-            TimestampInFuture => "timestamp_in_future",
-            BadRequestSignature => "bad_request_signature",
-            StaleRequest => "stale_request",
-            ClientQueueFull => "client_queue_full",
-            PoolFull => "pool_full",
-            UnknownCheckpoint => "unknown_checkpoint",
-            ChunkOutOfRange => "chunk_out_of_range",
-            CheckpointUnreadable => "checkpoint_unreadable",
-            CheckpointDigestMismatch => "checkpoint_digest_mismatch",
-            UndecodableCheckpoint => "undecodable_checkpoint",
-            DivergedCheckpoint => "diverged_checkpoint",
-        }
-    }
-
     /// The variant with this label, for labels read back (from `/status` or metrics).
     pub fn from_label(label: &str) -> Option<Rejection> {
         Rejection::ALL.into_iter().find(|r| r.label() == label)

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::core::clients::{Freshness, Pool, Sessions};
 use crate::core::config::Config;
 use crate::core::instance::{Instance, Recorded, Vote};
-use crate::core::output::{Event, Output};
+use crate::core::output::{Event, Output, Suspicion};
 use crate::core::promise::{Promise, PromiseKey};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
 use crate::core::rejection::Rejection;
@@ -574,12 +574,12 @@ impl Replica {
             let age = now.saturating_sub(oldest);
             if !self.lc.stop_active {
                 if age >= 2 * self.timeout_us {
-                    self.suspect(now, self.regency.next(), "request_timeout");
+                    self.suspect(now, self.regency.next(), Suspicion::RequestTimeout);
                 } else if !self.synchronizing
                     && now >= self.regency_started_us + self.slow_grace_us()
                     && self.slow_threshold_us().is_some_and(|t| age >= t)
                 {
-                    self.suspect(now, self.regency.next(), "slow_leader");
+                    self.suspect(now, self.regency.next(), Suspicion::SlowLeader);
                 }
             }
         }
@@ -588,7 +588,11 @@ impl Replica {
             // longer timeout so that a slow network eventually fits in one.
             if now >= self.lc.stop_started_us.saturating_add(2 * self.timeout_us) {
                 self.timeout_us = (self.timeout_us * 2).min(self.config.max_request_timeout_us);
-                self.suspect(now, self.lc.stop_sent.next(), "leader_change_timeout");
+                self.suspect(
+                    now,
+                    self.lc.stop_sent.next(),
+                    Suspicion::LeaderChangeTimeout,
+                );
             } else if self.lc.stop_retransmit_at.is_some_and(|t| now >= t) {
                 let requests = self.pool.oldest(MAX_CARRIED);
                 self.broadcast(ReplicaMessage::Stop {

@@ -99,7 +99,7 @@ impl Replica {
 
     /// Asks to move to `target` (or joins others asking): STOP to all, retransmitted until the
     /// regency changes. A replica never votes for a lower regency than it voted for before.
-    pub(super) fn suspect(&mut self, now: u64, target: Regency, why: &'static str) {
+    pub(super) fn suspect(&mut self, now: u64, target: Regency, why: Suspicion) {
         if !self.participating() {
             return;
         }
@@ -149,7 +149,7 @@ impl Replica {
         // f+1 replicas want to leave: at least one is correct, so join them (PBFT's rule).
         if let Some(r) = self.kth_vote(self.view.weak()) {
             if r > self.lc.stop_sent {
-                self.suspect(now, r, "joined leader change");
+                self.suspect(now, r, Suspicion::JoinedLeaderChange);
                 return;
             }
         }
@@ -421,7 +421,7 @@ impl Replica {
             Err(reason) => {
                 self.reject(Some(from), reason);
                 if from == self.view.leader(regency) && regency == self.regency {
-                    self.suspect(now, regency.next(), reason.label());
+                    self.suspect(now, regency.next(), Suspicion::Rejected(reason));
                 }
                 return;
             }
@@ -458,7 +458,7 @@ impl Replica {
         if self.current_cid() == target && matches!(choice, Choice::Free) {
             if let Err(reason) = self.validate_batch(now, &batch) {
                 self.reject(Some(from), reason);
-                self.suspect(now, regency.next(), "invalid_sync_batch");
+                self.suspect(now, regency.next(), Suspicion::InvalidSyncBatch);
                 return;
             }
         }

@@ -38,7 +38,7 @@ impl Replica {
                 }
                 if let Err(reason) = self.validate_batch(now, &batch) {
                     self.reject(Some(from), reason);
-                    self.suspect(now, self.regency.next(), reason.label());
+                    self.suspect(now, self.regency.next(), Suspicion::Rejected(reason));
                     return;
                 }
                 self.stats.proposals += 1;
