@@ -18,7 +18,8 @@ pub use spec::{
     MAX_REPLICAS, MIN_REPLICAS,
 };
 pub use status::{
-    condition_reasons, condition_types, BftClusterStatus, MemberHealth, MemberRole, MemberStatus,
+    condition_reasons, condition_types, BftClusterStatus, MemberHealth, MemberProblem, MemberRole,
+    MemberStatus, ReconcileError,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

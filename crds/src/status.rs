@@ -3,7 +3,7 @@
 //! every pass (only conditions' lastTransitionTime, which changes on transitions), so it never
 //! flaps and writing it does not re-trigger reconciles.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +60,24 @@ pub struct BftClusterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+
+    /// What stopped the last reconcile, if it failed (cleared by the next one that succeeds):
+    /// shown by `kubectl describe` beside the Warning Event of the same reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ReconcileError>,
+}
+
+/// A reconcile that failed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileError {
+    /// CamelCase, the reason of the Warning Event and the `error` label of the operator's
+    /// failure metric.
+    pub reason: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// When reconciles first failed for this reason (unchanged while they keep failing so).
+    pub since: Time,
 }
 
 /// One member of the view.
@@ -88,6 +106,40 @@ pub struct MemberStatus {
     /// makes it unhealthy only if it still shows at the next observation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// What kind of problem `problem` describes, for tools: the text is for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem_reason: Option<MemberProblem>,
+    /// When the operator first saw this kind of problem on this member (unchanged while it
+    /// lasts, so the status does not change on every pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem_since: Option<Time>,
+}
+
+/// What is wrong with a member, or what it is going through.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberProblem {
+    // Did not answer its status endpoint.
+    Unreachable,
+    // Answered with a status that is not signed by its key in the view, or not about itself.
+    StatusRejected,
+    // Its state differs from the one f+1 replicas agree on.
+    StateDiverged,
+    // More than f replicas caught it sending what no correct replica sends.
+    Accused,
+    // Runs a Byzantine test mode.
+    ByzantineTestMode,
+    // Reports another view than the operator's.
+    OtherView,
+    // Does not count itself a member of its view.
+    NotAMember,
+    // Fetching the state from the others.
+    TransferringState,
+    // Decided well behind what f+1 replicas decided.
+    CatchingUp,
+    // Taking part in a leader change (Healthy while it is short).
+    LeaderChange,
+    // Installing the view the operator just changed to (Healthy: the change was decided).
+    InstallingView,
 }
 
 /// Health of one member.
@@ -125,6 +177,9 @@ pub mod condition_types {
     /// Reconciliation is paused (spec.paused or the kmmr.io/paused annotation): children are
     /// left as they are, status is still reported.
     pub const PAUSED: &str = "Paused";
+    /// The last reconcile went through (True), or what stopped it (False, with the error's
+    /// reason and message).
+    pub const RECONCILED: &str = "Reconciled";
 }
 
 /// Reasons for the conditions (CamelCase, as the Condition schema requires); each is also an
@@ -170,4 +225,7 @@ pub mod condition_reasons {
     /// Reconfiguring=False: the change would leave fewer healthy replicas than a quorum, so it
     /// waits until enough replicas are healthy; or the replicas refused it.
     pub const RECONFIGURATION_BLOCKED: &str = "ReconfigurationBlocked";
+    /// Reconciled=True: the last reconcile applied the spec. (Reconciled=False carries the
+    /// reason of the error that stopped it.)
+    pub const RECONCILE_SUCCEEDED: &str = "ReconcileSucceeded";
 }

@@ -257,9 +257,90 @@ fn stateful_set(
     let mut pod_labels = names::common_labels(name, names::COMPONENT_REPLICA);
     pod_labels.extend(selector.clone());
 
+    let config_volume = config_volume(name, id);
+    let tmp_volume = Volume {
+        name: "tmp".to_string(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+
+    let container = replica_container(spec, test_mode);
+
+    let mut pod_annotations = BTreeMap::from([(
+        names::CONFIG_HASH_ANNOTATION.to_string(),
+        config_hash.to_string(),
+    )]);
+    if let Some(mode) = test_mode {
+        // Seen in `kubectl describe pod`: this pod misbehaves on purpose.
+        pod_annotations.insert(crate::testmode::ANNOTATION.to_string(), mode.to_string());
+    }
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        volumes: Some(vec![config_volume, tmp_volume]),
+        // Replicas never call the Kubernetes API: no token to steal.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(REPLICA_UID),
+            run_as_group: Some(REPLICA_UID),
+            fs_group: Some(REPLICA_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        affinity: spec.affinity.clone(),
+        tolerations: spec.tolerations.clone(),
+        topology_spread_constraints: spec.topology_spread_constraints.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        ..PodSpec::default()
+    };
+
+    let claim = data_claim(name, spec);
+
+    StatefulSet {
+        metadata,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(names::headless_service(name)),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            // The controller rolls replicas one at a time, only while the others hold a quorum.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".to_string()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            // A replica's state is only discarded by a decision of the controller (replacing a
+            // diverged replica), never by deleting its StatefulSet.
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Retain".to_string()),
+                    when_scaled: Some("Retain".to_string()),
+                },
+            ),
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn config_volume(name: &str, id: i32) -> Volume {
     // One projected volume: the shared view, this replica's configuration and this replica's
     // key, and nothing of any other replica.
-    let config_volume = Volume {
+    Volume {
         name: "config".to_string(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![
@@ -286,19 +367,18 @@ fn stateful_set(
             default_mode: Some(0o444),
         }),
         ..Volume::default()
-    };
-    let tmp_volume = Volume {
-        name: "tmp".to_string(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    };
+    }
+}
 
+/// The replica's container: its ports, its mounts, probes on `/healthz`, and nothing it does
+/// not need (no privilege, a read-only root file system, every capability dropped).
+fn replica_container(spec: &kmmr_crds::BftClusterSpec, test_mode: Option<&str>) -> Container {
     let http_get = |path: &str| HTTPGetAction {
         path: Some(path.to_string()),
         port: IntOrString::String("http".to_string()),
         ..HTTPGetAction::default()
     };
-    let container = Container {
+    Container {
         name: "replica".to_string(),
         image: Some(spec.image.clone()),
         image_pull_policy: Some(spec.image_pull_policy.as_str().to_string()),
@@ -358,41 +438,12 @@ fn stateful_set(
             ..SecurityContext::default()
         }),
         ..Container::default()
-    };
-
-    let mut pod_annotations = BTreeMap::from([(
-        names::CONFIG_HASH_ANNOTATION.to_string(),
-        config_hash.to_string(),
-    )]);
-    if let Some(mode) = test_mode {
-        // Seen in `kubectl describe pod`: this pod misbehaves on purpose.
-        pod_annotations.insert(crate::testmode::ANNOTATION.to_string(), mode.to_string());
     }
-    let pod_spec = PodSpec {
-        containers: vec![container],
-        volumes: Some(vec![config_volume, tmp_volume]),
-        // Replicas never call the Kubernetes API: no token to steal.
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(REPLICA_UID),
-            run_as_group: Some(REPLICA_UID),
-            fs_group: Some(REPLICA_UID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_string(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
-        affinity: spec.affinity.clone(),
-        tolerations: spec.tolerations.clone(),
-        topology_spread_constraints: spec.topology_spread_constraints.clone(),
-        priority_class_name: spec.priority_class_name.clone(),
-        ..PodSpec::default()
-    };
+}
 
-    let claim = PersistentVolumeClaim {
+/// The replica's data volume, kept when the StatefulSet goes.
+fn data_claim(name: &str, spec: &kmmr_crds::BftClusterSpec) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some("data".to_string()),
             labels: Some(names::common_labels(name, names::COMPONENT_REPLICA)),
@@ -411,42 +462,6 @@ fn stateful_set(
             ..PersistentVolumeClaimSpec::default()
         }),
         ..PersistentVolumeClaim::default()
-    };
-
-    StatefulSet {
-        metadata,
-        spec: Some(StatefulSetSpec {
-            replicas: Some(1),
-            service_name: Some(names::headless_service(name)),
-            selector: LabelSelector {
-                match_labels: Some(selector),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(pod_annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod_spec),
-            },
-            // The controller rolls replicas one at a time, only while the others hold a quorum.
-            update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("OnDelete".to_string()),
-                ..StatefulSetUpdateStrategy::default()
-            }),
-            // A replica's state is only discarded by a decision of the controller (replacing a
-            // diverged replica), never by deleting its StatefulSet.
-            persistent_volume_claim_retention_policy: Some(
-                StatefulSetPersistentVolumeClaimRetentionPolicy {
-                    when_deleted: Some("Retain".to_string()),
-                    when_scaled: Some("Retain".to_string()),
-                },
-            ),
-            volume_claim_templates: Some(vec![claim]),
-            ..StatefulSetSpec::default()
-        }),
-        ..StatefulSet::default()
     }
 }
 

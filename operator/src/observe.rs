@@ -10,14 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kmmr_crds::{
-    condition_reasons as reason, condition_types as kind, quorum_size, BftClusterStatus,
-    MemberHealth, MemberRole, MemberStatus,
+    quorum_size, BftClusterStatus, MemberHealth, MemberProblem, MemberRole, MemberStatus,
+    ReconcileError,
 };
 
 use crate::config::Membership;
-use kmmr_client::status::Probe;
+use kmmr_client::status::{Probe, Status};
 
 /// What the controller knows besides the replicas' answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,9 +26,22 @@ pub struct Context {
     pub generation: Option<i64>,
     /// Reconciliation is paused (spec or annotation).
     pub paused: bool,
-    /// The view differs from the spec: (Reconfiguring's status, reason, message). `None` when
-    /// the view is what the spec asks for.
-    pub reconfiguration: Option<(bool, &'static str, String)>,
+    /// The view differs from the spec. `None` when the view is what the spec asks for.
+    pub reconfiguration: Option<Reconfiguration>,
+    /// The operator changed the view in this pass: the change was decided, and members that
+    /// still report an older view are installing it, not faulty.
+    pub installing_view: bool,
+}
+
+/// The Reconfiguring condition while the view differs from the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconfiguration {
+    /// Reconfiguring's status: True while the operator moves the view toward the spec, False
+    /// when it cannot (disabled, blocked, paused).
+    pub in_progress: bool,
+    /// The condition's reason.
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// Something that changed and deserves an Event.
@@ -40,6 +53,15 @@ pub struct Transition {
     pub reason: String,
     /// The Event note.
     pub note: String,
+}
+
+/// What is wrong with a member, if anything, and whether it still counts as healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Problem {
+    kind: MemberProblem,
+    text: String,
+    /// A note on a healthy member (a short leader change, a view being installed).
+    healthy: bool,
 }
 
 /// Computes the status for `membership` from one probe per member (missing probes count as
@@ -60,7 +82,7 @@ pub fn compute(
         .iter()
         .map(|id| (*id, probes.get(id).unwrap_or(&unreachable)))
         .collect();
-    let verified: Vec<(i32, &kmmr_client::status::Status)> = reports
+    let verified: Vec<(i32, &Status)> = reports
         .iter()
         .filter_map(|(id, p)| match p {
             Probe::Verified(s) => Some((*id, s)),
@@ -68,11 +90,107 @@ pub fn compute(
         })
         .collect();
 
-    // Evidence from the replicas themselves: a member that more than f others caught, lately,
-    // sending what no correct replica sends (forged signatures, equivocation, proofs unsound in
-    // the view the accuser holds for them) is faulty, since at least one of its accusers is
-    // correct. An accuser still fetching state or outside its view may judge by the wrong view:
-    // replicas do not accuse then, and its word would not count here either.
+    let accused = accusations(membership, &verified);
+    let (agreed_state_digest, diverged) = divergence(f, &verified);
+    let judge = Judge {
+        membership,
+        diverged: &diverged,
+        accused: &accused,
+        progress: progress(f, &verified),
+        previous,
+        installing_view: ctx.installing_view,
+        now: &now,
+    };
+    let members: Vec<MemberStatus> = reports.iter().map(|(id, p)| judge.member(*id, p)).collect();
+    // Evidence of misbehaviour rather than of a crash: f+1 replicas accuse it, its status does
+    // not verify, or its own signed status admits to a Byzantine test mode.
+    let misbehaving: Vec<i32> = reports
+        .iter()
+        .filter(|(id, p)| {
+            accused.contains_key(id)
+                || match p {
+                    Probe::Rejected(_) => true,
+                    Probe::Verified(s) => s.byzantine.is_some(),
+                    Probe::Unreachable(_) => false,
+                }
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    let healthy = members
+        .iter()
+        .filter(|m| m.health == MemberHealth::Healthy)
+        .count() as i32;
+    let not_healthy: Vec<(i32, String)> = members
+        .iter()
+        .filter(|m| m.health != MemberHealth::Healthy)
+        .map(|m| {
+            let what = m.problem.as_deref().unwrap_or("not probed");
+            (m.id, format!("replica {} ({what})", m.id))
+        })
+        .collect();
+    let facts = conditions::Facts {
+        n,
+        f,
+        quorum,
+        healthy,
+        diverged: &diverged,
+        misbehaving: &misbehaving,
+        not_healthy: &not_healthy,
+    };
+    let (conditions, starting, mut transitions) = conditions::compute(&facts, previous, ctx, &now);
+    if !starting {
+        transitions.extend(member_transitions(previous, &members, &not_healthy));
+    }
+
+    let status = BftClusterStatus {
+        observed_generation: ctx.generation,
+        n: Some(n),
+        f: Some(f),
+        healthy: Some(healthy),
+        quorum: Some(quorum),
+        leader: agreed(f, verified.iter().map(|(_, s)| i64::from(s.leader)))
+            .and_then(|l| i32::try_from(l).ok()),
+        view_id: agreed(f, verified.iter().map(|(_, s)| i64::from(s.view_id))),
+        agreed_state_digest,
+        diverged_replicas: diverged,
+        members,
+        conditions,
+        last_error: None,
+    };
+    (status, transitions)
+}
+
+/// `previous` with `status.lastError` saying what stopped a reconcile. The time is when
+/// reconciles first failed for this reason, so that retries failing the same way leave the
+/// status as it is.
+pub fn with_error(
+    previous: &BftClusterStatus,
+    reason: &str,
+    message: &str,
+    now: Time,
+) -> BftClusterStatus {
+    let since = previous
+        .last_error
+        .as_ref()
+        .filter(|e| e.reason == reason)
+        .map_or(now, |e| e.since.clone());
+    BftClusterStatus {
+        last_error: Some(ReconcileError {
+            reason: reason.to_string(),
+            message: message.to_string(),
+            since,
+        }),
+        ..previous.clone()
+    }
+}
+
+/// Evidence from the replicas themselves: a member that more than f others caught, lately,
+/// sending what no correct replica sends (forged signatures, equivocation, proofs unsound in the
+/// view the accuser holds for them) is faulty, since at least one of its accusers is correct.
+/// An accuser still fetching state or outside its view may judge by the wrong view: replicas do
+/// not accuse then, and its word would not count here either. Gives the accused members and
+/// what they were accused of.
+fn accusations(membership: &Membership, verified: &[(i32, &Status)]) -> BTreeMap<i32, String> {
     let mut accusers: BTreeMap<i32, (Vec<i32>, u64, String)> = BTreeMap::new();
     for (id, s) in verified.iter().filter(|(_, s)| s.member && !s.transferring) {
         for a in &s.accusations {
@@ -90,9 +208,9 @@ pub fn compute(
             e.2.clone_from(&a.reason);
         }
     }
-    let accused: BTreeMap<i32, String> = accusers
+    accusers
         .into_iter()
-        .filter(|(_, (by, _, _))| by.len() as i32 > f)
+        .filter(|(_, (by, _, _))| by.len() as i32 > membership.f)
         .map(|(id, (by, count, reason))| {
             (
                 id,
@@ -102,13 +220,15 @@ pub fn compute(
                 ),
             )
         })
-        .collect();
+        .collect()
+}
 
-    // The state digest a replica reports is the one after its last decided instance, so only
-    // reports at the same instance are comparable. At each instance where f+1 agree, any other
-    // digest is a diverged replica; the newest such instance is the one shown.
+/// The state digest a replica reports is the one after its last decided instance, so only
+/// reports at the same instance are comparable. At each instance where f+1 agree, any other
+/// digest is a diverged replica; the newest such instance gives the agreed digest shown.
+fn divergence(f: i32, verified: &[(i32, &Status)]) -> (Option<String>, Vec<i32>) {
     let mut by_cid: BTreeMap<Option<u64>, BTreeMap<&str, Vec<i32>>> = BTreeMap::new();
-    for (id, s) in &verified {
+    for (id, s) in verified {
         by_cid
             .entry(s.last_decided)
             .or_default()
@@ -132,325 +252,214 @@ pub fn compute(
         }
     }
     diverged.sort_unstable();
+    (agreed_state_digest, diverged)
+}
 
-    // How far the cluster has decided: at least f+1 members (one of them correct) have decided
-    // this far, so a member well behind it is still catching up, not a healthy voter.
+/// How far the cluster has decided: at least f+1 members (one of them correct) have decided
+/// this far, so a member well behind it is still catching up, not a healthy voter.
+fn progress(f: i32, verified: &[(i32, &Status)]) -> Option<u64> {
     let mut decided: Vec<u64> = verified
         .iter()
         .filter_map(|(_, s)| s.last_decided)
         .collect();
     decided.sort_unstable_by(|a, b| b.cmp(a));
-    let progress = usize::try_from(f)
+    usize::try_from(f)
         .ok()
-        .and_then(|i| decided.get(i).copied());
-    // A leader change is normal and short: a member in one stays Healthy, with the leader
-    // change and when it was first seen noted as its problem, and counts as unhealthy only once
-    // the leader change has lasted LEADER_CHANGE_GRACE, so the status does not flap on every
-    // leader change (a restarted leader, a joiner arriving).
-    let synchronizing_since = |id: i32| {
-        previous.and_then(|p| {
-            p.members
-                .iter()
-                .find(|m| m.id == id)
-                .and_then(|m| m.problem.as_deref())
-                .and_then(|t| t.strip_prefix(SYNCHRONIZING))
-                .and_then(|t| t.strip_prefix(" since "))
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        })
-    };
-    let problem_of = |id: i32, p: &Probe| -> (bool, Option<String>) {
-        match p {
-            Probe::Verified(s) => verified_problem(
-                membership,
-                &diverged,
-                accused.get(&id).map(String::as_str),
-                progress,
-                synchronizing_since(id),
-                &now,
-                id,
-                s,
-            ),
-            Probe::Rejected(e) | Probe::Unreachable(e) => match accused.get(&id) {
-                Some(a) => (false, Some(format!("{e}; {a}"))),
-                None => (false, Some(e.clone())),
-            },
-        }
-    };
-    let members: Vec<MemberStatus> = reports
-        .iter()
-        .map(|(id, p)| {
-            let (fine, problem) = problem_of(*id, p);
-            match p {
-                Probe::Verified(s) => MemberStatus {
-                    id: *id,
-                    health: if fine {
-                        MemberHealth::Healthy
-                    } else {
-                        MemberHealth::Unhealthy
-                    },
-                    role: if s.leader == s.id {
-                        MemberRole::Leader
-                    } else {
-                        MemberRole::Follower
-                    },
-                    view_id: Some(i64::from(s.view_id)),
-                    last_decided_cid: s.last_decided.and_then(|c| i64::try_from(c).ok()),
-                    state_digest: Some(s.state_digest.clone()),
-                    problem,
-                },
-                Probe::Rejected(_) => blank_member(*id, MemberHealth::Unhealthy, problem),
-                Probe::Unreachable(_) => blank_member(*id, MemberHealth::Unreachable, problem),
-            }
-        })
-        .collect();
-    // Evidence of misbehaviour rather than of a crash: f+1 replicas accuse it, its status does
-    // not verify, or its own signed status admits to a Byzantine test mode.
-    let misbehaving: Vec<i32> = reports
-        .iter()
-        .filter(|(id, p)| {
-            accused.contains_key(id)
-                || match p {
-                    Probe::Rejected(_) => true,
-                    Probe::Verified(s) => s.byzantine.is_some(),
-                    Probe::Unreachable(_) => false,
-                }
-        })
-        .map(|(id, _)| *id)
-        .collect();
-    let healthy = members
-        .iter()
-        .filter(|m| m.health == MemberHealth::Healthy)
-        .count() as i32;
-    let faulty = n - healthy;
-    let leader = agreed(f, verified.iter().map(|(_, s)| i64::from(s.leader)));
-    let view_id = agreed(f, verified.iter().map(|(_, s)| i64::from(s.view_id)));
-
-    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
-    let prev_cond = |t: &str| prev_conditions.iter().find(|c| c.type_ == t);
-    // Until the cluster has been available once, missing replicas are starting, not failing.
-    let ever_available = prev_cond(kind::AVAILABLE)
-        .is_some_and(|c| c.status == "True" || c.reason != reason::STARTING);
-    let starting = !ever_available && healthy < quorum;
-
-    let not_healthy: Vec<String> = members
-        .iter()
-        .filter(|m| m.health != MemberHealth::Healthy)
-        .map(|m| {
-            format!(
-                "replica {} ({})",
-                m.id,
-                m.problem.as_deref().unwrap_or("not probed")
-            )
-        })
-        .collect();
-
-    let mut desired: Vec<(&str, bool, &str, String)> = Vec::new();
-    desired.push(if healthy >= quorum {
-        (
-            kind::AVAILABLE,
-            true,
-            reason::QUORUM_HEALTHY,
-            format!("{healthy} of {n} replicas are healthy; a quorum is {quorum}"),
-        )
-    } else if starting {
-        (
-            kind::AVAILABLE,
-            false,
-            reason::STARTING,
-            format!("waiting for replicas to start: {healthy} of {n} healthy, {quorum} needed"),
-        )
-    } else {
-        (
-            kind::AVAILABLE,
-            false,
-            reason::QUORUM_LOST,
-            format!(
-                "only {healthy} of {n} replicas are healthy and {quorum} are needed: writes stop until enough recover. Not healthy: {}",
-                not_healthy.join(", ")
-            ),
-        )
-    });
-    desired.push(if faulty == 0 {
-        (
-            kind::DEGRADED,
-            false,
-            reason::ALL_REPLICAS_HEALTHY,
-            format!("all {n} replicas are healthy"),
-        )
-    } else if starting {
-        (
-            kind::DEGRADED,
-            false,
-            reason::STARTING,
-            "replicas are starting".to_string(),
-        )
-    } else if !diverged.is_empty() {
-        (
-            kind::DEGRADED,
-            true,
-            reason::STATE_DIVERGED,
-            format!(
-                "replicas {diverged:?} report a state that differs from the one f+1 replicas agree on: replace each (delete its pod and PersistentVolumeClaim) so it recovers the agreed state"
-            ),
-        )
-    } else if !misbehaving.is_empty() {
-        let named: Vec<&String> = not_healthy
-            .iter()
-            .filter(|t| misbehaving.iter().any(|id| t.starts_with(&format!("replica {id} "))))
-            .collect();
-        (
-            kind::DEGRADED,
-            true,
-            reason::REPLICAS_MISBEHAVING,
-            format!(
-                "replicas {misbehaving:?} misbehave: {}. Clients stay correct while at most f = {f} replicas are faulty ({faulty} of {n} are not healthy now); replace a misbehaving replica (delete its pod and PersistentVolumeClaim) or remove it by scaling in",
-                named.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        )
-    } else {
-        (
-            kind::DEGRADED,
-            true,
-            reason::REPLICAS_UNHEALTHY,
-            format!("{faulty} of {n} replicas are not healthy (tolerated: {f}): {}", not_healthy.join(", ")),
-        )
-    });
-    // Sticky: once more than f replicas failed, the condition stays until every replica is
-    // healthy again, so a brief recovery between failures cannot hide it.
-    let was_exceeded =
-        prev_cond(kind::FAULT_TOLERANCE_EXCEEDED).is_some_and(|c| c.status == "True");
-    desired.push(if !starting && (faulty > f || (was_exceeded && faulty > 0)) {
-        (
-            kind::FAULT_TOLERANCE_EXCEEDED,
-            true,
-            reason::TOO_MANY_FAULTS,
-            format!(
-                "{faulty} of {n} replicas are not healthy but the view tolerates only {f}: safety is no longer guaranteed. Bring replicas back (kubectl get pods -l app.kubernetes.io/instance=<cluster>); this condition clears when all {n} are healthy"
-            ),
-        )
-    } else if starting {
-        (
-            kind::FAULT_TOLERANCE_EXCEEDED,
-            false,
-            reason::STARTING,
-            "replicas are starting".to_string(),
-        )
-    } else {
-        (
-            kind::FAULT_TOLERANCE_EXCEEDED,
-            false,
-            reason::WITHIN_FAULT_TOLERANCE,
-            format!("{faulty} of {n} replicas are not healthy; the view tolerates {f}"),
-        )
-    });
-    desired.push(match &ctx.reconfiguration {
-        Some((active, why, message)) => (kind::RECONFIGURING, *active, *why, message.clone()),
-        None => (
-            kind::RECONFIGURING,
-            false,
-            reason::VIEW_MATCHES_SPEC,
-            format!("the view has the {n} replicas and f = {f} that the spec asks for"),
-        ),
-    });
-    desired.push(if ctx.paused {
-        (
-            kind::PAUSED,
-            true,
-            reason::PAUSED,
-            "reconciliation is paused (spec.paused or the kmmr.io/paused annotation): children are not changed; status is still reported".to_string(),
-        )
-    } else {
-        (
-            kind::PAUSED,
-            false,
-            reason::RECONCILING,
-            "the operator reconciles this cluster".to_string(),
-        )
-    });
-
-    let mut transitions = Vec::new();
-    let conditions = desired
-        .into_iter()
-        .map(|(type_, status, why, message)| {
-            let status = if status { "True" } else { "False" };
-            let prev = prev_cond(type_);
-            let changed = prev.is_none_or(|p| p.status != status || p.reason != why);
-            if changed {
-                let bad = matches!(
-                    (type_, status),
-                    (kind::AVAILABLE, "False")
-                        | (kind::DEGRADED, "True")
-                        | (kind::FAULT_TOLERANCE_EXCEEDED, "True")
-                ) && why != reason::STARTING
-                    || why == reason::RECONFIGURATION_DISABLED
-                    || why == reason::RECONFIGURATION_BLOCKED;
-                transitions.push(Transition {
-                    warning: bad,
-                    reason: why.to_string(),
-                    note: format!("{type_}={status}: {message}"),
-                });
-            }
-            Condition {
-                last_transition_time: match prev {
-                    Some(p) if p.status == status => p.last_transition_time.clone(),
-                    _ => now.clone(),
-                },
-                message,
-                observed_generation: ctx.generation,
-                reason: why.to_string(),
-                status: status.to_string(),
-                type_: type_.to_string(),
-            }
-        })
-        .collect();
-
-    // Per-member Events, but not for the noise of a cluster coming up.
-    if !starting {
-        let prev_members: BTreeMap<i32, MemberHealth> = previous
-            .map(|p| p.members.iter().map(|m| (m.id, m.health)).collect())
-            .unwrap_or_default();
-        for m in &members {
-            if prev_members.get(&m.id).is_some_and(|h| *h != m.health) {
-                let detail = not_healthy
-                    .iter()
-                    .find(|s| s.starts_with(&format!("replica {} ", m.id)))
-                    .cloned()
-                    .unwrap_or_else(|| format!("replica {}", m.id));
-                transitions.push(Transition {
-                    warning: m.health != MemberHealth::Healthy,
-                    reason: format!("Member{:?}", m.health),
-                    note: format!("{detail} is now {:?}", m.health),
-                });
-            }
-        }
-    }
-
-    let status = BftClusterStatus {
-        observed_generation: ctx.generation,
-        n: Some(n),
-        f: Some(f),
-        healthy: Some(healthy),
-        quorum: Some(quorum),
-        leader: leader.and_then(|l| i32::try_from(l).ok()),
-        view_id,
-        agreed_state_digest,
-        diverged_replicas: diverged,
-        members,
-        conditions,
-    };
-    (status, transitions)
+        .and_then(|i| decided.get(i).copied())
 }
 
-fn blank_member(id: i32, health: MemberHealth, problem: Option<String>) -> MemberStatus {
-    MemberStatus {
-        id,
-        health,
-        role: MemberRole::Unknown,
-        view_id: None,
-        last_decided_cid: None,
-        state_digest: None,
-        problem,
+/// What the members' reports are judged against.
+struct Judge<'a> {
+    membership: &'a Membership,
+    diverged: &'a [i32],
+    accused: &'a BTreeMap<i32, String>,
+    progress: Option<u64>,
+    previous: Option<&'a BftClusterStatus>,
+    installing_view: bool,
+    now: &'a Time,
+}
+
+impl Judge<'_> {
+    fn member(&self, id: i32, p: &Probe) -> MemberStatus {
+        let problem = self.problem(id, p);
+        let healthy = problem.as_ref().is_none_or(|p| p.healthy);
+        // A problem keeps the time it was first seen while its kind stays the same.
+        let since = problem.as_ref().map(|p| {
+            self.previous
+                .and_then(|s| s.members.iter().find(|m| m.id == id))
+                .filter(|m| m.problem_reason == Some(p.kind))
+                .and_then(|m| m.problem_since.clone())
+                .unwrap_or_else(|| self.now.clone())
+        });
+        let (health, role, view_id, last_decided_cid, state_digest) = match p {
+            Probe::Verified(s) => (
+                if healthy {
+                    MemberHealth::Healthy
+                } else {
+                    MemberHealth::Unhealthy
+                },
+                if s.leader == s.id {
+                    MemberRole::Leader
+                } else {
+                    MemberRole::Follower
+                },
+                Some(i64::from(s.view_id)),
+                s.last_decided.and_then(|c| i64::try_from(c).ok()),
+                Some(s.state_digest.clone()),
+            ),
+            Probe::Rejected(_) => (
+                MemberHealth::Unhealthy,
+                MemberRole::Unknown,
+                None,
+                None,
+                None,
+            ),
+            Probe::Unreachable(_) => (
+                MemberHealth::Unreachable,
+                MemberRole::Unknown,
+                None,
+                None,
+                None,
+            ),
+        };
+        MemberStatus {
+            id,
+            health,
+            role,
+            view_id,
+            last_decided_cid,
+            state_digest,
+            problem_reason: problem.as_ref().map(|p| p.kind),
+            problem: problem.map(|p| p.text),
+            problem_since: since,
+        }
     }
+
+    fn problem(&self, id: i32, p: &Probe) -> Option<Problem> {
+        let (kind, e) = match p {
+            Probe::Verified(s) => return self.verified_problem(id, s),
+            Probe::Rejected(e) => (MemberProblem::StatusRejected, e),
+            Probe::Unreachable(e) => (MemberProblem::Unreachable, e),
+        };
+        let text = match self.accused.get(&id) {
+            Some(a) => format!("{e}; {a}"),
+            None => e.clone(),
+        };
+        Some(Problem {
+            kind,
+            text,
+            healthy: false,
+        })
+    }
+
+    /// What is wrong with a replica whose status checks out, if anything.
+    fn verified_problem(&self, id: i32, s: &Status) -> Option<Problem> {
+        let membership = self.membership;
+        let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
+        let fault = |kind, text: String| {
+            Some(Problem {
+                kind,
+                text,
+                healthy: false,
+            })
+        };
+        if self.diverged.contains(&id) {
+            return fault(MemberProblem::StateDiverged, "state diverged".to_string());
+        }
+        if let Some(a) = self.accused.get(&id) {
+            return fault(MemberProblem::Accused, a.clone());
+        }
+        if let Some(mode) = &s.byzantine {
+            return fault(
+                MemberProblem::ByzantineTestMode,
+                format!("runs the Byzantine test mode {mode}"),
+            );
+        }
+        let view_differs = i64::from(s.view_id) != membership.view_id;
+        if view_differs || s.n as i64 != n || s.f as i64 != f {
+            let text = format!(
+                "reports view {} with n={} f={}, expected view {} with n={n} f={f}",
+                s.view_id, s.n, s.f, membership.view_id
+            );
+            if self.installing_view && i64::from(s.view_id) < membership.view_id {
+                return Some(Problem {
+                    kind: MemberProblem::InstallingView,
+                    text: format!("installing view {}: {text}", membership.view_id),
+                    healthy: true,
+                });
+            }
+            return fault(MemberProblem::OtherView, text);
+        }
+        if !s.member {
+            return fault(
+                MemberProblem::NotAMember,
+                "does not count itself a member of its view".to_string(),
+            );
+        }
+        if s.transferring {
+            return fault(
+                MemberProblem::TransferringState,
+                "fetching the state from the others (state transfer)".to_string(),
+            );
+        }
+        if let Some(p) = self
+            .progress
+            .filter(|p| s.last_decided.is_none_or(|d| d + MAX_LAG < *p))
+        {
+            return fault(
+                MemberProblem::CatchingUp,
+                format!(
+                    "catching up: decided up to {}, f+1 replicas up to {p}",
+                    s.last_decided
+                        .map_or_else(|| "nothing yet".to_string(), |d| d.to_string())
+                ),
+            );
+        }
+        if s.synchronizing {
+            // A leader change is normal and short: a member in one stays Healthy, with the
+            // leader change noted as its problem, and counts as unhealthy only once it has
+            // lasted LEADER_CHANGE_GRACE, so the status does not flap on every leader change (a
+            // restarted leader, a joiner arriving).
+            let since = self
+                .previous
+                .and_then(|p| p.members.iter().find(|m| m.id == id))
+                .filter(|m| m.problem_reason == Some(MemberProblem::LeaderChange))
+                .and_then(|m| m.problem_since.as_ref())
+                .map_or(self.now.0, |t| t.0);
+            return Some(Problem {
+                kind: MemberProblem::LeaderChange,
+                text: SYNCHRONIZING.to_string(),
+                healthy: self.now.0.duration_since(since) < LEADER_CHANGE_GRACE,
+            });
+        }
+        None
+    }
+}
+
+/// Per-member Events when a member's health changed.
+fn member_transitions(
+    previous: Option<&BftClusterStatus>,
+    members: &[MemberStatus],
+    not_healthy: &[(i32, String)],
+) -> Vec<Transition> {
+    let prev_members: BTreeMap<i32, MemberHealth> = previous
+        .map(|p| p.members.iter().map(|m| (m.id, m.health)).collect())
+        .unwrap_or_default();
+    members
+        .iter()
+        .filter(|m| prev_members.get(&m.id).is_some_and(|h| *h != m.health))
+        .map(|m| {
+            let detail = not_healthy
+                .iter()
+                .find(|(id, _)| *id == m.id)
+                .map_or_else(|| format!("replica {}", m.id), |(_, d)| d.clone());
+            Transition {
+                warning: m.health != MemberHealth::Healthy,
+                reason: format!("Member{:?}", m.health),
+                note: format!("{detail} is now {:?}", m.health),
+            }
+        })
+        .collect()
 }
 
 /// The newest view that more than f members of `membership` report, when it is newer than
@@ -481,53 +490,6 @@ pub const LEADER_CHANGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from
 /// up: the probes of one pass are concurrent, not simultaneous, and replicas decide under load.
 pub const MAX_LAG: u64 = 64;
 
-/// Whether a replica whose status checks out is healthy, and what is wrong with it, if anything.
-#[allow(clippy::too_many_arguments)]
-fn verified_problem(
-    membership: &Membership,
-    diverged: &[i32],
-    accused: Option<&str>,
-    progress: Option<u64>,
-    synchronizing_since: Option<jiff::Timestamp>,
-    now: &Time,
-    id: i32,
-    s: &kmmr_client::status::Status,
-) -> (bool, Option<String>) {
-    let (n, f) = (membership.members.len() as i64, i64::from(membership.f));
-    let problem = if diverged.contains(&id) {
-        "state diverged".to_string()
-    } else if let Some(a) = accused {
-        a.to_string()
-    } else if let Some(mode) = &s.byzantine {
-        format!("runs the Byzantine test mode {mode}")
-    } else if i64::from(s.view_id) != membership.view_id || s.n as i64 != n || s.f as i64 != f {
-        format!(
-            "reports view {} with n={} f={}, expected view {} with n={n} f={f}",
-            s.view_id, s.n, s.f, membership.view_id
-        )
-    } else if !s.member {
-        "does not count itself a member of its view".to_string()
-    } else if s.transferring {
-        "fetching the state from the others (state transfer)".to_string()
-    } else if let Some(p) = progress.filter(|p| s.last_decided.is_none_or(|d| d + MAX_LAG < *p)) {
-        format!(
-            "catching up: decided up to {}, f+1 replicas up to {p}",
-            s.last_decided
-                .map_or_else(|| "nothing yet".to_string(), |d| d.to_string())
-        )
-    } else if s.synchronizing {
-        let since = synchronizing_since.unwrap_or(now.0);
-        let note = format!("{SYNCHRONIZING} since {since}");
-        if now.0.duration_since(since) < LEADER_CHANGE_GRACE {
-            return (true, Some(note));
-        }
-        note
-    } else {
-        return (true, None);
-    };
-    (false, Some(problem))
-}
-
 /// The value more than f of `values` share, if any.
 fn agreed(f: i32, values: impl Iterator<Item = i64>) -> Option<i64> {
     let mut counts: BTreeMap<i64, i32> = BTreeMap::new();
@@ -542,6 +504,8 @@ fn agreed(f: i32, values: impl Iterator<Item = i64>) -> Option<i64> {
         .max_by_key(|(v, c)| (*c, *v))
         .map(|(v, _)| v)
 }
+
+mod conditions;
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
 use super::*;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kmmr_client::status::Status;
+use kmmr_crds::{condition_reasons as reason, condition_types as kind};
 
 fn membership() -> Membership {
     Membership {
@@ -220,11 +222,12 @@ fn a_pending_reconfiguration_and_pause_are_reported_with_warnings() {
     let c = Context {
         generation: Some(2),
         paused: true,
-        reconfiguration: Some((
-            false,
-            reason::RECONFIGURATION_DISABLED,
-            "not applied".into(),
-        )),
+        reconfiguration: Some(Reconfiguration {
+            in_progress: false,
+            reason: reason::RECONFIGURATION_DISABLED,
+            message: "not applied".into(),
+        }),
+        installing_view: false,
     };
     let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
     let r = cond(&s, kind::RECONFIGURING);
@@ -244,7 +247,12 @@ fn a_view_moving_toward_the_spec_is_reconfiguring_without_a_warning() {
     let c = Context {
         generation: Some(3),
         paused: false,
-        reconfiguration: Some((true, reason::SCALING_OUT, "adding replica 4".into())),
+        reconfiguration: Some(Reconfiguration {
+            in_progress: true,
+            reason: reason::SCALING_OUT,
+            message: "adding replica 4".into(),
+        }),
+        installing_view: false,
     };
     let (s, events) = compute(None, &membership(), &all_healthy(), &c, at(100));
     let r = cond(&s, kind::RECONFIGURING);
@@ -443,4 +451,96 @@ fn a_leader_change_counts_against_a_member_only_if_it_lasts() {
     let (over, _) = compute(Some(&long), &membership(), &all_healthy(), &ctx(), at(220));
     let (new, _) = compute(Some(&over), &membership(), &probes, &ctx(), at(300));
     assert_eq!(new.healthy, Some(4));
+}
+
+#[test]
+fn a_problem_is_typed_and_keeps_the_time_it_was_first_seen() {
+    let (healthy, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let mut probes = all_healthy();
+    probes.insert(2, Probe::Unreachable("connection refused".into()));
+    let (s1, _) = compute(Some(&healthy), &membership(), &probes, &ctx(), at(200));
+    let m2 = &s1.members[2];
+    assert_eq!(m2.problem_reason, Some(MemberProblem::Unreachable));
+    assert_eq!(m2.problem_since, Some(at(200)));
+    // Still unreachable later: the same time, so the status does not change.
+    let (s2, _) = compute(Some(&s1), &membership(), &probes, &ctx(), at(300));
+    assert_eq!(s2, s1);
+    // Another kind of problem starts its own clock.
+    probes.insert(2, Probe::Rejected("bad signature".into()));
+    let (s3, _) = compute(Some(&s2), &membership(), &probes, &ctx(), at(400));
+    assert_eq!(
+        s3.members[2].problem_reason,
+        Some(MemberProblem::StatusRejected)
+    );
+    assert_eq!(s3.members[2].problem_since, Some(at(400)));
+    // Healthy again: no problem, no time.
+    let (s4, _) = compute(Some(&s3), &membership(), &all_healthy(), &ctx(), at(500));
+    assert_eq!(s4.members[2].problem_reason, None);
+    assert_eq!(s4.members[2].problem_since, None);
+}
+
+#[test]
+fn members_installing_a_view_just_changed_to_count_as_healthy_only_then() {
+    let next = Membership {
+        view_id: 1,
+        ..membership()
+    };
+    // The probes still show view 0.
+    let installing = Context {
+        installing_view: true,
+        ..ctx()
+    };
+    let (s, events) = compute(None, &next, &all_healthy(), &installing, at(100));
+    assert_eq!(s.healthy, Some(4), "{:?}", s.members);
+    assert!(s
+        .members
+        .iter()
+        .all(|m| m.problem_reason == Some(MemberProblem::InstallingView)));
+    assert!(events.iter().all(|e| !e.warning), "{events:?}");
+    // On a later pass a member still on the old view reports another view: a fault.
+    let (later, _) = compute(Some(&s), &next, &all_healthy(), &ctx(), at(110));
+    assert_eq!(later.healthy, Some(0));
+    assert!(later
+        .members
+        .iter()
+        .all(|m| m.problem_reason == Some(MemberProblem::OtherView)));
+}
+
+#[test]
+fn a_failed_reconcile_is_in_the_status_until_one_succeeds() {
+    let (s, _) = compute(None, &membership(), &all_healthy(), &ctx(), at(100));
+    let failed = with_error(
+        &s,
+        "KeyMismatch",
+        "replica 1's key Secret does not match",
+        at(200),
+    );
+    let e = failed.last_error.as_ref().unwrap();
+    assert_eq!(
+        (e.reason.as_str(), e.since.clone()),
+        ("KeyMismatch", at(200))
+    );
+    assert_eq!(failed.conditions, s.conditions, "nothing else changes");
+    // Failing the same way again leaves the status as it was.
+    assert_eq!(
+        with_error(
+            &failed,
+            "KeyMismatch",
+            "replica 1's key Secret does not match",
+            at(300)
+        ),
+        failed
+    );
+    // Another reason starts its own time.
+    let other = with_error(&failed, "ViewUnreadable", "x", at(400));
+    assert_eq!(other.last_error.unwrap().since, at(400));
+    // The next reconcile that gets through clears it.
+    let (ok, _) = compute(
+        Some(&failed),
+        &membership(),
+        &all_healthy(),
+        &ctx(),
+        at(500),
+    );
+    assert_eq!(ok.last_error, None);
 }
