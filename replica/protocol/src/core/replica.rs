@@ -131,19 +131,15 @@ pub struct Replica {
     /// Given a view with history but no state: take no part until a checkpoint of that view
     /// (or a later one) is installed.
     joining: bool,
+    views: membership::ViewHistory,
     /// Replaying the local log at start-up: its decisions are on disk already and their replies
     /// long sent.
     replaying: bool,
-    /// A view installed by the batch being executed, taking effect after it.
-    pending_view: Option<View>,
     /// What the last `Output::Promise` said (only with `Config::persist`).
     promised: Option<PromiseKey>,
     /// A promise recovered from disk for an instance not reached yet (the log lost its tail in
     /// the crash): this replica takes no part until it gets there, then restores it.
     restored: Option<Promise>,
-    /// The first CID ordered in `view`, and the view before (which proved earlier decisions).
-    view_since: Cid,
-    previous_view: Option<View>,
 
     regency: Regency,
     synchronizing: bool,
@@ -204,11 +200,9 @@ impl Replica {
             transfer,
             joining,
             replaying: false,
-            pending_view: None,
+            views: membership::ViewHistory::default(),
             promised: None,
             restored: None,
-            view_since: Cid(0),
-            previous_view: None,
             regency: Regency(0),
             synchronizing: false,
             lc: leader_change::LeaderChange::default(),
@@ -401,15 +395,12 @@ impl Replica {
     /// follow a reconfiguration not decided here yet (a joiner shown an old SYNC, a laggard
     /// sent decisions of the next view, found both on loopback: tests/reconfig.rs).
     fn holds_view_for(&self, cid: Cid) -> bool {
-        self.view_since <= cid && cid <= self.current_cid()
+        self.views.view_since <= cid && cid <= self.current_cid()
     }
 
     /// The view whose members proved the decision of `cid`.
     fn view_for(&self, cid: Cid) -> &View {
-        match &self.previous_view {
-            Some(p) if cid < self.view_since => p,
-            _ => &self.view,
-        }
+        self.views.view_for(&self.view, cid)
     }
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
@@ -653,6 +644,7 @@ impl Replica {
         // A replica removed while behind must still learn the decisions up to its removal, or
         // it would never know it was removed: it may ask for them, and for nothing else.
         let former = self
+            .views
             .previous_view
             .as_ref()
             .is_some_and(|v| v.contains(from))

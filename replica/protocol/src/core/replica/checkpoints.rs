@@ -11,8 +11,8 @@ impl Replica {
                 cid,
                 timestamp_ms: self.last_timestamp_ms,
                 view: &self.view,
-                view_since: self.view_since,
-                previous_view: self.previous_view.as_ref(),
+                view_since: self.views.view_since,
+                previous_view: self.views.previous_view.as_ref(),
                 sessions: &self.sessions,
             },
             &*self.service,
@@ -235,8 +235,8 @@ impl Replica {
         let view_changed = st.view != self.view;
         self.sessions = st.sessions;
         self.view = st.view;
-        self.view_since = st.view_since;
-        self.previous_view = st.previous_view;
+        self.views.view_since = st.view_since;
+        self.views.previous_view = st.previous_view;
         self.last_timestamp_ms = st.timestamp_ms;
         // Own decisions after the checkpoint are proven: replay them rather than fetch them.
         let mine = self.log.split_off(&cid.next());

@@ -262,7 +262,7 @@ impl Replica {
         self.catchup.future = self.catchup.future.split_off(&cid.next());
         self.catchup.decided_ahead = self.catchup.decided_ahead.split_off(&cid.next());
         self.trim_unproven();
-        let reconfigured = match self.pending_view.take() {
+        let reconfigured = match self.views.pending_view.take() {
             Some(v) => {
                 self.install_view(cid, v);
                 true
