@@ -38,11 +38,11 @@ impl std::fmt::Display for QuorumError {
 impl std::error::Error for QuorumError {}
 
 /// The largest f that n replicas tolerate: floor((n-1)/3). This is also the default when
-/// `spec.f` is unset. The protocol's own rule (`kmmr_protocol::core::view::default_f`), in the
+/// `spec.f` is unset. The protocol's own rule (`kmmr_protocol::view::default_f`), in the
 /// schema's integer type.
 pub fn max_f(n: i32) -> i32 {
     let n = usize::try_from(n).unwrap_or(0);
-    i32::try_from(kmmr_protocol::core::view::default_f(n)).unwrap_or(i32::MAX)
+    i32::try_from(kmmr_protocol::view::default_f(n)).unwrap_or(i32::MAX)
 }
 
 /// The f used when `spec.f` is unset.
@@ -52,13 +52,13 @@ pub fn default_f(n: i32) -> i32 {
 
 /// BFT-SMaRt's quorum for n replicas tolerating f faults: ceil((n+f+1)/2), which is 2f+1 when
 /// n = 3f+1. Any two quorums then intersect in at least f+1 replicas, one of them correct. The
-/// protocol's own rule (`kmmr_protocol::core::view::quorum`), in the schema's integer type.
+/// protocol's own rule (`kmmr_protocol::view::quorum`), in the schema's integer type.
 pub fn quorum_size(n: i32, f: i32) -> i32 {
     let (n, f) = (
         usize::try_from(n).unwrap_or(0),
         usize::try_from(f).unwrap_or(0),
     );
-    i32::try_from(kmmr_protocol::core::view::quorum(n, f)).unwrap_or(i32::MAX)
+    i32::try_from(kmmr_protocol::view::quorum(n, f)).unwrap_or(i32::MAX)
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use kmmr_client::admin::{Admin, AdminError};
 use kmmr_client::files::ViewFile;
 use kmmr_client::proxy::ClientOptions;
 use kmmr_protocol::core::reconfig::ViewChange;
-use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::ids::ReplicaId;
 
 use crate::config::Membership;

@@ -13,8 +13,8 @@ use crate::node::{NodeConfig, ProtocolConfig, ServiceChoice};
 use kmmr_client::files::{save_key, ViewFile};
 pub use kmmr_client::status::fetch_status;
 use kmmr_client::status::{split_url, MAX_METRICS_RESPONSE};
-use kmmr_protocol::core::view::{default_f, Member, View};
 use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::view::{default_f, Member, View};
 use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 
 /// What to lay out.

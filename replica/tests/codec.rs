@@ -1,5 +1,5 @@
 //! Property tests for the canonical wire encoding (`wire::codec`, `wire::messages`,
-//! `core::view`) and the stream framing (`wire::frame`).
+//! `view`) and the stream framing (`wire::frame`).
 //!
 //! What is proven, for every wire type:
 //!
@@ -22,8 +22,8 @@
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
-use kmmr_protocol::core::view::{default_f, Member, View};
 use kmmr_protocol::crypto::{Digest, PublicKey, Signature};
+use kmmr_protocol::view::{default_f, Member, View};
 use kmmr_protocol::wire::codec::{Decode, DecodeError, Encode, Writer};
 use kmmr_protocol::wire::frame::{encode_frame, FrameDecoder, FrameError};
 use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};

@@ -12,8 +12,8 @@ use kmmr_net::{
     server_name, ClientConnector, ClientListener, FromReplica, Inbound, LinkKind, NetConfig,
     NetStats, PeerNetwork, RejectReason, SendError, TlsIdentity,
 };
-use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 use kmmr_protocol::wire::limits::MAX_FRAME;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -14,9 +14,9 @@ use kmmr_client::files::{load_key, save_key, ViewFile};
 use kmmr_client::status::{fetch_status, Status};
 use kmmr_client::{Admin, Client, ClientOptions};
 use kmmr_protocol::core::reconfig::ViewChange;
-use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::ids::ReplicaId;
 
 mod common;

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kmmr::storage::{Damage, Storage, StorageConfig, StorageError, SyncMode, CHECKPOINTS_KEPT};
-use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::{Digest, PublicKey, Signature};
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use kmmr_protocol::wire::messages::{Batch, Decision, Proof, Request, RequestKind, SignedRequest};

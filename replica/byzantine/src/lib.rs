@@ -9,8 +9,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use kmmr_protocol::core::output::Output;
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::{Digest, Domain, KeyPair, Signature};
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Encode, Writer};
 use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use kmmr_protocol::wire::limits;

@@ -9,8 +9,8 @@ use anyhow::anyhow;
 
 use crate::proxy::{Client, ClientOptions};
 use kmmr_protocol::core::reconfig::{ReconfigOutcome, ReconfigRequest, ViewChange};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::messages::RequestKind;
 

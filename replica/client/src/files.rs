@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use kmmr_protocol::core::view::{Member, View};
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 
 /// The view as written on disk.

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::{Digest, KeyPair};
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::ids::ReplicaId;
 use kmmr_protocol::wire::messages::{Reply, ReplyBody, Request, RequestKind, SignedRequest};

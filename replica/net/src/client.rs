@@ -21,8 +21,8 @@ use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, AnyKey, TlsIdentity, ALPN_CLIENT};
 use super::SendError;
 use super::{client_address, ClientId, ConnId, Inbound, NetConfig, NetError, RejectReason};
-use kmmr_protocol::core::view::Member;
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::view::Member;
 use kmmr_protocol::wire::frame::encode_frame;
 use kmmr_protocol::wire::ids::ReplicaId;
 

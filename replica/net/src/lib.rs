@@ -84,7 +84,7 @@
 //! Dropping a [`PeerNetwork`], [`ClientListener`] or [`ReplicaLink`] closes its sockets and stops
 //! its tasks. Everything here must run inside a tokio runtime.
 //!
-//! [`View`]: kmmr_protocol::core::view::View
+//! [`View`]: kmmr_protocol::view::View
 
 mod client;
 mod conn;

@@ -22,8 +22,8 @@ use super::conn::{self, account, Ended};
 use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, KeyPolicy, TlsIdentity, ALPN_PEER};
 use super::{Inbound, NetConfig, NetError, RejectReason, SendError};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::frame::encode_frame;
 use kmmr_protocol::wire::ids::ReplicaId;
 

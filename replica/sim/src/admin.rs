@@ -4,8 +4,8 @@
 
 use kmmr_client::session::{ClientSession, Completion};
 use kmmr_protocol::core::reconfig::{self, ReconfigOutcome, ReconfigRequest, ViewChange};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::ReplicaId;
 use kmmr_protocol::wire::messages::RequestKind;
@@ -72,7 +72,7 @@ impl SimAdmin {
     pub fn start_next(
         &mut self,
         now: u64,
-        member_of: impl Fn(usize) -> (ReplicaId, kmmr_protocol::core::view::Member),
+        member_of: impl Fn(usize) -> (ReplicaId, kmmr_protocol::view::Member),
     ) -> Vec<AdminAction> {
         let Some(step) = self.steps.get(self.next).cloned() else {
             return Vec::new();

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::admin::{ReconfigStep, SimChange};
 use kmmr_byzantine::Behaviour;
 use kmmr_protocol::core::config::{Config, SlowLeader};
-use kmmr_protocol::core::view::default_f;
+use kmmr_protocol::view::default_f;
 
 /// Network behaviour. Before GST messages may also be lost and replicas partitioned; after it,
 /// every message between live nodes arrives within `max_delay_us`.

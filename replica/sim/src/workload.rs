@@ -9,9 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::ServiceKind;
 use kmmr_client::session::{ClientSession, Completion};
 use kmmr_linearizability::Operation;
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::service::kv::{KvRequest, KvResponse, RangeResponse, ResponseOp};
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::messages::RequestKind;
 

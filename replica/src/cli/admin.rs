@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use kmmr_client::files::{load_key, parse_public_key, ViewFile};
 use kmmr_client::{Admin, AdminError, ClientOptions};
 use kmmr_protocol::core::reconfig::ViewChange;
-use kmmr_protocol::core::view::{Member, View};
+use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::ids::ReplicaId;
 
 #[derive(Args, Debug)]

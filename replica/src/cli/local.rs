@@ -12,9 +12,9 @@ use tokio::process::Child;
 
 use kmmr_client::{Client, ClientOptions};
 use kmmr_linearizability::{self as linearizability, CheckResult, Operation};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::service::kv::KvRequest;
+use kmmr_protocol::view::View;
 
 use kmmr::cluster::{http_port, prepare, spawn_replica, wait_healthy, ClusterSpec};
 use kmmr::node::ProtocolConfig;

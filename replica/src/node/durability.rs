@@ -26,8 +26,8 @@ use crate::storage::{
     StorageError,
 };
 use kmmr_protocol::core::state::{Checkpoint, StoredCheckpoint};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::ids::Cid;
 use kmmr_protocol::wire::messages::Decision;
 

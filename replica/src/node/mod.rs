@@ -39,11 +39,11 @@ use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetConfig, NetSt
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::{Promise, MAX_PROMISED_DECISIONS};
 use kmmr_protocol::core::replica::{FromDisk, Replica};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::service::kv::KvStore;
 use kmmr_protocol::service::noop::NoopService;
 use kmmr_protocol::service::Service;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::{Cid, ReplicaId};
 use kmmr_protocol::wire::messages::{ClientId, ReplicaMessage, SignedRequest};

@@ -18,8 +18,8 @@ use std::fs::{self, File};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::Cid;
 use kmmr_protocol::wire::limits;

@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::Digest;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::ids::Cid;
 use kmmr_protocol::wire::messages::Decision;

@@ -14,8 +14,8 @@ use kmmr::cluster::{
 use kmmr::node::{ProtocolConfig, ServiceChoice};
 use kmmr_client::status::{fetch_status, SignedStatus};
 use kmmr_client::{Client, ClientOptions};
-use kmmr_protocol::core::view::View;
 use kmmr_protocol::crypto::KeyPair;
+use kmmr_protocol::view::View;
 use kmmr_protocol::wire::ids::ReplicaId;
 use tokio::process::Child;
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod instance;
 pub mod output;
 pub mod promise;
+pub mod proof;
 pub mod reconfig;
 pub mod rejection;
 pub mod replica;
@@ -16,7 +17,6 @@ pub mod state;
 pub mod sync;
 pub mod transfer;
 pub mod verified;
-pub mod view;
 
 pub use config::Config;
 pub use output::{Event, Output};

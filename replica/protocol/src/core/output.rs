@@ -3,8 +3,8 @@
 use crate::core::promise::Promise;
 use crate::core::rejection::Rejection;
 use crate::core::state::Checkpoint;
-use crate::core::view::View;
 use crate::crypto::Digest;
+use crate::view::View;
 use crate::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use crate::wire::messages::{ClientId, Decision, ReplicaMessage, Reply};
 

@@ -6,7 +6,7 @@
 //! Every correct replica executes the same requests in the same order, so they all install the
 //! same view at the same CID.
 
-use crate::core::view::{default_f, Member, View};
+use crate::view::{default_f, Member, View};
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::{ReplicaId, ViewId};
 use crate::wire::limits;

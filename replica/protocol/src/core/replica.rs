@@ -30,9 +30,9 @@ use crate::core::state::{
 use crate::core::sync::{self, Choice};
 use crate::core::transfer::{ChunkOutcome, Transfer};
 use crate::core::verified::Verified;
-use crate::core::view::View;
 use crate::crypto::{self, Digest, Domain, KeyCache, KeyPair};
 use crate::service::{ExecContext, Service};
+use crate::view::View;
 use crate::wire::codec::{Decode, Encode};
 use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId, ViewId};
 use crate::wire::limits;

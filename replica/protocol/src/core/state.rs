@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use crate::core::clients::Sessions;
-use crate::core::view::View;
 use crate::crypto::Digest;
 use crate::service::Service;
+use crate::view::View;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::Cid;
 use crate::wire::messages::CheckpointMeta;

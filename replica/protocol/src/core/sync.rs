@@ -10,8 +10,8 @@
 //! "Never accepted" is `None`, which sorts below every epoch including epoch 0. BFT-SMaRt uses
 //! timestamp 0 for both, which lets a value accepted at epoch 0 count as "nothing".
 
-use crate::core::view::View;
 use crate::crypto::Digest;
+use crate::view::View;
 use crate::wire::ids::{Cid, Epoch};
 use crate::wire::messages::Collect;
 
@@ -107,8 +107,8 @@ pub fn choose(view: &View, states: &[State]) -> Option<Choice> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::view::Member;
     use crate::crypto::PublicKey;
+    use crate::view::Member;
     use crate::wire::ids::{Regency, ReplicaId, ViewId};
 
     fn view(n: usize, f: usize) -> View {

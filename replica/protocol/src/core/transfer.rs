@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::core::view::View;
 use crate::crypto::Digest;
+use crate::view::View;
 use crate::wire::ids::{Cid, ReplicaId};
 use crate::wire::limits;
 use crate::wire::messages::{CheckpointMeta, ReplicaMessage};
@@ -325,8 +325,8 @@ impl Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::view::Member;
     use crate::crypto::PublicKey;
+    use crate::view::Member;
     use crate::wire::ids::ViewId;
 
     fn view() -> View {

@@ -2,8 +2,8 @@
 //! Mod-SMaRt (PROPOSE, WRITE, ACCEPT), the synchronization phase (STOP, STOPDATA, SYNC) and
 //! decision transfer.
 
-use crate::core::view::View;
 use crate::crypto::{self, Digest, Domain, KeyPair, PublicKey, Signature};
+use crate::view::View;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId, ViewId};
 use crate::wire::limits;
@@ -219,32 +219,6 @@ pub struct Decision {
     pub proof: Proof,
 }
 
-impl Decision {
-    /// True iff the proof holds a quorum of valid ACCEPTs from distinct members of `view` for
-    /// this batch's digest.
-    pub fn verify(&self, view: &View) -> bool {
-        verify_proof(view, self.cid, &self.batch.digest(), &self.proof)
-    }
-}
-
-/// Checks a decision proof for `digest` at `cid` against `view`.
-pub fn verify_proof(view: &View, cid: Cid, digest: &Digest, proof: &Proof) -> bool {
-    let msg = accept_signing_bytes(cid, proof.epoch, digest);
-    let mut seen: Vec<ReplicaId> = Vec::with_capacity(proof.accepts.len());
-    let mut items = Vec::with_capacity(proof.accepts.len());
-    for (id, sig) in &proof.accepts {
-        let Some(key) = view.verifying_key(*id) else {
-            return false;
-        };
-        if seen.contains(id) {
-            return false;
-        }
-        seen.push(*id);
-        items.push((*key, Domain::Accept, msg.as_slice(), *sig));
-    }
-    seen.len() >= view.quorum() && crypto::verify_batch_parsed(&items)
-}
-
 impl Encode for Decision {
     fn encode(&self, w: &mut Writer) {
         self.cid.encode(w);
@@ -325,17 +299,6 @@ impl SignedCollect {
     pub fn sign(collect: Collect, key: &KeyPair) -> Self {
         let signature = key.sign(Domain::Collect, &collect.to_bytes());
         SignedCollect { collect, signature }
-    }
-
-    pub fn verify(&self, view: &View) -> bool {
-        view.key(self.collect.replica).is_some_and(|k| {
-            crypto::verify(
-                k,
-                Domain::Collect,
-                &self.collect.to_bytes(),
-                &self.signature,
-            )
-        })
     }
 }
 

@@ -90,8 +90,8 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::view::Member;
     use crate::crypto::KeyPair;
+    use crate::view::Member;
 
     fn view(id: u32) -> View {
         let members = (0..4)
