@@ -2,13 +2,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -125,45 +120,86 @@ impl Drop for ReconcileTimer<'_> {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves, over HTTP/1.1 with a
+/// cap on connections and a deadline for request headers (a scraper that stalls cannot hold
+/// the endpoint).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready_handler))
-        .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    match m.encode() {
-        Ok(text) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+        };
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&metrics, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            drop(permit);
+        });
+        while connections.try_join_next().is_some() {}
     }
+    connections.shutdown().await;
+    Ok(())
 }
 
-async fn ready_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not connected to the apiserver yet",
-        )
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn respond(metrics: &Metrics, path: &str) -> hyper::Response<Body> {
+    let reply = |status: u16, content_type: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap_or_default()
+    };
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match path {
+        "/metrics" => match metrics.encode() {
+            Ok(text) => reply(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(_) => reply(500, TEXT, "encoding the metrics failed".to_string()),
+        },
+        "/healthz" => reply(200, TEXT, "ok".to_string()),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => reply(200, TEXT, "ready".to_string()),
+        "/readyz" => reply(503, TEXT, "not connected to the apiserver yet".to_string()),
+        _ => reply(
+            404,
+            TEXT,
+            "not found: /metrics, /healthz or /readyz".to_string(),
+        ),
     }
 }
 
@@ -192,5 +228,44 @@ mod tests {
             text.contains("kmmr_operator_reconcile_duration_seconds_count 1"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_each_path_and_stops_on_shutdown() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let metrics = Arc::new(Metrics::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, metrics.clone(), async {
+            let _ = stopped.await;
+        }));
+        let get = |path: &'static str| {
+            let addr = addr.clone();
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                out
+            }
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        metrics.set_ready();
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let m = get("/metrics").await;
+        assert!(
+            m.starts_with("HTTP/1.1 200") && m.contains("kmmr_operator_reconciles_total"),
+            "{m}"
+        );
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops on shutdown")
+            .unwrap()
+            .unwrap();
     }
 }
