@@ -1,10 +1,14 @@
 //! The BftCluster controller: the reconcile pipeline and its wiring into kube-runtime.
 //!
-//! A reconcile reads the spec and the view the replicas run (the ConfigMap), loads or generates
-//! keys, asks every member for its signed status, decides the next membership step, applies every
-//! child with server-side apply under one field manager, and writes the status computed from what
-//! the replicas said. Status writes do not trigger reconciles (generation and annotation
-//! predicates); replicas are polled by requeueing instead.
+//! A reconcile observes, decides, then acts. It observes the spec, the view the operator
+//! recorded (the ConfigMap), the keys and every member's signed status; it follows a newer view
+//! f+1 members run if an answer was lost. It decides the next membership step
+//! (`membership::plan`, pure) and takes it through the protocol, then computes the status once
+//! (`observe::compute`, pure) from what it saw. It acts last: every child by server-side apply
+//! under one field manager, departed members removed, at most one rolling restart, and the
+//! status written if it changed. Waiting is a requeue, never a sleep. Status writes do not
+//! trigger reconciles (generation and annotation predicates); replicas are polled by
+//! requeueing instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -367,20 +371,20 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
             // here.
             probes = probe_members(ctx, cluster, &namespace, &membership, &keys).await;
             obs.installing_view = true;
-            let (again, _) = observe::compute(previous, &membership, &probes, &obs, now.clone());
-            pass.healthy = healthy_ids(&again);
-            pass.leader = again.leader;
         }
     }
 
+    // The status this pass reports, computed once from what was observed and decided; the
+    // rolling restart below goes by the same health.
+    let (status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
+    pass.healthy = healthy_ids(&status);
+    pass.leader = status.leader;
     if !paused {
         let children =
             crate::children::build_children_with(cluster, &membership, &keys, &test_modes)?;
         apply_children(ctx, &namespace, children).await?;
         act_on_members(ctx, cluster, &namespace, &membership, view.is_some(), &pass).await?;
     }
-
-    let (status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
     if previous != Some(&status) {
         write_status(ctx, &namespace, &name, &status).await?;
     }
