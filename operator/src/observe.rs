@@ -381,12 +381,24 @@ impl Judge<'_> {
                 "reports view {} with n={} f={}, expected view {} with n={n} f={f}",
                 s.view_id, s.n, s.f, membership.view_id
             );
-            if self.installing_view && i64::from(s.view_id) < membership.view_id {
-                return Some(Problem {
-                    kind: MemberProblem::InstallingView,
-                    text: format!("installing view {}: {text}", membership.view_id),
-                    healthy: true,
-                });
+            // The operator just changed the view (the change was decided), or did so lately and
+            // this member has been installing it since: a member a view behind is catching up
+            // with a decision it takes part in, for a short while.
+            let installing_since = self
+                .previous
+                .and_then(|p| p.members.iter().find(|m| m.id == id))
+                .filter(|m| m.problem_reason == Some(MemberProblem::InstallingView))
+                .and_then(|m| m.problem_since.as_ref())
+                .map(|t| t.0)
+                .or(self.installing_view.then_some(self.now.0));
+            if let Some(since) = installing_since {
+                if i64::from(s.view_id) < membership.view_id {
+                    return Some(Problem {
+                        kind: MemberProblem::InstallingView,
+                        text: format!("installing view {}: {text}", membership.view_id),
+                        healthy: self.now.0.duration_since(since) < VIEW_INSTALL_GRACE,
+                    });
+                }
             }
             return fault(MemberProblem::OtherView, text);
         }
@@ -485,6 +497,11 @@ const SYNCHRONIZING: &str = "in a leader change (synchronization phase)";
 /// How long a member may stay in one leader change and still count as healthy: a leader change
 /// after a crash takes a request timeout and a synchronization, a few seconds.
 pub const LEADER_CHANGE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(15);
+
+/// How long a member may report the view before the one the operator just changed to and still
+/// count as healthy: it executes the change in the same batch the others do, so this only
+/// covers a member that is slow or briefly behind.
+pub const VIEW_INSTALL_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(15);
 
 /// How many instances a member may be behind the f+1-agreed progress and still count as caught
 /// up: the probes of one pass are concurrent, not simultaneous, and replicas decide under load.

@@ -497,10 +497,20 @@ fn members_installing_a_view_just_changed_to_count_as_healthy_only_then() {
         .iter()
         .all(|m| m.problem_reason == Some(MemberProblem::InstallingView)));
     assert!(events.iter().all(|e| !e.warning), "{events:?}");
-    // On a later pass a member still on the old view reports another view: a fault.
+    // Later passes keep it so for a while (the same status)...
     let (later, _) = compute(Some(&s), &next, &all_healthy(), &ctx(), at(110));
+    assert_eq!(later, s);
+    // ...then a member still on the old view is a fault.
+    let (later, _) = compute(Some(&later), &next, &all_healthy(), &ctx(), at(116));
     assert_eq!(later.healthy, Some(0));
     assert!(later
+        .members
+        .iter()
+        .all(|m| m.problem_reason == Some(MemberProblem::InstallingView)));
+    // Without a change in this pass or a recent one, another view is a fault at once.
+    let (other, _) = compute(None, &next, &all_healthy(), &ctx(), at(100));
+    assert_eq!(other.healthy, Some(0));
+    assert!(other
         .members
         .iter()
         .all(|m| m.problem_reason == Some(MemberProblem::OtherView)));
