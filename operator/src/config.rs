@@ -1,13 +1,14 @@
-//! The files a replica reads: the view (`view.toml`, shared) and its own configuration
-//! (`replica-<id>.toml`, mounted as `replica.toml`). The structs mirror the replica's
-//! `NodeConfig` and `ViewFile`, which reject unknown fields; a test parses our output with the
-//! replica's own types so the two cannot drift apart silently.
+//! The files a replica reads: the view (`view.toml`, shared), written with the replica's own
+//! `ViewFile`, and its own configuration (`replica-<id>.toml`, mounted as `replica.toml`), of
+//! which the operator writes only what the spec sets; a test parses that with the replica's
+//! `NodeConfig`, which rejects unknown fields, so the two cannot drift apart silently.
 
 use kmmr_crds::BftCluster;
 use serde::Serialize;
 
 use crate::keys::{public_hex, Keys};
 use crate::names;
+use kmmr_client::files::{MemberFile, ViewFile};
 
 /// Directory of the projected volume holding view.toml, replica.toml and the key file.
 pub const CONFIG_DIR: &str = "/etc/kmmr";
@@ -45,22 +46,9 @@ impl Membership {
     }
 }
 
-#[derive(Serialize)]
-struct ViewToml {
-    id: i64,
-    f: i32,
-    members: Vec<MemberToml>,
-    /// The admin's public key: replicas accept view changes signed by it, and only by it.
-    admin_key: String,
-}
-
-#[derive(Serialize)]
-struct MemberToml {
-    id: i32,
-    address: String,
-    key: String,
-}
-
+/// `replica-<id>.toml` as the operator writes it: only what the spec sets, so that a replica keeps
+/// its own defaults for the rest (the replica's `NodeConfig` would write every field). A test
+/// parses the output with `NodeConfig` itself.
 #[derive(Serialize)]
 struct ReplicaToml {
     id: i32,
@@ -85,6 +73,9 @@ pub enum ConfigError {
     /// A member of the view has no key.
     #[error("replica {0} is in the view but has no key")]
     MissingKey(i32),
+    /// A number does not fit the view file's type (a corrupt status or ConfigMap).
+    #[error("{0} out of range for the view file")]
+    OutOfRange(&'static str),
     /// TOML serialization failed (a bug).
     #[error("rendering TOML: {0}")]
     Toml(#[from] toml::ser::Error),
@@ -103,18 +94,19 @@ pub fn render_view(
         .iter()
         .map(|&id| {
             let key = keys.replica(id).ok_or(ConfigError::MissingKey(id))?;
-            Ok(MemberToml {
-                id,
+            Ok(MemberFile {
+                id: to_u32(id)?,
                 address: names::member_address(name, namespace, id, cluster.spec.ports.replica),
                 key: public_hex(key),
             })
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
-    let view = ViewToml {
-        id: membership.view_id,
-        f: membership.f,
+    // The replica's own file type, so the two cannot drift apart.
+    let view = ViewFile {
+        id: u32::try_from(membership.view_id).map_err(|_| ConfigError::OutOfRange("view id"))?,
+        f: usize::try_from(membership.f).map_err(|_| ConfigError::OutOfRange("f"))?,
         members,
-        admin_key: public_hex(keys.admin()),
+        admin_key: Some(public_hex(keys.admin())),
     };
     Ok(toml::to_string_pretty(&view)?)
 }
@@ -154,6 +146,10 @@ pub fn config_hash(replica: &str, admin_public_key: &str) -> String {
         hasher.update(part.as_bytes());
     }
     hasher.finalize().to_hex()[..32].to_string()
+}
+
+fn to_u32(id: i32) -> Result<u32, ConfigError> {
+    u32::try_from(id).map_err(|_| ConfigError::OutOfRange("member id"))
 }
 
 fn cluster_name(cluster: &BftCluster) -> &str {
