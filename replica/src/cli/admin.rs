@@ -1,5 +1,6 @@
 //! `kmmr-replica admin`: membership changes signed with the admin key.
 
+use super::out::outln;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -97,7 +98,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
             print_view(&view, &new);
             if !args.no_write_view {
                 ViewFile::save(&new, &view_path)?;
-                println!("wrote {}", view_path.display());
+                outln!("wrote {}", view_path.display());
             }
             Ok(())
         }
@@ -109,7 +110,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
 }
 
 fn print_view(old: &View, new: &View) {
-    println!(
+    outln!(
         "installed view {} (n={}, f={}, quorum {}), was view {} (n={}, f={})",
         new.id.0,
         new.n(),
@@ -121,9 +122,9 @@ fn print_view(old: &View, new: &View) {
     );
     for m in &new.members {
         let tag = if old.contains(m.id) { " " } else { "+" };
-        println!("{tag} replica {} at {}", m.id.0, m.address);
+        outln!("{tag} replica {} at {}", m.id.0, m.address);
     }
     for m in old.members.iter().filter(|m| !new.contains(m.id)) {
-        println!("- replica {} at {}", m.id.0, m.address);
+        outln!("- replica {} at {}", m.id.0, m.address);
     }
 }

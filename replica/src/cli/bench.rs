@@ -5,6 +5,7 @@
 //! and latency percentiles. With the no-op service and 0-byte requests and replies it is the
 //! 0/0 micro-benchmark.
 
+use super::out::outln;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,13 +122,13 @@ impl BenchArgs {
 pub async fn run(args: BenchArgs) -> Result<()> {
     let r = measure(&args).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
         let load = match r.rate {
             Some(rate) => format!("open loop at {rate:.0}/s over {} clients", r.clients),
             None => format!("{} clients x {} in flight", r.clients, r.window),
         };
-        println!(
+        outln!(
             "{load}, {:?} of {} -> {} bytes: {:.0} ops/s over {:.1} s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; {} errors{}",
             r.op,
             r.request_size,

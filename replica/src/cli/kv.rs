@@ -1,5 +1,6 @@
 //! Client subcommands: put, get, range, delete, cas, watch, status.
 
+use super::out::outln;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -95,7 +96,7 @@ fn print(resp: &KvResponse) {
     match resp {
         KvResponse::Range(r) => {
             for kv in &r.kvs {
-                println!(
+                outln!(
                     "{} = {} (version {}, mod revision {})",
                     String::from_utf8_lossy(&kv.key),
                     String::from_utf8_lossy(&kv.value),
@@ -104,11 +105,11 @@ fn print(resp: &KvResponse) {
                 );
             }
             if r.kvs.is_empty() {
-                println!("(not found)");
+                outln!("(not found)");
             }
-            println!("revision {}", r.header.revision);
+            outln!("revision {}", r.header.revision);
         }
-        other => println!("{other:?}"),
+        other => outln!("{other:?}"),
     }
 }
 
@@ -169,9 +170,9 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
                 ))
                 .await?;
             match resp.txn_succeeded() {
-                Some(true) => println!("swapped (revision {})", resp.header().revision),
+                Some(true) => outln!("swapped (revision {})", resp.header().revision),
                 Some(false) => {
-                    println!("not swapped: the value differs");
+                    outln!("not swapped: the value differs");
                     print(&resp);
                 }
                 None => print(&resp),
@@ -226,7 +227,7 @@ async fn watch(
         match c.kv(&req).await? {
             KvResponse::WatchPoll(w) => {
                 for e in &w.events {
-                    println!("{e:?}");
+                    outln!("{e:?}");
                 }
                 after = w.resume_after;
                 if w.events.is_empty() {
@@ -273,7 +274,7 @@ async fn writes(
         }
         tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
-    println!("done: {i} writes acknowledged, {failures} attempts failed");
+    outln!("done: {i} writes acknowledged, {failures} attempts failed");
     Ok(())
 }
 
@@ -284,12 +285,14 @@ async fn status(cluster: ClusterArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| cluster.cluster.join("view.toml"));
     let view = ViewFile::load(&view_path)?;
+    let mut verified = 0;
     for m in &view.members {
         let url = status_url(&cluster.cluster, m.id.0);
         match fetch_status(&url).await {
             Ok(s) => {
                 let ok = s.verify(&m.key);
-                println!(
+                verified += usize::from(ok);
+                outln!(
                     "replica {}: {} regency {} leader {} last decided {:?} digest {}{}",
                     m.id.0,
                     if ok {
@@ -308,8 +311,16 @@ async fn status(cluster: ClusterArgs) -> Result<()> {
                         .unwrap_or_default()
                 );
             }
-            Err(e) => println!("replica {}: unreachable ({e:#})", m.id.0),
+            Err(e) => outln!("replica {}: unreachable ({e:#})", m.id.0),
         }
+    }
+    // For scripts: the command fails when the cluster cannot serve.
+    if verified < view.quorum() {
+        bail!(
+            "only {verified} of {} replicas answered with a status signed by their key; {} are needed for the cluster to serve",
+            view.n(),
+            view.quorum()
+        );
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `kmmr-replica local`: an n-replica cluster on loopback, each replica its own process with its
 //! own generated key, some of them optionally Byzantine; and a checked workload against it.
 
+use super::out::outln;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -167,7 +168,7 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
 
 pub async fn run(args: LocalArgs) -> Result<()> {
     let cluster = start(&args).await?;
-    println!(
+    outln!(
         "local cluster: n = {}, f = {}, replicas on 127.0.0.1:{}..{}, files in {}",
         cluster.view.n(),
         cluster.view.f,
@@ -176,7 +177,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         args.dir.display()
     );
     for b in &cluster.byzantine {
-        println!(
+        outln!(
             "replica {b} is BYZANTINE ({}): it misbehaves on purpose",
             args.byzantine_mode.name()
         );
@@ -186,7 +187,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         ok = workload(&args, &cluster, ops).await?;
     }
     if args.keep_running {
-        println!(
+        outln!(
             "running; try: kmmr-replica put --cluster {} k v   (Ctrl-C stops)",
             args.dir.display()
         );
@@ -268,7 +269,7 @@ pub async fn workload(args: &LocalArgs, cluster: &LocalCluster, ops: usize) -> R
             .copied()
             .unwrap_or(0)
     };
-    println!(
+    outln!(
         "workload: {} of {} operations completed in {:.2} s from {} clients ({:.0} ops/s); latency p50 {} us, p99 {} us",
         latencies.len(),
         ops,
@@ -280,15 +281,15 @@ pub async fn workload(args: &LocalArgs, cluster: &LocalCluster, ops: usize) -> R
     );
     let mut ok = failures == 0;
     if failures > 0 {
-        println!("FAIL: {failures} operations got no agreed reply");
+        outln!("FAIL: {failures} operations got no agreed reply");
     }
     match linearizability::check(&history) {
         CheckResult::Linearizable => {
-            println!("linearizability: every result is consistent with one total order")
+            outln!("linearizability: every result is consistent with one total order")
         }
         other => {
             ok = false;
-            println!("FAIL: linearizability: {other:?}");
+            outln!("FAIL: linearizability: {other:?}");
         }
     }
     ok &= check_replicas(args, cluster).await?;
@@ -320,7 +321,7 @@ pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<
             || Instant::now() > until
         {
             for (id, (sig_ok, s)) in &statuses {
-                println!(
+                outln!(
                     "replica {id}: {}regency {}, leader {}, last decided {:?}, state {}{}",
                     if *sig_ok {
                         ""
@@ -344,12 +345,12 @@ pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<
                 .collect();
             let agree = same_cid && digests.len() == 1 && correct.iter().all(|(_, (ok, _))| *ok);
             if agree {
-                println!(
+                outln!(
                     "agreement: the {} correct replicas hold byte-identical state",
                     correct.len()
                 );
             } else {
-                println!("FAIL: correct replicas disagree or lag: {statuses:?}");
+                outln!("FAIL: correct replicas disagree or lag: {statuses:?}");
             }
             return Ok(agree);
         }

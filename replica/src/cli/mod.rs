@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod kv;
 mod local;
+mod out;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use kmmr_byzantine::Behaviour;
 use kmmr_client::files::{load_key, save_key, ViewFile};
 use kmmr_client::{Client, ClientOptions};
 use kmmr_protocol::crypto::KeyPair;
+use out::outln;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -180,7 +182,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             }
             let key = KeyPair::generate(&mut rand::rngs::OsRng);
             save_key(&key, &out)?;
-            println!("{}", hex::encode(key.public().0));
+            outln!("{}", hex::encode(key.public().0));
             Ok(())
         }
         Cmd::Run {
