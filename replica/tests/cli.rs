@@ -5,7 +5,24 @@ use std::process::{Command, Stdio};
 
 use kmmr::cluster::{free_base_port, prepare, ClusterSpec};
 
-const EXE: &str = env!("CARGO_BIN_EXE_kmmr-replica");
+mod common;
+
+use common::{TestCluster, EXE};
+
+/// Runs `kmmr-replica <args> --cluster <dir>`: (success, stdout, stderr).
+fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(EXE)
+        .args(args)
+        .arg("--cluster")
+        .arg(dir)
+        .output()
+        .expect("the command runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 /// A cluster directory for 4 replicas at free ports, none of them started.
 fn laid_out(name: &str) -> std::path::PathBuf {
@@ -25,16 +42,8 @@ fn laid_out(name: &str) -> std::path::PathBuf {
 #[test]
 fn status_fails_when_no_quorum_of_replicas_answers() {
     let dir = laid_out("down");
-    let out = Command::new(EXE)
-        .args(["status", "--cluster"])
-        .arg(&dir)
-        .output()
-        .expect("status runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    let (ok, stdout, stderr) = run(&dir, &["status"]);
+    assert!(!ok, "{stdout}\n{stderr}");
     assert_eq!(stdout.matches("unreachable").count(), 4, "{stdout}");
     assert!(stderr.contains("only 0 of 4 replicas answered"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -63,4 +72,38 @@ fn a_closed_pipe_ends_the_output_without_a_panic() {
         out.status
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_swap_that_does_not_swap_fails_and_says_why() {
+    let c = TestCluster::start("cas", 4, kmmr::node::ProtocolConfig::default(), &[]).await;
+    let dir = c.dir.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let put = run(&dir, &["put", "k", "v"]);
+        let wrong = run(&dir, &["cas", "k", "new", "--expected", "wrong"]);
+        let missing = run(&dir, &["cas", "nokey", "new", "--expected", "x"]);
+        let exists = run(&dir, &["cas", "k", "new", "--absent"]);
+        let right = run(&dir, &["cas", "k", "new", "--expected", "v"]);
+        (put, wrong, missing, exists, right)
+    })
+    .await
+    .expect("the commands run");
+    let (put, wrong, missing, exists, right) = outcome;
+    assert!(put.0, "{put:?}");
+    assert!(!wrong.0, "{wrong:?}");
+    assert!(
+        wrong
+            .2
+            .contains(r#"not swapped: the value of k is "v", not "wrong""#),
+        "{wrong:?}"
+    );
+    assert!(
+        !missing.0 && missing.2.contains("nokey does not exist"),
+        "{missing:?}"
+    );
+    assert!(!exists.0 && exists.2.contains("k exists"), "{exists:?}");
+    assert!(
+        right.0 && right.1.contains("swapped (revision"),
+        "{right:?}"
+    );
 }

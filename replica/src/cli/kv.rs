@@ -9,7 +9,7 @@ use clap::Subcommand;
 use kmmr_client::files::ViewFile;
 use kmmr_client::status::fetch_status;
 use kmmr_protocol::service::kv::{
-    prefix_end, KvRequest, KvResponse, RangeRequest, WatchPollRequest,
+    prefix_end, KvRequest, KvResponse, RangeRequest, ResponseOp, TxnResponse, WatchPollRequest,
 };
 
 use super::ClusterArgs;
@@ -92,6 +92,20 @@ pub enum KvCmd {
     },
 }
 
+/// Why a compare-and-swap did not swap, from the current value its failure branch read.
+fn cas_failure(key: &str, expected: Option<&str>, t: &TxnResponse) -> String {
+    let current = t.responses.iter().find_map(|r| match r {
+        ResponseOp::Range(r) => Some(r.kvs.first().map(|kv| String::from_utf8_lossy(&kv.value))),
+        _ => None,
+    });
+    match (current.flatten(), expected) {
+        (None, Some(_)) => format!("{key} does not exist"),
+        (None, None) => format!("{key} does not exist, yet the compare failed"),
+        (Some(v), None) => format!("{key} exists (its value is {v:?}) and --absent was given"),
+        (Some(v), Some(e)) => format!("the value of {key} is {v:?}, not {e:?}"),
+    }
+}
+
 fn print(resp: &KvResponse) {
     match resp {
         KvResponse::Range(r) => {
@@ -164,18 +178,19 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             let c = cluster.connect().await?;
             let resp = c
                 .kv(&KvRequest::cas(
-                    key,
+                    key.clone(),
                     expected.as_deref().map(str::as_bytes),
                     new,
                 ))
                 .await?;
-            match resp.txn_succeeded() {
-                Some(true) => outln!("swapped (revision {})", resp.header().revision),
-                Some(false) => {
-                    outln!("not swapped: the value differs");
-                    print(&resp);
+            match &resp {
+                KvResponse::Txn(t) if t.succeeded => {
+                    outln!("swapped (revision {})", t.header.revision)
                 }
-                None => print(&resp),
+                KvResponse::Txn(t) => {
+                    bail!("not swapped: {}", cas_failure(&key, expected.as_deref(), t))
+                }
+                other => bail!("the cluster answered the compare-and-swap with {other:?}"),
             }
         }
         KvCmd::Watch {
