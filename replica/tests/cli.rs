@@ -75,7 +75,7 @@ fn a_closed_pipe_ends_the_output_without_a_panic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compare_and_swap_that_does_not_swap_fails_and_says_why() {
+async fn a_refused_write_or_a_compare_and_swap_that_does_not_swap_fails_and_says_why() {
     let c = TestCluster::start("cas", 4, kmmr::node::ProtocolConfig::default(), &[]).await;
     let dir = c.dir.clone();
     let outcome = tokio::task::spawn_blocking(move || {
@@ -84,12 +84,17 @@ async fn a_compare_and_swap_that_does_not_swap_fails_and_says_why() {
         let missing = run(&dir, &["cas", "nokey", "new", "--expected", "x"]);
         let exists = run(&dir, &["cas", "k", "new", "--absent"]);
         let right = run(&dir, &["cas", "k", "new", "--expected", "v"]);
-        (put, wrong, missing, exists, right)
+        let empty = run(&dir, &["put", "", "v"]);
+        (put, wrong, missing, exists, right, empty)
     })
     .await
     .expect("the commands run");
-    let (put, wrong, missing, exists, right) = outcome;
-    assert!(put.0, "{put:?}");
+    let (put, wrong, missing, exists, right, empty) = outcome;
+    assert!(put.0 && put.1.contains("ok (revision"), "{put:?}");
+    assert!(
+        !empty.0 && empty.2.contains("key is not provided"),
+        "{empty:?}"
+    );
     assert!(!wrong.0, "{wrong:?}");
     assert!(
         wrong

@@ -106,7 +106,8 @@ fn cas_failure(key: &str, expected: Option<&str>, t: &TxnResponse) -> String {
     }
 }
 
-fn print(resp: &KvResponse) {
+/// Prints a response for people; an error the cluster agreed on fails the command with its text.
+fn print(resp: &KvResponse) -> Result<()> {
     match resp {
         KvResponse::Range(r) => {
             for kv in &r.kvs {
@@ -123,8 +124,14 @@ fn print(resp: &KvResponse) {
             }
             outln!("revision {}", r.header.revision);
         }
+        KvResponse::Put(p) => outln!("ok (revision {})", p.header.revision),
+        KvResponse::DeleteRange(d) => {
+            outln!("deleted {} (revision {})", d.deleted, d.header.revision)
+        }
+        KvResponse::Error(e) => bail!("{}", e.error),
         other => outln!("{other:?}"),
     }
+    Ok(())
 }
 
 pub async fn run(cmd: KvCmd) -> Result<()> {
@@ -135,7 +142,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             value,
         } => {
             let c = cluster.connect().await?;
-            print(&c.kv(&KvRequest::put(key, value)).await?);
+            print(&c.kv(&KvRequest::put(key, value)).await?)?;
         }
         KvCmd::Get {
             cluster,
@@ -149,7 +156,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             } else {
                 c.kv(&req).await?
             };
-            print(&resp);
+            print(&resp)?;
         }
         KvCmd::Range {
             cluster,
@@ -159,11 +166,11 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             let c = cluster.connect().await?;
             let mut r = RangeRequest::prefix(prefix);
             r.limit = limit;
-            print(&c.kv(&KvRequest::Range(r)).await?);
+            print(&c.kv(&KvRequest::Range(r)).await?)?;
         }
         KvCmd::Delete { cluster, key } => {
             let c = cluster.connect().await?;
-            print(&c.kv(&KvRequest::delete(key)).await?);
+            print(&c.kv(&KvRequest::delete(key)).await?)?;
         }
         KvCmd::Cas {
             cluster,
