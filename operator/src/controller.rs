@@ -246,8 +246,7 @@ pub async fn reconcile(cluster: Arc<BftCluster>, ctx: Arc<Context>) -> Result<Ac
 /// beside the Event (the next reconcile that gets through clears it). A failure to write it is
 /// logged: the error itself is already reported.
 async fn record_error(ctx: &Context, cluster: &BftCluster, namespace: &str, e: &Error) {
-    let now =
-        Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default());
+    let now = now_seconds();
     let previous = cluster.status.clone().unwrap_or_default();
     let status = observe::with_error(&previous, e.reason(), &e.to_string(), now);
     if status != previous {
@@ -255,6 +254,12 @@ async fn record_error(ctx: &Context, cluster: &BftCluster, namespace: &str, e: &
             tracing::warn!(cluster = %cluster.name_any(), %namespace, error = %w, "writing status.lastError");
         }
     }
+}
+
+/// The time now, to the second: status times change only on transitions, and a second is as
+/// fine as the Condition schema shows.
+fn now_seconds() -> Time {
+    Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default())
 }
 
 /// After a failed reconcile: retry with a growing delay.
@@ -342,8 +347,7 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     .map_err(Error::ByzantineTestMode)?;
 
     let previous = cluster.status.as_ref();
-    let now =
-        Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or_default());
+    let now = now_seconds();
     let (first, _) = observe::compute(previous, &membership, &probes, &obs, now.clone());
     let mut pass = Pass {
         healthy: healthy_ids(&first),

@@ -280,17 +280,21 @@ struct Judge<'a> {
 }
 
 impl Judge<'_> {
+    /// When this member's problem of `kind` was first seen, if the previous status already
+    /// showed it: a problem keeps that time while its kind stays the same.
+    fn seen_since(&self, id: i32, kind: MemberProblem) -> Option<&Time> {
+        self.previous
+            .and_then(|s| s.members.iter().find(|m| m.id == id))
+            .filter(|m| m.problem_reason == Some(kind))
+            .and_then(|m| m.problem_since.as_ref())
+    }
+
     fn member(&self, id: i32, p: &Probe) -> MemberStatus {
         let problem = self.problem(id, p);
         let healthy = problem.as_ref().is_none_or(|p| p.healthy);
-        // A problem keeps the time it was first seen while its kind stays the same.
-        let since = problem.as_ref().map(|p| {
-            self.previous
-                .and_then(|s| s.members.iter().find(|m| m.id == id))
-                .filter(|m| m.problem_reason == Some(p.kind))
-                .and_then(|m| m.problem_since.clone())
-                .unwrap_or_else(|| self.now.clone())
-        });
+        let since = problem
+            .as_ref()
+            .map(|p| self.seen_since(id, p.kind).unwrap_or(self.now).clone());
         let (health, role, view_id, last_decided_cid, state_digest) = match p {
             Probe::Verified(s) => (
                 if healthy {
@@ -385,10 +389,7 @@ impl Judge<'_> {
             // this member has been installing it since: a member a view behind is catching up
             // with a decision it takes part in, for a short while.
             let installing_since = self
-                .previous
-                .and_then(|p| p.members.iter().find(|m| m.id == id))
-                .filter(|m| m.problem_reason == Some(MemberProblem::InstallingView))
-                .and_then(|m| m.problem_since.as_ref())
+                .seen_since(id, MemberProblem::InstallingView)
                 .map(|t| t.0)
                 .or(self.installing_view.then_some(self.now.0));
             if let Some(since) = installing_since {
@@ -433,10 +434,7 @@ impl Judge<'_> {
             // lasted LEADER_CHANGE_GRACE, so the status does not flap on every leader change (a
             // restarted leader, a joiner arriving).
             let since = self
-                .previous
-                .and_then(|p| p.members.iter().find(|m| m.id == id))
-                .filter(|m| m.problem_reason == Some(MemberProblem::LeaderChange))
-                .and_then(|m| m.problem_since.as_ref())
+                .seen_since(id, MemberProblem::LeaderChange)
                 .map_or(self.now.0, |t| t.0);
             return Some(Problem {
                 kind: MemberProblem::LeaderChange,

@@ -11,7 +11,6 @@ use tokio::process::{Child, Command};
 
 use crate::node::{NodeConfig, ProtocolConfig, ServiceChoice};
 use kmmr_client::files::{save_key, ViewFile};
-pub use kmmr_client::status::fetch_status;
 use kmmr_client::status::{split_url, MAX_METRICS_RESPONSE};
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::view::{default_f, Member, View};

@@ -3,8 +3,6 @@
 
 use std::process::{Command, Stdio};
 
-use kmmr::cluster::{free_base_port, prepare, ClusterSpec};
-
 mod common;
 
 use common::{TestCluster, EXE};
@@ -24,34 +22,25 @@ fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A cluster directory for 4 replicas at free ports, none of them started.
-fn laid_out(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kmmr-test-cli-{name}-{}", std::process::id()));
-    prepare(&ClusterSpec {
-        n: 4,
-        dir: dir.clone(),
-        base_port: free_base_port(4).expect("free ports"),
-        byzantine: Vec::new(),
-        busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
-        protocol: kmmr::node::ProtocolConfig::default(),
-    })
-    .expect("cluster files");
-    dir
+/// A cluster of 4 replicas laid out at free ports, none of them started.
+fn laid_out(name: &str) -> TestCluster {
+    TestCluster::lay_out(name, 4, 0, kmmr::node::ProtocolConfig::default(), &[])
 }
 
 #[test]
 fn status_fails_when_no_quorum_of_replicas_answers() {
-    let dir = laid_out("down");
+    let c = laid_out("down");
+    let dir = c.dir.clone();
     let (ok, stdout, stderr) = run(&dir, &["status"]);
     assert!(!ok, "{stdout}\n{stderr}");
     assert_eq!(stdout.matches("unreachable").count(), 4, "{stdout}");
     assert!(stderr.contains("only 0 of 4 replicas answered"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_closed_pipe_ends_the_output_without_a_panic() {
-    let dir = laid_out("pipe");
+    let c = laid_out("pipe");
+    let dir = c.dir.clone();
     let mut child = Command::new(EXE)
         .args(["status", "--cluster"])
         .arg(&dir)
@@ -71,7 +60,6 @@ fn a_closed_pipe_ends_the_output_without_a_panic() {
         "{:?}: {stderr}",
         out.status
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
