@@ -36,16 +36,41 @@ pub struct ClusterSpec {
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// A base port at which `ids` replicas can listen (replica, client and HTTP ports, see
-/// [`ClusterSpec::base_port`]), all free on loopback when asked: the OS picks a free port to
-/// start from, and every port of the layout is bound once to check it. Tests run side by side
-/// with other programs on one machine, so they never assume a fixed port is free.
+/// [`ClusterSpec::base_port`]), all free on loopback when asked. Tests run side by side with
+/// other programs on one machine, so they never assume a fixed port is free.
+///
+/// The layout is checked free by binding every port once, but a replica binds it later, so the
+/// range is taken below the kernel's ephemeral range: there, the outgoing connections of tests
+/// running in parallel (which get ephemeral local ports) cannot take a port in between, as they
+/// did in CI. Ranges handed out by this process are remembered, so two tests of one binary
+/// never get overlapping layouts.
 pub fn free_base_port(ids: usize) -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
     let ids = u16::try_from(ids).context("too many replicas for one machine's ports")?;
-    for _ in 0..64 {
-        let candidate = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        if candidate.checked_add(2000 + ids).is_none() {
+    let span = 2000u16
+        .checked_add(ids)
+        .context("too many replicas for one machine's ports")?;
+    let (low, high) = non_ephemeral_range();
+    let (low, high) = if high <= low || high - low <= span {
+        (10000, u16::MAX) // an ephemeral range that leaves no room: probing is all there is
+    } else {
+        (low, high)
+    };
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    // Spread the starting points by process and time, so that concurrent test binaries and
+    // runs rarely probe the same ranges.
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    for _ in 0..256 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let candidate = low + ((seed >> 33) % u64::from(high - low - span)) as u16;
+        let end = candidate + span;
+        if handed_out.iter().any(|&(a, b)| candidate <= b && a <= end) {
             continue;
         }
         let ports =
@@ -54,10 +79,31 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
             .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
             .collect();
         if held.is_ok() {
+            handed_out.push((candidate, end));
             return Ok(candidate);
         }
     }
     bail!("found no free range of ports for {ids} replicas on 127.0.0.1")
+}
+
+/// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
+/// its ephemeral range (Linux's `ip_local_port_range`; 32768 when it cannot be read), or above
+/// its end when that leaves more room.
+fn non_ephemeral_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut parts = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let below = (10000, ephemeral.0.max(10000));
+    let above = (ephemeral.1.saturating_add(1), u16::MAX);
+    if above.1.saturating_sub(above.0) > below.1.saturating_sub(below.0) {
+        above
+    } else {
+        below
+    }
 }
 
 /// The HTTP port of replica `i`.
