@@ -15,10 +15,11 @@ cargo fmt --all -- --check
 stamp "lints"
 cargo clippy --workspace --all-targets -- -D warnings
 if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
-  # The chart tests in the workspace run helm; on a fresh machine it is built first (cached by
+  # The chart tests in the workspace run helm, and the etcd gateway's tests run etcdctl against
+  # the gateway and against a real etcd; on a fresh machine they are built first (cached by
   # version outside the repository, so a warm run skips this).
-  stamp "building helm for the chart tests (cached by version)"
-  e2e/testbed/build.sh helm
+  stamp "building helm, etcd and etcdctl for the workspace tests (cached by version)"
+  e2e/testbed/build.sh helm etcd
 fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace

@@ -3,15 +3,16 @@
 # repository:
 #   $KMMR_TESTBED_CACHE/kubernetes-<v>/bin: kube-apiserver kube-controller-manager kube-scheduler
 #                                           kubelet kube-proxy kubectl
-#   $KMMR_TESTBED_CACHE/etcd-<v>/bin:       etcd
+#   $KMMR_TESTBED_CACHE/etcd-<v>/bin:       etcd etcdctl
 #   $KMMR_TESTBED_CACHE/helm-<v>/bin:       helm
 # A binary that is already there is not rebuilt, so a warm start costs nothing. Each binary is
 # linked to a temporary name and renamed, so an interrupted build never leaves a half binary.
 #
-# Usage: build.sh [all|control-plane|node|tools|helm|pause]...   (default: all)
+# Usage: build.sh [all|control-plane|node|tools|helm|etcd|pause]...   (default: all)
 #   control-plane: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 #   node:          kubelet kube-proxy coredns, the pause image
 #   tools:         helm kubectl
+#   etcd:          etcd etcdctl (the etcd gateway's tests)
 # Flags mirror upstream's hack/lib/golang.sh: -trimpath, -tags selinux,notest,grpcnotrace,
 # -ldflags "-s -w -X <version vars>", CGO_ENABLED=0 except for kubelet.
 set -euo pipefail
@@ -79,6 +80,12 @@ build_k8s() { # names...
 
 build_etcd() {
   build_one etcd "$ETCD_BIN" etcd go.etcd.io/etcd/server/v3 0 "-s -w" ""
+  build_etcdctl
+}
+
+# The etcd gateway's tests run etcdctl against the gateway and against a real etcd.
+build_etcdctl() {
+  build_one etcd "$ETCD_BIN" etcdctl go.etcd.io/etcd/etcdctl/v3 0 "-s -w" ""
 }
 
 build_helm() {
@@ -121,6 +128,7 @@ for t in "${targets[@]}"; do
     pause) build_pause;;
     tools) build_k8s kubectl; build_helm;;
     helm) build_helm;;
+    etcd) build_etcd;;
     all) build_etcd; build_k8s kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; build_helm; build_coredns; build_pause;;
     *) log "unknown target $t"; exit 2;;
   esac

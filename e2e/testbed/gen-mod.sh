@@ -40,7 +40,8 @@ body+=$')\n'
 write_mod k8s kmmr.invalid/testbed/k8s "$body"
 echo "gen-mod: k8s wrapper replaces ${#staging[@]} staging modules with $staging_version"
 
-write_mod etcd kmmr.invalid/testbed/etcd $'\nrequire go.etcd.io/etcd/server/v3 '"$ETCD_VERSION"$'\n\ntool go.etcd.io/etcd/server/v3\n'
+# etcdctl (same version as the server) checks the etcd gateway against a real etcd.
+write_mod etcd kmmr.invalid/testbed/etcd $'\nrequire (\n\tgo.etcd.io/etcd/etcdctl/v3 '"$ETCD_VERSION"$'\n\tgo.etcd.io/etcd/server/v3 '"$ETCD_VERSION"$'\n)\n\ntool (\n\tgo.etcd.io/etcd/etcdctl/v3\n\tgo.etcd.io/etcd/server/v3\n)\n'
 write_mod helm kmmr.invalid/testbed/helm $'\nrequire helm.sh/helm/v3 '"$HELM_VERSION"$'\n\ntool helm.sh/helm/v3/cmd/helm\n'
 write_mod coredns kmmr.invalid/testbed/coredns $'\nrequire github.com/coredns/coredns '"$COREDNS_VERSION"$'\n\ntool github.com/coredns/coredns\n'
 echo "gen-mod: done"

@@ -1,0 +1,392 @@
+//! The gateway's shared state and its unary services: KV, Lease, Cluster and Maintenance.
+//!
+//! Every answer comes from the KmMR client library, which accepts a result only when enough
+//! replicas sent the same one (f+1 for ordered requests, a quorum for reads outside the order),
+//! so no single replica, however Byzantine, can put a value or a revision in front of the
+//! gateway's callers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{self, HeaderIds};
+use crate::errors;
+use crate::pb;
+use crate::watch::Hub;
+use kmmr_client::proxy::Client;
+use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+
+/// etcd raises a lease TTL below its minimum (1.5 election timeouts, 2 s with its defaults) to
+/// that minimum, and answers with the raised TTL; clients rely on getting a lease, not an error.
+pub const MIN_LEASE_TTL_SECS: i64 = 2;
+
+/// The etcd version the gateway reports. kube-apiserver turns on the features that depend on
+/// watch progress requests (consistent lists from its cache, WatchList) from 3.5.13 on; the
+/// gateway answers progress requests with the revision every watch on the stream has delivered,
+/// never more, which is what those features need.
+pub const ETCD_VERSION: &str = "3.6.0";
+
+pub struct Gateway {
+    pub(crate) client: Client,
+    pub(crate) ids: HeaderIds,
+    pub(crate) hub: Arc<Hub>,
+    /// The URL clients reach this gateway at, reported as its member's client URL.
+    advertise: String,
+}
+
+impl Gateway {
+    pub fn new(client: Client, advertise: String) -> Arc<Gateway> {
+        let view = client.view();
+        // The cluster id names the cluster, not its current membership: members' keys of the
+        // view the gateway was given, hashed. It is informative only (etcdctl prints it).
+        let mut h = blake3::Hasher::new();
+        for m in &view.members {
+            h.update(&m.key.0);
+        }
+        let cluster_id =
+            u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        let member_id = u64::from_le_bytes(
+            blake3::hash(advertise.as_bytes()).as_bytes()[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        let ids = HeaderIds {
+            cluster_id,
+            member_id,
+        };
+        Arc::new(Gateway {
+            hub: Hub::new(client.clone()),
+            client,
+            ids,
+            advertise,
+        })
+    }
+
+    /// An ordered request; a refusal the cluster agreed on becomes etcd's error.
+    pub(crate) async fn ordered(&self, req: &KvRequest) -> Result<KvResponse, Status> {
+        let resp = self
+            .client
+            .kv(req)
+            .await
+            .map_err(|e| errors::unavailable(&e))?;
+        match resp.error() {
+            Some(e) => Err(errors::refused(e)),
+            None => Ok(resp),
+        }
+    }
+
+    /// A linearizable read.
+    pub(crate) async fn read(&self, req: &KvRequest) -> Result<KvResponse, Status> {
+        let resp = self
+            .client
+            .kv_read(req)
+            .await
+            .map_err(|e| errors::unavailable(&e))?;
+        match resp.error() {
+            Some(e) => Err(errors::refused(e)),
+            None => Ok(resp),
+        }
+    }
+
+    /// The store's current revision, read linearizably.
+    pub(crate) async fn current_revision(&self) -> Result<u64, Status> {
+        // One key that cannot be a Kubernetes key: the cheapest read the store has.
+        let probe = KvRequest::Range(kv::RangeRequest {
+            key: vec![0],
+            count_only: true,
+            ..Default::default()
+        });
+        Ok(self.read(&probe).await?.header().revision)
+    }
+}
+
+fn mismatch(what: &str) -> Status {
+    Status::internal(format!(
+        "the cluster answered a {what} with another kind of reply"
+    ))
+}
+
+/// The KV service.
+pub struct KvService(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for KvService {
+    async fn range(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        let (req, shape) = convert::range(request.get_ref())?;
+        match self.0.read(&KvRequest::Range(req)).await? {
+            KvResponse::Range(r) => {
+                let r = if shape.is_plain() { r } else { shape.finish(r) };
+                Ok(Response::new(convert::range_response(&self.0.ids, r)))
+            }
+            _ => Err(mismatch("range")),
+        }
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let req = convert::put(request.get_ref())?;
+        let resp = self.0.ordered(&KvRequest::Put(req)).await?;
+        self.0.hub.wake();
+        match resp {
+            KvResponse::Put(r) => Ok(Response::new(convert::put_response(&self.0.ids, r))),
+            _ => Err(mismatch("put")),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let req = convert::delete(request.get_ref())?;
+        let resp = self.0.ordered(&KvRequest::DeleteRange(req)).await?;
+        self.0.hub.wake();
+        match resp {
+            KvResponse::DeleteRange(r) => {
+                Ok(Response::new(convert::delete_response(&self.0.ids, r)))
+            }
+            _ => Err(mismatch("delete")),
+        }
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        let (req, shapes) = convert::txn(request.get_ref())?;
+        let req = KvRequest::Txn(req);
+        let resp = if req.is_read_only() {
+            self.0.read(&req).await?
+        } else {
+            let resp = self.0.ordered(&req).await?;
+            self.0.hub.wake();
+            resp
+        };
+        match resp {
+            KvResponse::Txn(r) => Ok(Response::new(convert::txn_response(
+                &self.0.ids,
+                r,
+                &shapes,
+            ))),
+            _ => Err(mismatch("transaction")),
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let revision = u64::try_from(request.get_ref().revision)
+            .map_err(|_| Status::out_of_range(errors::COMPACTED))?;
+        // Compaction in the store is synchronous, so `physical` is always honoured.
+        let resp = self
+            .0
+            .ordered(&KvRequest::Compact(kv::CompactRequest { revision }))
+            .await?;
+        Ok(Response::new(pb::CompactionResponse {
+            header: self.0.ids.header(resp.header().revision),
+        }))
+    }
+}
+
+/// The Lease service.
+pub struct LeaseService(pub Arc<Gateway>);
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let r = request.get_ref();
+        let req = kv::LeaseGrantRequest {
+            id: r.id,
+            ttl: r.ttl.max(MIN_LEASE_TTL_SECS),
+        };
+        match self.0.ordered(&KvRequest::LeaseGrant(req)).await? {
+            KvResponse::LeaseGrant(g) => Ok(Response::new(pb::LeaseGrantResponse {
+                header: self.0.ids.header(g.header.revision),
+                id: g.id,
+                ttl: g.ttl,
+                error: String::new(),
+            })),
+            _ => Err(mismatch("lease grant")),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let req = kv::LeaseRevokeRequest {
+            id: request.get_ref().id,
+        };
+        let resp = self.0.ordered(&KvRequest::LeaseRevoke(req)).await?;
+        self.0.hub.wake();
+        Ok(Response::new(pb::LeaseRevokeResponse {
+            header: self.0.ids.header(resp.header().revision),
+        }))
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let mut incoming = request.into_inner();
+        let gateway = self.0.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = incoming.next().await {
+                let id = req.id;
+                let resp = gateway
+                    .client
+                    .kv(&KvRequest::LeaseKeepAlive(kv::LeaseKeepAliveRequest { id }))
+                    .await;
+                let out = match resp {
+                    Ok(KvResponse::LeaseKeepAlive(k)) => Ok(pb::LeaseKeepAliveResponse {
+                        header: gateway.ids.header(k.header.revision),
+                        id: k.id,
+                        ttl: k.ttl,
+                    }),
+                    // etcd answers a keep-alive of an unknown lease with TTL 0, not an error.
+                    Ok(KvResponse::Error(e))
+                        if matches!(e.error, kv::KvError::LeaseNotFound { .. }) =>
+                    {
+                        Ok(pb::LeaseKeepAliveResponse {
+                            header: gateway.ids.header(e.header.revision),
+                            id,
+                            ttl: 0,
+                        })
+                    }
+                    Ok(KvResponse::Error(e)) => Err(errors::refused(&e.error)),
+                    Ok(_) => Err(mismatch("lease keep-alive")),
+                    Err(e) => Err(errors::unavailable(&e)),
+                };
+                if tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let r = request.get_ref();
+        let req = KvRequest::LeaseTimeToLive(kv::LeaseTimeToLiveRequest {
+            id: r.id,
+            keys: r.keys,
+        });
+        // Ordered, so that the TTL is measured against a fresh consensus time, not the time of
+        // whatever request the replicas executed last.
+        let resp = self
+            .0
+            .client
+            .kv(&req)
+            .await
+            .map_err(|e| errors::unavailable(&e))?;
+        match resp {
+            KvResponse::LeaseTimeToLive(t) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                header: self.0.ids.header(t.header.revision),
+                id: t.id,
+                ttl: t.ttl,
+                granted_ttl: t.granted_ttl,
+                keys: t.keys,
+            })),
+            // etcd answers an unknown lease with TTL -1, not an error.
+            KvResponse::Error(e) if matches!(e.error, kv::KvError::LeaseNotFound { .. }) => {
+                Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                    header: self.0.ids.header(e.header.revision),
+                    id: r.id,
+                    ttl: -1,
+                    ..Default::default()
+                }))
+            }
+            KvResponse::Error(e) => Err(errors::refused(&e.error)),
+            _ => Err(mismatch("lease time-to-live")),
+        }
+    }
+}
+
+/// The Cluster service: the gateway is the one member its clients see, so that etcdctl's
+/// `--cluster` dials gateways, never replicas.
+pub struct ClusterService(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn member_list(
+        &self,
+        _request: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let mut header = self.0.ids.header(0);
+        if let Some(h) = header.as_mut() {
+            // etcd's member list header carries no revision.
+            h.revision = 0;
+        }
+        Ok(Response::new(pb::MemberListResponse {
+            header,
+            members: vec![pb::Member {
+                id: self.0.ids.member_id,
+                name: "kmmr-etcd-gateway".into(),
+                peer_ur_ls: Vec::new(),
+                client_ur_ls: vec![self.0.advertise.clone()],
+                is_learner: false,
+            }],
+        }))
+    }
+}
+
+/// The Maintenance service: status and the alarm list that `etcdctl endpoint health` reads.
+pub struct MaintenanceService(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceService {
+    async fn alarm(
+        &self,
+        request: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
+        if request.get_ref().action != pb::alarm_request::AlarmAction::Get as i32 {
+            return Err(Status::unimplemented(
+                "raising or clearing alarms is not supported by the KmMR etcd gateway",
+            ));
+        }
+        let revision = self.0.current_revision().await?;
+        Ok(Response::new(pb::AlarmResponse {
+            header: self.0.ids.header(revision),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let revision = self.0.current_revision().await?;
+        Ok(Response::new(pb::StatusResponse {
+            header: self.0.ids.header(revision),
+            version: ETCD_VERSION.into(),
+            // etcdctl's table divides by the size; the gateway holds no database of its own.
+            db_size: 1,
+            db_size_in_use: 1,
+            leader: self.0.ids.member_id,
+            raft_index: revision,
+            raft_applied_index: revision,
+            ..Default::default()
+        }))
+    }
+}

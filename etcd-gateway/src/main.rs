@@ -1,0 +1,142 @@
+//! `kmmr-etcd-gateway`: serves the etcd v3 API over a KmMR cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use kmmr_client::files::{load_key, save_key, ViewFile};
+use kmmr_client::{Client, ClientOptions};
+use kmmr_etcd_gateway::gateway::Gateway;
+use kmmr_etcd_gateway::server::{serve, Limits, TlsFiles};
+use kmmr_protocol::crypto::KeyPair;
+
+/// Serves the etcd v3 gRPC API (KV, Watch, Lease, Cluster.MemberList, Maintenance.Status and
+/// Alarm) over a KmMR cluster, trusting no single replica: every answer is one enough replicas
+/// agreed on. Point etcdctl or kube-apiserver's --etcd-servers at --listen.
+#[derive(Parser, Debug)]
+#[command(name = "kmmr-etcd-gateway", version)]
+struct Args {
+    /// Directory of the cluster (as `kmmr-replica local` lays it out): its view.toml is read, and
+    /// the gateway's client key is kept there as gateway.key unless --client-key says otherwise.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// The view file, if not CLUSTER/view.toml.
+    #[arg(long)]
+    view: Option<PathBuf>,
+    /// The gateway's client key (created if missing), if not CLUSTER/gateway.key.
+    #[arg(long)]
+    client_key: Option<PathBuf>,
+    /// Address to serve the etcd API on. Without TLS it must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    listen: SocketAddr,
+    /// URL clients reach this gateway at (what `etcdctl member list` shows); by default built
+    /// from --listen.
+    #[arg(long)]
+    advertise_client_url: Option<String>,
+    /// TLS certificate of the server (PEM), as etcd's --cert-file.
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// TLS key of the server (PEM), as etcd's --key-file.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// CA (PEM) whose client certificates are required, as etcd's --trusted-ca-file.
+    #[arg(long, requires = "cert_file")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Most client connections served at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+}
+
+fn load_or_create_key(path: &Path) -> Result<KeyPair> {
+    if path.exists() {
+        return load_key(path);
+    }
+    let key = KeyPair::generate(&mut rand::rngs::OsRng);
+    save_key(&key, path)?;
+    Ok(key)
+}
+
+async fn run(args: Args) -> Result<()> {
+    let tls = match (&args.cert_file, &args.key_file) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            trusted_ca: args.trusted_ca_file.clone(),
+        }),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        bail!(
+            "--listen {} is not a loopback address: serving the etcd API beyond this host needs TLS \
+             (--cert-file, --key-file and, to require client certificates, --trusted-ca-file)",
+            args.listen
+        );
+    }
+    let view_path = args
+        .view
+        .clone()
+        .unwrap_or_else(|| args.cluster.join("view.toml"));
+    let view = ViewFile::load(&view_path)?;
+    let key_path = args
+        .client_key
+        .clone()
+        .unwrap_or_else(|| args.cluster.join("gateway.key"));
+    let key = load_or_create_key(&key_path)?;
+    let options = ClientOptions {
+        // Reads outside the total order from a quorum, falling back to ordering: linearizable
+        // without a consensus instance per read when the replicas agree.
+        linearizable_unordered_reads: true,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(key, view, options)
+        .await
+        .context("connecting to the cluster")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let advertise = args
+        .advertise_client_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let gateway = Gateway::new(client, advertise.clone());
+    tracing::info!(listen = %local, advertise = %advertise, "etcd API up");
+    // One line on stdout that scripts and tests wait for.
+    println!("serving the etcd API on {advertise}");
+    let limits = Limits {
+        max_connections: args.max_connections,
+        ..Limits::default()
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    serve(gateway, listener, tls, limits, shutdown).await
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The gRPC listener: the services, a fallback that names any RPC the gateway does not serve,
+//! TLS with client certificates as etcd's `--cert-file`/`--key-file`/`--trusted-ca-file` give
+//! it, and limits on connections, messages and idle peers.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::gateway::{ClusterService, Gateway, KvService, LeaseService, MaintenanceService};
+use crate::pb;
+use crate::watch::{WatchService, PROGRESS_INTERVAL};
+
+/// Largest request accepted: etcd takes 1.5 MiB of request plus gRPC's 512 KiB margin.
+pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+
+/// TLS as etcd configures it: the server's certificate and key, and the CA whose client
+/// certificates it accepts (without one, clients need no certificate).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trusted_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Streams one connection may have open (a kube-apiserver opens one watch stream per
+    /// resource type on one connection).
+    pub max_streams_per_connection: u32,
+    /// A peer that does not answer an HTTP/2 ping in this time is dropped.
+    pub keepalive: Duration,
+    /// Interval of progress notifications on quiet watches that asked for them.
+    pub progress_every: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_streams_per_connection: 1024,
+            keepalive: Duration::from_secs(20),
+            progress_every: PROGRESS_INTERVAL,
+        }
+    }
+}
+
+/// Serves the etcd API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsFiles>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let mut routes = Routes::builder();
+    routes
+        .add_service(
+            pb::kv_server::KvServer::new(KvService(gateway.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(pb::watch_server::WatchServer::new(WatchService {
+            gateway: gateway.clone(),
+            progress_every: limits.progress_every,
+        }))
+        .add_service(pb::lease_server::LeaseServer::new(LeaseService(
+            gateway.clone(),
+        )))
+        .add_service(pb::cluster_server::ClusterServer::new(ClusterService(
+            gateway.clone(),
+        )))
+        .add_service(pb::maintenance_server::MaintenanceServer::new(
+            MaintenanceService(gateway.clone()),
+        ));
+    let routes = Routes::from(routes.routes().into_axum_router().fallback(unsupported));
+    let mut server = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(limits.keepalive))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls_config(&tls)?)
+            .context("TLS configuration")?;
+    }
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let incoming = accept_capped(listener, slots);
+    server
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server")
+}
+
+fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = &tls.trusted_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+/// Any method the gateway does not serve, with its name, as etcd's unsupported features would.
+async fn unsupported(uri: axum::http::Uri) -> axum::response::Response {
+    let method = uri.path().trim_start_matches('/');
+    let status = tonic::Status::unimplemented(format!(
+        "{method} is not supported by the KmMR etcd gateway"
+    ));
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::empty())
+}
+
+/// Accepted connections, at most `slots` at a time: each holds a permit until it closes.
+fn accept_capped(
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<CappedConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = CappedConn {
+                        inner: stream,
+                        _permit: permit,
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Out of descriptors or a reset before accept: back off, keep serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    drop(permit);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A connection holding one of the listener's slots.
+pub struct CappedConn {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for CappedConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for CappedConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CappedConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
