@@ -18,14 +18,15 @@ use kmmr_protocol::crypto::KeyPair;
 #[derive(Parser, Debug)]
 #[command(name = "kmmr-etcd-gateway", version)]
 struct Args {
-    /// Directory of the cluster (as `kmmr-replica local` lays it out): its view.toml is read, and
-    /// the gateway's client key is kept there as gateway.key unless --client-key says otherwise.
+    /// Directory of the cluster (as `kmmr-replica local` lays it out): its view.toml is read.
     #[arg(long)]
     cluster: PathBuf,
     /// The view file, if not CLUSTER/view.toml.
     #[arg(long)]
     view: Option<PathBuf>,
-    /// The gateway's client key (created if missing), if not CLUSTER/gateway.key.
+    /// A client key for the gateway (created if missing). By default each start draws a fresh
+    /// one: replicas know a client by its key and serve only the newest session of a key, so a
+    /// key file must never be shared by two running clients.
     #[arg(long)]
     client_key: Option<PathBuf>,
     /// Address to serve the etcd API on. Without TLS it must be a loopback address.
@@ -79,11 +80,10 @@ async fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.cluster.join("view.toml"));
     let view = ViewFile::load(&view_path)?;
-    let key_path = args
-        .client_key
-        .clone()
-        .unwrap_or_else(|| args.cluster.join("gateway.key"));
-    let key = load_or_create_key(&key_path)?;
+    let key = match &args.client_key {
+        Some(path) => load_or_create_key(path)?,
+        None => KeyPair::generate(&mut rand::rngs::OsRng),
+    };
     let options = ClientOptions {
         // Reads outside the total order from a quorum, falling back to ordering: linearizable
         // without a consensus instance per read when the replicas agree.

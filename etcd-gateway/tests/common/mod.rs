@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use kmmr::cluster::{free_base_port, prepare, ClusterSpec};
 use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice};
 use kmmr_byzantine::Behaviour;
-use kmmr_client::files::load_key;
 use kmmr_client::{Client, ClientOptions};
 use kmmr_etcd_gateway::gateway::Gateway;
 use kmmr_etcd_gateway::server::{serve, Limits};
+use kmmr_protocol::crypto::KeyPair;
 
 /// Prints past libtest's output capture, so that skips show in every run.
 pub fn loud(msg: &str) {
@@ -143,9 +143,11 @@ impl Cluster {
         Cluster { dir, replicas }
     }
 
+    /// A client of its own: replicas serve only the newest session of a key, so two running
+    /// clients never share one.
     pub async fn client(&self) -> Client {
         let view = kmmr_client::files::ViewFile::load(&self.dir.join("view.toml")).expect("view");
-        let key = load_key(&self.dir.join("client.key")).expect("client key");
+        let key = KeyPair::generate(&mut rand::rngs::OsRng);
         let opts = ClientOptions {
             linearizable_unordered_reads: true,
             ..ClientOptions::default()
