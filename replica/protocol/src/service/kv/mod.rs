@@ -22,7 +22,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT};
+pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT, INITIAL_REVISION};
 pub use types::*;
 
 use super::{ExecContext, RestoreError, Service};

@@ -328,10 +328,18 @@ proptest! {
 }
 
 /// The reference model: a map from key to (value, create, mod, version) and a revision.
-#[derive(Default)]
 struct Model {
     revision: u64,
     kvs: BTreeMap<Vec<u8>, KeyValue>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            revision: INITIAL_REVISION,
+            kvs: BTreeMap::new(),
+        }
+    }
 }
 
 impl Model {
@@ -451,7 +459,7 @@ proptest! {
         let mut s = KvStore::new(1_000);
         let mut m = Model::default();
         let mut states = BTreeMap::new();
-        states.insert(0, m.kvs.clone());
+        states.insert(m.revision, m.kvs.clone());
         let c = ctx(0, 0);
         for op in ops {
             match op {
@@ -474,10 +482,8 @@ proptest! {
                 key: vec![0], range_end: vec![0], revision: rev, ..Default::default()
             });
             let r = r.map_err(|e| TestCaseError::fail(e.to_string()))?;
-            // Revision 0 means "latest" in a request, so the empty initial state is not readable.
-            if rev > 0 {
-                prop_assert_eq!(r.kvs, kvs.into_values().collect::<Vec<_>>());
-            }
+            // The empty initial state is readable too: it has a revision of its own.
+            prop_assert_eq!(r.kvs, kvs.into_values().collect::<Vec<_>>());
         }
     }
 }

@@ -137,6 +137,10 @@ pub struct WatchBatch {
 /// behind to resume; Kubernetes' API server also compacts on its own schedule.
 pub const DEFAULT_HISTORY_LIMIT: u64 = 10_000;
 
+/// The revision of an empty store, as in etcd. No write has it, so a store compacted no further
+/// has lost no event.
+pub const INITIAL_REVISION: u64 = 1;
+
 impl Default for KvStore {
     fn default() -> Self {
         KvStore::new(DEFAULT_HISTORY_LIMIT)
@@ -144,14 +148,16 @@ impl Default for KvStore {
 }
 
 impl KvStore {
-    /// An empty store at revision 0 that keeps at most `history_limit` revisions of history for
-    /// past reads and watches; older history is compacted as writes happen. Every replica must
-    /// use the same limit, since retention compaction is part of execution.
+    /// An empty store at revision 1 (etcd's: its clients and kube-apiserver take revision 1 as
+    /// the empty store's, and the first write is revision 2) that keeps at most `history_limit`
+    /// revisions of history for past reads and watches; older history is compacted as writes
+    /// happen. Every replica must use the same limit, since retention compaction is part of
+    /// execution.
     pub fn new(history_limit: u64) -> Self {
         KvStore {
             history_limit,
-            revision: 0,
-            compact_revision: 0,
+            revision: INITIAL_REVISION,
+            compact_revision: INITIAL_REVISION,
             kvs: BTreeMap::new(),
             history: BTreeMap::new(),
             leases: BTreeMap::new(),
@@ -161,7 +167,7 @@ impl KvStore {
         }
     }
 
-    /// The revision of the last write (0 before any).
+    /// The revision of the last write ([`INITIAL_REVISION`] before any).
     pub fn revision(&self) -> u64 {
         self.revision
     }
@@ -553,7 +559,7 @@ impl KvStore {
         range_end: &[u8],
         limit: usize,
     ) -> Result<WatchBatch, KvError> {
-        if after_revision < self.compact_revision {
+        if after_revision < self.compact_revision && self.compact_revision > INITIAL_REVISION {
             return Err(KvError::Compacted {
                 compact_revision: self.compact_revision,
             });

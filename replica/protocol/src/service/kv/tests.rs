@@ -121,35 +121,53 @@ fn lease_id(r: KvResponse) -> i64 {
 }
 
 #[test]
-fn fresh_store_is_at_revision_zero_and_empty() {
+fn fresh_store_is_at_revision_one_and_empty() {
     let mut s = KvStore::new(100);
-    assert_eq!(s.revision(), 0);
+    assert_eq!(INITIAL_REVISION, 1, "etcd's empty store is at revision 1");
+    assert_eq!(s.revision(), INITIAL_REVISION);
+    assert_eq!(s.compact_revision(), INITIAL_REVISION);
     assert_eq!(get(&mut s, "a"), None);
-    assert_eq!(range(&mut s, RangeRequest::key("a")).header.revision, 0);
+    assert_eq!(
+        range(&mut s, RangeRequest::key("a")).header.revision,
+        INITIAL_REVISION
+    );
+    let at_initial = RangeRequest {
+        revision: INITIAL_REVISION,
+        ..RangeRequest::key("a")
+    };
+    assert_eq!(range(&mut s, at_initial).count, 0);
+    // A fresh store's snapshot restores (onto a store that has been written to, too).
+    let snap = s.snapshot();
+    let mut r = KvStore::new(100);
+    put(&mut r, "x", "1");
+    r.restore(&snap).expect("a fresh store's snapshot restores");
+    assert_eq!(r, s);
+    assert_eq!(r.snapshot(), snap);
 }
 
 #[test]
 fn each_put_bumps_revision_and_tracks_create_mod_and_version() {
     let mut s = KvStore::new(100);
-    assert_eq!(put(&mut s, "a", "1").header.revision, 1);
-    assert_eq!(put(&mut s, "b", "1").header.revision, 2);
-    assert_eq!(put(&mut s, "a", "2").header.revision, 3);
+    let first = INITIAL_REVISION + 1;
+    assert_eq!(put(&mut s, "a", "1").header.revision, first);
+    assert_eq!(put(&mut s, "b", "1").header.revision, first + 1);
+    assert_eq!(put(&mut s, "a", "2").header.revision, first + 2);
     let a = get(&mut s, "a").expect("a exists");
     assert_eq!(
         (a.create_revision, a.mod_revision, a.version, a.value),
-        (1, 3, 2, b"2".to_vec())
+        (first, first + 2, 2, b"2".to_vec())
     );
 }
 
 #[test]
 fn delete_then_recreate_resets_version_and_create_revision() {
     let mut s = KvStore::new(100);
-    put(&mut s, "a", "1");
-    put(&mut s, "a", "2");
-    assert_eq!(delete(&mut s, "a").deleted, 1);
-    put(&mut s, "a", "3");
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "a", "2"); // 3
+    assert_eq!(delete(&mut s, "a").deleted, 1); // 4
+    put(&mut s, "a", "3"); // 5
     let a = get(&mut s, "a").expect("a exists");
-    assert_eq!((a.create_revision, a.mod_revision, a.version), (4, 4, 1));
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (5, 5, 1));
 }
 
 #[test]
@@ -157,7 +175,7 @@ fn deleting_nothing_does_not_bump_the_revision() {
     let mut s = KvStore::new(100);
     put(&mut s, "a", "1");
     let d = delete(&mut s, "zz");
-    assert_eq!((d.deleted, d.header.revision, s.revision()), (0, 1, 1));
+    assert_eq!((d.deleted, d.header.revision, s.revision()), (0, 2, 2));
 }
 
 #[test]
@@ -180,13 +198,13 @@ fn txn_with_several_writes_bumps_revision_once() {
         },
     );
     assert!(t.succeeded);
-    assert_eq!(t.header.revision, 2);
-    assert_eq!(s.revision(), 2);
-    assert_eq!(get(&mut s, "a").expect("a").mod_revision, 2);
-    assert_eq!(get(&mut s, "b").expect("b").mod_revision, 2);
+    assert_eq!(t.header.revision, 3);
+    assert_eq!(s.revision(), 3);
+    assert_eq!(get(&mut s, "a").expect("a").mod_revision, 3);
+    assert_eq!(get(&mut s, "b").expect("b").mod_revision, 3);
     assert!(t.responses.iter().all(|r| matches!(r,
         ResponseOp::Put(PutResponse { header, .. }) | ResponseOp::DeleteRange(DeleteRangeResponse { header, .. })
-        if header.revision == 2)));
+        if header.revision == 3)));
 }
 
 #[test]
@@ -201,7 +219,7 @@ fn read_only_txn_does_not_bump_the_revision() {
             failure: vec![],
         },
     );
-    assert_eq!((t.header.revision, s.revision()), (1, 1));
+    assert_eq!((t.header.revision, s.revision()), (2, 2));
 }
 
 #[test]
@@ -328,11 +346,11 @@ fn range_count_only_returns_no_kvs_and_keys_only_drops_values() {
 #[test]
 fn range_at_past_revision_sees_the_state_of_that_revision() {
     let mut s = KvStore::new(100);
-    put(&mut s, "a", "1"); // 1
-    put(&mut s, "b", "1"); // 2
-    put(&mut s, "a", "2"); // 3
-    delete(&mut s, "b"); // 4
-    put(&mut s, "c", "1"); // 5
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "b", "1"); // 3
+    put(&mut s, "a", "2"); // 4
+    delete(&mut s, "b"); // 5
+    put(&mut s, "c", "1"); // 6
     let at = |rev| {
         RangeRequest {
             revision: rev,
@@ -340,21 +358,26 @@ fn range_at_past_revision_sees_the_state_of_that_revision() {
         }
         .with_all_keys()
     };
-    let r2 = range(&mut s, at(2));
-    assert_eq!(keys(&r2), ["a", "b"]);
-    assert_eq!(r2.kvs[0].value, b"1");
     assert_eq!(
-        r2.header.revision, 5,
+        range(&mut s, at(INITIAL_REVISION)).count,
+        0,
+        "the initial revision is the empty store"
+    );
+    let r3 = range(&mut s, at(3));
+    assert_eq!(keys(&r3), ["a", "b"]);
+    assert_eq!(r3.kvs[0].value, b"1");
+    assert_eq!(
+        r3.header.revision, 6,
         "the header carries the current revision"
     );
-    let r4 = range(&mut s, at(4));
-    assert_eq!(keys(&r4), ["a"]);
+    let r5 = range(&mut s, at(5));
+    assert_eq!(keys(&r5), ["a"]);
     assert_eq!(
-        (r4.kvs[0].value.as_slice(), r4.kvs[0].version),
+        (r5.kvs[0].value.as_slice(), r5.kvs[0].version),
         (&b"2"[..], 2)
     );
-    assert_eq!(keys(&range(&mut s, at(5))), ["a", "c"]);
-    let r1_limited = range(&mut s, RangeRequest { limit: 1, ..at(3) });
+    assert_eq!(keys(&range(&mut s, at(6))), ["a", "c"]);
+    let r1_limited = range(&mut s, RangeRequest { limit: 1, ..at(4) });
     assert_eq!(
         (keys(&r1_limited), r1_limited.more, r1_limited.count),
         (vec!["a".into()], true, 2)
@@ -368,15 +391,15 @@ fn range_at_future_revision_is_refused() {
     let e = range_err(
         &mut s,
         RangeRequest {
-            revision: 2,
+            revision: 3,
             ..RangeRequest::key("a")
         },
     );
     assert_eq!(
         e,
         KvError::FutureRevision {
-            requested: 2,
-            current: 1
+            requested: 3,
+            current: 2
         }
     );
 }
@@ -425,7 +448,7 @@ fn delete_range_returns_count_and_prev_kvs() {
             .collect::<Vec<_>>(),
         [b"p/1".to_vec(), b"p/2".to_vec()]
     );
-    assert_eq!(d.header.revision, 4, "one revision for the whole delete");
+    assert_eq!(d.header.revision, 5, "one revision for the whole delete");
     assert!(get(&mut s, "q").is_some());
 }
 
@@ -439,7 +462,7 @@ fn empty_keys_are_refused() {
     ] {
         assert_eq!(exec(&mut s, req).error(), Some(&KvError::EmptyKey));
     }
-    assert_eq!(s.revision(), 0);
+    assert_eq!(s.revision(), INITIAL_REVISION);
 }
 
 fn cmp(k: &str, result: CompareResult, target: CompareTarget) -> Compare {
@@ -463,9 +486,9 @@ fn txn_compares_value_version_create_and_mod_revision() {
     use CompareResult::*;
     use CompareTarget::*;
     let mut s = KvStore::new(100);
-    put(&mut s, "other", "x"); // 1
-    put(&mut s, "a", "m"); // 2
-    put(&mut s, "a", "m"); // 3: version 2, create 2, mod 3
+    put(&mut s, "other", "x"); // 2
+    put(&mut s, "a", "m"); // 3
+    put(&mut s, "a", "m"); // 4: version 2, create 3, mod 4
     let cases = [
         (Value(b"m".to_vec()), Equal, true),
         (Value(b"m".to_vec()), NotEqual, false),
@@ -474,11 +497,11 @@ fn txn_compares_value_version_create_and_mod_revision() {
         (Version(2), Equal, true),
         (Version(1), Greater, true),
         (Version(2), Less, false),
-        (CreateRevision(2), Equal, true),
-        (CreateRevision(3), Less, true),
-        (ModRevision(3), Equal, true),
-        (ModRevision(3), NotEqual, false),
-        (ModRevision(2), Greater, true),
+        (CreateRevision(3), Equal, true),
+        (CreateRevision(4), Less, true),
+        (ModRevision(4), Equal, true),
+        (ModRevision(4), NotEqual, false),
+        (ModRevision(3), Greater, true),
         (Lease(0), Equal, true),
     ];
     for (target, result, expected) in cases {
@@ -539,7 +562,7 @@ fn txn_failure_branch_runs_when_a_compare_fails() {
 #[test]
 fn txn_reads_see_earlier_writes_of_the_same_txn() {
     let mut s = KvStore::new(100);
-    put(&mut s, "a", "old");
+    put(&mut s, "a", "old"); // 2
     let t = txn_ok(
         &mut s,
         TxnRequest {
@@ -548,7 +571,7 @@ fn txn_reads_see_earlier_writes_of_the_same_txn() {
                 put_op("a", "new"),
                 RequestOp::Range(RangeRequest::key("a")),
                 RequestOp::Range(RangeRequest {
-                    revision: 1,
+                    revision: 2,
                     ..RangeRequest::key("a")
                 }),
             ],
@@ -628,15 +651,15 @@ fn events_since_returns_every_event_in_order() {
     assert_eq!(
         seen,
         [
-            (EventKind::Put, b"a".to_vec(), 1),
-            (EventKind::Put, b"b".to_vec(), 2),
-            (EventKind::Delete, b"a".to_vec(), 3),
-            (EventKind::Put, b"b".to_vec(), 4),
+            (EventKind::Put, b"a".to_vec(), 2),
+            (EventKind::Put, b"b".to_vec(), 3),
+            (EventKind::Delete, b"a".to_vec(), 4),
+            (EventKind::Put, b"b".to_vec(), 5),
         ]
     );
-    assert_eq!(w.resume_after, 4);
-    let after2 = poll(&mut s, watch_all(2)).expect("poll");
-    assert_eq!(after2.events.len(), 2);
+    assert_eq!(w.resume_after, 5);
+    let after3 = poll(&mut s, watch_all(3)).expect("poll");
+    assert_eq!(after3.events.len(), 2);
     let only_b = poll(
         &mut s,
         WatchPollRequest {
@@ -647,7 +670,7 @@ fn events_since_returns_every_event_in_order() {
     )
     .expect("poll");
     assert!(only_b.events.iter().all(|e| e.kv.key == b"b"));
-    assert_eq!((only_b.events.len(), only_b.resume_after), (2, 4));
+    assert_eq!((only_b.events.len(), only_b.resume_after), (2, 5));
 }
 
 trait SingleKey {
@@ -677,7 +700,7 @@ fn delete_events_carry_the_deleted_record_and_put_prev_kv_is_opt_in() {
         del.prev_kv.as_ref().map(|kv| kv.value.clone()),
         Some(b"2".to_vec())
     );
-    assert_eq!((del.kv.mod_revision, del.kv.version), (3, 0));
+    assert_eq!((del.kv.mod_revision, del.kv.version), (4, 0));
     let with_prev = poll(
         &mut s,
         WatchPollRequest {
@@ -742,49 +765,95 @@ fn watch_poll_limit_never_splits_a_revision_and_resumes_without_gaps() {
 fn watch_below_the_compaction_point_is_refused_with_the_compact_revision() {
     let mut s = KvStore::new(100);
     for i in 0..5 {
-        put(&mut s, "a", &i.to_string());
+        put(&mut s, "a", &i.to_string()); // 2..=6
     }
-    exec(&mut s, KvRequest::Compact(CompactRequest { revision: 3 }));
+    exec(&mut s, KvRequest::Compact(CompactRequest { revision: 4 }));
     assert_eq!(
-        poll(&mut s, watch_all(2)),
+        poll(&mut s, watch_all(3)),
         Err(KvError::Compacted {
-            compact_revision: 3
+            compact_revision: 4
         })
     );
-    let w = poll(&mut s, watch_all(3)).expect("watch from the compaction point");
+    let w = poll(&mut s, watch_all(4)).expect("watch from the compaction point");
     assert_eq!(
         w.events.iter().map(Event::revision).collect::<Vec<_>>(),
-        [4, 5]
+        [5, 6]
     );
+}
+
+#[test]
+fn a_watch_from_before_the_first_write_is_refused_only_once_history_was_compacted() {
+    let revisions = |w: WatchPollResponse| w.events.iter().map(Event::revision).collect::<Vec<_>>();
+    // Revision 0 is before the empty store's; no write has either, so nothing is lost.
+    let mut s = KvStore::new(100);
+    for after in [0, INITIAL_REVISION] {
+        let w = poll(&mut s, watch_all(after)).expect("a fresh store has lost no event");
+        assert_eq!((w.events.len(), w.resume_after), (0, INITIAL_REVISION));
+    }
+    for i in 0..3 {
+        put(&mut s, "a", &i.to_string()); // 2..=4
+    }
+    for after in [0, INITIAL_REVISION] {
+        let w = poll(&mut s, watch_all(after)).expect("nothing was compacted");
+        assert_eq!((revisions(w.clone()), w.resume_after), (vec![2, 3, 4], 4));
+    }
+    let c = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 3 }));
+    assert!(matches!(c, KvResponse::Compact(_)), "{c:?}");
+    for after in [0, INITIAL_REVISION, 2] {
+        assert_eq!(
+            poll(&mut s, watch_all(after)),
+            Err(KvError::Compacted {
+                compact_revision: 3
+            }),
+            "after {after}"
+        );
+    }
+    assert_eq!(revisions(poll(&mut s, watch_all(3)).expect("poll")), [4]);
+    // Retention compaction too: once the first write's revision is dropped, a watch from the
+    // start has lost it.
+    let mut r = KvStore::new(2);
+    for i in 0..3 {
+        put(&mut r, "a", &i.to_string()); // 2..=4
+    }
+    assert_eq!(r.compact_revision(), INITIAL_REVISION + 1);
+    for after in [0, INITIAL_REVISION] {
+        assert_eq!(
+            poll(&mut r, watch_all(after)),
+            Err(KvError::Compacted {
+                compact_revision: INITIAL_REVISION + 1
+            })
+        );
+    }
+    assert_eq!(revisions(poll(&mut r, watch_all(2)).expect("poll")), [3, 4]);
 }
 
 #[test]
 fn compaction_drops_history_but_keeps_reads_at_the_compact_revision() {
     let mut s = KvStore::new(100);
-    put(&mut s, "a", "1");
-    put(&mut s, "a", "2");
-    put(&mut s, "a", "3");
-    let c = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 2 }));
-    assert!(matches!(c, KvResponse::Compact(CompactResponse { header }) if header.revision == 3));
-    assert_eq!(s.revision(), 3, "compaction is not a write");
-    let at2 = range(
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "a", "2"); // 3
+    put(&mut s, "a", "3"); // 4
+    let c = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 3 }));
+    assert!(matches!(c, KvResponse::Compact(CompactResponse { header }) if header.revision == 4));
+    assert_eq!(s.revision(), 4, "compaction is not a write");
+    let at3 = range(
         &mut s,
         RangeRequest {
-            revision: 2,
+            revision: 3,
             ..RangeRequest::key("a")
         },
     );
-    assert_eq!(at2.kvs[0].value, b"2");
+    assert_eq!(at3.kvs[0].value, b"2");
     assert_eq!(
         range_err(
             &mut s,
             RangeRequest {
-                revision: 1,
+                revision: 2,
                 ..RangeRequest::key("a")
             }
         ),
         KvError::Compacted {
-            compact_revision: 2
+            compact_revision: 3
         }
     );
 }
@@ -792,25 +861,25 @@ fn compaction_drops_history_but_keeps_reads_at_the_compact_revision() {
 #[test]
 fn compacting_at_or_below_the_compaction_point_or_in_the_future_is_refused() {
     let mut s = KvStore::new(100);
-    put(&mut s, "a", "1");
-    put(&mut s, "a", "2");
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "a", "2"); // 3
     let compact = |s: &mut KvStore, revision| {
         exec(s, KvRequest::Compact(CompactRequest { revision }))
             .error()
             .cloned()
     };
-    assert_eq!(compact(&mut s, 1), None);
+    assert_eq!(compact(&mut s, 2), None);
     assert_eq!(
-        compact(&mut s, 1),
+        compact(&mut s, 2),
         Some(KvError::Compacted {
-            compact_revision: 1
+            compact_revision: 2
         })
     );
     assert_eq!(
-        compact(&mut s, 3),
+        compact(&mut s, 4),
         Some(KvError::FutureRevision {
-            requested: 3,
-            current: 2
+            requested: 4,
+            current: 3
         })
     );
 }
@@ -819,18 +888,18 @@ fn compacting_at_or_below_the_compaction_point_or_in_the_future_is_refused() {
 fn retention_keeps_at_most_the_configured_revisions_of_history() {
     let mut s = KvStore::new(3);
     for i in 0..10 {
-        put(&mut s, "a", &i.to_string());
+        put(&mut s, "a", &i.to_string()); // 2..=11
     }
-    assert_eq!(s.compact_revision(), 7);
+    assert_eq!(s.compact_revision(), 8);
     assert_eq!(s.history.len(), 3);
-    let w = poll(&mut s, watch_all(7)).expect("poll");
+    let w = poll(&mut s, watch_all(8)).expect("poll");
     assert_eq!(
         w.events.iter().map(Event::revision).collect::<Vec<_>>(),
-        [8, 9, 10]
+        [9, 10, 11]
     );
     let mut none = KvStore::new(0);
     put(&mut none, "a", "1");
-    assert_eq!((none.compact_revision(), none.history.len()), (1, 0));
+    assert_eq!((none.compact_revision(), none.history.len()), (2, 0));
 }
 
 #[test]
@@ -852,7 +921,11 @@ fn lease_ids_are_chosen_deterministically_or_taken_from_the_client() {
         grant(&mut s, 0, 0, 0).error(),
         Some(&KvError::InvalidLeaseTtl { ttl: 0 })
     );
-    assert_eq!(s.revision(), 0, "lease grants are not key writes");
+    assert_eq!(
+        s.revision(),
+        INITIAL_REVISION,
+        "lease grants are not key writes"
+    );
 }
 
 #[test]
@@ -868,23 +941,23 @@ fn leases_expire_only_by_consensus_time_and_delete_their_keys_in_one_revision() 
         KvResponse::Put(_)
     ));
     put(&mut s, "c", "1");
-    assert_eq!(s.revision(), 3);
+    assert_eq!(s.revision(), 4);
     // Still alive one millisecond before the deadline.
     exec_at(&mut s, 5_999, KvRequest::get("a"));
     assert!(s.get(b"a").is_some());
     let r = exec_at(&mut s, 6_000, KvRequest::get("a"));
     assert_eq!(r.get_value(), None, "expired before the request ran");
-    assert_eq!(s.revision(), 4, "both keys deleted at one revision");
+    assert_eq!(s.revision(), 5, "both keys deleted at one revision");
     assert!(s.get(b"b").is_none() && s.get(b"c").is_some());
-    let w = poll(&mut s, watch_all(3)).expect("poll");
+    let w = poll(&mut s, watch_all(4)).expect("poll");
     assert_eq!(
         w.events
             .iter()
             .map(|e| (e.kind, e.kv.key.clone(), e.revision()))
             .collect::<Vec<_>>(),
         [
-            (EventKind::Delete, b"a".to_vec(), 4),
-            (EventKind::Delete, b"b".to_vec(), 4)
+            (EventKind::Delete, b"a".to_vec(), 5),
+            (EventKind::Delete, b"b".to_vec(), 5)
         ]
     );
     assert_eq!(
@@ -903,16 +976,16 @@ fn leases_expire_in_deadline_order_each_at_its_own_revision() {
     let mut s = KvStore::new(100);
     let late = lease_id(grant(&mut s, 0, 1, 20));
     let early = lease_id(grant(&mut s, 0, 2, 10));
-    put_lease(&mut s, "late", "v", late);
-    put_lease(&mut s, "early", "v", early);
+    put_lease(&mut s, "late", "v", late); // 2
+    put_lease(&mut s, "early", "v", early); // 3
     exec_at(&mut s, 30_000, KvRequest::get("x"));
-    let w = poll(&mut s, watch_all(2)).expect("poll");
+    let w = poll(&mut s, watch_all(3)).expect("poll");
     assert_eq!(
         w.events
             .iter()
             .map(|e| (e.kv.key.clone(), e.revision()))
             .collect::<Vec<_>>(),
-        [(b"early".to_vec(), 3), (b"late".to_vec(), 4)]
+        [(b"early".to_vec(), 4), (b"late".to_vec(), 5)]
     );
 }
 
@@ -958,7 +1031,7 @@ fn revoke_deletes_attached_keys_and_unknown_leases_are_refused() {
     );
     let r = exec(&mut s, KvRequest::LeaseRevoke(LeaseRevokeRequest { id }));
     assert!(
-        matches!(r, KvResponse::LeaseRevoke(LeaseRevokeResponse { header }) if header.revision == 2)
+        matches!(r, KvResponse::LeaseRevoke(LeaseRevokeResponse { header }) if header.revision == 3)
     );
     assert!(s.get(b"a").is_none());
     assert_eq!(
@@ -972,7 +1045,7 @@ fn revoking_a_lease_without_keys_does_not_bump_the_revision() {
     let mut s = KvStore::new(100);
     let id = lease_id(grant(&mut s, 0, 0, 100));
     exec(&mut s, KvRequest::LeaseRevoke(LeaseRevokeRequest { id }));
-    assert_eq!(s.revision(), 0);
+    assert_eq!(s.revision(), INITIAL_REVISION);
 }
 
 #[test]
@@ -1025,7 +1098,7 @@ fn query_answers_reads_and_refuses_writes_without_mutating() {
         KvRequest::put("a", "2"),
         KvRequest::delete("a"),
         KvRequest::cas("a", Some(b"1"), "2"),
-        KvRequest::Compact(CompactRequest { revision: 1 }),
+        KvRequest::Compact(CompactRequest { revision: 2 }),
         KvRequest::LeaseGrant(LeaseGrantRequest { id: 0, ttl: 5 }),
     ] {
         let r = KvResponse::from_bytes(&s.query(&write.to_bytes())).expect("decodes");
@@ -1102,9 +1175,9 @@ fn every_response_carries_the_current_revision() {
         KvRequest::get(""),
         KvRequest::LeaseKeepAlive(LeaseKeepAliveRequest { id }),
         KvRequest::WatchPoll(watch_all(0)),
-        KvRequest::Compact(CompactRequest { revision: 1 }),
+        KvRequest::Compact(CompactRequest { revision: 2 }),
     ] {
-        assert_eq!(exec(&mut s, req).header().revision, 2);
+        assert_eq!(exec(&mut s, req).header().revision, 3);
     }
 }
 
