@@ -15,11 +15,12 @@ cargo fmt --all -- --check
 stamp "lints"
 cargo clippy --workspace --all-targets -- -D warnings
 if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
-  # The chart tests in the workspace run helm, and the etcd gateway's tests run etcdctl against
-  # the gateway and against a real etcd; on a fresh machine they are built first (cached by
-  # version outside the repository, so a warm run skips this).
-  stamp "building helm, etcd and etcdctl for the workspace tests (cached by version)"
-  e2e/testbed/build.sh helm etcd
+  # The chart tests in the workspace run helm; the etcd gateway's tests run etcdctl against the
+  # gateway and against a real etcd, and a kube-apiserver on the gateway. On a fresh machine
+  # they are built first (cached by version outside the repository, so a warm run skips this;
+  # the test bed uses the same binaries later).
+  stamp "building helm and the control plane (etcd, etcdctl, kube-apiserver, ...) for the workspace tests (cached by version)"
+  e2e/testbed/build.sh helm control-plane
 fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace

@@ -110,8 +110,20 @@ async fn run(args: Args) -> Result<()> {
         max_connections: args.max_connections,
         ..Limits::default()
     };
+    // Kubernetes stops a pod with SIGTERM, a terminal with SIGINT: both end the gateway cleanly.
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     };
     serve(gateway, listener, tls, limits, shutdown).await
 }
