@@ -17,6 +17,7 @@ use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::limits;
 use kmmr_protocol::wire::messages::{ClientId, Reply, RequestKind};
 
 #[derive(Debug, Clone)]
@@ -54,6 +55,10 @@ enum Cmd {
 }
 
 /// A connected client. Cloning shares the session.
+///
+/// One key, one process: the replicas keep a single session per client key, and a newer
+/// session of a key (another process started with it) ends the older one. Requests of the
+/// ended session then fail at once with the replicas' reason instead of executing.
 #[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Cmd>,
@@ -73,12 +78,13 @@ impl Client {
         let id = key.public();
         let clock = Clock::new();
         // Sessions must grow across restarts of a client with the same key: the start time does.
-        let session = ClientSession::new(
+        let mut session = ClientSession::new(
             key,
             clock.now_us(),
             view,
             opts.retransmit.as_micros() as u64,
         );
+        session.set_quorum_writes(opts.linearizable_unordered_reads);
         let (tx, rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
         let (view_tx, view_rx) = watch::channel(session.view().clone());
@@ -122,6 +128,15 @@ impl Client {
 
     /// Sends one request and waits for its agreed result.
     pub async fn invoke(&self, kind: RequestKind, payload: Vec<u8>) -> Result<Vec<u8>> {
+        // Replicas cannot decode a larger request and drop it unanswered: say so now rather
+        // than at the timeout.
+        if payload.len() > limits::MAX_PAYLOAD {
+            return Err(anyhow!(
+                "the request is {} bytes; replicas accept at most {} bytes per request",
+                payload.len(),
+                limits::MAX_PAYLOAD
+            ));
+        }
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Invoke {
