@@ -20,7 +20,8 @@ use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     pub n: usize,
-    /// Replaced if it exists.
+    /// Replaced if it exists, unless it is not a cluster directory or its cluster is running
+    /// (see [`check_replaceable`]).
     pub dir: PathBuf,
     /// Replica i listens on base_port+i, its clients on base_port+1000+i, HTTP on +2000+i.
     pub base_port: u16,
@@ -129,6 +130,8 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             args.n
         );
     }
+    check_replaceable(&args.dir)?;
+    check_ports_free(args.base_port, args.n)?;
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("clearing {}", args.dir.display()))?;
@@ -173,6 +176,89 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
         &args.dir.join("client.key"),
     )?;
     Ok(view)
+}
+
+/// The view file of a directory laid out by [`prepare`]: what marks it as one.
+const VIEW_FILE: &str = "view.toml";
+
+/// Refuses to replace `dir` unless it is missing, empty, or a cluster laid out by [`prepare`]
+/// none of whose replicas answers on its ports: a directory of some other use, or the keys and
+/// view of a cluster still running (which nothing could reach any more), is never deleted.
+pub fn check_replaceable(dir: &Path) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    if !dir.join(VIEW_FILE).exists() {
+        bail!(
+            "{} exists and is not a cluster directory made by `kmmr-replica local` (it has no \
+             {VIEW_FILE}); refusing to replace it: choose another --dir",
+            dir.display()
+        );
+    }
+    for (id, addr) in replica_addresses(dir) {
+        if answers(&addr) {
+            bail!(
+                "{} belongs to a running cluster (replica {id} answers on {addr}); refusing to \
+                 replace it: stop that cluster first, or choose another --dir",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The status addresses of the replicas configured in a cluster directory, by id.
+fn replica_addresses(dir: &Path) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('r') && name.ends_with(".toml")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| toml::from_str::<NodeConfig>(&t).ok())
+        .map(|c| (c.id, c.http_listen))
+        .collect()
+}
+
+/// Whether something accepts connections at `addr`.
+fn answers(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+}
+
+/// Refuses a layout whose ports are taken, before anything is written: replicas that cannot
+/// bind would fail one by one with "address already in use" after the files were replaced.
+pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
+    for i in 0..n {
+        let i16 = u16::try_from(i).context("too many replicas for one machine's ports")?;
+        for (what, offset) in [("replica", 0u16), ("client", 1000), ("HTTP", 2000)] {
+            let Some(port) = base_port
+                .checked_add(offset)
+                .and_then(|p| p.checked_add(i16))
+            else {
+                bail!("--base-port {base_port} leaves no room for {n} replicas' ports");
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!(
+                    "port {port} (replica {i}'s {what} port) is in use, perhaps by a cluster \
+                     already running: stop it, or choose another --base-port"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts replica `i` of a prepared cluster directory as a child process of `exe` (the
