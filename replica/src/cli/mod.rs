@@ -5,6 +5,9 @@ mod bench;
 mod kv;
 mod local;
 mod out;
+mod render;
+mod status;
+mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +31,9 @@ pub struct Cli {
     /// Runtime worker threads.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Output of client commands: text for people, or one JSON object per line for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "text")]
+    pub output: render::Format,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -129,17 +135,18 @@ impl ByzantineMode {
     }
 }
 
-/// Where a client finds a cluster: a directory made by `local` (view.toml and client.key), or
-/// explicit files.
+/// Where a client finds a cluster: a directory made by `local` (view.toml and the replicas'
+/// configs), or explicit files.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// A cluster directory made by `kmmr-replica local`.
-    #[arg(long, default_value = "kmmr-local")]
+    #[arg(long, env = "KMMR_CLUSTER", default_value = "kmmr-local")]
     pub cluster: PathBuf,
     /// The view file (default: <cluster>/view.toml).
     #[arg(long)]
     pub view: Option<PathBuf>,
-    /// The client's private key (default: <cluster>/client.key, created if missing).
+    /// A private key for this client, created if missing (default: a new key for each run).
+    /// Two processes running at once must not share one: see `connect`.
     #[arg(long)]
     pub client_key: Option<PathBuf>,
 }
@@ -150,12 +157,20 @@ impl ClusterArgs {
             .view
             .clone()
             .unwrap_or_else(|| self.cluster.join("view.toml"));
-        let view = ViewFile::load(&view_path)?;
-        let key_path = self
-            .client_key
-            .clone()
-            .unwrap_or_else(|| self.cluster.join("client.key"));
-        let key = load_or_create_key(&key_path)?;
+        let view = ViewFile::load(&view_path).with_context(|| {
+            format!(
+                "no cluster at {}: start one with `kmmr-replica local --keep-running`, or point \
+                 --cluster (or KMMR_CLUSTER) at its directory",
+                self.cluster.display()
+            )
+        })?;
+        // The replicas keep one session per client key, and the newest session of a key ends
+        // the older ones: two commands sharing a key (a `watch` and a `put` from another shell)
+        // would cut each other off. So each run has a key of its own unless told otherwise.
+        let key = match &self.client_key {
+            Some(path) => load_or_create_key(path)?,
+            None => KeyPair::generate(&mut rand::rngs::OsRng),
+        };
         // The CLI's writes wait for a quorum so that `get --unordered` stays linearizable.
         let opts = ClientOptions {
             linearizable_unordered_reads: true,
@@ -205,7 +220,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Local(args) => local::run(args).await,
-        Cmd::Kv(cmd) => kv::run(cmd).await,
+        Cmd::Kv(cmd) => kv::run(cmd, cli.output).await,
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Admin(args) => admin::run(args).await,
     }
