@@ -42,6 +42,24 @@ fn status_fails_when_no_quorum_of_replicas_answers() {
 }
 
 #[test]
+fn a_command_fails_at_once_when_no_replica_answers() {
+    let c = laid_out("none");
+    let t = Instant::now();
+    let (ok, stdout, stderr) = run(&c.dir, &["put", "k", "v"]);
+    assert!(!ok, "{stdout}\n{stderr}");
+    assert!(stderr.contains("no replica of the cluster at"), "{stderr}");
+    assert!(
+        stderr.contains("replica 3:"),
+        "every replica named: {stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn a_closed_pipe_ends_the_output_without_a_panic() {
     let c = laid_out("pipe");
     let dir = c.dir.clone();

@@ -66,6 +66,7 @@ pub struct Client {
     id: ClientId,
     timeout: Duration,
     unordered_reads: bool,
+    unreachable: Arc<Vec<(ReplicaId, String)>>,
 }
 
 impl Client {
@@ -98,7 +99,7 @@ impl Client {
             clock,
             redial: opts.redial,
         };
-        task.dial_all().await;
+        let unreachable = Arc::new(task.dial_all().await);
         tokio::spawn(task.run(rx, ev_rx));
         Ok(Client {
             tx,
@@ -106,7 +107,14 @@ impl Client {
             id,
             timeout: opts.timeout,
             unordered_reads: opts.linearizable_unordered_reads,
+            unreachable,
         })
+    }
+
+    /// The replicas that could not be reached when this client connected, and why. They are
+    /// re-dialled in the background; a caller may tell its user, or give up when none answered.
+    pub fn unreachable_at_connect(&self) -> &[(ReplicaId, String)] {
+        &self.unreachable
     }
 
     pub fn id(&self) -> ClientId {
@@ -189,8 +197,10 @@ struct ProxyTask {
 }
 
 impl ProxyTask {
-    async fn dial_all(&mut self) {
+    /// Dials every replica not connected; returns those that could not be reached, and why.
+    async fn dial_all(&mut self) -> Vec<(ReplicaId, String)> {
         let members = self.session.view().members.clone();
+        let mut failed = Vec::new();
         for m in members {
             if self.links.get(&m.id).is_some_and(|l| !l.is_closed()) {
                 continue;
@@ -202,9 +212,11 @@ impl ProxyTask {
                 Err(e) => {
                     tracing::debug!(replica = m.id.0, error = %e, "replica unreachable");
                     self.links.remove(&m.id);
+                    failed.push((m.id, format!("{e:#}")));
                 }
             }
         }
+        failed
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut events: mpsc::Receiver<FromReplica>) {

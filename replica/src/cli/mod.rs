@@ -176,7 +176,27 @@ impl ClusterArgs {
             linearizable_unordered_reads: true,
             ..ClientOptions::default()
         };
-        Client::connect(key, view, opts).await
+        let client = Client::connect(key, view, opts).await?;
+        let down = client.unreachable_at_connect();
+        // None answering is not worth a 30 s wait; some down is worth knowing while the
+        // request goes to the others.
+        if !down.is_empty() && down.len() == client.view().n() {
+            bail!(
+                "no replica of the cluster at {} answers ({}): is it running?",
+                self.cluster.display(),
+                down.iter()
+                    .map(|(id, why)| format!("replica {}: {why}", id.0))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        for (id, why) in down {
+            eprintln!(
+                "warning: replica {} unreachable ({why}); trying the others",
+                id.0
+            );
+        }
+        Ok(client)
     }
 }
 
