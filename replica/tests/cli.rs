@@ -462,3 +462,78 @@ async fn local_leaves_a_running_cluster_and_other_directories_alone() {
     .await
     .expect("the commands run");
 }
+
+/// A replica removed from the view stops by itself; `local` waits for it (no zombie process)
+/// and says so, and goes on serving with the others.
+#[test]
+fn local_reaps_a_removed_replica() {
+    let dir = std::env::temp_dir().join(format!("kmmr-test-reap-{}", std::process::id()));
+    let base = kmmr::cluster::free_base_port(5)
+        .expect("free ports")
+        .to_string();
+    let mut local = Command::new(EXE)
+        .args(["local", "--n", "5", "--no-durable", "--keep-running"])
+        .args(["--base-port", &base, "--dir"])
+        .arg(&dir)
+        .env_remove("KMMR_CLUSTER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("local runs");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (out, err) = (local.stdout.take(), local.stderr.take());
+    for stream in [
+        out.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        err.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let wait_for = |what: &str, within: Duration| -> Result<(), String> {
+        let until = Instant::now() + within;
+        let mut seen = String::new();
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return Ok(()),
+                Ok(line) => seen.push_str(&format!("{line}\n")),
+                Err(_) => break,
+            }
+        }
+        Err(format!(
+            "no line with {what:?} within {within:?}; saw:\n{seen}"
+        ))
+    };
+    let outcome = wait_for("running (Ctrl-C stops)", Duration::from_secs(30)).and_then(|()| {
+        let cluster = dir.to_str().unwrap_or_default();
+        let removed = run_in(
+            Path::new("/"),
+            &["admin", "--cluster", cluster, "remove", "--id", "4"],
+            b"",
+            &[],
+        );
+        if !removed.0 {
+            return Err(format!("admin remove failed: {removed:?}"));
+        }
+        wait_for("replica 4 exited", Duration::from_secs(20))?;
+        let put = run(&dir, &["put", "after", "removal"]);
+        if !put.0 {
+            return Err(format!("the four left serve: {put:?}"));
+        }
+        Ok(())
+    });
+    // SIGTERM, which local answers by stopping its replicas (SIGKILL would orphan them).
+    let _ = Command::new("kill")
+        .args(["-TERM", &local.id().to_string()])
+        .status();
+    let stopped = local.wait().expect("local stops");
+    outcome.expect("local reaps the removed replica");
+    assert!(stopped.success(), "{stopped}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,7 @@ use kmmr_protocol::wire::ids::ReplicaId;
 #[derive(Args, Debug)]
 pub struct AdminArgs {
     /// A cluster directory made by `kmmr-replica local` (view.toml, admin.key).
-    #[arg(long, default_value = "kmmr-local")]
+    #[arg(long, env = "KMMR_CLUSTER", default_value = "kmmr-local")]
     pub cluster: PathBuf,
     /// The view file (default: <cluster>/view.toml). Rewritten with the new view on success.
     #[arg(long)]
