@@ -419,6 +419,10 @@ async fn writes(
                 out.flush()?;
                 i += 1;
             }
+            Ok(KvResponse::Error(e)) => {
+                failures += 1;
+                eprintln!("write {key} refused: {}; retrying", e.error);
+            }
             Ok(other) => {
                 failures += 1;
                 eprintln!("write {key} answered {other:?}; retrying");

@@ -26,7 +26,14 @@ pub enum Format {
 pub fn text(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) if !s.chars().any(|c| c.is_control() || c == '\\') => s.to_owned(),
-        Ok(s) => s.chars().flat_map(char::escape_default).collect(),
+        Ok(s) => s
+            .chars()
+            .flat_map(|c| {
+                let escape = c.is_control() || c == '\\';
+                let escaped = escape.then(|| c.escape_default()).into_iter().flatten();
+                escaped.chain((!escape).then_some(c))
+            })
+            .collect(),
         Err(_) => bytes.escape_ascii().to_string(),
     }
 }
@@ -106,6 +113,7 @@ mod tests {
     fn printable_text_is_shown_as_is_and_the_rest_escaped() {
         assert_eq!(text(b"hello world/k\xc3\xa9"), "hello world/ké");
         assert_eq!(text(b"a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+        assert_eq!(text("ké\t".as_bytes()), "ké\\t");
         assert_eq!(text(b"back\\slash"), "back\\\\slash");
         assert_eq!(text(&[0xff, b'a', 0]), "\\xffa\\x00");
     }
