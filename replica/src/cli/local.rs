@@ -144,6 +144,12 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         },
     })?;
     let exe = std::env::current_exe().context("locating kmmr-replica")?;
+    // Start-up takes a second or more: say what is happening meanwhile.
+    eprintln!(
+        "starting {} replicas (files and logs in {})",
+        args.n,
+        args.dir.display()
+    );
     let mut children = BTreeMap::new();
     for i in 0..args.n as u32 {
         let mode = byzantine.contains(&i).then_some(args.byzantine_mode.name());
