@@ -537,3 +537,30 @@ fn local_reaps_a_removed_replica() {
     assert!(stopped.success(), "{stopped}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With fewer replicas up than an answer needs, a command names the ones it cannot reach,
+/// gives up after --timeout, and says how many were connected and how many must agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_without_a_quorum_names_the_missing_replicas_and_honours_its_timeout() {
+    let mut c = TestCluster::start("noquorum", 4, kmmr::node::ProtocolConfig::default(), &[]).await;
+    c.kill(2).await;
+    c.kill(3).await;
+    let dir = c.dir.clone();
+    let t = Instant::now();
+    let (ok, stdout, stderr) =
+        tokio::task::spawn_blocking(move || run(&dir, &["put", "k", "v", "--timeout", "2"]))
+            .await
+            .expect("the command runs");
+    assert!(!ok, "{stdout}\n{stderr}");
+    assert!(stderr.contains("replica 2 unreachable"), "{stderr}");
+    assert!(stderr.contains("replica 3 unreachable"), "{stderr}");
+    assert!(
+        stderr.contains("2 of the 4 replicas connected, and an answer needs 3"),
+        "{stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+}

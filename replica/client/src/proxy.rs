@@ -3,6 +3,7 @@
 //! enough distinct replicas agreed on the result. Many requests may be in flight at once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,8 @@ pub struct Client {
     timeout: Duration,
     unordered_reads: bool,
     unreachable: Arc<Vec<(ReplicaId, String)>>,
+    /// Replicas with an open link, as the proxy task last counted them.
+    connected: Arc<AtomicUsize>,
 }
 
 impl Client {
@@ -98,8 +101,11 @@ impl Client {
             ev_tx,
             clock,
             redial: opts.redial,
+            connected: Arc::new(AtomicUsize::new(0)),
         };
         let unreachable = Arc::new(task.dial_all().await);
+        let connected = task.connected.clone();
+        task.count_links();
         tokio::spawn(task.run(rx, ev_rx));
         Ok(Client {
             tx,
@@ -108,6 +114,7 @@ impl Client {
             timeout: opts.timeout,
             unordered_reads: opts.linearizable_unordered_reads,
             unreachable,
+            connected,
         })
     }
 
@@ -158,10 +165,21 @@ impl Client {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(ClientError::Rejected(reason)))) => Err(anyhow!("rejected: {reason}")),
             Ok(Err(_)) => Err(anyhow!("client stopped")),
-            Err(_) => Err(anyhow!(
-                "no agreed reply within {:?}: is a quorum of replicas up?",
-                self.timeout
-            )),
+            Err(_) => {
+                let view = self.view();
+                Err(anyhow!(
+                    "no agreed reply within {:?}: {} of the {} replicas connected, and an \
+                     answer needs {} of them to agree (is a quorum of replicas up?)",
+                    self.timeout,
+                    self.connected.load(Ordering::Relaxed),
+                    view.n(),
+                    if self.unordered_reads {
+                        view.quorum()
+                    } else {
+                        view.weak()
+                    }
+                ))
+            }
         }
     }
 
@@ -194,9 +212,16 @@ struct ProxyTask {
     ev_tx: mpsc::Sender<FromReplica>,
     clock: Clock,
     redial: Duration,
+    connected: Arc<AtomicUsize>,
 }
 
 impl ProxyTask {
+    /// Publishes how many replicas have an open link, for the timeout message.
+    fn count_links(&self) {
+        let open = self.links.values().filter(|l| !l.is_closed()).count();
+        self.connected.store(open, Ordering::Relaxed);
+    }
+
     /// Dials every replica not connected; returns those that could not be reached, and why.
     async fn dial_all(&mut self) -> Vec<(ReplicaId, String)> {
         let members = self.session.view().members.clone();
@@ -256,6 +281,7 @@ impl ProxyTask {
                 }
             }
             self.flush();
+            self.count_links();
         }
     }
 

@@ -149,6 +149,9 @@ pub struct ClusterArgs {
     /// Two processes running at once must not share one: see `connect`.
     #[arg(long)]
     pub client_key: Option<PathBuf>,
+    /// Give up on a request that has no agreed answer after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 impl ClusterArgs {
@@ -174,6 +177,7 @@ impl ClusterArgs {
         // The CLI's writes wait for a quorum so that `get --unordered` stays linearizable.
         let opts = ClientOptions {
             linearizable_unordered_reads: true,
+            timeout: std::time::Duration::from_secs(self.timeout),
             ..ClientOptions::default()
         };
         let client = Client::connect(key, view, opts).await?;
