@@ -564,3 +564,73 @@ async fn a_command_without_a_quorum_names_the_missing_replicas_and_honours_its_t
         t.elapsed()
     );
 }
+
+/// `admin add` with the new replica's key file writes its config next to the others' and says
+/// how to start it; started that way, the replica joins and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_add_writes_the_new_replicas_config() {
+    let mut c = TestCluster::lay_out("join", 4, 1, kmmr::node::ProtocolConfig::default(), &[]);
+    for i in 0..4 {
+        c.spawn(i);
+    }
+    for i in 0..4 {
+        c.wait_healthy(i).await;
+    }
+    let dir = c.dir.clone();
+    let address = format!("127.0.0.1:{}", c.base + 4);
+    let added = tokio::task::spawn_blocking(move || {
+        let cluster = dir.to_str().unwrap_or_default();
+        let key = dir.join("r4.key");
+        let keygen = run_in(
+            Path::new("/"),
+            &["keygen", "--out", key.to_str().unwrap_or_default()],
+            b"",
+            &[],
+        );
+        assert!(keygen.0, "{keygen:?}");
+        let put = run(&dir, &["put", "before", "join"]);
+        assert!(put.0, "{put:?}");
+        run_in(
+            Path::new("/"),
+            &[
+                "admin",
+                "--cluster",
+                cluster,
+                "add",
+                "--id",
+                "4",
+                "--address",
+                &address,
+                "--key-file",
+                key.to_str().unwrap_or_default(),
+            ],
+            b"",
+            &[],
+        )
+    })
+    .await
+    .expect("the commands run");
+    assert!(added.0, "{added:?}");
+    assert!(
+        added.1.contains("start it with: kmmr-replica run --config"),
+        "{added:?}"
+    );
+    c.spawn(4);
+    c.wait_healthy(4).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = kmmr_client::files::ViewFile::load(&c.dir.join("view.toml")).expect("view");
+        let s = c.status_in(&view, 4).await;
+        if s.as_ref()
+            .is_some_and(|s| s.status.n == 5 && s.status.last_decided.is_some())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "replica 4 did not join: {s:?}\n{}",
+            c.log(4)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
