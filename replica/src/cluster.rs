@@ -46,6 +46,7 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// did in CI. Ranges handed out by this process are remembered, so two tests of one binary
 /// never get overlapping layouts.
 pub fn free_base_port(ids: usize) -> Result<u16> {
+    // (base, ids) of every layout handed out by this process.
     static HANDED_OUT: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
     let ids = u16::try_from(ids).context("too many replicas for one machine's ports")?;
     let span = 2000u16
@@ -70,8 +71,10 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let candidate = low + ((seed >> 33) % u64::from(high - low - span)) as u16;
-        let end = candidate + span;
-        if handed_out.iter().any(|&(a, b)| candidate <= b && a <= end) {
+        if handed_out
+            .iter()
+            .any(|&(base, n)| layouts_overlap(base, n, candidate, ids))
+        {
             continue;
         }
         let ports =
@@ -80,11 +83,21 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
             .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
             .collect();
         if held.is_ok() {
-            handed_out.push((candidate, end));
+            handed_out.push((candidate, ids));
             return Ok(candidate);
         }
     }
     bail!("found no free range of ports for {ids} replicas on 127.0.0.1")
+}
+
+/// Whether two layouts share a port. A layout is three blocks of `ids` ports, at its base and
+/// 1000 and 2000 above, so layouts interleave: comparing whole spans, as this once did, let a
+/// test binary with a dozen clusters run out of room below the ephemeral range.
+fn layouts_overlap(a: u16, a_ids: u16, b: u16, b_ids: u16) -> bool {
+    let (a, b) = (i32::from(a), i32::from(b));
+    [-2000, -1000, 0, 1000, 2000]
+        .iter()
+        .any(|shift| a < b + shift + i32::from(b_ids) && b + shift < a + i32::from(a_ids))
 }
 
 /// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
@@ -323,3 +336,26 @@ pub async fn http_get(url: &str) -> Result<String> {
 
 /// How long a read of a replica's HTTP endpoint may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::layouts_overlap;
+
+    #[test]
+    fn layouts_overlap_only_when_they_share_a_port() {
+        // Replica, client and HTTP blocks of 4 at 20000, 21000, 22000.
+        assert!(layouts_overlap(20000, 4, 20003, 4));
+        assert!(
+            layouts_overlap(20000, 4, 21002, 4),
+            "its replica block meets our client block"
+        );
+        assert!(
+            layouts_overlap(20000, 4, 18000, 4),
+            "its HTTP block is our replica block"
+        );
+        assert!(!layouts_overlap(20000, 4, 20004, 4));
+        assert!(!layouts_overlap(20000, 4, 20500, 4));
+        assert!(!layouts_overlap(20000, 4, 19996, 4));
+        assert!(!layouts_overlap(20000, 4, 23000, 4));
+    }
+}
