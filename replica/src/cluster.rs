@@ -125,8 +125,8 @@ pub fn http_port(base: u16, i: usize) -> u16 {
     base + 2000 + i as u16
 }
 
-/// Writes keys (the replicas', a client's and the admin's), the view and one config per
-/// replica.
+/// Writes keys (the replicas' and the admin's), the view and one config per replica. Client
+/// commands keep their keys in `client-keys/` (see the CLI's `keys`).
 pub fn prepare(args: &ClusterSpec) -> Result<View> {
     let f = default_f(args.n);
     if args.n < 4 {
@@ -184,10 +184,6 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             toml::to_string_pretty(&cfg)?,
         )?;
     }
-    save_key(
-        &KeyPair::generate(&mut rand::rngs::OsRng),
-        &args.dir.join("client.key"),
-    )?;
     Ok(view)
 }
 

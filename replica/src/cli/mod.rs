@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod keys;
 mod kv;
 mod local;
 mod out;
@@ -145,8 +146,9 @@ pub struct ClusterArgs {
     /// The view file (default: <cluster>/view.toml).
     #[arg(long)]
     pub view: Option<PathBuf>,
-    /// A private key for this client, created if missing (default: a new key for each run).
-    /// Two processes running at once must not share one: see `connect`.
+    /// A private key for this client, created if missing (default: one of the cluster
+    /// directory's client-keys/ that no running command holds). Two processes running at once
+    /// must not share one: the newer one's session ends the older one's.
     #[arg(long)]
     pub client_key: Option<PathBuf>,
     /// Give up on a request that has no agreed answer after this many seconds.
@@ -167,11 +169,12 @@ impl ClusterArgs {
                 self.cluster.display()
             )
         })?;
-        // The replicas keep one session per client key, and the newest session of a key ends
-        // the older ones: two commands sharing a key (a `watch` and a `put` from another shell)
-        // would cut each other off. So each run has a key of its own unless told otherwise.
+        // Commands running at once need different keys (see `keys`): a key of the cluster
+        // directory's pool that no running command holds, or, with no directory to keep a
+        // pool in (--view alone), a new one.
         let key = match &self.client_key {
             Some(path) => load_or_create_key(path)?,
+            None if self.view.is_none() => keys::take(&self.cluster),
             None => KeyPair::generate(&mut rand::rngs::OsRng),
         };
         // The CLI's writes wait for a quorum so that `get --unordered` stays linearizable.
@@ -214,6 +217,12 @@ pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
 }
 
 pub async fn main(cli: Cli) -> Result<()> {
+    let result = run(cli).await;
+    keys::release_all();
+    result
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Keygen { out } => {
             if out.exists() {
