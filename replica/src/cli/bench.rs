@@ -231,7 +231,12 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
     });
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let key = KeyPair::generate(&mut rand::rngs::OsRng);
+        // Pooled like the other commands' keys, so that repeated runs do not each add their
+        // clients to the replicated session table.
+        let key = match args.cluster.view {
+            None => super::keys::take(&args.cluster.cluster),
+            Some(_) => KeyPair::generate(&mut rand::rngs::OsRng),
+        };
         let client = Client::connect(key, view.clone(), ClientOptions::default()).await?;
         let k = format!("bench/c{i}").into_bytes();
         if args.op == Op::Put {
