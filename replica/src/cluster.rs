@@ -20,7 +20,8 @@ use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     pub n: usize,
-    /// Replaced if it exists.
+    /// Replaced if it exists, unless it is not a cluster directory or its cluster is running
+    /// (see [`check_replaceable`]).
     pub dir: PathBuf,
     /// Replica i listens on base_port+i, its clients on base_port+1000+i, HTTP on +2000+i.
     pub base_port: u16,
@@ -45,6 +46,7 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// did in CI. Ranges handed out by this process are remembered, so two tests of one binary
 /// never get overlapping layouts.
 pub fn free_base_port(ids: usize) -> Result<u16> {
+    // (base, ids) of every layout handed out by this process.
     static HANDED_OUT: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
     let ids = u16::try_from(ids).context("too many replicas for one machine's ports")?;
     let span = 2000u16
@@ -69,8 +71,10 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let candidate = low + ((seed >> 33) % u64::from(high - low - span)) as u16;
-        let end = candidate + span;
-        if handed_out.iter().any(|&(a, b)| candidate <= b && a <= end) {
+        if handed_out
+            .iter()
+            .any(|&(base, n)| layouts_overlap(base, n, candidate, ids))
+        {
             continue;
         }
         let ports =
@@ -79,11 +83,21 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
             .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
             .collect();
         if held.is_ok() {
-            handed_out.push((candidate, end));
+            handed_out.push((candidate, ids));
             return Ok(candidate);
         }
     }
     bail!("found no free range of ports for {ids} replicas on 127.0.0.1")
+}
+
+/// Whether two layouts share a port. A layout is three blocks of `ids` ports, at its base and
+/// 1000 and 2000 above, so layouts interleave: comparing whole spans, as this once did, let a
+/// test binary with a dozen clusters run out of room below the ephemeral range.
+fn layouts_overlap(a: u16, a_ids: u16, b: u16, b_ids: u16) -> bool {
+    let (a, b) = (i32::from(a), i32::from(b));
+    [-2000, -1000, 0, 1000, 2000]
+        .iter()
+        .any(|shift| a < b + shift + i32::from(b_ids) && b + shift < a + i32::from(a_ids))
 }
 
 /// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
@@ -111,8 +125,8 @@ pub fn http_port(base: u16, i: usize) -> u16 {
     base + 2000 + i as u16
 }
 
-/// Writes keys (the replicas', a client's and the admin's), the view and one config per
-/// replica.
+/// Writes keys (the replicas' and the admin's), the view and one config per replica. Client
+/// commands keep their keys in `client-keys/` (see the CLI's `keys`).
 pub fn prepare(args: &ClusterSpec) -> Result<View> {
     let f = default_f(args.n);
     if args.n < 4 {
@@ -129,6 +143,8 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             args.n
         );
     }
+    check_replaceable(&args.dir)?;
+    check_ports_free(args.base_port, args.n)?;
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("clearing {}", args.dir.display()))?;
@@ -168,11 +184,90 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             toml::to_string_pretty(&cfg)?,
         )?;
     }
-    save_key(
-        &KeyPair::generate(&mut rand::rngs::OsRng),
-        &args.dir.join("client.key"),
-    )?;
     Ok(view)
+}
+
+/// The view file of a directory laid out by [`prepare`]: what marks it as one.
+const VIEW_FILE: &str = "view.toml";
+
+/// Refuses to replace `dir` unless it is missing, empty, or a cluster laid out by [`prepare`]
+/// none of whose replicas answers on its ports: a directory of some other use, or the keys and
+/// view of a cluster still running (which nothing could reach any more), is never deleted.
+pub fn check_replaceable(dir: &Path) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    if !dir.join(VIEW_FILE).exists() {
+        bail!(
+            "{} exists and is not a cluster directory made by `kmmr-replica local` (it has no \
+             {VIEW_FILE}); refusing to replace it: choose another --dir",
+            dir.display()
+        );
+    }
+    for (id, addr) in replica_addresses(dir) {
+        if answers(&addr) {
+            bail!(
+                "{} belongs to a running cluster (replica {id} answers on {addr}); refusing to \
+                 replace it: stop that cluster first, or choose another --dir",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The status addresses of the replicas configured in a cluster directory, by id.
+fn replica_addresses(dir: &Path) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('r') && name.ends_with(".toml")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| toml::from_str::<NodeConfig>(&t).ok())
+        .map(|c| (c.id, c.http_listen))
+        .collect()
+}
+
+/// Whether something accepts connections at `addr`.
+fn answers(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+}
+
+/// Refuses a layout whose ports are taken, before anything is written: replicas that cannot
+/// bind would fail one by one with "address already in use" after the files were replaced.
+pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
+    for i in 0..n {
+        let i16 = u16::try_from(i).context("too many replicas for one machine's ports")?;
+        for (what, offset) in [("replica", 0u16), ("client", 1000), ("HTTP", 2000)] {
+            let Some(port) = base_port
+                .checked_add(offset)
+                .and_then(|p| p.checked_add(i16))
+            else {
+                bail!("--base-port {base_port} leaves no room for {n} replicas' ports");
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!(
+                    "port {port} (replica {i}'s {what} port) is in use, perhaps by a cluster \
+                     already running: stop it, or choose another --base-port"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts replica `i` of a prepared cluster directory as a child process of `exe` (the
@@ -237,3 +332,26 @@ pub async fn http_get(url: &str) -> Result<String> {
 
 /// How long a read of a replica's HTTP endpoint may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::layouts_overlap;
+
+    #[test]
+    fn layouts_overlap_only_when_they_share_a_port() {
+        // Replica, client and HTTP blocks of 4 at 20000, 21000, 22000.
+        assert!(layouts_overlap(20000, 4, 20003, 4));
+        assert!(
+            layouts_overlap(20000, 4, 21002, 4),
+            "its replica block meets our client block"
+        );
+        assert!(
+            layouts_overlap(20000, 4, 18000, 4),
+            "its HTTP block is our replica block"
+        );
+        assert!(!layouts_overlap(20000, 4, 20004, 4));
+        assert!(!layouts_overlap(20000, 4, 20500, 4));
+        assert!(!layouts_overlap(20000, 4, 19996, 4));
+        assert!(!layouts_overlap(20000, 4, 23000, 4));
+    }
+}

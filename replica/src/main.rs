@@ -2,6 +2,7 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: in a log file they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     // One thread means everything (network tasks and the replica loop) on the same thread:

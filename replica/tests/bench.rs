@@ -23,8 +23,13 @@ fn bench(dir: &PathBuf, extra: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn field(json: &str, name: &str) -> f64 {
-    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON line");
+/// A field of the one JSON line among the output's lines (progress lines come on stderr).
+fn field(output: &str, name: &str) -> f64 {
+    let json = output
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("a JSON line in {output}"));
+    let v: serde_json::Value = serde_json::from_str(json).expect("one JSON line");
     v[name]
         .as_f64()
         .unwrap_or_else(|| panic!("{name} in {json}"))

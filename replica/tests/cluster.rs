@@ -353,3 +353,49 @@ async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_s
     assert!(!c.log(0).contains("panicked"), "no panic in replica 0");
     assert_correct_replicas_agree(&c, &[0, 1, 2, 3]).await;
 }
+
+/// The replicas keep one session per client key. When a second process starts with the key of
+/// a first, the first one's requests can no longer execute: they must fail at once with the
+/// replicas' reason, not wait out the client's timeout as they did (the replicas dropped them
+/// without a word, which is what hung `watch` when a `put` ran beside it with the same key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_a_newer_one_of_the_same_key_fails_at_once_with_the_reason() {
+    let c = TestCluster::start("superseded", 4, protocol(), &[]).await;
+    let key = KeyPair::generate(&mut rand::rngs::OsRng);
+    let first = Client::connect(key.clone(), c.view.clone(), common::client_options())
+        .await
+        .expect("client connects");
+    assert!(matches!(
+        first.kv(&KvRequest::put("k", "1")).await,
+        Ok(KvResponse::Put(_))
+    ));
+    // The second process's session is newer: its clock started later.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let second = Client::connect(key, c.view.clone(), common::client_options())
+        .await
+        .expect("client connects");
+    assert!(matches!(
+        second.kv(&KvRequest::put("k", "2")).await,
+        Ok(KvResponse::Put(_))
+    ));
+    let t = Instant::now();
+    let err = first
+        .kv(&KvRequest::get("k"))
+        .await
+        .expect_err("the first session has ended");
+    assert!(
+        err.to_string()
+            .contains("a newer session of this client key"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The newer session carries on.
+    assert!(matches!(
+        second.kv(&KvRequest::get("k")).await,
+        Ok(KvResponse::Range(_))
+    ));
+}

@@ -3,6 +3,7 @@
 //! enough distinct replicas agreed on the result. Many requests may be in flight at once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use kmmr_protocol::view::View;
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::ReplicaId;
+use kmmr_protocol::wire::limits;
 use kmmr_protocol::wire::messages::{ClientId, Reply, RequestKind};
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,10 @@ enum Cmd {
 }
 
 /// A connected client. Cloning shares the session.
+///
+/// One key, one process: the replicas keep a single session per client key, and a newer
+/// session of a key (another process started with it) ends the older one. Requests of the
+/// ended session then fail at once with the replicas' reason instead of executing.
 #[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Cmd>,
@@ -61,6 +67,9 @@ pub struct Client {
     id: ClientId,
     timeout: Duration,
     unordered_reads: bool,
+    unreachable: Arc<Vec<(ReplicaId, String)>>,
+    /// Replicas with an open link, as the proxy task last counted them.
+    connected: Arc<AtomicUsize>,
 }
 
 impl Client {
@@ -73,12 +82,13 @@ impl Client {
         let id = key.public();
         let clock = Clock::new();
         // Sessions must grow across restarts of a client with the same key: the start time does.
-        let session = ClientSession::new(
+        let mut session = ClientSession::new(
             key,
             clock.now_us(),
             view,
             opts.retransmit.as_micros() as u64,
         );
+        session.set_quorum_writes(opts.linearizable_unordered_reads);
         let (tx, rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
         let (view_tx, view_rx) = watch::channel(session.view().clone());
@@ -91,8 +101,11 @@ impl Client {
             ev_tx,
             clock,
             redial: opts.redial,
+            connected: Arc::new(AtomicUsize::new(0)),
         };
-        task.dial_all().await;
+        let unreachable = Arc::new(task.dial_all().await);
+        let connected = task.connected.clone();
+        task.count_links();
         tokio::spawn(task.run(rx, ev_rx));
         Ok(Client {
             tx,
@@ -100,7 +113,15 @@ impl Client {
             id,
             timeout: opts.timeout,
             unordered_reads: opts.linearizable_unordered_reads,
+            unreachable,
+            connected,
         })
+    }
+
+    /// The replicas that could not be reached when this client connected, and why. They are
+    /// re-dialled in the background; a caller may tell its user, or give up when none answered.
+    pub fn unreachable_at_connect(&self) -> &[(ReplicaId, String)] {
+        &self.unreachable
     }
 
     pub fn id(&self) -> ClientId {
@@ -122,6 +143,15 @@ impl Client {
 
     /// Sends one request and waits for its agreed result.
     pub async fn invoke(&self, kind: RequestKind, payload: Vec<u8>) -> Result<Vec<u8>> {
+        // Replicas cannot decode a larger request and drop it unanswered: say so now rather
+        // than at the timeout.
+        if payload.len() > limits::MAX_PAYLOAD {
+            return Err(anyhow!(
+                "the request is {} bytes; replicas accept at most {} bytes per request",
+                payload.len(),
+                limits::MAX_PAYLOAD
+            ));
+        }
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Invoke {
@@ -135,10 +165,21 @@ impl Client {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(ClientError::Rejected(reason)))) => Err(anyhow!("rejected: {reason}")),
             Ok(Err(_)) => Err(anyhow!("client stopped")),
-            Err(_) => Err(anyhow!(
-                "no agreed reply within {:?}: is a quorum of replicas up?",
-                self.timeout
-            )),
+            Err(_) => {
+                let view = self.view();
+                Err(anyhow!(
+                    "no agreed reply within {:?}: {} of the {} replicas connected, and an \
+                     answer needs {} of them to agree (is a quorum of replicas up?)",
+                    self.timeout,
+                    self.connected.load(Ordering::Relaxed),
+                    view.n(),
+                    if self.unordered_reads {
+                        view.quorum()
+                    } else {
+                        view.weak()
+                    }
+                ))
+            }
         }
     }
 
@@ -171,11 +212,20 @@ struct ProxyTask {
     ev_tx: mpsc::Sender<FromReplica>,
     clock: Clock,
     redial: Duration,
+    connected: Arc<AtomicUsize>,
 }
 
 impl ProxyTask {
-    async fn dial_all(&mut self) {
+    /// Publishes how many replicas have an open link, for the timeout message.
+    fn count_links(&self) {
+        let open = self.links.values().filter(|l| !l.is_closed()).count();
+        self.connected.store(open, Ordering::Relaxed);
+    }
+
+    /// Dials every replica not connected; returns those that could not be reached, and why.
+    async fn dial_all(&mut self) -> Vec<(ReplicaId, String)> {
         let members = self.session.view().members.clone();
+        let mut failed = Vec::new();
         for m in members {
             if self.links.get(&m.id).is_some_and(|l| !l.is_closed()) {
                 continue;
@@ -187,9 +237,11 @@ impl ProxyTask {
                 Err(e) => {
                     tracing::debug!(replica = m.id.0, error = %e, "replica unreachable");
                     self.links.remove(&m.id);
+                    failed.push((m.id, format!("{e:#}")));
                 }
             }
         }
+        failed
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut events: mpsc::Receiver<FromReplica>) {
@@ -229,6 +281,7 @@ impl ProxyTask {
                 }
             }
             self.flush();
+            self.count_links();
         }
     }
 

@@ -150,14 +150,24 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One request's work, shared by every task of a run.
+/// One request's work, shared by every task of a run, and what it has done so far.
 struct Work {
     op: Op,
     payload: Vec<u8>,
+    /// Requests answered and failed, for the progress lines.
+    done: AtomicUsize,
+    failed: AtomicUsize,
 }
 
 impl Work {
     async fn once(&self, client: &Client, key: &[u8]) -> Result<()> {
+        let r = self.request(client, key).await;
+        let counter = if r.is_ok() { &self.done } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn request(&self, client: &Client, key: &[u8]) -> Result<()> {
         match self.op {
             Op::Noop => {
                 client
@@ -216,10 +226,17 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
             Op::Noop => noop::request(args.request_size, args.reply_size),
             Op::Put => vec![0u8; args.request_size],
         },
+        done: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
     });
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let key = KeyPair::generate(&mut rand::rngs::OsRng);
+        // Pooled like the other commands' keys, so that repeated runs do not each add their
+        // clients to the replicated session table.
+        let key = match args.cluster.view {
+            None => super::keys::take(&args.cluster.cluster),
+            Some(_) => KeyPair::generate(&mut rand::rngs::OsRng),
+        };
         let client = Client::connect(key, view.clone(), ClientOptions::default()).await?;
         let k = format!("bench/c{i}").into_bytes();
         if args.op == Op::Put {
@@ -262,10 +279,12 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
             )));
         }
     }
+    let progress = tokio::spawn(progress(work.clone(), Window { start, from, end }));
     let mut all = Tally::default();
     for t in tasks {
         all.merge(t.await?);
     }
+    progress.abort();
     all.lat.sort_unstable();
     let lat = &all.lat;
     let pct = |p: f64| -> u64 {
@@ -298,6 +317,39 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchResult> {
         errors: all.errors,
         dropped: all.dropped,
     })
+}
+
+/// A line on stderr every second, so a run of minutes shows that it runs and how fast (stdout
+/// keeps only the result, for scripts).
+async fn progress(work: Arc<Work>, w: Window) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let done = work.done.load(Ordering::Relaxed);
+        let failed = work.failed.load(Ordering::Relaxed);
+        let phase = if now < w.from {
+            format!("warming up, {:.0} s", (now - w.start).as_secs_f64())
+        } else {
+            format!(
+                "{:.0} of {:.0} s",
+                (now.min(w.end) - w.from).as_secs_f64(),
+                (w.end - w.from).as_secs_f64()
+            )
+        };
+        eprintln!(
+            "bench: {phase}: {} ops/s in the last second, {done} done, {failed} failed{}",
+            done - last,
+            if now >= w.end {
+                " (waiting for the last replies)"
+            } else {
+                ""
+            }
+        );
+        last = done;
+    }
 }
 
 /// When the run starts, when measuring starts, and when it ends.

@@ -1,29 +1,37 @@
-//! Client subcommands: put, get, range, delete, cas, watch, status.
+//! Client subcommands: put, get, range, delete, cas, watch, writes, status.
 
-use super::out::outln;
+use super::out::{outln, raw};
+use std::io::Read;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use serde_json::json;
 
-use kmmr_client::files::ViewFile;
-use kmmr_client::status::fetch_status;
+use kmmr_client::Client;
 use kmmr_protocol::service::kv::{
-    prefix_end, KvRequest, KvResponse, RangeRequest, ResponseOp, TxnResponse, WatchPollRequest,
+    prefix_end, KvRequest, KvResponse, RangeRequest, ResponseOp, TxnResponse, MAX_KEY_LEN,
+    MAX_VALUE_LEN,
 };
 
+use super::render::{self, Format};
 use super::ClusterArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum KvCmd {
-    /// Write a key.
+    /// Write a key. The value is VALUE, or stdin when VALUE is `-`, or the contents of --file.
     Put {
         #[command(flatten)]
         cluster: ClusterArgs,
         key: String,
-        value: String,
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
     },
-    /// Read a key (linearizable: ordered, unless --unordered).
+    /// Read a key (linearizable: ordered, unless --unordered). A missing key fails the command.
     Get {
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -31,14 +39,29 @@ pub enum KvCmd {
         /// Read from a quorum of matching replicas without ordering.
         #[arg(long)]
         unordered: bool,
+        /// Print the value alone, byte for byte (no escaping, no newline): for files and pipes.
+        #[arg(long)]
+        value_only: bool,
     },
-    /// List keys with a prefix.
+    /// List the keys starting with a prefix, or every key when there is none, in key order, read
+    /// page by page at one revision.
     Range {
         #[command(flatten)]
         cluster: ClusterArgs,
-        prefix: String,
+        /// The prefix (also --prefix); none lists every key.
+        #[arg(value_name = "PREFIX")]
+        prefix: Option<String>,
+        #[arg(long = "prefix", value_name = "PREFIX", conflicts_with = "prefix")]
+        prefix_flag: Option<String>,
+        /// Print at most this many keys (0: all).
         #[arg(long, default_value_t = 0)]
         limit: u64,
+        /// Keys fetched per request.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+        page_size: u64,
+        /// Print the keys without their values.
+        #[arg(long)]
+        keys_only: bool,
     },
     /// Delete a key.
     Delete {
@@ -58,13 +81,16 @@ pub enum KvCmd {
         #[arg(long)]
         absent: bool,
     },
-    /// Print every change to keys with a prefix after a revision, as it happens.
+    /// Print every change to the keys starting with a prefix (every key when it is empty) as it
+    /// happens, from now on unless --from says otherwise.
     Watch {
         #[command(flatten)]
         cluster: ClusterArgs,
+        #[arg(default_value = "")]
         prefix: String,
-        #[arg(long, default_value_t = 0)]
-        from: u64,
+        /// Also print the history kept after this revision (0: all of it).
+        #[arg(long)]
+        from: Option<u64>,
         /// Stop after this many seconds (default: run until interrupted).
         #[arg(long)]
         seconds: Option<u64>,
@@ -95,7 +121,7 @@ pub enum KvCmd {
 /// Why a compare-and-swap did not swap, from the current value its failure branch read.
 fn cas_failure(key: &str, expected: Option<&str>, t: &TxnResponse) -> String {
     let current = t.responses.iter().find_map(|r| match r {
-        ResponseOp::Range(r) => Some(r.kvs.first().map(|kv| String::from_utf8_lossy(&kv.value))),
+        ResponseOp::Range(r) => Some(r.kvs.first().map(|kv| render::text(&kv.value))),
         _ => None,
     });
     match (current.flatten(), expected) {
@@ -106,71 +132,141 @@ fn cas_failure(key: &str, expected: Option<&str>, t: &TxnResponse) -> String {
     }
 }
 
-/// Prints a response for people; an error the cluster agreed on fails the command with its text.
-fn print(resp: &KvResponse) -> Result<()> {
-    match resp {
-        KvResponse::Range(r) => {
-            for kv in &r.kvs {
-                outln!(
-                    "{} = {} (version {}, mod revision {})",
-                    String::from_utf8_lossy(&kv.key),
-                    String::from_utf8_lossy(&kv.value),
-                    kv.version,
-                    kv.mod_revision
-                );
-            }
-            if r.kvs.is_empty() {
-                outln!("(not found)");
-            }
-            outln!("revision {}", r.header.revision);
-        }
-        KvResponse::Put(p) => outln!("ok (revision {})", p.header.revision),
-        KvResponse::DeleteRange(d) => {
-            outln!("deleted {} (revision {})", d.deleted, d.header.revision)
-        }
-        KvResponse::Error(e) => bail!("{}", e.error),
-        other => outln!("{other:?}"),
+/// Refuses, before anything is sent, what the cluster would refuse for its size: a request it
+/// cannot decode is dropped, and the client would only learn of it at its timeout.
+fn check_sizes(key: &str, value: &[u8]) -> Result<()> {
+    if key.len() > MAX_KEY_LEN {
+        bail!(
+            "the key is {} bytes; the limit is {MAX_KEY_LEN} bytes",
+            key.len()
+        );
+    }
+    if value.len() > MAX_VALUE_LEN {
+        bail!(
+            "the value is {} bytes; the limit is {MAX_VALUE_LEN} bytes ({} KiB)",
+            value.len(),
+            MAX_VALUE_LEN / 1024
+        );
     }
     Ok(())
 }
 
-pub async fn run(cmd: KvCmd) -> Result<()> {
+/// The value of `put`: the argument, stdin for `-`, or a file. At most one byte past the
+/// limit is read, so an oversized file or stream fails at once without filling memory.
+fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>> {
+    let limit = MAX_VALUE_LEN as u64 + 1;
+    let mut buf = Vec::new();
+    match (value, file) {
+        (_, Some(path)) => {
+            std::fs::File::open(&path)
+                .with_context(|| format!("reading the value from {}", path.display()))?
+                .take(limit)
+                .read_to_end(&mut buf)
+                .with_context(|| format!("reading the value from {}", path.display()))?;
+        }
+        (Some(v), None) if v == "-" => {
+            std::io::stdin()
+                .lock()
+                .take(limit)
+                .read_to_end(&mut buf)
+                .context("reading the value from stdin")?;
+        }
+        (Some(v), None) => buf = v.into_bytes(),
+        (None, None) => bail!("give a VALUE, `-` to read it from stdin, or --file FILE"),
+    }
+    Ok(buf)
+}
+
+/// The response, or the command's failure with the cluster's reason when it refused.
+fn expect(resp: KvResponse) -> Result<KvResponse> {
+    match resp {
+        KvResponse::Error(e) => bail!("{}", e.error),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(what: &str, resp: &KvResponse) -> anyhow::Error {
+    anyhow::anyhow!("the cluster answered the {what} with an unexpected {resp:?}")
+}
+
+pub async fn run(cmd: KvCmd, format: Format) -> Result<()> {
     match cmd {
         KvCmd::Put {
             cluster,
             key,
             value,
+            file,
         } => {
+            let value = read_value(value, file)?;
+            check_sizes(&key, &value)?;
             let c = cluster.connect().await?;
-            print(&c.kv(&KvRequest::put(key, value)).await?)?;
+            match expect(c.kv(&KvRequest::put(key, value)).await?)? {
+                KvResponse::Put(p) => match format {
+                    Format::Text => outln!("ok (revision {})", p.header.revision),
+                    Format::Json => outln!("{}", json!({ "revision": p.header.revision })),
+                },
+                other => return Err(unexpected("put", &other)),
+            }
         }
         KvCmd::Get {
             cluster,
             key,
             unordered,
+            value_only,
         } => {
+            check_sizes(&key, &[])?;
             let c = cluster.connect().await?;
-            let req = KvRequest::get(key);
+            let req = KvRequest::get(key.clone());
             let resp = if unordered {
                 c.kv_read(&req).await?
             } else {
                 c.kv(&req).await?
             };
-            print(&resp)?;
+            let KvResponse::Range(r) = expect(resp)? else {
+                bail!("the cluster answered the get with something else than a read");
+            };
+            let Some(kv) = r.kvs.first() else {
+                bail!("key not found: {key} (at revision {})", r.header.revision);
+            };
+            match (value_only, format) {
+                (true, _) => raw(&kv.value),
+                (false, Format::Text) => outln!("{}", render::kv_text(kv)),
+                (false, Format::Json) => outln!("{}", render::kv_json(kv)),
+            }
         }
         KvCmd::Range {
             cluster,
             prefix,
+            prefix_flag,
             limit,
+            page_size,
+            keys_only,
         } => {
+            let prefix = prefix.or(prefix_flag).unwrap_or_default();
             let c = cluster.connect().await?;
-            let mut r = RangeRequest::prefix(prefix);
-            r.limit = limit;
-            print(&c.kv(&KvRequest::Range(r)).await?)?;
+            range(&c, &prefix, limit, page_size, keys_only, format).await?;
         }
         KvCmd::Delete { cluster, key } => {
+            check_sizes(&key, &[])?;
             let c = cluster.connect().await?;
-            print(&c.kv(&KvRequest::delete(key)).await?)?;
+            match expect(c.kv(&KvRequest::delete(key)).await?)? {
+                KvResponse::DeleteRange(d) => match format {
+                    Format::Text => outln!(
+                        "deleted {} (revision {})",
+                        if d.deleted == 1 {
+                            "1 key".to_string()
+                        } else {
+                            format!("{} keys", d.deleted)
+                        },
+                        d.header.revision
+                    ),
+                    Format::Json => outln!(
+                        "{}",
+                        json!({ "deleted": d.deleted, "revision": d.header.revision })
+                    ),
+                },
+                other => return Err(unexpected("delete", &other)),
+            }
         }
         KvCmd::Cas {
             cluster,
@@ -182,6 +278,7 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             if expected.is_none() && !absent {
                 bail!("say what the value must be: --expected VALUE, or --absent");
             }
+            check_sizes(&key, new.as_bytes())?;
             let c = cluster.connect().await?;
             let resp = c
                 .kv(&KvRequest::cas(
@@ -190,14 +287,21 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
                     new,
                 ))
                 .await?;
-            match &resp {
-                KvResponse::Txn(t) if t.succeeded => {
-                    outln!("swapped (revision {})", t.header.revision)
-                }
+            match expect(resp)? {
+                KvResponse::Txn(t) if t.succeeded => match format {
+                    Format::Text => outln!("swapped (revision {})", t.header.revision),
+                    Format::Json => outln!(
+                        "{}",
+                        json!({ "swapped": true, "revision": t.header.revision })
+                    ),
+                },
                 KvResponse::Txn(t) => {
-                    bail!("not swapped: {}", cas_failure(&key, expected.as_deref(), t))
+                    bail!(
+                        "not swapped: {}",
+                        cas_failure(&key, expected.as_deref(), &t)
+                    )
                 }
-                other => bail!("the cluster answered the compare-and-swap with {other:?}"),
+                other => return Err(unexpected("compare-and-swap", &other)),
             }
         }
         KvCmd::Watch {
@@ -206,7 +310,9 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             from,
             seconds,
         } => {
-            watch(cluster, prefix, from, seconds).await?;
+            let until = seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+            let c = cluster.connect().await?;
+            super::watch::watch(&c, &prefix, from, until, format).await?;
         }
         KvCmd::Writes {
             cluster,
@@ -218,46 +324,74 @@ pub async fn run(cmd: KvCmd) -> Result<()> {
             writes(cluster, prefix, count, seconds, interval_ms).await?;
         }
         KvCmd::Status { cluster } => {
-            status(cluster).await?;
+            super::status::status(cluster, format).await?;
         }
     }
     Ok(())
 }
 
-/// Polls for the events under `prefix` after revision `from` and prints them, for `seconds` or
-/// until interrupted.
-async fn watch(
-    cluster: ClusterArgs,
-    prefix: String,
-    from: u64,
-    seconds: Option<u64>,
+/// The key range of a prefix in etcd's conventions: the empty prefix is every key.
+pub fn prefix_range(prefix: &str) -> (Vec<u8>, Vec<u8>) {
+    if prefix.is_empty() {
+        (vec![0], vec![0])
+    } else {
+        (prefix.as_bytes().to_vec(), prefix_end(prefix.as_bytes()))
+    }
+}
+
+/// Prints the keys starting with `prefix`, `page_size` per request, every page read at the
+/// revision of the first so that the listing is one consistent snapshot.
+async fn range(
+    c: &Client,
+    prefix: &str,
+    limit: u64,
+    page_size: u64,
+    keys_only: bool,
+    format: Format,
 ) -> Result<()> {
-    let c = cluster.connect().await?;
-    let mut after = from;
-    let until = seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    let (mut start, end) = prefix_range(prefix);
+    let (mut revision, mut printed) = (0, 0u64);
     loop {
-        if until.is_some_and(|u| std::time::Instant::now() >= u) {
+        let page = match limit {
+            0 => page_size,
+            l => page_size.min(l - printed),
+        };
+        let req = KvRequest::Range(RangeRequest {
+            key: start.clone(),
+            range_end: end.clone(),
+            revision,
+            limit: page,
+            keys_only,
+            count_only: false,
+        });
+        let KvResponse::Range(r) = expect(c.kv(&req).await?)? else {
+            bail!("the cluster answered a range with something else than a read");
+        };
+        revision = r.header.revision;
+        for kv in &r.kvs {
+            match (format, keys_only) {
+                (Format::Text, true) => outln!("{}", render::text(&kv.key)),
+                (Format::Text, false) => outln!("{}", render::kv_text(kv)),
+                (Format::Json, _) => outln!("{}", render::kv_json(kv)),
+            }
+        }
+        printed += r.kvs.len() as u64;
+        let Some(last) = r.kvs.last() else {
+            break;
+        };
+        if !r.more || (limit > 0 && printed >= limit) {
             break;
         }
-        let req = KvRequest::WatchPoll(WatchPollRequest {
-            key: prefix.clone().into_bytes(),
-            range_end: prefix_end(prefix.as_bytes()),
-            after_revision: after,
-            limit: 1000,
-            prev_kv: true,
-        });
-        match c.kv(&req).await? {
-            KvResponse::WatchPoll(w) => {
-                for e in &w.events {
-                    outln!("{e:?}");
-                }
-                after = w.resume_after;
-                if w.events.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-            other => bail!("watch failed: {other:?}"),
-        }
+        // The next page starts right after the last key: the smallest key greater than it.
+        start = last.key.iter().copied().chain([0]).collect();
+    }
+    if format == Format::Text {
+        let what = if prefix.is_empty() {
+            "keys".to_string()
+        } else {
+            format!("keys starting with {}", render::text(prefix.as_bytes()))
+        };
+        eprintln!("{printed} {what} at revision {revision}");
     }
     Ok(())
 }
@@ -285,6 +419,10 @@ async fn writes(
                 out.flush()?;
                 i += 1;
             }
+            Ok(KvResponse::Error(e)) => {
+                failures += 1;
+                eprintln!("write {key} refused: {}; retrying", e.error);
+            }
             Ok(other) => {
                 failures += 1;
                 eprintln!("write {key} answered {other:?}; retrying");
@@ -298,61 +436,4 @@ async fn writes(
     }
     outln!("done: {i} writes acknowledged, {failures} attempts failed");
     Ok(())
-}
-
-/// Prints each replica's signed status, with whether its signature checks out.
-async fn status(cluster: ClusterArgs) -> Result<()> {
-    let view_path = cluster
-        .view
-        .clone()
-        .unwrap_or_else(|| cluster.cluster.join("view.toml"));
-    let view = ViewFile::load(&view_path)?;
-    let mut verified = 0;
-    for m in &view.members {
-        let url = status_url(&cluster.cluster, m.id.0);
-        match fetch_status(&url).await {
-            Ok(s) => {
-                let ok = s.verify(&m.key);
-                verified += usize::from(ok);
-                outln!(
-                    "replica {}: {} regency {} leader {} last decided {:?} digest {}{}",
-                    m.id.0,
-                    if ok {
-                        "signature ok,"
-                    } else {
-                        "BAD SIGNATURE,"
-                    },
-                    s.status.regency,
-                    s.status.leader,
-                    s.status.last_decided,
-                    s.status.state_digest_prefix(),
-                    s.status
-                        .byzantine
-                        .as_ref()
-                        .map(|b| format!(" [BYZANTINE test mode {b}]"))
-                        .unwrap_or_default()
-                );
-            }
-            Err(e) => outln!("replica {}: unreachable ({e:#})", m.id.0),
-        }
-    }
-    // For scripts: the command fails when the cluster cannot serve.
-    if verified < view.quorum() {
-        bail!(
-            "only {verified} of {} replicas answered with a status signed by their key; {} are needed for the cluster to serve",
-            view.n(),
-            view.quorum()
-        );
-    }
-    Ok(())
-}
-
-/// The status address of replica `id` in a cluster directory made by `local`.
-pub fn status_url(cluster: &std::path::Path, id: u32) -> String {
-    let http = std::fs::read_to_string(cluster.join(format!("r{id}.toml")))
-        .ok()
-        .and_then(|t| toml::from_str::<kmmr::node::NodeConfig>(&t).ok())
-        .map(|c| c.http_listen)
-        .unwrap_or_default();
-    format!("http://{http}/status")
 }

@@ -28,8 +28,9 @@ pub struct LocalArgs {
     /// Replicas (n >= 3f+1 with f = floor((n-1)/3)).
     #[arg(long, default_value_t = 4)]
     pub n: usize,
-    /// Directory for keys, configs, logs and data (replaced if it exists).
-    #[arg(long, default_value = "kmmr-local")]
+    /// Directory for keys, configs, logs and data. An earlier local cluster's directory is
+    /// replaced, unless that cluster is still running; any other non-empty directory is refused.
+    #[arg(long, env = "KMMR_CLUSTER", default_value = "kmmr-local")]
     pub dir: PathBuf,
     /// Replica i listens on base-port+i, its clients on base-port+1000+i, HTTP on +2000+i.
     #[arg(long, default_value_t = 17000)]
@@ -101,6 +102,29 @@ impl LocalCluster {
     }
 }
 
+impl LocalCluster {
+    /// Waits for replicas that exit (a replica removed from the view stops by itself) and says
+    /// so: a child nobody waits for would stay a zombie process until the cluster stops.
+    async fn reap_forever(&mut self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let exited: Vec<(u32, String)> = self
+                ._children
+                .iter_mut()
+                .filter_map(|(id, c)| match c.try_wait() {
+                    Ok(Some(status)) => Some((*id, status.to_string())),
+                    Ok(None) => None,
+                    Err(e) => Some((*id, e.to_string())),
+                })
+                .collect();
+            for (id, status) in exited {
+                self._children.remove(&id);
+                eprintln!("replica {id} exited ({status})");
+            }
+        }
+    }
+}
+
 pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
     let byzantine: Vec<u32> = (0..args.byzantine as u32).collect();
     let view = prepare(&ClusterSpec {
@@ -120,6 +144,12 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         },
     })?;
     let exe = std::env::current_exe().context("locating kmmr-replica")?;
+    // Start-up takes a second or more: say what is happening meanwhile.
+    eprintln!(
+        "starting {} replicas (files and logs in {})",
+        args.n,
+        args.dir.display()
+    );
     let mut children = BTreeMap::new();
     for i in 0..args.n as u32 {
         let mode = byzantine.contains(&i).then_some(args.byzantine_mode.name());
@@ -167,7 +197,7 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
 }
 
 pub async fn run(args: LocalArgs) -> Result<()> {
-    let cluster = start(&args).await?;
+    let mut cluster = start(&args).await?;
     outln!(
         "local cluster: n = {}, f = {}, replicas on 127.0.0.1:{}..{}, files in {}",
         cluster.view.n(),
@@ -187,11 +217,16 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         ok = workload(&args, &cluster, ops).await?;
     }
     if args.keep_running {
+        let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
         outln!(
-            "running; try: kmmr-replica put --cluster {} k v   (Ctrl-C stops)",
-            args.dir.display()
+            "running (Ctrl-C stops). From any shell: export KMMR_CLUSTER={}; then try: \
+             kmmr-replica put k v",
+            dir.display()
         );
-        super::interrupted().await;
+        tokio::select! {
+            _ = super::interrupted() => {}
+            _ = cluster.reap_forever() => {}
+        }
     }
     cluster.stop().await;
     if !ok {

@@ -2,9 +2,13 @@
 
 mod admin;
 mod bench;
+mod keys;
 mod kv;
 mod local;
 mod out;
+mod render;
+mod status;
+mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +32,9 @@ pub struct Cli {
     /// Runtime worker threads.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Output of client commands: text for people, or one JSON object per line for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "text")]
+    pub output: render::Format,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -129,19 +136,24 @@ impl ByzantineMode {
     }
 }
 
-/// Where a client finds a cluster: a directory made by `local` (view.toml and client.key), or
-/// explicit files.
+/// Where a client finds a cluster: a directory made by `local` (view.toml and the replicas'
+/// configs), or explicit files.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// A cluster directory made by `kmmr-replica local`.
-    #[arg(long, default_value = "kmmr-local")]
+    #[arg(long, env = "KMMR_CLUSTER", default_value = "kmmr-local")]
     pub cluster: PathBuf,
     /// The view file (default: <cluster>/view.toml).
     #[arg(long)]
     pub view: Option<PathBuf>,
-    /// The client's private key (default: <cluster>/client.key, created if missing).
+    /// A private key for this client, created if missing (default: one of the cluster
+    /// directory's client-keys/ that no running command holds). Two processes running at once
+    /// must not share one: the newer one's session ends the older one's.
     #[arg(long)]
     pub client_key: Option<PathBuf>,
+    /// Give up on a request that has no agreed answer after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 impl ClusterArgs {
@@ -150,18 +162,48 @@ impl ClusterArgs {
             .view
             .clone()
             .unwrap_or_else(|| self.cluster.join("view.toml"));
-        let view = ViewFile::load(&view_path)?;
-        let key_path = self
-            .client_key
-            .clone()
-            .unwrap_or_else(|| self.cluster.join("client.key"));
-        let key = load_or_create_key(&key_path)?;
+        let view = ViewFile::load(&view_path).with_context(|| {
+            format!(
+                "no cluster at {}: start one with `kmmr-replica local --keep-running`, or point \
+                 --cluster (or KMMR_CLUSTER) at its directory",
+                self.cluster.display()
+            )
+        })?;
+        // Commands running at once need different keys (see `keys`): a key of the cluster
+        // directory's pool that no running command holds, or, with no directory to keep a
+        // pool in (--view alone), a new one.
+        let key = match &self.client_key {
+            Some(path) => load_or_create_key(path)?,
+            None if self.view.is_none() => keys::take(&self.cluster),
+            None => KeyPair::generate(&mut rand::rngs::OsRng),
+        };
         // The CLI's writes wait for a quorum so that `get --unordered` stays linearizable.
         let opts = ClientOptions {
             linearizable_unordered_reads: true,
+            timeout: std::time::Duration::from_secs(self.timeout),
             ..ClientOptions::default()
         };
-        Client::connect(key, view, opts).await
+        let client = Client::connect(key, view, opts).await?;
+        let down = client.unreachable_at_connect();
+        // None answering is not worth a 30 s wait; some down is worth knowing while the
+        // request goes to the others.
+        if !down.is_empty() && down.len() == client.view().n() {
+            bail!(
+                "no replica of the cluster at {} answers ({}): is it running?",
+                self.cluster.display(),
+                down.iter()
+                    .map(|(id, why)| format!("replica {}: {why}", id.0))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        for (id, why) in down {
+            eprintln!(
+                "warning: replica {} unreachable ({why}); trying the others",
+                id.0
+            );
+        }
+        Ok(client)
     }
 }
 
@@ -175,6 +217,12 @@ pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
 }
 
 pub async fn main(cli: Cli) -> Result<()> {
+    let result = run(cli).await;
+    keys::release_all();
+    result
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Keygen { out } => {
             if out.exists() {
@@ -205,7 +253,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Local(args) => local::run(args).await,
-        Cmd::Kv(cmd) => kv::run(cmd).await,
+        Cmd::Kv(cmd) => kv::run(cmd, cli.output).await,
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Admin(args) => admin::run(args).await,
     }

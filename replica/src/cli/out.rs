@@ -11,6 +11,17 @@ pub fn line(args: std::fmt::Arguments<'_>) {
         .write_fmt(args)
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush());
+    ended(written);
+}
+
+/// Writes `bytes` to stdout exactly as they are (a value for a file or a pipe).
+pub fn raw(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    ended(out.write_all(bytes).and_then(|()| out.flush()));
+}
+
+/// Ends the process when stdout is gone: quietly when the reader closed the pipe.
+fn ended(written: std::io::Result<()>) {
     if let Err(e) = written {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);

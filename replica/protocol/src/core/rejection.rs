@@ -90,6 +90,7 @@ rejections! {
         TimestampInFuture => "timestamp_in_future",
         BadRequestSignature => "bad_request_signature",
         StaleRequest => "stale_request",
+        SupersededSession => "superseded_session",
         ClientQueueFull => "client_queue_full",
         PoolFull => "pool_full",
         UnknownCheckpoint => "unknown_checkpoint",

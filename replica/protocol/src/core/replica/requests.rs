@@ -2,6 +2,13 @@
 //! pool, and requests adopted from peers that forwarded or carried them.
 
 use super::*;
+use crate::wire::messages::Request;
+
+/// What a client of a superseded session is told. Whether its last requests executed before the
+/// newer session began is not known to it, so this says only what is certain.
+const SUPERSEDED_SESSION: &str = "a newer session of this client key has executed requests \
+     since this session began, so the replicas no longer execute this one's (are two processes \
+     using the same client key? each needs its own)";
 
 impl Replica {
     /// A request straight from a client. `channel` is the client identity the connection
@@ -64,13 +71,40 @@ impl Replica {
                             });
                         }
                     }
-                    Freshness::Stale => {
-                        self.reject(None, Rejection::StaleRequest);
-                    }
+                    Freshness::Stale => self.refuse_stale(r),
                 }
             }
         }
         self.advance(now);
+    }
+
+    /// A request the session table says can never execute. One from an older session than
+    /// the client's newest is answered: the replicas keep one session per client key, so when
+    /// two processes share a key the newer one's first request ends the older one's session, and
+    /// a silent drop would leave that process retransmitting until its timeout with no hint of
+    /// why. An older sequence of the current session is not answered: it may have executed,
+    /// and its reply is no longer cached.
+    fn refuse_stale(&mut self, r: &Request) {
+        let superseded = self
+            .sessions
+            .get(&r.client)
+            .is_some_and(|s| r.session < s.session);
+        if !superseded {
+            self.reject(None, Rejection::StaleRequest);
+            return;
+        }
+        self.reject(None, Rejection::SupersededSession);
+        let reply = Reply {
+            replica: self.me,
+            session: r.session,
+            sequence: r.sequence,
+            kind: r.kind,
+            body: ReplyBody::Rejected(SUPERSEDED_SESSION.to_string()),
+        };
+        self.outputs.push(Output::Reply {
+            client: r.client,
+            reply,
+        });
     }
 
     /// Checks a request's signature (once: the result is remembered).
