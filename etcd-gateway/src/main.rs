@@ -110,22 +110,45 @@ async fn run(args: Args) -> Result<()> {
         max_connections: args.max_connections,
         ..Limits::default()
     };
-    // Kubernetes stops a pod with SIGTERM, a terminal with SIGINT: both end the gateway cleanly.
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    // Kubernetes stops a pod with SIGTERM, a terminal with SIGINT: both end the gateway. Open
+    // streams (watches, keep-alives) get a grace period to end, not forever.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server = serve(gateway, listener, tls, limits, stopped(stop_rx.clone()));
+    tokio::select! {
+        result = server => result,
+        () = async {
+            stopped(stop_rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!("streams still open after the grace period: stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// How long open streams may take to end once the gateway is told to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
         }
-    };
-    serve(gateway, listener, tls, limits, shutdown).await
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -83,7 +83,11 @@ pub async fn serve(
         .add_service(pb::maintenance_server::MaintenanceServer::new(
             MaintenanceService(gateway.clone()),
         ));
-    let routes = Routes::from(routes.routes().into_axum_router().fallback(unsupported));
+    let router = routes
+        .routes()
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(name_unimplemented));
+    let routes = Routes::from(router);
     let mut server = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.keepalive))
@@ -114,14 +118,32 @@ fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig> {
     Ok(config)
 }
 
-/// Any method the gateway does not serve, with its name, as etcd's unsupported features would.
-async fn unsupported(uri: axum::http::Uri) -> axum::response::Response {
-    let method = uri.path().trim_start_matches('/');
-    let status = tonic::Status::unimplemented(format!(
-        "{method} is not supported by the KmMR etcd gateway"
-    ));
-    let (parts, ()) = status.into_http::<()>().into_parts();
-    axum::response::Response::from_parts(parts, axum::body::Body::empty())
+/// Any method the gateway does not serve (of a service it does not serve, or of one it does)
+/// is refused as Unimplemented with the method's name, where gRPC's default says nothing.
+async fn name_unimplemented(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.uri().path().trim_start_matches('/').to_owned();
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    let unimplemented = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"12");
+    let silent = headers.get("grpc-message").is_none_or(|m| m.is_empty());
+    if unimplemented && silent {
+        // grpc-message is percent-encoded outside printable ASCII; the path is a client's.
+        let method: String = method
+            .chars()
+            .filter(|c| c.is_ascii_graphic() && *c != '%')
+            .take(200)
+            .collect();
+        let text = format!("{method} is not supported by the KmMR etcd gateway");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
 }
 
 /// Accepted connections, at most `slots` at a time: each holds a permit until it closes.
