@@ -452,6 +452,7 @@ mod tests {
             order: SortOrder::None,
             target: SortTarget::Value,
             limit: 0,
+            min_mod: 0,
             ..shape
         };
         let keys: Vec<_> = by_value
