@@ -39,7 +39,7 @@ stop bridge-outer bridge-inner
 stop kube-scheduler kube-controller-manager
 # The apiserver drains watches for a long time; its state is in etcd, which goes next anyway.
 GRACE=3 stop kube-apiserver
-stop etcd
+stop etcd etcd-gateway kmmr-store
 if [[ -d $PIDS ]]; then
   # Anything else that was recorded (the node's processes, if node.sh could not stop them).
   for f in "$PIDS"/*.pid; do [[ -e $f ]] && stop "$(basename "$f" .pid)"; done

@@ -3,6 +3,10 @@
 #
 #   e2e/testbed/up.sh           Tier A: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
 #   e2e/testbed/up.sh --node    Tier A plus Tier B: a node (containerd, kubelet, kube-proxy, CNI)
+#   e2e/testbed/up.sh --store kmmr [--node]
+#                               The control plane's state on KmMR instead of etcd: a local cluster
+#                               of 4 durable replicas and the etcd gateway the apiserver talks to
+#                               (also KMMR_TESTBED_STORE=kmmr)
 #
 # Everything runs inside the network namespace $NETNS (kmmr-testbed), which has a loopback
 # interface, a port-less bridge kmmr0 carrying the node address, the pods' bridge, and no route
@@ -17,24 +21,34 @@ set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 want_node=0
-for a in "$@"; do
-  case "$a" in
+store="${KMMR_TESTBED_STORE:-etcd}"
+while (($#)); do
+  case "$1" in
     --node) want_node=1;;
     --no-node) want_node=0;;
-    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0;;
-    *) die "unknown argument $a";;
+    --store) store="${2:-}"; shift;;
+    --store=*) store="${1#--store=}";;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0;;
+    *) die "unknown argument $1";;
   esac
+  shift
 done
 [[ ${KMMR_TESTBED_NODE:-} == 1 ]] && want_node=1
+case "$store" in
+  etcd) store_procs=(etcd);;
+  kmmr) store_procs=(kmmr-store etcd-gateway);;
+  *) die "--store must be etcd or kmmr, not '$store'";;
+esac
 
-control_plane=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+control_plane=("${store_procs[@]}" kube-apiserver kube-controller-manager kube-scheduler)
 
 all_alive() { local n; for n in "$@"; do alive "$n" || return 1; done; }
 
 ready() { kubectl_ get --raw /readyz; }
 
 # --- already up? -------------------------------------------------------------------------------
-if [[ -f "$RUN_DIR/mode" ]] && all_alive "${control_plane[@]}" && ready >/dev/null 2>&1; then
+if [[ -f "$RUN_DIR/mode" ]] && [[ "$(cat "$RUN_DIR/store" 2>/dev/null || echo etcd)" == "$store" ]] \
+  && all_alive "${control_plane[@]}" && ready >/dev/null 2>&1; then
   mode="$(cat "$RUN_DIR/mode")"
   if [[ $want_node == 0 ]] || { [[ -f "$RUN_DIR/node" ]] && all_alive containerd kubelet kube-proxy coredns; }; then
     log "test bed already up ($mode)"
@@ -118,6 +132,8 @@ write_kubeconfig "$KUBECONFIG_PATH" admin "https://127.0.0.1:$HOST_PORT"
 write_kubeconfig "$RUN_DIR/controller-manager.kubeconfig" controller-manager "$inner"
 write_kubeconfig "$RUN_DIR/scheduler.kubeconfig" scheduler "$inner"
 
+echo "$store" >"$RUN_DIR/store"
+if [[ $store == etcd ]]; then
 # --- etcd (tmpfs data, loopback only) ------------------------------------------------------------
 rm -rf "$ETCD_DATA"; mkdir -p "$ETCD_DATA"; chmod 700 "$ETCD_DATA"
 start etcd "$where" etcd --name kmmr-testbed --data-dir "$ETCD_DATA" --unsafe-no-fsync \
@@ -127,6 +143,26 @@ start etcd "$where" etcd --name kmmr-testbed --data-dir "$ETCD_DATA" --unsafe-no
   --initial-cluster "kmmr-testbed=http://127.0.0.1:$((etcd_port + 1))" \
   --listen-metrics-urls "http://127.0.0.1:$((etcd_port + 2))" \
   --log-level warn --quota-backend-bytes 2147483648
+else
+# --- KmMR (4 durable replicas and the etcd gateway, loopback only) --------------------------------
+# The project's own binaries, built here unless KMMR_STORE_BIN names a directory holding them.
+if [[ -z ${KMMR_STORE_BIN:-} ]]; then
+  (cd "$here/../.." && cargo build -p kmmr-replica --bin kmmr-replica -p kmmr-etcd-gateway --bin kmmr-etcd-gateway)
+  KMMR_STORE_BIN="$(cd "$here/../.." && cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug"
+fi
+kmmr_dir="$RUN_DIR/kmmr"
+kmmr_port=${KMMR_TESTBED_KMMR_PORT:-24100}
+in_where() { if [[ $where == ns ]]; then nsenter "--net=/run/netns/$NETNS" "$@"; else "$@"; fi; }
+rm -rf "$kmmr_dir"
+start kmmr-store "$where" "$KMMR_STORE_BIN/kmmr-replica" local --n 4 --dir "$kmmr_dir" \
+  --base-port "$kmmr_port" --keep-running
+WATCH=kmmr-store wait_for "a quorum of KmMR replicas" 60 \
+  in_where "$KMMR_STORE_BIN/kmmr-replica" status --cluster "$kmmr_dir" \
+  || { tail -n 30 "$LOGS/kmmr-store.log" >&2; die "KmMR cluster not up"; }
+start etcd-gateway "$where" "$KMMR_STORE_BIN/kmmr-etcd-gateway" --cluster "$kmmr_dir" \
+  --listen "127.0.0.1:$etcd_port"
+log "control plane state on KmMR: 4 replicas in $kmmr_dir, the etcd API on 127.0.0.1:$etcd_port"
+fi
 
 # --- kube-apiserver ----------------------------------------------------------------------------
 start kube-apiserver "$where" kube-apiserver \
@@ -157,7 +193,7 @@ if [[ $mode == ns ]]; then
   start bridge-outer host socat "TCP-LISTEN:$HOST_PORT,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$BRIDGE_SOCK"
 fi
 
-WATCH="etcd kube-apiserver" wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
+WATCH="${store_procs[*]} kube-apiserver" wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
   || { tail -n 30 "$LOGS/kube-apiserver.log" >&2; die "kube-apiserver not ready"; }
 log "kube-apiserver ready"
 
