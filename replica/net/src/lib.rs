@@ -89,6 +89,7 @@
 mod client;
 mod conn;
 mod peer;
+pub mod slots;
 mod stats;
 mod tls;
 

@@ -17,6 +17,7 @@
 mod accuse;
 pub mod config;
 pub mod durability;
+pub mod http;
 pub mod metrics;
 mod poll;
 
@@ -145,7 +146,12 @@ pub async fn run(
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
     let (status_tx, status_rx) = mpsc::channel(16);
-    tokio::spawn(metrics::serve_http(http, metrics.clone(), status_tx));
+    tokio::spawn(metrics::serve_http(
+        http,
+        metrics.clone(),
+        status_tx,
+        http::HttpLimits::default(),
+    ));
 
     if let Some(b) = &byzantine {
         tracing::warn!(

@@ -203,6 +203,25 @@ impl TestCluster {
             .sum()
     }
 
+    /// The process id of replica `i`, while this harness runs it.
+    pub fn pid(&self, i: u32) -> Option<u32> {
+        self.procs.get(&i)?.id()
+    }
+
+    /// How many file descriptors replica `i` has open (0 when it is not running).
+    pub fn fd_count(&self, i: u32) -> usize {
+        self.pid(i)
+            .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+            .map_or(0, |d| d.count())
+    }
+
+    /// Whether replica `i`'s process is still running (it has not exited).
+    pub fn running(&mut self, i: u32) -> bool {
+        self.procs
+            .get_mut(&i)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn log(&self, i: u32) -> String {
         std::fs::read_to_string(self.dir.join(format!("r{i}.log"))).unwrap_or_default()
     }
