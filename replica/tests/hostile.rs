@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::TestCluster;
 use kmmr::cluster::http_port;
 use kmmr::node::ProtocolConfig;
+use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -94,4 +95,156 @@ async fn idle_http_connections_are_capped_and_closed() {
         cluster.status(0).await.is_some(),
         "/status answers after the attack"
     );
+}
+
+/// Holds connections that never start their TLS handshake: `per_port` to each of `ports` from
+/// each of `sources`, until `until`, re-opening those the server closes (at most 32 per port and
+/// source every 250 ms, and `max_connects` in all). Says on `filled` when the first round is
+/// in place. Returns how many connects it made.
+async fn hold_handshakes(
+    sources: Vec<Ipv4Addr>,
+    ports: Vec<u16>,
+    per_port: usize,
+    until: Instant,
+    max_connects: usize,
+    filled: tokio::sync::oneshot::Sender<()>,
+) -> usize {
+    let mut filled = Some(filled);
+    let mut groups: Vec<(Ipv4Addr, u16, Vec<TcpStream>)> = sources
+        .iter()
+        .flat_map(|s| ports.iter().map(move |p| (*s, *p, Vec::new())))
+        .collect();
+    let mut connects = 0;
+    let mut first = true;
+    while Instant::now() < until && connects < max_connects {
+        for (source, port, held) in groups.iter_mut() {
+            // A connection the server closed reads EOF (or an error) at once.
+            held.retain(|c| {
+                let mut b = [0u8; 1];
+                matches!(c.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            let cap = if first { per_port } else { 32 };
+            let want = per_port.saturating_sub(held.len()).min(cap);
+            let more = hold_idle(*source, *port, want).await;
+            connects += more.len();
+            held.extend(more);
+        }
+        first = false;
+        if let Some(f) = filled.take() {
+            let _ = f.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    connects
+}
+
+/// The last CID replica `i` reports as decided (0 when it does not answer).
+async fn last_decided(cluster: &TestCluster, i: u32) -> u64 {
+    cluster
+        .status(i)
+        .await
+        .and_then(|s| s.status.last_decided)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_clients_connect_while_one_host_holds_handshake_slots() {
+    let cluster = TestCluster::start("hostile-hs-client", 4, ProtocolConfig::default(), &[]).await;
+    let ports: Vec<u16> = (0..4).map(|i| cluster.base + 1000 + i).collect();
+    // More than every slot of every client port, from one host, for 8 s.
+    let (filled, ready) = tokio::sync::oneshot::channel();
+    let attack = tokio::spawn(hold_handshakes(
+        vec![Ipv4Addr::new(127, 0, 0, 2)],
+        ports,
+        300,
+        Instant::now() + Duration::from_secs(8),
+        10_000,
+        filled,
+    ));
+    let _ = ready.await;
+
+    let t = Instant::now();
+    let put = async {
+        let client = cluster.client().await;
+        client.kv(&KvRequest::put("during", "attack")).await
+    };
+    let done = tokio::time::timeout(Duration::from_secs(2), put).await;
+    assert!(
+        matches!(done, Ok(Ok(KvResponse::Put(_)))),
+        "a new client's put did not finish within 2 s while slots were held: {done:?} after {:?}",
+        t.elapsed()
+    );
+    let connects = attack.await.expect("attacker");
+    assert!(
+        connects >= 4 * 300,
+        "the attack held the slots ({connects} connects)"
+    );
+    for i in 0..4 {
+        assert!(
+            cluster.status(i).await.is_some(),
+            "replica {i} still answers"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_rejoins_while_strangers_hold_peer_handshake_slots() {
+    let mut cluster =
+        TestCluster::start("hostile-hs-peer", 4, ProtocolConfig::default(), &[]).await;
+    let client = cluster.client().await;
+    cluster.kill(3).await;
+    for i in 0..20 {
+        let r = client.kv(&KvRequest::put(format!("k{i}"), "v")).await;
+        assert!(matches!(r, Ok(KvResponse::Put(_))), "put {i}: {r:?}");
+    }
+    let target = last_decided(&cluster, 0).await;
+    assert!(target > 0);
+
+    // Sixteen hosts, 20 unfinished handshakes each, on every replica port (the restarted
+    // replica's too): more than all 256 slots of each, for 10 s.
+    let sources = (2..18).map(|h| Ipv4Addr::new(127, 0, 0, h)).collect();
+    let ports = (0..4).map(|i| cluster.base + i).collect();
+    let (filled, ready) = tokio::sync::oneshot::channel();
+    let attack = tokio::spawn(hold_handshakes(
+        sources,
+        ports,
+        20,
+        Instant::now() + Duration::from_secs(10),
+        20_000,
+        filled,
+    ));
+    let _ = ready.await;
+
+    // Rejoined means taking part again: with replica 2 down as well, nothing is decided
+    // unless replica 3's votes reach replicas 0 and 1 (their ports under attack) and theirs
+    // reach it.
+    let t = Instant::now();
+    cluster.spawn(3);
+    cluster.kill(2).await;
+    let mut i = 0;
+    loop {
+        i += 1;
+        let req = KvRequest::put(format!("w{i}"), "v");
+        let put = client.kv(&req);
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_millis(500), put).await,
+            Ok(Ok(KvResponse::Put(_)))
+        );
+        if ok && last_decided(&cluster, 3).await > target {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "replica 3 did not rejoin within 5 s while its peers' slots were held; its log:\n{}",
+            cluster.log(3)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rejoined = t.elapsed();
+    let connects = attack.await.expect("attacker");
+    assert!(
+        connects >= 4 * 256,
+        "the attack held the slots ({connects} connects)"
+    );
+    eprintln!("replica 3 rejoined in {rejoined:?} under attack ({connects} connects)");
 }
