@@ -248,3 +248,70 @@ async fn a_restarted_replica_rejoins_while_strangers_hold_peer_handshake_slots()
     );
     eprintln!("replica 3 rejoined in {rejoined:?} under attack ({connects} connects)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_degrades_listeners_not_storage() {
+    // Checkpoints every 16 decisions: storage opens files while the listeners are flooded.
+    let protocol = ProtocolConfig {
+        checkpoint_period: 16,
+        ..ProtocolConfig::default()
+    };
+    let mut cluster = TestCluster::lay_out("hostile-fds", 4, 0, protocol, &[]);
+    let limit = 400;
+    cluster.spawn_with_fd_limit(0, limit);
+    for i in 1..4 {
+        cluster.spawn(i);
+    }
+    for i in 0..4 {
+        cluster.wait_healthy(i).await;
+    }
+    let client = cluster.client().await;
+
+    // 24 hosts, 20 connections each, on each of replica 0's three ports: 1,440 in all, more
+    // than its 400 descriptors.
+    let sources = (2..26).map(|h| Ipv4Addr::new(127, 0, 0, h)).collect();
+    let ports = vec![
+        cluster.base,
+        cluster.base + 1000,
+        http_port(cluster.base, 0),
+    ];
+    let (filled, ready) = tokio::sync::oneshot::channel();
+    let attack = tokio::spawn(hold_handshakes(
+        sources,
+        ports,
+        20,
+        Instant::now() + Duration::from_secs(8),
+        20_000,
+        filled,
+    ));
+    let _ = ready.await;
+    let mut most = 0;
+    for i in 0..100 {
+        let r = client.kv(&KvRequest::put(format!("k{i}"), "v")).await;
+        assert!(matches!(r, Ok(KvResponse::Put(_))), "put {i}: {r:?}");
+        most = most.max(cluster.fd_count(0));
+    }
+    assert!(
+        cluster.running(0),
+        "replica 0 exited under the flood; its log:\n{}",
+        cluster.log(0)
+    );
+    let _ = attack.await;
+    // Not one EMFILE, anywhere: an accept that meets it means the next file storage opens
+    // (a log segment, a checkpoint) may meet it too.
+    let log = cluster.log(0);
+    assert!(
+        !log.contains("Too many open files"),
+        "replica 0 ran out of descriptors {} times; log:\n{log}",
+        log.matches("Too many open files").count()
+    );
+    assert!(most < limit as usize, "replica 0 reached its limit: {most}");
+    // It took part throughout: it holds every decision, and answers once the flood is over.
+    let leader = last_decided(&cluster, 1).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while last_decided(&cluster, 0).await < leader {
+        assert!(Instant::now() < until, "replica 0 did not keep up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cluster.running(0));
+}

@@ -17,6 +17,7 @@
 mod accuse;
 pub mod config;
 pub mod durability;
+mod fds;
 pub mod http;
 pub mod metrics;
 mod poll;
@@ -36,7 +37,7 @@ use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use kmmr_client::clock::{now_us, Clock};
 use kmmr_client::files::{load_key, ViewFile};
 use kmmr_client::status::{SignedStatus, Status};
-use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetConfig, NetStats, PeerNetwork};
+use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork};
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::{Promise, MAX_PROMISED_DECISIONS};
 use kmmr_protocol::core::replica::{FromDisk, Replica};
@@ -122,26 +123,27 @@ pub async fn run(
     let stats = Arc::new(NetStats::default());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel(10_000);
+    let fd_limit = fds::raise_limit();
+    let budget = fds::budget(fd_limit, view.n());
+    tracing::info!(
+        fd_limit,
+        listeners = budget.listeners,
+        "descriptors for listeners"
+    );
     let peers = PeerNetwork::bind(
         &key,
         me,
         &view,
         &listen,
-        NetConfig::default(),
+        budget.peers,
         tx.clone(),
         stats.clone(),
     )
     .await
     .context("starting the replica network")?;
-    let clients = ClientListener::bind(
-        &key,
-        &client_listen,
-        NetConfig::default(),
-        tx,
-        stats.clone(),
-    )
-    .await
-    .context("starting the client listener")?;
+    let clients = ClientListener::bind(&key, &client_listen, budget.clients, tx, stats.clone())
+        .await
+        .context("starting the client listener")?;
     let http = tokio::net::TcpListener::bind(&cfg.http_listen)
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
@@ -150,7 +152,7 @@ pub async fn run(
         http,
         metrics.clone(),
         status_tx,
-        http::HttpLimits::default(),
+        budget.http,
     ));
 
     if let Some(b) = &byzantine {

@@ -98,6 +98,29 @@ impl TestCluster {
         self.procs.insert(i, child);
     }
 
+    /// Starts replica `i` under a descriptor limit (soft and hard) of `nofile`, through prlimit(1),
+    /// which then runs the replica in its own process (so `pid` is the replica's).
+    pub fn spawn_with_fd_limit(&mut self, i: u32, nofile: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("r{i}.log")))
+            .expect("replica log");
+        let child = tokio::process::Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(EXE)
+            .args(["--threads", "1", "run", "--config"])
+            .arg(self.dir.join(format!("r{i}.toml")))
+            .args(["--service", "kv"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prlimit runs the replica");
+        self.procs.insert(i, child);
+    }
+
     pub async fn wait_healthy(&self, i: u32) {
         if let Err(e) = wait_healthy(self.base, i as usize, Duration::from_secs(20)).await {
             panic!("{e}; its log:\n{}", self.log(i));
