@@ -315,3 +315,38 @@ async fn running_out_of_descriptors_degrades_listeners_not_storage() {
     }
     assert!(cluster.running(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_promise_files_are_both_damaged_refuses_to_start() {
+    let mut cluster =
+        TestCluster::start("hostile-promise", 4, ProtocolConfig::default(), &[]).await;
+    let client = cluster.client().await;
+    for i in 0..10 {
+        let r = client.kv(&KvRequest::put(format!("k{i}"), "v")).await;
+        assert!(matches!(r, Ok(KvResponse::Put(_))), "put {i}: {r:?}");
+    }
+    cluster.kill(1).await;
+    // Bit rot in both files: each keeps its length, neither passes its checksum. The first
+    // payload byte (after the 28-byte header) is always covered, whatever old tail follows.
+    for name in ["promise-0", "promise-1"] {
+        let path = cluster.data_dir(1).join(name);
+        let mut bytes = std::fs::read(&path).expect("replica 1 promised votes");
+        assert!(bytes.len() > 40, "{name} holds a promise");
+        bytes[28] ^= 0x55;
+        std::fs::write(&path, &bytes).expect("damage");
+    }
+    cluster.spawn(1);
+    let status = cluster.exit_status(1, Duration::from_secs(15)).await;
+    let log = cluster.log(1);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "replica 1 started without its promised votes ({status:?}); its log:\n{log}"
+    );
+    assert!(
+        log.contains("no promise file is intact") && log.contains("away to start empty"),
+        "the refusal says why and how to recover; log:\n{log}"
+    );
+    // The others go on.
+    let r = client.kv(&KvRequest::put("after", "v")).await;
+    assert!(matches!(r, Ok(KvResponse::Put(_))), "{r:?}");
+}

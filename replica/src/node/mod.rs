@@ -21,6 +21,7 @@ mod fds;
 pub mod http;
 pub mod metrics;
 mod poll;
+mod promised;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -262,7 +263,7 @@ fn start_core(
         let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
         let next = recovered.next_cid();
         let recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
-        let (promises, promise) = open_promise(cfg)?;
+        let (promises, promise) = promised::open_promise(cfg)?;
         let core = recover(me, key, view, cfg, svc, recovered, promise)?;
         return Ok(Started {
             core,
@@ -286,36 +287,6 @@ fn start_core(
         failures_rx,
         stored_rx,
     })
-}
-
-/// Opens the promise files and reads the last promise this replica made before it stopped.
-fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Promise>)> {
-    let (file, found) = PromiseFile::open(&cfg.data_dir)?;
-    for d in &found.damaged {
-        // Expected after a crash during a write: that promise was never acted on.
-        tracing::warn!(damage = %d, "recovery: a promise file is damaged; using the other one");
-    }
-    let promise = match found.payload {
-        None => None,
-        Some(bytes) => Some(Promise::from_bytes(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "the promise in {} passes its checksum but does not decode ({e}); without it \
-                 this replica could vote twice in one epoch. Move the data directory away to \
-                 start empty, which counts as one of the f faults until it has caught up",
-                cfg.data_dir.display()
-            )
-        })?),
-    };
-    if let Some(p) = &promise {
-        tracing::info!(
-            cid = p.collect.cid.0,
-            regency = p.collect.regency.0,
-            writes = p.collect.writes.len(),
-            accepted = p.collect.accepted.is_some(),
-            "recovery: restored the votes promised before the restart"
-        );
-    }
-    Ok((file, promise))
 }
 
 /// Rebuilds the replica from what its storage recovered, and says what recovery repaired.

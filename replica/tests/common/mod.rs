@@ -157,6 +157,24 @@ impl TestCluster {
         }
     }
 
+    /// Waits for replica `id`'s process to stop on its own and returns its exit status (None if
+    /// it still runs after `within`; it is then killed).
+    pub async fn exit_status(
+        &mut self,
+        id: u32,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut child = self.procs.remove(&id)?;
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                None
+            }
+        }
+    }
+
     pub fn data_dir(&self, i: u32) -> PathBuf {
         self.dir.join(format!("data/r{i}"))
     }
