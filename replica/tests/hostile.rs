@@ -15,6 +15,20 @@ use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Raises this test process's descriptor limit to its hard limit: the attacks hold over a
+/// thousand sockets, more than a default soft limit of 1,024.
+fn raise_own_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
+}
+
 /// Opens `count` TCP connections to `port` from `source` and holds them without a byte sent.
 /// Connections the server refuses or closes at once are kept too (they read EOF at once).
 async fn hold_idle(source: Ipv4Addr, port: u16, count: usize) -> Vec<TcpStream> {
@@ -110,6 +124,7 @@ async fn hold_handshakes(
     filled: tokio::sync::oneshot::Sender<()>,
 ) -> usize {
     let mut filled = Some(filled);
+    raise_own_fd_limit();
     let mut groups: Vec<(Ipv4Addr, u16, Vec<TcpStream>)> = sources
         .iter()
         .flat_map(|s| ports.iter().map(move |p| (*s, *p, Vec::new())))
