@@ -229,3 +229,33 @@ fn garbage_accept_signatures_never_reach_a_proof_shown_to_others() {
     let highest = r.node_last_decided.iter().flatten().max().copied();
     assert_eq!(r.node_last_decided[2], highest, "{:?}", r.node_last_decided);
 }
+
+/// Issue 15: 12 clients with requests of the key-value service's largest value (1.5 MiB) are
+/// pending when the leader goes silent. STOPs (and FORWARDs) carried every pending request, 18
+/// MiB, refused against the 16 MiB frame limit, so no leader change ever completed. Bounded in
+/// bytes, they fit, the leader changes, and every request is decided.
+#[test]
+fn leader_changes_complete_with_requests_of_the_largest_value() {
+    use kmmr_protocol::service::kv::MAX_VALUE_LEN;
+    use kmmr_sim::config::ServiceKind;
+    let mut cfg = SimConfig::calm(15, 4);
+    fixed_network(&mut cfg);
+    cfg.service = ServiceKind::Noop;
+    cfg.payload_bytes = MAX_VALUE_LEN;
+    cfg.clients = 12;
+    cfg.ops_per_client = 1;
+    cfg.think_us = 0;
+    cfg.max_time_us = 60_000 * MS;
+    // The first leader never speaks: every request waits for a leader change.
+    cfg.behaviours[0] = Behaviour::Silent;
+    let r = run(&cfg);
+    assert_eq!(
+        r.rejected.get("oversized_frame"),
+        None,
+        "a correct replica sent a frame over the limit: {:?}",
+        r.rejected
+    );
+    assert_ok(&r);
+    assert!(r.max_regency >= 1, "a leader change happened: {r:?}");
+    assert_eq!(r.ops_completed, r.ops_total);
+}

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::conn::{self, account};
+use super::slots::Slot;
 use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, AnyKey, TlsIdentity, ALPN_CLIENT};
 use super::SendError;
@@ -177,9 +178,9 @@ impl Drop for ClientListener {
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<ListenerInner>) {
-    let serve =
-        |tcp, addr, permit| serve_client(tcp, addr, acceptor.clone(), inner.clone(), permit);
-    conn::accept_loop(listener, &inner.config, &inner.stats, Side::Client, serve).await;
+    let serve = |tcp, addr, slot| serve_client(tcp, addr, acceptor.clone(), inner.clone(), slot);
+    let handshakes = inner.config.handshake_slots(0);
+    conn::accept_loop(listener, handshakes, &inner.stats, Side::Client, serve).await;
 }
 
 async fn serve_client(
@@ -187,7 +188,7 @@ async fn serve_client(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     inner: Arc<ListenerInner>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let stats = &inner.stats;
     let Some((tls, client)) = conn::handshake(
@@ -197,7 +198,7 @@ async fn serve_client(
         &inner.config,
         stats,
         Side::Client,
-        permit,
+        slot,
     )
     .await
     else {

@@ -4,17 +4,17 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::slots::{Slot, SlotRefusal, Slots};
 use super::stats::{NetStats, Side};
 use super::tls;
 use super::{NetConfig, RejectReason};
@@ -200,34 +200,40 @@ pub(crate) async fn connect(addr: &str, cfg: &NetConfig) -> io::Result<TcpStream
     Ok(tcp)
 }
 
-/// Accepts connections on `listener` until the task is dropped and runs `serve` on each, with at
-/// most `config.max_handshakes` TLS handshakes in progress: a flood of connections that never
-/// finish their handshake is refused and counted instead of holding every task and socket.
-/// Replica links and client links share it; `side` names which in logs and counters.
+/// Accepts connections on `listener` until the task is dropped and runs `serve` on each, with a
+/// slot of `handshakes` held while its TLS handshake is in progress: a flood of connections that
+/// never finish their handshake is refused and counted instead of holding every task and socket,
+/// and since one source address may hold only its share of the slots (and view members have
+/// slots strangers cannot take), one attacking host cannot starve new clients or a rejoining
+/// replica. Replica links and client links share it; `side` names which in logs and counters.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    config: &NetConfig,
+    handshakes: Slots,
     stats: &NetStats,
     side: Side,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let handshakes = Arc::new(Semaphore::new(
-        config.max_handshakes.clamp(1, Semaphore::MAX_PERMITS),
-    ));
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, addr)) => {
-                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                        stats.reject(RejectReason::TooManyConnections);
-                        log(side, format_args!("{addr}: too many {} handshakes in progress; refusing", noun(side)));
-                        continue;
+                    let slot = match handshakes.try_acquire(addr.ip()) {
+                        Ok(s) => s,
+                        Err(why) => {
+                            stats.reject(RejectReason::TooManyConnections);
+                            let whose = match why {
+                                SlotRefusal::SourceFull => "from this address",
+                                SlotRefusal::PoolFull => "",
+                            };
+                            log(side, format_args!("{addr}: too many {} handshakes in progress {whose}; refusing", noun(side)));
+                            continue;
+                        }
                     };
-                    conns.spawn(serve(tcp, addr, permit));
+                    conns.spawn(serve(tcp, addr, slot));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -242,7 +248,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 
 /// The server side of a TLS handshake on an accepted connection, within
 /// `config.handshake_timeout`, and the ed25519 key the peer's certificate names. A failure is
-/// counted by its reason, logged, and gives `None`. The handshake permit is released once the
+/// counted by its reason, logged, and gives `None`. The handshake slot is released once the
 /// handshake is over, whatever its outcome.
 pub(crate) async fn handshake(
     tcp: TcpStream,
@@ -251,11 +257,11 @@ pub(crate) async fn handshake(
     config: &NetConfig,
     stats: &NetStats,
     side: Side,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> Option<(TlsStream<TcpStream>, PublicKey)> {
     let _ = tcp.set_nodelay(true);
     let accepted = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp)).await;
-    drop(permit);
+    drop(slot);
     let tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

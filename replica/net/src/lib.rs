@@ -89,6 +89,7 @@
 mod client;
 mod conn;
 mod peer;
+pub mod slots;
 mod stats;
 mod tls;
 
@@ -143,6 +144,12 @@ pub struct NetConfig {
     pub write_timeout: Duration,
     /// Concurrent unauthenticated handshakes per listener; more are refused and counted.
     pub max_handshakes: usize,
+    /// Of those, how many one source address (IPv4 host, IPv6 /64) may hold, so that one host
+    /// cannot hold them all.
+    pub max_handshakes_per_source: usize,
+    /// Of those, how many on the replica port only hosts of view members may take (strangers
+    /// can never starve a rejoining replica). Members' hosts have no per-source bound there.
+    pub reserved_peer_handshakes: usize,
     /// Open client connections per [`ClientListener`]; more are refused and counted.
     pub max_client_connections: usize,
     /// Bytes gathered from queued frames into one write.
@@ -161,9 +168,22 @@ impl Default for NetConfig {
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_handshakes_per_source: 16,
+            reserved_peer_handshakes: 64,
             max_client_connections: 10_000,
             write_batch_bytes: 256 * 1024,
         }
+    }
+}
+
+impl NetConfig {
+    /// The handshake slots of one listener, `reserved` of them for trusted hosts.
+    pub(crate) fn handshake_slots(&self, reserved: usize) -> slots::Slots {
+        slots::Slots::new(slots::SlotLimits {
+            total: self.max_handshakes,
+            per_source: self.max_handshakes_per_source,
+            reserved,
+        })
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::conn::{self, account, Ended};
+use super::slots::{Slot, Slots};
 use super::stats::{NetStats, OpenGuard, Side};
 use super::tls::{self, KeyPolicy, TlsIdentity, ALPN_PEER};
 use super::{Inbound, NetConfig, NetError, RejectReason, SendError};
@@ -102,6 +103,8 @@ struct Inner {
     inbound_links: Mutex<HashMap<ReplicaId, InboundLink>>,
     next_serial: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// The listener's handshake slots; the view members' hosts are trusted with reserved ones.
+    handshakes: Slots,
 }
 
 /// The replica-to-replica network of one replica. See the [module docs](crate::net).
@@ -159,6 +162,7 @@ impl PeerNetwork {
         let identity = TlsIdentity::new(key)?;
         let members = Arc::new(RwLock::new(Members::of(view, me)));
         let server = tls::server_config(&identity, ViewPolicy(members.clone()), ALPN_PEER)?;
+        let config_handshakes = config.handshake_slots(config.reserved_peer_handshakes);
         let inner = Arc::new(Inner {
             me,
             identity,
@@ -170,7 +174,9 @@ impl PeerNetwork {
             inbound_links: Mutex::new(HashMap::new()),
             next_serial: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
+            handshakes: config_handshakes,
         });
+        inner.trust_members(view);
         inner.sync_outbound(view);
         let accept_task = tokio::spawn(accept_loop(
             listener,
@@ -213,6 +219,7 @@ impl PeerNetwork {
     /// Links to members whose key and address did not change are kept (with their queues).
     pub fn update_view(&self, view: &View) {
         *write(&self.inner.members) = Members::of(view, self.inner.me);
+        self.inner.trust_members(view);
         self.inner.sync_outbound(view);
         let mut links = lock(&self.inner.inbound_links);
         links.retain(|id, link| {
@@ -283,6 +290,30 @@ impl Drop for PeerNetwork {
 }
 
 impl Inner {
+    /// Trusts the hosts of `view`'s members with the reserved handshake slots: addresses given
+    /// as IPs at once, names once resolved (in the background; until then, a member's host is
+    /// trusted from its first authenticated connection on).
+    fn trust_members(&self, view: &View) {
+        let mut literal = Vec::new();
+        for m in &view.members {
+            match m.address.parse::<SocketAddr>() {
+                Ok(a) => literal.push(a.ip()),
+                Err(_) => {
+                    let slots = self.handshakes.clone();
+                    let address = m.address.clone();
+                    self.runtime.spawn(async move {
+                        if let Ok(addrs) = tokio::net::lookup_host(address).await {
+                            for a in addrs {
+                                slots.trust(a.ip());
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        self.handshakes.set_trusted(literal);
+    }
+
     /// Makes the set of dialers match `view`.
     fn sync_outbound(&self, view: &View) {
         let mut outbound = write(&self.outbound);
@@ -431,9 +462,15 @@ async fn run_outbound(
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<Inner>) {
-    let serve =
-        |tcp, addr, permit| serve_inbound(tcp, addr, acceptor.clone(), inner.clone(), permit);
-    conn::accept_loop(listener, &inner.config, &inner.stats, Side::Peer, serve).await;
+    let serve = |tcp, addr, slot| serve_inbound(tcp, addr, acceptor.clone(), inner.clone(), slot);
+    conn::accept_loop(
+        listener,
+        inner.handshakes.clone(),
+        &inner.stats,
+        Side::Peer,
+        serve,
+    )
+    .await;
 }
 
 /// Authenticates one inbound replica connection and delivers its frames.
@@ -442,19 +479,11 @@ async fn serve_inbound(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     inner: Arc<Inner>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let stats = &inner.stats;
-    let Some((tls, key)) = conn::handshake(
-        tcp,
-        addr,
-        &acceptor,
-        &inner.config,
-        stats,
-        Side::Peer,
-        permit,
-    )
-    .await
+    let Some((tls, key)) =
+        conn::handshake(tcp, addr, &acceptor, &inner.config, stats, Side::Peer, slot).await
     else {
         return;
     };
@@ -479,6 +508,9 @@ async fn serve_inbound(
             old.close.notify_one();
         }
     }
+    // A host that proved a member's key is a member's host, even when the view names it by a
+    // name we could not resolve: its next handshakes (after a restart) take reserved slots.
+    inner.handshakes.trust(addr.ip());
     stats.peer_accepts.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard::new(&stats.peer_inbound_open);
     tracing::info!(replica = %inner.me, peer = %from, %addr, "inbound link up");

@@ -111,6 +111,14 @@ impl ProtocolConfig {
                 kmmr_protocol::wire::limits::MAX_BATCH_REQUESTS
             );
         }
+        if self.max_batch_bytes == 0
+            || self.max_batch_bytes > kmmr_protocol::wire::limits::MAX_BATCH_BYTES
+        {
+            bail!(
+                "protocol.max_batch_bytes must be between 1 and {} (larger batches could not be sent in a leader change)",
+                kmmr_protocol::wire::limits::MAX_BATCH_BYTES
+            );
+        }
         if self.checkpoint_period == 0 {
             bail!("protocol.checkpoint_period must be at least 1 (the default is 1024)");
         }

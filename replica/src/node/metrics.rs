@@ -242,18 +242,19 @@ struct HttpState {
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
 }
 
-/// Serves the HTTP endpoints until the process ends.
+/// Serves the HTTP endpoints within `limits` until the process ends.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
-) -> std::io::Result<()> {
+    limits: super::http::HttpLimits,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status_handler))
         .route("/healthz", get(health_handler))
         .with_state(HttpState { metrics, status });
-    axum::serve(listener, app).await
+    super::http::serve(listener, app, limits).await
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {

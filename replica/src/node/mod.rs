@@ -17,8 +17,11 @@
 mod accuse;
 pub mod config;
 pub mod durability;
+mod fds;
+pub mod http;
 pub mod metrics;
 mod poll;
+mod promised;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +38,7 @@ use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use kmmr_client::clock::{now_us, Clock};
 use kmmr_client::files::{load_key, ViewFile};
 use kmmr_client::status::{SignedStatus, Status};
-use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetConfig, NetStats, PeerNetwork};
+use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork};
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::{Promise, MAX_PROMISED_DECISIONS};
 use kmmr_protocol::core::replica::{FromDisk, Replica};
@@ -121,31 +124,37 @@ pub async fn run(
     let stats = Arc::new(NetStats::default());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel(10_000);
+    let fd_limit = fds::raise_limit();
+    let budget = fds::budget(fd_limit, view.n());
+    tracing::info!(
+        fd_limit,
+        listeners = budget.listeners,
+        "descriptors for listeners"
+    );
     let peers = PeerNetwork::bind(
         &key,
         me,
         &view,
         &listen,
-        NetConfig::default(),
+        budget.peers,
         tx.clone(),
         stats.clone(),
     )
     .await
     .context("starting the replica network")?;
-    let clients = ClientListener::bind(
-        &key,
-        &client_listen,
-        NetConfig::default(),
-        tx,
-        stats.clone(),
-    )
-    .await
-    .context("starting the client listener")?;
+    let clients = ClientListener::bind(&key, &client_listen, budget.clients, tx, stats.clone())
+        .await
+        .context("starting the client listener")?;
     let http = tokio::net::TcpListener::bind(&cfg.http_listen)
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
     let (status_tx, status_rx) = mpsc::channel(16);
-    tokio::spawn(metrics::serve_http(http, metrics.clone(), status_tx));
+    tokio::spawn(metrics::serve_http(
+        http,
+        metrics.clone(),
+        status_tx,
+        budget.http,
+    ));
 
     if let Some(b) = &byzantine {
         tracing::warn!(
@@ -254,7 +263,7 @@ fn start_core(
         let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
         let next = recovered.next_cid();
         let recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
-        let (promises, promise) = open_promise(cfg)?;
+        let (promises, promise) = promised::open_promise(cfg)?;
         let core = recover(me, key, view, cfg, svc, recovered, promise)?;
         return Ok(Started {
             core,
@@ -278,36 +287,6 @@ fn start_core(
         failures_rx,
         stored_rx,
     })
-}
-
-/// Opens the promise files and reads the last promise this replica made before it stopped.
-fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Promise>)> {
-    let (file, found) = PromiseFile::open(&cfg.data_dir)?;
-    for d in &found.damaged {
-        // Expected after a crash during a write: that promise was never acted on.
-        tracing::warn!(damage = %d, "recovery: a promise file is damaged; using the other one");
-    }
-    let promise = match found.payload {
-        None => None,
-        Some(bytes) => Some(Promise::from_bytes(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "the promise in {} passes its checksum but does not decode ({e}); without it \
-                 this replica could vote twice in one epoch. Move the data directory away to \
-                 start empty, which counts as one of the f faults until it has caught up",
-                cfg.data_dir.display()
-            )
-        })?),
-    };
-    if let Some(p) = &promise {
-        tracing::info!(
-            cid = p.collect.cid.0,
-            regency = p.collect.regency.0,
-            writes = p.collect.writes.len(),
-            accepted = p.collect.accepted.is_some(),
-            "recovery: restored the votes promised before the restart"
-        );
-    }
-    Ok((file, promise))
 }
 
 /// Rebuilds the replica from what its storage recovered, and says what recovery repaired.

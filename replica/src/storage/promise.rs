@@ -13,7 +13,11 @@
 //! promise-0, promise-1: magic "KMMRPRM\x01" | sequence u64 | len u32 | checksum [8] | payload
 //! ```
 //!
-//! Recovery takes the valid file with the higher sequence. The payload is opaque here (the
+//! Recovery takes the valid file with the higher sequence: a damaged other file held a write that
+//! never finished, whose votes were never sent (they go out only once the write is synced). When
+//! something was written but neither file is intact, the last promise is lost, and recovery says
+//! so ([`PromiseState::Lost`]) instead of reading it as "never promised anything": a replica that
+//! forgets its votes can vote twice in one epoch. The payload is opaque here (the
 //! core's encoding of the promise). Each write is one `pwrite` and one `fdatasync` (~70 us on
 //! this project's test machines), done by the node before it sends the messages behind it.
 
@@ -43,6 +47,27 @@ pub struct RecoveredPromise {
     pub payload: Option<Vec<u8>>,
     /// Files that were damaged or unreadable (a torn last write is expected after a crash).
     pub damaged: Vec<String>,
+}
+
+/// What the two files say about the last promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromiseState<'a> {
+    /// Both files are empty: no vote was ever promised here.
+    Never,
+    /// The newest intact promise's payload.
+    Newest(&'a [u8]),
+    /// Something was written, but no intact promise is left: the last votes are unknown.
+    Lost,
+}
+
+impl RecoveredPromise {
+    pub fn state(&self) -> PromiseState<'_> {
+        match &self.payload {
+            Some(p) => PromiseState::Newest(p),
+            None if self.damaged.is_empty() => PromiseState::Never,
+            None => PromiseState::Lost,
+        }
+    }
 }
 
 impl PromiseFile {
@@ -243,6 +268,48 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_of_damage_to_both_files_is_a_lost_promise() {
+        let d = dir();
+        let (mut p, r) = PromiseFile::open(d.path()).unwrap();
+        assert_eq!(r.state(), PromiseState::Never);
+        p.write(b"first").unwrap();
+        p.write(b"second").unwrap();
+        drop(p);
+        let (_, r) = PromiseFile::open(d.path()).unwrap();
+        assert_eq!(r.state(), PromiseState::Newest(b"second"));
+        let files = [d.path().join("promise-0"), d.path().join("promise-1")];
+        let good: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        // A flipped payload byte, a torn header, bad magic, a torn payload, in every pairing.
+        let damage: [fn(&mut Vec<u8>); 4] = [
+            |b| {
+                let last = b.len() - 1;
+                b[last] ^= 1;
+            },
+            |b| b.truncate(10),
+            |b| b[0] ^= 0xff,
+            |b| b.truncate(HEADER + 2),
+        ];
+        for d0 in &damage {
+            for d1 in &damage {
+                let mut b0 = good[0].clone();
+                let mut b1 = good[1].clone();
+                d0(&mut b0);
+                d1(&mut b1);
+                std::fs::write(&files[0], &b0).unwrap();
+                std::fs::write(&files[1], &b1).unwrap();
+                let (_, r) = PromiseFile::open(d.path()).unwrap();
+                assert_eq!(r.state(), PromiseState::Lost, "{:?}", r.damaged);
+                assert_eq!(r.damaged.len(), 2);
+            }
+        }
+        // One damaged file beside an intact one is a write that never finished.
+        std::fs::write(&files[0], &good[0][..10]).unwrap();
+        std::fs::write(&files[1], &good[1]).unwrap();
+        let (_, r) = PromiseFile::open(d.path()).unwrap();
+        assert_eq!(r.state(), PromiseState::Newest(b"first"));
+    }
+
+    #[test]
     fn a_huge_stated_length_is_refused_without_allocating_it() {
         let d = dir();
         let mut h = Vec::new();
@@ -254,5 +321,6 @@ mod tests {
         let (_, r) = PromiseFile::open(d.path()).unwrap();
         assert!(r.payload.is_none());
         assert!(r.damaged[0].contains("over the limit"), "{:?}", r.damaged);
+        assert_eq!(r.state(), PromiseState::Lost);
     }
 }

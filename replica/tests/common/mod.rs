@@ -98,6 +98,29 @@ impl TestCluster {
         self.procs.insert(i, child);
     }
 
+    /// Starts replica `i` under a descriptor limit (soft and hard) of `nofile`, through prlimit(1),
+    /// which then runs the replica in its own process (so `pid` is the replica's).
+    pub fn spawn_with_fd_limit(&mut self, i: u32, nofile: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("r{i}.log")))
+            .expect("replica log");
+        let child = tokio::process::Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(EXE)
+            .args(["--threads", "1", "run", "--config"])
+            .arg(self.dir.join(format!("r{i}.toml")))
+            .args(["--service", "kv"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prlimit runs the replica");
+        self.procs.insert(i, child);
+    }
+
     pub async fn wait_healthy(&self, i: u32) {
         if let Err(e) = wait_healthy(self.base, i as usize, Duration::from_secs(20)).await {
             panic!("{e}; its log:\n{}", self.log(i));
@@ -131,6 +154,24 @@ impl TestCluster {
                 "removed replica {id} still runs after {within:?}; its log:\n{}",
                 self.log(id)
             ),
+        }
+    }
+
+    /// Waits for replica `id`'s process to stop on its own and returns its exit status (None if
+    /// it still runs after `within`; it is then killed).
+    pub async fn exit_status(
+        &mut self,
+        id: u32,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut child = self.procs.remove(&id)?;
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                None
+            }
         }
     }
 
@@ -201,6 +242,25 @@ impl TestCluster {
             .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
+    }
+
+    /// The process id of replica `i`, while this harness runs it.
+    pub fn pid(&self, i: u32) -> Option<u32> {
+        self.procs.get(&i)?.id()
+    }
+
+    /// How many file descriptors replica `i` has open (0 when it is not running).
+    pub fn fd_count(&self, i: u32) -> usize {
+        self.pid(i)
+            .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+            .map_or(0, |d| d.count())
+    }
+
+    /// Whether replica `i`'s process is still running (it has not exited).
+    pub fn running(&mut self, i: u32) -> bool {
+        self.procs
+            .get_mut(&i)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log(&self, i: u32) -> String {

@@ -284,13 +284,21 @@ impl Pool {
         self.unforwarded.first().map(|(t, _)| *t)
     }
 
-    /// Requests that arrived at or before `cutoff_us` and were not forwarded yet; marks them.
-    pub fn take_unforwarded(&mut self, cutoff_us: u64, max: usize) -> Vec<SignedRequest> {
+    /// Requests that arrived at or before `cutoff_us` and were not forwarded yet, at most `max`
+    /// and `max_bytes` of payload (but always one); marks them. The rest stay due.
+    pub fn take_unforwarded(
+        &mut self,
+        cutoff_us: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Vec<SignedRequest> {
+        let mut bytes = 0usize;
         let due: Vec<(u64, Digest)> = self
             .unforwarded
             .iter()
             .take_while(|(t, _)| *t <= cutoff_us)
             .take(max)
+            .take_while(|(_, d)| self.fits(d, &mut bytes, max_bytes))
             .copied()
             .collect();
         let mut out = Vec::with_capacity(due.len());
@@ -304,13 +312,30 @@ impl Pool {
         out
     }
 
-    /// The oldest requests, for a STOP message.
-    pub fn oldest(&self, max: usize) -> Vec<SignedRequest> {
+    /// The oldest requests, at most `max` and `max_bytes` of payload (but always one), for a
+    /// STOP message.
+    pub fn oldest(&self, max: usize, max_bytes: usize) -> Vec<SignedRequest> {
+        let mut bytes = 0usize;
         self.by_arrival
             .iter()
             .take(max)
+            .take_while(|(_, d)| self.fits(d, &mut bytes, max_bytes))
             .filter_map(|(_, d)| self.entries.get(d).map(|p| p.request.clone()))
             .collect()
+    }
+
+    /// Whether the request `d` still fits in `max_bytes` after the `bytes` taken so far (the
+    /// first always does); counts it if so.
+    fn fits(&self, d: &Digest, bytes: &mut usize, max_bytes: usize) -> bool {
+        let size = self
+            .entries
+            .get(d)
+            .map_or(0, |p| p.request.request.payload.len());
+        if *bytes > 0 && bytes.saturating_add(size) > max_bytes {
+            return false;
+        }
+        *bytes = bytes.saturating_add(size).max(1);
+        true
     }
 
     /// Restarts every request's clock: after a leader change the new leader gets a full timeout.
@@ -387,6 +412,23 @@ mod tests {
             1,
             "the other client is still served"
         );
+    }
+
+    #[test]
+    fn stop_and_forward_carry_a_bounded_number_of_bytes_but_always_one_request() {
+        let mut pool = Pool::default();
+        for c in 1..=10 {
+            let r = req(c, 1, 1000);
+            pool.insert(r.clone(), r.digest(), c.into(), 10, 100)
+                .unwrap();
+        }
+        assert_eq!(pool.oldest(1024, 3500).len(), 3);
+        assert_eq!(pool.oldest(1024, 10).len(), 1, "one request always goes");
+        assert_eq!(pool.oldest(2, 1 << 20).len(), 2);
+        let first = pool.take_unforwarded(100, 1024, 2000);
+        assert_eq!(first.len(), 2);
+        let rest = pool.take_unforwarded(100, 1024, 1 << 20);
+        assert_eq!(rest.len(), 8, "what did not fit is forwarded next time");
     }
 
     #[test]

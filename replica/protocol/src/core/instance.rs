@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::crypto::{Digest, Signature};
 use crate::wire::ids::{Cid, Epoch, ReplicaId};
+use crate::wire::limits;
 use crate::wire::messages::Batch;
 
 /// Epochs of ACCEPTs kept below the current one; older accepts are useless in practice and
@@ -162,20 +163,34 @@ impl Instance {
     }
 
     /// Batches of every value in this replica's collect, for the new leader.
+    /// The batches this replica's collect names, for its STOPDATA: the accepted one first, then
+    /// the written ones newest epoch first, while they fit in
+    /// [`limits::MAX_STOPDATA_VALUE_BYTES`] (the first always goes). The value a new leader
+    /// must re-propose is the accepted or the newest written one; several distinct older ones
+    /// appear only after equivocation, and must not make the message too big to send.
     pub fn collect_values(&self) -> Vec<Batch> {
         let mut out: Vec<Batch> = Vec::new();
         let mut seen: Vec<Digest> = Vec::new();
+        let mut writes = self.my_writes.clone();
+        writes.sort_by_key(|w| std::cmp::Reverse(w.0));
         let wanted = self
-            .my_writes
-            .iter()
-            .map(|(_, d)| *d)
-            .chain(self.my_accepted.map(|(_, d)| d));
+            .my_accepted
+            .map(|(_, d)| d)
+            .into_iter()
+            .chain(writes.into_iter().map(|(_, d)| d));
+        let mut bytes = 0usize;
         for d in wanted {
             if seen.contains(&d) {
                 continue;
             }
             seen.push(d);
             if let Some(b) = self.batch_for(&d) {
+                let size = b.payload_bytes();
+                if !out.is_empty() && bytes.saturating_add(size) > limits::MAX_STOPDATA_VALUE_BYTES
+                {
+                    continue;
+                }
+                bytes = bytes.saturating_add(size);
                 out.push(b.clone());
             }
         }

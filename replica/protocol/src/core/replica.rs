@@ -547,7 +547,9 @@ impl Replica {
         // repeat this replica's votes in case they were lost.
         let cutoff = now.saturating_sub(self.timeout_us);
         if self.pool.oldest_unforwarded().is_some_and(|t| t <= cutoff) {
-            let fwd = self.pool.take_unforwarded(cutoff, MAX_CARRIED);
+            let fwd = self
+                .pool
+                .take_unforwarded(cutoff, MAX_CARRIED, limits::MAX_CARRIED_BYTES);
             if !self.is_leader() {
                 let leader = self.leader();
                 self.send(leader, ReplicaMessage::Forward { requests: fwd });
@@ -585,7 +587,7 @@ impl Replica {
                     Suspicion::LeaderChangeTimeout,
                 );
             } else if self.lc.stop_retransmit_at.is_some_and(|t| now >= t) {
-                let requests = self.pool.oldest(MAX_CARRIED);
+                let requests = self.pool.oldest(MAX_CARRIED, limits::MAX_CARRIED_BYTES);
                 self.broadcast(ReplicaMessage::Stop {
                     regency: self.lc.stop_sent,
                     requests,

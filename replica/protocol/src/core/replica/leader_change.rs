@@ -115,7 +115,7 @@ impl Replica {
         self.lc.stop_active = true;
         self.lc.stop_started_us = now;
         self.lc.stop_votes.insert(self.me, target);
-        let requests = self.pool.oldest(MAX_CARRIED);
+        let requests = self.pool.oldest(MAX_CARRIED, limits::MAX_CARRIED_BYTES);
         self.broadcast(ReplicaMessage::Stop {
             regency: target,
             requests,

@@ -180,9 +180,9 @@ impl Replica {
 
     /// Requests for the next batch, each with a checked signature; forgeries leave the pool.
     pub(super) fn checked_selection(&mut self) -> Vec<SignedRequest> {
-        let requests = self
-            .pool
-            .select(self.config.max_batch_requests, self.config.max_batch_bytes);
+        // Clamped: a bigger batch could not travel in a SYNC or STOPDATA.
+        let max_bytes = self.config.max_batch_bytes.min(limits::MAX_BATCH_BYTES);
+        let requests = self.pool.select(self.config.max_batch_requests, max_bytes);
         let ok = self.check_signatures(&requests);
         let mut out = Vec::with_capacity(requests.len());
         for (req, ok) in requests.into_iter().zip(ok) {
