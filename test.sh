@@ -20,6 +20,7 @@ if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
   # they are built first (cached by version outside the repository, so a warm run skips this;
   # the test bed uses the same binaries later).
   stamp "building helm and the control plane (etcd, etcdctl, kube-apiserver, ...) for the workspace tests (cached by version)"
+  e2e/testbed/install-deps.sh   # openssl for the certificates the kube-apiserver test makes
   e2e/testbed/build.sh helm control-plane
 fi
 stamp "unit, property, simulator and scenario tests"
