@@ -183,10 +183,18 @@ impl ClusterArgs {
             timeout: std::time::Duration::from_secs(self.timeout),
             ..ClientOptions::default()
         };
-        let client = Client::connect(key, view, opts).await?;
+        let mut client = Client::connect(key.clone(), view.clone(), opts.clone()).await?;
+        // None answering is not worth a 30 s wait, but is worth a few seconds: a pod's network
+        // or a replica's Service may not answer for the first moments, and a cluster just
+        // started may not listen yet.
+        let grace = std::time::Instant::now() + CONNECT_GRACE.min(opts.timeout);
+        let all_down = |c: &Client| c.unreachable_at_connect().len() == c.view().n();
+        while all_down(&client) && std::time::Instant::now() < grace {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            client = Client::connect(key.clone(), view.clone(), opts.clone()).await?;
+        }
         let down = client.unreachable_at_connect();
-        // None answering is not worth a 30 s wait; some down is worth knowing while the
-        // request goes to the others.
+        // Some down is worth knowing while the request goes to the others.
         if !down.is_empty() && down.len() == client.view().n() {
             bail!(
                 "no replica of the cluster at {} answers ({}): is it running?",
@@ -206,6 +214,9 @@ impl ClusterArgs {
         Ok(client)
     }
 }
+
+/// How long a client command keeps dialling when no replica answers at all, before it fails.
+const CONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
     if path.exists() {
