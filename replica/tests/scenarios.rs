@@ -272,6 +272,18 @@ fn a_replica_that_ends_a_state_transfer_behind_catches_up_in_an_idle_cluster() {
             "restart at {restart_ms} ms: no transfer"
         );
         dropped += r.rejected.get("too_far_ahead").copied().unwrap_or(0);
+        let asked: u64 = r
+            .delivered
+            .iter()
+            .filter(|((from, _, kind), _)| *from == 3 && *kind == "decision_request")
+            .map(|(_, c)| c)
+            .sum();
+        // Bounded: it stops asking once caught up (9 to 15 requests, 3 to 5 rounds to its 3
+        // peers, where one round per 12.5 ms catch-up interval over the 3 s of quiet is 720).
+        assert!(
+            asked <= 30,
+            "restart at {restart_ms} ms: replica 3 sent {asked} decision requests"
+        );
         let highest = r.node_last_decided.iter().flatten().max().copied();
         if r.node_last_decided[3] != highest {
             failed.push((restart_ms, r.node_last_decided.clone()));
