@@ -53,7 +53,9 @@ impl Crash {
 }
 
 /// Scripted loss: drops replica-to-replica messages of one kind (`ReplicaMessage::kind`, or
-/// "any") between the given nodes (`None` = any node) during a window.
+/// "any") between the given nodes (`None` = any node) during a window. Kind "request" with no
+/// `from` drops clients' requests to `to` instead (a replica its clients have not reconnected
+/// to yet).
 #[derive(Debug, Clone)]
 pub struct DropRule {
     pub from: Option<usize>,
@@ -99,6 +101,10 @@ pub struct SimConfig {
     pub diverge: Option<(usize, u64)>,
     /// The run fails for liveness if clients have not finished by then.
     pub max_time_us: u64,
+    /// How long the run goes on, idle, once every client (and the admin) finished: 0 ends it
+    /// there. Scenarios set it to check what replicas do in a quiet cluster, such as whether
+    /// one left behind still catches up when nothing new is ordered.
+    pub settle_us: u64,
     pub client_retransmit_us: u64,
     /// Clients wait up to this long between operations, and start within this window.
     pub think_us: u64,
@@ -137,6 +143,7 @@ impl SimConfig {
             reconfigs: Vec::new(),
             diverge: None,
             max_time_us: 120_000_000,
+            settle_us: 0,
             client_retransmit_us: 400_000,
             think_us: 2_000,
             unordered_reads: false,

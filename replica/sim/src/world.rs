@@ -386,10 +386,11 @@ impl<'a> World<'a> {
     }
 
     fn run(&mut self) {
+        let mut settled_at: Option<u64> = None;
         while let Some(s) = self.queue.pop() {
             self.now = s.at;
             self.report.events += 1;
-            if self.now > self.cfg.max_time_us {
+            if self.now > self.cfg.max_time_us || settled_at.is_some_and(|t| self.now > t) {
                 break;
             }
             if self.report.events > MAX_EVENTS {
@@ -399,8 +400,14 @@ impl<'a> World<'a> {
             }
             self.step(s.ev);
             let (now, gst) = (self.now, self.cfg.gst_us);
-            if self.clients.iter().all(|c| c.done(now, gst)) && self.admin_done() {
-                break;
+            if settled_at.is_none()
+                && self.clients.iter().all(|c| c.done(now, gst))
+                && self.admin_done()
+            {
+                if self.cfg.settle_us == 0 {
+                    break;
+                }
+                settled_at = Some(now.saturating_add(self.cfg.settle_us));
             }
             if self.checker.violations.len() >= 4 {
                 break;

@@ -55,7 +55,7 @@ const CHECKPOINTS_KEPT: usize = 2;
 const DECISION_REPLY_BYTES: usize = 4 << 20;
 /// Start-up requests for decisions, one per catch-up interval, until a peer answers with a
 /// decision or its checkpoints (the first ones may precede the links; a replica that is not
-/// behind gets no answer and stops after these).
+/// behind gets no answer and stops after these). A finished state transfer asks the same way.
 const STARTUP_PROBES: u32 = 40;
 
 /// Counters for metrics.
@@ -483,6 +483,9 @@ impl Replica {
                 .saturating_add(self.catchup_interval_us());
             at(waiting.map_or(next_ask, |w| w.max(next_ask)));
         }
+        if self.behind_peers() {
+            at(self.behind_ask_at());
+        }
         if self.catchup.startup_probes > 0 {
             at(self
                 .catchup
@@ -507,7 +510,7 @@ impl Replica {
             .is_none_or(|t| now >= t.saturating_add(self.catchup_interval_us()))
     }
 
-    fn catchup_interval_us(&self) -> u64 {
+    pub(super) fn catchup_interval_us(&self) -> u64 {
         (self.config.request_timeout_us / 8).max(1)
     }
 
@@ -606,6 +609,11 @@ impl Replica {
                     .saturating_add(self.catchup_interval_us())
         {
             self.request_decisions(now, None);
+        } else if self.behind_peers() && now >= self.behind_ask_at() {
+            // Peers are past an instance this replica stalled on and cannot decide alone (its
+            // messages were dropped, say during a state transfer): keep asking, once per
+            // interval, until it has caught up, even when nothing new is ordered.
+            self.request_decisions(now, None);
         }
         self.advance(now);
     }
@@ -666,7 +674,15 @@ impl Replica {
                 ReplicaMessage::CheckpointInfo { .. } | ReplicaMessage::Chunk { .. }
             )
         {
-            // Nothing else can be checked or answered before the state arrives.
+            // Nothing else can be checked or answered before the state arrives; but votes
+            // dropped here are instances it will have to ask for once it has the state.
+            if let ReplicaMessage::Propose { cid, .. }
+            | ReplicaMessage::Write { cid, .. }
+            | ReplicaMessage::Accept { cid, .. } = msg
+            {
+                self.note_peer_at(from, cid);
+                self.note_lost(from, cid);
+            }
             return;
         }
         match msg {

@@ -80,6 +80,11 @@ impl World<'_> {
                 return;
             }
         }
+        if let (Endpoint::Client(_), Endpoint::Node(b)) = (from, to) {
+            if self.client_request_dropped(b) {
+                return;
+            }
+        }
         let net = &self.cfg.net;
         if now < self.cfg.gst_us
             && net.loss_before_gst > 0.0
@@ -105,6 +110,18 @@ impl World<'_> {
                 },
             );
         }
+    }
+
+    /// Whether a "request" drop rule cuts clients off from node `to` now.
+    fn client_request_dropped(&self, to: usize) -> bool {
+        let now = self.now;
+        self.cfg.drops.iter().any(|r| {
+            r.kind == "request"
+                && r.from.is_none()
+                && r.to.is_none_or(|t| t == to)
+                && now >= r.from_us
+                && now < r.until_us
+        })
     }
 
     pub(super) fn scripted_drop(&self, from: usize, to: usize, bytes: &[u8]) -> bool {

@@ -11,6 +11,13 @@ pub(super) struct CatchUp {
     pub(super) future_epoch: Vec<(ReplicaId, ReplicaMessage)>,
     pub(super) decided_ahead: BTreeMap<Cid, Decision>,
     pub(super) peer_progress: BTreeMap<ReplicaId, Cid>,
+    /// Per peer, the highest instance whose messages from it this replica dropped (too far
+    /// ahead, buffer full, or while joining): it cannot decide that instance from the votes
+    /// alone any more, and in an idle cluster nobody sends them again.
+    pub(super) lost: BTreeMap<ReplicaId, Cid>,
+    /// The instance this replica is on and since when: asking because peers are ahead waits
+    /// until it stalled there, so that a replica merely a message delay behind does not ask.
+    pub(super) position: (Cid, u64),
     pub(super) helped: BTreeMap<ReplicaId, Cid>,
     pub(super) last_catchup_us: Option<u64>,
     /// Start-up probes left: a replica that (re)starts asks the others where they are, since in
@@ -25,6 +32,8 @@ impl CatchUp {
             future_epoch: Vec::new(),
             decided_ahead: BTreeMap::new(),
             peer_progress: BTreeMap::new(),
+            lost: BTreeMap::new(),
+            position: (Cid(0), 0),
             helped: BTreeMap::new(),
             last_catchup_us: None,
             startup_probes: STARTUP_PROBES,
@@ -35,24 +44,91 @@ impl CatchUp {
 impl Replica {
     pub(super) fn buffer_future(&mut self, from: ReplicaId, cid: Cid, msg: ReplicaMessage) {
         if cid.0 > self.current_cid().0 + self.config.future_window {
+            self.note_lost(from, cid);
             self.reject(Some(from), Rejection::TooFarAhead);
             return;
         }
         let q = self.catchup.future.entry(cid).or_default();
         if q.len() >= self.config.max_buffered_per_instance {
+            self.note_lost(from, cid);
             self.reject(Some(from), Rejection::FutureBufferFull);
             return;
         }
         q.push((from, msg));
     }
 
-    /// Tracks how far peers are; when f+1 of them are two or more instances ahead, this replica
-    /// is behind and asks for decisions.
-    pub(super) fn note_progress(&mut self, now: u64, from: ReplicaId, cid: Cid) {
+    /// Records that a message of `from` for instance `cid` was dropped unused.
+    pub(super) fn note_lost(&mut self, from: ReplicaId, cid: Cid) {
+        let e = self.catchup.lost.entry(from).or_insert(cid);
+        if cid > *e {
+            *e = cid;
+        }
+    }
+
+    /// Records where a peer's vote shows it stands, without acting on it (a joiner, which can
+    /// use no vote before its state arrives).
+    pub(super) fn note_peer_at(&mut self, from: ReplicaId, cid: Cid) {
         let e = self.catchup.peer_progress.entry(from).or_insert(cid);
         if cid > *e {
             *e = cid;
         }
+    }
+
+    /// Notes the instance this replica is on, and when it reached it.
+    pub(super) fn note_position(&mut self, now: u64) {
+        let current = self.current_cid();
+        if self.catchup.position.0 != current {
+            self.catchup.position = (current, now);
+        }
+    }
+
+    /// Whether f+1 peers (so at least one correct) have shown that this replica's current
+    /// instance is one it cannot decide by itself: they voted in a later one (so they decided
+    /// it), this replica dropped their messages for it or later ones, or they accepted there a
+    /// batch this replica does not hold (its PROPOSE was dropped). Nothing else may ever tell
+    /// it, once the cluster goes idle: a state transfer that ended behind the others (votes
+    /// cast while it ran were dropped as too far ahead) stayed there for good.
+    pub(super) fn behind_peers(&self) -> bool {
+        let current = self.current_cid();
+        let unheld = |id: ReplicaId| {
+            self.instance.accepts.values().any(|votes| {
+                votes
+                    .get(&id)
+                    .is_some_and(|v| self.instance.batch_for(&v.digest).is_none())
+            })
+        };
+        let ahead = self
+            .view
+            .ids()
+            .filter(|id| *id != self.me)
+            .filter(|id| {
+                self.catchup
+                    .peer_progress
+                    .get(id)
+                    .is_some_and(|c| *c > current)
+                    || self.catchup.lost.get(id).is_some_and(|c| *c >= current)
+                    || unheld(*id)
+            })
+            .count();
+        ahead >= self.view.weak()
+    }
+
+    /// When a replica behind its peers (`behind_peers`) asks again: a catch-up interval after it
+    /// reached its current instance, and after its last question.
+    pub(super) fn behind_ask_at(&self) -> u64 {
+        let interval = self.catchup_interval_us();
+        let since = self.catchup.position.1.saturating_add(interval);
+        let last = self
+            .catchup
+            .last_catchup_us
+            .map_or(0, |t| t.saturating_add(interval));
+        since.max(last)
+    }
+
+    /// Tracks how far peers are; when f+1 of them are two or more instances ahead, this replica
+    /// is behind and asks for decisions.
+    pub(super) fn note_progress(&mut self, now: u64, from: ReplicaId, cid: Cid) {
+        self.note_peer_at(from, cid);
         let current = self.current_cid();
         let ahead: Vec<ReplicaId> = self
             .catchup

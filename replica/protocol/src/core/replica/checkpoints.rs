@@ -204,8 +204,12 @@ impl Replica {
                     Ok(()) => {
                         self.stats.state_transfers += 1;
                         self.events.push(Event::StateInstalled { cid });
-                        // The decision of the checkpoint itself, and whatever followed.
+                        // The decision of the checkpoint itself, and whatever followed; asked
+                        // again, as at start-up, until a peer answers (this one question may
+                        // be lost). Past the first answer, `behind_peers` keeps it asking
+                        // while the votes it saw show it is still behind.
                         self.catchup.last_catchup_us = Some(now);
+                        self.catchup.startup_probes = STARTUP_PROBES;
                         self.broadcast(ReplicaMessage::DecisionRequest { from: cid });
                     }
                     Err(_) => self.reject(None, Rejection::UndecodableCheckpoint),

@@ -93,6 +93,7 @@ impl Replica {
             self.try_sync(now);
         }
         self.maybe_propose(now);
+        self.note_position(now);
     }
 
     // ----- synchronization phase -------------------------------------------------------------

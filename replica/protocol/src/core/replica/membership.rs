@@ -80,6 +80,7 @@ impl Replica {
             .retain(|id, _| v.contains(*id) || *id == self.me);
         self.lc.stopdata.retain(|id, _| v.contains(*id));
         self.catchup.peer_progress.retain(|id, _| v.contains(*id));
+        self.catchup.lost.retain(|id, _| v.contains(*id));
         self.catchup.helped.retain(|id, _| v.contains(*id));
         self.transfer.retain_members(v);
     }
