@@ -140,18 +140,9 @@ fn watch(bin: &Path, endpoint: &str, args: &[String]) -> Outcome {
     });
     let out = child.wait_with_output().expect("etcdctl watch runs");
     let _ = killer.join();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    Outcome {
-        // Killed after printing everything is the normal end of a watch: only an earlier exit
-        // of its own is worth comparing.
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        error: stderr
-            .lines()
-            .filter(|l| l.starts_with("Error:"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
+    // Killed after printing everything is the normal end of a watch: only an earlier exit of
+    // its own is worth comparing.
+    Outcome::of(out)
 }
 
 /// Fields that say which server answered, or that depend on when, set aside; lease ids replaced

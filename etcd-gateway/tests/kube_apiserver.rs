@@ -9,27 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, loud, scratch, strict, Cluster, GatewayHandle};
+use common::{free_port, scratch, testbed_tools, Cluster, GatewayHandle};
 use kmmr_byzantine::Behaviour;
 use kmmr_etcd_gateway::server::Limits;
-
-fn kube_tools() -> Option<(PathBuf, PathBuf)> {
-    let cache = std::env::var_os("KMMR_TESTBED_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/kmmr-testbed")))?;
-    let bin = cache.join("kubernetes-v1.34.4/bin");
-    let (api, ctl) = (bin.join("kube-apiserver"), bin.join("kubectl"));
-    if api.is_file() && ctl.is_file() {
-        return Some((api, ctl));
-    }
-    let msg = format!(
-        "kube-apiserver and kubectl are not in {}; build them with `e2e/testbed/build.sh control-plane`",
-        bin.display()
-    );
-    assert!(!strict(), "{msg}");
-    loud(&format!("SKIPPED kube-apiserver on KmMR: {msg}"));
-    None
-}
 
 struct KillOnDrop(Child);
 
@@ -94,7 +76,12 @@ impl Kubectl {
 
 #[test]
 fn kube_apiserver_keeps_its_state_on_kmmr_with_a_corrupt_replica() {
-    let Some((apiserver, kubectl)) = kube_tools() else {
+    let Some([apiserver, kubectl]) = testbed_tools(
+        "kube-apiserver on KmMR",
+        "kubernetes-v1.34.4/bin",
+        ["kube-apiserver", "kubectl"],
+        "control-plane",
+    ) else {
         return;
     };
     let dir = scratch("apiserver");

@@ -31,31 +31,37 @@ pub fn strict() -> bool {
     !skipping && (std::env::var_os("CI").is_some() || std::env::var_os("KMMR_TESTBED").is_some())
 }
 
-/// etcd and etcdctl, as `e2e/testbed/build.sh etcd` builds them (`KMMR_ETCD_BIN` overrides
-/// the directory). None, said loudly, when they are not built and the run may skip.
-pub fn etcd_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("KMMR_ETCD_BIN")
+/// Binaries the test bed builds into its cache (`KMMR_TESTBED_CACHE`, else
+/// `~/.cache/kmmr-testbed`), in `subdir`, as `target` of `e2e/testbed/build.sh` makes them. None,
+/// said loudly, when one is missing and the run may skip.
+pub fn testbed_tools<const N: usize>(
+    test: &str,
+    subdir: &str,
+    names: [&str; N],
+    target: &str,
+) -> Option<[PathBuf; N]> {
+    let cache = std::env::var_os("KMMR_TESTBED_CACHE")
         .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("KMMR_TESTBED_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/kmmr-testbed"))
-                })?;
-            Some(cache.join("etcd-v3.6.16/bin"))
-        })?;
-    let etcd = dir.join("etcd");
-    let etcdctl = dir.join("etcdctl");
-    if etcd.is_file() && etcdctl.is_file() {
-        return Some((etcd, etcdctl));
+        .or_else(|| Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/kmmr-testbed")));
+    let dir = cache.unwrap_or_default().join(subdir);
+    let paths = names.map(|n| dir.join(n));
+    if paths.iter().all(|p| p.is_file()) {
+        return Some(paths);
     }
     let msg = format!(
-        "{test}: etcd and etcdctl are not in {}; build them with `e2e/testbed/build.sh etcd`",
+        "{test}: {} not all in {}; build them with `e2e/testbed/build.sh {target}`",
+        names.join(", "),
         dir.display()
     );
     assert!(!strict(), "{msg}");
     loud(&format!("SKIPPED {msg}"));
     None
+}
+
+/// etcd and etcdctl v3.6.16.
+pub fn etcd_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let [etcd, etcdctl] = testbed_tools(test, "etcd-v3.6.16/bin", ["etcd", "etcdctl"], "etcd")?;
+    Some((etcd, etcdctl))
 }
 
 /// A fresh directory under the system's temporary directory.
@@ -258,6 +264,21 @@ pub struct Outcome {
     pub error: String,
 }
 
+impl Outcome {
+    pub fn of(out: std::process::Output) -> Outcome {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            error: stderr
+                .lines()
+                .filter(|l| l.starts_with("Error:"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
 pub fn etcdctl(bin: &Path, endpoint: &str, args: &[String], stdin: Option<&[u8]>) -> Outcome {
     let mut child = Command::new(bin)
         .arg(format!("--endpoints={endpoint}"))
@@ -275,17 +296,7 @@ pub fn etcdctl(bin: &Path, endpoint: &str, args: &[String], stdin: Option<&[u8]>
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input).expect("etcdctl stdin");
     }
-    let out = child.wait_with_output().expect("etcdctl runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        error: stderr
-            .lines()
-            .filter(|l| l.starts_with("Error:"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
+    Outcome::of(child.wait_with_output().expect("etcdctl runs"))
 }
 
 /// Polls until `etcdctl endpoint health` succeeds.
