@@ -257,9 +257,12 @@ async fn controller_applies_children_reports_status_refuses_what_it_may_not_do_a
         .finalizers
         .unwrap_or_default()
         .contains(&"kmmr.io/cleanup".to_string()));
+    // The reconcile publishes KeysGenerated, then Starting when it writes the status: a list
+    // between the two is not a failure, so wait for both.
     let reasons = poll("Events", Duration::from_secs(30), || async {
         let r = events(&client, &ns, "demo").await?;
-        Ok(r.iter().any(|r| r == "KeysGenerated").then_some(r))
+        let has = |reason: &str| r.iter().any(|x| x == reason);
+        Ok((has("KeysGenerated") && has("Starting")).then_some(r))
     })
     .await?;
     assert!(reasons.iter().any(|r| r == "Starting"), "{reasons:?}");
