@@ -94,14 +94,18 @@ impl Gateway {
 
     /// The store's current revision, read linearizably.
     pub(crate) async fn current_revision(&self) -> Result<u64, Status> {
-        // One key that cannot be a Kubernetes key: the cheapest read the store has.
-        let probe = KvRequest::Range(kv::RangeRequest {
-            key: vec![0],
-            count_only: true,
-            ..Default::default()
-        });
-        Ok(self.read(&probe).await?.header().revision)
+        Ok(self.read(&revision_probe()).await?.header().revision)
     }
+}
+
+/// The cheapest read the store answers, for its header's revision: one key that cannot be a
+/// Kubernetes key, counted.
+pub(crate) fn revision_probe() -> KvRequest {
+    KvRequest::Range(kv::RangeRequest {
+        key: vec![0],
+        count_only: true,
+        ..Default::default()
+    })
 }
 
 fn mismatch(what: &str) -> Status {

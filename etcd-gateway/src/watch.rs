@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, HeaderIds};
 use crate::errors;
-use crate::gateway::Gateway;
+use crate::gateway::{revision_probe, Gateway};
 use crate::{mvccpb, pb};
 use kmmr_client::Client;
 use kmmr_protocol::service::kv::{self as kv, KvError, KvRequest, KvResponse};
@@ -93,7 +93,7 @@ impl Hub {
                 }
             }
             if position == 0 {
-                match self.client.kv_read(&probe()).await {
+                match self.client.kv_read(&revision_probe()).await {
                     Ok(r) if r.error().is_none() => {
                         position = r.header().revision;
                         let _ = self.position.send(position);
@@ -154,14 +154,6 @@ impl Hub {
             }
         }
     }
-}
-
-fn probe() -> KvRequest {
-    KvRequest::Range(kv::RangeRequest {
-        key: vec![0],
-        count_only: true,
-        ..Default::default()
-    })
 }
 
 /// What one watch delivers.
@@ -285,12 +277,7 @@ impl Watcher {
             match self.hub.client.kv_read(&poll).await {
                 Ok(KvResponse::WatchPoll(w)) => {
                     let upto = w.resume_after.max(self.position());
-                    let filtered: Vec<_> = w
-                        .events
-                        .into_iter()
-                        .filter(|e| self.spec.wants(e))
-                        .collect();
-                    self.deliver(&filtered, upto).await?;
+                    self.deliver(&w.events, upto).await?;
                 }
                 Ok(KvResponse::Error(e)) => {
                     if let KvError::Compacted { compact_revision } = e.error {
@@ -380,7 +367,7 @@ impl Watcher {
 }
 
 /// The watches of one gRPC stream.
-struct Stream_ {
+struct StreamWatches {
     gateway: Arc<Gateway>,
     out: Out,
     watches: Arc<Mutex<HashMap<i64, Running>>>,
@@ -388,7 +375,7 @@ struct Stream_ {
     progress_every: Duration,
 }
 
-impl Stream_ {
+impl StreamWatches {
     async fn create(&mut self, c: pb::WatchCreateRequest) -> Result<(), ()> {
         let ids = self.gateway.ids;
         let id = if c.watch_id > 0 {
@@ -403,7 +390,7 @@ impl Stream_ {
         };
         if self.lock().contains_key(&id) {
             let resp = pb::WatchResponse {
-                header: ids.header(self.gateway.hub.position.borrow().to_owned().max(1)),
+                header: ids.header(self.tail_revision()),
                 watch_id: id,
                 created: true,
                 canceled: true,
@@ -416,7 +403,7 @@ impl Stream_ {
         let key = if c.key.is_empty() { vec![0] } else { c.key };
         if c.start_revision < 0 {
             let resp = pb::WatchResponse {
-                header: ids.header(self.gateway.hub.position.borrow().to_owned().max(1)),
+                header: ids.header(self.tail_revision()),
                 watch_id: -1,
                 created: true,
                 canceled: true,
@@ -479,6 +466,12 @@ impl Stream_ {
         Ok(())
     }
 
+    /// Where the tail stands, for answers that refuse a watch before it reads anything (never 0,
+    /// which clients read as no revision).
+    fn tail_revision(&self) -> u64 {
+        (*self.gateway.hub.position.borrow()).max(1)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Running>> {
         self.watches.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -526,7 +519,7 @@ impl Stream_ {
     }
 }
 
-impl Drop for Stream_ {
+impl Drop for StreamWatches {
     fn drop(&mut self) {
         for (_, r) in self.lock().drain() {
             r.task.abort();
@@ -555,7 +548,7 @@ impl pb::watch_server::Watch for WatchService {
         use pb::watch_request::RequestUnion;
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let mut stream = Stream_ {
+        let mut stream = StreamWatches {
             gateway: self.gateway.clone(),
             out: tx,
             watches: Arc::new(Mutex::new(HashMap::new())),

@@ -63,6 +63,22 @@ async fn put(kv: &mut KvClient<tonic::transport::Channel>, key: &str, value: &st
     r.into_inner().header.expect("header").revision
 }
 
+/// One gRPC watch stream, as an etcd client holds it: requests in, responses out.
+async fn open_stream(
+    endpoint: &str,
+) -> (mpsc::Sender<pb::WatchRequest>, Streaming<pb::WatchResponse>) {
+    let (tx, rx) = mpsc::channel(16);
+    let mut watch = WatchClient::connect(endpoint.to_owned())
+        .await
+        .expect("watch");
+    let stream = watch
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch stream")
+        .into_inner();
+    (tx, stream)
+}
+
 fn revision(r: &pb::WatchResponse) -> i64 {
     r.header.as_ref().map(|h| h.revision).unwrap_or(0)
 }
@@ -78,15 +94,7 @@ async fn watches_on_one_stream_see_live_changes_and_progress_never_runs_ahead() 
         "the first write of an empty store is revision 2, as in etcd"
     );
 
-    let (tx, rx) = mpsc::channel(16);
-    let mut watch = WatchClient::connect(gw.endpoint.clone())
-        .await
-        .expect("watch");
-    let mut stream = watch
-        .watch(ReceiverStream::new(rx))
-        .await
-        .expect("watch stream")
-        .into_inner();
+    let (tx, mut stream) = open_stream(&gw.endpoint).await;
 
     // One watch on a prefix from now, one on a key from the first write.
     tx.send(create("/registry/pods/", "/registry/pods0", 0, true))
@@ -187,15 +195,7 @@ async fn a_watch_from_a_future_revision_waits_for_it() {
     let gw = GatewayHandle::start(&cluster, Limits::default()).await;
     let mut kv = KvClient::connect(gw.endpoint.clone()).await.expect("kv");
     let now = put(&mut kv, "k", "0").await;
-    let (tx, rx) = mpsc::channel(16);
-    let mut watch = WatchClient::connect(gw.endpoint.clone())
-        .await
-        .expect("watch");
-    let mut stream = watch
-        .watch(ReceiverStream::new(rx))
-        .await
-        .expect("watch stream")
-        .into_inner();
+    let (tx, mut stream) = open_stream(&gw.endpoint).await;
     tx.send(create("k", "", now + 2, false))
         .await
         .expect("send");
