@@ -68,28 +68,12 @@ impl Gateway {
 
     /// An ordered request; a refusal the cluster agreed on becomes etcd's error.
     pub(crate) async fn ordered(&self, req: &KvRequest) -> Result<KvResponse, Status> {
-        let resp = self
-            .client
-            .kv(req)
-            .await
-            .map_err(|e| errors::unavailable(&e))?;
-        match resp.error() {
-            Some(e) => Err(errors::refused(e)),
-            None => Ok(resp),
-        }
+        agreed(self.client.kv(req).await)
     }
 
     /// A linearizable read.
     pub(crate) async fn read(&self, req: &KvRequest) -> Result<KvResponse, Status> {
-        let resp = self
-            .client
-            .kv_read(req)
-            .await
-            .map_err(|e| errors::unavailable(&e))?;
-        match resp.error() {
-            Some(e) => Err(errors::refused(e)),
-            None => Ok(resp),
-        }
+        agreed(self.client.kv_read(req).await)
     }
 
     /// The store's current revision, read linearizably.
@@ -106,6 +90,16 @@ pub(crate) fn revision_probe() -> KvRequest {
         count_only: true,
         ..Default::default()
     })
+}
+
+/// The cluster's answer as etcd gives it: no answer in time is Unavailable, an agreed refusal
+/// etcd's error for it.
+fn agreed(answer: anyhow::Result<KvResponse>) -> Result<KvResponse, Status> {
+    let resp = answer.map_err(|e| errors::unavailable(&e))?;
+    match resp.error() {
+        Some(e) => Err(errors::refused(e)),
+        None => Ok(resp),
+    }
 }
 
 fn mismatch(what: &str) -> Status {
