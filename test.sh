@@ -8,7 +8,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 t0=$SECONDS
-stamp() { printf '[test.sh +%ss] %s\n' "$((SECONDS - t0))" "$*" >&2; }
+# Free disk beside each step: a CI run once failed for want of space, and this says where.
+stamp() {
+  printf '[test.sh +%ss, %s free] %s\n' "$((SECONDS - t0))" \
+    "$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ')" "$*" >&2
+}
+# Incremental compilation data doubled the size of a cold build and a test run builds once.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 stamp "formatting"
 cargo fmt --all -- --check
@@ -19,9 +25,10 @@ if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
   # gateway and against a real etcd, and a kube-apiserver on the gateway. On a fresh machine
   # they are built first (cached by version outside the repository, so a warm run skips this;
   # the test bed uses the same binaries later).
-  stamp "building helm and the control plane (etcd, etcdctl, kube-apiserver, ...) for the workspace tests (cached by version)"
+  stamp "building helm and the Kubernetes test bed (etcd, etcdctl, kube-apiserver, ...) for the workspace tests (cached by version)"
   e2e/testbed/install-deps.sh   # openssl for the certificates the kube-apiserver test makes
-  e2e/testbed/build.sh helm control-plane
+  # Everything the test bed needs, in one run so that its binaries share one Go build cache.
+  e2e/testbed/build.sh all
 fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace

@@ -32,6 +32,15 @@ grep -q "k8s.io/kubernetes $K8S_VERSION" "$here/k8s/go.mod" \
 NICE=(nice -n "${KMMR_TESTBED_NICE:-15}")
 export GOFLAGS="-mod=readonly -buildvcs=false"
 export GOTOOLCHAIN=local
+# Go's build cache grows by gigabytes building Kubernetes, and the binaries are cached by version
+# anyway: a private cache shared by this run's builds, removed when it ends, keeps the disk free
+# for the rest of the tests (a CI run once ran out of space). KMMR_TESTBED_GOCACHE=keep uses the
+# user's cache instead, for someone rebuilding often.
+if [[ ${KMMR_TESTBED_GOCACHE:-} != keep ]]; then
+  GOCACHE="$(mktemp -d "${TMPDIR:-/tmp}/kmmr-gocache.XXXXXX")"
+  export GOCACHE
+  trap 'rm -rf "$GOCACHE"' EXIT
+fi
 
 # Reproducible build date: the time the module version was published.
 module_time() { # module@version -> seconds since epoch
