@@ -108,6 +108,11 @@ pub struct Cluster {
 impl Cluster {
     /// `n` replicas; those named in `byzantine` run that behaviour.
     pub fn start(name: &str, n: usize, byzantine: &[(u32, Behaviour)]) -> Cluster {
+        // RUST_LOG=info shows the replicas' and the gateway's logs beside a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = scratch(name);
         let spec = ClusterSpec {
             n,

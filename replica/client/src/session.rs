@@ -26,6 +26,9 @@ pub struct Completion {
 
 #[derive(Debug)]
 struct Outstanding {
+    /// The number `invoke` returned for this request. It stays the caller's handle when the
+    /// request goes out again under another sequence number.
+    caller: u64,
     request: SignedRequest,
     /// Reply digests by replica: one vote per replica, the first one counts.
     votes: BTreeMap<ReplicaId, Digest>,
@@ -145,6 +148,7 @@ impl ClientSession {
         self.outstanding.insert(
             sequence,
             Outstanding {
+                caller: sequence,
                 request,
                 votes: BTreeMap::new(),
                 bodies: BTreeMap::new(),
@@ -155,9 +159,9 @@ impl ClientSession {
         sequence
     }
 
-    /// Stops retransmitting a request whose caller gave up.
+    /// Stops retransmitting a request whose caller gave up (`sequence` as `invoke` returned it).
     pub fn abandon(&mut self, sequence: u64) {
-        self.outstanding.remove(&sequence);
+        self.outstanding.retain(|_, o| o.caller != sequence);
     }
 
     /// Requests to send to every replica of `view()`.
@@ -186,18 +190,25 @@ impl ClientSession {
         }
     }
 
-    /// Re-signs an unordered read as an ordered request under the same sequence number.
+    /// Re-signs an unordered read as an ordered request under a new sequence number. Its own
+    /// number is older than ordered requests sent since: the replicas execute a client's
+    /// requests in sequence order and answer nothing older than the last one executed, so under
+    /// the old number a read that needed ordering behind a later write was never answered.
     fn reissue_ordered(&mut self, now: u64, seq: u64) {
-        if let Some(o) = self.outstanding.get_mut(&seq) {
+        if let Some(mut o) = self.outstanding.remove(&seq) {
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
             let mut r = o.request.request.clone();
             r.kind = RequestKind::Ordered;
             r.view = self.view.id;
+            r.sequence = sequence;
             o.request = SignedRequest::sign(r, &self.key);
             o.votes.clear();
             o.bodies.clear();
             o.deadline_unordered = None;
             o.retransmit_at = now + self.retransmit_us;
             self.to_send.push(o.request.clone());
+            self.outstanding.insert(sequence, o);
         }
     }
 
@@ -263,18 +274,19 @@ impl ClientSession {
             return None;
         }
         let body = o.bodies.get(&digest).cloned()?;
+        let caller = o.caller;
         match body {
             ReplyBody::Result(bytes) => {
                 self.outstanding.remove(&seq);
                 Some(Completion {
-                    sequence: seq,
+                    sequence: caller,
                     result: Ok(bytes),
                 })
             }
             ReplyBody::Rejected(reason) => {
                 self.outstanding.remove(&seq);
                 Some(Completion {
-                    sequence: seq,
+                    sequence: caller,
                     result: Err(ClientError::Rejected(reason)),
                 })
             }
@@ -302,5 +314,102 @@ impl ClientSession {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmmr_protocol::view::Member;
+    use kmmr_protocol::wire::ids::ViewId;
+
+    fn view(n: u32) -> View {
+        let members = (0..n)
+            .map(|i| Member {
+                id: ReplicaId(i),
+                address: format!("127.0.0.1:{}", 1000 + i),
+                key: KeyPair::from_seed([i as u8 + 1; 32]).public(),
+            })
+            .collect();
+        View::new(ViewId(0), 1, members).expect("valid view")
+    }
+
+    fn reply(from: u32, sequence: u64, kind: RequestKind, body: &[u8]) -> Reply {
+        Reply {
+            replica: ReplicaId(from),
+            session: 7,
+            sequence,
+            kind,
+            body: ReplyBody::Result(body.to_vec()),
+        }
+    }
+
+    /// A read that could not gather a quorum unordered goes out again ordered behind the write
+    /// sent after it: under its own, older number the replicas would never answer it.
+    #[test]
+    fn a_read_retried_as_ordered_takes_a_new_sequence_and_completes_under_its_callers_number() {
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        s.set_quorum_writes(true);
+        let read = s.invoke(0, RequestKind::Unordered, b"get".to_vec());
+        let write = s.invoke(0, RequestKind::Ordered, b"put".to_vec());
+        assert_eq!(s.take_to_send().len(), 2);
+        // Three different answers: no quorum can match any more.
+        for (from, body) in [(0, b"a"), (1, b"b"), (2, b"c")] {
+            assert_eq!(
+                s.on_reply(
+                    0,
+                    ReplicaId(from),
+                    reply(from, read, RequestKind::Unordered, body)
+                ),
+                None
+            );
+        }
+        let again = s.take_to_send();
+        assert_eq!(again.len(), 1);
+        let retried = &again[0].request;
+        assert_eq!(retried.kind, RequestKind::Ordered);
+        assert!(
+            retried.sequence > write,
+            "{} after {write}",
+            retried.sequence
+        );
+        // Late unordered answers under the old number no longer count.
+        assert_eq!(
+            s.on_reply(
+                0,
+                ReplicaId(3),
+                reply(3, read, RequestKind::Unordered, b"a")
+            ),
+            None
+        );
+        let mut done = None;
+        for from in 0..3 {
+            done = done.or(s.on_reply(
+                0,
+                ReplicaId(from),
+                reply(from, retried.sequence, RequestKind::Ordered, b"v"),
+            ));
+        }
+        assert_eq!(
+            done,
+            Some(Completion {
+                sequence: read,
+                result: Ok(b"v".to_vec())
+            })
+        );
+        assert_eq!(s.in_flight(), 1, "the write is still in flight");
+        s.abandon(write);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn abandoning_a_retried_read_by_its_callers_number_stops_it() {
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        let read = s.invoke(0, RequestKind::Unordered, b"get".to_vec());
+        s.take_to_send();
+        s.on_timeout(1_000);
+        assert_eq!(s.take_to_send()[0].request.kind, RequestKind::Ordered);
+        s.abandon(read);
+        assert_eq!(s.in_flight(), 0);
     }
 }
