@@ -457,6 +457,7 @@ async fn scale_and_follow(
         &format!(r#"{{"spec":{{"replicas":{n}}}}}"#),
     ])?;
     let start = Instant::now();
+    let wall_start = jiff::Timestamp::now();
     let mut seen: Vec<SeenView> = vec![before];
     let mut reconfiguring_seen = false;
     let deadline = Duration::from_secs(420);
@@ -546,10 +547,83 @@ async fn scale_and_follow(
             && condition(&c, "Reconfiguring")
                 .is_some_and(|r| r["status"] == "False" && r["reason"] == "ViewMatchesSpec");
         if done && (reconfiguring_seen || seen.len() > 1) {
+            fill_from_events(tools, namespace, wall_start, &mut seen)?;
             return Ok(seen);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// `view 8 with members [0, 1, 2, 4, 5, 6] and f = 1` out of a ViewChanged Event's message.
+fn parse_view_changed(message: &str) -> Option<(i64, Vec<i64>, i64)> {
+    let rest = &message[message.find("installed view ")? + "installed view ".len()..];
+    let (view, rest) = rest.split_once(" with members [")?;
+    let (members, rest) = rest.split_once("] and f = ")?;
+    let members = members
+        .split(',')
+        .map(|m| m.trim())
+        .filter(|m| !m.is_empty())
+        .map(|m| m.parse().ok())
+        .collect::<Option<Vec<i64>>>()?;
+    Some((view.parse().ok()?, members, rest.trim().parse().ok()?))
+}
+
+/// Adds to `seen` the views that the status polling missed, from the operator's ViewChanged
+/// Events (one per step). On a busy machine a view can last less than one poll of the status;
+/// the Events are the record of every step.
+fn fill_from_events(
+    tools: &Tools,
+    namespace: &str,
+    since: jiff::Timestamp,
+    seen: &mut Vec<SeenView>,
+) -> Result {
+    let (Some(first), Some(last)) = (seen.first().map(|v| v.view), seen.last().map(|v| v.view))
+    else {
+        return Ok(());
+    };
+    let events = tools.json(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("involvedObject.name={CLUSTER},reason=ViewChanged"),
+    ])?;
+    for e in events["items"].as_array().into_iter().flatten() {
+        let Some((view, members, f)) = e["message"].as_str().and_then(parse_view_changed) else {
+            continue;
+        };
+        if view <= first || view >= last || seen.iter().any(|s| s.view == view) {
+            continue;
+        }
+        let Some(at) = seen.iter().position(|s| s.view > view) else {
+            continue;
+        };
+        let (after, before) = (seen[at - 1].first_seen, seen[at].first_seen);
+        let announced = e["eventTime"]
+            .as_str()
+            .or(e["lastTimestamp"].as_str())
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .and_then(|t| Duration::try_from(t.duration_since(since)).ok())
+            .unwrap_or(after);
+        loud(&format!(
+            "view {view} (n={}, f={f}) lasted less than a poll of the status: taken from its \
+             ViewChanged Event",
+            members.len()
+        ));
+        seen.insert(
+            at,
+            SeenView {
+                view,
+                n: members.len() as i64,
+                f,
+                members,
+                first_seen: announced.clamp(after, before),
+                settled: None,
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Checks the views a scaling passed through: one member (or f) per view, view ids consecutive.
@@ -1466,4 +1540,15 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
     drop(cleanup);
     tools.kubectl(&["get", "crd", "bftclusters.kmmr.io"])?;
     Ok(())
+}
+
+#[test]
+fn a_view_changed_message_parses() {
+    assert_eq!(
+        parse_view_changed(
+            "remove replica 7: the replicas installed view 8 with members [0, 1, 2, 4, 5, 6] and f = 1"
+        ),
+        Some((8, vec![0, 1, 2, 4, 5, 6], 1))
+    );
+    assert_eq!(parse_view_changed("something else"), None);
 }
