@@ -6,7 +6,9 @@
 #   e2e/testbed/up.sh --store kmmr [--node]
 #                               The control plane's state on KmMR instead of etcd: a local cluster
 #                               of 4 durable replicas and the etcd gateway the apiserver talks to
-#                               (also KMMR_TESTBED_STORE=kmmr)
+#                               (also KMMR_TESTBED_STORE=kmmr). One of the 4 replicas lies: it
+#                               corrupts what it sends (KMMR_TESTBED_BYZANTINE=<mode> picks another
+#                               of `kmmr-replica local`'s modes, =none makes all 4 correct)
 #
 # Everything runs inside the network namespace $NETNS (kmmr-testbed), which has a loopback
 # interface, a port-less bridge kmmr0 carrying the node address, the pods' bridge, and no route
@@ -28,7 +30,7 @@ while (($#)); do
     --no-node) want_node=0;;
     --store) store="${2:-}"; shift;;
     --store=*) store="${1#--store=}";;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0;;
     *) die "unknown argument $1";;
   esac
   shift
@@ -154,14 +156,20 @@ kmmr_dir="$RUN_DIR/kmmr"
 kmmr_port=${KMMR_TESTBED_KMMR_PORT:-24100}
 in_where() { if [[ $where == ns ]]; then nsenter "--net=/run/netns/$NETNS" "$@"; else "$@"; fi; }
 rm -rf "$kmmr_dir"
+# The control plane must not depend on any one replica telling the truth: by default one of them
+# corrupts its frames and lies in its replies, and the gateway must still serve only what a
+# quorum of correct replicas decided.
+byzantine="${KMMR_TESTBED_BYZANTINE:-corrupt}"
+byzantine_args=()
+[[ $byzantine != none ]] && byzantine_args=(--byzantine 1 --byzantine-mode "$byzantine")
 start kmmr-store "$where" "$KMMR_STORE_BIN/kmmr-replica" local --n 4 --dir "$kmmr_dir" \
-  --base-port "$kmmr_port" --keep-running
+  --base-port "$kmmr_port" --keep-running "${byzantine_args[@]}"
 WATCH=kmmr-store wait_for "a quorum of KmMR replicas" 60 \
   in_where "$KMMR_STORE_BIN/kmmr-replica" status --cluster "$kmmr_dir" \
   || { tail -n 30 "$LOGS/kmmr-store.log" >&2; die "KmMR cluster not up"; }
 start etcd-gateway "$where" "$KMMR_STORE_BIN/kmmr-etcd-gateway" --cluster "$kmmr_dir" \
   --listen "127.0.0.1:$etcd_port"
-log "control plane state on KmMR: 4 replicas in $kmmr_dir, the etcd API on 127.0.0.1:$etcd_port"
+log "control plane state on KmMR: 4 replicas in $kmmr_dir (Byzantine: $byzantine), the etcd API on 127.0.0.1:$etcd_port"
 fi
 
 # --- kube-apiserver ----------------------------------------------------------------------------
