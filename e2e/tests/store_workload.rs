@@ -182,6 +182,11 @@ async fn a_thousand_configmaps_read_back_exactly_and_every_change_is_watched_onc
             params = params.continue_token(t);
         }
         let page = api.list(&params).await?;
+        assert!(
+            page.items.len() <= 100,
+            "a page of {} items",
+            page.items.len()
+        );
         pages += 1;
         for cm in &page.items {
             let name = cm.metadata.name.clone().ok_or("no name")?;
@@ -195,7 +200,12 @@ async fn a_thousand_configmaps_read_back_exactly_and_every_change_is_watched_onc
             break;
         }
     }
-    assert_eq!(pages, OBJECTS / 100, "pages of 100");
+    // The namespace's own kube-root-ca.crt sorts after the workload's objects: the store says
+    // there is more after the tenth page, and the apiserver's filter leaves an eleventh empty.
+    assert!(
+        (OBJECTS / 100..=OBJECTS / 100 + 1).contains(&pages),
+        "{pages} pages of at most 100"
+    );
     let expected: BTreeMap<String, String> = names
         .iter()
         .map(|n| (n.clone(), format!("{n}/1")))
