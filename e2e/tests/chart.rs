@@ -41,13 +41,29 @@ fn chart_lints_strictly() -> Result {
     };
     let out = run(&helm, &["lint", CHART, "--strict"], None)?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
-    // values.schema.json refuses a moving tag and unknown values.
+    // A moving tag is refused with a message that says why and what to set instead.
+    for tag in ["latest", "Latest"] {
+        let err = run(
+            &helm,
+            &["template", "kmmr", CHART, "--set", &format!("image.tag={tag}")],
+            None,
+        )
+        .expect_err("a moving tag must be refused")
+        .to_string();
+        assert!(
+            err.contains(&format!("image.tag={tag} is refused: a moving tag"))
+                && err.contains("--set image.tag=0.1.0")
+                && !err.contains("'not' failed"),
+            "{err}"
+        );
+    }
     assert!(run(
         &helm,
         &["lint", CHART, "--strict", "--set", "image.tag=latest"],
         None
     )
     .is_err());
+    // values.schema.json refuses unknown values.
     assert!(run(
         &helm,
         &["lint", CHART, "--strict", "--set", "bogus=1"],
@@ -251,5 +267,101 @@ fn byzantine_test_modes_are_off_unless_a_test_turns_them_on() -> Result {
         fixed.iter().any(|a| a == "--no-reconfiguration"),
         "{fixed:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
+    let Some(helm) = helm_or_skip("monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on")
+    else {
+        return Ok(());
+    };
+    let docs = render(&helm, &[])?;
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        assert!(find(&docs, kind).is_empty(), "{kind} rendered by default");
+    }
+    assert!(
+        !find(&docs, "ConfigMap")
+            .iter()
+            .any(|c| c["metadata"]["name"] == "kmmr-dashboard"),
+        "dashboard rendered by default"
+    );
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "monitoring.serviceMonitor.enabled=true",
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+            "--set",
+            "monitoring.podMonitor.labels.release=prometheus",
+            "--set",
+            "monitoring.dashboard.enabled=true",
+        ],
+    )?;
+    // The ServiceMonitor selects the operator's metrics Service by its labels and port name.
+    let sm = find(&docs, "ServiceMonitor");
+    assert_eq!(sm.len(), 1);
+    let service = find(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "kmmr-metrics")
+        .expect("the metrics Service");
+    for (k, v) in sm[0]["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(&service["metadata"]["labels"][k], v, "label {k}");
+    }
+    let port = sm[0]["spec"]["endpoints"][0]["port"].clone();
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == port),
+        "the ServiceMonitor's port {port} is not a port of {service}"
+    );
+    // The PodMonitor selects the replica pods by the labels the operator sets, on port http
+    // (operator/src/names.rs and children.rs), in every namespace unless one is watched.
+    let pm = find(&docs, "PodMonitor");
+    assert_eq!(pm.len(), 1);
+    let spec = &pm[0]["spec"];
+    assert_eq!(spec["selector"]["matchLabels"]["app.kubernetes.io/name"], "kmmr");
+    assert_eq!(
+        spec["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "replica"
+    );
+    assert_eq!(spec["podMetricsEndpoints"][0]["port"], "http");
+    assert_eq!(spec["podMetricsEndpoints"][0]["path"], "/metrics");
+    assert_eq!(spec["namespaceSelector"]["any"], true);
+    assert_eq!(pm[0]["metadata"]["labels"]["release"], "prometheus");
+    // The dashboard ConfigMap carries the file, labelled for Grafana's sidecar.
+    let cm = find(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "kmmr-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: Value = serde_json::from_str(cm["data"]["kmmr.json"].as_str().unwrap_or(""))?;
+    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+            "--set",
+            "watchNamespace=apps",
+        ],
+    )?;
+    let pm = find(&docs, "PodMonitor");
+    assert_eq!(pm[0]["spec"]["namespaceSelector"]["matchNames"][0], "apps");
+    // A misspelt setting is refused, not ignored.
+    assert!(run(
+        &helm,
+        &["lint", CHART, "--strict", "--set", "monitoring.podMonitor.enable=true"],
+        None
+    )
+    .is_err());
     Ok(())
 }
