@@ -365,3 +365,80 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
     .is_err());
     Ok(())
 }
+
+/// The metric names each binary registers, with the suffixes the exposition adds, read from
+/// the code that registers them.
+fn exported_metrics() -> Result<Vec<String>> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut names = Vec::new();
+    for (file, prefix) in [
+        ("replica/src/node/metrics.rs", "kmmr_"),
+        ("operator/src/metrics.rs", "kmmr_operator_"),
+    ] {
+        let code = std::fs::read_to_string(format!("{root}/{file}"))?;
+        for part in code.split("registry.register(").skip(1) {
+            let args = part.split(");").next().unwrap_or_default();
+            let name = args
+                .split('"')
+                .nth(1)
+                .ok_or(format!("{file}: a register call without a name"))?;
+            // The metric object: the last argument, `<var>.clone()`, declared `let <var> = ...`.
+            let var = args
+                .rsplit(',')
+                .map(str::trim)
+                .find(|a| !a.is_empty())
+                .unwrap_or_default()
+                .trim_end_matches(".clone()");
+            let declared = code
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("let {var} = ")))
+                .ok_or(format!("{file}: {name}: no declaration of {var}"))?;
+            let base = format!("{prefix}{name}");
+            if declared.contains("Histogram") {
+                for s in ["_bucket", "_sum", "_count"] {
+                    names.push(format!("{base}{s}"));
+                }
+            } else if declared.contains("Counter>") || declared.contains("Counter::") {
+                names.push(format!("{base}_total"));
+            } else if declared.contains("Gauge") {
+                names.push(base);
+            } else {
+                return Err(format!("{file}: {name}: unknown kind in {declared:?}").into());
+            }
+        }
+    }
+    Ok(names)
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_binaries_export() -> Result {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/kmmr/files/grafana-dashboard.json"
+    ))?;
+    let dashboard: Value = serde_json::from_str(&text)?;
+    let exported = exported_metrics()?;
+    assert!(
+        exported.iter().any(|m| m == "kmmr_decided_total")
+            && exported.iter().any(|m| m == "kmmr_operator_reconciles_total"),
+        "{exported:?}"
+    );
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("kmmr_") {
+                    used += 1;
+                    assert!(
+                        exported.iter().any(|m| m == word),
+                        "panel {:?} queries {word}, which no binary exports",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(used >= 15, "only {used} metric references in the dashboard");
+    Ok(())
+}
