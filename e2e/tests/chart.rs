@@ -45,7 +45,13 @@ fn chart_lints_strictly() -> Result {
     for tag in ["latest", "Latest"] {
         let err = run(
             &helm,
-            &["template", "kmmr", CHART, "--set", &format!("image.tag={tag}")],
+            &[
+                "template",
+                "kmmr",
+                CHART,
+                "--set",
+                &format!("image.tag={tag}"),
+            ],
             None,
         )
         .expect_err("a moving tag must be refused")
@@ -272,7 +278,8 @@ fn byzantine_test_modes_are_off_unless_a_test_turns_them_on() -> Result {
 
 #[test]
 fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
-    let Some(helm) = helm_or_skip("monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on")
+    let Some(helm) =
+        helm_or_skip("monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on")
     else {
         return Ok(());
     };
@@ -327,7 +334,10 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
     let pm = find(&docs, "PodMonitor");
     assert_eq!(pm.len(), 1);
     let spec = &pm[0]["spec"];
-    assert_eq!(spec["selector"]["matchLabels"]["app.kubernetes.io/name"], "kmmr");
+    assert_eq!(
+        spec["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kmmr"
+    );
     assert_eq!(
         spec["selector"]["matchLabels"]["app.kubernetes.io/component"],
         "replica"
@@ -343,7 +353,9 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
         .expect("the dashboard ConfigMap");
     assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
     let dashboard: Value = serde_json::from_str(cm["data"]["kmmr.json"].as_str().unwrap_or(""))?;
-    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
 
     let docs = render(
         &helm,
@@ -359,7 +371,13 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
     // A misspelt setting is refused, not ignored.
     assert!(run(
         &helm,
-        &["lint", CHART, "--strict", "--set", "monitoring.podMonitor.enable=true"],
+        &[
+            "lint",
+            CHART,
+            "--strict",
+            "--set",
+            "monitoring.podMonitor.enable=true"
+        ],
         None
     )
     .is_err());
@@ -420,7 +438,9 @@ fn the_dashboard_queries_only_metrics_the_binaries_export() -> Result {
     let exported = exported_metrics()?;
     assert!(
         exported.iter().any(|m| m == "kmmr_decided_total")
-            && exported.iter().any(|m| m == "kmmr_operator_reconciles_total"),
+            && exported
+                .iter()
+                .any(|m| m == "kmmr_operator_reconciles_total"),
         "{exported:?}"
     );
     let mut used = 0;

@@ -156,7 +156,12 @@ fn every_example_is_a_valid_bftcluster_with_a_fixed_tag() -> Result {
         );
         // Unknown fields would be pruned silently by the apiserver: compare with the typed spec.
         let back = serde_json::to_value(&spec)?;
-        for key in doc["spec"].as_object().into_iter().flatten().map(|(k, _)| k) {
+        for key in doc["spec"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
             assert!(
                 back.get(key).is_some(),
                 "{name}: spec.{key} is not a BftCluster field"
@@ -183,14 +188,18 @@ fn storage(kube: &Kube, cleanup: &mut Cleanup, needed: usize) -> Result {
         return Ok(());
     }
     if std::env::var_os("KMMR_TESTBED").is_none() {
-        return Err("the examples need a default StorageClass and one named standard (kind has \
+        return Err(
+            "the examples need a default StorageClass and one named standard (kind has \
                     standard as its default)"
-            .into());
+                .into(),
+        );
     }
     if has_standard {
-        return Err("the test bed has a class standard but no default class: left over from an \
+        return Err(
+            "the test bed has a class standard but no default class: left over from an \
                     earlier run? delete it"
-            .into());
+                .into(),
+        );
     }
     loud("examples: the test bed has no provisioner: making StorageClass standard (default) with hostPath volumes");
     kube.apply(
@@ -476,7 +485,9 @@ async fn every_example_applies_and_becomes_available() -> Result {
             Duration::from_secs(180),
             Duration::from_secs(1),
             || async {
-                let left = kube.kubectl(&["get", "pods", "-n", &namespace, "-l", &selector, "-o", "name"])?;
+                let left = kube.kubectl(&[
+                    "get", "pods", "-n", &namespace, "-l", &selector, "-o", "name",
+                ])?;
                 Ok(left.trim().is_empty().then_some(()))
             },
         )
