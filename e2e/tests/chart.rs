@@ -57,18 +57,43 @@ fn chart_lints_strictly() -> Result {
         .expect_err("a moving tag must be refused")
         .to_string();
         assert!(
-            err.contains(&format!("image.tag={tag} is refused: a moving tag"))
-                && err.contains("--set image.tag=0.1.0")
+            err.contains("at '/image/tag': value must be 'a fixed tag such as 0.1.0 (the moving tag latest defeats")
                 && !err.contains("'not' failed"),
             "{err}"
         );
+        // lint prints the same message on stdout.
+        assert!(run(
+            &helm,
+            &[
+                "lint",
+                CHART,
+                "--strict",
+                "--set",
+                &format!("image.tag={tag}")
+            ],
+            None
+        )
+        .is_err());
+        // Past the schema (--skip-schema-validation), the template refuses it too.
+        let err = run(
+            &helm,
+            &[
+                "template",
+                "kmmr",
+                CHART,
+                "--skip-schema-validation",
+                "--set",
+                &format!("image.tag={tag}"),
+            ],
+            None,
+        )
+        .expect_err("the template must refuse a moving tag")
+        .to_string();
+        assert!(
+            err.contains(&format!("image.tag={tag} is refused: a moving tag")),
+            "{err}"
+        );
     }
-    assert!(run(
-        &helm,
-        &["lint", CHART, "--strict", "--set", "image.tag=latest"],
-        None
-    )
-    .is_err());
     // values.schema.json refuses unknown values.
     assert!(run(
         &helm,

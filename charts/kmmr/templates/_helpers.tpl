@@ -25,9 +25,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 
 {{- /*
-The operator's image reference. A moving tag is refused here, with a message, rather than in
-values.schema.json: JSON Schema's "not" fails with "at '/image/tag': 'not' failed" and no
-way to say why.
+The operator's image reference. values.schema.json refuses a moving tag first; this refuses it
+again for installs that skip schema validation (--skip-schema-validation).
 */ -}}
 {{- define "kmmr.image" -}}
 {{- $tag := toString .Values.image.tag -}}
