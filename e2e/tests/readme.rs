@@ -127,6 +127,11 @@ fn copy_tracked(repo: &Path, to: &Path) -> Result {
             std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if meta.is_file() {
             std::fs::copy(&src, &dst)?;
+            // The source's mtime, so that cargo sees nothing changed and rebuilds nothing.
+            std::fs::File::options()
+                .write(true)
+                .open(&dst)?
+                .set_modified(meta.modified()?)?;
         }
     }
     std::fs::create_dir_all(to.join("target"))?;
@@ -171,6 +176,10 @@ fn readme_blocks_run_as_written() -> Result {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target"));
     std::fs::create_dir_all(&target)?;
+    // The blocks' scripts and the namespace's id, where the blocks still see them (/tmp is
+    // private to them).
+    let inside = target.join(format!("kmmr-readme-test-{}", std::process::id()));
+    std::fs::create_dir_all(&inside)?;
 
     let all = blocks(&readme()?);
     let mut ran = 0;
@@ -179,9 +188,9 @@ fn readme_blocks_run_as_written() -> Result {
             loud(&format!("README.md:{}: not run: {reason}", b.line));
             continue;
         }
-        let script = work.join(format!("block-{i}.sh"));
+        let script = inside.join(format!("block-{i}.sh"));
         std::fs::write(&script, &b.code)?;
-        let ns_file = work.join(format!("block-{i}.ns"));
+        let ns_file = inside.join(format!("block-{i}.ns"));
         let (out_file, err_file) = (
             work.join(format!("block-{i}.out")),
             work.join(format!("block-{i}.err")),
@@ -245,6 +254,7 @@ exec timeout -k 5 {secs} bash -eo pipefail "$3""#,
         ran += 1;
     }
     let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&inside);
     assert!(ran >= 3, "only {ran} blocks ran");
     Ok(())
 }
