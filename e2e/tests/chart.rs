@@ -41,13 +41,60 @@ fn chart_lints_strictly() -> Result {
     };
     let out = run(&helm, &["lint", CHART, "--strict"], None)?;
     assert!(out.contains("0 chart(s) failed"), "{out}");
-    // values.schema.json refuses a moving tag and unknown values.
-    assert!(run(
-        &helm,
-        &["lint", CHART, "--strict", "--set", "image.tag=latest"],
-        None
-    )
-    .is_err());
+    // A moving tag is refused with a message that says why and what to set instead.
+    for tag in ["latest", "Latest"] {
+        let err = run(
+            &helm,
+            &[
+                "template",
+                "kmmr",
+                CHART,
+                "--set",
+                &format!("image.tag={tag}"),
+            ],
+            None,
+        )
+        .expect_err("a moving tag must be refused")
+        .to_string();
+        assert!(
+            err.contains("at '/image/tag': value must be 'a fixed tag such as 0.1.0 (the moving tag latest defeats")
+                && !err.contains("'not' failed"),
+            "{err}"
+        );
+        // lint prints the same message on stdout.
+        assert!(run(
+            &helm,
+            &[
+                "lint",
+                CHART,
+                "--strict",
+                "--set",
+                &format!("image.tag={tag}")
+            ],
+            None
+        )
+        .is_err());
+        // Past the schema (--skip-schema-validation), the template refuses it too.
+        let err = run(
+            &helm,
+            &[
+                "template",
+                "kmmr",
+                CHART,
+                "--skip-schema-validation",
+                "--set",
+                &format!("image.tag={tag}"),
+            ],
+            None,
+        )
+        .expect_err("the template must refuse a moving tag")
+        .to_string();
+        assert!(
+            err.contains(&format!("image.tag={tag} is refused: a moving tag")),
+            "{err}"
+        );
+    }
+    // values.schema.json refuses unknown values.
     assert!(run(
         &helm,
         &["lint", CHART, "--strict", "--set", "bogus=1"],
@@ -251,5 +298,192 @@ fn byzantine_test_modes_are_off_unless_a_test_turns_them_on() -> Result {
         fixed.iter().any(|a| a == "--no-reconfiguration"),
         "{fixed:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
+    let Some(helm) =
+        helm_or_skip("monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on")
+    else {
+        return Ok(());
+    };
+    let docs = render(&helm, &[])?;
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        assert!(find(&docs, kind).is_empty(), "{kind} rendered by default");
+    }
+    assert!(
+        !find(&docs, "ConfigMap")
+            .iter()
+            .any(|c| c["metadata"]["name"] == "kmmr-dashboard"),
+        "dashboard rendered by default"
+    );
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "monitoring.serviceMonitor.enabled=true",
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+            "--set",
+            "monitoring.podMonitor.labels.release=prometheus",
+            "--set",
+            "monitoring.dashboard.enabled=true",
+        ],
+    )?;
+    // The ServiceMonitor selects the operator's metrics Service by its labels and port name.
+    let sm = find(&docs, "ServiceMonitor");
+    assert_eq!(sm.len(), 1);
+    let service = find(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "kmmr-metrics")
+        .expect("the metrics Service");
+    for (k, v) in sm[0]["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(&service["metadata"]["labels"][k], v, "label {k}");
+    }
+    let port = sm[0]["spec"]["endpoints"][0]["port"].clone();
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == port),
+        "the ServiceMonitor's port {port} is not a port of {service}"
+    );
+    // The PodMonitor selects the replica pods by the labels the operator sets, on port http
+    // (operator/src/names.rs and children.rs), in every namespace unless one is watched.
+    let pm = find(&docs, "PodMonitor");
+    assert_eq!(pm.len(), 1);
+    let spec = &pm[0]["spec"];
+    assert_eq!(
+        spec["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kmmr"
+    );
+    assert_eq!(
+        spec["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "replica"
+    );
+    assert_eq!(spec["podMetricsEndpoints"][0]["port"], "http");
+    assert_eq!(spec["podMetricsEndpoints"][0]["path"], "/metrics");
+    assert_eq!(spec["namespaceSelector"]["any"], true);
+    assert_eq!(pm[0]["metadata"]["labels"]["release"], "prometheus");
+    // The dashboard ConfigMap carries the file, labelled for Grafana's sidecar.
+    let cm = find(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "kmmr-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: Value = serde_json::from_str(cm["data"]["kmmr.json"].as_str().unwrap_or(""))?;
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
+
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+            "--set",
+            "watchNamespace=apps",
+        ],
+    )?;
+    let pm = find(&docs, "PodMonitor");
+    assert_eq!(pm[0]["spec"]["namespaceSelector"]["matchNames"][0], "apps");
+    // A misspelt setting is refused, not ignored.
+    assert!(run(
+        &helm,
+        &[
+            "lint",
+            CHART,
+            "--strict",
+            "--set",
+            "monitoring.podMonitor.enable=true"
+        ],
+        None
+    )
+    .is_err());
+    Ok(())
+}
+
+/// The metric names each binary registers, with the suffixes the exposition adds, read from
+/// the code that registers them.
+fn exported_metrics() -> Result<Vec<String>> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut names = Vec::new();
+    for (file, prefix) in [
+        ("replica/src/node/metrics.rs", "kmmr_"),
+        ("operator/src/metrics.rs", "kmmr_operator_"),
+    ] {
+        let code = std::fs::read_to_string(format!("{root}/{file}"))?;
+        for part in code.split("registry.register(").skip(1) {
+            let args = part.split(");").next().unwrap_or_default();
+            let name = args
+                .split('"')
+                .nth(1)
+                .ok_or(format!("{file}: a register call without a name"))?;
+            // The metric object: the last argument, `<var>.clone()`, declared `let <var> = ...`.
+            let var = args
+                .rsplit(',')
+                .map(str::trim)
+                .find(|a| !a.is_empty())
+                .unwrap_or_default()
+                .trim_end_matches(".clone()");
+            let declared = code
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("let {var} = ")))
+                .ok_or(format!("{file}: {name}: no declaration of {var}"))?;
+            let base = format!("{prefix}{name}");
+            if declared.contains("Histogram") {
+                for s in ["_bucket", "_sum", "_count"] {
+                    names.push(format!("{base}{s}"));
+                }
+            } else if declared.contains("Counter>") || declared.contains("Counter::") {
+                names.push(format!("{base}_total"));
+            } else if declared.contains("Gauge") {
+                names.push(base);
+            } else {
+                return Err(format!("{file}: {name}: unknown kind in {declared:?}").into());
+            }
+        }
+    }
+    Ok(names)
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_binaries_export() -> Result {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/kmmr/files/grafana-dashboard.json"
+    ))?;
+    let dashboard: Value = serde_json::from_str(&text)?;
+    let exported = exported_metrics()?;
+    assert!(
+        exported.iter().any(|m| m == "kmmr_decided_total")
+            && exported
+                .iter()
+                .any(|m| m == "kmmr_operator_reconciles_total"),
+        "{exported:?}"
+    );
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("kmmr_") {
+                    used += 1;
+                    assert!(
+                        exported.iter().any(|m| m == word),
+                        "panel {:?} queries {word}, which no binary exports",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(used >= 15, "only {used} metric references in the dashboard");
     Ok(())
 }
