@@ -26,6 +26,9 @@ pub struct Completion {
 
 #[derive(Debug)]
 struct Outstanding {
+    /// The sequence number `invoke` returned, which the completion carries. It differs from the
+    /// request's own once an unordered read was reissued as ordered under a fresh one.
+    caller: u64,
     request: SignedRequest,
     /// Reply digests by replica: one vote per replica, the first one counts.
     votes: BTreeMap<ReplicaId, Digest>,
@@ -145,6 +148,7 @@ impl ClientSession {
         self.outstanding.insert(
             sequence,
             Outstanding {
+                caller: sequence,
                 request,
                 votes: BTreeMap::new(),
                 bodies: BTreeMap::new(),
@@ -155,9 +159,9 @@ impl ClientSession {
         sequence
     }
 
-    /// Stops retransmitting a request whose caller gave up.
+    /// Stops retransmitting a request whose caller gave up (`sequence` as `invoke` returned it).
     pub fn abandon(&mut self, sequence: u64) {
-        self.outstanding.remove(&sequence);
+        self.outstanding.retain(|_, o| o.caller != sequence);
     }
 
     /// Requests to send to every replica of `view()`.
@@ -186,18 +190,26 @@ impl ClientSession {
         }
     }
 
-    /// Re-signs an unordered read as an ordered request under the same sequence number.
+    /// Re-signs an unordered read as an ordered request under a fresh sequence number. Not
+    /// under its own: replicas order a client's requests by sequence and drop, unanswered, an
+    /// ordered request whose sequence is below one they already executed, and requests this
+    /// session sent after the read (writes, other reads) may have executed by now. The read
+    /// would then wait for its caller's timeout.
     fn reissue_ordered(&mut self, now: u64, seq: u64) {
-        if let Some(o) = self.outstanding.get_mut(&seq) {
+        if let Some(mut o) = self.outstanding.remove(&seq) {
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
             let mut r = o.request.request.clone();
             r.kind = RequestKind::Ordered;
             r.view = self.view.id;
+            r.sequence = sequence;
             o.request = SignedRequest::sign(r, &self.key);
             o.votes.clear();
             o.bodies.clear();
             o.deadline_unordered = None;
             o.retransmit_at = now + self.retransmit_us;
             self.to_send.push(o.request.clone());
+            self.outstanding.insert(sequence, o);
         }
     }
 
@@ -265,16 +277,16 @@ impl ClientSession {
         let body = o.bodies.get(&digest).cloned()?;
         match body {
             ReplyBody::Result(bytes) => {
-                self.outstanding.remove(&seq);
+                let o = self.outstanding.remove(&seq)?;
                 Some(Completion {
-                    sequence: seq,
+                    sequence: o.caller,
                     result: Ok(bytes),
                 })
             }
             ReplyBody::Rejected(reason) => {
-                self.outstanding.remove(&seq);
+                let o = self.outstanding.remove(&seq)?;
                 Some(Completion {
-                    sequence: seq,
+                    sequence: o.caller,
                     result: Err(ClientError::Rejected(reason)),
                 })
             }
@@ -302,5 +314,103 @@ impl ClientSession {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmmr_protocol::view::Member;
+    use kmmr_protocol::wire::ids::ViewId;
+
+    fn session() -> ClientSession {
+        let members = (0..4u8)
+            .map(|i| Member {
+                id: ReplicaId(u32::from(i)),
+                address: format!("127.0.0.1:{}", 17000 + u16::from(i)),
+                key: KeyPair::from_seed([i; 32]).public(),
+            })
+            .collect();
+        let view = View::new(ViewId(0), 1, members).expect("view");
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 1, view, 1_000);
+        s.set_quorum_writes(true);
+        s
+    }
+
+    fn reply(from: u32, sequence: u64, kind: RequestKind, result: &[u8]) -> Reply {
+        Reply {
+            replica: ReplicaId(from),
+            session: 1,
+            sequence,
+            kind,
+            body: ReplyBody::Result(result.to_vec()),
+        }
+    }
+
+    /// A read sent before a write, and retried as ordered once the write executed, must get a
+    /// sequence above the write's: replicas silently drop an ordered request whose sequence is
+    /// below one they executed, and the read then hung until its caller's timeout (seen as a
+    /// watch of the etcd gateway that started 30 s late in k8s.io/apiserver's storage tests).
+    #[test]
+    fn an_unordered_read_retried_as_ordered_gets_a_fresh_sequence() {
+        let mut s = session();
+        let read = s.invoke(0, RequestKind::Unordered, b"read".to_vec());
+        let write = s.invoke(0, RequestKind::Ordered, b"write".to_vec());
+        s.take_to_send();
+        for r in 0..3 {
+            let done = s.on_reply(
+                1,
+                ReplicaId(r),
+                reply(r, write, RequestKind::Ordered, b"ok"),
+            );
+            assert_eq!(done.is_some(), r == 2, "the write completes on a quorum");
+        }
+        // The replicas answer the read from different states: no quorum can match any more.
+        for r in 0..4u32 {
+            let answer = format!("state {r}");
+            let got = s.on_reply(
+                2,
+                ReplicaId(r),
+                reply(r, read, RequestKind::Unordered, answer.as_bytes()),
+            );
+            assert!(got.is_none());
+        }
+        let sent = s.take_to_send();
+        assert_eq!(sent.len(), 1, "the read is sent again, ordered");
+        let retried = &sent[0].request;
+        assert_eq!(retried.kind, RequestKind::Ordered);
+        assert_eq!(retried.payload, b"read");
+        assert!(
+            retried.sequence > write,
+            "retried as sequence {} though {write} was executed",
+            retried.sequence
+        );
+        // Its answer completes the call the caller made, under the sequence it was given.
+        let mut done = None;
+        for r in 1..4 {
+            done = done.or(s.on_reply(
+                3,
+                ReplicaId(r),
+                reply(r, retried.sequence, RequestKind::Ordered, b"value"),
+            ));
+        }
+        assert_eq!(
+            done,
+            Some(Completion {
+                sequence: read,
+                result: Ok(b"value".to_vec())
+            })
+        );
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn abandoning_a_retried_read_stops_it() {
+        let mut s = session();
+        let read = s.invoke(0, RequestKind::Unordered, b"read".to_vec());
+        s.on_timeout(5_000);
+        assert_eq!(s.in_flight(), 1, "retried as ordered");
+        s.abandon(read);
+        assert_eq!(s.in_flight(), 0);
     }
 }
