@@ -5,14 +5,15 @@
 # go.sum here), is copied into a temporary directory, and only its etcd3 test server
 # (pkg/storage/etcd3/testserver) is replaced by testserver/test_server.go, which starts a fresh
 # KmMR cluster (4 replicas, one Byzantine) and a fresh gateway for every test. The tests' own
-# files run unchanged. Tests listed in known-gaps.txt are skipped, with their reason printed.
+# files run unchanged. Tests listed in known-gaps.txt are skipped, or run on a cluster without
+# the Byzantine replica, as the file says, with their reason printed.
 #
 #   etcd-gateway/storage-suite/run.sh                      both packages
 #   etcd-gateway/storage-suite/run.sh -run 'TestGet$'      extra `go test` flags
 #   KMMR_SUITE_PACKAGES=etcd3 run.sh                       one package (etcd3, cacher)
 #   KMMR_SUITE_BYZANTINE=0 run.sh                          no Byzantine replica
 #   KMMR_SUITE_KEEP=1 run.sh                               keep the work directory (logs)
-#   KMMR_SUITE_TIMEOUT=40m run.sh                          bound of the whole run (default 40m)
+#   KMMR_SUITE_TIMEOUT=25m run.sh                          bound of the test runs (default 25m)
 #   KMMR_SUITE_PROFILE=release run.sh                      which cargo profile to build (dev)
 #
 # Exit status: 0 when every test not listed as a known gap passed.
@@ -33,7 +34,7 @@ export GOFLAGS="-mod=readonly -buildvcs=false"
 export GOTOOLCHAIN=local
 NICE=(nice -n "${KMMR_SUITE_NICE:-10}")
 packages=(${KMMR_SUITE_PACKAGES:-etcd3 cacher})
-timeout_total="${KMMR_SUITE_TIMEOUT:-40m}"
+timeout_total="${KMMR_SUITE_TIMEOUT:-25m}"
 
 # The binaries under test. The dev profile optimises dependencies (the crypto) fully, and after
 # `cargo test --workspace` it is already built; release costs a second full build in CI.
@@ -44,19 +45,26 @@ target_dir="$(cd "$repo" && cargo metadata --format-version 1 --no-deps | sed -n
 bin_dir="$target_dir/$([[ $profile == dev ]] && echo debug || echo "$profile")"
 export KMMR_SUITE_REPLICA="$bin_dir/kmmr-replica" KMMR_SUITE_GATEWAY="$bin_dir/kmmr-etcd-gateway"
 
+status=0
 work="$(mktemp -d "${TMPDIR:-/tmp}/kmmr-storage-suite.XXXXXX")"
 export KMMR_SUITE_PGIDS="$work/pgids" KMMR_SUITE_LOGS="$work/failed-logs"
 mkdir -p "$KMMR_SUITE_LOGS"
 cleanup() {
   # A test binary killed by its timeout runs no cleanups: end every cluster it started (each
   # a process group of `local`, its replicas and the gateway), so none outlives the run.
+  # Groups the shim reaped itself are marked done: their ids may belong to others by now.
   if [[ -f $KMMR_SUITE_PGIDS ]]; then
-    while read -r pgid; do
-      [[ $pgid =~ ^[0-9]+$ ]] && kill -KILL -- "-$pgid" 2>/dev/null || true
-    done <"$KMMR_SUITE_PGIDS"
+    local pgid
+    for pgid in $(grep -E '^[0-9]+$' "$KMMR_SUITE_PGIDS" | sort -u); do
+      grep -qx "done $pgid" "$KMMR_SUITE_PGIDS" || kill -KILL -- "-$pgid" 2>/dev/null || true
+    done
   fi
   if [[ ${KMMR_SUITE_KEEP:-} == 1 ]]; then
     log "kept $work"
+  elif ((status != 0)); then
+    # The logs of a failed run stay for whoever looks into it; the module's copy goes.
+    rm -rf "$work/apiserver"
+    log "kept the logs of the failed run in $work"
   else
     rm -rf "$work"
   fi
@@ -74,69 +82,78 @@ shim_dest="$work/apiserver/pkg/storage/etcd3/testserver"
 rm -f "$shim_dest"/*.go
 cp "$here/testserver/test_server.go" "$shim_dest/test_server.go"
 
-# known-gaps.txt: `<package> <test>  <reason>`, test being a top-level test name or a
-# subtest path (Top/sub). Exactly those are skipped; the reasons are printed.
-declare -A skip_top
-declare -A skip_sub
+# known-gaps.txt: `<package> <test> <mode> <reason>`, test being a top-level test name; mode
+# `skip` (not run) or `no-byzantine` (run on clusters without the Byzantine replica). Exactly
+# those tests are affected; the reasons are printed in the summary.
+declare -A skip honest
 gap_lines=()
 while IFS= read -r line; do
   [[ -z ${line// /} || $line == \#* ]] && continue
-  read -r pkg name reason <<<"$line"
-  gap_lines+=("$pkg $name: $reason")
-  if [[ $name == */* ]]; then
-    skip_sub[$pkg]+="${skip_sub[$pkg]:+|}$name"
-  else
-    skip_top[$pkg]+="${skip_top[$pkg]:+|}$name"
-  fi
+  read -r pkg name mode reason <<<"$line"
+  [[ $name =~ ^Test[A-Za-z0-9_]+$ ]] || { log "known-gaps.txt: '$name' is not a top-level test name"; exit 2; }
+  case $mode in
+    skip) skip[$pkg]+="${skip[$pkg]:+|}$name";;
+    no-byzantine) honest[$pkg]+="${honest[$pkg]:+|}$name";;
+    *) log "known-gaps.txt: unknown mode '$mode' for $pkg $name"; exit 2;;
+  esac
+  gap_lines+=("$pkg $name ($mode): $reason")
 done <"$here/known-gaps.txt"
 
+# One bound for all test runs, each given what is left of it.
+case $timeout_total in
+  *m) deadline=$((SECONDS + ${timeout_total%m} * 60));;
+  *s) deadline=$((SECONDS + ${timeout_total%s}));;
+  *) log "KMMR_SUITE_TIMEOUT: give minutes or seconds (25m, 900s)"; exit 2;;
+esac
 results="$work/results"
 mkdir -p "$results"
-status=0
-for pkg in "${packages[@]}"; do
-  skip_args=()
-  if [[ -n ${skip_sub[$pkg]:-} ]]; then
-    log "known-gaps.txt names subtests ($pkg: ${skip_sub[$pkg]}), which -skip cannot select exactly: list their top-level test"
-    exit 2
+run_go_test() { # name-of-run, then go test arguments
+  local run="$1"; shift
+  local left=$((deadline - SECONDS))
+  if ((left < 60)); then
+    log "$run: not run, the time bound ($timeout_total) is spent"
+    printf '%s\t%s\t0\t0\t0\t0\t0\t0\n' "$run" timeout >>"$results/summary"
+    status=1
+    return
   fi
-  [[ -n ${skip_top[$pkg]:-} ]] && skip_args=(-skip "^(${skip_top[$pkg]})\$")
-  log "go test k8s.io/apiserver/pkg/storage/$pkg ${skip_args[*]} $*"
-  set +e
-  (cd "$work/apiserver" && timeout --kill-after=30s "$timeout_total" "${NICE[@]}" \
-      go test -count=1 -v -timeout "$timeout_total" "${skip_args[@]}" "$@" "./pkg/storage/$pkg") \
-    >"$results/$pkg.log" 2>&1
-  rc=$?
-  set -e
+  log "$run: go test $*"
+  local rc=0
+  (cd "$work/apiserver" && timeout --kill-after=30s "${left}s" "${NICE[@]}" \
+      go test -count=1 -v -timeout "${left}s" "$@") >"$results/$run.log" 2>&1 || rc=$?
   ((rc == 0)) || status=1
-  top_pass=$(grep -c '^--- PASS' "$results/$pkg.log" || true)
-  top_fail=$(grep -c '^--- FAIL' "$results/$pkg.log" || true)
-  top_skip=$(grep -c '^--- SKIP' "$results/$pkg.log" || true)
-  sub_pass=$(grep -c '^ \+--- PASS' "$results/$pkg.log" || true)
-  sub_fail=$(grep -c '^ \+--- FAIL' "$results/$pkg.log" || true)
-  sub_skip=$(grep -c '^ \+--- SKIP' "$results/$pkg.log" || true)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pkg" "$rc" "$top_pass" "$top_fail" "$top_skip" \
-    "$sub_pass" "$sub_fail" "$sub_skip" >>"$results/summary"
+  local counts=() kind
+  for kind in '^--- PASS' '^--- FAIL' '^--- SKIP' '^ +--- PASS' '^ +--- FAIL' '^ +--- SKIP'; do
+    counts+=("$(grep -a -c -E "$kind" "$results/$run.log" || true)")
+  done
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$rc" "${counts[@]}" >>"$results/summary"
   if ((rc != 0)); then
-    log "$pkg failed (exit $rc); failing tests and the end of the log:"
-    grep -E '^ *--- FAIL' "$results/$pkg.log" >&2 || true
-    tail -n 60 "$results/$pkg.log" >&2
-    if [[ -n ${KMMR_SUITE_FAILED_LOG_DIR:-} ]]; then
-      mkdir -p "$KMMR_SUITE_FAILED_LOG_DIR"
-      cp -R "$results/$pkg.log" "$KMMR_SUITE_LOGS" "$KMMR_SUITE_FAILED_LOG_DIR/" 2>/dev/null || true
-    fi
+    log "$run failed (exit $rc); failing tests and the end of the log:"
+    grep -a -E '^ *--- FAIL' "$results/$run.log" >&2 || true
+    tail -n 60 "$results/$run.log" >&2
+  fi
+}
+
+for pkg in "${packages[@]}"; do
+  skip_re="${skip[$pkg]:-}${skip[$pkg]:+${honest[$pkg]:+|}}${honest[$pkg]:-}"
+  skip_args=()
+  [[ -n $skip_re ]] && skip_args=(-skip "^($skip_re)\$")
+  run_go_test "$pkg" "${skip_args[@]}" "$@" "./pkg/storage/$pkg"
+  if [[ -n ${honest[$pkg]:-} ]]; then
+    KMMR_SUITE_BYZANTINE=0 run_go_test "$pkg-no-byzantine" -run "^(${honest[$pkg]})\$" "$@" "./pkg/storage/$pkg"
   fi
 done
 
 {
   echo
   echo "k8s.io/apiserver $apiserver_version storage tests on the KmMR etcd gateway ($((SECONDS - t0))s)"
-  printf '%-8s %-6s %28s %28s\n' package result "top-level pass/fail/skip" "subtests pass/fail/skip"
-  while IFS=$'\t' read -r pkg rc tp tf ts sp sf ss; do
-    printf '%-8s %-6s %28s %28s\n' "$pkg" "$([[ $rc == 0 ]] && echo ok || echo FAIL)" "$tp/$tf/$ts" "$sp/$sf/$ss"
+  printf '%-20s %-6s %26s %26s\n' run result "top-level pass/fail/skip" "subtests pass/fail/skip"
+  while IFS=$'\t' read -r run rc tp tf ts sp sf ss; do
+    printf '%-20s %-6s %26s %26s\n' "$run" "$([[ $rc == 0 ]] && echo ok || echo FAIL)" "$tp/$tf/$ts" "$sp/$sf/$ss"
   done <"$results/summary"
   if ((${#gap_lines[@]})); then
-    echo "skipped as known gaps of the gateway (known-gaps.txt):"
+    echo "known gaps of the gateway (known-gaps.txt), not run as the other tests are:"
     printf '  %s\n' "${gap_lines[@]}"
   fi
+  ((status == 0)) || echo "FAILED: the log of each run is in $results, failed tests' cluster and gateway logs in $KMMR_SUITE_LOGS"
 } >&2
 exit "$status"

@@ -169,7 +169,7 @@ func start(t testing.TB, cfg *embed.Config) (*server, error) {
 		return fail(err)
 	}
 	s.pgid = s.local.Process.Pid
-	recordPgid(s.pgid)
+	recordPgid(strconv.Itoa(s.pgid))
 	if _, err := waitLine(localOut, localLog, regexp.MustCompile(`^running \(Ctrl-C stops\)`)); err != nil {
 		return fail(fmt.Errorf("cluster: %w (see local.log)", err))
 	}
@@ -242,6 +242,8 @@ func (s *server) stop(t testing.TB) {
 	s.kill()
 	select {
 	case <-s.waited:
+		// Gone: the script must not signal this group id again, which may be reused.
+		recordPgid(fmt.Sprintf("done %d", s.pgid))
 	case <-time.After(15 * time.Second):
 		t.Logf("KmMR test server: processes of group %d not reaped after SIGKILL", s.pgid)
 	}
@@ -288,9 +290,10 @@ func (s *server) saveLogs(t testing.TB, suffix string) {
 	t.Logf("KmMR test server logs: %s", dest)
 }
 
-// recordPgid appends a process group to the run script's list, which it kills at exit: a
+// recordPgid appends a line to the run script's list of process groups: `<pgid>` when one
+// starts, `done <pgid>` once it was reaped. At exit the script kills the groups not done: a
 // test binary killed by its timeout runs no cleanups, and the processes must not outlive it.
-func recordPgid(pgid int) {
+func recordPgid(line string) {
 	path := os.Getenv(envPgids)
 	if path == "" {
 		return
@@ -302,7 +305,7 @@ func recordPgid(pgid int) {
 		return
 	}
 	defer f.Close()
-	fmt.Fprintln(f, pgid)
+	fmt.Fprintln(f, line)
 }
 
 // freeBasePort finds B such that B..B+3, B+1000.. and B+2000.. (replica, client and HTTP ports
