@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and property tests, the
 # deterministic simulator (4,000 seeds with Byzantine replicas), the scripted protocol
-# scenarios, and the end-to-end tests against a real Kubernetes test bed built from source.
+# scenarios, k8s.io/apiserver's storage tests against the etcd gateway, and the end-to-end tests
+# against a real Kubernetes test bed built from source.
 #
 #   ./test.sh              everything
 #   KMMR_SKIP_TESTBED=1 ./test.sh   everything but the Kubernetes test bed
@@ -32,6 +33,11 @@ if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
 fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace
+# k8s.io/apiserver's own storage tests (etcd3 store, cacher) against fresh gateways over fresh
+# clusters with a Byzantine replica: about 6 minutes warm, more on a cold Go module and build
+# cache; bounded so that a hang cannot eat CI's time.
+stamp "k8s.io/apiserver storage tests against the etcd gateway (etcd-gateway/storage-suite)"
+KMMR_SUITE_TIMEOUT=25m etcd-gateway/storage-suite/run.sh
 if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then
   stamp "skipping the Kubernetes test bed (KMMR_SKIP_TESTBED=1)"
 else

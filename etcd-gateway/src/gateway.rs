@@ -213,12 +213,15 @@ impl pb::lease_server::Lease for LeaseService {
             ttl: r.ttl.max(MIN_LEASE_TTL_SECS),
         };
         match self.0.ordered(&KvRequest::LeaseGrant(req)).await? {
-            KvResponse::LeaseGrant(g) => Ok(Response::new(pb::LeaseGrantResponse {
-                header: self.0.ids.header(g.header.revision),
-                id: g.id,
-                ttl: g.ttl,
-                error: String::new(),
-            })),
+            KvResponse::LeaseGrant(g) => {
+                crate::lease_clock::expire_when_due(self.0.clone(), g.id, g.ttl);
+                Ok(Response::new(pb::LeaseGrantResponse {
+                    header: self.0.ids.header(g.header.revision),
+                    id: g.id,
+                    ttl: g.ttl,
+                    error: String::new(),
+                }))
+            }
             _ => Err(mismatch("lease grant")),
         }
     }

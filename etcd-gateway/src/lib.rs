@@ -5,12 +5,14 @@
 //! trusts no single replica, because every answer it passes on is one that enough replicas sent
 //! alike. `convert` translates etcd's messages to the KV service's and refuses what etcd refuses
 //! before consensus; `errors` holds etcd's error codes and texts; `gateway` the unary services;
-//! `watch` the watches, fanned out inside the process from one poll stream; `server` the gRPC
-//! listener with its limits and TLS.
+//! `watch` the watches, fanned out inside the process from one poll stream; `lease_clock` the
+//! ordered requests that let granted leases expire on time; `server` the gRPC listener with its
+//! limits and TLS.
 
 pub mod convert;
 pub mod errors;
 pub mod gateway;
+mod lease_clock;
 pub mod server;
 pub mod watch;
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -48,6 +49,47 @@ struct Args {
     /// Most client connections served at once.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Interval of progress notifications on quiet watches that asked for them, as etcd's flag
+    /// of the same name takes it (a Go duration: `10m`, `1s`, `1m30s`, `500ms`).
+    #[arg(long, default_value = "10m", value_parser = parse_go_duration)]
+    watch_progress_notify_interval: Duration,
+}
+
+/// A duration as Go's time.ParseDuration reads it (what etcd's flags take and what Go callers
+/// print): decimal numbers with units ns, us, µs, ms, s, m, h, in sequence (`1m30s`), or `0`.
+fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("invalid duration {text:?}: expected a Go duration such as 10m, 1s or 500ms");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += number * seconds;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 fn load_or_create_key(path: &Path) -> Result<KeyPair> {
@@ -106,8 +148,12 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(listen = %local, advertise = %advertise, "etcd API up");
     // One line on stdout that scripts and tests wait for.
     println!("serving the etcd API on {advertise}");
+    if args.watch_progress_notify_interval.is_zero() {
+        bail!("--watch-progress-notify-interval must be above zero");
+    }
     let limits = Limits {
         max_connections: args.max_connections,
+        progress_every: args.watch_progress_notify_interval,
         ..Limits::default()
     };
     // Kubernetes stops a pod with SIGTERM, a terminal with SIGINT: both end the gateway. Open
@@ -134,7 +180,7 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// How long open streams may take to end once the gateway is told to stop.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -172,6 +218,48 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// k8s.io/apiserver's progress-notification tests set etcd's
+    /// --watch-progress-notify-interval to 1s; the storage suite passes it on to the gateway.
+    #[test]
+    fn the_progress_notification_interval_is_set_as_etcd_takes_it() {
+        let args = Args::try_parse_from([
+            "kmmr-etcd-gateway",
+            "--cluster",
+            "c",
+            "--watch-progress-notify-interval",
+            "1s",
+        ])
+        .expect("the flag parses");
+        assert_eq!(args.watch_progress_notify_interval, Duration::from_secs(1));
+        let default = Args::try_parse_from(["kmmr-etcd-gateway", "--cluster", "c"]).expect("args");
+        assert_eq!(
+            default.watch_progress_notify_interval,
+            kmmr_etcd_gateway::watch::PROGRESS_INTERVAL
+        );
+    }
+
+    #[test]
+    fn go_durations_parse_as_go_reads_them() {
+        for (text, want) in [
+            ("1s", Duration::from_secs(1)),
+            ("10m0s", Duration::from_secs(600)),
+            ("1m30s", Duration::from_secs(90)),
+            ("500ms", Duration::from_millis(500)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("0", Duration::ZERO),
+        ] {
+            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
+        }
+        for text in ["", "1", "s", "1x", "-1s", "1s2"] {
+            assert!(parse_go_duration(text).is_err(), "{text} must be refused");
         }
     }
 }
