@@ -62,18 +62,7 @@ fn chart_lints_strictly() -> Result {
             "{err}"
         );
         // lint prints the same message on stdout.
-        assert!(run(
-            &helm,
-            &[
-                "lint",
-                CHART,
-                "--strict",
-                "--set",
-                &format!("image.tag={tag}")
-            ],
-            None
-        )
-        .is_err());
+        assert!(lint_refuses(&helm, &format!("image.tag={tag}")));
         // Past the schema (--skip-schema-validation), the template refuses it too.
         let err = run(
             &helm,
@@ -394,18 +383,7 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
     let pm = find(&docs, "PodMonitor");
     assert_eq!(pm[0]["spec"]["namespaceSelector"]["matchNames"][0], "apps");
     // A misspelt setting is refused, not ignored.
-    assert!(run(
-        &helm,
-        &[
-            "lint",
-            CHART,
-            "--strict",
-            "--set",
-            "monitoring.podMonitor.enable=true"
-        ],
-        None
-    )
-    .is_err());
+    assert!(lint_refuses(&helm, "monitoring.podMonitor.enable=true"));
     Ok(())
 }
 
@@ -486,4 +464,9 @@ fn the_dashboard_queries_only_metrics_the_binaries_export() -> Result {
     }
     assert!(used >= 15, "only {used} metric references in the dashboard");
     Ok(())
+}
+
+/// Whether `helm lint --strict` fails the chart with this one `--set`.
+fn lint_refuses(helm: &std::path::PathBuf, set: &str) -> bool {
+    run(helm, &["lint", CHART, "--strict", "--set", set], None).is_err()
 }

@@ -20,7 +20,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cluster_or_skip, loud, poll, run, strict, tool, unique, Result};
+use common::{cluster_or_skip, images_or_skip, loud, poll, run, strict, tool, unique, Result};
 use serde_json::{json, Value};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kmmr");
@@ -328,19 +328,10 @@ async fn every_example_applies_and_becomes_available() -> Result {
     if !cluster_or_skip(test) {
         return Ok(());
     }
-    let images = (
-        std::env::var("KMMR_REPLICA_IMAGE")
-            .ok()
-            .filter(|s| !s.is_empty()),
-        std::env::var("KMMR_OPERATOR_IMAGE")
-            .ok()
-            .filter(|s| !s.is_empty()),
-    );
-    let (Some(replica_image), Some(operator_image)) = images else {
-        loud(&format!(
-            "SKIPPED {test}: KMMR_REPLICA_IMAGE and KMMR_OPERATOR_IMAGE must name images the nodes \
-             hold (.ci/testbed-test builds and loads them; on kind, e2e/kind/run.sh)"
-        ));
+    let Some((replica_image, operator_image)) = images_or_skip(
+        test,
+        ".ci/testbed-test builds and loads them; on kind, e2e/kind/run.sh",
+    ) else {
         return Ok(());
     };
     let (Some(kubectl), Some(helm)) = (tool("kubectl"), tool("helm")) else {

@@ -43,6 +43,22 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", (nanos / 1000) % 100_000_000)
 }
 
+/// The replica and operator images the nodes hold (`KMMR_REPLICA_IMAGE`, `KMMR_OPERATOR_IMAGE`),
+/// or `None` after saying loudly that `test` is skipped; `where_from` says how a run gets them.
+pub fn images_or_skip(test: &str, where_from: &str) -> Option<(String, String)> {
+    let image = |var: &str| std::env::var(var).ok().filter(|s| !s.is_empty());
+    match (image("KMMR_REPLICA_IMAGE"), image("KMMR_OPERATOR_IMAGE")) {
+        (Some(replica), Some(operator)) => Some((replica, operator)),
+        _ => {
+            loud(&format!(
+                "SKIPPED {test}: KMMR_REPLICA_IMAGE and KMMR_OPERATOR_IMAGE must name images the \
+                 nodes hold ({where_from})"
+            ));
+            None
+        }
+    }
+}
+
 /// A tool by name: on PATH, else in the test bed's cache.
 pub fn tool(name: &str) -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
