@@ -49,7 +49,11 @@ struct TailBatch {
 pub struct Hub {
     client: Client,
     batches: broadcast::Sender<Arc<TailBatch>>,
-    /// Every event up to this revision has been broadcast (0 until the tail has started).
+    /// Every event up to this revision has been broadcast (0 while no tail knows where it
+    /// stands). Always set with `send_replace`: `send` stores nothing while no watch holds a
+    /// receiver, and a watch subscribing just after then waited for a write to learn it (a
+    /// watch of past events with no write after it never caught up: k8s.io/apiserver's
+    /// TestWatchError waited 30 s).
     position: signal::Sender<u64>,
     wake: Notify,
     tail: Mutex<Option<JoinHandle<()>>>,
@@ -86,9 +90,14 @@ impl Hub {
         let mut position = 0;
         loop {
             if self.batches.receiver_count() == 0 {
-                // Nobody watches: stop polling until a watch subscribes again.
-                *self.tail.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                // Nobody watches: stop polling until a watch subscribes again. Under the lock a
+                // new watch's `subscribe` either came first (and is counted) or finds no tail
+                // and starts one. The position goes back to unknown: a watch of the next tail
+                // must not catch up only to where this one stopped and then wait for a write.
+                let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
                 if self.batches.receiver_count() == 0 {
+                    *tail = None;
+                    self.position.send_replace(0);
                     return;
                 }
             }
@@ -96,7 +105,7 @@ impl Hub {
                 match self.client.kv_read(&revision_probe()).await {
                     Ok(r) if r.error().is_none() => {
                         position = r.header().revision;
-                        let _ = self.position.send(position);
+                        self.position.send_replace(position);
                     }
                     other => {
                         tracing::warn!(error = ?other.err(), "watch tail: no revision yet");
@@ -123,7 +132,7 @@ impl Hub {
                         };
                         position = batch.upto;
                         let _ = self.batches.send(Arc::new(batch));
-                        let _ = self.position.send(position);
+                        self.position.send_replace(position);
                     }
                     full
                 }
@@ -132,6 +141,7 @@ impl Hub {
                         // The tail fell behind compaction: start again from now. Watches that
                         // had not seen the lost events find out when they catch up.
                         position = 0;
+                        self.position.send_replace(0);
                     } else {
                         tracing::warn!(error = %e.error, "watch tail poll refused");
                         tokio::time::sleep(Duration::from_secs(1)).await;
