@@ -210,3 +210,37 @@ async fn a_watch_from_a_future_revision_waits_for_it() {
         .collect();
     assert_eq!(revs, vec![second], "only events from the start revision on");
 }
+
+/// The tail that follows the store stops when its last watch ends. A watch opened after that,
+/// from a revision already written, must get it without waiting for another write: it once caught
+/// up only to where the stopped tail had been and then waited for a batch that no write made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_past_events_after_the_last_watch_ended_gets_them_with_no_write_after() {
+    let cluster = Cluster::start("watch-restart", 4, &[]);
+    let gw = GatewayHandle::start(&cluster, Limits::default()).await;
+    let mut kv = KvClient::connect(gw.endpoint.clone()).await.expect("kv");
+    put(&mut kv, "a", "0").await;
+    {
+        let (tx, mut stream) = open_stream(&gw.endpoint).await;
+        tx.send(create("a", "", 0, false)).await.expect("send");
+        assert!(next(&mut stream, Duration::from_secs(5)).await.created);
+        // Long enough for the tail to have read where the store stands.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The stream is gone: the tail stops at its next poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = put(&mut kv, "b", "1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tx, mut stream) = open_stream(&gw.endpoint).await;
+    tx.send(create("b", "", written, false))
+        .await
+        .expect("send");
+    assert!(next(&mut stream, Duration::from_secs(5)).await.created);
+    let ev = next(&mut stream, Duration::from_secs(5)).await;
+    let revs: Vec<i64> = ev
+        .events
+        .iter()
+        .filter_map(|e| e.kv.as_ref().map(|k| k.mod_revision))
+        .collect();
+    assert_eq!(revs, vec![written]);
+}
