@@ -79,6 +79,14 @@ async fn open_stream(
     (tx, stream)
 }
 
+/// The mod revisions of a response's events, in order.
+fn mod_revisions(r: &pb::WatchResponse) -> Vec<i64> {
+    r.events
+        .iter()
+        .filter_map(|e| e.kv.as_ref().map(|k| k.mod_revision))
+        .collect()
+}
+
 fn revision(r: &pb::WatchResponse) -> i64 {
     r.header.as_ref().map(|h| h.revision).unwrap_or(0)
 }
@@ -202,12 +210,7 @@ async fn a_watch_from_a_future_revision_waits_for_it() {
     assert!(next(&mut stream, Duration::from_secs(5)).await.created);
     put(&mut kv, "k", "1").await;
     let second = put(&mut kv, "k", "2").await;
-    let ev = next(&mut stream, Duration::from_secs(5)).await;
-    let revs: Vec<i64> = ev
-        .events
-        .iter()
-        .filter_map(|e| e.kv.as_ref().map(|k| k.mod_revision))
-        .collect();
+    let revs = mod_revisions(&next(&mut stream, Duration::from_secs(5)).await);
     assert_eq!(revs, vec![second], "only events from the start revision on");
 }
 
@@ -236,11 +239,6 @@ async fn a_watch_of_past_events_after_the_last_watch_ended_gets_them_with_no_wri
         .await
         .expect("send");
     assert!(next(&mut stream, Duration::from_secs(5)).await.created);
-    let ev = next(&mut stream, Duration::from_secs(5)).await;
-    let revs: Vec<i64> = ev
-        .events
-        .iter()
-        .filter_map(|e| e.kv.as_ref().map(|k| k.mod_revision))
-        .collect();
+    let revs = mod_revisions(&next(&mut stream, Duration::from_secs(5)).await);
     assert_eq!(revs, vec![written]);
 }
