@@ -36,6 +36,49 @@ struct Outstanding {
     retransmit_at: u64,
     /// An unordered read that failed to gather a quorum is retried as ordered.
     deadline_unordered: Option<u64>,
+    /// When it was first sent, for the unordered reads' patience.
+    sent_at: u64,
+}
+
+/// How long an unordered read waits for a quorum of matching replies before it is ordered.
+///
+/// A read outside the order races the writes: replicas that have executed one write more than
+/// the others answer differently, and with a Byzantine replica among them (one that lies, or
+/// whose reply does not arrive) the correct ones can split 2 to 1 while the missing vote could
+/// still make a quorum, so nothing settles the read but a deadline. Waiting the whole retransmit
+/// interval (a second) for that made a watch fed by such reads late by a second; ordering the
+/// read costs one consensus instance, a few milliseconds. So the deadline follows the reads that
+/// did settle: a few times their usual latency, never below a floor that scheduling noise does
+/// not cross, never above the retransmit interval.
+#[derive(Debug, Clone, Copy)]
+struct Patience {
+    /// Exponentially weighted mean of settled unordered reads' latency, in microseconds.
+    mean_us: u64,
+}
+
+impl Patience {
+    /// Before any read settled: as if they took this long.
+    const INITIAL_MEAN_US: u64 = 25_000;
+    /// Patience in multiples of the mean.
+    const FACTOR: u64 = 4;
+    const FLOOR_US: u64 = 20_000;
+
+    fn new() -> Self {
+        Patience {
+            mean_us: Self::INITIAL_MEAN_US,
+        }
+    }
+
+    fn settled(&mut self, latency_us: u64) {
+        // Weight 1/8: a burst of slow reads raises the patience within a few reads.
+        self.mean_us = (self.mean_us * 7 + latency_us) / 8;
+    }
+
+    fn wait_us(&self, retransmit_us: u64) -> u64 {
+        (self.mean_us.saturating_mul(Self::FACTOR))
+            .max(Self::FLOOR_US)
+            .min(retransmit_us)
+    }
 }
 
 /// One client process's session with the replicas.
@@ -54,6 +97,7 @@ pub struct ClientSession {
     /// any two quorums share a correct replica, so a read's quorum of matching replies cannot
     /// all predate it (with f+1, a lagging quorum plus a lying replica could serve a stale value).
     quorum_writes: bool,
+    patience: Patience,
 }
 
 impl ClientSession {
@@ -69,6 +113,7 @@ impl ClientSession {
             outstanding: BTreeMap::new(),
             to_send: Vec::new(),
             quorum_writes: false,
+            patience: Patience::new(),
         }
     }
 
@@ -143,8 +188,8 @@ impl ClientSession {
             &self.key,
         );
         self.to_send.push(request.clone());
-        let deadline_unordered =
-            (kind == RequestKind::Unordered).then_some(now + self.retransmit_us);
+        let deadline_unordered = (kind == RequestKind::Unordered)
+            .then(|| now + self.patience.wait_us(self.retransmit_us));
         self.outstanding.insert(
             sequence,
             Outstanding {
@@ -154,6 +199,7 @@ impl ClientSession {
                 bodies: BTreeMap::new(),
                 retransmit_at: now + self.retransmit_us,
                 deadline_unordered,
+                sent_at: now,
             },
         );
         sequence
@@ -170,7 +216,14 @@ impl ClientSession {
     }
 
     pub fn next_deadline(&self) -> Option<u64> {
-        self.outstanding.values().map(|o| o.retransmit_at).min()
+        self.outstanding
+            .values()
+            .map(|o| {
+                o.deadline_unordered
+                    .unwrap_or(u64::MAX)
+                    .min(o.retransmit_at)
+            })
+            .min()
     }
 
     pub fn on_timeout(&mut self, now: u64) {
@@ -275,6 +328,9 @@ impl ClientSession {
         }
         let body = o.bodies.get(&digest).cloned()?;
         let caller = o.caller;
+        if o.request.request.kind == RequestKind::Unordered {
+            self.patience.settled(now.saturating_sub(o.sent_at));
+        }
         match body {
             ReplyBody::Result(bytes) => {
                 self.outstanding.remove(&seq);
@@ -400,6 +456,69 @@ mod tests {
         assert_eq!(s.in_flight(), 1, "the write is still in flight");
         s.abandon(write);
         assert_eq!(s.in_flight(), 0);
+    }
+
+    /// Correct replicas split 2 to 1 by a write one of them has not executed, and the fourth
+    /// vote (a Byzantine replica's) never comes: the read is ordered after a few times the
+    /// latency of the reads that settled, not after the retransmit interval.
+    #[test]
+    fn a_split_unordered_read_is_ordered_after_a_few_times_the_usual_latency() {
+        let second = 1_000_000;
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), second);
+        s.set_quorum_writes(true);
+        let mut now = 0;
+        // Reads that settle in 1 ms teach the session their latency.
+        for _ in 0..40 {
+            let read = s.invoke(now, RequestKind::Unordered, b"get".to_vec());
+            now += 1_000;
+            let mut done = None;
+            for from in 0..3 {
+                done = done.or(s.on_reply(
+                    now,
+                    ReplicaId(from),
+                    reply(from, read, RequestKind::Unordered, b"v"),
+                ));
+            }
+            assert!(done.is_some());
+        }
+        s.take_to_send();
+        let read = s.invoke(now, RequestKind::Unordered, b"get".to_vec());
+        s.take_to_send();
+        for (from, body) in [(0, b"new"), (1, b"new"), (2, b"old")] {
+            assert_eq!(
+                s.on_reply(
+                    now,
+                    ReplicaId(from),
+                    reply(from, read, RequestKind::Unordered, body)
+                ),
+                None
+            );
+        }
+        let deadline = s.next_deadline().expect("a deadline");
+        assert!(
+            deadline - now <= Patience::FLOOR_US,
+            "ordered after {} us",
+            deadline - now
+        );
+        s.on_timeout(deadline);
+        let sent = s.take_to_send();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].request.kind, RequestKind::Ordered);
+    }
+
+    #[test]
+    fn the_unordered_patience_stays_within_its_floor_and_the_retransmit_interval() {
+        let mut p = Patience::new();
+        assert_eq!(p.wait_us(1_000_000), 4 * Patience::INITIAL_MEAN_US);
+        for _ in 0..100 {
+            p.settled(0);
+        }
+        assert_eq!(p.wait_us(1_000_000), Patience::FLOOR_US);
+        for _ in 0..100 {
+            p.settled(10_000_000);
+        }
+        assert_eq!(p.wait_us(1_000_000), 1_000_000);
+        assert_eq!(p.wait_us(1_000), 1_000);
     }
 
     #[test]
