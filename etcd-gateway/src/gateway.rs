@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, HeaderIds};
 use crate::errors;
+use crate::own_events;
 use crate::pb;
 use crate::watch::Hub;
 use kmmr_client::proxy::Client;
@@ -69,6 +70,26 @@ impl Gateway {
     /// An ordered request; a refusal the cluster agreed on becomes etcd's error.
     pub(crate) async fn ordered(&self, req: &KvRequest) -> Result<KvResponse, Status> {
         agreed(self.client.kv(req).await)
+    }
+
+    /// A write. Previous records are asked for so that the agreed reply carries the write's
+    /// watch events, which go to the watch tail; the caller gets the reply it asked for.
+    pub(crate) async fn write(&self, req: KvRequest) -> Result<KvResponse, Status> {
+        let mut sent = req;
+        let asked = own_events::ask_prev_kvs(&mut sent);
+        let answer = self.ordered(&sent).await;
+        match (&answer, &asked) {
+            (Ok(resp), Some(_)) => match own_events::events_of(&sent, resp) {
+                Some((revision, events)) => self.hub.written(revision, events),
+                None => self.hub.wake(),
+            },
+            _ => self.hub.wake(),
+        }
+        let mut resp = answer?;
+        if let Some(asked) = &asked {
+            asked.restore(&sent, &mut resp);
+        }
+        Ok(resp)
     }
 
     /// A linearizable read.
@@ -132,9 +153,7 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         let req = convert::put(request.get_ref())?;
-        let resp = self.0.ordered(&KvRequest::Put(req)).await?;
-        self.0.hub.wake();
-        match resp {
+        match self.0.write(KvRequest::Put(req)).await? {
             KvResponse::Put(r) => Ok(Response::new(convert::put_response(&self.0.ids, r))),
             _ => Err(mismatch("put")),
         }
@@ -145,9 +164,7 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let req = convert::delete(request.get_ref())?;
-        let resp = self.0.ordered(&KvRequest::DeleteRange(req)).await?;
-        self.0.hub.wake();
-        match resp {
+        match self.0.write(KvRequest::DeleteRange(req)).await? {
             KvResponse::DeleteRange(r) => {
                 Ok(Response::new(convert::delete_response(&self.0.ids, r)))
             }
@@ -164,9 +181,7 @@ impl pb::kv_server::Kv for KvService {
         let resp = if req.is_read_only() {
             self.0.read(&req).await?
         } else {
-            let resp = self.0.ordered(&req).await?;
-            self.0.hub.wake();
-            resp
+            self.0.write(req).await?
         };
         match resp {
             KvResponse::Txn(r) => Ok(Response::new(convert::txn_response(

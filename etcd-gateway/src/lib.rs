@@ -5,7 +5,8 @@
 //! trusts no single replica, because every answer it passes on is one that enough replicas sent
 //! alike. `convert` translates etcd's messages to the KV service's and refuses what etcd refuses
 //! before consensus; `errors` holds etcd's error codes and texts; `gateway` the unary services;
-//! `watch` the watches, fanned out inside the process from one poll stream; `lease_clock` the
+//! `watch` the watches, fanned out inside the process from one poll stream; `own_events` the
+//! events of the gateway's own writes, read from their agreed replies; `lease_clock` the
 //! ordered requests that let granted leases expire on time; `server` the gRPC listener with its
 //! limits and TLS.
 
@@ -13,6 +14,7 @@ pub mod convert;
 pub mod errors;
 pub mod gateway;
 mod lease_clock;
+mod own_events;
 pub mod server;
 pub mod watch;
 

@@ -7,9 +7,11 @@
 //! cluster up to where the batch begins. So every watch gets every event of its range exactly
 //! once, in revision order, however many watches there are, and the cluster sees one stream of
 //! polls per gateway rather than one per watch. Every answer the tail and the catch-up reads use
-//! is matched across replicas by the client library.
+//! is matched across replicas by the client library. The events of the gateway's own writes come
+//! from those writes' agreed replies (`own_events`), so the tail asks the cluster only for
+//! revisions other writers made.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +59,13 @@ pub struct Hub {
     position: signal::Sender<u64>,
     wake: Notify,
     tail: Mutex<Option<JoinHandle<()>>>,
+    /// The events of this gateway's own writes by revision, from their agreed replies
+    /// (`own_events`), until the tail delivers them or a poll passes them.
+    own: Mutex<BTreeMap<u64, Vec<kv::Event>>>,
 }
+
+/// Own writes' events kept for the tail at most; more (a tail stuck behind) are left to polls.
+const OWN_EVENTS_KEPT: usize = 4096;
 
 impl Hub {
     pub fn new(client: Client) -> Arc<Hub> {
@@ -69,12 +77,51 @@ impl Hub {
             position,
             wake: Notify::new(),
             tail: Mutex::new(None),
+            own: Mutex::new(BTreeMap::new()),
         })
     }
 
     /// Something was written through this gateway: poll now rather than at the next tick.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A write through this gateway made `revision` with these events (as a quorum of replicas
+    /// agreed in its reply): the tail delivers them without asking the cluster when they are
+    /// the next revision it has to deliver.
+    pub(crate) fn written(&self, revision: u64, events: Vec<kv::Event>) {
+        if self.batches.receiver_count() > 0 {
+            let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            own.insert(revision, events);
+            while own.len() > OWN_EVENTS_KEPT {
+                own.pop_first();
+            }
+        }
+        self.wake();
+    }
+
+    /// Broadcasts the own writes' events that continue `position` without a gap; returns the
+    /// new position, and whether events of later revisions still wait for a gap to be polled.
+    fn deliver_own(&self, mut position: u64) -> (u64, bool) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(entry) = own.first_entry() {
+            let revision = *entry.key();
+            if revision <= position {
+                entry.remove();
+            } else if revision == position + 1 {
+                let batch = TailBatch {
+                    after: position,
+                    upto: revision,
+                    events: entry.remove(),
+                };
+                position = revision;
+                let _ = self.batches.send(Arc::new(batch));
+                self.position.send_replace(position);
+            } else {
+                return (position, true);
+            }
+        }
+        (position, false)
     }
 
     fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Arc<TailBatch>> {
@@ -112,6 +159,16 @@ impl Hub {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
+                continue;
+            }
+            let before = position;
+            let (delivered, gap) = self.deliver_own(position);
+            position = delivered;
+            if delivered > before && !gap {
+                // Every revision up to the last own write is delivered: nothing to ask for
+                // until the next wake or tick (other writers' revisions make a gap or come at
+                // the tick).
+                let _ = tokio::time::timeout(POLL_INTERVAL, self.wake.notified()).await;
                 continue;
             }
             let poll = KvRequest::WatchPoll(kv::WatchPollRequest {
