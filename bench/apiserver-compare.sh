@@ -66,8 +66,8 @@ source "$here/lib.sh"
 # ---------------------------------------------------------------- builds
 build_all() {
   [[ -x $K8S_BIN/kube-apiserver ]] || {
-    log "kube-apiserver $K8S_VERSION: building with e2e/testbed/build.sh (once; long)"
-    "$repo/e2e/testbed/build.sh" kube-apiserver >&2
+    log "kube-apiserver $K8S_VERSION: building with e2e/testbed/build.sh control-plane (once; long)"
+    "$repo/e2e/testbed/build.sh" control-plane >&2
   }
   build_etcd
   if [[ -z ${KMMR_BIN:-} || -z ${KMMR_GATEWAY_BIN:-} || -z ${LOAD_BIN:-} ]]; then
