@@ -34,12 +34,11 @@ fi
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace
 # k8s.io/apiserver's own storage tests (etcd3 store, cacher) against fresh gateways over fresh
-# clusters: about 6 minutes warm, more on a cold Go module and build cache; bounded so that a
-# hang cannot eat CI's time. In CI every replica is correct for now: with a corrupt first leader,
-# TestWatchError once waited 30 s for an answer that never came (a liveness bug being chased);
-# `etcd-gateway/storage-suite/run.sh` alone runs them with the corrupt replica.
+# clusters, each with a corrupt first leader (tests listed in known-gaps.txt run without it,
+# each for its stated reason): about 10 minutes warm, more on a cold Go module and build cache;
+# bounded so that a hang cannot eat CI's time.
 stamp "k8s.io/apiserver storage tests against the etcd gateway (etcd-gateway/storage-suite)"
-KMMR_SUITE_BYZANTINE=0 KMMR_SUITE_TIMEOUT=25m etcd-gateway/storage-suite/run.sh
+KMMR_SUITE_TIMEOUT=25m etcd-gateway/storage-suite/run.sh
 if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then
   stamp "skipping the Kubernetes test bed (KMMR_SKIP_TESTBED=1)"
 else
