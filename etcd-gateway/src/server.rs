@@ -9,6 +9,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -143,7 +144,94 @@ async fn name_unimplemented(
             headers.insert("grpc-message", value);
         }
     }
-    response
+    // tonic refuses an oversized request before the handler, in the headers or, once they are
+    // sent, in the trailers.
+    oversized_in(headers);
+    let (parts, body) = response.into_parts();
+    let body = body.map_frame(|mut frame| {
+        if let Some(trailers) = frame.trailers_mut() {
+            oversized_in(trailers);
+        }
+        frame
+    });
+    axum::response::Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// Rewrites tonic's refusal of an oversized request, if these headers or trailers carry one.
+fn oversized_in(headers: &mut axum::http::HeaderMap) {
+    if let Some(text) = headers
+        .get("grpc-message")
+        .and_then(|m| oversized_as_grpc_go(m.as_bytes()))
+    {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+            headers.insert("grpc-message", value);
+        }
+    }
+}
+
+/// A request over the size limit, in grpc-go's words and code (ResourceExhausted), which etcd's
+/// clients see from etcd, instead of tonic's (OutOfRange).
+fn oversized_as_grpc_go(message: &[u8]) -> Option<String> {
+    let text = percent_decoded(message)?;
+    let rest = text.strip_prefix("Error, decoded message length too large: found ")?;
+    let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.strip_suffix(" bytes")?;
+    let (found, limit) = (found.parse::<u64>().ok()?, limit.parse::<u64>().ok()?);
+    Some(format!(
+        "grpc: received message larger than max ({found} vs. {limit})"
+    ))
+}
+
+/// grpc-message's percent-encoding undone (tonic encodes spaces among others).
+fn percent_decoded(value: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        if value[i] == b'%' {
+            let hex = std::str::from_utf8(value.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(value[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oversized_as_grpc_go;
+
+    #[test]
+    fn tonics_oversize_message_reads_as_grpc_gos() {
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error, decoded message length too large: found 3145738 bytes, the limit is: 2097152 bytes"
+            )
+            .as_deref(),
+            Some("grpc: received message larger than max (3145738 vs. 2097152)")
+        );
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error,%20decoded%20message%20length%20too%20large:%20found%203%20bytes,%20the%20limit%20is:%202%20bytes"
+            )
+            .as_deref(),
+            Some("grpc: received message larger than max (3 vs. 2)")
+        );
+        assert_eq!(oversized_as_grpc_go(b"%zz"), None);
+        assert_eq!(
+            oversized_as_grpc_go(b"etcdserver: request is too large"),
+            None
+        );
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error, decoded message length too large: found x bytes, the limit is: 2 bytes"
+            ),
+            None
+        );
+    }
 }
 
 /// Accepted connections, at most `slots` at a time: each holds a permit until it closes.
