@@ -200,40 +200,6 @@ fn percent_decoded(value: &[u8]) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::oversized_as_grpc_go;
-
-    #[test]
-    fn tonics_oversize_message_reads_as_grpc_gos() {
-        assert_eq!(
-            oversized_as_grpc_go(
-                b"Error, decoded message length too large: found 3145738 bytes, the limit is: 2097152 bytes"
-            )
-            .as_deref(),
-            Some("grpc: received message larger than max (3145738 vs. 2097152)")
-        );
-        assert_eq!(
-            oversized_as_grpc_go(
-                b"Error,%20decoded%20message%20length%20too%20large:%20found%203%20bytes,%20the%20limit%20is:%202%20bytes"
-            )
-            .as_deref(),
-            Some("grpc: received message larger than max (3 vs. 2)")
-        );
-        assert_eq!(oversized_as_grpc_go(b"%zz"), None);
-        assert_eq!(
-            oversized_as_grpc_go(b"etcdserver: request is too large"),
-            None
-        );
-        assert_eq!(
-            oversized_as_grpc_go(
-                b"Error, decoded message length too large: found x bytes, the limit is: 2 bytes"
-            ),
-            None
-        );
-    }
-}
-
 /// Accepted connections, at most `slots` at a time: each holds a permit until it closes.
 fn accept_capped(
     listener: TcpListener,
@@ -322,5 +288,39 @@ impl AsyncWrite for CappedConn {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oversized_as_grpc_go;
+
+    #[test]
+    fn tonics_oversize_message_reads_as_grpc_gos() {
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error, decoded message length too large: found 3145738 bytes, the limit is: 2097152 bytes"
+            )
+            .as_deref(),
+            Some("grpc: received message larger than max (3145738 vs. 2097152)")
+        );
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error,%20decoded%20message%20length%20too%20large:%20found%203%20bytes,%20the%20limit%20is:%202%20bytes"
+            )
+            .as_deref(),
+            Some("grpc: received message larger than max (3 vs. 2)")
+        );
+        assert_eq!(oversized_as_grpc_go(b"%zz"), None);
+        assert_eq!(
+            oversized_as_grpc_go(b"etcdserver: request is too large"),
+            None
+        );
+        assert_eq!(
+            oversized_as_grpc_go(
+                b"Error, decoded message length too large: found x bytes, the limit is: 2 bytes"
+            ),
+            None
+        );
     }
 }
