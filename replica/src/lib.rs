@@ -3,6 +3,7 @@
 //! (`storage`), and serves metrics and its signed status over HTTP; plus local clusters of
 //! replica processes on loopback (`cluster`) for the CLI, the tests and the benchmarks.
 
+pub mod backup;
 pub mod cluster;
 pub mod node;
 pub mod storage;

@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 mod poll;
 mod promised;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -149,10 +150,13 @@ pub async fn run(
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
     let (status_tx, status_rx) = mpsc::channel(16);
+    // Few: each answer holds a copy of the whole state until it is sent.
+    let (snapshot_tx, snapshot_rx) = mpsc::channel(2);
     tokio::spawn(metrics::serve_http(
         http,
         metrics.clone(),
         status_tx,
+        snapshot_tx,
         budget.http,
     ));
 
@@ -201,7 +205,16 @@ pub async fn run(
         busy_poll: Duration::from_micros(cfg.busy_poll_us),
     };
     let result = node
-        .run(rx, status_rx, failures_rx, stored_rx, shutdown)
+        .run(
+            rx,
+            HttpAsks {
+                status: status_rx,
+                snapshot: snapshot_rx,
+            },
+            failures_rx,
+            stored_rx,
+            shutdown,
+        )
         .await;
     if let Some(d) = node.durability.take() {
         // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
@@ -253,10 +266,15 @@ fn start_core(
     view: View,
     service: ServiceChoice,
 ) -> Result<Started> {
-    let svc: Box<dyn Service> = match service {
+    let mut svc: Box<dyn Service> = match service {
         ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
         ServiceChoice::Noop => Box::new(NoopService::default()),
     };
+    if let Some(path) = &cfg.initial_state {
+        // Before recovery: decisions replayed from CID 0 apply to this state; a recovered
+        // checkpoint replaces it.
+        snapshot::start_from(path, service, svc.as_mut())?;
+    }
     let (failures_tx, failures_rx) = mpsc::unbounded_channel();
     let (stored_tx, stored_rx) = mpsc::unbounded_channel();
     if cfg.protocol.durable {
@@ -411,6 +429,12 @@ struct NodeLoop {
     busy_poll: Duration,
 }
 
+/// What the HTTP server asks of the replica loop.
+struct HttpAsks {
+    status: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+    snapshot: mpsc::Receiver<snapshot::SnapshotAsk>,
+}
+
 /// How long a promise waits for a log that is too far behind (see `wait_for_log`).
 const LOG_WAIT: Duration = Duration::from_secs(30);
 
@@ -426,7 +450,7 @@ impl NodeLoop {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Inbound>,
-        mut status_rx: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+        mut http: HttpAsks,
         mut failures: mpsc::UnboundedReceiver<String>,
         mut stored: mpsc::UnboundedReceiver<Stored>,
         shutdown: impl Future<Output = ()>,
@@ -461,8 +485,11 @@ impl NodeLoop {
                     let now = self.clock.now_us();
                     self.core.on_timeout(now);
                 }
-                Some(reply) = status_rx.recv() => {
+                Some(reply) = http.status.recv() => {
                     let _ = reply.send(self.status());
+                }
+                Some(ask) = http.snapshot.recv() => {
+                    let _ = ask.reply.send(self.serve_snapshot(&ask.token));
                 }
                 _ = tick.tick() => {
                     self.refresh_gauges();
