@@ -217,7 +217,8 @@ impl Backup {
         }
         let header_len = bytes.len() - r.0.len();
         // Bounded by MAX_BODY above, so it fits a usize on every platform we build for.
-        let body_len = usize::try_from(body_len).map_err(|_| FormatError::BodyTooLarge(body_len))?;
+        let body_len =
+            usize::try_from(body_len).map_err(|_| FormatError::BodyTooLarge(body_len))?;
         let body = r.take(body_len, "the body is shorter than its length says")?;
         let sum: [u8; CHECKSUM_LEN] = r.array("the checksum is missing")?;
         if !r.0.is_empty() {
@@ -229,8 +230,8 @@ impl Backup {
         }
         // The checksum covers the fields below: a mismatch now is a file written wrong, not a
         // flipped bit, and still refused.
-        let service = ServiceKind::from_tag(service_tag)
-            .ok_or(FormatError::UnknownService(service_tag))?;
+        let service =
+            ServiceKind::from_tag(service_tag).ok_or(FormatError::UnknownService(service_tag))?;
         if flags & !HAS_CID != 0 {
             return Err(FormatError::UnknownFlags(flags));
         }
@@ -385,10 +386,13 @@ pub fn check_token(
     Ok(())
 }
 
+/// Bytes before the state in what `GET /snapshot` answers.
+pub const SERVED_PREFIX_LEN: usize = 9;
+
 /// What `GET /snapshot` answers: this prefix, then the service snapshot. Byte 0 is 1 when the
 /// state follows a decision and 0 before any; bytes 1..9 the CID of that decision.
-pub fn served_prefix(cid: Option<u64>) -> [u8; 9] {
-    let mut p = [0u8; 9];
+pub fn served_prefix(cid: Option<u64>) -> [u8; SERVED_PREFIX_LEN] {
+    let mut p = [0u8; SERVED_PREFIX_LEN];
     p[0] = u8::from(cid.is_some());
     p[1..].copy_from_slice(&cid.unwrap_or(0).to_le_bytes());
     p

@@ -131,7 +131,10 @@ fn a_file_is_written_atomically_and_read_back() {
     assert!(!dir.join("b.kmmr.tmp").exists());
     std::fs::write(&path, b"short").unwrap();
     let e = Backup::read(&path).unwrap_err().to_string();
-    assert!(e.contains("b.kmmr") && e.contains("not a KmMR snapshot"), "{e}");
+    assert!(
+        e.contains("b.kmmr") && e.contains("not a KmMR snapshot"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

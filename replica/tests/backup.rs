@@ -9,10 +9,11 @@ use std::time::Duration;
 mod common;
 
 use common::{client_options, TestCluster, EXE};
-use kmmr::backup::{Backup, Header, ServiceKind};
+use kmmr::backup::{read_token, Backup, Header, ServiceKind};
 use kmmr::cluster::{free_base_port, wait_healthy};
+use kmmr_client::clock::now_us;
 use kmmr_client::files::ViewFile;
-use kmmr_client::status::fetch_status;
+use kmmr_client::status::{fetch_status, http_get, GetError};
 use kmmr_client::Client;
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::service::kv::{KeyValue, KvRequest, KvResponse, KvStore};
@@ -79,6 +80,22 @@ async fn a_backup_saved_past_a_byzantine_replica_restores_every_key_into_a_new_c
     // All four at one state, so the corrupting replica 0 is among those that vouch for it and
     // is asked first.
     let (_, digest) = c.wait_identical(Duration::from_secs(20)).await;
+    // The state is the admin's to read: not without a token, nor with one of another key.
+    let addr = format!("127.0.0.1:{}", kmmr::cluster::http_port(c.base, 1));
+    let stranger = KeyPair::generate(&mut rand::rngs::OsRng);
+    for path in [
+        "/snapshot".to_string(),
+        format!(
+            "/snapshot?token={}",
+            read_token(&stranger, 1, now_us() / 1000)
+        ),
+    ] {
+        let got = http_get(&addr, &path, Duration::from_secs(5), 1 << 20).await;
+        assert!(
+            matches!(got, Err(GetError::Bad(ref m)) if m.contains("403")),
+            "{path}: {got:?}"
+        );
+    }
 
     let file = std::env::temp_dir().join(format!("kmmr-test-backup-{}.kmmr", std::process::id()));
     let (dir, f) = (c.dir.clone(), file.clone());
@@ -89,8 +106,7 @@ async fn a_backup_saved_past_a_byzantine_replica_restores_every_key_into_a_new_c
     .expect("save runs");
     assert!(save.0, "{save:?}");
     assert!(
-        save.2
-            .contains("replica 0: it sent a state whose digest"),
+        save.2.contains("replica 0: it sent a state whose digest"),
         "the corrupted state of replica 0 is caught: {save:?}"
     );
     let saved = Backup::read(&file).expect("the saved file verifies");
@@ -106,7 +122,8 @@ async fn a_backup_saved_past_a_byzantine_replica_restores_every_key_into_a_new_c
 
     let new_dir = std::env::temp_dir().join(format!("kmmr-test-restored-{}", std::process::id()));
     let base = free_base_port(4).expect("free ports");
-    let log_path = std::env::temp_dir().join(format!("kmmr-test-restore-{}.log", std::process::id()));
+    let log_path =
+        std::env::temp_dir().join(format!("kmmr-test-restore-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).expect("restore log");
     let mut restore = Command::new(EXE)
         .args(["snapshot", "restore", arg(&file), "--dir", arg(&new_dir)])
@@ -148,7 +165,10 @@ async fn check_restored(
     }
     // Every replica starts from the same bytes: one digest, the file's.
     for i in 0..4 {
-        let url = format!("http://127.0.0.1:{}/status", kmmr::cluster::http_port(base, i));
+        let url = format!(
+            "http://127.0.0.1:{}/status",
+            kmmr::cluster::http_port(base, i)
+        );
         let s = fetch_status(&url).await.map_err(|e| e.to_string())?;
         if s.status.state_digest != saved.header.digest.to_string() {
             return Err(format!("replica {i} starts at {}", s.status.state_digest));
@@ -167,7 +187,10 @@ async fn check_restored(
         return Err(format!("read back {after:?}\nsaved {before:?}"));
     }
     // Revisions continue from the saved one.
-    match client.kv(&KvRequest::put(&b"backup/new"[..], &b"x"[..])).await {
+    match client
+        .kv(&KvRequest::put(&b"backup/new"[..], &b"x"[..]))
+        .await
+    {
         Ok(KvResponse::Put(p)) if p.header.revision == saved.header.revision + 1 => Ok(()),
         other => Err(format!(
             "a put after revision {} answered {other:?}",

@@ -224,10 +224,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         args.dir.display()
     );
     if let Some(file) = &args.from_snapshot {
-        outln!(
-            "every replica started from the backup {}",
-            file.display()
-        );
+        outln!("every replica started from the backup {}", file.display());
     }
     for b in &cluster.byzantine {
         outln!(

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use kmmr::backup::{self, Backup, Header, ServiceKind};
 use kmmr_client::files::{load_key, ViewFile};
-use kmmr_client::status::{fetch_status, http_get, split_url, Status};
+use kmmr_client::status::{fetch_status, http_get, split_url, GetError, Status};
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::service::kv::{KvStore, RangeRequest, DEFAULT_HISTORY_LIMIT};
 use kmmr_protocol::service::Service;
@@ -74,9 +74,8 @@ pub async fn run(args: SnapshotArgs, format: Format) -> Result<()> {
 
 /// Reads and verifies a backup file, with the message a person needs when it is refused.
 pub fn read_backup(file: &Path) -> Result<Backup> {
-    Backup::read(file).map_err(|e| {
-        anyhow::anyhow!("refusing the backup: {e}; nothing was restored or changed")
-    })
+    Backup::read(file)
+        .map_err(|e| anyhow::anyhow!("refusing the backup: {e}; nothing was restored or changed"))
 }
 
 fn status(file: &Path, format: Format) -> Result<()> {
@@ -101,7 +100,12 @@ fn status(file: &Path, format: Format) -> Result<()> {
         ),
         Format::Text => {
             outln!("{}: a verified KmMR backup", file.display());
-            outln!("  revision {}, {} keys, {} bytes of state", h.revision, h.keys, b.body.len());
+            outln!(
+                "  revision {}, {} keys, {} bytes of state",
+                h.revision,
+                h.keys,
+                b.body.len()
+            );
             outln!(
                 "  taken at instance {} of view {}, vouched for by replicas {:?}",
                 h.cid.map_or_else(|| "none".to_string(), |c| c.to_string()),
@@ -279,38 +283,54 @@ fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
     hex::decode(hex_digest).ok()?.try_into().ok()
 }
 
+/// Why a replica's state was not taken.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Http(#[from] GetError),
+    #[error("its answer is not a served state")]
+    NotServed,
+    #[error("it moved on to instance {got:?} from the vouched {vouched:?}")]
+    MovedOn {
+        got: Option<u64>,
+        vouched: Option<u64>,
+    },
+    #[error("it sent a state whose digest {got} is not the {vouched} that f+1 replicas vouch for")]
+    WrongDigest { got: String, vouched: String },
+}
+
 /// The state replica `id` serves, if it is the vouched one.
 async fn fetch_state(
     dir: &Path,
     id: u32,
     admin: &KeyPair,
     vouched: &Vouched,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, FetchError> {
     let status = status_url(dir, id);
-    let (addr, _) = split_url(&status).map_err(|e| e.to_string())?;
+    let (addr, _) = split_url(&status)?;
     let now_ms = kmmr_client::clock::now_us() / 1000;
     let path = format!("/snapshot?token={}", backup::read_token(admin, id, now_ms));
-    let max = usize::try_from(backup::MAX_BODY).unwrap_or(usize::MAX).saturating_add(9);
-    let served = http_get(addr, &path, FETCH_TIMEOUT, max)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (cid, body) =
-        backup::decode_served(&served).ok_or("its answer is not a served state")?;
+    let max = usize::try_from(backup::MAX_BODY)
+        .unwrap_or(usize::MAX)
+        .saturating_add(backup::SERVED_PREFIX_LEN);
+    let mut served = http_get(addr, &path, FETCH_TIMEOUT, max).await?;
+    let (cid, body) = backup::decode_served(&served).ok_or(FetchError::NotServed)?;
     if cid != vouched.cid {
-        return Err(format!(
-            "it moved on to instance {cid:?} from the vouched {:?}",
-            vouched.cid
-        ));
+        return Err(FetchError::MovedOn {
+            got: cid,
+            vouched: vouched.cid,
+        });
     }
     let digest = Digest::of(body);
     if digest != vouched.digest {
-        return Err(format!(
-            "it sent a state whose digest {} is not the {} that f+1 replicas vouch for",
-            digest.short(),
-            vouched.digest.short()
-        ));
+        return Err(FetchError::WrongDigest {
+            got: digest.short(),
+            vouched: vouched.digest.short(),
+        });
     }
-    Ok(body.to_vec())
+    // The state in place, without a second copy of it.
+    served.drain(..backup::SERVED_PREFIX_LEN);
+    Ok(served)
 }
 
 /// How long fetching one replica's state may take.
@@ -341,4 +361,77 @@ fn build(view: &View, vouched: &Vouched, body: Vec<u8>) -> Result<Backup, String
         digest: vouched.digest,
     };
     Backup::new(header, body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmmr_protocol::view::Member;
+    use kmmr_protocol::wire::ids::{ReplicaId, ViewId};
+
+    fn view() -> View {
+        let members = (0..4)
+            .map(|i| Member {
+                id: ReplicaId(i),
+                address: format!("127.0.0.1:{}", 1000 + i),
+                key: KeyPair::from_seed([i as u8; 32]).public(),
+            })
+            .collect();
+        View::new(ViewId(2), 1, members).expect("a valid view")
+    }
+
+    fn status(cid: u64, digest: u8) -> Status {
+        Status {
+            view_id: 2,
+            last_decided: Some(cid),
+            state_digest: hex::encode([digest; 32]),
+            member: true,
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn one_replica_alone_cannot_choose_the_state() {
+        // Replica 0 claims a newer state; only f+1 = 2 matching statuses count.
+        let statuses = BTreeMap::from([
+            (0, status(9, 0xee)),
+            (1, status(5, 0xaa)),
+            (2, status(5, 0xaa)),
+            (3, status(5, 0xbb)),
+        ]);
+        let v = choose(&view(), &statuses).expect("f+1 agree on one state");
+        assert_eq!(
+            (v.cid, v.digest, v.replicas),
+            (Some(5), Digest([0xaa; 32]), vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn the_newest_state_f_plus_one_report_is_chosen() {
+        let statuses = BTreeMap::from([
+            (0, status(5, 0xaa)),
+            (1, status(5, 0xaa)),
+            (2, status(6, 0xcc)),
+            (3, status(6, 0xcc)),
+        ]);
+        let v = choose(&view(), &statuses).expect("a vouched state");
+        assert_eq!((v.cid, v.replicas), (Some(6), vec![2, 3]));
+    }
+
+    #[test]
+    fn statuses_of_another_view_in_transfer_or_with_a_malformed_digest_do_not_vouch() {
+        let mut other_view = status(5, 0xaa);
+        other_view.view_id = 3;
+        let mut transferring = status(5, 0xaa);
+        transferring.transferring = true;
+        let mut malformed = status(5, 0xaa);
+        malformed.state_digest = "not hex".into();
+        let statuses = BTreeMap::from([
+            (0, status(5, 0xaa)),
+            (1, other_view),
+            (2, transferring),
+            (3, malformed),
+        ]);
+        assert_eq!(choose(&view(), &statuses), None);
+    }
 }

@@ -306,11 +306,9 @@ async fn snapshot_handler(State(s): State<HttpState>, uri: Uri) -> impl IntoResp
         return (StatusCode::SERVICE_UNAVAILABLE, "replica stopped").into_response();
     }
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
-        Ok(Ok(Ok(bytes))) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response(),
+        Ok(Ok(Ok(bytes))) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         Ok(Ok(Err(refused))) => (StatusCode::FORBIDDEN, refused.to_string()).into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "replica busy").into_response(),
     }

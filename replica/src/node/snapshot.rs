@@ -42,7 +42,7 @@ impl NodeLoop {
                 *b ^= 0x01;
             }
         }
-        tracing::info!(cid = ?cid, bytes = out.len() - 9, "served the state for a backup");
+        tracing::info!(cid = ?cid, bytes = out.len() - crate::backup::SERVED_PREFIX_LEN, "served the state for a backup");
         Ok(out)
     }
 }

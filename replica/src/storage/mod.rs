@@ -53,8 +53,8 @@ use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::ids::Cid;
 use kmmr_protocol::wire::messages::Decision;
 
-use atomic::{io_err, remove_temp_files, sync_dir};
 pub(crate) use atomic::write_atomic;
+use atomic::{io_err, remove_temp_files, sync_dir};
 pub use checkpoint::{Checkpoint, RejectedFile, SnapshotFile, SnapshotLocation, CHECKPOINTS_KEPT};
 use commit::{Committer, Shared};
 pub use commit::{DurableCallback, DurableWatch};
