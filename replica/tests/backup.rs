@@ -277,3 +277,68 @@ fn a_damaged_backup_is_refused_by_name_and_nothing_is_written() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_initial_state_was_damaged_refuses_to_start() {
+    let mut c = TestCluster::lay_out(
+        "backup-damaged-start",
+        4,
+        0,
+        kmmr::node::ProtocolConfig::default(),
+        &[],
+    );
+    let mut bytes = small_backup().encode();
+    kmmr::cluster::set_initial_state(&c.dir, 4, &bytes).expect("initial state");
+    // Damaged after the cluster was made, as a disk could: every start checks it again.
+    let last = bytes.len() - 40;
+    bytes[last] ^= 0x01;
+    std::fs::write(c.dir.join(kmmr::cluster::INITIAL_STATE_FILE), &bytes).expect("damage");
+    c.spawn(0);
+    let exit = c.exit_status(0, Duration::from_secs(20)).await;
+    assert!(exit.is_some_and(|s| !s.success()), "{exit:?}");
+    let log = c.log(0);
+    assert!(
+        log.contains("initial_state") && log.contains("checksum mismatch"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_replica_restarted_replays_its_log_onto_the_backup() {
+    let mut c = TestCluster::lay_out(
+        "backup-restart",
+        4,
+        0,
+        kmmr::node::ProtocolConfig::default(),
+        &[],
+    );
+    let backup = small_backup();
+    kmmr::cluster::set_initial_state(&c.dir, 4, &backup.encode()).expect("initial state");
+    for i in 0..4 {
+        c.spawn(i);
+    }
+    for i in 0..4 {
+        c.wait_healthy(i).await;
+    }
+    let client = c.client().await;
+    match client.kv(&KvRequest::put(&b"after"[..], &b"x"[..])).await {
+        Ok(KvResponse::Put(p)) => assert_eq!(p.header.revision, backup.header.revision + 1),
+        other => panic!("{other:?}"),
+    }
+    let (_, before) = c.wait_identical(Duration::from_secs(20)).await;
+    // From its disk: the backup, then the decisions since (no checkpoint covers them yet).
+    c.kill(1).await;
+    c.spawn(1);
+    c.wait_healthy(1).await;
+    let (_, after) = c.wait_identical(Duration::from_secs(20)).await;
+    assert_eq!(before, after);
+    let got = read_all(&client, &["k0".into(), "after".into()]).await;
+    assert_eq!(
+        got[0].as_ref().map(|kv| kv.value.clone()),
+        Some(b"v0".to_vec())
+    );
+    assert_eq!(
+        got[1].as_ref().map(|kv| kv.value.clone()),
+        Some(b"x".to_vec())
+    );
+}

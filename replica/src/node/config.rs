@@ -225,4 +225,15 @@ mod tests {
         assert!(e.contains("0 turns busy polling off"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn an_initial_state_is_optional_and_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("kmmr-config-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = NodeConfig::load(&write_config(&dir, "")).unwrap();
+        assert_eq!(c.initial_state, None);
+        let c = NodeConfig::load(&write_config(&dir, "initial_state = \"b.kmmr\"\n")).unwrap();
+        assert_eq!(c.initial_state, Some(dir.join("b.kmmr")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
