@@ -245,8 +245,33 @@ struct HttpState {
     snapshot: mpsc::Sender<SnapshotAsk>,
 }
 
+/// What the HTTP server asks of the replica loop.
+pub struct HttpAsks {
+    pub status: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+    pub snapshot: mpsc::Receiver<SnapshotAsk>,
+}
+
+/// Starts serving the HTTP endpoints on `listener`; the loop answers what they ask.
+pub fn spawn_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: super::http::HttpLimits,
+) -> HttpAsks {
+    let (status_tx, status) = mpsc::channel(16);
+    // Few: each answer holds a copy of the whole state until it is sent.
+    let (snapshot_tx, snapshot) = mpsc::channel(2);
+    tokio::spawn(serve_http(
+        listener,
+        metrics,
+        status_tx,
+        snapshot_tx,
+        limits,
+    ));
+    HttpAsks { status, snapshot }
+}
+
 /// Serves the HTTP endpoints within `limits` until the process ends.
-pub async fn serve_http(
+async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,

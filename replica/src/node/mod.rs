@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::storage::promise::PromiseFile;
 use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
@@ -149,16 +149,7 @@ pub async fn run(
     let http = tokio::net::TcpListener::bind(&cfg.http_listen)
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
-    let (status_tx, status_rx) = mpsc::channel(16);
-    // Few: each answer holds a copy of the whole state until it is sent.
-    let (snapshot_tx, snapshot_rx) = mpsc::channel(2);
-    tokio::spawn(metrics::serve_http(
-        http,
-        metrics.clone(),
-        status_tx,
-        snapshot_tx,
-        budget.http,
-    ));
+    let http_asks = metrics::spawn_http(http, metrics.clone(), budget.http);
 
     if let Some(b) = &byzantine {
         tracing::warn!(
@@ -205,16 +196,7 @@ pub async fn run(
         busy_poll: Duration::from_micros(cfg.busy_poll_us),
     };
     let result = node
-        .run(
-            rx,
-            HttpAsks {
-                status: status_rx,
-                snapshot: snapshot_rx,
-            },
-            failures_rx,
-            stored_rx,
-            shutdown,
-        )
+        .run(rx, http_asks, failures_rx, stored_rx, shutdown)
         .await;
     if let Some(d) = node.durability.take() {
         // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
@@ -429,12 +411,6 @@ struct NodeLoop {
     busy_poll: Duration,
 }
 
-/// What the HTTP server asks of the replica loop.
-struct HttpAsks {
-    status: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
-    snapshot: mpsc::Receiver<snapshot::SnapshotAsk>,
-}
-
 /// How long a promise waits for a log that is too far behind (see `wait_for_log`).
 const LOG_WAIT: Duration = Duration::from_secs(30);
 
@@ -450,7 +426,7 @@ impl NodeLoop {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Inbound>,
-        mut http: HttpAsks,
+        mut http: metrics::HttpAsks,
         mut failures: mpsc::UnboundedReceiver<String>,
         mut stored: mpsc::UnboundedReceiver<Stored>,
         shutdown: impl Future<Output = ()>,
