@@ -38,6 +38,7 @@ pub struct SnapshotArgs {
 pub enum SnapshotCmd {
     /// Save the cluster's key-value state, as f+1 replicas vouch for it, to FILE.
     Save {
+        /// Where to write the backup (an existing file is replaced atomically).
         file: PathBuf,
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -46,10 +47,14 @@ pub enum SnapshotCmd {
         admin_key: Option<PathBuf>,
     },
     /// Verify FILE and print what it holds.
-    Status { file: PathBuf },
+    Status {
+        /// A backup written by `snapshot save`.
+        file: PathBuf,
+    },
     /// Start a new local cluster whose replicas all start from FILE (same as
     /// `local --from-snapshot FILE --keep-running`).
     Restore {
+        /// A backup written by `snapshot save`; verified before anything is written.
         file: PathBuf,
         #[command(flatten)]
         local: super::local::LocalArgs,
@@ -65,6 +70,13 @@ pub async fn run(args: SnapshotArgs, format: Format) -> Result<()> {
         } => save(&file, &cluster, admin_key, format).await,
         SnapshotCmd::Status { file } => status(&file, format),
         SnapshotCmd::Restore { file, mut local } => {
+            if let Some(other) = &local.from_snapshot {
+                bail!(
+                    "restore takes one backup: {} or --from-snapshot {}, not both",
+                    file.display(),
+                    other.display()
+                );
+            }
             local.from_snapshot = Some(file);
             local.keep_running = true;
             super::local::run(local).await
