@@ -177,6 +177,7 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             http_listen: format!("127.0.0.1:{}", http_port(args.base_port, i)),
             busy_poll_us: args.busy_poll_us,
             protocol: args.protocol.clone(),
+            initial_state: None,
         };
         cfg.validate()?;
         std::fs::write(
@@ -185,6 +186,28 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
         )?;
     }
     Ok(view)
+}
+
+/// The copy of the backup a restored cluster started from, in its directory.
+pub const INITIAL_STATE_FILE: &str = "initial-state.kmmr";
+
+/// Makes every replica of a directory laid out by [`prepare`] start from the backup `bytes`
+/// (already verified by the caller): one copy in the directory, named by every config.
+pub fn set_initial_state(dir: &Path, n: usize, bytes: &[u8]) -> Result<()> {
+    std::fs::write(dir.join(INITIAL_STATE_FILE), bytes)
+        .with_context(|| format!("writing {}", dir.join(INITIAL_STATE_FILE).display()))?;
+    for i in 0..n {
+        let path = dir.join(format!("r{i}.toml"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: NodeConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // Relative to the config file, as the other paths are.
+        cfg.initial_state = Some(PathBuf::from(INITIAL_STATE_FILE));
+        std::fs::write(&path, toml::to_string_pretty(&cfg)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The view file of a directory laid out by [`prepare`]: what marks it as one.

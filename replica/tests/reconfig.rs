@@ -62,6 +62,7 @@ async fn start_joiner(c: &mut TestCluster, id: u32, key: &KeyPair, view: &View) 
         http_listen: format!("127.0.0.1:{}", http_port(c.base, id as usize)),
         busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
         protocol: protocol(),
+        initial_state: None,
     };
     std::fs::write(
         c.dir.join(format!("r{id}.toml")),

@@ -117,6 +117,8 @@ pub enum Domain {
     Admin,
     Status,
     Checkpoint,
+    /// The admin's permission to read a replica's whole state (`GET /snapshot`, for backups).
+    SnapshotRead,
 }
 
 impl Domain {
@@ -128,6 +130,7 @@ impl Domain {
             Domain::Admin => b"kmmr/v1/admin\0\0\0",
             Domain::Status => b"kmmr/v1/status\0\0",
             Domain::Checkpoint => b"kmmr/v1/ckpt\0\0\0\0",
+            Domain::SnapshotRead => b"kmmr/v1/snapread",
         }
     }
 

@@ -76,6 +76,10 @@ pub struct LocalArgs {
     /// microseconds (0: never; at most 10000).
     #[arg(long, default_value_t = kmmr::node::config::DEFAULT_BUSY_POLL_US)]
     pub busy_poll_us: u64,
+    /// Start every replica from this backup (`kmmr-replica snapshot save`): the new cluster
+    /// holds its keys, values and revisions. The file is verified before anything is written.
+    #[arg(long)]
+    pub from_snapshot: Option<PathBuf>,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -127,6 +131,15 @@ impl LocalCluster {
 
 pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
     let byzantine: Vec<u32> = (0..args.byzantine as u32).collect();
+    // Verified before the directory is touched: a bad backup leaves everything as it was.
+    let initial = match &args.from_snapshot {
+        Some(file) if args.service != ServiceArg::Kv => bail!(
+            "--from-snapshot {} holds key-value state: it cannot start a --service noop cluster",
+            file.display()
+        ),
+        Some(file) => Some(super::snapshot::read_backup(file)?),
+        None => None,
+    };
     let view = prepare(&ClusterSpec {
         n: args.n,
         dir: args.dir.clone(),
@@ -143,6 +156,10 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
             ..ProtocolConfig::default()
         },
     })?;
+    if let Some(b) = &initial {
+        // The verified bytes, not the file again: it could have changed since it was read.
+        kmmr::cluster::set_initial_state(&args.dir, args.n, &b.encode())?;
+    }
     let exe = std::env::current_exe().context("locating kmmr-replica")?;
     // Start-up takes a second or more: say what is happening meanwhile.
     eprintln!(
@@ -206,6 +223,9 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         args.base_port + args.n as u16 - 1,
         args.dir.display()
     );
+    if let Some(file) = &args.from_snapshot {
+        outln!("every replica started from the backup {}", file.display());
+    }
     for b in &cluster.byzantine {
         outln!(
             "replica {b} is BYZANTINE ({}): it misbehaves on purpose",

@@ -7,6 +7,7 @@ mod kv;
 mod local;
 mod out;
 mod render;
+mod snapshot;
 mod status;
 mod watch;
 
@@ -70,6 +71,9 @@ pub enum Cmd {
     Bench(bench::BenchArgs),
     /// Membership changes signed with the admin key: add, remove, set-f.
     Admin(admin::AdminArgs),
+    /// Backups: save the state f+1 replicas vouch for, inspect a file, restore it into a new
+    /// cluster.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +271,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Kv(cmd) => kv::run(cmd, cli.output).await,
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Admin(args) => admin::run(args).await,
+        Cmd::Snapshot(args) => snapshot::run(args, cli.output).await,
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use kmmr_client::clock::now_us;
 use kmmr_client::status::SignedStatus;
+
+use super::snapshot::SnapshotAsk;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -240,20 +242,52 @@ impl Metrics {
 struct HttpState {
     metrics: Arc<Metrics>,
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
+    snapshot: mpsc::Sender<SnapshotAsk>,
+}
+
+/// What the HTTP server asks of the replica loop.
+pub struct HttpAsks {
+    pub status: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+    pub snapshot: mpsc::Receiver<SnapshotAsk>,
+}
+
+/// Starts serving the HTTP endpoints on `listener`; the loop answers what they ask.
+pub fn spawn_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: super::http::HttpLimits,
+) -> HttpAsks {
+    let (status_tx, status) = mpsc::channel(16);
+    // Few: each answer holds a copy of the whole state until it is sent.
+    let (snapshot_tx, snapshot) = mpsc::channel(2);
+    tokio::spawn(serve_http(
+        listener,
+        metrics,
+        status_tx,
+        snapshot_tx,
+        limits,
+    ));
+    HttpAsks { status, snapshot }
 }
 
 /// Serves the HTTP endpoints within `limits` until the process ends.
-pub async fn serve_http(
+async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     status: mpsc::Sender<oneshot::Sender<SignedStatus>>,
+    snapshot: mpsc::Sender<SnapshotAsk>,
     limits: super::http::HttpLimits,
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status_handler))
         .route("/healthz", get(health_handler))
-        .with_state(HttpState { metrics, status });
+        .route("/snapshot", get(snapshot_handler))
+        .with_state(HttpState {
+            metrics,
+            status,
+            snapshot,
+        });
     super::http::serve(listener, app, limits).await
 }
 
@@ -279,6 +313,28 @@ async fn status_handler(State(s): State<HttpState>) -> impl IntoResponse {
     }
     match tokio::time::timeout(Duration::from_secs(5), rx).await {
         Ok(Ok(st)) => axum::Json(st).into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "replica busy").into_response(),
+    }
+}
+
+/// `GET /snapshot?token=...`: the state, for a backup (see `node::snapshot`).
+async fn snapshot_handler(State(s): State<HttpState>, uri: Uri) -> impl IntoResponse {
+    let token = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .unwrap_or_default()
+        .to_owned();
+    let (reply, rx) = oneshot::channel();
+    if s.snapshot.send(SnapshotAsk { token, reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "replica stopped").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(bytes))) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        Ok(Ok(Err(refused))) => (StatusCode::FORBIDDEN, refused.to_string()).into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "replica busy").into_response(),
     }
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 mod poll;
 mod promised;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::storage::promise::PromiseFile;
 use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
@@ -148,13 +149,7 @@ pub async fn run(
     let http = tokio::net::TcpListener::bind(&cfg.http_listen)
         .await
         .with_context(|| format!("http_listen {}", cfg.http_listen))?;
-    let (status_tx, status_rx) = mpsc::channel(16);
-    tokio::spawn(metrics::serve_http(
-        http,
-        metrics.clone(),
-        status_tx,
-        budget.http,
-    ));
+    let http_asks = metrics::spawn_http(http, metrics.clone(), budget.http);
 
     if let Some(b) = &byzantine {
         tracing::warn!(
@@ -201,7 +196,7 @@ pub async fn run(
         busy_poll: Duration::from_micros(cfg.busy_poll_us),
     };
     let result = node
-        .run(rx, status_rx, failures_rx, stored_rx, shutdown)
+        .run(rx, http_asks, failures_rx, stored_rx, shutdown)
         .await;
     if let Some(d) = node.durability.take() {
         // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
@@ -253,10 +248,15 @@ fn start_core(
     view: View,
     service: ServiceChoice,
 ) -> Result<Started> {
-    let svc: Box<dyn Service> = match service {
+    let mut svc: Box<dyn Service> = match service {
         ServiceChoice::Kv => Box::new(KvStore::new(cfg.protocol.checkpoint_history)),
         ServiceChoice::Noop => Box::new(NoopService::default()),
     };
+    if let Some(path) = &cfg.initial_state {
+        // Before recovery: decisions replayed from CID 0 apply to this state; a recovered
+        // checkpoint replaces it.
+        snapshot::start_from(path, service, svc.as_mut())?;
+    }
     let (failures_tx, failures_rx) = mpsc::unbounded_channel();
     let (stored_tx, stored_rx) = mpsc::unbounded_channel();
     if cfg.protocol.durable {
@@ -426,7 +426,7 @@ impl NodeLoop {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Inbound>,
-        mut status_rx: mpsc::Receiver<oneshot::Sender<SignedStatus>>,
+        mut http: metrics::HttpAsks,
         mut failures: mpsc::UnboundedReceiver<String>,
         mut stored: mpsc::UnboundedReceiver<Stored>,
         shutdown: impl Future<Output = ()>,
@@ -461,8 +461,11 @@ impl NodeLoop {
                     let now = self.clock.now_us();
                     self.core.on_timeout(now);
                 }
-                Some(reply) = status_rx.recv() => {
+                Some(reply) = http.status.recv() => {
                     let _ = reply.send(self.status());
+                }
+                Some(ask) = http.snapshot.recv() => {
+                    let _ = ask.reply.send(self.serve_snapshot(&ask.token));
                 }
                 _ = tick.tick() => {
                     self.refresh_gauges();

@@ -53,6 +53,7 @@ use kmmr_protocol::wire::codec::Encode;
 use kmmr_protocol::wire::ids::Cid;
 use kmmr_protocol::wire::messages::Decision;
 
+pub(crate) use atomic::write_atomic;
 use atomic::{io_err, remove_temp_files, sync_dir};
 pub use checkpoint::{Checkpoint, RejectedFile, SnapshotFile, SnapshotLocation, CHECKPOINTS_KEPT};
 use commit::{Committer, Shared};
