@@ -407,7 +407,7 @@ fn exercise(hosted: &Hosted) -> Result {
     ])?;
     // The watch first lists what exists: once it printed c0, it is watching, and every change
     // after that must reach it once, in order.
-    let (_watch, events) = watch_lines(&hosted, tenant)?;
+    let (_watch, events) = watch_lines(hosted, tenant)?;
     assert_eq!(
         events.recv_timeout(Duration::from_secs(30)).ok().as_deref(),
         Some("ADDED c0 0"),
@@ -478,6 +478,53 @@ fn exercise(hosted: &Hosted) -> Result {
     Ok(())
 }
 
+/// Waits until the cluster is Available with both gateways ready, checks status.etcdAPI and the
+/// printer column, and gives the client Secret's name.
+async fn wait_for_etcd_api(kube: &Kube, namespace: &str) -> Result<String> {
+    // Available, and both gateways ready: status.etcdAPI says where and with which Secrets.
+    let c = poll(
+        "the BftCluster Available with 2 ready etcd gateways",
+        Duration::from_secs(300),
+        Duration::from_millis(500),
+        || async {
+            let c = kube.json(&["get", "bftcluster", CLUSTER, "-n", namespace])?;
+            let available = c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["type"] == "Available" && x["status"] == "True");
+            let ready = c["status"]["etcdAPI"]["readyGateways"] == 2;
+            Ok((available && ready).then_some(c))
+        },
+    )
+    .await?;
+    let etcd = &c["status"]["etcdAPI"];
+    let service = format!("{CLUSTER}-etcd");
+    assert_eq!(
+        etcd["endpoint"],
+        format!("https://{service}.{namespace}.svc:2379")
+    );
+    assert_eq!(etcd["serviceName"], service);
+    assert_eq!(etcd["gateways"], 2);
+    let client_secret = etcd["clientSecretName"]
+        .as_str()
+        .ok_or("status.etcdAPI.clientSecretName")?
+        .to_owned();
+    // The printer column shows the endpoint.
+    let table = kube.kubectl(&["get", "bftcluster", CLUSTER, "-n", namespace])?;
+    loud(&format!("kubectl get bftcluster:\n{table}"));
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("ETCD")),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("https://{service}.{namespace}.svc:2379")),
+        "{table}"
+    );
+
+    Ok(client_secret)
+}
+
 #[tokio::test]
 async fn a_hosted_kube_apiserver_keeps_its_state_on_a_bftcluster_through_the_etcd_api() -> Result {
     let test = "a_hosted_kube_apiserver_keeps_its_state_on_a_bftcluster_through_the_etcd_api";
@@ -546,51 +593,12 @@ async fn a_hosted_kube_apiserver_keeps_its_state_on_a_bftcluster_through_the_etc
         }
     }))?;
 
-    // Available, and both gateways ready: status.etcdAPI says where and with which Secrets.
-    let c = poll(
-        "the BftCluster Available with 2 ready etcd gateways",
-        Duration::from_secs(300),
-        Duration::from_millis(500),
-        || async {
-            let c = kube.json(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-            let available = c["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|x| x["type"] == "Available" && x["status"] == "True");
-            let ready = c["status"]["etcdAPI"]["readyGateways"] == 2;
-            Ok((available && ready).then_some(c))
-        },
-    )
-    .await?;
+    let client_secret = wait_for_etcd_api(&kube, &namespace).await?;
     loud(&format!(
         "MEASURED apply -> Available with 2 ready etcd gateways: {:.1?}",
         t_apply.elapsed()
     ));
-    let etcd = &c["status"]["etcdAPI"];
     let service = format!("{CLUSTER}-etcd");
-    assert_eq!(
-        etcd["endpoint"],
-        format!("https://{service}.{namespace}.svc:2379")
-    );
-    assert_eq!(etcd["serviceName"], service);
-    assert_eq!(etcd["gateways"], 2);
-    let client_secret = etcd["clientSecretName"]
-        .as_str()
-        .ok_or("status.etcdAPI.clientSecretName")?
-        .to_owned();
-    // The printer column shows the endpoint.
-    let table = kube.kubectl(&["get", "bftcluster", CLUSTER, "-n", &namespace])?;
-    loud(&format!("kubectl get bftcluster:\n{table}"));
-    assert!(
-        table.lines().next().is_some_and(|h| h.contains("ETCD")),
-        "{table}"
-    );
-    assert!(
-        table.contains(&format!("https://{service}.{namespace}.svc:2379")),
-        "{table}"
-    );
-
     let client = [
         save_entry(&kube, &namespace, &client_secret, "tls.crt", &dir)?,
         save_entry(&kube, &namespace, &client_secret, "tls.key", &dir)?,
