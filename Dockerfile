@@ -20,14 +20,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
         -p kmmr-replica --bin kmmr-replica \
+        -p kmmr-etcd-gateway --bin kmmr-etcd-gateway \
         -p kmmr-operator --bin kmmr-operator \
  && mkdir -p /out \
- && cp target/release/kmmr-replica target/release/kmmr-operator /out/ \
- && strip /out/kmmr-replica /out/kmmr-operator
+ && cp target/release/kmmr-replica target/release/kmmr-etcd-gateway target/release/kmmr-operator /out/ \
+ && strip /out/kmmr-replica /out/kmmr-etcd-gateway /out/kmmr-operator
 
-# glibc and libgcc only: both binaries are Rust with rustls (no OpenSSL).
+# glibc and libgcc only: the binaries are Rust with rustls (no OpenSSL). The replica image also
+# carries the etcd gateway, which the operator runs from spec.image when spec.etcdAPI is enabled.
 FROM ${RUNTIME_IMAGE} AS replica
 COPY --from=build /out/kmmr-replica /usr/local/bin/kmmr-replica
+COPY --from=build /out/kmmr-etcd-gateway /usr/local/bin/kmmr-etcd-gateway
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/kmmr-replica"]
 

@@ -14,12 +14,12 @@ mod status;
 
 pub use quorum::{default_f, max_f, quorum_size, QuorumError};
 pub use spec::{
-    BftCluster, BftClusterSpec, KeysSpec, Ports, ProtocolSpec, StorageSpec, MAX_NAME_LEN,
-    MAX_REPLICAS, MIN_REPLICAS,
+    BftCluster, BftClusterSpec, EtcdApiSpec, EtcdServiceType, KeysSpec, Ports, ProtocolSpec,
+    StorageSpec, ETCD_API_PORT, MAX_GATEWAYS, MAX_NAME_LEN, MAX_REPLICAS, MIN_REPLICAS,
 };
 pub use status::{
-    condition_reasons, condition_types, BftClusterStatus, MemberHealth, MemberProblem, MemberRole,
-    MemberStatus, ReconcileError,
+    condition_reasons, condition_types, BftClusterStatus, EtcdApiStatus, MemberHealth,
+    MemberProblem, MemberRole, MemberStatus, ReconcileError,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

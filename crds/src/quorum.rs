@@ -11,6 +11,9 @@ pub enum QuorumError {
     TooManyReplicas { replicas: i32 },
     /// f < 1 or n < 3f+1.
     FaultToleranceTooHigh { replicas: i32, f: i32 },
+    /// spec.etcdAPI.replicas outside 1..=9 (checked beside the replica counts because it is the
+    /// spec's other count of pods).
+    Gateways { replicas: i32 },
 }
 
 impl std::fmt::Display for QuorumError {
@@ -30,6 +33,11 @@ impl std::fmt::Display for QuorumError {
                 out,
                 "spec.replicas = {replicas}, spec.f = {f}: {}",
                 crate::spec::MSG_F
+            ),
+            QuorumError::Gateways { replicas } => write!(
+                out,
+                "spec.etcdAPI.replicas = {replicas}: {}",
+                crate::spec::MSG_GATEWAYS
             ),
         }
     }

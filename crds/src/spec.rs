@@ -39,6 +39,13 @@ pub(crate) const MSG_CLIENT_PORT: &str =
     "spec.ports.client must equal spec.ports.replica + 1000: clients reach each replica at its view address's port plus 1000";
 pub(crate) const MSG_PORTS_DISTINCT: &str =
     "spec.ports.http must differ from spec.ports.replica and spec.ports.client";
+pub(crate) const MSG_GATEWAYS: &str =
+    "spec.etcdAPI.replicas must be between 1 and 9: each gateway is a full client of the cluster (every answer needs a quorum of replicas), and 2 already keeps the API up through a gateway's restart";
+
+/// The most etcd gateways one cluster runs.
+pub const MAX_GATEWAYS: i32 = 9;
+/// The port the etcd API is served on (the gateway pods and the Service), etcd's client port.
+pub const ETCD_API_PORT: i32 = 2379;
 
 /// A Byzantine fault-tolerant KmMR cluster of n = spec.replicas replicas that stays safe and
 /// live while up to f of them crash, lie or are flooded.
@@ -60,6 +67,7 @@ pub(crate) const MSG_PORTS_DISTINCT: &str =
     printcolumn(name = "Healthy", type_ = "integer", json_path = ".status.healthy", description = "Replicas reporting healthy"),
     printcolumn(name = "Leader", type_ = "integer", json_path = ".status.leader", description = "Id of the current leader"),
     printcolumn(name = "View", type_ = "integer", json_path = ".status.viewId", description = "Id of the current view"),
+    printcolumn(name = "Etcd", type_ = "string", json_path = ".status.etcdAPI.endpoint", description = "Endpoint of the etcd v3 API (spec.etcdAPI), for kube-apiserver's --etcd-servers"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(
@@ -133,6 +141,73 @@ pub struct BftClusterSpec {
     /// Protocol tunables passed to every replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolSpec>,
+
+    /// The etcd v3 API, off unless enabled: gateways (kmmr-etcd-gateway, from spec.image) behind
+    /// the Service <name>-etcd, serving etcd's gRPC API with mutual TLS, so that a
+    /// kube-apiserver (a hosted control plane, for example) keeps its state on this cluster
+    /// with --etcd-servers. The CA, the server certificate and a client certificate for the
+    /// apiserver are generated into Secrets named in status.etcdAPI.
+    #[serde(default, rename = "etcdAPI", skip_serializing_if = "Option::is_none")]
+    pub etcd_api: Option<EtcdApiSpec>,
+}
+
+/// The etcd v3 API of a cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.replicas >= 1 && self.replicas <= 9").message(MSG_GATEWAYS)
+)]
+pub struct EtcdApiSpec {
+    /// Serve the etcd API. Turning it off deletes the gateways, their Service and the
+    /// certificates' Secrets (a later enable issues new ones).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Number of gateway pods behind the Service, 1 to 9; defaults to 2, so that the API stays
+    /// up while one restarts (the gateways restart when the view changes).
+    #[serde(default = "default_gateways")]
+    pub replicas: i32,
+    /// Type of the Service <name>-etcd: ClusterIP (the default), NodePort or LoadBalancer.
+    #[serde(default)]
+    pub service_type: EtcdServiceType,
+}
+
+fn default_gateways() -> i32 {
+    2
+}
+
+impl Default for EtcdApiSpec {
+    fn default() -> Self {
+        EtcdApiSpec {
+            enabled: false,
+            replicas: default_gateways(),
+            service_type: EtcdServiceType::default(),
+        }
+    }
+}
+
+/// How the etcd API's Service is exposed.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum EtcdServiceType {
+    // Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    // Also on a port of every node.
+    NodePort,
+    // Also through the cloud's load balancer.
+    LoadBalancer,
+}
+
+impl EtcdServiceType {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EtcdServiceType::ClusterIP => "ClusterIP",
+            EtcdServiceType::NodePort => "NodePort",
+            EtcdServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 /// Image pull policy.
@@ -262,6 +337,11 @@ impl BftClusterSpec {
         self.f.unwrap_or_else(|| default_f(self.replicas))
     }
 
+    /// The etcd API's settings when it is enabled.
+    pub fn etcd_api_enabled(&self) -> Option<&EtcdApiSpec> {
+        self.etcd_api.as_ref().filter(|e| e.enabled)
+    }
+
     /// The replica-count rules of the CEL schema, in Rust: the operator re-checks them because
     /// an object may have been stored before a rule existed (or with validation bypassed).
     pub fn validate(&self) -> Result<(), QuorumError> {
@@ -275,6 +355,13 @@ impl BftClusterSpec {
         if let Some(f) = self.f {
             if f < 1 || replicas < 3 * f + 1 {
                 return Err(QuorumError::FaultToleranceTooHigh { replicas, f });
+            }
+        }
+        if let Some(etcd) = self.etcd_api_enabled() {
+            if !(1..=MAX_GATEWAYS).contains(&etcd.replicas) {
+                return Err(QuorumError::Gateways {
+                    replicas: etcd.replicas,
+                });
             }
         }
         Ok(())
@@ -301,6 +388,7 @@ mod tests {
             paused: false,
             keys: None,
             protocol: None,
+            etcd_api: None,
         }
     }
 
@@ -366,5 +454,41 @@ mod tests {
         );
         assert_eq!(s.storage.size.0, "1Gi");
         assert_eq!(s.image_pull_policy.as_str(), "IfNotPresent");
+    }
+
+    #[test]
+    fn the_etcd_api_is_off_unless_enabled_and_defaults_to_two_gateways() {
+        let s: BftClusterSpec = serde_json::from_str(
+            r#"{"replicas": 4, "image": "i:1", "etcdAPI": {"enabled": true}}"#,
+        )
+        .unwrap();
+        let etcd = s.etcd_api_enabled().expect("enabled");
+        assert_eq!(etcd.replicas, 2);
+        assert_eq!(etcd.service_type, EtcdServiceType::ClusterIP);
+        let off: BftClusterSpec =
+            serde_json::from_str(r#"{"replicas": 4, "image": "i:1", "etcdAPI": {}}"#).unwrap();
+        assert!(off.etcd_api_enabled().is_none());
+        assert!(spec(4, None).etcd_api_enabled().is_none());
+    }
+
+    #[test]
+    fn gateways_outside_one_to_nine_are_rejected_with_the_cel_message() {
+        let mut s = spec(4, None);
+        for replicas in [0, MAX_GATEWAYS + 1] {
+            s.etcd_api = Some(EtcdApiSpec {
+                enabled: true,
+                replicas,
+                service_type: EtcdServiceType::NodePort,
+            });
+            let err = s.validate().unwrap_err();
+            assert!(err.to_string().contains(MSG_GATEWAYS), "{err}");
+        }
+        // Switched off, its settings do not matter.
+        s.etcd_api = Some(EtcdApiSpec {
+            enabled: false,
+            replicas: 0,
+            service_type: EtcdServiceType::ClusterIP,
+        });
+        assert_eq!(s.validate(), Ok(()));
     }
 }

@@ -65,6 +65,36 @@ pub struct BftClusterStatus {
     /// shown by `kubectl describe` beside the Warning Event of the same reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<ReconcileError>,
+
+    /// The etcd v3 API, while spec.etcdAPI is enabled: where it is served and the Secrets a
+    /// kube-apiserver needs.
+    #[serde(default, rename = "etcdAPI", skip_serializing_if = "Option::is_none")]
+    pub etcd_api: Option<EtcdApiStatus>,
+}
+
+/// Where the etcd v3 API is served and how to reach it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdApiStatus {
+    /// URL for kube-apiserver's --etcd-servers: https://<name>-etcd.<namespace>.svc:2379.
+    pub endpoint: String,
+    /// The Service in front of the gateways.
+    pub service_name: String,
+    /// The Service's cluster IP, once assigned (also in the server certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    /// Secret of type kubernetes.io/tls with the client certificate (tls.crt, tls.key) and the
+    /// CA (ca.crt) for kube-apiserver's --etcd-certfile, --etcd-keyfile and --etcd-cafile.
+    pub client_secret_name: String,
+    /// Secret of type kubernetes.io/tls with the gateways' server certificate, and ca.crt.
+    pub server_secret_name: String,
+    /// Secret holding the CA's certificate and key; mounted by no pod.
+    pub ca_secret_name: String,
+    /// Gateway pods asked for.
+    pub gateways: i32,
+    /// Gateway pods running the current template and ready (listening with the current view
+    /// and certificates).
+    pub ready_gateways: i32,
 }
 
 /// A reconcile that failed.

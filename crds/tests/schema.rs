@@ -176,7 +176,7 @@ fn every_spec_field_is_described_for_kubectl_explain() {
 }
 
 #[test]
-fn printer_columns_show_n_f_healthy_leader_view_age() {
+fn printer_columns_show_n_f_healthy_leader_view_etcd_age() {
     let crd = kmmr_crds::crd();
     let columns: Vec<_> = crd.spec.versions[0]
         .additional_printer_columns
@@ -191,6 +191,7 @@ fn printer_columns_show_n_f_healthy_leader_view_age() {
         ("HEALTHY", ".status.healthy"),
         ("LEADER", ".status.leader"),
         ("VIEW", ".status.viewId"),
+        ("ETCD", ".status.etcdAPI.endpoint"),
         ("AGE", ".metadata.creationTimestamp"),
     ];
     let expected: Vec<_> = expected
@@ -198,6 +199,25 @@ fn printer_columns_show_n_f_healthy_leader_view_age() {
         .map(|(n, p)| (n.to_string(), p.to_string()))
         .collect();
     assert_eq!(columns, expected);
+}
+
+#[test]
+fn the_etcd_api_gateway_count_is_bounded_with_an_actionable_message() {
+    let schema = schema();
+    let rules = rules_at(&schema, "/properties/spec/properties/etcdAPI");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert!(rules[0].0.contains("self.replicas <= 9"));
+    assert!(rules[0]
+        .1
+        .starts_with("spec.etcdAPI.replicas must be between 1 and 9"));
+    let service_types = schema
+        .pointer("/properties/spec/properties/etcdAPI/properties/serviceType/enum")
+        .and_then(Value::as_array)
+        .expect("serviceType is an enum");
+    assert_eq!(
+        service_types,
+        &["ClusterIP", "NodePort", "LoadBalancer"].map(Value::from)
+    );
 }
 
 #[test]

@@ -46,6 +46,9 @@ add_libs() { # binary: copy what ldd says it loads, keeping paths (covers the lo
     esac
     [[ -n $lib && -f $lib && ! -e "$root$lib" ]] && add "$lib" "$lib"
   done < <(ldd "$1" 2>/dev/null || true)
+  # The loop's status is its last test's: a library already added by an earlier binary would
+  # otherwise fail the call, and set -e would end the script with no image and no message.
+  return 0
 }
 
 for spec in "${files[@]}"; do

@@ -179,7 +179,17 @@ fn rbac_grants_every_call_the_operator_makes() -> Result {
             "statefulsets",
             &["get", "list", "watch", "patch", "delete"][..],
         ),
-        ("", "services", &["list", "watch", "patch"][..]),
+        // The etcd gateways of spec.etcdAPI.
+        (
+            "apps",
+            "deployments",
+            &["get", "list", "watch", "patch", "delete"][..],
+        ),
+        (
+            "",
+            "services",
+            &["get", "list", "watch", "patch", "delete"][..],
+        ),
         ("", "configmaps", &["get", "list", "watch", "patch"][..]),
         (
             "",

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -39,6 +39,7 @@ use crate::observe::{self, Reconfiguration};
 use kmmr_client::status::{self as probe, Probe};
 
 mod apply;
+mod etcd_api;
 mod secrets;
 mod view;
 
@@ -175,6 +176,8 @@ pub async fn run(
         .owns(api::<Service>(&client, namespace), ours.clone())
         .owns(api::<ConfigMap>(&client, namespace), ours.clone())
         .owns(api::<PodDisruptionBudget>(&client, namespace), ours.clone())
+        // The etcd gateways (spec.etcdAPI): their readiness goes into status.etcdAPI.
+        .owns(api::<Deployment>(&client, namespace), ours.clone())
         .owns(api::<Secret>(&client, namespace), ours)
         // Pods belong to the StatefulSets, not to the cluster: map them by their instance label so
         // a replica that dies or comes back is reported at once.
@@ -380,15 +383,24 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
 
     // The status this pass reports, computed once from what was observed and decided; the
     // rolling restart below goes by the same health.
-    let (status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
+    let (mut status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
     pass.healthy = healthy_ids(&status);
     pass.leader = status.leader;
+    let mut applied_view = None;
     if !paused {
         let children =
             crate::children::build_children_with(cluster, &membership, &keys, &test_modes)?;
+        applied_view = children
+            .config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(VIEW_ENTRY))
+            .cloned();
         apply_children(ctx, &namespace, children).await?;
         act_on_members(ctx, cluster, &namespace, &membership, view.is_some(), &pass).await?;
     }
+    status.etcd_api =
+        etcd_api::reconcile_etcd_api(ctx, cluster, &namespace, applied_view.as_deref()).await?;
     if previous != Some(&status) {
         write_status(ctx, &namespace, &name, &status).await?;
     }
@@ -396,12 +408,17 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, cluster, t.warning, &t.reason, &t.note, "Observe").await;
     }
 
-    let settled = status.conditions.iter().all(|c| match c.type_.as_str() {
-        condition_types::AVAILABLE => c.status == "True",
-        condition_types::DEGRADED => c.status == "False",
-        condition_types::RECONFIGURING => c.status == "False",
-        _ => true,
-    });
+    let gateways_ready = status
+        .etcd_api
+        .as_ref()
+        .is_none_or(|e| e.ready_gateways >= e.gateways);
+    let settled = gateways_ready
+        && status.conditions.iter().all(|c| match c.type_.as_str() {
+            condition_types::AVAILABLE => c.status == "True",
+            condition_types::DEGRADED => c.status == "False",
+            condition_types::RECONFIGURING => c.status == "False",
+            _ => true,
+        });
     Ok(Action::requeue(if pass.requeue_soon {
         Duration::from_secs(1)
     } else if settled {

@@ -43,6 +43,9 @@ pub enum Error {
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The etcd API's certificates could not be issued (spec.etcdAPI).
+    #[error(transparent)]
+    EtcdCertificates(#[from] crate::etcd_api::CertError),
 }
 
 impl Error {
@@ -60,11 +63,12 @@ impl Error {
             Error::MissingMetadata(_) => "MissingMetadata",
             Error::Finalizer(_) => "FinalizerFailed",
             Error::ByzantineTestMode(_) => "ByzantineTestModeRefused",
+            Error::EtcdCertificates(_) => "EtcdCertificatesFailed",
         }
     }
 
     /// Every reason, so that the failure metric has all its series from the start.
-    pub const REASONS: [&'static str; 11] = [
+    pub const REASONS: [&'static str; 12] = [
         "KubeApiError",
         kmmr_crds::condition_reasons::INVALID_SPEC,
         "BuildFailed",
@@ -76,6 +80,7 @@ impl Error {
         "MissingMetadata",
         "FinalizerFailed",
         "ByzantineTestModeRefused",
+        "EtcdCertificatesFailed",
     ];
 
     /// Whether retrying soon can help: a user's mistake waits longer between retries.
@@ -128,6 +133,9 @@ mod tests {
             Error::MissingMetadata("m"),
             Error::Finalizer("f".into()),
             Error::ByzantineTestMode("b".into()),
+            Error::EtcdCertificates(crate::etcd_api::CertError::Rcgen(
+                rcgen::Error::CouldNotParseKeyPair,
+            )),
         ];
         for e in samples {
             assert!(Error::REASONS.contains(&e.reason()), "{}", e.reason());

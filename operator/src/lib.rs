@@ -6,6 +6,7 @@
 //! - [`config`]: the view and per-replica configuration files the replicas read.
 //! - [`children`]: the StatefulSets, Services, ConfigMap, PodDisruptionBudget and Secrets.
 //! - [`observe`]: status and conditions from what the replicas report.
+//! - [`etcd_api`]: the etcd v3 API (`spec.etcdAPI`): gateways, Service, certificates, status.
 //! - [`membership`]: the next membership step and the trait that carries it out.
 //! - [`testmode`]: the test-only Byzantine modes a cluster's annotation may ask for.
 //!
@@ -22,6 +23,7 @@ pub mod children;
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod etcd_api;
 pub mod keys;
 pub mod leader;
 pub mod membership;

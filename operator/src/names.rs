@@ -18,6 +18,56 @@ pub const CONFIG_HASH_ANNOTATION: &str = "kmmr.io/config-hash";
 
 /// Component of replica StatefulSets, their pods and Services.
 pub const COMPONENT_REPLICA: &str = "replica";
+/// Component of the etcd gateways' Deployment, pods and Service.
+pub const COMPONENT_ETCD_GATEWAY: &str = "etcd-gateway";
+/// Gateway pod annotation with the hash of the view the gateway starts from (see
+/// `etcd_api::deployment`).
+pub const VIEW_HASH_ANNOTATION: &str = "kmmr.io/view-hash";
+/// Gateway pod annotation with the hash of the server certificate it serves.
+pub const ETCD_CERT_HASH_ANNOTATION: &str = "kmmr.io/etcd-cert-hash";
+/// On the etcd server certificate's Secret: the subject alternative names it was issued for,
+/// comma-separated, so that the operator sees when the Service's address changed.
+pub const ETCD_SANS_ANNOTATION: &str = "kmmr.io/etcd-server-sans";
+
+/// Service in front of the etcd gateways.
+pub fn etcd_service(cluster: &str) -> String {
+    format!("{cluster}-etcd")
+}
+
+/// Deployment of the etcd gateways.
+pub fn etcd_gateway(cluster: &str) -> String {
+    format!("{cluster}-etcd-gateway")
+}
+
+/// Secret with the etcd API's CA certificate and key, mounted by no pod.
+pub fn etcd_ca_secret(cluster: &str) -> String {
+    format!("{cluster}-etcd-ca")
+}
+
+/// Secret with the gateways' server certificate, mounted by the gateway pods.
+pub fn etcd_server_secret(cluster: &str) -> String {
+    format!("{cluster}-etcd-server")
+}
+
+/// Secret with a client certificate for kube-apiserver (or etcdctl).
+pub fn etcd_client_secret(cluster: &str) -> String {
+    format!("{cluster}-etcd-client")
+}
+
+/// Selector of the etcd gateway pods of `cluster`.
+pub fn etcd_gateway_selector(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            cluster.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            COMPONENT_ETCD_GATEWAY.to_string(),
+        ),
+    ])
+}
 
 /// StatefulSet of replica `id`: its only pod is `<cluster>-<id>-0`.
 pub fn stateful_set(cluster: &str, id: i32) -> String {
@@ -161,6 +211,11 @@ mod tests {
             admin_secret(&cluster),
             config_map(&cluster),
             pod_disruption_budget(&cluster),
+            etcd_service(&cluster),
+            etcd_gateway(&cluster),
+            etcd_ca_secret(&cluster),
+            etcd_server_secret(&cluster),
+            etcd_client_secret(&cluster),
         ] {
             assert!(name.len() <= 63, "{name} is longer than a DNS label");
         }

@@ -156,6 +156,8 @@ pub fn compute(
         members,
         conditions,
         last_error: None,
+        // Set by the controller from the gateways' objects (`etcd_api::status`).
+        etcd_api: None,
     };
     (status, transitions)
 }
