@@ -859,7 +859,7 @@ async fn bftcluster_lifecycle_through_helm_and_kubectl() -> Result {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "N", "F", "HEALTHY", "LEADER", "VIEW", "AGE"]
+        ["NAME", "N", "F", "HEALTHY", "LEADER", "VIEW", "ETCD", "AGE"]
     );
     let row: Vec<&str> = lines
         .next()
