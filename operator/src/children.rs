@@ -280,17 +280,7 @@ fn stateful_set(
         // Replicas never call the Kubernetes API: no token to steal.
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(REPLICA_UID),
-            run_as_group: Some(REPLICA_UID),
-            fs_group: Some(REPLICA_UID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_string(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(restricted_pod_security()),
         affinity: spec.affinity.clone(),
         tolerations: spec.tolerations.clone(),
         topology_spread_constraints: spec.topology_spread_constraints.clone(),
@@ -571,6 +561,22 @@ fn pod_disruption_budget(metadata: ObjectMeta, name: &str, f: i32) -> PodDisrupt
 /// owner in foreground cascades until children are gone).
 pub fn owner_reference(cluster: &BftCluster) -> Option<OwnerReference> {
     cluster.controller_owner_ref(&())
+}
+
+/// The pod security every KmMR pod runs with: non-root as the image's user, seccomp's default
+/// profile (the restricted Pod Security Standard).
+pub(crate) fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(REPLICA_UID),
+        run_as_group: Some(REPLICA_UID),
+        fs_group: Some(REPLICA_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
 }
 
 #[cfg(test)]

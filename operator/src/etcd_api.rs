@@ -15,10 +15,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -31,7 +30,6 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::children::REPLICA_UID;
 use crate::config;
 use crate::names;
 
@@ -463,17 +461,7 @@ pub fn deployment(
         // The gateway never calls the Kubernetes API.
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(REPLICA_UID),
-            run_as_group: Some(REPLICA_UID),
-            fs_group: Some(REPLICA_UID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_string(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(crate::children::restricted_pod_security()),
         tolerations: cluster.spec.tolerations.clone(),
         priority_class_name: cluster.spec.priority_class_name.clone(),
         ..PodSpec::default()
