@@ -19,7 +19,8 @@
 #   STORES="etcd kmmr"  ETCD_MEMBERS=3  KMMR_N=4  KMMR_BYZANTINE (unset: every replica correct)
 #   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local`
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
-#   RESULTS_DIR       results.jsonl, table.md and the logs of failed points
+#   RESULTS_DIR       results.jsonl, table.md, the apiserver's /metrics at the end of each point
+#                     (metrics/<store>-r<rep>.txt) and the logs of failed points
 #                     (default $KMMR_BENCH_CACHE/apiserver-<date>)
 #   ETCD_BASE=26300 KMMR_BASE=27300   loopback ports of the stores (the gateway and the
 #                     apiserver take ports the OS says are free)
@@ -91,6 +92,7 @@ free_port() {
 # ---------------------------------------------------------------- the apiserver
 pki=""
 apiserver_pid=""
+apiserver_url=""
 # Starts a kube-apiserver on `servers` (a comma-separated list of URLs) and writes a kubeconfig
 # for its admin to $1/kubeconfig.
 start_apiserver() { # dir servers
@@ -105,6 +107,7 @@ start_apiserver() { # dir servers
     --service-cluster-ip-range 10.96.0.0/16 --authorization-mode RBAC --profiling=false \
     --v=1 >"$dir/kube-apiserver.log" 2>&1 &
   apiserver_pid=$!
+  apiserver_url="https://127.0.0.1:$port"
   pgids+=("$apiserver_pid")
   cat >"$dir/kubeconfig" <<EOF
 apiVersion: v1
@@ -183,6 +186,12 @@ run_point() { # store rep
   read -r mb1 mt1 < <(machine_ticks); t1=$(date +%s.%N)
   local rss
   rss=$(peak_rss_kib "${store_pids[@]}")
+  # The apiserver's own view of its store (etcd_request_duration_seconds, the watch cache's
+  # consistent reads and their waits), kept to explain a figure.
+  mkdir -p "$RESULTS_DIR/metrics"
+  curl -sf -m 10 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
+    "$apiserver_url/metrics" \
+    >"$RESULTS_DIR/metrics/$store-r$rep.txt" 2>/dev/null || true
   stop_groups TERM "$apiserver_pid"
   case $store in
     etcd) stop_etcd ;;

@@ -51,6 +51,10 @@ pub fn refused(e: &KvError) -> Status {
             Status::invalid_argument(format!("etcdserver: lease id {id} is not a positive id"))
         }
         KvError::NotReadOnly => Status::internal("etcdserver: a write was sent as a read"),
+        KvError::TooLarge { bytes, limit } => Status::resource_exhausted(format!(
+            "etcdserver: the reply of {bytes} bytes is over the cluster's limit of {limit} bytes \
+             (one revision's watch events, or a transaction's previous records, too large to send)"
+        )),
         KvError::Malformed(why) if why.contains("exceeds the limit") => too_large(),
         KvError::Malformed(why) => Status::invalid_argument(format!("etcdserver: {why}")),
     }

@@ -97,6 +97,93 @@ impl Gateway {
         agreed(self.client.kv_read(req).await)
     }
 
+    /// A linearizable range read, whole. The replicas bound each reply (`REPLY_BUDGET`) and
+    /// answer `more` with fewer records than the limit when they cut one; the rest is read
+    /// after the last key at the first reply's revision, so callers get what etcd answers in
+    /// one reply, from one revision.
+    pub(crate) async fn range(&self, req: &kv::RangeRequest) -> Result<kv::RangeResponse, Status> {
+        match self.read(&KvRequest::Range(req.clone())).await? {
+            KvResponse::Range(mut r) => {
+                let revision = r.header.revision;
+                self.complete(req, &mut r, revision).await?;
+                Ok(r)
+            }
+            _ => Err(mismatch("range")),
+        }
+    }
+
+    /// Reads the pages of `resp` that the replicas' reply budget cut off, at `revision`.
+    async fn complete(
+        &self,
+        req: &kv::RangeRequest,
+        resp: &mut kv::RangeResponse,
+        revision: u64,
+    ) -> Result<(), Status> {
+        let wanted = match req.limit {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        while resp.more && !req.count_only && resp.kvs.len() < wanted {
+            let Some(last) = resp.kvs.last() else {
+                return Err(Status::internal(
+                    "the cluster cut a range reply before its first record",
+                ));
+            };
+            let mut key = last.key.clone();
+            key.push(0);
+            let page = kv::RangeRequest {
+                key,
+                range_end: req.range_end.clone(),
+                revision,
+                limit: match req.limit {
+                    0 => 0,
+                    n => n - resp.kvs.len() as u64,
+                },
+                keys_only: req.keys_only,
+                count_only: false,
+            };
+            match self.read(&KvRequest::Range(page)).await? {
+                KvResponse::Range(p) if !p.kvs.is_empty() || !p.more => {
+                    resp.kvs.extend(p.kvs);
+                    resp.more = p.more;
+                }
+                KvResponse::Range(_) => {
+                    return Err(Status::internal(
+                        "the cluster answered a range page with no record and more to come",
+                    ))
+                }
+                _ => return Err(mismatch("range")),
+            }
+        }
+        Ok(())
+    }
+
+    /// A read-only transaction, its ranges whole (as [`Gateway::range`]), at its revision.
+    pub(crate) async fn read_txn(&self, req: &kv::TxnRequest) -> Result<kv::TxnResponse, Status> {
+        let mut t = match self.read(&KvRequest::Txn(req.clone())).await? {
+            KvResponse::Txn(t) => t,
+            _ => return Err(mismatch("transaction")),
+        };
+        let branch = if t.succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let revision = t.header.revision;
+        for (op, resp) in branch.iter().zip(t.responses.iter_mut()) {
+            if let (kv::RequestOp::Range(r), kv::ResponseOp::Range(resp)) = (op, resp) {
+                // A range of a past revision stays at it; the others read the transaction's.
+                let at = if r.revision == 0 {
+                    revision
+                } else {
+                    r.revision
+                };
+                self.complete(r, resp, at).await?;
+            }
+        }
+        Ok(t)
+    }
+
     /// The store's current revision, read linearizably.
     pub(crate) async fn current_revision(&self) -> Result<u64, Status> {
         Ok(self.read(&revision_probe()).await?.header().revision)
@@ -139,13 +226,9 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let (req, shape) = convert::range(request.get_ref())?;
-        match self.0.read(&KvRequest::Range(req)).await? {
-            KvResponse::Range(r) => {
-                let r = if shape.is_plain() { r } else { shape.finish(r) };
-                Ok(Response::new(convert::range_response(&self.0.ids, r)))
-            }
-            _ => Err(mismatch("range")),
-        }
+        let r = self.0.range(&req).await?;
+        let r = if shape.is_plain() { r } else { shape.finish(r) };
+        Ok(Response::new(convert::range_response(&self.0.ids, r)))
     }
 
     async fn put(
@@ -178,19 +261,21 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::TxnResponse>, Status> {
         let (req, shapes) = convert::txn(request.get_ref())?;
         let req = KvRequest::Txn(req);
-        let resp = if req.is_read_only() {
-            self.0.read(&req).await?
-        } else {
-            self.0.write(req).await?
+        let r = match req {
+            KvRequest::Txn(t) if req.is_read_only() => self.0.read_txn(&t).await?,
+            // A write transaction's ranges are not paged: a later page would read the state
+            // after the transaction's writes, not the state its range saw. A range the budget
+            // cut answers `more`.
+            req => match self.0.write(req).await? {
+                KvResponse::Txn(r) => r,
+                _ => return Err(mismatch("transaction")),
+            },
         };
-        match resp {
-            KvResponse::Txn(r) => Ok(Response::new(convert::txn_response(
-                &self.0.ids,
-                r,
-                &shapes,
-            ))),
-            _ => Err(mismatch("transaction")),
-        }
+        Ok(Response::new(convert::txn_response(
+            &self.0.ids,
+            r,
+            &shapes,
+        )))
     }
 
     async fn compact(

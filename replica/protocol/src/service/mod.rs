@@ -29,11 +29,14 @@ pub struct RestoreError(pub String);
 
 /// A deterministic replicated state machine.
 pub trait Service: Send {
-    /// Executes one ordered request and returns the reply bytes.
+    /// Executes one ordered request and returns the reply bytes, at most
+    /// [`limits::MAX_RESULT`](crate::wire::limits::MAX_RESULT) of them: every replica caches
+    /// the reply for retransmission, in the state its checkpoints carry, and a larger one would
+    /// be refused by its client and make those checkpoints undecodable.
     fn execute(&mut self, ctx: &ExecContext, request: &[u8]) -> Vec<u8>;
 
     /// Answers a read-only request outside the total order (an unordered request). Must not
-    /// change state.
+    /// change state. The reply is bounded as `execute`'s is.
     fn query(&self, request: &[u8]) -> Vec<u8>;
 
     /// A canonical serialisation of the whole state: byte-identical on correct replicas that

@@ -437,6 +437,7 @@ impl Encode for KvError {
                 }
                 w.u8(9).bytes(&text.as_bytes()[..end])
             }
+            KvError::TooLarge { bytes, limit } => w.u8(10).u64(*bytes).u64(*limit),
         };
     }
 }
@@ -463,6 +464,10 @@ impl Decode for KvError {
                     .map_err(|_| DecodeError::Invalid("error text is not UTF-8"))?;
                 KvError::Malformed(s.to_owned())
             }
+            10 => KvError::TooLarge {
+                bytes: r.u64()?,
+                limit: r.u64()?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "kv error",

@@ -18,6 +18,8 @@ mod store;
 mod types;
 
 #[cfg(test)]
+mod budget_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
@@ -27,6 +29,25 @@ pub use types::*;
 
 use super::{ExecContext, RestoreError, Service};
 use crate::wire::codec::{Decode, Encode};
+use crate::wire::limits;
+
+/// The reply's bytes, or a [`KvError::TooLarge`] in their place when they would not fit in a
+/// reply on the wire (which every client would refuse, and which, cached for retransmission,
+/// would make checkpoints undecodable).
+fn bounded(response: KvResponse) -> Vec<u8> {
+    let bytes = response.to_bytes();
+    if bytes.len() <= limits::MAX_RESULT {
+        return bytes;
+    }
+    KvResponse::Error(ErrorResponse {
+        header: *response.header(),
+        error: KvError::TooLarge {
+            bytes: bytes.len() as u64,
+            limit: limits::MAX_RESULT as u64,
+        },
+    })
+    .to_bytes()
+}
 
 impl Service for KvStore {
     fn execute(&mut self, ctx: &ExecContext, request: &[u8]) -> Vec<u8> {
@@ -44,7 +65,7 @@ impl Service for KvStore {
                 })
             }
         };
-        response.to_bytes()
+        bounded(response)
     }
 
     fn query(&self, request: &[u8]) -> Vec<u8> {
@@ -57,7 +78,7 @@ impl Service for KvStore {
                 error: KvError::Malformed(e.to_string()),
             }),
         };
-        response.to_bytes()
+        bounded(response)
     }
 
     fn snapshot(&self) -> Vec<u8> {

@@ -267,7 +267,7 @@ proptest! {
 
     #[test]
     fn errors_round_trip_through_the_codec(
-        which in 0u8..9, n in any::<u64>(), m in any::<u64>(), id in any::<i64>(),
+        which in 0u8..10, n in any::<u64>(), m in any::<u64>(), id in any::<i64>(),
         text in "[a-z ]{0,40}",
     ) {
         let error = match which {
@@ -279,6 +279,7 @@ proptest! {
             5 => KvError::InvalidLeaseTtl { ttl: id },
             6 => KvError::InvalidLeaseId { id },
             7 => KvError::NotReadOnly,
+            8 => KvError::TooLarge { bytes: n, limit: m },
             _ => KvError::Malformed(text),
         };
         let r = KvResponse::Error(ErrorResponse { header: ResponseHeader { revision: n }, error });

@@ -126,6 +126,40 @@ enum ReadAt {
     Revision(u64),
 }
 
+/// What is left of one reply's [`REPLY_BUDGET`]. The first record is always admitted, so that a
+/// reader continuing after it always moves on; once one is refused, so is every later one, so
+/// that what a reply carries is always a prefix of what it would carry unbounded.
+struct Budget {
+    left: usize,
+    admitted: bool,
+    spent: bool,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Budget {
+            left: REPLY_BUDGET,
+            admitted: false,
+            spent: false,
+        }
+    }
+
+    fn admit(&mut self, bytes: usize) -> bool {
+        if self.spent || (self.admitted && bytes > self.left) {
+            self.spent = true;
+            return false;
+        }
+        self.left = self.left.saturating_sub(bytes);
+        self.admitted = true;
+        true
+    }
+}
+
+/// What a record costs a reply: its bytes and a bound on its encoding's overhead.
+fn record_bytes(kv: &KeyValue) -> usize {
+    kv.key.len() + kv.value.len() + 64
+}
+
 /// A batch of watch events and the revision through which it is complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchBatch {
@@ -312,13 +346,16 @@ impl KvStore {
         }
     }
 
+    /// A range read. Its records are bounded by [`REPLY_BUDGET`]: a range that matched more
+    /// answers `more` with fewer than its `limit` records (or with a limit of 0), and the rest
+    /// is read from after its last key at its revision.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, KvError> {
         non_empty(&req.key)?;
         let at = self.read_at(req.revision)?;
-        Ok(self.read_range(req, at))
+        Ok(self.read_range(req, at, &mut Budget::new()))
     }
 
-    fn read_range(&self, req: &RangeRequest, at: ReadAt) -> RangeResponse {
+    fn read_range(&self, req: &RangeRequest, at: ReadAt, budget: &mut Budget) -> RangeResponse {
         let range = KeyRange::new(&req.key, &req.range_end);
         let past = match at {
             ReadAt::Revision(rev) => {
@@ -359,7 +396,15 @@ impl KvStore {
             if req.count_only {
                 return;
             }
-            if resp.kvs.len() >= limit {
+            if resp.more {
+                return;
+            }
+            let bytes = if req.keys_only {
+                record_bytes(kv) - kv.value.len()
+            } else {
+                record_bytes(kv)
+            };
+            if resp.kvs.len() >= limit || !budget.admit(bytes) {
                 resp.more = true;
                 return;
             }
@@ -380,13 +425,14 @@ impl KvStore {
         non_empty(&req.key)?;
         self.check_lease(req.lease)?;
         let mut w = self.begin();
-        let mut resp = self.put_in(&mut w, req);
+        let mut resp = self.put_in(&mut w, req, &mut Budget::new());
         self.commit(w);
         resp.header = self.header();
         Ok(resp)
     }
 
-    fn put_in(&mut self, w: &mut WriteTxn, req: &PutRequest) -> PutResponse {
+    /// A put; the previous record is answered if asked for and the reply's budget admits it.
+    fn put_in(&mut self, w: &mut WriteTxn, req: &PutRequest, budget: &mut Budget) -> PutResponse {
         let prev = self.kvs.get(&req.key);
         let kv = KeyValue {
             key: req.key.clone(),
@@ -404,7 +450,10 @@ impl KvStore {
         if let Some(l) = self.leases.get_mut(&req.lease) {
             l.keys.insert(req.key.clone());
         }
-        let prev_kv = if req.prev_kv { prev.clone() } else { None };
+        let prev_kv = match &prev {
+            Some(p) if req.prev_kv && budget.admit(record_bytes(p)) => Some(p.clone()),
+            _ => None,
+        };
         self.history.entry(w.rev).or_default().push(Change {
             kind: EventKind::Put,
             key: req.key.clone(),
@@ -430,13 +479,20 @@ impl KvStore {
     ) -> Result<DeleteRangeResponse, KvError> {
         non_empty(&req.key)?;
         let mut w = self.begin();
-        let mut resp = self.delete_in(&mut w, req);
+        let mut resp = self.delete_in(&mut w, req, &mut Budget::new());
         self.commit(w);
         resp.header = self.header();
         Ok(resp)
     }
 
-    fn delete_in(&mut self, w: &mut WriteTxn, req: &DeleteRangeRequest) -> DeleteRangeResponse {
+    /// A range delete; the previous records are answered if asked for, as many as the reply's
+    /// budget admits (every key is deleted, and counted, regardless).
+    fn delete_in(
+        &mut self,
+        w: &mut WriteTxn,
+        req: &DeleteRangeRequest,
+        budget: &mut Budget,
+    ) -> DeleteRangeResponse {
         let keys: Vec<Vec<u8>> = KeyRange::new(&req.key, &req.range_end)
             .iter(&self.kvs)
             .map(|(k, _)| k.clone())
@@ -445,7 +501,7 @@ impl KvStore {
         for key in keys {
             if let Some(prev) = self.delete_key(w, &key) {
                 resp.deleted += 1;
-                if req.prev_kv {
+                if req.prev_kv && budget.admit(record_bytes(prev)) {
                     resp.prev_kvs.push(prev.clone());
                 }
             }
@@ -490,11 +546,13 @@ impl KvStore {
             .collect::<Result<Vec<_>, _>>()?;
         let mut w = self.begin();
         let mut responses = Vec::with_capacity(ops.len());
+        // One budget for the whole reply, which carries every op's records.
+        let budget = &mut Budget::new();
         for op in ops {
             responses.push(match op {
-                Prepared::Range(r, at) => ResponseOp::Range(self.read_range(r, at)),
-                Prepared::Put(p) => ResponseOp::Put(self.put_in(&mut w, p)),
-                Prepared::Delete(d) => ResponseOp::DeleteRange(self.delete_in(&mut w, d)),
+                Prepared::Range(r, at) => ResponseOp::Range(self.read_range(r, at, budget)),
+                Prepared::Put(p) => ResponseOp::Put(self.put_in(&mut w, p, budget)),
+                Prepared::Delete(d) => ResponseOp::DeleteRange(self.delete_in(&mut w, d, budget)),
             });
         }
         self.commit(w);
@@ -505,9 +563,12 @@ impl KvStore {
         let succeeded = t.compare.iter().all(|c| self.compare_holds(c));
         let branch = if succeeded { &t.success } else { &t.failure };
         let mut responses = Vec::with_capacity(branch.len());
+        let budget = &mut Budget::new();
         for op in branch {
             match self.prepare(op)? {
-                Prepared::Range(r, at) => responses.push(ResponseOp::Range(self.read_range(r, at))),
+                Prepared::Range(r, at) => {
+                    responses.push(ResponseOp::Range(self.read_range(r, at, budget)))
+                }
                 Prepared::Put(_) | Prepared::Delete(_) => return Err(KvError::NotReadOnly),
             }
         }
@@ -551,7 +612,9 @@ impl KvStore {
 
     /// Every event after `after_revision` on `[key, range_end)`, in revision order, with no gaps.
     /// With a nonzero `limit`, stops at a revision boundary once about `limit` events are
-    /// collected; `resume_after` says where to continue.
+    /// collected, and in any case once the events' records (with their previous ones) fill
+    /// [`REPLY_BUDGET`]; the first revision with events is always whole. `resume_after` says
+    /// where to continue.
     pub fn events_since(
         &self,
         after_revision: u64,
@@ -566,49 +629,69 @@ impl KvStore {
         }
         let range = KeyRange::new(key, range_end);
         let newer = (Bound::Excluded(after_revision), Bound::Unbounded);
-        let mut count = 0;
-        let mut resume_after = self.revision.max(after_revision);
-        for (&rev, batch) in self.history.range(newer) {
-            let n = batch.iter().filter(|c| range.contains(&c.key)).count();
-            if limit > 0 && count > 0 && count + n > limit {
-                // History has a change at every revision in (compact, revision], so everything
-                // before `rev` has been scanned.
-                resume_after = rev - 1;
-                break;
-            }
-            count += n;
-        }
-        // A put's new record is the one that followed it on its key: walk back from the
-        // current kvs, undoing changes, to recover it.
+        // Newest first: a put's new record is the one that followed it on its key, so walk back
+        // from the current kvs, undoing changes, to find it. Records are borrowed, not copied,
+        // until the cut is known.
         let mut after: BTreeMap<&[u8], Option<&KeyValue>> = BTreeMap::new();
-        let mut events = Vec::with_capacity(count);
+        let mut found: Vec<(u64, &Change, Option<&KeyValue>)> = Vec::new();
         for (&rev, batch) in self.history.range(newer).rev() {
             for c in batch.iter().rev().filter(|c| range.contains(&c.key)) {
-                if rev <= resume_after {
-                    let kv = match c.kind {
-                        EventKind::Put => after
-                            .get(c.key.as_slice())
-                            .copied()
-                            .unwrap_or_else(|| self.kvs.get(&c.key))
-                            .cloned()
-                            // Unreachable: restore and execution keep every put's record.
-                            .unwrap_or_default(),
-                        EventKind::Delete => KeyValue {
-                            key: c.key.clone(),
-                            mod_revision: rev,
-                            ..Default::default()
-                        },
-                    };
-                    events.push(Event {
-                        kind: c.kind,
-                        kv,
-                        prev_kv: c.prev.clone(),
-                    });
-                }
+                let new = match c.kind {
+                    EventKind::Put => after
+                        .get(c.key.as_slice())
+                        .copied()
+                        .unwrap_or_else(|| self.kvs.get(&c.key)),
+                    EventKind::Delete => None,
+                };
+                found.push((rev, c, new));
                 after.insert(&c.key, c.prev.as_ref());
             }
         }
-        events.reverse();
+        found.reverse();
+        // The cut, at a revision boundary. History has a change at every revision in
+        // (compact, revision], so everything before a revision `rev` has been scanned once
+        // `rev` is reached.
+        let mut resume_after = self.revision.max(after_revision);
+        let mut take = found.len();
+        let (mut count, mut bytes) = (0usize, 0usize);
+        let mut i = 0;
+        while i < found.len() {
+            let rev = found[i].0;
+            let end = i + found[i..].iter().take_while(|f| f.0 == rev).count();
+            let size: usize = found[i..end]
+                .iter()
+                .map(|(_, c, new)| {
+                    new.map_or(c.key.len() + 64, record_bytes)
+                        + c.prev.as_ref().map_or(0, record_bytes)
+                })
+                .sum();
+            let n = end - i;
+            let over_count = limit > 0 && count + n > limit;
+            if count > 0 && (over_count || bytes + size > REPLY_BUDGET) {
+                resume_after = rev - 1;
+                take = i;
+                break;
+            }
+            count += n;
+            bytes += size;
+            i = end;
+        }
+        let events = found[..take]
+            .iter()
+            .map(|&(rev, c, new)| Event {
+                kind: c.kind,
+                kv: match c.kind {
+                    // Unreachable default: restore and execution keep every put's record.
+                    EventKind::Put => new.cloned().unwrap_or_default(),
+                    EventKind::Delete => KeyValue {
+                        key: c.key.clone(),
+                        mod_revision: rev,
+                        ..Default::default()
+                    },
+                },
+                prev_kv: c.prev.clone(),
+            })
+            .collect();
         Ok(WatchBatch {
             events,
             resume_after,

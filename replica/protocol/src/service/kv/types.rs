@@ -20,6 +20,13 @@ pub const MAX_TXN_COMPARES: usize = 128;
 pub const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
 /// Longest error text carried in a reply.
 pub const MAX_ERROR_TEXT: usize = 1024;
+/// Bytes of records one reply carries at most (ranges, previous records, watch events), beside
+/// the first record, which is always carried. A range that matched more answers `more`, and its
+/// reader continues after its last key at the reply's revision; a watch poll stops at a revision
+/// boundary. Half the wire's result limit, so that a reply always fits in it: a reply over that
+/// limit would be refused by every client and, cached for retransmission, make the replicas'
+/// checkpoints undecodable.
+pub const REPLY_BUDGET: usize = 4 * 1024 * 1024;
 /// Lease id meaning "no lease" (etcd's `NoLease`).
 pub const NO_LEASE: i64 = 0;
 
@@ -338,6 +345,10 @@ pub enum KvError {
     NotReadOnly,
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// What a request asked for does not fit in one reply even after [`REPLY_BUDGET`] bounded
+    /// it (one revision's watch events over the wire's limit, for example).
+    #[error("reply of {bytes} bytes is over the {limit}-byte limit")]
+    TooLarge { bytes: u64, limit: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
