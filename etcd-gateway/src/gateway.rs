@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, HeaderIds};
 use crate::errors;
+use crate::lease_clock::LeaseClock;
 use crate::own_events;
 use crate::pb;
 use crate::watch::Hub;
@@ -35,6 +36,7 @@ pub struct Gateway {
     pub(crate) client: Client,
     pub(crate) ids: HeaderIds,
     pub(crate) hub: Arc<Hub>,
+    pub(crate) leases: Arc<LeaseClock>,
     /// The URL clients reach this gateway at, reported as its member's client URL.
     advertise: String,
 }
@@ -59,8 +61,11 @@ impl Gateway {
             cluster_id,
             member_id,
         };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let leases = LeaseClock::new(client.clone(), wake.clone());
         Arc::new(Gateway {
-            hub: Hub::new(client.clone()),
+            hub: Hub::new(client.clone(), wake, leases.clone()),
+            leases,
             client,
             ids,
             advertise,
@@ -314,7 +319,7 @@ impl pb::lease_server::Lease for LeaseService {
         };
         match self.0.ordered(&KvRequest::LeaseGrant(req)).await? {
             KvResponse::LeaseGrant(g) => {
-                crate::lease_clock::expire_when_due(self.0.clone(), g.id, g.ttl);
+                self.0.leases.track(g.id, Some(g.ttl));
                 Ok(Response::new(pb::LeaseGrantResponse {
                     header: self.0.ids.header(g.header.revision),
                     id: g.id,
@@ -357,11 +362,16 @@ impl pb::lease_server::Lease for LeaseService {
                     .kv(&KvRequest::LeaseKeepAlive(kv::LeaseKeepAliveRequest { id }))
                     .await;
                 let out = match resp {
-                    Ok(KvResponse::LeaseKeepAlive(k)) => Ok(pb::LeaseKeepAliveResponse {
-                        header: gateway.ids.header(k.header.revision),
-                        id: k.id,
-                        ttl: k.ttl,
-                    }),
+                    Ok(KvResponse::LeaseKeepAlive(k)) => {
+                        // A lease granted elsewhere (another gateway, or this one before a
+                        // restart) is followed from now on.
+                        gateway.leases.track(k.id, Some(k.ttl));
+                        Ok(pb::LeaseKeepAliveResponse {
+                            header: gateway.ids.header(k.header.revision),
+                            id: k.id,
+                            ttl: k.ttl,
+                        })
+                    }
                     // etcd answers a keep-alive of an unknown lease with TTL 0, not an error.
                     Ok(KvResponse::Error(e))
                         if matches!(e.error, kv::KvError::LeaseNotFound { .. }) =>

@@ -1,19 +1,25 @@
-//! Makes leases the gateway granted expire on time when nothing else is written.
+//! Makes leases expire on time when nothing else is written, whichever gateway granted them.
 //!
 //! The replicas expire a lease only by consensus time: when they execute an ordered request
 //! whose timestamp is past the lease's deadline. In a store nobody writes to, no such request
 //! comes, and an expired lease and its keys stayed forever, although etcd deletes them once
 //! the TTL ran out (k8s.io/apiserver's TestCreateWithTTL waits for that DELETE). So for every
-//! lease it grants, the gateway orders a request when the lease should have run out: a
+//! lease it knows of, the gateway orders a request when the lease should have run out: a
 //! TimeToLive of that lease, which executes at a fresh consensus time (expiring the lease if it
 //! is due) and tells how long is left if it was kept alive meanwhile.
+//!
+//! A gateway knows the leases it granted, those it keeps alive for its clients, and those of
+//! every key its watches' tail sees written: so a lease granted through a gateway that then
+//! went away (with its kube-apiserver) still expires, through the gateways that remain.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kmmr_protocol::service::kv::{self as kv, KvError, KvRequest, KvResponse};
+use tokio::sync::Notify;
 
-use crate::gateway::Gateway;
+use kmmr_client::proxy::Client;
+use kmmr_protocol::service::kv::{self as kv, KvError, KvRequest, KvResponse};
 
 /// Added to each wait, so that the leader's consensus time, which the deadline is measured
 /// against, has passed the deadline too when the request executes (clocks of one host or of a
@@ -23,25 +29,65 @@ const MARGIN: Duration = Duration::from_millis(250);
 /// Wait after a failed attempt (the cluster unreachable for a while).
 const RETRY: Duration = Duration::from_secs(1);
 
-/// Orders a TimeToLive of lease `id` once its `ttl` seconds ran out, and again for as long as
-/// it lives on (kept alive), until the cluster no longer knows it.
-pub(crate) fn expire_when_due(gateway: Arc<Gateway>, id: i64, ttl: i64) {
-    tokio::spawn(async move {
-        let mut wait = secs(ttl);
+/// Leases followed at once at most; more are left to the other gateways and to writes.
+const MAX_TRACKED: usize = 100_000;
+
+pub(crate) struct LeaseClock {
+    client: Client,
+    /// Leases with a task waiting for their deadline.
+    tracked: Mutex<HashSet<i64>>,
+    /// Woken when a lease ended, for the watches' tail to read its keys' deletions.
+    tail: Arc<Notify>,
+}
+
+impl LeaseClock {
+    pub(crate) fn new(client: Client, tail: Arc<Notify>) -> Arc<LeaseClock> {
+        Arc::new(LeaseClock {
+            client,
+            tracked: Mutex::new(HashSet::new()),
+            tail,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows lease `id` until the cluster no longer knows it: asks after `ttl` seconds when
+    /// they are known (the lease was just granted or kept alive), at once otherwise, and again
+    /// for as long as it lives on. A lease already followed is left to its task.
+    pub(crate) fn track(self: &Arc<Self>, id: i64, ttl: Option<i64>) {
+        if id == kv::NO_LEASE {
+            return;
+        }
+        {
+            let mut tracked = self.lock();
+            if tracked.len() >= MAX_TRACKED || !tracked.insert(id) {
+                return;
+            }
+        }
+        let clock = self.clone();
+        tokio::spawn(async move {
+            clock
+                .follow(id, ttl.map_or(Duration::ZERO, |t| secs(t) + MARGIN))
+                .await;
+            clock.lock().remove(&id);
+        });
+    }
+
+    async fn follow(&self, id: i64, mut wait: Duration) {
         loop {
-            tokio::time::sleep(wait + MARGIN).await;
+            tokio::time::sleep(wait).await;
             let req = KvRequest::LeaseTimeToLive(kv::LeaseTimeToLiveRequest { id, keys: false });
-            wait = match gateway.client.kv(&req).await {
-                Ok(KvResponse::LeaseTimeToLive(t)) => {
-                    // Kept alive since: wait for what is left. The answer is in whole seconds,
-                    // rounded down, so a lease with less than a second left is asked about
-                    // again after the margin alone.
-                    secs(t.ttl)
-                }
+            wait = match self.client.kv(&req).await {
+                // Kept alive since: wait for what is left. The answer is in whole seconds,
+                // rounded down, so a lease with less than a second left is asked about again
+                // after the margin alone.
+                Ok(KvResponse::LeaseTimeToLive(t)) => secs(t.ttl) + MARGIN,
                 Ok(KvResponse::Error(e)) if matches!(e.error, KvError::LeaseNotFound { .. }) => {
                     // Expired (by this request or another) or revoked: its keys' DELETE events
-                    // are in the log now; tell the watches' tail to look.
-                    gateway.hub.wake();
+                    // are in the log now.
+                    self.tail.notify_one();
                     return;
                 }
                 Ok(other) => {
@@ -54,7 +100,7 @@ pub(crate) fn expire_when_due(gateway: Arc<Gateway>, id: i64, ttl: i64) {
                 }
             };
         }
-    });
+    }
 }
 
 fn secs(ttl: i64) -> Duration {

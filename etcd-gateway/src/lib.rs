@@ -7,7 +7,8 @@
 //! before consensus; `errors` holds etcd's error codes and texts; `gateway` the unary services;
 //! `watch` the watches, fanned out inside the process from one poll stream; `own_events` the
 //! events of the gateway's own writes, read from their agreed replies; `lease_clock` the
-//! ordered requests that let granted leases expire on time; `server` the gRPC listener with its
+//! ordered requests that let leases (granted here, kept alive here, or seen on written keys)
+//! expire on time; `server` the gRPC listener with its
 //! limits and TLS.
 
 pub mod convert;

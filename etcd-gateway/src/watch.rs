@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert::{self, HeaderIds};
 use crate::errors;
 use crate::gateway::{revision_probe, Gateway};
+use crate::lease_clock::LeaseClock;
 use crate::{mvccpb, pb};
 use kmmr_client::Client;
 use kmmr_protocol::service::kv::{self as kv, KvError, KvRequest, KvResponse};
@@ -57,7 +58,10 @@ pub struct Hub {
     /// watch of past events with no write after it never caught up: k8s.io/apiserver's
     /// TestWatchError waited 30 s).
     position: signal::Sender<u64>,
-    wake: Notify,
+    wake: Arc<Notify>,
+    /// Told of every lease the tail sees a key written with, so that it expires on time even
+    /// when the gateway that granted it went away.
+    leases: Arc<LeaseClock>,
     tail: Mutex<Option<JoinHandle<()>>>,
     /// The events of this gateway's own writes by revision, from their agreed replies
     /// (`own_events`), until the tail delivers them or a poll passes them.
@@ -68,14 +72,15 @@ pub struct Hub {
 const OWN_EVENTS_KEPT: usize = 4096;
 
 impl Hub {
-    pub fn new(client: Client) -> Arc<Hub> {
+    pub(crate) fn new(client: Client, wake: Arc<Notify>, leases: Arc<LeaseClock>) -> Arc<Hub> {
         let (batches, _) = broadcast::channel(TAIL_BUFFER);
         let (position, _) = signal::channel(0);
         Arc::new(Hub {
             client,
             batches,
             position,
-            wake: Notify::new(),
+            wake,
+            leases,
             tail: Mutex::new(None),
             own: Mutex::new(BTreeMap::new()),
         })
@@ -109,19 +114,29 @@ impl Hub {
             if revision <= position {
                 entry.remove();
             } else if revision == position + 1 {
-                let batch = TailBatch {
+                self.broadcast(TailBatch {
                     after: position,
                     upto: revision,
                     events: entry.remove(),
-                };
+                });
                 position = revision;
-                let _ = self.batches.send(Arc::new(batch));
-                self.position.send_replace(position);
             } else {
                 return (position, true);
             }
         }
         (position, false)
+    }
+
+    /// Broadcasts a batch the tail has, and moves its position past it.
+    fn broadcast(&self, batch: TailBatch) {
+        for e in &batch.events {
+            if e.kind == kv::EventKind::Put {
+                self.leases.track(e.kv.lease, None);
+            }
+        }
+        let upto = batch.upto;
+        let _ = self.batches.send(Arc::new(batch));
+        self.position.send_replace(upto);
     }
 
     fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Arc<TailBatch>> {
@@ -182,14 +197,12 @@ impl Hub {
                 Ok(KvResponse::WatchPoll(w)) => {
                     let full = w.events.len() >= POLL_LIMIT as usize;
                     if w.resume_after > position {
-                        let batch = TailBatch {
+                        self.broadcast(TailBatch {
                             after: position,
                             upto: w.resume_after,
                             events: w.events,
-                        };
-                        position = batch.upto;
-                        let _ = self.batches.send(Arc::new(batch));
-                        self.position.send_replace(position);
+                        });
+                        position = w.resume_after;
                     }
                     full
                 }

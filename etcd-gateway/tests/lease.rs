@@ -73,3 +73,88 @@ async fn a_leased_key_is_deleted_when_its_ttl_runs_out_with_no_other_traffic() {
         .into_inner();
     assert_eq!(ttl.ttl, -1, "the lease is gone: {ttl:?}");
 }
+
+/// A lease granted around this gateway (through another gateway that then went away, with the
+/// kube-apiserver that held it) expires on time too: the gateway follows every lease it sees a
+/// key written with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written() {
+    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+
+    let cluster = Cluster::start("lease-elsewhere", 4, &[(1, Behaviour::Corrupt)]);
+    let gw = GatewayHandle::start(&cluster, Limits::default()).await;
+    let mut watch = pb::watch_client::WatchClient::connect(gw.endpoint.clone())
+        .await
+        .expect("watch client");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: b"/registry/masterleases/".to_vec(),
+                range_end: b"/registry/masterleases0".to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .expect("send");
+    let mut stream = watch
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let created = stream.message().await.expect("stream").expect("open");
+    assert!(created.created);
+
+    // The other gateway: the cluster's own client, which grants, writes and is gone.
+    let other = cluster.client().await;
+    let id = match other
+        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
+            id: 0,
+            ttl: 2,
+        }))
+        .await
+        .expect("grant")
+    {
+        KvResponse::LeaseGrant(g) => g.id,
+        r => panic!("grant: {r:?}"),
+    };
+    let put_at = Instant::now();
+    other
+        .kv(&KvRequest::Put(kv::PutRequest {
+            key: b"/registry/masterleases/10.0.0.1".to_vec(),
+            value: b"v".to_vec(),
+            lease: id,
+            prev_kv: false,
+        }))
+        .await
+        .expect("put");
+    drop(other);
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let resp = tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no DELETE {:?} after the put of a key with a 2 s lease (events so far: {kinds:?})",
+                    put_at.elapsed()
+                )
+            })
+            .expect("stream")
+            .expect("open");
+        kinds.extend(resp.events.iter().map(|e| e.r#type));
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            kmmr_etcd_gateway::mvccpb::event::EventType::Put as i32,
+            kmmr_etcd_gateway::mvccpb::event::EventType::Delete as i32
+        ]
+    );
+    assert!(
+        put_at.elapsed() >= Duration::from_millis(1500),
+        "the lease must not expire before its TTL ({:?})",
+        put_at.elapsed()
+    );
+}
