@@ -353,10 +353,19 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
             .any(|p| p["name"] == port),
         "the ServiceMonitor's port {port} is not a port of {service}"
     );
-    // The PodMonitor selects the replica pods by the labels the operator sets, on port http
-    // (operator/src/names.rs and children.rs), in every namespace unless one is watched.
+    // The PodMonitors select the replica pods by the labels the operator sets, on port http
+    // (operator/src/names.rs and children.rs), and the etcd gateways on port metrics
+    // (etcd_api.rs), in every namespace unless one is watched.
     let pm = find(&docs, "PodMonitor");
-    assert_eq!(pm.len(), 1);
+    assert_eq!(pm.len(), 2);
+    let gateways = &pm[1]["spec"];
+    assert_eq!(pm[1]["metadata"]["name"], "kmmr-etcd-gateways");
+    assert_eq!(
+        gateways["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "etcd-gateway"
+    );
+    assert_eq!(gateways["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pm[1]["metadata"]["labels"]["release"], "prometheus");
     let spec = &pm[0]["spec"];
     assert_eq!(
         spec["selector"]["matchLabels"]["app.kubernetes.io/name"],
@@ -391,7 +400,9 @@ fn monitoring_is_off_by_default_and_scrapes_the_real_ports_when_on() -> Result {
         ],
     )?;
     let pm = find(&docs, "PodMonitor");
-    assert_eq!(pm[0]["spec"]["namespaceSelector"]["matchNames"][0], "apps");
+    for m in &pm {
+        assert_eq!(m["spec"]["namespaceSelector"]["matchNames"][0], "apps");
+    }
     // A misspelt setting is refused, not ignored.
     assert!(lint_refuses(&helm, "monitoring.podMonitor.enable=true"));
     Ok(())
@@ -405,6 +416,7 @@ fn exported_metrics() -> Result<Vec<String>> {
     for (file, prefix) in [
         ("replica/src/node/metrics.rs", "kmmr_"),
         ("operator/src/metrics.rs", "kmmr_operator_"),
+        ("etcd-gateway/src/metrics.rs", "kmmr_etcd_gateway_"),
     ] {
         let code = std::fs::read_to_string(format!("{root}/{file}"))?;
         for part in code.split("registry.register(").skip(1) {

@@ -37,6 +37,7 @@ pub struct Gateway {
     pub(crate) ids: HeaderIds,
     pub(crate) hub: Arc<Hub>,
     pub(crate) leases: Arc<LeaseClock>,
+    pub(crate) metrics: crate::metrics::Metrics,
     /// The URL clients reach this gateway at, reported as its member's client URL.
     advertise: String,
 }
@@ -66,6 +67,7 @@ impl Gateway {
         Arc::new(Gateway {
             hub: Hub::new(client.clone(), wake, leases.clone()),
             leases,
+            metrics: crate::metrics::Metrics::new(),
             client,
             ids,
             advertise,

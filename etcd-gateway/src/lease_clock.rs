@@ -49,6 +49,11 @@ impl LeaseClock {
         })
     }
 
+    /// Leases followed now.
+    pub(crate) fn followed(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
         self.tracked.lock().unwrap_or_else(|e| e.into_inner())
     }

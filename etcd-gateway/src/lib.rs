@@ -8,13 +8,14 @@
 //! `watch` the watches, fanned out inside the process from one poll stream; `own_events` the
 //! events of the gateway's own writes, read from their agreed replies; `lease_clock` the
 //! ordered requests that let leases (granted here, kept alive here, or seen on written keys)
-//! expire on time; `server` the gRPC listener with its
+//! expire on time; `metrics` the HTTP port's metrics and health; `server` the gRPC listener with its
 //! limits and TLS.
 
 pub mod convert;
 pub mod errors;
 pub mod gateway;
 mod lease_clock;
+pub mod metrics;
 mod own_events;
 pub mod server;
 pub mod watch;

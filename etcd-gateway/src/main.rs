@@ -46,6 +46,11 @@ struct Args {
     /// CA (PEM) whose client certificates are required, as etcd's --trusted-ca-file.
     #[arg(long, requires = "cert_file")]
     trusted_ca_file: Option<PathBuf>,
+    /// Address of the HTTP port: `/metrics` (Prometheus), `/health` (etcd's: whether a quorum
+    /// of replicas answers) and `/livez`. Plain HTTP, as etcd's --listen-metrics-urls; off by
+    /// default.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Most client connections served at once.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -145,6 +150,17 @@ async fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local}"));
     let gateway = Gateway::new(client, advertise.clone());
+    if let Some(addr) = args.metrics_listen {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        tracing::info!(listen = %http.local_addr()?, "metrics and health up");
+        tokio::spawn(kmmr_net::http::serve(
+            http,
+            kmmr_etcd_gateway::metrics::router(gateway.clone()),
+            kmmr_net::http::HttpLimits::default(),
+        ));
+    }
     tracing::info!(listen = %local, advertise = %advertise, "etcd API up");
     // One line on stdout that scripts and tests wait for.
     println!("serving the etcd API on {advertise}");

@@ -87,7 +87,11 @@ pub async fn serve(
     let router = routes
         .routes()
         .into_axum_router()
-        .layer(axum::middleware::from_fn(name_unimplemented));
+        .layer(axum::middleware::from_fn(name_unimplemented))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            count_request,
+        ));
     let routes = Routes::from(router);
     let mut server = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
@@ -117,6 +121,26 @@ fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig> {
         config = config.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(config)
+}
+
+/// Counts each request in the gateway's metrics, with the gRPC code its response starts with
+/// (a unary error is a trailers-only response, whose code is in its headers; anything else
+/// starts well).
+async fn count_request(
+    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = request.uri().path().to_owned();
+    let t0 = std::time::Instant::now();
+    let response = next.run(request).await;
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0");
+    gateway.metrics.record(&path, code, t0.elapsed());
+    response
 }
 
 /// Any method the gateway does not serve (of a service it does not serve, or of one it does)

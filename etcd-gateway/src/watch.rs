@@ -127,6 +127,16 @@ impl Hub {
         (position, false)
     }
 
+    /// Watches subscribed to the tail: every open watch.
+    pub(crate) fn watchers(&self) -> usize {
+        self.batches.receiver_count()
+    }
+
+    /// The revision through which every event has been broadcast (0 while no tail runs).
+    pub(crate) fn tail_revision(&self) -> u64 {
+        *self.position.borrow()
+    }
+
     /// Broadcasts a batch the tail has, and moves its position past it.
     fn broadcast(&self, batch: TailBatch) {
         for e in &batch.events {

@@ -15,9 +15,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, KeyToPath, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource, SecurityContext,
-    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, KeyToPath,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -402,6 +402,10 @@ fn short_hash(text: &str) -> String {
     blake3::hash(text.as_bytes()).to_hex()[..16].to_string()
 }
 
+/// The gateways' HTTP port: `/metrics`, `/health` (a quorum answers) and `/livez`; etcd's
+/// metrics port number.
+pub const GATEWAY_METRICS_PORT: i32 = 2381;
+
 /// The gateways' Deployment. `view` is the view.toml the replicas run (the ConfigMap's entry)
 /// and `server_cert` the server certificate the pods mount.
 ///
@@ -501,12 +505,15 @@ pub fn deployment(
 
 fn gateway_container(cluster: &BftCluster, advertise: &str) -> Container {
     let tls = |entry: &str| format!("{TLS_DIR}/{entry}");
-    let tcp_probe = |period, failures| Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::String("etcd".to_string()),
-            ..TCPSocketAction::default()
+    let http_probe = |path: &str, period, failures| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("metrics".to_string()),
+            ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
+        // The health check waits up to 5 s for a quorum of replicas.
+        timeout_seconds: Some(6),
         failure_threshold: Some(failures),
         ..Probe::default()
     };
@@ -531,16 +538,26 @@ fn gateway_container(cluster: &BftCluster, advertise: &str) -> Container {
             tls(KEY_ENTRY),
             "--trusted-ca-file".to_string(),
             tls(CA_ENTRY),
+            "--metrics-listen".to_string(),
+            format!("0.0.0.0:{GATEWAY_METRICS_PORT}"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("etcd".to_string()),
-            container_port: ETCD_API_PORT,
-            protocol: Some("TCP".to_string()),
-            ..ContainerPort::default()
-        }]),
-        // The gateway listens only once it has connected to the cluster.
-        readiness_probe: Some(tcp_probe(2, 3)),
-        liveness_probe: Some(tcp_probe(10, 6)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("etcd".to_string()),
+                container_port: ETCD_API_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".to_string()),
+                container_port: GATEWAY_METRICS_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready while a quorum of replicas answers it (etcd's /health); alive while it serves.
+        readiness_probe: Some(http_probe("/health", 2, 3)),
+        liveness_probe: Some(http_probe("/livez", 10, 6)),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".to_string(), Quantity("50m".to_string())),

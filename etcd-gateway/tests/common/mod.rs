@@ -154,6 +154,19 @@ impl Cluster {
         Cluster { dir, replicas }
     }
 
+    /// Stops replica `i` (and waits for it to end).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(r) = self.replicas.get_mut(i) {
+            drop(std::mem::replace(
+                r,
+                Running {
+                    stop: None,
+                    thread: None,
+                },
+            ));
+        }
+    }
+
     /// A client of its own: replicas serve only the newest session of a key, so two running
     /// clients never share one.
     pub async fn client(&self) -> Client {

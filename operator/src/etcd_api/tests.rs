@@ -339,6 +339,40 @@ fn the_gateways_mount_the_view_and_the_server_certificate_and_nothing_else() {
 }
 
 #[test]
+fn gateways_are_ready_while_a_quorum_answers_them_on_their_metrics_port() {
+    let c = cluster();
+    let d = deployment(&c, &etcd_spec(&c), "id = 0\n", "CERT");
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let container = &pod.containers[0];
+    let args = container.args.as_ref().unwrap().join(" ");
+    assert!(args.contains("--metrics-listen 0.0.0.0:2381"), "{args}");
+    let ports: Vec<_> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("etcd".to_string(), 2379), ("metrics".to_string(), 2381)]
+    );
+    let get = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let h = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (h.path.clone().unwrap(), h.port.clone())
+    };
+    let metrics =
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".to_string());
+    assert_eq!(
+        get(&container.readiness_probe),
+        ("/health".to_string(), metrics.clone())
+    );
+    assert_eq!(
+        get(&container.liveness_probe),
+        ("/livez".to_string(), metrics)
+    );
+}
+
+#[test]
 fn a_new_view_or_certificate_rolls_the_gateways_and_nothing_else_does() {
     let c = cluster();
     let spec = etcd_spec(&c);

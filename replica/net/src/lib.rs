@@ -88,6 +88,8 @@
 
 mod client;
 mod conn;
+#[cfg(feature = "http")]
+pub mod http;
 mod peer;
 pub mod slots;
 mod stats;

@@ -18,7 +18,7 @@ mod accuse;
 pub mod config;
 pub mod durability;
 mod fds;
-pub mod http;
+pub use kmmr_net::http;
 pub mod metrics;
 mod poll;
 mod promised;

@@ -1,7 +1,7 @@
-//! The HTTP port's server: axum's router served connection by connection with bounds, because
-//! `axum::serve` has none. An idle connection was never closed, so 4,900 of them took a replica
-//! to 4,926 descriptors and 461 MB, and under a 1,024 descriptor limit the write-ahead log failed
-//! for want of a descriptor. Here connections are capped (in all and per source address), a
+//! The HTTP server of replicas' and gateways' metrics ports: axum's router served connection by
+//! connection with bounds, because `axum::serve` has none. An idle connection was never closed,
+//! so 4,900 of them took a replica to 4,926 descriptors and 461 MB, and under a 1,024 descriptor
+//! limit the write-ahead log failed for want of a descriptor. Here connections are capped (in all and per source address), a
 //! request's headers must arrive within `header_timeout` (hyper starts that clock as soon as it
 //! waits for a request, so it is also the idle timeout between requests), and no connection
 //! lives longer than `lifetime` (a reader that never drains its response pins nothing for long).
@@ -9,11 +9,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::slots::{SlotLimits, Slots};
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use kmmr_net::slots::{SlotLimits, Slots};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
