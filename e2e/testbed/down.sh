@@ -38,8 +38,8 @@ stop() {
 stop bridge-outer bridge-inner
 stop kube-scheduler kube-controller-manager
 # The apiserver drains watches for a long time; its state is in etcd, which goes next anyway.
-GRACE=3 stop kube-apiserver
-stop etcd etcd-gateway kmmr-store
+GRACE=3 stop kube-apiserver kube-apiserver-2
+stop etcd etcd-gateway etcd-gateway-2 kmmr-store
 if [[ -d $PIDS ]]; then
   # Anything else that was recorded (the node's processes, if node.sh could not stop them).
   for f in "$PIDS"/*.pid; do [[ -e $f ]] && stop "$(basename "$f" .pid)"; done

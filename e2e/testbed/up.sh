@@ -8,7 +8,12 @@
 #                               of 4 durable replicas and the etcd gateway the apiserver talks to
 #                               (also KMMR_TESTBED_STORE=kmmr). One of the 4 replicas lies: it
 #                               corrupts what it sends (KMMR_TESTBED_BYZANTINE=<mode> picks another
-#                               of `kmmr-replica local`'s modes, =none makes all 4 correct)
+#                               of `kmmr-replica local`'s modes, =none makes all 4 correct).
+#                               Two masters, as the paper's KmMR runs them: a second
+#                               kube-apiserver on a gateway of its own, which the controller
+#                               manager and the scheduler use while kubectl and the kubelet use
+#                               the first, so every object goes through both
+#                               (KMMR_TESTBED_APISERVERS=1 runs one)
 #
 # Everything runs inside the network namespace $NETNS (kmmr-testbed), which has a loopback
 # interface, a port-less bridge kmmr0 carrying the node address, the pods' bridge, and no route
@@ -36,13 +41,19 @@ while (($#)); do
   shift
 done
 [[ ${KMMR_TESTBED_NODE:-} == 1 ]] && want_node=1
+apiservers=1
 case "$store" in
   etcd) store_procs=(etcd);;
-  kmmr) store_procs=(kmmr-store etcd-gateway);;
+  kmmr)
+    store_procs=(kmmr-store etcd-gateway)
+    apiservers="${KMMR_TESTBED_APISERVERS:-2}"
+    [[ $apiservers == 1 || $apiservers == 2 ]] || die "KMMR_TESTBED_APISERVERS must be 1 or 2, not '$apiservers'"
+    ((apiservers == 2)) && store_procs+=(etcd-gateway-2);;
   *) die "--store must be etcd or kmmr, not '$store'";;
 esac
 
 control_plane=("${store_procs[@]}" kube-apiserver kube-controller-manager kube-scheduler)
+((apiservers == 2)) && control_plane+=(kube-apiserver-2)
 
 all_alive() { local n; for n in "$@"; do alive "$n" || return 1; done; }
 
@@ -130,9 +141,13 @@ current-context: kmmr-testbed
 EOF
 }
 inner="https://127.0.0.1:$api_port"
+# With two apiservers the controllers use the second one, on the next port, loopback only.
+api2_port=$((api_port + 1))
+controllers="$inner"
+((apiservers == 2)) && controllers="https://127.0.0.1:$api2_port"
 write_kubeconfig "$KUBECONFIG_PATH" admin "https://127.0.0.1:$HOST_PORT"
-write_kubeconfig "$RUN_DIR/controller-manager.kubeconfig" controller-manager "$inner"
-write_kubeconfig "$RUN_DIR/scheduler.kubeconfig" scheduler "$inner"
+write_kubeconfig "$RUN_DIR/controller-manager.kubeconfig" controller-manager "$controllers"
+write_kubeconfig "$RUN_DIR/scheduler.kubeconfig" scheduler "$controllers"
 
 echo "$store" >"$RUN_DIR/store"
 if [[ $store == etcd ]]; then
@@ -170,29 +185,43 @@ WATCH=kmmr-store wait_for "a quorum of KmMR replicas" 60 \
 start etcd-gateway "$where" "$KMMR_STORE_BIN/kmmr-etcd-gateway" --cluster "$kmmr_dir" \
   --listen "127.0.0.1:$etcd_port"
 log "control plane state on KmMR: 4 replicas in $kmmr_dir (Byzantine: $byzantine), the etcd API on 127.0.0.1:$etcd_port"
+if ((apiservers == 2)); then
+  start etcd-gateway-2 "$where" "$KMMR_STORE_BIN/kmmr-etcd-gateway" --cluster "$kmmr_dir" \
+    --listen "127.0.0.1:$((etcd_port + 10))"
+  log "the second master's gateway on 127.0.0.1:$((etcd_port + 10))"
+fi
 fi
 
 # --- kube-apiserver ----------------------------------------------------------------------------
-start kube-apiserver "$where" kube-apiserver \
-  --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address "$api_bind" --secure-port "$api_port" --advertise-address "$advertise" \
-  --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-  --client-ca-file "$PKI/ca.crt" \
-  --service-account-issuer "https://kubernetes.default.svc.$CLUSTER_DOMAIN" \
-  --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-  --service-cluster-ip-range "$SERVICE_CIDR" \
-  --authorization-mode Node,RBAC \
-  --allow-privileged=true \
-  --enable-aggregator-routing=true \
-  --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
-  --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
-  --kubelet-certificate-authority "$PKI/ca.crt" \
-  --kubelet-preferred-address-types InternalIP \
-  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
-  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
-  --requestheader-extra-headers-prefix X-Remote-Extra- \
-  --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
-  --profiling=false --v=1
+# kube_apiserver NAME ETCD_URL BIND PORT EXTRA...
+kube_apiserver() {
+  local name="$1" etcd="$2" bind="$3" port="$4"; shift 4
+  start "$name" "$where" kube-apiserver \
+    --etcd-servers "$etcd" \
+    --bind-address "$bind" --secure-port "$port" --advertise-address "$advertise" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --service-account-issuer "https://kubernetes.default.svc.$CLUSTER_DOMAIN" \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --authorization-mode Node,RBAC \
+    --allow-privileged=true \
+    --enable-aggregator-routing=true \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority "$PKI/ca.crt" \
+    --kubelet-preferred-address-types InternalIP \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --profiling=false --v=1 "$@"
+}
+kube_apiserver kube-apiserver "http://127.0.0.1:$etcd_port" "$api_bind" "$api_port"
+# The second master shares the node's address; it leaves the kubernetes Service's endpoints to
+# the first (two reconcilers of one address and two ports would overwrite each other's port).
+((apiservers == 2)) && kube_apiserver kube-apiserver-2 "http://127.0.0.1:$((etcd_port + 10))" \
+  127.0.0.1 "$api2_port" --endpoint-reconciler-type none
 
 if [[ $mode == ns ]]; then
   # Host loopback -> unix socket -> namespace loopback. No route joins the two namespaces.
@@ -204,6 +233,15 @@ fi
 WATCH="${store_procs[*]} kube-apiserver" wait_for "the apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready \
   || { tail -n 30 "$LOGS/kube-apiserver.log" >&2; die "kube-apiserver not ready"; }
 log "kube-apiserver ready"
+if ((apiservers == 2)); then
+  ready2() {
+    in_where "$K8S_BIN/kubectl" --kubeconfig "$RUN_DIR/controller-manager.kubeconfig" \
+      --request-timeout=10s get --raw /readyz
+  }
+  WATCH="${store_procs[*]} kube-apiserver-2" wait_for "the second apiserver to be ready" "${KMMR_TESTBED_READY_TIMEOUT:-180}" ready2 \
+    || { tail -n 30 "$LOGS/kube-apiserver-2.log" >&2; die "the second kube-apiserver not ready"; }
+  log "the second kube-apiserver ready on 127.0.0.1:$api2_port: the controller manager and the scheduler use it"
+fi
 
 # --- controller manager and scheduler ------------------------------------------------------------
 start kube-controller-manager "$where" kube-controller-manager \
@@ -224,7 +262,8 @@ start kube-scheduler "$where" kube-scheduler \
   --authorization-kubeconfig "$RUN_DIR/scheduler.kubeconfig" \
   --bind-address 127.0.0.1 --secure-port 10259 --leader-elect=false --profiling=false --v=1
 
-# The service-account controller creating `default` shows the controller manager works.
+# The service-account controller creating `default` shows the controller manager works (with two
+# masters: it wrote through the second and kubectl reads through the first).
 WATCH="kube-apiserver kube-controller-manager" wait_for "the default service account" 120 kubectl_ -n default get serviceaccount default \
   || { tail -n 30 "$LOGS/kube-controller-manager.log" >&2; die "controller manager not working"; }
 log "control plane ready ($mode): $(kubectl_ version 2>/dev/null | tr '\n' ' ')"
