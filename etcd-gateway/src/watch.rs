@@ -222,6 +222,23 @@ impl Hub {
                         // had not seen the lost events find out when they catch up.
                         position = 0;
                         self.position.send_replace(0);
+                    } else if let KvError::TooLarge { bytes, .. } = e.error {
+                        // The next revision's events (a range delete of a large prefix) do not
+                        // fit in one reply. The tail goes on after it with an empty batch, and
+                        // each watch reads that revision for its own range while catching up to
+                        // the batch; a watch whose share is still too large is canceled.
+                        let skipped = position + 1;
+                        tracing::warn!(
+                            revision = skipped,
+                            bytes,
+                            "watch tail: one revision too large for a reply; each watch reads its own range of it"
+                        );
+                        self.broadcast(TailBatch {
+                            after: skipped,
+                            upto: skipped,
+                            events: Vec::new(),
+                        });
+                        position = skipped;
                     } else {
                         tracing::warn!(error = %e.error, "watch tail poll refused");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -297,6 +314,8 @@ enum Stop {
     Closed,
     /// Its start is compacted away; the client was told.
     Compacted,
+    /// Its events of one revision do not fit in a reply of the cluster; the client was told.
+    TooLarge,
 }
 
 struct Watcher {
@@ -382,6 +401,25 @@ impl Watcher {
                         };
                         let _ = self.send(resp).await;
                         return Err(Stop::Compacted);
+                    }
+                    if let KvError::TooLarge { bytes, limit } = e.error {
+                        // Nothing this watch can be given whole: cancel it, saying why, rather
+                        // than leave it stuck or skip events (the client may watch again from
+                        // the revision after).
+                        let revision = self.position() + 1;
+                        let resp = pb::WatchResponse {
+                            header: self.ids.header(e.header.revision),
+                            watch_id: self.spec.id,
+                            canceled: true,
+                            cancel_reason: format!(
+                                "etcdserver: the events of revision {revision} in this watch's range \
+                                 ({bytes} bytes with their previous values) are over the cluster's \
+                                 reply limit of {limit} bytes"
+                            ),
+                            ..Default::default()
+                        };
+                        let _ = self.send(resp).await;
+                        return Err(Stop::TooLarge);
                     }
                     tracing::warn!(watch = self.spec.id, error = %e.error, "watch catch-up refused");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -112,3 +112,103 @@ async fn a_range_and_a_watch_over_many_replies_arrive_whole_with_a_corrupt_repli
     }
     assert_eq!(seen, (2..=1 + VALUES as i64).collect::<Vec<_>>());
 }
+
+async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("an answer within 30 s")
+        .expect("stream")
+        .expect("open")
+}
+
+fn watch_create(key: &[u8], range_end: &[u8], start: i64) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.to_vec(),
+                range_end: range_end.to_vec(),
+                start_revision: start,
+                prev_kv: true,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// One revision whose events cannot fit in any reply (a range delete of 12 MiB of values, which
+/// its delete events carry): the watch of that range is canceled, saying why, and every other
+/// watch goes on, with nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_too_large_for_any_reply_cancels_only_the_watches_it_is_in() {
+    let cluster = Cluster::start("large-revision", 4, &[(1, Behaviour::Corrupt)]);
+    let gw = GatewayHandle::start(&cluster, Limits::default()).await;
+    let client = cluster.client().await;
+    for i in 0..VALUES {
+        client
+            .kv(&KvRequest::put(format!("/big/{i:02}"), value(i)))
+            .await
+            .expect("put");
+    }
+    let mut watch = WatchClient::connect(gw.endpoint.clone())
+        .await
+        .expect("watch")
+        .max_decoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut stream = watch
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("watch stream")
+        .into_inner();
+    tx.send(watch_create(b"/big/", b"/big0", 0))
+        .await
+        .expect("send");
+    let big = next(&mut stream).await;
+    assert!(big.created);
+    tx.send(watch_create(b"/other/", b"/other0", 0))
+        .await
+        .expect("send");
+    let other = next(&mut stream).await;
+    assert!(other.created);
+
+    let deleted = client
+        .kv(&KvRequest::DeleteRange(
+            kmmr_protocol::service::kv::DeleteRangeRequest {
+                key: b"/big/".to_vec(),
+                range_end: b"/big0".to_vec(),
+                prev_kv: false,
+            },
+        ))
+        .await
+        .expect("delete")
+        .header()
+        .revision;
+    let after = client
+        .kv(&KvRequest::put("/other/x", "after"))
+        .await
+        .expect("put")
+        .header()
+        .revision;
+    assert_eq!(after, deleted + 1);
+
+    let (mut canceled, mut seen) = (None, Vec::new());
+    while canceled.is_none() || seen.is_empty() {
+        let resp = next(&mut stream).await;
+        if resp.canceled {
+            assert_eq!(resp.watch_id, big.watch_id, "{resp:?}");
+            canceled = Some(resp.cancel_reason);
+        } else {
+            assert_eq!(resp.watch_id, other.watch_id, "{resp:?}");
+            seen.extend(
+                resp.events
+                    .into_iter()
+                    .map(|e| e.kv.expect("kv").mod_revision),
+            );
+        }
+    }
+    let reason = canceled.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("revision {deleted}")) && reason.contains("reply limit"),
+        "{reason}"
+    );
+    assert_eq!(seen, vec![after as i64]);
+}
