@@ -365,3 +365,50 @@ async fn a_replica_whose_promise_files_are_both_damaged_refuses_to_start() {
     let r = client.kv(&KvRequest::put("after", "v")).await;
     assert!(matches!(r, Ok(KvResponse::Put(_))), "{r:?}");
 }
+
+/// A replica whose client port accepts connections and never answers (a stalled host) holds up
+/// neither a new client nor the requests of a running one: dials run beside the requests. (A
+/// dial awaited in the client's loop stopped every request for the 5 s handshake timeout on
+/// each redial tick.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_holds_up_no_client() {
+    let mut cluster =
+        TestCluster::start("hostile-stalled", 4, ProtocolConfig::default(), &[]).await;
+    cluster.kill(3).await;
+    let port = cluster.base + 1000 + 3;
+    let stall = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind replica 3's client port");
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = stall.accept().await {
+            conns.push(c);
+        }
+    });
+    let t0 = Instant::now();
+    let client = cluster.client().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "connecting took {:?}",
+        t0.elapsed()
+    );
+    assert!(client
+        .unreachable_at_connect()
+        .iter()
+        .any(|(id, _)| id.0 == 3));
+    // 20 puts over more than 2 s: several redial ticks of the stalled replica pass meanwhile.
+    for i in 0..20 {
+        let t = Instant::now();
+        client
+            .kv(&KvRequest::put(format!("stalled/{i}"), "v"))
+            .await
+            .expect("put");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "put {i} took {:?} while replica 3 stalled",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    held.abort();
+}

@@ -2,7 +2,7 @@
 //! with mutual TLS (`net::ClientConnector`), sends each request to all of them, and resolves when
 //! enough distinct replicas agreed on the result. Many requests may be in flight at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,22 +91,26 @@ impl Client {
         session.set_quorum_writes(opts.linearizable_unordered_reads);
         let (tx, rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let (dialed_tx, mut dialed_rx) = mpsc::channel(64);
         let (view_tx, view_rx) = watch::channel(session.view().clone());
         let mut task = ProxyTask {
             view_tx,
             session,
             connector,
             links: BTreeMap::new(),
+            dialing: HashSet::new(),
+            dialed_tx,
             pending: HashMap::new(),
             ev_tx,
             clock,
             redial: opts.redial,
             connected: Arc::new(AtomicUsize::new(0)),
         };
-        let unreachable = Arc::new(task.dial_all().await);
+        task.dial_missing();
+        let unreachable = Arc::new(task.first_dials(&mut dialed_rx).await);
         let connected = task.connected.clone();
         task.count_links();
-        tokio::spawn(task.run(rx, ev_rx));
+        tokio::spawn(task.run(rx, ev_rx, dialed_rx));
         Ok(Client {
             tx,
             view: view_rx,
@@ -118,8 +122,9 @@ impl Client {
         })
     }
 
-    /// The replicas that could not be reached when this client connected, and why. They are
-    /// re-dialled in the background; a caller may tell its user, or give up when none answered.
+    /// The replicas that could not be reached when this client connected, and why (those that
+    /// had not answered yet when a quorum of others had are among them). They are re-dialled
+    /// in the background; a caller may tell its user, or give up when none answered.
     pub fn unreachable_at_connect(&self) -> &[(ReplicaId, String)] {
         &self.unreachable
     }
@@ -203,11 +208,24 @@ impl Client {
     }
 }
 
+/// The outcome of one dial, from the task that made it.
+type Dialed = (ReplicaId, Result<ReplicaLink, String>);
+
+/// Once a quorum of replicas is connected, how much longer a new client waits for the rest
+/// before it starts (they go on connecting in the background).
+const CONNECT_STRAGGLERS: Duration = Duration::from_millis(100);
+
 struct ProxyTask {
     view_tx: watch::Sender<View>,
     session: ClientSession,
     connector: Arc<ClientConnector>,
     links: BTreeMap<ReplicaId, ReplicaLink>,
+    /// Replicas with a dial in flight. Dials run on tasks of their own, so that a replica that
+    /// does not answer (a blackholed host, a stalled handshake) holds up no request: a dial
+    /// awaited here stopped the whole client for up to the connect and handshake timeouts on
+    /// every redial tick.
+    dialing: HashSet<ReplicaId>,
+    dialed_tx: mpsc::Sender<Dialed>,
     pending: HashMap<u64, oneshot::Sender<Result<Vec<u8>, ClientError>>>,
     ev_tx: mpsc::Sender<FromReplica>,
     clock: Clock,
@@ -222,29 +240,90 @@ impl ProxyTask {
         self.connected.store(open, Ordering::Relaxed);
     }
 
-    /// Dials every replica not connected; returns those that could not be reached, and why.
-    async fn dial_all(&mut self) -> Vec<(ReplicaId, String)> {
-        let members = self.session.view().members.clone();
-        let mut failed = Vec::new();
-        for m in members {
-            if self.links.get(&m.id).is_some_and(|l| !l.is_closed()) {
+    /// Starts a dial of every member with neither an open link nor a dial in flight.
+    fn dial_missing(&mut self) {
+        for m in self.session.view().members.clone() {
+            if self.links.get(&m.id).is_some_and(|l| !l.is_closed()) || !self.dialing.insert(m.id) {
                 continue;
             }
-            match self.connector.dial(&m, self.ev_tx.clone()).await {
-                Ok(link) => {
-                    self.links.insert(m.id, link);
-                }
-                Err(e) => {
-                    tracing::debug!(replica = m.id.0, error = %e, "replica unreachable");
-                    self.links.remove(&m.id);
-                    failed.push((m.id, format!("{e:#}")));
-                }
+            let (connector, events, dialed) = (
+                self.connector.clone(),
+                self.ev_tx.clone(),
+                self.dialed_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let outcome = connector
+                    .dial(&m, events)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                let _ = dialed.send((m.id, outcome)).await;
+            });
+        }
+    }
+
+    /// A dial ended: keep the link if the replica is still a member; returns why it failed.
+    fn on_dialed(&mut self, (id, outcome): Dialed) -> Option<String> {
+        self.dialing.remove(&id);
+        match outcome {
+            Ok(link) if self.session.view().contains(id) => {
+                self.links.insert(id, link);
+                None
+            }
+            Ok(_) => None,
+            Err(why) => {
+                tracing::debug!(replica = id.0, error = %why, "replica unreachable");
+                self.links.remove(&id);
+                Some(why)
             }
         }
+    }
+
+    /// The first dials of a new client: waits until every one ended, or a quorum is connected
+    /// and the others had [`CONNECT_STRAGGLERS`] more; returns the replicas not connected, and
+    /// why.
+    async fn first_dials(
+        &mut self,
+        dialed: &mut mpsc::Receiver<Dialed>,
+    ) -> Vec<(ReplicaId, String)> {
+        let mut failed = Vec::new();
+        let quorum = self.session.view().quorum();
+        let mut stragglers: Option<tokio::time::Instant> = None;
+        while !self.dialing.is_empty() {
+            let deadline = stragglers
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                d = dialed.recv() => match d {
+                    Some(d) => {
+                        let id = d.0;
+                        if let Some(why) = self.on_dialed(d) {
+                            failed.push((id, why));
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            if stragglers.is_none() && self.links.len() >= quorum {
+                stragglers = Some(tokio::time::Instant::now() + CONNECT_STRAGGLERS);
+            }
+        }
+        let mut waiting: Vec<ReplicaId> = self.dialing.iter().copied().collect();
+        waiting.sort();
+        failed.extend(
+            waiting
+                .into_iter()
+                .map(|id| (id, "no answer yet (still connecting)".to_string())),
+        );
+        failed.sort_by_key(|(id, _)| *id);
         failed
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut events: mpsc::Receiver<FromReplica>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Cmd>,
+        mut events: mpsc::Receiver<FromReplica>,
+        mut dialed: mpsc::Receiver<Dialed>,
+    ) {
         let mut redial = tokio::time::interval(self.redial);
         loop {
             let deadline = self.session.next_deadline();
@@ -265,20 +344,17 @@ impl ProxyTask {
                         let before = self.session.view().id;
                         self.session.install_view(v);
                         self.view_changed(before);
-                        self.dial_all().await;
+                        self.dial_missing();
                     }
                 },
                 Some(ev) = events.recv() => self.on_event(ev),
+                Some(d) = dialed.recv() => {
+                    self.on_dialed(d);
+                }
                 _ = sleep, if deadline.is_some() => {
                     self.session.on_timeout(self.clock.now_us());
                 }
-                _ = redial.tick() => {
-                    if self.links.len() < self.session.view().n()
-                        || self.links.values().any(|l| l.is_closed())
-                    {
-                        self.dial_all().await;
-                    }
-                }
+                _ = redial.tick() => self.dial_missing(),
             }
             self.flush();
             self.count_links();
