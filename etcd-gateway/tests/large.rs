@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, GatewayHandle};
+use common::{watch_create, Cluster, GatewayHandle};
 use kmmr_byzantine::Behaviour;
 use kmmr_etcd_gateway::pb::{self, kv_client::KvClient, watch_client::WatchClient};
 use kmmr_etcd_gateway::server::Limits;
@@ -79,19 +79,9 @@ async fn a_range_and_a_watch_over_many_replies_arrive_whole_with_a_corrupt_repli
         .expect("watch")
         .max_decoding_message_size(64 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: b"/big/".to_vec(),
-                range_end: b"/big0".to_vec(),
-                start_revision: 2,
-                prev_kv: true,
-                ..Default::default()
-            },
-        )),
-    })
-    .await
-    .expect("send");
+    tx.send(watch_create("/big/", "/big0", 2, true))
+        .await
+        .expect("send");
     let mut stream = watch
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -121,20 +111,6 @@ async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResp
         .expect("open")
 }
 
-fn watch_create(key: &[u8], range_end: &[u8], start: i64) -> pb::WatchRequest {
-    pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: key.to_vec(),
-                range_end: range_end.to_vec(),
-                start_revision: start,
-                prev_kv: true,
-                ..Default::default()
-            },
-        )),
-    }
-}
-
 /// One revision whose events cannot fit in any reply (a range delete of 12 MiB of values, which
 /// its delete events carry): the watch of that range is canceled, saying why, and every other
 /// watch goes on, with nothing skipped.
@@ -159,12 +135,12 @@ async fn a_revision_too_large_for_any_reply_cancels_only_the_watches_it_is_in() 
         .await
         .expect("watch stream")
         .into_inner();
-    tx.send(watch_create(b"/big/", b"/big0", 0))
+    tx.send(watch_create("/big/", "/big0", 0, true))
         .await
         .expect("send");
     let big = next(&mut stream).await;
     assert!(big.created);
-    tx.send(watch_create(b"/other/", b"/other0", 0))
+    tx.send(watch_create("/other/", "/other0", 0, true))
         .await
         .expect("send");
     let other = next(&mut stream).await;

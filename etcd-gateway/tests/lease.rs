@@ -87,15 +87,12 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
         .await
         .expect("watch client");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: b"/registry/masterleases/".to_vec(),
-                range_end: b"/registry/masterleases0".to_vec(),
-                ..Default::default()
-            },
-        )),
-    })
+    tx.send(common::watch_create(
+        "/registry/masterleases/",
+        "/registry/masterleases0",
+        0,
+        false,
+    ))
     .await
     .expect("send");
     let mut stream = watch

@@ -6,26 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cluster, GatewayHandle};
+use common::{watch_create, Cluster, GatewayHandle};
 use kmmr_etcd_gateway::pb::{self, kv_client::KvClient, watch_client::WatchClient};
 use kmmr_etcd_gateway::server::Limits;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-
-fn create(key: &str, range_end: &str, start: i64, prev_kv: bool) -> pb::WatchRequest {
-    pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: key.into(),
-                range_end: range_end.into(),
-                start_revision: start,
-                prev_kv,
-                ..Default::default()
-            },
-        )),
-    }
-}
 
 fn progress() -> pb::WatchRequest {
     pb::WatchRequest {
@@ -105,13 +91,13 @@ async fn watches_on_one_stream_see_live_changes_and_progress_never_runs_ahead() 
     let (tx, mut stream) = open_stream(&gw.endpoint).await;
 
     // One watch on a prefix from now, one on a key from the first write.
-    tx.send(create("/registry/pods/", "/registry/pods0", 0, true))
+    tx.send(watch_create("/registry/pods/", "/registry/pods0", 0, true))
         .await
         .expect("send");
     let created = next(&mut stream, Duration::from_secs(10)).await;
     assert!(created.created && created.watch_id == 0, "{created:?}");
     assert_eq!(revision(&created), first, "created at the current revision");
-    tx.send(create("/registry/pods/a", "", first, false))
+    tx.send(watch_create("/registry/pods/a", "", first, false))
         .await
         .expect("send");
     let created = next(&mut stream, Duration::from_secs(10)).await;
@@ -187,7 +173,7 @@ async fn watches_on_one_stream_see_live_changes_and_progress_never_runs_ahead() 
     })
     .await
     .expect("compact");
-    tx.send(create("/registry/pods/a", "", first, false))
+    tx.send(watch_create("/registry/pods/a", "", first, false))
         .await
         .expect("send");
     let created = next(&mut stream, Duration::from_secs(5)).await;
@@ -204,7 +190,7 @@ async fn a_watch_from_a_future_revision_waits_for_it() {
     let mut kv = KvClient::connect(gw.endpoint.clone()).await.expect("kv");
     let now = put(&mut kv, "k", "0").await;
     let (tx, mut stream) = open_stream(&gw.endpoint).await;
-    tx.send(create("k", "", now + 2, false))
+    tx.send(watch_create("k", "", now + 2, false))
         .await
         .expect("send");
     assert!(next(&mut stream, Duration::from_secs(5)).await.created);
@@ -225,7 +211,9 @@ async fn a_watch_of_past_events_after_the_last_watch_ended_gets_them_with_no_wri
     put(&mut kv, "a", "0").await;
     {
         let (tx, mut stream) = open_stream(&gw.endpoint).await;
-        tx.send(create("a", "", 0, false)).await.expect("send");
+        tx.send(watch_create("a", "", 0, false))
+            .await
+            .expect("send");
         assert!(next(&mut stream, Duration::from_secs(5)).await.created);
         // Long enough for the tail to have read where the store stands.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -235,7 +223,7 @@ async fn a_watch_of_past_events_after_the_last_watch_ended_gets_them_with_no_wri
     let written = put(&mut kv, "b", "1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (tx, mut stream) = open_stream(&gw.endpoint).await;
-    tx.send(create("b", "", written, false))
+    tx.send(watch_create("b", "", written, false))
         .await
         .expect("send");
     assert!(next(&mut stream, Duration::from_secs(5)).await.created);

@@ -332,3 +332,24 @@ pub fn wait_healthy(bin: &Path, endpoint: &str, within: Duration) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A request that creates a watch of `[key, range_end)` from `start` (0: from now).
+pub fn watch_create(
+    key: &str,
+    range_end: &str,
+    start: i64,
+    prev_kv: bool,
+) -> kmmr_etcd_gateway::pb::WatchRequest {
+    use kmmr_etcd_gateway::pb;
+    pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.into(),
+                range_end: range_end.into(),
+                start_revision: start,
+                prev_kv,
+                ..Default::default()
+            },
+        )),
+    }
+}
