@@ -266,14 +266,14 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let (req, shapes) = convert::txn(request.get_ref())?;
-        let req = KvRequest::Txn(req);
+        let (t, shapes) = convert::txn(request.get_ref())?;
+        let req = KvRequest::Txn(t);
         let r = match req {
             KvRequest::Txn(t) if req.is_read_only() => self.0.read_txn(&t).await?,
             // A write transaction's ranges are not paged: a later page would read the state
             // after the transaction's writes, not the state its range saw. A range the budget
             // cut answers `more`.
-            req => match self.0.write(req).await? {
+            write => match self.0.write(write).await? {
                 KvResponse::Txn(r) => r,
                 _ => return Err(mismatch("transaction")),
             },

@@ -11,7 +11,7 @@
 //! The port is served within bounds (connections in all and per source, header and lifetime
 //! timeouts), as the replicas' is.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -189,15 +189,15 @@ fn code_name(code: &str) -> &'static str {
         .unwrap_or("Unknown")
 }
 
-/// One health answer and when it was had.
+/// One health answer (the revision read, or why none was) and when it was had.
 type Checked = Option<(Instant, Result<u64, String>)>;
 
 #[derive(Clone)]
 struct HttpState {
     gateway: Arc<Gateway>,
-    health: Arc<Mutex<Checked>>,
-    /// One check at a time: a burst of probes waits for it rather than each asking the cluster.
-    checking: Arc<tokio::sync::Mutex<()>>,
+    /// The last health answer and when it was had. Held across a check, so that a burst of
+    /// probes waits for one check rather than each asking the cluster.
+    health: Arc<tokio::sync::Mutex<Checked>>,
 }
 
 /// The router of the HTTP port.
@@ -208,8 +208,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .with_state(HttpState {
             gateway,
-            health: Arc::new(Mutex::new(None)),
-            checking: Arc::new(tokio::sync::Mutex::new(())),
+            health: Arc::new(tokio::sync::Mutex::new(None)),
         })
 }
 
@@ -227,35 +226,23 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-fn fresh(health: &Mutex<Checked>) -> Option<Result<u64, String>> {
-    let h = health.lock().unwrap_or_else(|e| e.into_inner());
-    match &*h {
-        Some((at, r)) if at.elapsed() < HEALTH_CACHE => Some(r.clone()),
-        _ => None,
-    }
-}
-
 async fn health_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    let result = match fresh(&s.health) {
-        Some(r) => r,
-        None => {
-            let _one = s.checking.lock().await;
-            match fresh(&s.health) {
-                Some(r) => r,
-                None => {
-                    let r = match tokio::time::timeout(HEALTH_TIMEOUT, s.gateway.current_revision())
-                        .await
-                    {
-                        Ok(Ok(revision)) => Ok(revision),
-                        Ok(Err(status)) => Err(status.message().to_string()),
-                        Err(_) => Err(format!(
-                            "no quorum of replicas answered within {HEALTH_TIMEOUT:?}"
-                        )),
-                    };
-                    *s.health.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((Instant::now(), r.clone()));
-                    r
-                }
+    let result = {
+        let mut last = s.health.lock().await;
+        match &*last {
+            Some((at, r)) if at.elapsed() < HEALTH_CACHE => r.clone(),
+            _ => {
+                let r = match tokio::time::timeout(HEALTH_TIMEOUT, s.gateway.current_revision())
+                    .await
+                {
+                    Ok(Ok(revision)) => Ok(revision),
+                    Ok(Err(status)) => Err(status.message().to_string()),
+                    Err(_) => Err(format!(
+                        "no quorum of replicas answered within {HEALTH_TIMEOUT:?}"
+                    )),
+                };
+                *last = Some((Instant::now(), r.clone()));
+                r
             }
         }
     };

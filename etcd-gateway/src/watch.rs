@@ -389,37 +389,43 @@ impl Watcher {
                     self.deliver(&w.events, upto).await?;
                 }
                 Ok(KvResponse::Error(e)) => {
-                    if let KvError::Compacted { compact_revision } = e.error {
+                    let ended = match &e.error {
                         // etcd's answer to a watch whose start was compacted: canceled, with
                         // the compaction revision, so the client can re-list and start again.
-                        let resp = pb::WatchResponse {
-                            header: self.ids.header(e.header.revision),
-                            watch_id: self.spec.id,
-                            canceled: true,
-                            compact_revision: i64::try_from(compact_revision).unwrap_or(i64::MAX),
-                            ..Default::default()
-                        };
-                        let _ = self.send(resp).await;
-                        return Err(Stop::Compacted);
-                    }
-                    if let KvError::TooLarge { bytes, limit } = e.error {
+                        KvError::Compacted { compact_revision } => Some((
+                            Stop::Compacted,
+                            pb::WatchResponse {
+                                compact_revision: i64::try_from(*compact_revision)
+                                    .unwrap_or(i64::MAX),
+                                ..Default::default()
+                            },
+                        )),
                         // Nothing this watch can be given whole: cancel it, saying why, rather
                         // than leave it stuck or skip events (the client may watch again from
                         // the revision after).
-                        let revision = self.position() + 1;
+                        KvError::TooLarge { bytes, limit } => Some((
+                            Stop::TooLarge,
+                            pb::WatchResponse {
+                                cancel_reason: format!(
+                                    "etcdserver: the events of revision {} in this watch's range \
+                                     ({bytes} bytes with their previous values) are over the \
+                                     cluster's reply limit of {limit} bytes",
+                                    self.position() + 1
+                                ),
+                                ..Default::default()
+                            },
+                        )),
+                        _ => None,
+                    };
+                    if let Some((stop, resp)) = ended {
                         let resp = pb::WatchResponse {
                             header: self.ids.header(e.header.revision),
                             watch_id: self.spec.id,
                             canceled: true,
-                            cancel_reason: format!(
-                                "etcdserver: the events of revision {revision} in this watch's range \
-                                 ({bytes} bytes with their previous values) are over the cluster's \
-                                 reply limit of {limit} bytes"
-                            ),
-                            ..Default::default()
+                            ..resp
                         };
                         let _ = self.send(resp).await;
-                        return Err(Stop::TooLarge);
+                        return Err(stop);
                     }
                     tracing::warn!(watch = self.spec.id, error = %e.error, "watch catch-up refused");
                     tokio::time::sleep(Duration::from_secs(1)).await;
