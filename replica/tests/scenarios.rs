@@ -63,6 +63,7 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
         amnesia: false,
         disk: false,
         lost_tail: 0,
+        at_promise: false,
     }];
     let r = run(&cfg);
     assert_ok(&r);
@@ -173,6 +174,7 @@ fn a_transfer_outlived_by_its_checkpoint_moves_to_a_newer_one() {
         amnesia: true,
         disk: true,
         lost_tail: 0,
+        at_promise: false,
     }];
     // Its chunks are lost until the others are well past the checkpoint it first chose.
     cfg.drops = vec![drop_to("chunk", 3, 300 * MS)];
@@ -220,6 +222,7 @@ fn garbage_accept_signatures_never_reach_a_proof_shown_to_others() {
         amnesia: false,
         disk: false,
         lost_tail: 0,
+        at_promise: false,
     }];
     let r = run(&cfg);
     assert_ok(&r);
@@ -291,6 +294,7 @@ fn a_replica_that_ends_a_state_transfer_behind_catches_up_in_an_idle_cluster() {
             amnesia: true,
             disk: false,
             lost_tail: 0,
+            at_promise: false,
         }];
         // Its clients never reach it: only the replicas can tell it what it missed.
         cfg.drops = vec![drop_to("request", 3, u64::MAX)];

@@ -559,6 +559,37 @@ fn group_commit_reports_durable_cids_in_increasing_order() {
     );
 }
 
+/// A group-commit window gathers decisions for an fsync, but never holds back one that enough
+/// bytes are waiting behind, nor an explicit `sync`.
+#[test]
+fn the_group_window_ends_early_for_enough_bytes_and_for_sync() {
+    let dir = TempDir::new("group-window-bytes");
+    let cfg = StorageConfig {
+        group_window: Duration::from_secs(60),
+        group_bytes: 4096,
+        ..config(1 << 16)
+    };
+    let (mut s, _) = Storage::open(dir.path(), cfg).unwrap();
+    let watch = s.durable_watch();
+    let start = std::time::Instant::now();
+    s.append(&decision(0, 64)).unwrap();
+    assert!(
+        !watch.wait_for(Cid(0), Duration::from_millis(300)).unwrap(),
+        "a small record waits for the window"
+    );
+    for c in 1..=8 {
+        s.append(&decision(c, 1024)).unwrap();
+    }
+    assert!(watch.wait_for(Cid(8), Duration::from_secs(10)).unwrap());
+    s.append(&decision(9, 64)).unwrap();
+    assert_eq!(s.sync().unwrap(), Some(Cid(9)));
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "neither waited for the 60 s window: {:?}",
+        start.elapsed()
+    );
+}
+
 /// Appends per second of decisions with `payload`-byte requests for about `budget` (at most
 /// 200,000), counted until all are durable; also the appends and the fsyncs that covered them.
 fn measure(mode: SyncMode, payload: usize, budget: Duration) -> (f64, u64, usize) {

@@ -43,6 +43,11 @@ pub struct Crash {
     /// Decisions at the end of the log lost with the disk's cache: the log's group commit had
     /// not synced them yet (the promise is synced before the votes go out, so it survives).
     pub lost_tail: usize,
+    /// The crash waits for the node's next promise write (from `from_us` on) and happens
+    /// during it: that promise is lost, with everything the node would have done after it,
+    /// while what it sent before it is out. A leader sends its PROPOSE before its own promise
+    /// of it, so this is where it can forget a value it proposed.
+    pub at_promise: bool,
 }
 
 impl Crash {
@@ -226,6 +231,11 @@ impl SimConfig {
         c.core.chunk_bytes = rng.gen_range(64..=2048);
         c.draw_membership_changes(&mut rng);
         c.draw_restarts(&mut rng, &correct);
+        // From a stream of its own, so that the schedule above stays what older seeds drew.
+        let mut later = ChaCha8Rng::seed_from_u64(seed ^ 0x05EE_D0F9_A0A1);
+        for crash in c.crashes.iter_mut().filter(|x| x.amnesia && x.disk) {
+            crash.at_promise = later.gen_bool(0.5);
+        }
         c.gst_us = c
             .partitions
             .iter()
@@ -263,6 +273,7 @@ impl SimConfig {
                         amnesia: true,
                         disk: false,
                         lost_tail: 0,
+                        at_promise: false,
                     });
                 }
             }
@@ -301,6 +312,7 @@ impl SimConfig {
                     amnesia: false,
                     disk: false,
                     lost_tail: 0,
+                    at_promise: false,
                 });
             }
         }
@@ -350,6 +362,7 @@ impl SimConfig {
                     amnesia: true,
                     disk: true,
                     lost_tail: rng.gen_range(0..=3),
+                    at_promise: false,
                 });
             }
         }

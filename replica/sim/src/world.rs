@@ -133,6 +133,8 @@ struct Node {
     timer_at: Option<u64>,
     last_checked: Option<Cid>,
     disk: SimDisk,
+    /// A crash waiting for this node's next promise write (`Crash::at_promise`).
+    crash_at_promise: bool,
 }
 
 /// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this).
@@ -301,6 +303,7 @@ impl<'a> World<'a> {
                 timer_at: None,
                 last_checked: None,
                 disk: SimDisk::default(),
+                crash_at_promise: false,
             }
         };
         for i in 0..cfg.n {
@@ -463,12 +466,18 @@ impl<'a> World<'a> {
                 self.flush_admin();
             }
             Ev::CrashStart(k) => {
-                let node = self.cfg.crashes[k].node;
-                self.nodes[node].down = true;
+                let crash = &self.cfg.crashes[k];
+                if crash.at_promise {
+                    self.nodes[crash.node].crash_at_promise = true;
+                } else {
+                    self.nodes[crash.node].down = true;
+                }
             }
             Ev::CrashEnd(k) => {
                 let crash = &self.cfg.crashes[k];
                 let node = crash.node;
+                // No promise written meanwhile: the crash happens now, between two steps.
+                self.nodes[node].crash_at_promise = false;
                 if crash.amnesia {
                     let disk = crash.disk;
                     let keep = self.nodes[node]
@@ -500,6 +509,7 @@ impl<'a> World<'a> {
                                 checkpoint_decision: n.disk.checkpoint_decision.clone(),
                                 decisions: n.disk.decisions.clone(),
                                 promise: n.disk.promise.clone(),
+                                ran_before: true,
                             },
                         ) {
                             Ok(r) => r,
@@ -708,6 +718,13 @@ impl<'a> World<'a> {
         for out in outputs {
             if out.is_local() {
                 let node = &mut self.nodes[i];
+                if node.crash_at_promise && matches!(out, Output::Promise(_)) {
+                    // Down in the middle of the write: it never reached the disk, and nothing
+                    // after it happened.
+                    node.crash_at_promise = false;
+                    node.down = true;
+                    break;
+                }
                 node.disk.apply(&out, &node.replica);
                 continue;
             }

@@ -80,6 +80,13 @@ struct Publisher {
     updated: Condvar,
 }
 
+/// How long the log gathers decisions before an fsync, and how many bytes end that early.
+/// Nothing waits for the log on a request's path (a promise carries the decisions it has not
+/// synced yet), so syncing it less often only takes fsyncs, and the device queue they hold, off
+/// the promises that are on the path: one fsync per decision was a third of a replica's.
+const LOG_WINDOW: Duration = Duration::from_millis(10);
+const LOG_WINDOW_BYTES: u64 = 256 << 10;
+
 /// How long a checkpoint waits for the log to hold its decision durably. Longer means the log
 /// thread stopped on a storage error (reported on its own), and the checkpoint is not written.
 const CHECKPOINT_LOG_WAIT: Duration = Duration::from_secs(30);
@@ -158,6 +165,8 @@ impl Durability {
         let p = publisher.clone();
         let config = StorageConfig {
             on_durable: Some(Arc::new(move |c| p.update(|s| s.log = Some(c)))),
+            group_window: LOG_WINDOW,
+            group_bytes: LOG_WINDOW_BYTES,
             ..StorageConfig::default()
         };
         let (storage, recovered) = Storage::open(dir, config)

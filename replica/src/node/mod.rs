@@ -41,7 +41,7 @@ use kmmr_client::files::{load_key, ViewFile};
 use kmmr_client::status::{SignedStatus, Status};
 use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork};
 use kmmr_protocol::core::output::{Event, Output};
-use kmmr_protocol::core::promise::{Promise, MAX_PROMISED_DECISIONS};
+use kmmr_protocol::core::promise::MAX_PROMISED_DECISIONS;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::service::kv::KvStore;
@@ -263,12 +263,12 @@ fn start_core(
         let (d, recovered) = Durability::open(&cfg.data_dir, failures_tx, stored_tx)?;
         let next = recovered.next_cid();
         let recovered_until = (next > Cid(0)).then(|| Cid(next.0 - 1));
-        let (promises, promise) = promised::open_promise(cfg)?;
-        let core = recover(me, key, view, cfg, svc, recovered, promise)?;
+        let mut opened = promised::open_promise(cfg)?;
+        let core = recover(me, key, view, cfg, svc, recovered, &mut opened)?;
         return Ok(Started {
             core,
             durability: Some(d),
-            promises: Some(promises),
+            promises: Some(opened.file),
             recovered_until,
             failures_rx,
             stored_rx,
@@ -297,7 +297,7 @@ fn recover(
     cfg: &NodeConfig,
     service: Box<dyn Service>,
     recovered: crate::storage::Recovered,
-    promise: Option<Promise>,
+    opened: &mut promised::Opened,
 ) -> Result<Replica> {
     let report = &recovered.report;
     if let Some(d) = &report.log_damage {
@@ -355,7 +355,8 @@ fn recover(
             checkpoint: recovered.checkpoint.map(|c| c.snapshot),
             checkpoint_decision: recovered.checkpoint_decision,
             decisions: recovered.decisions,
-            promise,
+            promise: opened.promise.take(),
+            ran_before: opened.ran_before,
         },
     )
     .map_err(|e| {

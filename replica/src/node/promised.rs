@@ -8,10 +8,19 @@ use crate::storage::promise::{PromiseFile, PromiseState};
 use kmmr_protocol::core::promise::Promise;
 use kmmr_protocol::wire::codec::Decode;
 
+/// What the promise files held at start-up.
+pub(super) struct Opened {
+    pub file: PromiseFile,
+    pub promise: Option<Promise>,
+    /// A replica ran from this directory before (see `FromDisk::ran_before`).
+    pub ran_before: bool,
+}
+
 /// Opens the promise files and reads the last promise this replica made before it stopped. Any
 /// damage that leaves no promise to restore stops the start, whatever its kind.
-pub(super) fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Promise>)> {
+pub(super) fn open_promise(cfg: &NodeConfig) -> Result<Opened> {
     let (file, found) = PromiseFile::open(&cfg.data_dir)?;
+    let ran_before = found.existed;
     let refuse = |what: String| {
         anyhow::anyhow!(
             "{what}; without it this replica could vote twice in one epoch. Move the data \
@@ -21,7 +30,13 @@ pub(super) fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Prom
         )
     };
     let bytes = match found.state() {
-        PromiseState::Never => return Ok((file, None)),
+        PromiseState::Never => {
+            return Ok(Opened {
+                file,
+                promise: None,
+                ran_before,
+            })
+        }
         PromiseState::Newest(b) => b,
         PromiseState::Lost => {
             let why = found.damaged.join("; ");
@@ -44,5 +59,9 @@ pub(super) fn open_promise(cfg: &NodeConfig) -> Result<(PromiseFile, Option<Prom
         accepted = p.collect.accepted.is_some(),
         "recovery: restored the votes promised before the restart"
     );
-    Ok((file, Some(p)))
+    Ok(Opened {
+        file,
+        promise: Some(p),
+        ran_before,
+    })
 }

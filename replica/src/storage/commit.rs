@@ -52,6 +52,10 @@ struct State {
     closed: Vec<Arc<File>>,
     /// A segment was created since the last fsync: its directory entry must be synced too.
     dir_dirty: bool,
+    /// Bytes written since the last fsync began.
+    unsynced_bytes: u64,
+    /// Someone waits in `sync`: no extra batching window.
+    urgent: bool,
     /// The first fsync failure; sticky.
     failed: Option<String>,
     shutdown: bool,
@@ -102,8 +106,9 @@ impl Shared {
 
     /// Records that `cid` was written to `file` (the current segment); `new_segment` says the
     /// file was just created. Wakes the group-commit thread.
-    pub(crate) fn written(&self, cid: Cid, file: &Arc<File>, new_segment: bool) {
+    pub(crate) fn written(&self, cid: Cid, file: &Arc<File>, new_segment: bool, bytes: u64) {
         let mut s = lock(&self.state);
+        s.unsynced_bytes = s.unsynced_bytes.saturating_add(bytes);
         if new_segment {
             if let Some(old) = s.current.replace(file.clone()) {
                 s.closed.push(old);
@@ -166,6 +171,7 @@ impl Shared {
     pub(crate) fn sync(&self) -> Result<Option<Cid>, StorageError> {
         let mut s = lock(&self.state);
         let target = s.written;
+        s.urgent = true;
         self.work.notify_one();
         loop {
             if let Some(e) = &s.failed {
@@ -209,7 +215,7 @@ impl Shared {
 
     /// The group-commit loop: fsync what was written, publish, repeat until shut down with
     /// nothing pending.
-    fn run(&self, window: Duration) {
+    fn run(&self, window: Duration, window_bytes: u64) {
         let mut s = lock(&self.state);
         loop {
             while !s.pending() && !s.shutdown && s.failed.is_none() {
@@ -218,12 +224,23 @@ impl Shared {
             if s.failed.is_some() || !s.pending() {
                 return;
             }
-            if !window.is_zero() && !s.shutdown {
-                // Optional extra batching: let more records arrive before paying for an fsync.
-                drop(s);
-                std::thread::sleep(window);
-                s = lock(&self.state);
+            // Optional extra batching: let more records arrive before paying for an fsync,
+            // unless enough bytes wait already. Every append wakes this wait.
+            let deadline = Instant::now() + window;
+            while !s.shutdown && !s.urgent && s.failed.is_none() && s.unsynced_bytes < window_bytes
+            {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                s = self
+                    .work
+                    .wait_timeout(s, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
+            s.unsynced_bytes = 0;
+            s.urgent = false;
             let target = s.written;
             let mut files = std::mem::take(&mut s.closed);
             files.extend(s.current.clone());
@@ -264,11 +281,15 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(shared: Arc<Shared>, window: Duration) -> Result<Self, StorageError> {
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        window: Duration,
+        window_bytes: u64,
+    ) -> Result<Self, StorageError> {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kmmr-group-commit".into())
-            .spawn(move || s.run(window))
+            .spawn(move || s.run(window, window_bytes))
             .map_err(|source| StorageError::Io {
                 op: "spawn group-commit thread",
                 path: shared.dir.clone(),

@@ -131,6 +131,8 @@ pub struct StorageConfig {
     /// Extra time the group-commit thread waits before each fsync to gather more records.
     /// Zero (the default) already batches everything written during the previous fsync.
     pub group_window: Duration,
+    /// The window ends early once this many bytes wait for their fsync.
+    pub group_bytes: u64,
     /// Largest checkpoint file written or read; bounds the memory a load allocates.
     pub max_checkpoint_bytes: u64,
     /// Called from the group-commit thread with each new highest durable CID.
@@ -143,6 +145,7 @@ impl Default for StorageConfig {
             segment_bytes: 64 * 1024 * 1024,
             sync: SyncMode::Group,
             group_window: Duration::ZERO,
+            group_bytes: 1 << 20,
             max_checkpoint_bytes: 4 * 1024 * 1024 * 1024,
             on_durable: None,
         }
@@ -155,6 +158,7 @@ impl fmt::Debug for StorageConfig {
             .field("segment_bytes", &self.segment_bytes)
             .field("sync", &self.sync)
             .field("group_window", &self.group_window)
+            .field("group_bytes", &self.group_bytes)
             .field("max_checkpoint_bytes", &self.max_checkpoint_bytes)
             .field("on_durable", &self.on_durable.is_some())
             .finish()
@@ -344,7 +348,11 @@ impl Storage {
         let shared = Arc::new(Shared::new(dir.clone(), durable, config.on_durable.clone()));
 
         let committer = match config.sync {
-            SyncMode::Group => Some(Committer::start(shared.clone(), config.group_window)?),
+            SyncMode::Group => Some(Committer::start(
+                shared.clone(),
+                config.group_window,
+                config.group_bytes,
+            )?),
             SyncMode::PerRecord => None,
         };
         let storage = Storage {

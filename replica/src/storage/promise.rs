@@ -47,6 +47,8 @@ pub struct RecoveredPromise {
     pub payload: Option<Vec<u8>>,
     /// Files that were damaged or unreadable (a torn last write is expected after a crash).
     pub damaged: Vec<String>,
+    /// Both files were there already: a replica ran from this directory before.
+    pub existed: bool,
 }
 
 /// What the two files say about the last promise.
@@ -112,6 +114,7 @@ impl PromiseFile {
             RecoveredPromise {
                 payload: found.map(|(_, p)| p),
                 damaged,
+                existed: !created,
             },
         ))
     }

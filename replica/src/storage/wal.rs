@@ -416,7 +416,7 @@ impl Wal {
         active.len += record;
         self.next = Some(cid.next());
         match mode {
-            SyncMode::Group => shared.written(cid, &active.file, rotate),
+            SyncMode::Group => shared.written(cid, &active.file, rotate, record),
             SyncMode::PerRecord => {
                 let path = self
                     .segments

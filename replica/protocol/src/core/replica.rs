@@ -92,6 +92,11 @@ pub struct FromDisk {
     pub checkpoint_decision: Option<Decision>,
     pub decisions: Vec<Decision>,
     pub promise: Option<Promise>,
+    /// The replica ran from this disk before (its promise files existed). It may then have
+    /// proposed in the regency it stopped in without a promise: a leader promises its own value
+    /// only after its PROPOSE went out, so that the promise's fsync runs beside the others'
+    /// instead of before them. It leads again only in a later regency.
+    pub ran_before: bool,
 }
 
 pub struct Replica {
@@ -140,6 +145,8 @@ pub struct Replica {
     /// A promise recovered from disk for an instance not reached yet (the log lost its tail in
     /// the crash): this replica takes no part until it gets there, then restores it.
     restored: Option<Promise>,
+    /// A restarted replica proposes only in regencies after this one (see `FromDisk::ran_before`).
+    lead_after: Option<Regency>,
 
     regency: Regency,
     synchronizing: bool,
@@ -203,6 +210,7 @@ impl Replica {
             views: membership::ViewHistory::default(),
             promised: None,
             restored: None,
+            lead_after: None,
             regency: Regency(0),
             synchronizing: false,
             lc: leader_change::LeaderChange::default(),
@@ -233,6 +241,7 @@ impl Replica {
             checkpoint_decision,
             mut decisions,
             promise,
+            ran_before,
         } = disk;
         if checkpoint.is_none() && view.id > ViewId(0) {
             // A log with no checkpoint begins in view 0, which this replica no longer knows:
@@ -272,6 +281,7 @@ impl Replica {
         // checkpoint it crossed may not have been written before the crash, so keep those.
         r.outputs
             .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
+        let promised_regency = promise.as_ref().map(|p| p.collect.regency);
         if let Some(mut p) = promise {
             // Decided before the crash but not yet in the log: replayed like the log (no
             // replies again: clients that missed one ask, and get it from the session), and
@@ -287,6 +297,12 @@ impl Replica {
             }
             r.replaying = false;
             r.recover_promise(p);
+        }
+        if ran_before {
+            // Every regency it led after the first began with a promised SYNC, so the last
+            // promise's regency is at least the one it stopped in, even when the log went past
+            // that promise's instance and the promise itself is moot.
+            r.lead_after = Some(r.regency.max(promised_regency.unwrap_or(Regency(0))));
         }
         r.events.clear();
         Ok(r)
@@ -417,6 +433,12 @@ impl Replica {
 
     fn is_leader(&self) -> bool {
         self.view.leader(self.regency) == self.me
+    }
+
+    /// Leader, and not in a regency it may have led before a restart without knowing what it
+    /// proposed there (`lead_after`); the others' timers then move on to the next regency.
+    fn may_lead(&self) -> bool {
+        self.is_leader() && self.lead_after.is_none_or(|r| self.regency > r)
     }
 
     fn reject(&mut self, from: Option<ReplicaId>, reason: Rejection) {

@@ -136,10 +136,11 @@ pub(super) fn describe_faults(cfg: &SimConfig) -> String {
         parts.push(format!(
             "r{}:{}[{}..{}ms]",
             c.node,
-            match (c.amnesia, c.disk) {
-                (false, _) => "pause",
-                (true, true) => "restart from disk",
-                (true, false) => "disk loss",
+            match (c.amnesia, c.disk, c.at_promise) {
+                (false, _, _) => "pause",
+                (true, true, false) => "restart from disk",
+                (true, true, true) => "restart from disk, crash during a promise write",
+                (true, false, _) => "disk loss",
             },
             c.from_us / 1000,
             c.until_us / 1000

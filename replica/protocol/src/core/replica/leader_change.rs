@@ -302,7 +302,7 @@ impl Replica {
 
     /// The new leader: once the collects are sound, choose the value and send SYNC.
     pub(super) fn try_sync(&mut self, now: u64) {
-        if !self.synchronizing || self.lc.sync_sent || !self.is_leader() || !self.participating() {
+        if !self.synchronizing || self.lc.sync_sent || !self.may_lead() || !self.participating() {
             return;
         }
         // Decisions learnt since installing make this replica's own STOPDATA stale.

@@ -151,7 +151,7 @@ impl Replica {
     }
 
     pub(super) fn maybe_propose(&mut self, now: u64) {
-        if !self.is_leader()
+        if !self.may_lead()
             || !self.participating()
             || self.synchronizing
             || self.pool.is_empty()
@@ -168,12 +168,16 @@ impl Replica {
         let digest = batch.digest();
         let cid = self.current_cid();
         let epoch = self.regency;
-        self.promise_proposal(epoch, &batch);
+        // The PROPOSE leaves before the leader's own promise of it: its fsync then overlaps
+        // the network and the followers' fsyncs instead of preceding them. A leader that crashes
+        // before the promise is durable may have proposed a value it no longer knows, which is
+        // why a restarted replica never leads in the regency it restarted in (`lead_after`).
         self.broadcast(ReplicaMessage::Propose {
             cid,
             epoch,
             batch: batch.clone(),
         });
+        self.promise_proposal(epoch, &batch);
         self.stats.proposals += 1;
         self.hold_and_write(epoch, digest, batch);
     }
