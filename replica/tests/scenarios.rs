@@ -71,6 +71,50 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
     assert_eq!(r.ops_completed, r.ops_total);
 }
 
+/// The same schedule, and the two other replicas that accepted v restart from their disks
+/// after sending their ACCEPTs and before any leader change. Their promises must still say
+/// that they accepted v: with the ACCEPT's promise planted away, they report only their writes,
+/// the new leader is free to propose another batch, and r2's decision is overturned.
+#[test]
+fn accepted_values_survive_a_restart_of_the_replicas_that_accepted_them() {
+    let mut cfg = SimConfig::calm(7, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 1;
+    cfg.ops_per_client = 3;
+    cfg.drops = vec![
+        drop_to("write", 3, 50 * MS),
+        drop_to("accept", 0, 50 * MS),
+        drop_to("accept", 1, 50 * MS),
+        drop_to("accept", 3, 50 * MS),
+    ];
+    let restart = |node| Crash {
+        node,
+        from_us: 9 * MS,
+        until_us: 12 * MS,
+        amnesia: true,
+        disk: true,
+        lost_tail: 0,
+        at_promise: false,
+    };
+    cfg.crashes = vec![
+        Crash {
+            node: 2,
+            from_us: 8 * MS,
+            until_us: 3_000 * MS,
+            amnesia: false,
+            disk: false,
+            lost_tail: 0,
+            at_promise: false,
+        },
+        restart(0),
+        restart(1),
+    ];
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert!(r.max_regency >= 1, "a leader change happened: {r:?}");
+    assert_eq!(r.ops_completed, r.ops_total);
+}
+
 /// BFT-SMaRt PR #99/#100: the leader proposes batch A to r1 and batch B to r2 and r3, then
 /// votes for B everywhere. r1 sees a quorum of ACCEPTs for B while holding only A: it must not
 /// decide A; it fetches B's decision with its proof instead.
