@@ -14,7 +14,18 @@ flags=${KMMR_LOCAL_FLAGS:---n 4 --no-durable}
 dir=kmmr-bench-ab
 base=26000
 results=$(mktemp)
-trap 'rm -f "$results"; rm -rf "$dir" "$dir.out"' EXIT
+pid=
+# Whatever ends the script (a failed bench, an interrupt, set -e), the cluster goes with it.
+cleanup() {
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill -INT "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    rm -f "$results"
+    rm -rf "$dir" "$dir.out"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 for bin in "$a" "$b"; do
     [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 1; }
 done
@@ -25,7 +36,7 @@ run_one() {
     # shellcheck disable=SC2086
     "$bin" local $flags --service noop --keep-running --dir "$dir" --base-port $base \
         >"$dir.out" 2>&1 &
-    local pid=$!
+    pid=$!
     for _ in $(seq 150); do
         grep -q "local cluster" "$dir.out" 2>/dev/null && break
         sleep 0.2
@@ -41,13 +52,13 @@ run_one() {
         line=$("$bin" bench --cluster "$dir" $load --duration "$secs" --warmup 2 --json) || {
             echo "bench $load against $label ($bin) failed; the cluster's output:" >&2
             cat "$dir.out" >&2
-            kill -INT $pid
             exit 1
         }
         printf '%s\t%s\t%s\n' "$label" "$load" "$line" | tee -a "$results"
     done
     kill -INT $pid
     wait $pid || true
+    pid=
 }
 
 for r in $(seq "$rounds"); do
