@@ -39,12 +39,10 @@ fn assert_ok(r: &SimReport) {
     );
 }
 
-/// PROTOCOL.md section 4: n=4, three replicas wrote v at epoch 0 and accepted it, one of them
-/// (r2) decided and then stopped; the new leader hears from the other two writers and from the
-/// fourth replica, which wrote nothing. v is bound and must be decided again; BFT-SMaRt's
-/// "timestamp 0" collect would read as "nothing written" and let a new value replace it.
-#[test]
-fn leader_change_keeps_value_decided_at_epoch_zero() {
+/// PROTOCOL.md section 4's schedule: n=4, three replicas write v at epoch 0 and accept it; r2
+/// alone hears the ACCEPTs, decides around 5 ms, and stops at 8 ms before it could help the
+/// others.
+fn decided_by_one_that_stops() -> SimConfig {
     let mut cfg = SimConfig::calm(7, 4);
     fixed_network(&mut cfg);
     cfg.clients = 1;
@@ -55,7 +53,6 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
         drop_to("accept", 1, 50 * MS),
         drop_to("accept", 3, 50 * MS),
     ];
-    // r2 decides around 5 ms, then stops before it could help the others.
     cfg.crashes = vec![Crash {
         node: 2,
         from_us: 8 * MS,
@@ -65,10 +62,22 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
         lost_tail: 0,
         at_promise: false,
     }];
-    let r = run(&cfg);
+    cfg
+}
+
+fn assert_decided_again(cfg: &SimConfig) {
+    let r = run(cfg);
     assert_ok(&r);
     assert!(r.max_regency >= 1, "a leader change happened: {r:?}");
     assert_eq!(r.ops_completed, r.ops_total);
+}
+
+/// The new leader hears from the other two writers and from the fourth replica, which wrote
+/// nothing. v is bound and must be decided again; BFT-SMaRt's "timestamp 0" collect would read
+/// as "nothing written" and let a new value replace it.
+#[test]
+fn leader_change_keeps_value_decided_at_epoch_zero() {
+    assert_decided_again(&decided_by_one_that_stops());
 }
 
 /// The same schedule, and the two other replicas that accepted v restart from their disks
@@ -77,42 +86,19 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
 /// the new leader is free to propose another batch, and r2's decision is overturned.
 #[test]
 fn accepted_values_survive_a_restart_of_the_replicas_that_accepted_them() {
-    let mut cfg = SimConfig::calm(7, 4);
-    fixed_network(&mut cfg);
-    cfg.clients = 1;
-    cfg.ops_per_client = 3;
-    cfg.drops = vec![
-        drop_to("write", 3, 50 * MS),
-        drop_to("accept", 0, 50 * MS),
-        drop_to("accept", 1, 50 * MS),
-        drop_to("accept", 3, 50 * MS),
-    ];
-    let restart = |node| Crash {
-        node,
-        from_us: 9 * MS,
-        until_us: 12 * MS,
-        amnesia: true,
-        disk: true,
-        lost_tail: 0,
-        at_promise: false,
-    };
-    cfg.crashes = vec![
-        Crash {
-            node: 2,
-            from_us: 8 * MS,
-            until_us: 3_000 * MS,
-            amnesia: false,
-            disk: false,
+    let mut cfg = decided_by_one_that_stops();
+    for node in [0, 1] {
+        cfg.crashes.push(Crash {
+            node,
+            from_us: 9 * MS,
+            until_us: 12 * MS,
+            amnesia: true,
+            disk: true,
             lost_tail: 0,
             at_promise: false,
-        },
-        restart(0),
-        restart(1),
-    ];
-    let r = run(&cfg);
-    assert_ok(&r);
-    assert!(r.max_regency >= 1, "a leader change happened: {r:?}");
-    assert_eq!(r.ops_completed, r.ops_total);
+        });
+    }
+    assert_decided_again(&cfg);
 }
 
 /// BFT-SMaRt PR #99/#100: the leader proposes batch A to r1 and batch B to r2 and r3, then
