@@ -225,14 +225,15 @@ fn accusations(membership: &Membership, verified: &[(i32, &Status)]) -> BTreeMap
         .collect()
 }
 
-/// The state digest a replica reports is the one after its last decided instance, so only
-/// reports at the same instance are comparable. At each instance where f+1 agree, any other
+/// The state digest a replica reports is the one after an instance it names (its last decided
+/// one, or an earlier one while a large state waits to be hashed again), so only reports of the
+/// same instance are comparable. At each instance where f+1 agree, any other
 /// digest is a diverged replica; the newest such instance gives the agreed digest shown.
 fn divergence(f: i32, verified: &[(i32, &Status)]) -> (Option<String>, Vec<i32>) {
     let mut by_cid: BTreeMap<Option<u64>, BTreeMap<&str, Vec<i32>>> = BTreeMap::new();
     for (id, s) in verified {
         by_cid
-            .entry(s.last_decided)
+            .entry(s.digest_cid())
             .or_default()
             .entry(s.state_digest.as_str())
             .or_default()

@@ -90,6 +90,37 @@ pub fn free_base_port(ids: usize) -> Result<u16> {
     bail!("found no free range of ports for {ids} replicas on 127.0.0.1")
 }
 
+/// Lays out `spec` like [`prepare`], at a base port from [`free_base_port`] (with room for
+/// `spare` more ids), which it writes into `spec`. A port checked free can be taken by another
+/// program before [`prepare`] checks it again (a CI run once saw it), so a layout whose ports
+/// were taken in between is given up for another, a few times.
+pub fn prepare_at_free_ports(spec: &mut ClusterSpec, spare: usize) -> Result<View> {
+    let mut last = None;
+    for _ in 0..5 {
+        spec.base_port = free_base_port(spec.n + spare)?;
+        match prepare(spec) {
+            Err(e) if e.is::<PortInUse>() => {
+                tracing::warn!("{e}; laying the cluster out at other ports");
+                last = Some(e);
+            }
+            done => return done,
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("found no free ports")))
+}
+
+/// A port that [`check_ports_free`] found taken.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "port {port} (replica {replica}'s {what} port) is in use, perhaps by a cluster already \
+     running: stop it, or choose another --base-port"
+)]
+pub struct PortInUse {
+    pub port: u16,
+    pub replica: usize,
+    pub what: &'static str,
+}
+
 /// Whether two layouts share a port. A layout is three blocks of `ids` ports, at its base and
 /// 1000 and 2000 above, so layouts interleave: comparing whole spans, as this once did, let a
 /// test binary with a dozen clusters run out of room below the ephemeral range.
@@ -283,10 +314,12 @@ pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
                 bail!("--base-port {base_port} leaves no room for {n} replicas' ports");
             };
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-                bail!(
-                    "port {port} (replica {i}'s {what} port) is in use, perhaps by a cluster \
-                     already running: stop it, or choose another --base-port"
-                );
+                return Err(PortInUse {
+                    port,
+                    replica: i,
+                    what,
+                }
+                .into());
             }
         }
     }

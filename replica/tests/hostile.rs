@@ -412,3 +412,85 @@ async fn a_stalled_replica_holds_up_no_client() {
     }
     held.abort();
 }
+
+/// `/status`, asked for again and again by whoever reaches the HTTP port, while a client writes
+/// to a state of 96 MiB: each replica hashes its state within a budget of its time and meanwhile
+/// reports an earlier instance's digest, labelled with that instance, so the writes go on. (Every
+/// status used to hash the whole state whenever a decision had come since the last one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_requests_do_not_stall_the_replicas_of_a_large_state() {
+    let cluster = TestCluster::start("hostile-status", 4, ProtocolConfig::default(), &[]).await;
+    let client = cluster.client().await;
+    for i in 0..96u32 {
+        let value = vec![(i % 251) as u8; 1 << 20];
+        client
+            .kv(&KvRequest::put(format!("big/{i:03}"), value))
+            .await
+            .expect("fill");
+    }
+    let small_puts = |tag: &'static str, seconds: u64| {
+        let client = &client;
+        async move {
+            let mut took = Vec::new();
+            let until = Instant::now() + Duration::from_secs(seconds);
+            while Instant::now() < until {
+                let t = Instant::now();
+                client
+                    .kv(&KvRequest::put(format!("small/{tag}/{}", took.len()), "v"))
+                    .await
+                    .expect("small put");
+                took.push(t.elapsed());
+            }
+            took.sort();
+            took
+        }
+    };
+    let quiet = small_puts("quiet", 2).await;
+    let attack_for = Duration::from_secs(4);
+    let mut askers = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let url = format!("http://127.0.0.1:{}/status", http_port(cluster.base, i));
+        askers.spawn(async move {
+            let (mut answers, mut labelled) = (0u32, 0u32);
+            let until = Instant::now() + attack_for;
+            while Instant::now() < until {
+                if let Ok(s) = kmmr_client::status::fetch_status(&url).await {
+                    answers += 1;
+                    labelled += u32::from(s.status.state_digest_cid.is_some());
+                }
+            }
+            (answers, labelled)
+        });
+    }
+    let took = small_puts("asked", attack_for.as_secs()).await;
+    let (mut answers, mut labelled) = (0, 0);
+    while let Some(r) = askers.join_next().await {
+        let (a, l) = r.expect("asker");
+        answers += a;
+        labelled += l;
+    }
+    let (p50, p99) = (took[took.len() / 2], took[took.len() * 99 / 100]);
+    let quiet_p50 = quiet[quiet.len() / 2];
+    eprintln!(
+        "{} small puts, p50 {p50:?}, p99 {p99:?}, max {:?} (without statuses: p50 {quiet_p50:?}); \
+         {answers} statuses, {labelled} of an earlier instance",
+        took.len(),
+        took[took.len() - 1]
+    );
+    assert!(answers >= 40, "only {answers} statuses in {attack_for:?}");
+    // The state is large enough that hashing it again on every status would not keep up.
+    assert!(labelled > 0, "no status named an earlier instance");
+    // Hashing on every status made the median 110 ms; with the budget it stays within a small
+    // factor of the same puts' without statuses (thousands of signed statuses a second still
+    // cost CPU: 21 against 5 ms at load 8).
+    assert!(
+        p50 < quiet_p50 * 4 + Duration::from_millis(20),
+        "small puts p50 {p50:?} while statuses were asked for, {quiet_p50:?} without"
+    );
+    assert!(
+        p99 < Duration::from_millis(500),
+        "small puts p99 {p99:?} while statuses were asked for"
+    );
+    // Once writes stop, every replica's digest comes to be of the same, last instance.
+    cluster.wait_identical(Duration::from_secs(60)).await;
+}

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kmmr::cluster::{free_base_port, prepare, ClusterSpec};
+use kmmr::cluster::{prepare_at_free_ports, ClusterSpec};
 use kmmr::node::{NodeConfig, ProtocolConfig, ServiceChoice};
 use kmmr_byzantine::Behaviour;
 use kmmr_client::{Client, ClientOptions};
@@ -114,15 +114,15 @@ impl Cluster {
             .with_test_writer()
             .try_init();
         let dir = scratch(name);
-        let spec = ClusterSpec {
+        let mut spec = ClusterSpec {
             n,
             dir: dir.clone(),
-            base_port: free_base_port(n).expect("free ports"),
+            base_port: 0,
             byzantine: byzantine.iter().map(|(i, _)| *i).collect(),
             protocol: ProtocolConfig::default(),
             busy_poll_us: 0,
         };
-        prepare(&spec).expect("cluster laid out");
+        prepare_at_free_ports(&mut spec, 0).expect("cluster laid out");
         let mut replicas = Vec::new();
         for i in 0..n as u32 {
             let cfg = NodeConfig::load(&dir.join(format!("r{i}.toml"))).expect("config");

@@ -161,6 +161,32 @@ fn a_replica_whose_digest_differs_from_f_plus_one_at_the_same_instance_is_diverg
 }
 
 #[test]
+fn a_digest_of_an_earlier_instance_is_compared_at_that_instance() {
+    // Replica 3 decided instance 10 too, but its large state was last hashed after instance 8.
+    let mut probes = all_healthy();
+    let stale = |digest: &str| {
+        let Probe::Verified(mut s) = report(3, 10, digest) else {
+            unreachable!()
+        };
+        s.state_digest_cid = Some(8);
+        Probe::Verified(s)
+    };
+    probes.insert(3, stale("d8"));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert!(s.diverged_replicas.is_empty(), "{:?}", s.diverged_replicas);
+    assert_eq!(s.agreed_state_digest.as_deref(), Some("d10"));
+    // Another replica's digest of instance 8 as well, and they differ: one of them is wrong,
+    // but with only two reports of instance 8 (f+1 = 2 agree on neither) nobody is named.
+    let Probe::Verified(mut two) = report(2, 10, "x8") else {
+        unreachable!()
+    };
+    two.state_digest_cid = Some(8);
+    probes.insert(2, Probe::Verified(two));
+    let (s, _) = compute(None, &membership(), &probes, &ctx(), at(100));
+    assert!(s.diverged_replicas.is_empty(), "{:?}", s.diverged_replicas);
+}
+
+#[test]
 fn replicas_at_different_instances_are_not_called_diverged() {
     let mut probes = all_healthy();
     probes.insert(3, report(3, 11, "d11"));

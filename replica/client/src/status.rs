@@ -22,8 +22,14 @@ pub struct Status {
     pub synchronizing: bool,
     /// `None` before the first decision.
     pub last_decided: Option<u64>,
-    /// Hex digest of the service state after `last_decided`.
+    /// Hex digest of the service state after `last_decided`, or after `state_digest_cid` when
+    /// that is set.
     pub state_digest: String,
+    /// Set when `state_digest` is of an earlier instance than `last_decided`: a large state is
+    /// hashed again only within a budget of the replica's time. Left out of the JSON otherwise,
+    /// so that a status stays byte for byte what readers from before this field verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest_cid: Option<u64>,
     pub pending_requests: usize,
     /// Set when this replica runs a Byzantine test mode.
     pub byzantine: Option<String>,
@@ -49,6 +55,21 @@ pub struct Status {
 }
 
 impl Status {
+    /// The instance `state_digest` is of: the state after it. Digests are comparable between
+    /// replicas only at equal instances.
+    pub fn digest_cid(&self) -> Option<u64> {
+        self.state_digest_cid.or(self.last_decided)
+    }
+
+    /// `state_digest_prefix`, followed by the instance it is of when that is not the last
+    /// decided one, for one-line displays.
+    pub fn state_digest_label(&self) -> String {
+        match self.state_digest_cid {
+            Some(cid) => format!("{} (of instance {cid})", self.state_digest_prefix()),
+            None => self.state_digest_prefix().to_string(),
+        }
+    }
+
     /// The first 16 characters of `state_digest`, for one-line displays. The replica that sent
     /// the status chose the string: slicing it at byte 16 panicked on a multi-byte character.
     pub fn state_digest_prefix(&self) -> &str {

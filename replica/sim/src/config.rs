@@ -104,6 +104,10 @@ pub struct SimConfig {
     /// (node, cid): that node's service silently changes its state while executing that CID
     /// (a rogue write, bit rot). The node runs correct protocol code and must repair itself.
     pub diverge: Option<(usize, u64)>,
+    /// Replica indices whose host is short of CPU for the whole run: their driver says so
+    /// before every timeout (`Replica::set_host_busy`), as a replica process does when its
+    /// threads wait for a CPU.
+    pub busy_hosts: Vec<usize>,
     /// The run fails for liveness if clients have not finished by then.
     pub max_time_us: u64,
     /// How long the run goes on, idle, once every client (and the admin) finished: 0 ends it
@@ -146,6 +150,7 @@ impl SimConfig {
             gst_us: 0,
             spares: 0,
             reconfigs: Vec::new(),
+            busy_hosts: Vec::new(),
             diverge: None,
             max_time_us: 120_000_000,
             settle_us: 0,

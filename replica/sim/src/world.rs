@@ -435,6 +435,7 @@ impl<'a> World<'a> {
                     return;
                 }
                 let local = self.now + n.offset_us;
+                n.replica.set_host_busy(self.cfg.busy_hosts.contains(&i));
                 n.replica.on_timeout(local);
                 self.flush_node(i);
             }

@@ -351,7 +351,8 @@ pub async fn workload(args: &LocalArgs, cluster: &LocalCluster, ops: usize) -> R
     Ok(ok)
 }
 
-/// Correct replicas must report the same state digest once they reach the same instance.
+/// Correct replicas must report the same state digest once their digests are of the same
+/// instance.
 pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<bool> {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -371,7 +372,7 @@ pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<
             .collect();
         let same_cid = correct
             .windows(2)
-            .all(|w| w[0].1 .1.status.last_decided == w[1].1 .1.status.last_decided);
+            .all(|w| w[0].1 .1.status.digest_cid() == w[1].1 .1.status.digest_cid());
         if (same_cid && correct.len() == cluster.view.n() - cluster.byzantine.len())
             || Instant::now() > until
         {
@@ -386,7 +387,7 @@ pub async fn check_replicas(args: &LocalArgs, cluster: &LocalCluster) -> Result<
                     s.status.regency,
                     s.status.leader,
                     s.status.last_decided,
-                    s.status.state_digest_prefix(),
+                    s.status.state_digest_label(),
                     if cluster.byzantine.contains(id) {
                         " (Byzantine)"
                     } else {

@@ -275,7 +275,7 @@ fn choose(view: &View, statuses: &BTreeMap<u32, Status>) -> Option<Vouched> {
             continue;
         }
         groups
-            .entry((s.view_id, s.last_decided, digest))
+            .entry((s.view_id, s.digest_cid(), digest))
             .or_default()
             .push(*id);
     }

@@ -48,7 +48,7 @@ pub async fn status(cluster: ClusterArgs, format: Format) -> Result<()> {
                         st.leader,
                         st.last_decided
                             .map_or_else(|| "none".to_string(), |c| c.to_string()),
-                        st.state_digest_prefix(),
+                        st.state_digest_label(),
                         st.byzantine
                             .as_ref()
                             .map(|b| format!(" [BYZANTINE test mode {b}]"))

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub transfer_bytes: Counter,
     pub view_installs: Counter,
     pub diverged: Counter,
+    /// Leaders not judged slow because this replica's host was short of CPU, by regency.
+    pub slow_leader_withheld: Counter,
+    /// Time this replica's threads waited for a CPU, per second, over the last window.
+    pub cpu_wait: Gauge<f64, AtomicU64>,
     /// Busy polls after input, by whether more input came (`input`) or the budget ran out.
     pub busy_polls: Family<OutcomeLabel, Counter>,
     /// CPU time spent in busy polls (an upper bound: other threads ran during the yields).
@@ -138,6 +142,20 @@ impl Default for Metrics {
         let transfer_bytes = Counter::default();
         let view_installs = Counter::default();
         let diverged = Counter::default();
+        let slow_leader_withheld = Counter::default();
+        let cpu_wait = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "slow_leader_withheld",
+            "Regencies whose leader was not judged slow because this replica itself waited for \
+             a CPU too long to tell",
+            slow_leader_withheld.clone(),
+        );
+        registry.register(
+            "cpu_wait_ratio",
+            "Time this replica's threads spent waiting for a CPU, per second of wall time, over \
+             the latest window (Linux schedstat)",
+            cpu_wait.clone(),
+        );
         let busy_polls = Family::<OutcomeLabel, Counter>::default();
         let busy_poll_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
@@ -212,6 +230,8 @@ impl Default for Metrics {
             transfer_bytes,
             view_installs,
             diverged,
+            slow_leader_withheld,
+            cpu_wait,
             busy_polls,
             busy_poll_seconds,
             promise_seconds,

@@ -16,6 +16,8 @@
 
 mod accuse;
 pub mod config;
+mod contention;
+mod digest;
 pub mod durability;
 mod fds;
 pub use kmmr_net::http;
@@ -43,7 +45,7 @@ use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNe
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::MAX_PROMISED_DECISIONS;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
-use kmmr_protocol::crypto::{Digest, KeyPair};
+use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::service::kv::KvStore;
 use kmmr_protocol::service::noop::NoopService;
 use kmmr_protocol::service::Service;
@@ -184,7 +186,8 @@ pub async fn run(
         adversary,
         rng: ChaCha8Rng::seed_from_u64(now_us()),
         clock: Clock::new(),
-        digest_cache: None,
+        status_digest: digest::StatusDigest::default(),
+        contention: contention::Contention::new(),
         rejections: HashMap::new(),
         accusations: accuse::Accusations::default(),
         durability,
@@ -392,7 +395,10 @@ struct NodeLoop {
     adversary: Option<Adversary>,
     rng: ChaCha8Rng,
     clock: Clock,
-    digest_cache: Option<(Option<Cid>, Digest)>,
+    /// The digest `/status` reports, computed within a budget of the loop's time.
+    status_digest: digest::StatusDigest,
+    /// How long this replica waits for a CPU: a busy host judges no leader slow.
+    contention: contention::Contention,
     rejections: HashMap<kmmr_protocol::core::rejection::Rejection, u64>,
     /// Evidence against peers: rejections that only a faulty sender causes, recent ones only,
     /// for the signed status (the operator names a replica that f+1 others accuse).
@@ -459,6 +465,9 @@ impl NodeLoop {
                     }
                 }
                 _ = sleep, if deadline.is_some() => {
+                    let busy = self.contention.busy(Instant::now());
+                    self.metrics.cpu_wait.set(self.contention.last_fraction);
+                    self.core.set_host_busy(busy);
                     let now = self.clock.now_us();
                     self.core.on_timeout(now);
                 }
@@ -878,6 +887,15 @@ impl NodeLoop {
             Event::StateInstalled { cid } => {
                 tracing::info!(cid = cid.0, "state transfer finished");
             }
+            Event::SlowLeaderWithheld { regency } => {
+                self.metrics.slow_leader_withheld.inc();
+                tracing::info!(
+                    regency = regency.0,
+                    cpu_wait = self.contention.last_fraction,
+                    "not judging the leader slow: this replica itself waits for a CPU too long \
+                     to tell"
+                );
+            }
             Event::Diverged { cid } => {
                 self.metrics.diverged.inc();
                 tracing::error!(
@@ -933,19 +951,17 @@ impl NodeLoop {
         self.metrics
             .pending_requests
             .set(self.core.pending_requests() as i64);
+        self.contention.busy(Instant::now());
+        self.metrics.cpu_wait.set(self.contention.last_fraction);
         self.metrics.heartbeat_us.store(now_us(), Relaxed);
     }
 
     fn status(&mut self) -> SignedStatus {
         let last = self.core.last_decided();
-        let digest = match self.digest_cache {
-            Some((c, d)) if c == last => d,
-            _ => {
-                let d = self.core.state_digest();
-                self.digest_cache = Some((last, d));
-                d
-            }
-        };
+        let core = &self.core;
+        let (digest_cid, digest) = self
+            .status_digest
+            .get(last, Instant::now(), || core.state_digest());
         let status = Status {
             id: self.core.id().0,
             view_id: self.view.id.0,
@@ -956,6 +972,11 @@ impl NodeLoop {
             synchronizing: self.core.is_synchronizing(),
             last_decided: last.map(|c| c.0),
             state_digest: digest.to_string(),
+            state_digest_cid: if digest_cid == last {
+                None
+            } else {
+                digest_cid.map(|c| c.0)
+            },
             pending_requests: self.core.pending_requests(),
             byzantine: self
                 .adversary

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kmmr::cluster::{
-    free_base_port, http_get, http_port, prepare, spawn_replica, wait_healthy, ClusterSpec,
+    http_get, http_port, prepare_at_free_ports, spawn_replica, wait_healthy, ClusterSpec,
 };
 use kmmr::node::{ProtocolConfig, ServiceChoice};
 use kmmr_client::status::{fetch_status, SignedStatus};
@@ -50,19 +50,18 @@ impl TestCluster {
         byzantine: &[u32],
     ) -> TestCluster {
         let dir = std::env::temp_dir().join(format!("kmmr-test-{name}-{}", std::process::id()));
-        let base = free_base_port(n + spare).expect("free ports");
-        let view = prepare(&ClusterSpec {
+        let mut spec = ClusterSpec {
             n,
             dir: dir.clone(),
-            base_port: base,
+            base_port: 0,
             byzantine: byzantine.to_vec(),
             busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
             protocol,
-        })
-        .expect("cluster files");
+        };
+        let view = prepare_at_free_ports(&mut spec, spare).expect("cluster files");
         TestCluster {
             dir,
-            base,
+            base: spec.base_port,
             view,
             procs: BTreeMap::new(),
         }

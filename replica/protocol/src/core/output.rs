@@ -101,6 +101,11 @@ pub enum Event {
     Diverged {
         cid: Cid,
     },
+    /// The leader of `regency` would have been judged slow, but this replica's host was short
+    /// of CPU (see `Replica::set_host_busy`), so it was not. Once per regency.
+    SlowLeaderWithheld {
+        regency: Regency,
+    },
 }
 
 /// Why a replica asks for a leader change.

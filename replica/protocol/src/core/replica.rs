@@ -156,6 +156,11 @@ pub struct Replica {
     progress_in_regency: bool,
     regency_latency_us: Option<u64>,
     latency_history: VecDeque<u64>,
+    /// The driver finds its own host short of CPU: slowness is not judged (see
+    /// [`Replica::set_host_busy`]).
+    host_busy: bool,
+    /// The regency in which a slow-leader suspicion was last withheld for a busy host.
+    slow_withheld: Option<Regency>,
 
     /// The latest time seen in any input.
     clock_us: u64,
@@ -219,6 +224,8 @@ impl Replica {
             progress_in_regency: false,
             regency_latency_us: None,
             latency_history: VecDeque::new(),
+            host_busy: false,
+            slow_withheld: None,
             clock_us: 0,
             outputs: Vec::new(),
             events: Vec::new(),
@@ -474,7 +481,7 @@ impl Replica {
             // A replica outside its view (removed, or still joining) suspects nobody.
             if !self.lc.stop_active && self.participating() {
                 at(oldest.saturating_add(2 * self.timeout_us));
-                if !self.synchronizing {
+                if !self.synchronizing && !self.host_busy {
                     if let Some(slow) = self.slow_threshold_us() {
                         at(oldest
                             .saturating_add(slow)
@@ -534,6 +541,14 @@ impl Replica {
 
     pub(super) fn catchup_interval_us(&self) -> u64 {
         (self.config.request_timeout_us / 8).max(1)
+    }
+
+    /// Tells the core whether this replica's own host is short of CPU (the driver measures how
+    /// long its threads wait for one). Requests then wait long under any leader, so a leader is
+    /// not judged slow meanwhile; a leader that stops is still replaced by the request timeout.
+    /// The simulator never sets it: its replicas run on a host of their own.
+    pub fn set_host_busy(&mut self, busy: bool) {
+        self.host_busy = busy;
     }
 
     fn slow_grace_us(&self) -> u64 {
@@ -597,7 +612,14 @@ impl Replica {
                     && now >= self.regency_started_us + self.slow_grace_us()
                     && self.slow_threshold_us().is_some_and(|t| age >= t)
                 {
-                    self.suspect(now, self.regency.next(), Suspicion::SlowLeader);
+                    if !self.host_busy {
+                        self.suspect(now, self.regency.next(), Suspicion::SlowLeader);
+                    } else if self.slow_withheld != Some(self.regency) {
+                        self.slow_withheld = Some(self.regency);
+                        self.events.push(Event::SlowLeaderWithheld {
+                            regency: self.regency,
+                        });
+                    }
                 }
             }
         }
