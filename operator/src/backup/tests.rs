@@ -205,7 +205,7 @@ fn status_shows_the_newest_backup_from_the_jobs_report_and_a_newer_failure() {
     let pods = [pod_of("demo-backup-1", REPORT, 0)];
     let o = outcome(&ok, &pods).unwrap();
     assert!(o.succeeded);
-    let status = observe("backups", &[o.clone()], None, Some("r1"));
+    let status = observe("backups", std::slice::from_ref(&o), None, Some("r1"));
     let b = status.last_backup.clone().unwrap();
     assert_eq!(b.file, "demo/kmmr-20261203T070000Z-rev42.kmmr");
     assert_eq!(
@@ -229,7 +229,7 @@ fn status_shows_the_newest_backup_from_the_jobs_report_and_a_newer_failure() {
         1,
     )];
     let f = outcome(&failed, &pods).unwrap();
-    let status = observe("backups", &[f.clone()], Some(&status), None);
+    let status = observe("backups", std::slice::from_ref(&f), Some(&status), None);
     let cond = backup_condition(&status, None);
     assert_eq!((cond.status, cond.reason), (false, reason::BACKUP_FAILED));
     assert!(
@@ -286,12 +286,13 @@ fn restore_pod(terminated: Option<(i32, &str)>, waiting: bool) -> Pod {
             ..ContainerState::default()
         });
     }
-    let mut p = Pod::default();
-    p.status = Some(PodStatus {
-        init_container_statuses: Some(vec![status]),
-        ..PodStatus::default()
-    });
-    p
+    Pod {
+        status: Some(PodStatus {
+            init_container_statuses: Some(vec![status]),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    }
 }
 
 #[test]
