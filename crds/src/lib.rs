@@ -8,10 +8,14 @@
 //! Doc comments on the types become the schema's descriptions (`kubectl explain bftcluster.spec`),
 //! so they are written for users.
 
+mod backup;
 mod quorum;
 mod spec;
 mod status;
 
+pub use backup::{
+    check_schedule, BackupFailure, BackupRecord, BackupSpec, BackupStatus, RestoreSpec, MAX_KEEP,
+};
 pub use quorum::{default_f, max_f, quorum_size, QuorumError};
 pub use spec::{
     BftCluster, BftClusterSpec, EtcdApiSpec, EtcdServiceType, KeysSpec, Ports, ProtocolSpec,

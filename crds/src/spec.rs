@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::{BackupSpec, RestoreSpec};
 use crate::quorum::{default_f, QuorumError};
 
 /// The smallest n: 3f+1 with f = 1.
@@ -74,7 +75,8 @@ pub const ETCD_API_PORT: i32 = 2379;
     validation = Rule::new("self.replicas >= 4").message(MSG_REPLICAS_MIN),
     validation = Rule::new("self.replicas <= 100").message(MSG_REPLICAS_MAX),
     validation = Rule::new("!has(self.f) || (self.f >= 1 && self.replicas >= 3 * self.f + 1)").message(MSG_F),
-    validation = Rule::new("has(self.keys) == has(oldSelf.keys) && (!has(self.keys) || self.keys == oldSelf.keys)").message(MSG_KEYS_IMMUTABLE)
+    validation = Rule::new("has(self.keys) == has(oldSelf.keys) && (!has(self.keys) || self.keys == oldSelf.keys)").message(MSG_KEYS_IMMUTABLE),
+    validation = Rule::new("has(self.restoreFrom) == has(oldSelf.restoreFrom) && (!has(self.restoreFrom) || self.restoreFrom == oldSelf.restoreFrom)").message(crate::backup::MSG_RESTORE_IMMUTABLE)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BftClusterSpec {
@@ -149,6 +151,18 @@ pub struct BftClusterSpec {
     /// apiserver are generated into Secrets named in status.etcdAPI.
     #[serde(default, rename = "etcdAPI", skip_serializing_if = "Option::is_none")]
     pub etcd_api: Option<EtcdApiSpec>,
+
+    /// Backups of the key-value state, as f+1 replicas vouch for it, into a
+    /// PersistentVolumeClaim: on a schedule (a CronJob <name>-backup) and whenever the
+    /// annotation kmmr.io/backup-request gets a new value (a Job). The newest backup is shown
+    /// in status.backup and the LastBackupSucceeded condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
+    /// Start this new cluster from a backup file instead of empty: every replica verifies the
+    /// file and starts from its state (condition Restored). Only at creation; immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSpec>,
 }
 
 /// The etcd v3 API of a cluster.
@@ -389,6 +403,8 @@ mod tests {
             keys: None,
             protocol: None,
             etcd_api: None,
+            backup: None,
+            restore_from: None,
         }
     }
 

@@ -70,6 +70,10 @@ pub struct BftClusterStatus {
     /// kube-apiserver needs.
     #[serde(default, rename = "etcdAPI", skip_serializing_if = "Option::is_none")]
     pub etcd_api: Option<EtcdApiStatus>,
+
+    /// Backups (spec.backup): the newest one written, and the newest failure after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::BackupStatus>,
 }
 
 /// Where the etcd v3 API is served and how to reach it.
@@ -210,6 +214,12 @@ pub mod condition_types {
     /// The last reconcile went through (True), or what stopped it (False, with the error's
     /// reason and message).
     pub const RECONCILED: &str = "Reconciled";
+    /// The newest backup Job (spec.backup) succeeded (True) or failed (False, with what it
+    /// said), or backups cannot run as configured (False).
+    pub const LAST_BACKUP_SUCCEEDED: &str = "LastBackupSucceeded";
+    /// spec.restoreFrom: every replica started from the backup (True), is still starting from
+    /// it (False, Restoring), or refused it (False, RestoreRefused, with the replica's reason).
+    pub const RESTORED: &str = "Restored";
 }
 
 /// Reasons for the conditions (CamelCase, as the Condition schema requires); each is also an
@@ -258,4 +268,19 @@ pub mod condition_reasons {
     /// Reconciled=True: the last reconcile applied the spec. (Reconciled=False carries the
     /// reason of the error that stopped it.)
     pub const RECONCILE_SUCCEEDED: &str = "ReconcileSucceeded";
+    /// LastBackupSucceeded=True.
+    pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+    /// LastBackupSucceeded=False: the newest backup Job failed.
+    pub const BACKUP_FAILED: &str = "BackupFailed";
+    /// LastBackupSucceeded=False: spec.backup cannot run (a bad schedule, a missing claim).
+    pub const BACKUP_MISCONFIGURED: &str = "BackupMisconfigured";
+    /// LastBackupSucceeded=False: backups are configured, none has finished yet.
+    pub const NO_BACKUP_YET: &str = "NoBackupYet";
+    /// Restored=False: the replicas are verifying and copying the backup.
+    pub const RESTORING: &str = "Restoring";
+    /// Restored=True.
+    pub const RESTORE_SUCCEEDED: &str = "RestoreSucceeded";
+    /// Restored=False: a replica refused the backup file (damaged, missing, not a backup), or
+    /// its claim does not exist; the cluster does not start.
+    pub const RESTORE_REFUSED: &str = "RestoreRefused";
 }

@@ -140,6 +140,33 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
         "{msg}"
     );
 
+    let msg = invalid(
+        &api,
+        "crd-test-schedule",
+        cluster(
+            "crd-test-schedule",
+            json!({ "replicas": 4, "image": image, "backup": { "claimName": "b", "schedule": "every day" } }),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.backup.schedule must be a cron schedule of 5 fields"),
+        "{msg}"
+    );
+    let msg = invalid(
+        &api,
+        "crd-test-restore",
+        cluster(
+            "crd-test-restore",
+            json!({ "replicas": 4, "image": image, "restoreFrom": { "claimName": "b", "file": "../x.kmmr" } }),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.restoreFrom.file must be a path relative to the claim's root"),
+        "{msg}"
+    );
+
     let long = "a".repeat(41);
     let msg = invalid(
         &api,
@@ -215,6 +242,13 @@ async fn apiserver_refuses_to_change_storage_or_keys_after_creation() {
     let keys_result = api
         .patch(name, &pp, &Patch::Apply(cluster(name, with_keys)))
         .await;
+    let restored = json!({
+        "replicas": 4, "image": "kmmr/replica:0.1.0", "storage": { "size": "1Gi" },
+        "restoreFrom": { "claimName": "backups", "file": "demo/kmmr-1-rev2.kmmr" },
+    });
+    let restore_result = api
+        .patch(name, &pp, &Patch::Apply(cluster(name, restored)))
+        .await;
     // Clean up before asserting so a failure leaves nothing behind.
     api.delete(name, &DeleteParams::default())
         .await
@@ -224,6 +258,17 @@ async fn apiserver_refuses_to_change_storage_or_keys_after_creation() {
         Err(kube::Error::Api(status)) => {
             assert!(
                 status.message.contains("spec.keys cannot be added"),
+                "{}",
+                status.message
+            )
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    match restore_result {
+        Ok(_) => panic!("the apiserver let spec.restoreFrom be added after creation"),
+        Err(kube::Error::Api(status)) => {
+            assert!(
+                status.message.contains("spec.restoreFrom can only be set"),
                 "{}",
                 status.message
             )

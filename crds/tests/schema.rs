@@ -229,3 +229,40 @@ fn status_is_a_subresource() {
         .expect("subresources");
     assert!(sub.status.is_some());
 }
+
+#[test]
+fn backup_schedules_and_restore_sources_are_checked_at_admission() {
+    let schema = schema();
+    let schedule = rules_at(
+        &schema,
+        "/properties/spec/properties/backup/properties/schedule",
+    );
+    assert!(
+        schedule
+            .iter()
+            .any(|(rule, msg)| rule.contains("self.matches")
+                && msg.starts_with("spec.backup.schedule must be a cron schedule")),
+        "{schedule:?}"
+    );
+    let file = rules_at(
+        &schema,
+        "/properties/spec/properties/restoreFrom/properties/file",
+    );
+    assert!(
+        file.iter().any(|(rule, _)| rule.contains("'..'")),
+        "{file:?}"
+    );
+    // Set at creation only: the replicas' state starts from it once.
+    assert!(rules_at(&schema, "/properties/spec")
+        .iter()
+        .any(|(rule, msg)| rule.contains("oldSelf.restoreFrom")
+            && msg.starts_with("spec.restoreFrom can only be set")));
+    let keep = schema
+        .pointer("/properties/spec/properties/backup/properties/keep")
+        .expect("keep");
+    assert_eq!(
+        (keep["minimum"].as_f64(), keep["maximum"].as_f64()),
+        (Some(1.0), Some(1000.0)),
+        "{keep}"
+    );
+}

@@ -208,6 +208,14 @@ fn rbac_grants_every_call_the_operator_makes() -> Result {
             &["list", "watch", "patch"][..],
         ),
         ("events.k8s.io", "events", &["create", "patch"][..]),
+        // spec.backup: the CronJob, a Job per request, and their outcome.
+        (
+            "batch",
+            "cronjobs",
+            &["get", "list", "watch", "patch", "delete"][..],
+        ),
+        ("batch", "jobs", &["get", "list", "watch", "create"][..]),
+        ("", "persistentvolumeclaims", &["get"][..]),
     ] {
         for verb in verbs {
             assert!(

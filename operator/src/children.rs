@@ -274,9 +274,17 @@ fn stateful_set(
         // Seen in `kubectl describe pod`: this pod misbehaves on purpose.
         pod_annotations.insert(crate::testmode::ANNOTATION.to_string(), mode.to_string());
     }
+    let mut volumes = vec![config_volume, tmp_volume];
+    // A restored cluster's replicas verify the backup and copy it to their volume before they
+    // start (see `backup::restore_init_container`).
+    let init_containers = spec.restore_from.as_ref().map(|restore| {
+        volumes.push(crate::backup::restore_volume(restore));
+        vec![crate::backup::restore_init_container(cluster, restore)]
+    });
     let pod_spec = PodSpec {
+        init_containers,
         containers: vec![container],
-        volumes: Some(vec![config_volume, tmp_volume]),
+        volumes: Some(volumes),
         // Replicas never call the Kubernetes API: no token to steal.
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
@@ -417,17 +425,23 @@ fn replica_container(spec: &kmmr_crds::BftClusterSpec, test_mode: Option<&str>) 
             failure_threshold: Some(6),
             ..Probe::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_container_security()),
         ..Container::default()
+    }
+}
+
+/// What every KmMR container runs with: no privilege, a read-only root file system, every
+/// capability dropped.
+pub(crate) fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
     }
 }
 

@@ -58,6 +58,10 @@ struct ReplicaToml {
     listen: String,
     client_listen: String,
     http_listen: String,
+    /// spec.restoreFrom: the backup's verified copy on the replica's volume. Before
+    /// `protocol`: TOML has no plain values after a table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initial_state: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     protocol: Option<ProtocolToml>,
 }
@@ -123,6 +127,11 @@ pub fn render_replica(cluster: &BftCluster, id: i32) -> Result<String, ConfigErr
         listen: format!("0.0.0.0:{}", ports.replica),
         client_listen: format!("0.0.0.0:{}", ports.client),
         http_listen: format!("0.0.0.0:{}", ports.http),
+        initial_state: cluster
+            .spec
+            .restore_from
+            .is_some()
+            .then_some(crate::backup::INITIAL_STATE),
         protocol: cluster
             .spec
             .protocol

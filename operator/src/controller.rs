@@ -39,6 +39,7 @@ use crate::observe::{self, Reconfiguration};
 use kmmr_client::status::{self as probe, Probe};
 
 mod apply;
+mod backup;
 mod etcd_api;
 mod secrets;
 mod view;
@@ -178,7 +179,27 @@ pub async fn run(
         .owns(api::<PodDisruptionBudget>(&client, namespace), ours.clone())
         // The etcd gateways (spec.etcdAPI): their readiness goes into status.etcdAPI.
         .owns(api::<Deployment>(&client, namespace), ours.clone())
-        .owns(api::<Secret>(&client, namespace), ours)
+        .owns(api::<Secret>(&client, namespace), ours.clone())
+        .owns(
+            api::<k8s_openapi::api::batch::v1::CronJob>(&client, namespace),
+            ours,
+        )
+        // Backup Jobs belong to the CronJob or, when requested, to the cluster: map them by
+        // their instance label so that a finished backup is reported at once.
+        .watches(
+            api::<k8s_openapi::api::batch::v1::Job>(&client, namespace),
+            watcher::Config::default().labels(&format!(
+                "app.kubernetes.io/name={},app.kubernetes.io/component={}",
+                names::APP_NAME,
+                crate::backup::COMPONENT
+            )),
+            |job| {
+                let instance = job.labels().get("app.kubernetes.io/instance").cloned();
+                let ns = job.namespace();
+                instance
+                    .and_then(|name| ns.map(|ns| ObjectRef::<BftCluster>::new(&name).within(&ns)))
+            },
+        )
         // Pods belong to the StatefulSets, not to the cluster: map them by their instance label so
         // a replica that dies or comes back is reported at once.
         .watches(
@@ -383,7 +404,8 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
 
     // The status this pass reports, computed once from what was observed and decided; the
     // rolling restart below goes by the same health.
-    let (mut status, transitions) = observe::compute(previous, &membership, &probes, &obs, now);
+    let (mut status, mut transitions) =
+        observe::compute(previous, &membership, &probes, &obs, now.clone());
     pass.healthy = healthy_ids(&status);
     pass.leader = status.leader;
     let mut applied_view = None;
@@ -401,6 +423,37 @@ async fn apply(cluster: &BftCluster, ctx: &Context) -> Result<Action, Error> {
     }
     status.etcd_api =
         etcd_api::reconcile_etcd_api(ctx, cluster, &namespace, applied_view.as_deref()).await?;
+    let backups = backup::reconcile_backup(
+        ctx,
+        cluster,
+        &namespace,
+        &membership,
+        applied_view.as_deref(),
+    )
+    .await?;
+    status.backup = backups.status;
+    transitions.extend(backup::merge_conditions(
+        &mut status,
+        previous,
+        backups.conditions,
+        cluster.metadata.generation,
+        &now,
+    ));
+    if let Some(request) = backups.requested {
+        publish(
+            ctx,
+            cluster,
+            false,
+            "BackupRequested",
+            &format!(
+                "started backup Job {} for {}={request}",
+                crate::backup::request_job_name(&name, &request),
+                crate::backup::REQUEST_ANNOTATION
+            ),
+            "Backup",
+        )
+        .await;
+    }
     if previous != Some(&status) {
         write_status(ctx, &namespace, &name, &status).await?;
     }

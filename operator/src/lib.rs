@@ -8,6 +8,7 @@
 //! - [`observe`]: status and conditions from what the replicas report.
 //! - [`etcd_api`]: the etcd v3 API (`spec.etcdAPI`): gateways, Service, certificates, status.
 //! - [`membership`]: the next membership step and the trait that carries it out.
+//! - [`backup`]: backup CronJob and Jobs, the restore step of replica pods, status.backup.
 //! - [`testmode`]: the test-only Byzantine modes a cluster's annotation may ask for.
 //!
 //! Runtime parts:
@@ -19,6 +20,7 @@
 //! - [`error`]: reconcile errors, each a metric label and Event reason.
 
 pub mod admin;
+pub mod backup;
 pub mod children;
 pub mod config;
 pub mod controller;

@@ -158,6 +158,8 @@ pub fn compute(
         last_error: None,
         // Set by the controller from the gateways' objects (`etcd_api::status`).
         etcd_api: None,
+        // Set by the controller from the backup Jobs (`backup::observe`).
+        backup: None,
     };
     (status, transitions)
 }

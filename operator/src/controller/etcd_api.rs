@@ -9,7 +9,7 @@ use super::*;
 use crate::etcd_api::{self, StoredCerts};
 
 /// Server-side applies `obj` and gives back the object as stored.
-async fn ssa<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>
+pub(super) async fn ssa<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Serialize
@@ -29,7 +29,7 @@ where
 }
 
 /// Deletes `name` if it exists and belongs to `cluster`.
-async fn delete_owned<K>(
+pub(super) async fn delete_owned<K>(
     client: &Client,
     cluster: &BftCluster,
     namespace: &str,

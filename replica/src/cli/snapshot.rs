@@ -38,18 +38,32 @@ pub struct SnapshotArgs {
 pub enum SnapshotCmd {
     /// Save the cluster's key-value state, as f+1 replicas vouch for it, to FILE.
     Save {
-        /// Where to write the backup (an existing file is replaced atomically).
+        /// Where to write the backup (an existing file is replaced atomically). An existing
+        /// directory, or a path ending in '/', gets a new file kmmr-<UTC time>-rev<revision>.kmmr
+        /// (the directory is created if missing): what scheduled backups need, with no shell.
         file: PathBuf,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// The admin key, which may read the replicas' state (default: <cluster>/admin.key).
         #[arg(long)]
         admin_key: Option<PathBuf>,
+        /// Saving into a directory: afterwards keep only its newest N backups (kmmr-*.kmmr).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
+        /// Also write the JSON report to this file, for example /dev/termination-log, where
+        /// Kubernetes shows it in the pod's status for the operator to read.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Verify FILE and print what it holds.
     Status {
         /// A backup written by `snapshot save`.
         file: PathBuf,
+        /// Once FILE verifies, copy it to this path atomically (a replica's `initial_state`,
+        /// from a pod with no shell). A path already holding a verified backup is kept as it is
+        /// and FILE is not read, so a replica's restart does not depend on FILE.
+        #[arg(long)]
+        copy_to: Option<PathBuf>,
     },
     /// Start a new local cluster whose replicas all start from FILE (same as
     /// `local --from-snapshot FILE --keep-running`).
@@ -67,8 +81,20 @@ pub async fn run(args: SnapshotArgs, format: Format) -> Result<()> {
             file,
             cluster,
             admin_key,
-        } => save(&file, &cluster, admin_key, format).await,
-        SnapshotCmd::Status { file } => status(&file, format),
+            keep,
+            report,
+        } => {
+            let to = Target { file, keep, report };
+            save(&to, &cluster, admin_key, format).await
+        }
+        SnapshotCmd::Status { file, copy_to } => match copy_to {
+            Some(dest) if Backup::read(&dest).is_ok() => status(&dest, format),
+            Some(dest) => {
+                read_backup(&file)?.write(&dest)?;
+                status(&dest, format)
+            }
+            None => status(&file, format),
+        },
         SnapshotCmd::Restore { file, mut local } => {
             if let Some(other) = &local.from_snapshot {
                 bail!(
@@ -140,8 +166,79 @@ struct Vouched {
     replicas: Vec<u32>,
 }
 
+/// Where `save` writes, and what it keeps.
+struct Target {
+    file: PathBuf,
+    keep: Option<u32>,
+    report: Option<PathBuf>,
+}
+
+impl Target {
+    fn is_dir(&self) -> bool {
+        self.file.is_dir() || self.file.as_os_str().to_string_lossy().ends_with('/')
+    }
+
+    /// The file to write `b` to.
+    fn path_for(&self, b: &Backup) -> PathBuf {
+        if !self.is_dir() {
+            return self.file.clone();
+        }
+        let secs = kmmr_client::clock::now_us() / 1_000_000;
+        self.file.join(format!(
+            "{BACKUP_PREFIX}{}-rev{}{BACKUP_SUFFIX}",
+            utc_stamp(secs),
+            b.header.revision
+        ))
+    }
+
+    /// Deletes the oldest backups of the directory beyond `keep`; their names sort by time.
+    fn prune(&self) -> Result<()> {
+        let Some(keep) = self.keep.filter(|_| self.is_dir()) else {
+            return Ok(());
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&self.file)
+            .with_context(|| format!("listing {}", self.file.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(BACKUP_PREFIX) && n.ends_with(BACKUP_SUFFIX))
+            .collect();
+        names.sort();
+        let excess = names.len().saturating_sub(keep as usize);
+        for name in &names[..excess] {
+            let path = self.file.join(name);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            eprintln!("removed {} (keeping the newest {keep})", path.display());
+        }
+        Ok(())
+    }
+}
+
+const BACKUP_PREFIX: &str = "kmmr-";
+const BACKUP_SUFFIX: &str = ".kmmr";
+
+/// `20260131T235959Z` for seconds since the epoch (UTC, proleptic Gregorian calendar).
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 async fn save(
-    file: &Path,
+    to: &Target,
     cluster: &ClusterArgs,
     admin_key: Option<PathBuf>,
     format: Format,
@@ -175,9 +272,18 @@ async fn save(
     loop {
         let problem = match attempt(&cluster.cluster, &view, &admin).await {
             Ok(b) => {
-                b.write(file)?;
-                report(file, &b, format);
-                return Ok(());
+                let file = to.path_for(&b);
+                if to.is_dir() {
+                    std::fs::create_dir_all(&to.file)
+                        .with_context(|| format!("creating {}", to.file.display()))?;
+                }
+                b.write(&file)?;
+                report(&file, &b, format);
+                if let Some(path) = &to.report {
+                    std::fs::write(path, format!("{}\n", report_json(&file, &b)))
+                        .with_context(|| format!("writing the report to {}", path.display()))?;
+                }
+                return to.prune();
             }
             Err(problem) => problem,
         };
@@ -192,22 +298,24 @@ async fn save(
     }
 }
 
+fn report_json(file: &Path, b: &Backup) -> serde_json::Value {
+    let h = &b.header;
+    json!({
+        "file": file.display().to_string(),
+        "cid": h.cid,
+        "revision": h.revision,
+        "keys": h.keys,
+        "bytes": b.body.len(),
+        "digest": h.digest.to_string(),
+        "vouchers": h.vouchers,
+        "view_id": h.view_id,
+    })
+}
+
 fn report(file: &Path, b: &Backup, format: Format) {
     let h = &b.header;
     match format {
-        Format::Json => outln!(
-            "{}",
-            json!({
-                "file": file.display().to_string(),
-                "cid": h.cid,
-                "revision": h.revision,
-                "keys": h.keys,
-                "bytes": b.body.len(),
-                "digest": h.digest.to_string(),
-                "vouchers": h.vouchers,
-                "view_id": h.view_id,
-            })
-        ),
+        Format::Json => outln!("{}", report_json(file, b)),
         Format::Text => outln!(
             "saved {}: revision {}, {} keys, {} bytes of state, digest {}, vouched for by \
              replicas {:?}",
@@ -400,6 +508,14 @@ mod tests {
             member: true,
             ..Status::default()
         }
+    }
+
+    #[test]
+    fn backup_names_carry_the_utc_time_and_sort_by_it() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_798_761_599), "20261231T235959Z");
+        assert!(utc_stamp(1_000_000_000) < utc_stamp(1_700_000_000));
     }
 
     #[test]
