@@ -465,8 +465,7 @@ impl NodeLoop {
                     }
                 }
                 _ = sleep, if deadline.is_some() => {
-                    let busy = self.contention.busy(Instant::now());
-                    self.metrics.cpu_wait.set(self.contention.last_fraction);
+                    let busy = self.host_busy();
                     self.core.set_host_busy(busy);
                     let now = self.clock.now_us();
                     self.core.on_timeout(now);
@@ -951,9 +950,15 @@ impl NodeLoop {
         self.metrics
             .pending_requests
             .set(self.core.pending_requests() as i64);
-        self.contention.busy(Instant::now());
-        self.metrics.cpu_wait.set(self.contention.last_fraction);
+        self.host_busy();
         self.metrics.heartbeat_us.store(now_us(), Relaxed);
+    }
+
+    /// Whether this replica's host is short of CPU now, the wait it measured exported.
+    fn host_busy(&mut self) -> bool {
+        let busy = self.contention.busy(Instant::now());
+        self.metrics.cpu_wait.set(self.contention.last_fraction);
+        busy
     }
 
     fn status(&mut self) -> SignedStatus {
