@@ -43,6 +43,9 @@ fn with_stdin(args: &'static str, stdin: &str) -> Step {
 
 fn script() -> Vec<Step> {
     let mut s = vec![
+        // A fresh store compacts at its revision 1 once, then refuses it as compacted.
+        step("compaction 1"),
+        step("compaction 1"),
         step("put foo bar -w json"),
         step("get foo -w json"),
         step("put foo baz --prev-kv -w json"),

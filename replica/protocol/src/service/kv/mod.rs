@@ -24,7 +24,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT, INITIAL_REVISION};
+pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT, INITIAL_REVISION, NEVER_COMPACTED};
 pub use types::*;
 
 use super::{ExecContext, RestoreError, Service};

@@ -233,7 +233,7 @@ proptest! {
             let rb = b.execute(&ctx(i as u64, now), &req);
             prop_assert_eq!(&ra, &rb);
             prop_assert!(KvResponse::from_bytes(&ra).is_ok());
-            prop_assert!(a.revision() - a.compact_revision() <= history_limit);
+            prop_assert!(a.revision() - a.history_start() <= history_limit);
         }
         prop_assert_eq!(a.snapshot(), b.snapshot());
         prop_assert_eq!(a.state_digest(), b.state_digest());

@@ -153,13 +153,16 @@ impl KvStore {
             s.kvs.insert(kv.key.clone(), kv);
         }
 
-        let mut last_rev = s.compact_revision;
+        // Revision 1 is the empty store's, with no write, so history starts after it even
+        // before the first compaction.
+        let mut last_rev = s.history_start();
         for c in changes {
             let rev = c.revision;
-            if rev <= s.compact_revision || rev > s.revision {
+            if rev <= s.history_start() || rev > s.revision {
                 return Err(bad("event outside the retained history"));
             }
-            // History covers exactly (compact_revision, revision]: every revision is a write.
+            // History covers exactly (compact_revision, revision]: every revision but the
+            // empty store's is a write.
             if rev != last_rev && rev != last_rev + 1 {
                 return Err(bad("events out of order or with a gap"));
             }

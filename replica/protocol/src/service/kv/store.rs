@@ -174,6 +174,10 @@ pub const DEFAULT_HISTORY_LIMIT: u64 = 10_000;
 /// The revision of an empty store, as in etcd. No write has it, so a store compacted no further
 /// has lost no event.
 pub const INITIAL_REVISION: u64 = 1;
+/// The compact revision of a store never compacted. etcd starts at -1, so that compacting at
+/// the empty store's revision 1 succeeds once (and is then refused as already compacted), as
+/// etcdctl and the apiserver's compactor see it; 0 is below every revision as well.
+pub const NEVER_COMPACTED: u64 = 0;
 
 impl Default for KvStore {
     fn default() -> Self {
@@ -191,7 +195,7 @@ impl KvStore {
         KvStore {
             history_limit,
             revision: INITIAL_REVISION,
-            compact_revision: INITIAL_REVISION,
+            compact_revision: NEVER_COMPACTED,
             kvs: BTreeMap::new(),
             history: BTreeMap::new(),
             leases: BTreeMap::new(),
@@ -206,9 +210,16 @@ impl KvStore {
         self.revision
     }
 
-    /// Reads and watches before this revision fail with [`KvError::Compacted`].
+    /// Reads and watches before this revision fail with [`KvError::Compacted`];
+    /// [`NEVER_COMPACTED`] until the first compaction.
     pub fn compact_revision(&self) -> u64 {
         self.compact_revision
+    }
+
+    /// The revision that retained history starts after: the compact revision, or the empty
+    /// store's revision, which no write has.
+    pub(super) fn history_start(&self) -> u64 {
+        self.compact_revision.max(INITIAL_REVISION)
     }
 
     pub fn history_limit(&self) -> u64 {
@@ -298,7 +309,7 @@ impl KvStore {
             return;
         }
         self.revision = w.rev;
-        if self.revision - self.compact_revision > self.history_limit {
+        if self.revision - self.history_start() > self.history_limit {
             self.compact_to(self.revision - self.history_limit);
         }
     }

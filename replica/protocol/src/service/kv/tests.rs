@@ -125,7 +125,7 @@ fn fresh_store_is_at_revision_one_and_empty() {
     let mut s = KvStore::new(100);
     assert_eq!(INITIAL_REVISION, 1, "etcd's empty store is at revision 1");
     assert_eq!(s.revision(), INITIAL_REVISION);
-    assert_eq!(s.compact_revision(), INITIAL_REVISION);
+    assert_eq!(s.compact_revision(), NEVER_COMPACTED);
     assert_eq!(get(&mut s, "a"), None);
     assert_eq!(
         range(&mut s, RangeRequest::key("a")).header.revision,
@@ -759,6 +759,36 @@ fn watch_poll_limit_never_splits_a_revision_and_resumes_without_gaps() {
     let revisions: Vec<u64> = all.iter().map(Event::revision).collect();
     assert_eq!(revisions.len(), 15);
     assert!(revisions.windows(2).all(|w| w[0] <= w[1]));
+}
+
+/// etcd's compact revision starts below every revision: compacting a fresh store at its revision
+/// 1 succeeds, once, and a second compaction there is refused (etcdctl prints "compacted
+/// revision 1", then exits 1 with "required revision has been compacted").
+#[test]
+fn a_fresh_store_compacts_at_revision_one_once() {
+    let mut s = KvStore::new(100);
+    let c = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 1 }));
+    assert!(matches!(c, KvResponse::Compact(_)), "{c:?}");
+    assert_eq!(s.compact_revision(), INITIAL_REVISION);
+    let again = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 1 }));
+    assert!(
+        matches!(
+            again,
+            KvResponse::Error(ErrorResponse {
+                error: KvError::Compacted {
+                    compact_revision: 1
+                },
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    put(&mut s, "a", "1"); // 2
+    let mut r = KvStore::new(100);
+    r.restore(&s.snapshot()).expect("restore");
+    assert_eq!((r.compact_revision(), r.revision()), (1, 2));
+    let w = poll(&mut s, watch_all(INITIAL_REVISION)).expect("revision 1 held no event");
+    assert_eq!(w.events.len(), 1);
 }
 
 #[test]
