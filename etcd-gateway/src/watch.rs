@@ -418,8 +418,13 @@ impl Watcher {
                         _ => None,
                     };
                     if let Some((stop, resp)) = ended {
+                        // etcd's compaction cancel comes from the store, with no revision.
+                        let revision = match stop {
+                            Stop::Compacted => 0,
+                            _ => e.header.revision,
+                        };
                         let resp = pb::WatchResponse {
-                            header: self.ids.header(e.header.revision),
+                            header: self.ids.header(revision),
                             watch_id: self.spec.id,
                             canceled: true,
                             ..resp

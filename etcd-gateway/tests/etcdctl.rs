@@ -104,6 +104,9 @@ fn script() -> Vec<Step> {
         step("lease grant 0 -w json"),
         step("compaction 5"),
         step("compaction 5"),
+        // The compaction revision's writes are kept: a watch from it misses none of them.
+        step("watch f --prefix --rev 5 -w json"),
+        step("watch f --prefix --rev 4 -w json"),
         step("get foo --rev 3"),
         step("get foo --rev 4 -w json"),
         step("get foo --rev 10000"),

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::store::{Change, KvStore, Lease};
+use super::store::{Change, KvStore, Lease, INITIAL_REVISION};
 use super::types::*;
 use crate::service::RestoreError;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
@@ -153,26 +153,36 @@ impl KvStore {
             s.kvs.insert(kv.key.clone(), kv);
         }
 
-        // Revision 1 is the empty store's, with no write, so history starts after it even
-        // before the first compaction.
-        let mut last_rev = s.history_start();
+        // History covers every revision from the compaction revision's (or, in a snapshot
+        // taken before its writes were kept, the next) to the current one, each a write. The
+        // empty store's revision 1 has no write, so before compacting past it history starts
+        // at 2.
+        let compacted = s.compact_revision > INITIAL_REVISION;
+        let oldest = if compacted {
+            s.compact_revision
+        } else {
+            INITIAL_REVISION + 1
+        };
+        let mut last_rev = None;
         for c in changes {
             let rev = c.revision;
-            if rev <= s.history_start() || rev > s.revision {
+            if rev < oldest || rev > s.revision {
                 return Err(bad("event outside the retained history"));
             }
-            // History covers exactly (compact_revision, revision]: every revision but the
-            // empty store's is a write.
-            if rev != last_rev && rev != last_rev + 1 {
+            let in_order = match last_rev {
+                None => rev == oldest || rev == s.history_start() + 1,
+                Some(last) => rev == last || rev == last + 1,
+            };
+            if !in_order {
                 return Err(bad("events out of order or with a gap"));
             }
-            last_rev = rev;
+            last_rev = Some(rev);
             if c.key.is_empty() {
                 return Err(bad("empty key in the history"));
             }
             s.history.entry(rev).or_default().push(c);
         }
-        if last_rev != s.revision {
+        if last_rev.unwrap_or(s.history_start()) != s.revision {
             return Err(bad("event history does not reach the revision"));
         }
         check_undo(&s).map_err(bad)?;
@@ -237,13 +247,23 @@ fn check_undo(s: &KvStore) -> Result<(), &'static str> {
             Some(v) => *v,
             None => s.kvs.get(key),
         };
+        // The compaction revision's writes lost the records they replaced from before it; the
+        // ones a transaction wrote at that revision itself remain.
+        let at_compaction =
+            c.revision == s.compact_revision && s.compact_revision > INITIAL_REVISION;
         let consistent = match (c.kind, current) {
+            (EventKind::Put, Some(kv)) if at_compaction && c.prev.is_none() => {
+                kv.mod_revision == c.revision && kv.version > 0 && kv.create_revision > 0
+            }
             (EventKind::Put, Some(kv)) => put_follows(c.revision, kv, c.prev.as_ref()),
-            (EventKind::Delete, None) => c.prev.is_some(),
+            (EventKind::Delete, None) => c.prev.is_some() || at_compaction,
             _ => false,
         };
         if !consistent {
             return Err("event log is inconsistent with the current kvs");
+        }
+        if at_compaction && c.prev.as_ref().is_some_and(|p| p.mod_revision < c.revision) {
+            return Err("a record from before the compaction revision is kept");
         }
         // A record is replaced at or after the revision that wrote it (at it when a transaction
         // writes the same key twice).

@@ -95,7 +95,10 @@ pub struct KvStore {
     pub(super) revision: u64,
     pub(super) compact_revision: u64,
     pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
-    /// Changes by revision, covering exactly the revisions `(compact_revision, revision]`.
+    /// Changes by revision, covering exactly the revisions `[compact_revision, revision]` once
+    /// compacted past the empty store's revision 1 (`(compact_revision, revision]` in a store
+    /// restored from a snapshot taken before the compaction revision's writes were kept), and
+    /// `[2, revision]` before.
     pub(super) history: BTreeMap<u64, Vec<Change>>,
     pub(super) leases: BTreeMap<i64, Lease>,
     /// `(deadline_ms, id)` of every lease: expiry order. Derived, not snapshotted.
@@ -216,8 +219,8 @@ impl KvStore {
         self.compact_revision
     }
 
-    /// The revision that retained history starts after: the compact revision, or the empty
-    /// store's revision, which no write has.
+    /// The revision retention counts from: the compact revision (whose writes are kept without
+    /// the records they replaced), or the empty store's revision, which no write has.
     pub(super) fn history_start(&self) -> u64 {
         self.compact_revision.max(INITIAL_REVISION)
     }
@@ -599,7 +602,7 @@ impl KvStore {
         }
     }
 
-    /// Drops history before `revision`. Reads at `revision` and watches after it stay possible.
+    /// Drops history before `revision`. Reads at `revision` and watches from it stay possible.
     pub fn compact(&mut self, revision: u64) -> Result<(), KvError> {
         if revision <= self.compact_revision {
             return Err(KvError::Compacted {
@@ -617,8 +620,29 @@ impl KvStore {
     }
 
     fn compact_to(&mut self, revision: u64) {
-        self.history = self.history.split_off(&revision.saturating_add(1));
+        // etcd keeps the writes of the compaction revision itself, deletions included (etcd
+        // PR 18274), so a watch may start there and miss nothing; the records they replaced
+        // are gone, as etcd's are, so their events carry no previous record.
+        self.history = self.history.split_off(&revision);
+        if let Some(batch) = self.history.get_mut(&revision) {
+            for c in batch {
+                if c.prev.as_ref().is_some_and(|p| p.mod_revision < revision) {
+                    c.prev = None;
+                }
+            }
+        }
         self.compact_revision = revision;
+    }
+
+    /// The oldest revision a watch can start at once history was compacted: the compaction
+    /// revision, whose writes are kept, or the one after it for a store restored from a
+    /// snapshot taken before they were.
+    fn oldest_watchable(&self) -> u64 {
+        if self.history.contains_key(&self.compact_revision) {
+            self.compact_revision
+        } else {
+            self.compact_revision.saturating_add(1)
+        }
     }
 
     /// Every event after `after_revision` on `[key, range_end)`, in revision order, with no gaps.
@@ -633,7 +657,11 @@ impl KvStore {
         range_end: &[u8],
         limit: usize,
     ) -> Result<WatchBatch, KvError> {
-        if after_revision < self.compact_revision && self.compact_revision > INITIAL_REVISION {
+        // Nothing was ever written at or before the empty store's revision, so a store compacted
+        // no further than that has lost no event.
+        if self.compact_revision > INITIAL_REVISION
+            && after_revision.saturating_add(1) < self.oldest_watchable()
+        {
             return Err(KvError::Compacted {
                 compact_revision: self.compact_revision,
             });
@@ -660,8 +688,8 @@ impl KvStore {
         }
         found.reverse();
         // The cut, at a revision boundary. History has a change at every revision in
-        // (compact, revision], so everything before a revision `rev` has been scanned once
-        // `rev` is reached.
+        // (after_revision, revision], so everything before a revision `rev` has been scanned
+        // once `rev` is reached.
         let mut resume_after = self.revision.max(after_revision);
         let mut take = found.len();
         let (mut count, mut bytes) = (0usize, 0usize);

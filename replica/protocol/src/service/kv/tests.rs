@@ -799,14 +799,141 @@ fn watch_below_the_compaction_point_is_refused_with_the_compact_revision() {
     }
     exec(&mut s, KvRequest::Compact(CompactRequest { revision: 4 }));
     assert_eq!(
-        poll(&mut s, watch_all(3)),
+        poll(&mut s, watch_all(2)),
         Err(KvError::Compacted {
             compact_revision: 4
         })
     );
-    let w = poll(&mut s, watch_all(4)).expect("watch from the compaction point");
+    // etcd 3.6 keeps the compaction revision's writes: a watch may start at it.
+    let w = poll(&mut s, watch_all(3)).expect("watch from the compaction point");
     assert_eq!(
         w.events.iter().map(Event::revision).collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
+    let w = poll(&mut s, watch_all(4)).expect("watch after the compaction point");
+    assert_eq!(
+        w.events.iter().map(Event::revision).collect::<Vec<_>>(),
+        [5, 6]
+    );
+}
+
+/// A watch from the compaction revision gets every write of that revision, deletions and a
+/// transaction's writes to the same key included, with the records written at it; the records
+/// they replaced from before it are compacted away, so those events carry none (as etcd's do).
+#[test]
+fn a_watch_from_the_compaction_revision_gets_its_writes_without_what_they_replaced() {
+    let mut s = KvStore::new(100);
+    put(&mut s, "a", "1"); // 2
+    put(&mut s, "b", "1"); // 3
+    put(&mut s, "c", "1"); // 4
+    let txn = |ops: Vec<RequestOp>| {
+        KvRequest::Txn(TxnRequest {
+            compare: vec![],
+            success: ops,
+            failure: vec![],
+        })
+    };
+    let r = exec(
+        &mut s,
+        txn(vec![
+            put_op("a", "2"),
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                key: b"b".to_vec(),
+                ..Default::default()
+            }),
+            put_op("c", "2"),
+            put_op("c", "3"),
+            put_op("d", "1"),
+        ]),
+    ); // 5
+    assert!(matches!(r, KvResponse::Txn(_)), "{r:?}");
+    put(&mut s, "a", "3"); // 6
+    exec(&mut s, KvRequest::Compact(CompactRequest { revision: 5 }));
+    let mut w = watch_all(4);
+    w.prev_kv = true;
+    let got = poll(&mut s, w).expect("watch from the compaction revision");
+    let seen: Vec<_> = got
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.kind,
+                String::from_utf8_lossy(&e.kv.key).into_owned(),
+                String::from_utf8_lossy(&e.kv.value).into_owned(),
+                e.kv.mod_revision,
+                e.prev_kv
+                    .as_ref()
+                    .map(|p| String::from_utf8_lossy(&p.value).into_owned()),
+            )
+        })
+        .collect();
+    let s_ = |x: &str| x.to_owned();
+    assert_eq!(
+        seen,
+        [
+            (EventKind::Put, s_("a"), s_("2"), 5, None),
+            (EventKind::Delete, s_("b"), s_(""), 5, None),
+            (EventKind::Put, s_("c"), s_("2"), 5, None),
+            // Written at the compaction revision itself, so still known.
+            (EventKind::Put, s_("c"), s_("3"), 5, Some(s_("2"))),
+            (EventKind::Put, s_("d"), s_("1"), 5, None),
+            (EventKind::Put, s_("a"), s_("3"), 6, Some(s_("2"))),
+        ]
+    );
+    // The kept writes survive a snapshot, and so does what reads at the revision see.
+    let mut r = KvStore::new(100);
+    r.restore(&s.snapshot()).expect("restore");
+    assert_eq!(r, s);
+    let mut w = watch_all(4);
+    w.prev_kv = true;
+    assert_eq!(poll(&mut r, w).expect("poll").events, got.events);
+    assert_eq!(
+        poll(&mut r, watch_all(3)),
+        Err(KvError::Compacted {
+            compact_revision: 5
+        })
+    );
+    // A snapshot that kept a record from before the compaction revision is not one the store
+    // makes.
+    let mut t = s.clone();
+    let kept = KeyValue {
+        key: b"a".to_vec(),
+        create_revision: 2,
+        mod_revision: 2,
+        version: 1,
+        value: b"1".to_vec(),
+        lease: NO_LEASE,
+    };
+    t.history.get_mut(&5).expect("batch 5")[0].prev = Some(kept);
+    assert!(KvStore::new(100).restore(&t.snapshot()).is_err());
+}
+
+/// A snapshot taken before the compaction revision's writes were kept (history from the revision
+/// after it) still restores, and a watch from the compaction revision there is refused rather
+/// than given that revision's events incomplete.
+#[test]
+fn a_store_restored_without_the_compaction_revisions_writes_refuses_a_watch_from_it() {
+    let mut s = KvStore::new(100);
+    for i in 0..5 {
+        put(&mut s, "a", &i.to_string()); // 2..=6
+    }
+    exec(&mut s, KvRequest::Compact(CompactRequest { revision: 4 }));
+    s.history.remove(&4);
+    let mut r = KvStore::new(100);
+    r.restore(&s.snapshot()).expect("the older layout restores");
+    assert_eq!(
+        poll(&mut r, watch_all(3)),
+        Err(KvError::Compacted {
+            compact_revision: 4
+        })
+    );
+    assert_eq!(
+        poll(&mut r, watch_all(4))
+            .expect("poll")
+            .events
+            .iter()
+            .map(Event::revision)
+            .collect::<Vec<_>>(),
         [5, 6]
     );
 }
@@ -829,7 +956,7 @@ fn a_watch_from_before_the_first_write_is_refused_only_once_history_was_compacte
     }
     let c = exec(&mut s, KvRequest::Compact(CompactRequest { revision: 3 }));
     assert!(matches!(c, KvResponse::Compact(_)), "{c:?}");
-    for after in [0, INITIAL_REVISION, 2] {
+    for after in [0, INITIAL_REVISION] {
         assert_eq!(
             poll(&mut s, watch_all(after)),
             Err(KvError::Compacted {
@@ -838,6 +965,7 @@ fn a_watch_from_before_the_first_write_is_refused_only_once_history_was_compacte
             "after {after}"
         );
     }
+    assert_eq!(revisions(poll(&mut s, watch_all(2)).expect("poll")), [3, 4]);
     assert_eq!(revisions(poll(&mut s, watch_all(3)).expect("poll")), [4]);
     // Retention compaction too: once the first write's revision is dropped, a watch from the
     // start has lost it.
@@ -846,14 +974,17 @@ fn a_watch_from_before_the_first_write_is_refused_only_once_history_was_compacte
         put(&mut r, "a", &i.to_string()); // 2..=4
     }
     assert_eq!(r.compact_revision(), INITIAL_REVISION + 1);
-    for after in [0, INITIAL_REVISION] {
-        assert_eq!(
-            poll(&mut r, watch_all(after)),
-            Err(KvError::Compacted {
-                compact_revision: INITIAL_REVISION + 1
-            })
-        );
-    }
+    assert_eq!(
+        poll(&mut r, watch_all(0)),
+        Err(KvError::Compacted {
+            compact_revision: INITIAL_REVISION + 1
+        })
+    );
+    // The compaction revision's write is kept: a watch may start at it.
+    assert_eq!(
+        revisions(poll(&mut r, watch_all(INITIAL_REVISION)).expect("poll")),
+        [2, 3, 4]
+    );
     assert_eq!(revisions(poll(&mut r, watch_all(2)).expect("poll")), [3, 4]);
 }
 
@@ -921,7 +1052,8 @@ fn retention_keeps_at_most_the_configured_revisions_of_history() {
         put(&mut s, "a", &i.to_string()); // 2..=11
     }
     assert_eq!(s.compact_revision(), 8);
-    assert_eq!(s.history.len(), 3);
+    // Three revisions after the compaction point, and the compaction revision's own writes.
+    assert_eq!(s.history.len(), 4);
     let w = poll(&mut s, watch_all(8)).expect("poll");
     assert_eq!(
         w.events.iter().map(Event::revision).collect::<Vec<_>>(),
@@ -929,7 +1061,7 @@ fn retention_keeps_at_most_the_configured_revisions_of_history() {
     );
     let mut none = KvStore::new(0);
     put(&mut none, "a", "1");
-    assert_eq!((none.compact_revision(), none.history.len()), (2, 0));
+    assert_eq!((none.compact_revision(), none.history.len()), (2, 1));
 }
 
 #[test]
