@@ -24,6 +24,7 @@ pub use kmmr_net::http;
 pub mod metrics;
 mod poll;
 mod promised;
+mod report;
 mod snapshot;
 
 use std::collections::HashMap;
@@ -40,7 +41,6 @@ use crate::storage::promise::PromiseFile;
 use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use kmmr_client::clock::{now_us, Clock};
 use kmmr_client::files::{load_key, ViewFile};
-use kmmr_client::status::{SignedStatus, Status};
 use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork};
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::MAX_PROMISED_DECISIONS;
@@ -904,96 +904,5 @@ impl NodeLoop {
                 );
             }
         }
-    }
-
-    fn refresh_gauges(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &self.stats;
-        self.metrics.set_network(
-            "peer_in",
-            s.peer_bytes_in.load(Relaxed),
-            s.peer_frames_in.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "peer_out",
-            s.peer_bytes_out.load(Relaxed),
-            s.peer_frames_out.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "client_in",
-            s.client_bytes_in.load(Relaxed),
-            s.client_frames_in.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "client_out",
-            s.client_bytes_out.load(Relaxed),
-            s.client_frames_out.load(Relaxed),
-        );
-        for (reason, count) in s.rejected_by_reason() {
-            if count > 0 {
-                let g = self.metrics.rejected.get_or_create(&metrics::ReasonLabel {
-                    reason: format!("net_{}", reason.as_str()),
-                });
-                let have = g.get();
-                if count > have {
-                    g.inc_by(count - have);
-                }
-            }
-        }
-        self.metrics.view_id.set(self.view.id.0 as i64);
-        if let Some(d) = self.durable_cid() {
-            self.metrics.durable_cid.set(d.0 as i64);
-        }
-        if let Some(c) = self.core.latest_checkpoint() {
-            self.metrics.checkpoint_cid.set(c.cid.0 as i64);
-        }
-        self.metrics
-            .pending_requests
-            .set(self.core.pending_requests() as i64);
-        self.host_busy();
-        self.metrics.heartbeat_us.store(now_us(), Relaxed);
-    }
-
-    /// Whether this replica's host is short of CPU now, the wait it measured exported.
-    fn host_busy(&mut self) -> bool {
-        let busy = self.contention.busy(Instant::now());
-        self.metrics.cpu_wait.set(self.contention.last_fraction);
-        busy
-    }
-
-    fn status(&mut self) -> SignedStatus {
-        let last = self.core.last_decided();
-        let core = &self.core;
-        let (digest_cid, digest) = self
-            .status_digest
-            .get(last, Instant::now(), || core.state_digest());
-        let status = Status {
-            id: self.core.id().0,
-            view_id: self.view.id.0,
-            n: self.view.n(),
-            f: self.view.f,
-            regency: self.core.regency().0,
-            leader: self.core.leader().0,
-            synchronizing: self.core.is_synchronizing(),
-            last_decided: last.map(|c| c.0),
-            state_digest: digest.to_string(),
-            state_digest_cid: if digest_cid == last {
-                None
-            } else {
-                digest_cid.map(|c| c.0)
-            },
-            pending_requests: self.core.pending_requests(),
-            byzantine: self
-                .adversary
-                .as_ref()
-                .map(|a| format!("{:?}", a.behaviour)),
-            checkpoint_cid: self.core.latest_checkpoint().map(|c| c.cid.0),
-            checkpoint_digest: self.core.latest_checkpoint().map(|c| c.digest.to_string()),
-            durable_cid: self.durable_cid().map(|c| c.0),
-            transferring: self.core.is_transferring(),
-            member: self.view.contains(self.core.id()),
-            accusations: self.accusations.recent(Instant::now()),
-        };
-        SignedStatus::sign(status, &self.key)
     }
 }
