@@ -12,26 +12,15 @@ impl NodeLoop {
     pub(super) fn refresh_gauges(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.stats;
-        self.metrics.set_network(
-            "peer_in",
-            s.peer_bytes_in.load(Relaxed),
-            s.peer_frames_in.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "peer_out",
-            s.peer_bytes_out.load(Relaxed),
-            s.peer_frames_out.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "client_in",
-            s.client_bytes_in.load(Relaxed),
-            s.client_frames_in.load(Relaxed),
-        );
-        self.metrics.set_network(
-            "client_out",
-            s.client_bytes_out.load(Relaxed),
-            s.client_frames_out.load(Relaxed),
-        );
+        for (direction, bytes, frames) in [
+            ("peer_in", &s.peer_bytes_in, &s.peer_frames_in),
+            ("peer_out", &s.peer_bytes_out, &s.peer_frames_out),
+            ("client_in", &s.client_bytes_in, &s.client_frames_in),
+            ("client_out", &s.client_bytes_out, &s.client_frames_out),
+        ] {
+            self.metrics
+                .set_network(direction, bytes.load(Relaxed), frames.load(Relaxed));
+        }
         for (reason, count) in s.rejected_by_reason() {
             if count > 0 {
                 let g = self.metrics.rejected.get_or_create(&metrics::ReasonLabel {
