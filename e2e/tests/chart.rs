@@ -449,7 +449,7 @@ fn exported_metrics() -> Result<Vec<String>> {
                 for s in ["_bucket", "_sum", "_count"] {
                     names.push(format!("{base}{s}"));
                 }
-            } else if declared.contains("Counter>") || declared.contains("Counter::") {
+            } else if declared.contains("Counter") {
                 names.push(format!("{base}_total"));
             } else if declared.contains("Gauge") {
                 names.push(base);

@@ -53,8 +53,8 @@ pub struct Metrics {
     pub last_decided: Gauge,
     pub pending_requests: Gauge,
     pub rejected: Family<ReasonLabel, Counter>,
-    pub bytes: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
-    pub frames: Family<DirectionLabel, Gauge<u64, AtomicU64>>,
+    pub bytes: Family<DirectionLabel, Counter<u64, AtomicU64>>,
+    pub frames: Family<DirectionLabel, Counter<u64, AtomicU64>>,
     /// Highest CID on disk (-1: none; stays -1 with durability off).
     pub durable_cid: Gauge,
     /// CID of the newest checkpoint held (-1: none).
@@ -92,8 +92,8 @@ impl Default for Metrics {
         let last_decided = Gauge::default();
         let pending_requests = Gauge::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
-        let bytes = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
-        let frames = Family::<DirectionLabel, Gauge<u64, AtomicU64>>::default();
+        let bytes = Family::<DirectionLabel, Counter<u64, AtomicU64>>::default();
+        let frames = Family::<DirectionLabel, Counter<u64, AtomicU64>>::default();
         registry.register("decided", "Consensus instances decided", decided.clone());
         registry.register(
             "decided_unchecked",
@@ -249,12 +249,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Brings the network counters up to the sockets' running totals (`kmmr-net` counts them;
+    /// a counter only moves forward, so it takes the difference).
     pub fn set_network(&self, direction: &str, bytes: u64, frames: u64) {
         let l = DirectionLabel {
             direction: direction.to_owned(),
         };
-        self.bytes.get_or_create(&l).set(bytes);
-        self.frames.get_or_create(&l).set(frames);
+        for (counter, total) in [(&self.bytes, bytes), (&self.frames, frames)] {
+            let c = counter.get_or_create(&l);
+            let have = c.get();
+            if total > have {
+                c.inc_by(total - have);
+            }
+        }
     }
 }
 
