@@ -128,6 +128,7 @@ struct Common {
 }
 
 /// An error with the exit code it deserves.
+#[derive(Debug)]
 struct Failure {
     code: u8,
     message: String,
@@ -410,7 +411,7 @@ mod tests {
             let Mode::Udp { common, .. } = &cli.mode else {
                 panic!("udp")
             };
-            let err = check_bounds(common).err().expect("refused");
+            let err = check_bounds(common).expect_err("refused");
             assert_eq!(err.code, 2);
             assert!(err.message.contains(flag), "{}", err.message);
         }

@@ -44,12 +44,12 @@ pub enum Refusal {
     #[error("{0} is the network or broadcast address of the allowed range {1}")]
     RangeEdge(Ipv4Addr, String),
     #[error(
-        "refusing to run in the initial network namespace: run me inside the experiment's \
+        "this is the initial network namespace: run me inside the experiment's \
          namespace, e.g. `ip netns exec NS kmmr-flood ...`"
     )]
     InitialNamespace,
     #[error(
-        "cannot tell whether this is the initial network namespace ({0}); refusing. Run me \
+        "cannot tell whether this is the initial network namespace ({0}). Run me \
          inside a namespace made with `ip netns add`, via `ip netns exec NS kmmr-flood ...`"
     )]
     NamespaceUnknown(String),
