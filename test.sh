@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and property tests, the
 # deterministic simulator (4,000 seeds with Byzantine replicas), the scripted protocol
-# scenarios, k8s.io/apiserver's storage tests against the etcd gateway, and the end-to-end tests
+# scenarios, a short run of the paper experiments' DDoS harness (needs root: network namespaces),
+# k8s.io/apiserver's storage tests against the etcd gateway, and the end-to-end tests
 # against a real Kubernetes test bed built from source.
 #
 #   ./test.sh              everything
@@ -37,6 +38,13 @@ cargo test --workspace
 # clusters, each with a corrupt first leader (tests listed in known-gaps.txt run without it,
 # each for its stated reason): about 10 minutes warm, more on a cold Go module and build cache;
 # bounded so that a hang cannot eat CI's time.
+# The paper's DDoS harness, short (n=4, one flood rate, one repetition, about 20 s), so that it
+# cannot rot: network namespaces, shaped links, the flooder and a closed-loop client, with the
+# binaries the tests above built.
+stamp "the paper experiments' harness, short (bench/paper/run.sh --smoke)"
+bin=${CARGO_TARGET_DIR:-target}/debug
+KMMR_BIN=$bin/kmmr-replica FLOOD_BIN=$bin/kmmr-flood bench/paper/run.sh --smoke \
+  --out "$(mktemp -d "${TMPDIR:-/tmp}/kmmr-paper-smoke.XXXXXX")"
 stamp "k8s.io/apiserver storage tests against the etcd gateway (etcd-gateway/storage-suite)"
 KMMR_SUITE_TIMEOUT=25m etcd-gateway/storage-suite/run.sh
 if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then
