@@ -25,6 +25,8 @@
 # cleaned up by the next one. A point costs warmup + seconds + about 3 s.
 #
 # Binaries: KMMR_BIN and FLOOD_BIN, else `cargo build --release -p kmmr-replica -p kmmr-flood`.
+# KMMR_PROTOCOL_EXTRA: lines added to every replica's [protocol] table (a test of a tunable,
+# e.g. 'slow_leader_floor_ms = 5\n').
 #
 # Columns of points.csv: system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,
 # max_ms,stall_ms,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit
@@ -122,8 +124,8 @@ make_cluster() { # dir n
     done
   } >"$dir/view.toml"
   for ((i = 0; i < n; i++)); do
-    printf 'id = %d\nkey_file = "r%d.key"\nview_file = "view.toml"\ndata_dir = "data/r%d"\nhttp_listen = "%s:%d"\n\n[protocol]\ndurable = true\n' \
-      "$i" "$i" "$i" "$(net_addr "m$i")" "$HTTP_PORT" >"$dir/r$i.toml"
+    printf 'id = %d\nkey_file = "r%d.key"\nview_file = "view.toml"\ndata_dir = "data/r%d"\nhttp_listen = "%s:%d"\n\n[protocol]\ndurable = true\n%b' \
+      "$i" "$i" "$i" "$(net_addr "m$i")" "$HTTP_PORT" "${KMMR_PROTOCOL_EXTRA:-}" >"$dir/r$i.toml"
     mkdir -p "$dir/data/r$i"
   done
 }
@@ -204,6 +206,7 @@ for line in sys.stdin:
   c1=$(cpu_ticks "$victim_pid")
   rx1=$(net_rx_bytes "$prefix" "m$v")
   r1=$(max_regency "${up[@]}")
+  log "$tag: regency $r0 before the flood, $r1 after"
   wait "$client" 2>/dev/null || true
   [[ -s $dir/flood.json ]] && flood_out=$(tail -1 "$dir/flood.json")
   local hz row
