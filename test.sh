@@ -38,13 +38,14 @@ cargo test --workspace
 # clusters, each with a corrupt first leader (tests listed in known-gaps.txt run without it,
 # each for its stated reason): about 10 minutes warm, more on a cold Go module and build cache;
 # bounded so that a hang cannot eat CI's time.
-# The paper's DDoS harness, short (n=4, one flood rate, one repetition, about 20 s), so that it
-# cannot rot: network namespaces, shaped links, the flooder and a closed-loop client, with the
-# binaries the tests above built.
+# The paper's DDoS harness, short (n=4, KmMR and etcd, one flood rate, one repetition, about
+# 40 s), so that it cannot rot: network namespaces, shaped links, the flooder and a closed-loop
+# client, with the dev-profile binaries (the tests above built most of them).
 stamp "the paper experiments' harness, short (bench/paper/run.sh --smoke)"
+cargo build -q -p kmmr-replica -p kmmr-put-bench -p kmmr-flood
 bin=${CARGO_TARGET_DIR:-target}/debug
-KMMR_BIN=$bin/kmmr-replica FLOOD_BIN=$bin/kmmr-flood bench/paper/run.sh --smoke \
-  --out "$(mktemp -d "${TMPDIR:-/tmp}/kmmr-paper-smoke.XXXXXX")"
+KMMR_BIN=$bin/kmmr-replica KMMR_PUT_BIN=$bin/kmmr-put-bench FLOOD_BIN=$bin/kmmr-flood \
+  bench/paper/run.sh --smoke --out "$(mktemp -d "${TMPDIR:-/tmp}/kmmr-paper-smoke.XXXXXX")"
 stamp "k8s.io/apiserver storage tests against the etcd gateway (etcd-gateway/storage-suite)"
 KMMR_SUITE_TIMEOUT=25m etcd-gateway/storage-suite/run.sh
 if [[ "${KMMR_SKIP_TESTBED:-}" == 1 ]]; then

@@ -63,22 +63,6 @@ done
 export GOTOOLCHAIN=local GOFLAGS="-mod=readonly -buildvcs=false"
 
 # ---------------------------------------------------------------- builds
-build_etcd_bench() {
-  local mod="$here/etcd-bench" client_v hash dir
-  client_v="$(sed -n 's/^[[:space:]]*go.etcd.io\/etcd\/client\/v3 \(v[^ ]*\).*/\1/p' "$mod/go.mod")"
-  [[ -n $client_v ]] || die "$mod/go.mod does not require go.etcd.io/etcd/client/v3"
-  [[ ${client_v%.*} == "${ETCD_VERSION%.*}" ]] \
-    || die "etcd-bench uses client $client_v but the server is $ETCD_VERSION: align bench/etcd-bench/go.mod"
-  hash="$(cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go | sha256sum | cut -c1-12)"
-  dir="$KMMR_BENCH_CACHE/etcd-bench-$client_v-$hash"
-  ETCD_BENCH="$dir/etcd-bench"
-  if [[ -x $ETCD_BENCH ]]; then log "etcd-bench: cached at $ETCD_BENCH"; return; fi
-  log "etcd-bench: building (client $client_v) into $dir"
-  mkdir -p "$dir"
-  (cd "$mod" && CGO_ENABLED=0 nice -n 15 go build -trimpath -o "$dir/.etcd-bench.tmp" .)
-  mv -f "$dir/.etcd-bench.tmp" "$ETCD_BENCH"
-}
-
 build_kmmr() {
   if [[ -n ${KMMR_BIN:-} ]]; then
     [[ -x $KMMR_BIN ]] || die "KMMR_BIN=$KMMR_BIN is not an executable"
@@ -90,13 +74,9 @@ build_kmmr() {
   if [[ -n ${KMMR_PUT_BIN:-} ]]; then
     [[ -x $KMMR_PUT_BIN ]] || die "KMMR_PUT_BIN=$KMMR_PUT_BIN is not an executable"
   elif [[ " $SYSTEMS " == *" kmmr-kv "* ]]; then
-    # Its own workspace, pinned to the repository's lock file.
-    # Its own workspace, pinned to the repository's lock file, in a target directory of its
-    # own so that neither build can invalidate the other's artifacts.
-    cp "$repo/Cargo.lock" "$here/kmmr-put/Cargo.lock"
-    log "kmmr-put-bench: cargo build --release (bench/kmmr-put, target dir $target_dir/kmmr-put-bench)"
-    (cd "$here/kmmr-put" && CARGO_TARGET_DIR="$target_dir/kmmr-put-bench" env -u OUT_DIR nice -n 10 cargo build --release -q)
-    KMMR_PUT_BIN="$target_dir/kmmr-put-bench/release/kmmr-put-bench"
+    log "kmmr-put-bench: cargo build --release -p kmmr-put-bench (target dir $target_dir)"
+    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" env -u OUT_DIR nice -n 10 cargo build --release -q -p kmmr-put-bench)
+    KMMR_PUT_BIN="$target_dir/release/kmmr-put-bench"
   fi
 }
 

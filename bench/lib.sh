@@ -15,6 +15,24 @@ build_etcd() {
   mv -f "$ETCD_BIN/.etcd.tmp" "$bin"
 }
 
+# etcd's own Put load generator (bench/etcd-bench), cached by client version and source hash in
+# $KMMR_BENCH_CACHE; sets ETCD_BENCH.
+build_etcd_bench() {
+  local mod="$repo/bench/etcd-bench" client_v hash dir
+  client_v="$(sed -n 's/^[[:space:]]*go.etcd.io\/etcd\/client\/v3 \(v[^ ]*\).*/\1/p' "$mod/go.mod")"
+  [[ -n $client_v ]] || die "$mod/go.mod does not require go.etcd.io/etcd/client/v3"
+  [[ ${client_v%.*} == "${ETCD_VERSION%.*}" ]] \
+    || die "etcd-bench uses client $client_v but the server is $ETCD_VERSION: align bench/etcd-bench/go.mod"
+  hash="$(cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go | sha256sum | cut -c1-12)"
+  dir="$KMMR_BENCH_CACHE/etcd-bench-$client_v-$hash"
+  ETCD_BENCH="$dir/etcd-bench"
+  if [[ -x $ETCD_BENCH ]]; then log "etcd-bench: cached at $ETCD_BENCH"; return; fi
+  log "etcd-bench: building (client $client_v) into $dir"
+  mkdir -p "$dir"
+  (cd "$mod" && CGO_ENABLED=0 nice -n 15 go build -trimpath -o "$dir/.etcd-bench.tmp" .)
+  mv -f "$dir/.etcd-bench.tmp" "$ETCD_BENCH"
+}
+
 # ---------------------------------------------------------------- processes
 pgids=()  # process groups started here (each server is a session leader: setsid)
 work=""

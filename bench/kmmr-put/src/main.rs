@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
+use kmmr_client::files::ViewFile;
 use kmmr_client::{Client, ClientOptions};
 use kmmr_protocol::crypto::KeyPair;
-use kmmr_client::files::ViewFile;
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 
 #[derive(Parser, Debug)]
-#[command(name = "kmmr-put-bench", about = "KV Put load generator for a KmMR cluster")]
+#[command(
+    name = "kmmr-put-bench",
+    about = "KV Put load generator for a KmMR cluster"
+)]
 struct Args {
     /// A cluster directory made by `kmmr-replica local` (its view.toml is read).
     #[arg(long, default_value = "kmmr-local")]
@@ -82,7 +85,10 @@ fn main() -> Result<()> {
 
 /// One Put; a reply other than a Put response (an error reply) counts as a failure.
 async fn put(client: &Client, key: &[u8], value: &[u8]) -> Result<()> {
-    match client.kv(&KvRequest::put(key.to_vec(), value.to_vec())).await? {
+    match client
+        .kv(&KvRequest::put(key.to_vec(), value.to_vec()))
+        .await?
+    {
         KvResponse::Put(_) => Ok(()),
         other => anyhow::bail!("Put answered with {other:?}"),
     }
@@ -90,7 +96,8 @@ async fn put(client: &Client, key: &[u8], value: &[u8]) -> Result<()> {
 
 async fn measure(args: &Args) -> Result<BenchResult> {
     let view_path = args.cluster.join("view.toml");
-    let view = ViewFile::load(&view_path).with_context(|| format!("loading {}", view_path.display()))?;
+    let view =
+        ViewFile::load(&view_path).with_context(|| format!("loading {}", view_path.display()))?;
     let value = vec![0u8; args.request_size];
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
