@@ -24,6 +24,7 @@ etcd_start() { # dir n up
       --initial-cluster "$cluster" --initial-cluster-token "paper-$prefix" \
       --initial-cluster-state new >"$dir/m$i.log" 2>&1 </dev/null &
     pids[i]=$!
+    disown "$!"  # stopped by run.sh, killed with the namespaces when slow: no job report
   done
   local deadline=$((SECONDS + 30))
   for ((i = 0; i < up; i++)); do

@@ -42,6 +42,7 @@ kmmr_start() { # dir n up
     ip netns exec "$prefix-m$i" setsid "$KMMR_BIN" run --config "$dir/r$i.toml" \
       >"$dir/m$i.log" 2>&1 </dev/null &
     pids[i]=$!
+    disown "$!"  # stopped by run.sh, killed with the namespaces when slow: no job report
   done
   local deadline=$((SECONDS + 30))
   for ((i = 0; i < up; i++)); do

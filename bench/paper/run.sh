@@ -18,7 +18,8 @@
 #   --reps 3            repetitions of every point
 #   --victim leader     the member to flood: the leader (KmMR's first leader, etcd's elected one)
 #                       or a follower
-#   --out DIR           where points.csv and the logs go (default bench/paper/results/<time>)
+#   --out DIR           where points.csv, the logs, the table (results.md) and the plots go
+#                       (default bench/paper/results/<time>; report.sh makes table and plots)
 #   --smoke             CI's short run: n=4, scenario 2, rates 0 and 1, 4 s, 1 repetition, both
 #                       systems; fails unless each made progress without a flood, the flood
 #                       reached its victim, and nothing is left behind
@@ -216,7 +217,6 @@ print("%.1f" % json.loads(open(sys.argv[1]).read().splitlines()[-1]).get("achiev
     sleep 0.1
   done
   net_down "$prefix"
-  { wait "${pids[@]}"; } 2>/dev/null || true
   mkdir -p "$out/logs/$tag"
   cp "$dir"/*.log "$dir"/*.err "$out/logs/$tag/" 2>/dev/null || true
   rm -rf "$dir"
@@ -237,6 +237,7 @@ for ((rep = 1; rep <= reps; rep++)); do
 done
 log "done: $csv"
 column -s, -t "$csv" >&2 || cat "$csv" >&2
+((smoke)) || "$here/report.sh" "$out"
 
 if ((smoke)); then
   # The harness must not rot: the point without flood made progress, the flood ran at a
