@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plots like the paper's Figures 7-10 from bench/paper/run.sh's points.csv, both systems on
+"""Plots like the paper's Figures 7-11 from bench/paper/run.sh's points.csv, both systems on
 each plot, medians over repetitions (with the spread of repetitions as error bars).
 
     plot.py RESULTS/points.csv OUT_DIR
@@ -8,6 +8,7 @@ Writes, for scenario 2 and each cluster size n it finds:
   consensus-time-n<n>.png    median consensus time against flood rate (Figures 7, 8; log scale)
   victim-cpu-n<n>.png        the flooded member's CPU (Figure 9)
   victim-ram-n<n>.png        the flooded member's peak resident memory (Figure 10)
+  bandwidth-n<n>.png         the bandwidth left to it, by iperf3 (Figure 11)
 and consensus-time-scenario1-n<n>.png for scenario 1. Needs matplotlib (run.sh installs it into a
 cached virtual environment).
 """
@@ -28,6 +29,7 @@ METRICS = {
     "consensus-time": ("p50_ms", "median consensus time (ms)", True),
     "victim-cpu": ("victim_cpu_pct", "flooded member's CPU (% of one core)", False),
     "victim-ram": ("victim_rss_mib", "flooded member's peak RSS (MiB)", False),
+    "bandwidth": ("bandwidth_left_mbit", "bandwidth left to the flooded member (Mbit/s)", False),
 }
 
 
@@ -42,7 +44,8 @@ def load(path):
 def series(rows, field, link):
     by_rate = defaultdict(list)
     for r in rows:
-        by_rate[float(r["rate"])].append(float(r[field]))
+        if r.get(field):  # older runs have no bandwidth column; --bandwidth-seconds 0 leaves it empty
+            by_rate[float(r["rate"])].append(float(r[field]))
     xs = sorted(by_rate)
     mids = [statistics.median(by_rate[x]) for x in xs]
     lo = [m - min(by_rate[x]) for x, m in zip(xs, mids)]
@@ -54,14 +57,21 @@ def plot(points, scenario, n, name, out_dir):
     field, ylabel, log = METRICS[name]
     fig, ax = plt.subplots(figsize=(6, 4))
     link = _link([r for s, *_ in SYSTEMS for r in points.get((scenario, n, s), [])])
+    drawn = False
     for system, label, colour, marker in SYSTEMS:
         rows = points.get((scenario, n, system))
         if not rows:
             continue
         xs, ys, lo, hi = series(rows, field, link)
+        if not xs:
+            continue
+        drawn = True
         crashed = rows[0]["crashed"]
         ax.errorbar(xs, ys, yerr=[lo, hi], label=f"{label}, {crashed} crashed", color=colour,
                     marker=marker, capsize=3)
+    if not drawn:  # a metric this run did not measure
+        plt.close(fig)
+        return
     ax.set_xlabel(f"flood rate on one member (Mbit/s; its link: {link:g} Mbit/s)")
     ax.set_ylabel(ylabel)
     if log:

@@ -16,20 +16,25 @@
 #   --seconds 20        measured seconds per point (the flood lasts exactly this long)
 #   --warmup 5          seconds of writes before the flood starts
 #   --reps 3            repetitions of every point
+#   --flood-size 1400   bytes of each flood datagram; 65495 floods with IP fragments, as the
+#                       paper's hping3 did (the victim must reassemble them)
+#   --bandwidth-seconds 3  after the window, iperf3 measures for this long what is left of the
+#                       victim's link, the flood still on (0: not measured)
 #   --victim leader     the member to flood: the leader (KmMR's first leader, etcd's elected one)
 #                       or a follower
 #   --out DIR           where points.csv, the logs, the table (results.md) and the plots go
 #                       (default bench/paper/results/<time>; report.sh makes table and plots)
 #   --smoke             CI's short run: n=4, scenario 2, rates 0 and 1, 4 s, 1 repetition, both
-#                       systems; fails unless each made progress without a flood, the flood
-#                       reached its victim, and nothing is left behind
+#                       systems; fails unless each made progress without a flood, iperf3
+#                       measured the link, the flood reached its victim, and nothing is left
+#                       behind
 #
 # Points are interleaved: each (scenario, n, rate) runs on every system before the next, and
 # repetitions come last, so a slow phase of a shared machine does not fall on one system or one
 # point only. Each point gets fresh namespaces, keys and data, and everything a point created
 # (processes, namespaces, the links and their qdiscs, which die with their namespaces) is removed
 # when the point ends, when the script exits, and when it is interrupted; a run killed outright
-# is cleaned up by the next one. A point costs warmup + seconds + about 3 s.
+# is cleaned up by the next one. A point costs warmup + seconds + bandwidth-seconds + about 3 s.
 #
 # Binaries: KMMR_BIN, KMMR_PUT_BIN and FLOOD_BIN, else `cargo build --release` of them;
 # etcd and bench/etcd-bench are built from their Go modules and cached (bench/lib.sh).
@@ -38,7 +43,8 @@
 # tmpfs: fsync must cost what it costs).
 #
 # Columns of points.csv: system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,
-# max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit
+# max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit,
+# bandwidth_left_mbit
 #   victim         the flooded member's index
 #   ops            writes that started and were acknowledged within the flood window
 #   p50/p99/max    their time, client to acknowledgement (one in flight: a write's consensus
@@ -50,6 +56,8 @@
 #   victim_*       the flooded member's CPU during the window (percent of one core) and its
 #                  peak resident memory (VmHWM)
 #   flood_sent     what the flooder sent; victim_rx: all that reached the victim's interface
+#   bandwidth_left what iperf3 (TCP, client to victim) got through the victim's link in the
+#                  --bandwidth-seconds after the window, the flood still on (empty when 0)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -58,7 +66,7 @@ log() { printf '[paper %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.25 0.5 0.75 1 1.2" link=100
-seconds=20 warmup=5 reps=3 victim=leader out="" smoke=0
+seconds=20 warmup=5 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
 while (($#)); do
   case $1 in
     --systems) systems=$2; shift 2 ;;
@@ -70,6 +78,8 @@ while (($#)); do
     --warmup) warmup=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
     --victim) victim=$2; shift 2 ;;
+    --flood-size) flood_size=$2; shift 2 ;;
+    --bandwidth-seconds) bw_seconds=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --smoke) smoke=1; ns_list=4 scenarios=2 rates="0 1" seconds=4 warmup=2 reps=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -88,9 +98,18 @@ int --link-mbit "$link" 1 10000
 int --seconds "$seconds" 1 600
 int --warmup "$warmup" 1 600
 int --reps "$reps" 1 20
+int --flood-size "$flood_size" 1 65507
+int --bandwidth-seconds "$bw_seconds" 0 60
 [[ $victim == leader || $victim == follower ]] || die "--victim is leader or follower, not '$victim'"
 ((EUID == 0)) || die "needs root for network namespaces, veth pairs and tc (run it with sudo)"
 for t in ip tc curl python3 go; do command -v "$t" >/dev/null || die "$t is not installed"; done
+if ((bw_seconds > 0)) && ! command -v iperf3 >/dev/null; then
+  log "installing iperf3 (Debian's package) for the bandwidth measurement"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 >/dev/null; } \
+    || die "iperf3 is not installed and apt-get could not install it (or pass --bandwidth-seconds 0)"
+fi
+IPERF_PORT=5201
 tmp=${BENCH_TMP:-${TMPDIR:-/tmp}}
 case $(stat -f -c %T "$tmp") in
   tmpfs | ramfs) die "$tmp is in memory: fsync would cost nothing; set BENCH_TMP to a directory on a disk" ;;
@@ -128,7 +147,7 @@ fi
 out=${out:-$here/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out/logs"
 csv=$out/points.csv
-echo "system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit" >"$csv"
+echo "system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit,bandwidth_left_mbit" >"$csv"
 
 prefix=kp$$
 point_dir=""  # the point in progress: keys, data and logs
@@ -178,34 +197,49 @@ run_point() { # system scenario n rate rep
   v=$("${sys}_victim" "$victim" "$up_count")
   "${sys}_client" "$dir"
   sleep "$warmup"
-  local victim_pid=${pids[$v]} mbit t0 t1 c0 c1 r0 r1 rx0 rx1 rss flood="" sent=0
+  local victim_pid=${pids[$v]} mbit t0 t1 c0 c1 r0 r1 rx0 rx1 rss flood="" sent=0 bw=""
   mbit=$(awk -v r="$rate" -v l="$link" 'BEGIN { printf "%d", r * l + 0.5 }')
+  if ((bw_seconds > 0)); then
+    ip netns exec "$prefix-m$v" iperf3 -s -1 -p "$IPERF_PORT" >"$dir/iperf-server.err" 2>&1 &
+    disown "$!"
+  fi
   r0=$("${sys}_leader_changes" "$up_count")
   c0=$(cpu_ticks "$victim_pid")
   rx0=$(net_rx_bytes "$prefix" "m$v")
   t0=$(date +%s.%N)
+  # The flood lasts the measured window, then the bandwidth measurement after it.
   if ((mbit > 0)); then
     ip netns exec "$prefix-at" "$FLOOD_BIN" udp --target "$(net_addr "m$v"):9" \
-      --allow "$NET_SUBNET" --mbit "$mbit" --seconds "$seconds" --max-packets 1000000000 \
-      --size 1400 >"$dir/flood.json" 2>"$dir/flood.err" &
+      --allow "$NET_SUBNET" --mbit "$mbit" --seconds "$((seconds + bw_seconds))" \
+      --max-packets 1000000000 --size "$flood_size" >"$dir/flood.json" 2>"$dir/flood.err" &
     flood=$!
   fi
-  [[ -n $flood ]] || sleep "$seconds"
-  [[ -z $flood ]] || wait "$flood" || log "flood exited with $? ($tag): $(tail -2 "$dir/flood.err")"
+  sleep "$seconds"
   t1=$(date +%s.%N)
   c1=$(cpu_ticks "$victim_pid")
   rss=$(peak_rss_kib "$victim_pid")
   rx1=$(net_rx_bytes "$prefix" "m$v")
   r1=$("${sys}_leader_changes" "$up_count")
+  # What is left of the victim's link for other traffic (iperf3's TCP, client to victim), while
+  # the flood goes on and the cluster keeps working.
+  if ((bw_seconds > 0)); then
+    bw=$(in_client timeout "$((bw_seconds + 15))" iperf3 -c "$(net_addr "m$v")" -p "$IPERF_PORT" \
+      -t "$bw_seconds" -J 2>"$dir/iperf.err" | python3 -c 'import json, sys
+try:
+    print("%.1f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e6))
+except (ValueError, KeyError):
+    print(0)') || bw=0
+  fi
+  [[ -z $flood ]] || wait "$flood" || log "flood exited with $? ($tag): $(tail -2 "$dir/flood.err")"
   wait "$client_pid" 2>/dev/null || true
   [[ -s $dir/flood.json ]] && sent=$(python3 -c 'import json, sys
 print("%.1f" % json.loads(open(sys.argv[1]).read().splitlines()[-1]).get("achieved_mbit", 0))' "$dir/flood.json")
-  printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n' "$sys" "$scenario" "$n" "$crashed" "$v" \
+  printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n' "$sys" "$scenario" "$n" "$crashed" "$v" \
     "$rate" "$mbit" "$rep" "$(bench_result "$dir")" "$((r1 - r0))" \
     "$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", (b - a) / hz / (t1 - t0) * 100 }')" \
     "$((rss / 1024))" "$sent" \
     "$(awk -v a="$rx0" -v b="$rx1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", (b - a) * 8 / 1e6 / (t1 - t0) }')" \
-    >>"$csv"
+    "$bw" >>"$csv"
   log "$tag: $(tail -1 "$csv")"
   # Members stop on SIGTERM; what is left after 5 s dies with the namespaces.
   kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -253,6 +287,7 @@ for system in sorted({r["system"] for r in rows}):
     assert quiet and int(quiet[0]["ops"]) > 0, f"{system}: no write acknowledged without a flood: {quiet}"
     assert flooded and float(flooded[0]["flood_sent_mbit"]) > 0.5 * link, f"{system}: the flood did not run: {flooded}"
     assert float(flooded[0]["victim_rx_mbit"]) > 0.5 * link, f"{system}: the flood did not reach the victim: {flooded}"
+    assert float(quiet[0]["bandwidth_left_mbit"] or 0) > 0.5 * link, f"{system}: iperf3 measured no bandwidth without a flood: {quiet}"
 print("paper smoke: ok", file=sys.stderr)
 EOF
   net_down "$prefix"

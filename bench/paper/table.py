@@ -7,7 +7,7 @@ For each scenario: one row per flood rate, and for each cluster size the median 
 (p50 of one closed-loop write) of etcd (the paper's KmMC) and KmMR, the median over repetitions,
 with each system's slowdown against its own point without a flood. Scenario 1 is the paper's
 Table 2; scenario 2 is what its Figures 7 and 8 plot. Then, per scenario, the p99, the writes
-completed, the leader changes and the flooded member's CPU and memory.
+completed, the leader changes, and the flooded member's CPU, memory and bandwidth left.
 """
 
 import csv
@@ -29,6 +29,11 @@ def load(path):
 
 def median(rows, field):
     return statistics.median(float(r[field]) for r in rows)
+
+
+def bandwidth(rows):
+    values = [float(r["bandwidth_left_mbit"]) for r in rows if r.get("bandwidth_left_mbit")]
+    return f"{statistics.median(values):.1f}" if values else "-"
 
 
 def fmt_ms(v):
@@ -85,9 +90,10 @@ def scenario_table(points, scenario, out):
     out.write("\n")
     out.write(
         "| n | system | flood | p99 ms | max ms | writes | errors | leader changes "
-        "| victim CPU % | victim RSS MiB | flood reaching the victim, Mbit/s |\n"
+        "| victim CPU % | victim RSS MiB | flood reaching the victim, Mbit/s "
+        "| bandwidth left, Mbit/s |\n"
     )
-    out.write("|---|---|---|---|---|---|---|---|---|---|---|\n")
+    out.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for n in ns:
         for system, name in SYSTEMS:
             for rate in rates:
@@ -99,7 +105,7 @@ def scenario_table(points, scenario, out):
                     f"| {fmt_ms(median(rows, 'max_ms'))} | {median(rows, 'ops'):.0f} "
                     f"| {median(rows, 'errors'):.0f} | {median(rows, 'leader_changes'):.0f} "
                     f"| {median(rows, 'victim_cpu_pct'):.0f} | {median(rows, 'victim_rss_mib'):.0f} "
-                    f"| {median(rows, 'victim_rx_mbit'):.0f} |\n"
+                    f"| {median(rows, 'victim_rx_mbit'):.0f} | {bandwidth(rows)} |\n"
                 )
     out.write("\n")
 
