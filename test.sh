@@ -39,7 +39,7 @@ cargo test --workspace
 # each for its stated reason): about 10 minutes warm, more on a cold Go module and build cache;
 # bounded so that a hang cannot eat CI's time.
 # The paper's DDoS harness, short (n=4, KmMR and etcd, one flood rate, one repetition, about
-# 40 s), so that it cannot rot: network namespaces, shaped links, the flooder and a closed-loop
+# 50 s), so that it cannot rot: network namespaces, shaped links, the flooder and a closed-loop
 # client, with the dev-profile binaries (the tests above built most of them).
 stamp "the paper experiments' harness, short (bench/paper/run.sh --smoke)"
 cargo build -q -p kmmr-replica -p kmmr-put-bench -p kmmr-flood
