@@ -144,14 +144,7 @@ pub fn run(plan: &Plan, bounds: Bounds) -> anyhow::Result<Tally> {
         conns: TokenBucket::new(plan.conn_rate, burst_for(plan.conn_rate, 1.0)),
         bytes: TokenBucket::new(bytes_rate, burst_for(bytes_rate, len.max(1.0))),
         attempts: 0,
-        tally: Tally {
-            packets: 0,
-            bytes: 0,
-            errors: 0,
-            elapsed: Duration::ZERO,
-            stopped_by: StoppedBy::Time,
-            last_error: None,
-        },
+        tally: Tally::new(),
     }));
     let start = Instant::now();
     let mut handles = Vec::new();

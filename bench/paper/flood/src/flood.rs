@@ -34,14 +34,7 @@ pub fn paced(bounds: Bounds, wire_len: usize, mut send: impl FnMut() -> io::Resu
     let rate = mbit_to_bytes_per_sec(bounds.mbit);
     let len = wire_len as f64;
     let mut bucket = TokenBucket::new(rate, burst_for(rate, len));
-    let mut tally = Tally {
-        packets: 0,
-        bytes: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        stopped_by: StoppedBy::Time,
-        last_error: None,
-    };
+    let mut tally = Tally::new();
     let mut attempts: u64 = 0;
     let start = Instant::now();
     loop {

@@ -34,6 +34,18 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Nothing sent yet; a flood that is not stopped early stops by time.
+    pub fn new() -> Tally {
+        Tally {
+            packets: 0,
+            bytes: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            stopped_by: StoppedBy::Time,
+            last_error: None,
+        }
+    }
+
     pub fn achieved_mbit(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {

@@ -5,9 +5,13 @@
 //! toward a 10.x address from the host's own namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::UdpSocket;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use common::{field, receive};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kmmr-flood");
 
@@ -20,15 +24,6 @@ fn run(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The number after `"key":` in the summary line.
-fn field(json: &str, key: &str) -> f64 {
-    let pat = format!("\"{key}\":");
-    let at = json.find(&pat).unwrap_or_else(|| panic!("{key} in {json}")) + pat.len();
-    let rest = &json[at..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end].trim_matches('"').parse().unwrap()
 }
 
 fn text_field<'a>(json: &'a str, key: &str) -> &'a str {
@@ -176,38 +171,13 @@ fn bad_input_is_refused_with_a_clear_message() {
     }
 }
 
-/// Receives on `sock` until it has been idle for `idle` after the first datagram; returns
-/// (datagrams, payload bytes, first arrival, last arrival).
-fn receive(sock: UdpSocket, idle: Duration) -> (u64, u64, Option<Instant>, Option<Instant>) {
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = vec![0u8; 65536];
-    let (mut n, mut bytes, mut first, mut last) = (0u64, 0u64, None, None);
-    let give_up = Instant::now() + Duration::from_secs(20);
-    loop {
-        match sock.recv(&mut buf) {
-            Ok(len) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                n += 1;
-                bytes += len as u64;
-            }
-            Err(_) => {
-                let quiet = last.is_some_and(|l: Instant| l.elapsed() > idle);
-                if quiet || Instant::now() > give_up {
-                    return (n, bytes, first, last);
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn loopback_udp_flood_holds_its_rate_and_stops_by_itself() {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let target = sock.local_addr().unwrap().to_string();
-    let receiver = std::thread::spawn(move || receive(sock, Duration::from_millis(800)));
+    let receiver = std::thread::spawn(move || {
+        receive(sock, Duration::from_millis(800), Duration::from_secs(20))
+    });
     let started = Instant::now();
     let out = run(&[
         "udp",
@@ -253,7 +223,9 @@ fn loopback_udp_flood_holds_its_rate_and_stops_by_itself() {
 fn loopback_udp_flood_stops_at_the_packet_cap() {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let target = sock.local_addr().unwrap().to_string();
-    let receiver = std::thread::spawn(move || receive(sock, Duration::from_millis(500)));
+    let receiver = std::thread::spawn(move || {
+        receive(sock, Duration::from_millis(500), Duration::from_secs(20))
+    });
     let out = run(&[
         "udp",
         "--target",

@@ -5,6 +5,9 @@
 //! Needs root and `ip netns`. Without them it fails when CI is set and skips otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::field;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsFd;
@@ -74,19 +77,9 @@ fn tcp_counters(ns: &str) -> std::collections::HashMap<String, i64> {
         .collect()
 }
 
-fn field(json: &str, key: &str) -> f64 {
-    let pat = format!("\"{key}\":");
-    let at = json.find(&pat).unwrap_or_else(|| panic!("{key} in {json}")) + pat.len();
-    let rest = &json[at..];
-    let end = rest.find([',', '}']).unwrap();
-    rest[..end].trim_matches('"').parse().unwrap()
-}
-
 /// A UDP receiver bound inside namespace `ns`: a thread that enters the namespace with
-/// setns(2) and binds there, then counts until idle. Returns its port and the join handle
-/// yielding (datagrams, payload bytes, first arrival, last arrival).
-type Received = (u64, u64, Option<Instant>, Option<Instant>);
-fn udp_receiver_in(ns: &str, addr: Ipv4Addr) -> (u16, std::thread::JoinHandle<Received>) {
+/// setns(2) and binds there, then counts until idle. Returns its port and the join handle.
+fn udp_receiver_in(ns: &str, addr: Ipv4Addr) -> (u16, std::thread::JoinHandle<common::Received>) {
     let path = format!("/run/netns/{ns}");
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -98,28 +91,7 @@ fn udp_receiver_in(ns: &str, addr: Ipv4Addr) -> (u16, std::thread::JoinHandle<Re
         .expect("setns");
         let sock = UdpSocket::bind(SocketAddrV4::new(addr, 0)).expect("bind in netns");
         tx.send(sock.local_addr().unwrap().port()).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let mut buf = vec![0u8; 65536];
-        let (mut n, mut bytes, mut first, mut last) = (0u64, 0u64, None, None);
-        let give_up = Instant::now() + Duration::from_secs(30);
-        loop {
-            match sock.recv(&mut buf) {
-                Ok(len) => {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = Some(now);
-                    n += 1;
-                    bytes += len as u64;
-                }
-                Err(_) => {
-                    let quiet = last.is_some_and(|l: Instant| l.elapsed() > Duration::from_secs(1));
-                    if quiet || Instant::now() > give_up {
-                        return (n, bytes, first, last);
-                    }
-                }
-            }
-        }
+        common::receive(sock, Duration::from_secs(1), Duration::from_secs(30))
     });
     let port = rx
         .recv_timeout(Duration::from_secs(5))
