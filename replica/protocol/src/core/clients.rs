@@ -134,7 +134,7 @@ pub struct Pool {
     by_client: BTreeMap<ClientId, BTreeMap<(u64, u64), Digest>>,
     by_arrival: BTreeSet<(u64, Digest)>,
     unforwarded: BTreeSet<(u64, Digest)>,
-    /// The client served first in the last batch; the next batch starts after it.
+    /// The client served last in the last batch; the next batch starts after it.
     cursor: Option<ClientId>,
 }
 
@@ -230,7 +230,11 @@ impl Pool {
     }
 
     /// Takes up to `max_requests` / `max_bytes` of requests, one per client per round, starting
-    /// after the client served first last time. Requests stay in the pool until executed.
+    /// after the client served last in the previous batch, so that each batch goes on with the
+    /// round where the last one stopped. A request that does not fit in the bytes left waits for
+    /// a later batch, and with it its client's later ones (a client's requests go in order),
+    /// while other clients' smaller requests still go: a client of small values is never held up
+    /// behind a row of values of the maximum size. Requests stay in the pool until executed.
     pub fn select(&mut self, max_requests: usize, max_bytes: usize) -> Vec<SignedRequest> {
         let start = self.cursor;
         let order: Vec<&BTreeMap<(u64, u64), Digest>> = match start {
@@ -242,25 +246,33 @@ impl Pool {
                 .collect(),
             None => self.by_client.values().collect(),
         };
-        let mut iters: Vec<_> = order.into_iter().map(|q| q.values()).collect();
+        let mut iters: Vec<_> = order.into_iter().map(|q| Some(q.values())).collect();
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut first: Option<ClientId> = None;
+        let mut last: Option<ClientId> = None;
         'rounds: loop {
             let mut any = false;
-            for it in iters.iter_mut() {
+            for slot in iters.iter_mut() {
+                let Some(it) = slot else {
+                    continue;
+                };
                 let Some(d) = it.next() else {
+                    *slot = None;
                     continue;
                 };
                 let Some(p) = self.entries.get(d) else {
                     continue;
                 };
-                let size = p.request.request.payload.len();
-                if out.len() >= max_requests || (bytes + size > max_bytes && !out.is_empty()) {
+                if out.len() >= max_requests {
                     break 'rounds;
                 }
+                let size = p.request.request.payload.len();
+                if bytes + size > max_bytes && !out.is_empty() {
+                    *slot = None;
+                    continue;
+                }
                 bytes += size;
-                first.get_or_insert(p.request.request.client);
+                last = Some(p.request.request.client);
                 out.push(p.request.clone());
                 any = true;
             }
@@ -268,8 +280,8 @@ impl Pool {
                 break;
             }
         }
-        if first.is_some() {
-            self.cursor = first;
+        if last.is_some() {
+            self.cursor = last;
         }
         out
     }
@@ -440,6 +452,59 @@ mod tests {
         }
         assert_eq!(pool.select(10, 250).len(), 2);
         assert_eq!(pool.select(10, 50).len(), 1);
+    }
+
+    #[test]
+    fn a_small_request_is_not_held_up_behind_requests_that_do_not_fit() {
+        let mut pool = Pool::default();
+        // Four clients of values near the byte bound, and one of a small value that the round
+        // reaches last (clients are served in key order): it goes in the first batch all the
+        // same.
+        let mut seeds: Vec<u8> = (1..=5).collect();
+        seeds.sort_by_key(|&c| req(c, 1, 0).request.client);
+        for &c in &seeds[..4] {
+            let r = req(c, 1, 900);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let small = req(seeds[4], 1, 10);
+        pool.insert(small.clone(), small.digest(), 0, 10, 100)
+            .unwrap();
+        let b = pool.select(100, 1000);
+        assert_eq!(b.len(), 2, "one large request and the small one");
+        assert!(b.iter().any(|r| r.digest() == small.digest()));
+    }
+
+    #[test]
+    fn a_client_whose_next_request_does_not_fit_sends_none_of_its_later_ones() {
+        let mut pool = Pool::default();
+        // Whichever client the round starts with, one of the two large requests does not fit.
+        let big = req(1, 1, 600);
+        let after = req(1, 2, 10);
+        let first = req(2, 1, 500);
+        for r in [&big, &after, &first] {
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let b = pool.select(100, 1000);
+        let digests: Vec<_> = b.iter().map(|r| r.digest()).collect();
+        assert!(
+            !digests.contains(&after.digest()) || digests.contains(&big.digest()),
+            "client 1's second request went before its first"
+        );
+    }
+
+    #[test]
+    fn each_batch_goes_on_with_the_round_where_the_last_one_stopped() {
+        let mut pool = Pool::default();
+        for c in 1..=6 {
+            let r = req(c, 1, 0);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        // Nothing is executed meanwhile: every client keeps its request pending.
+        let mut seen = BTreeSet::new();
+        for _ in 0..3 {
+            seen.extend(pool.select(2, 1 << 20).iter().map(|r| r.request.client));
+        }
+        assert_eq!(seen.len(), 6, "three batches of two served six clients");
     }
 
     #[test]
