@@ -11,7 +11,7 @@
 #   --scenarios "1 2"   1: nobody crashed; 2: the most crashes the protocol tolerates first
 #                       (KmMR f, etcd a minority: never started), then the flood on one more
 #                       member, which the quorum then needs
-#   --rates "0 0.25 0.5 0.75 1 1.2"   flood rates as fractions of the link rate
+#   --rates "0 0.5 1 1.2"   flood rates as fractions of the link rate
 #   --link-mbit 100     every link's rate, both ways (tbf)
 #   --seconds 20        measured seconds per point (the flood lasts exactly this long)
 #   --warmup 5          seconds of writes before the flood starts
@@ -65,7 +65,7 @@ repo=$(cd "$here/../.." && pwd)
 log() { printf '[paper %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
-systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.25 0.5 0.75 1 1.2" link=100
+systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.5 1 1.2" link=100
 seconds=20 warmup=5 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
 while (($#)); do
   case $1 in
