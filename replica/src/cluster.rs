@@ -112,13 +112,46 @@ pub fn prepare_at_free_ports(spec: &mut ClusterSpec, spare: usize) -> Result<Vie
 /// A port that [`check_ports_free`] found taken.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "port {port} (replica {replica}'s {what} port) is in use, perhaps by a cluster already \
-     running: stop it, or choose another --base-port"
+    "port {port} (replica {replica}'s {what} port) is in use{}",
+    why.explain()
 )]
 pub struct PortInUse {
     pub port: u16,
     pub replica: usize,
     pub what: &'static str,
+    pub why: Held,
+}
+
+/// What holds a port that [`check_ports_free`] found in use, as far as the machine tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Most likely a listener: a cluster already running, say.
+    Taken,
+    /// A connection that closed in the last minute holds it in TIME_WAIT.
+    TimeWait,
+    /// Something else, in the range outgoing connections take their ports from.
+    Ephemeral,
+}
+
+impl Held {
+    fn explain(self) -> &'static str {
+        match self {
+            Held::Taken => {
+                ", perhaps by a cluster already running: stop it, or choose another --base-port"
+            }
+            Held::TimeWait => {
+                " by a connection that closed within the last minute (TIME_WAIT): choose another \
+                 --base-port, preferably below the kernel's ephemeral range \
+                 (/proc/sys/net/ipv4/ip_local_port_range), from which outgoing connections take \
+                 their ports, or wait a minute"
+            }
+            Held::Ephemeral => {
+                ": choose another --base-port, preferably below the kernel's ephemeral range \
+                 (/proc/sys/net/ipv4/ip_local_port_range), from which outgoing connections take \
+                 their ports"
+            }
+        }
+    }
 }
 
 /// Whether two layouts share a port. A layout is three blocks of `ids` ports, at its base and
@@ -134,14 +167,19 @@ fn layouts_overlap(a: u16, a_ids: u16, b: u16, b_ids: u16) -> bool {
 /// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
 /// its ephemeral range (Linux's `ip_local_port_range`; 32768 when it cannot be read), or above
 /// its end when that leaves more room.
-fn non_ephemeral_range() -> (u16, u16) {
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// The kernel's range of ports for the local end of outgoing connections.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
             let mut parts = s.split_whitespace().map(|p| p.parse::<u16>().ok());
             Some((parts.next()??, parts.next()??))
         })
-        .unwrap_or((32768, 60999));
+        .unwrap_or((32768, 60999))
+}
+
+fn non_ephemeral_range() -> (u16, u16) {
+    let ephemeral = ephemeral_range();
     let below = (10000, ephemeral.0.max(10000));
     let above = (ephemeral.1.saturating_add(1), u16::MAX);
     if above.1.saturating_sub(above.0) > below.1.saturating_sub(below.0) {
@@ -303,6 +341,12 @@ fn answers(addr: &str) -> bool {
 
 /// Refuses a layout whose ports are taken, before anything is written: replicas that cannot
 /// bind would fail one by one with "address already in use" after the files were replaced.
+///
+/// A port that a listener holds is refused at once (a cluster already running, say). A port held
+/// only as the local end of connections gets a moment to come free: outgoing connections take
+/// their local ports from the kernel's ephemeral range (32768-60999 by default), and one that is
+/// closing holds its port briefly, so a base port in that range found a port in use about once
+/// in 40 starts in a row.
 pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
     for i in 0..n {
         let i16 = u16::try_from(i).context("too many replicas for one machine's ports")?;
@@ -313,17 +357,69 @@ pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
             else {
                 bail!("--base-port {base_port} leaves no room for {n} replicas' ports");
             };
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            if !comes_free(port, PORT_GRACE) {
                 return Err(PortInUse {
                     port,
                     replica: i,
                     what,
+                    why: if in_time_wait(port) {
+                        Held::TimeWait
+                    } else if in_ephemeral_range(port) {
+                        Held::Ephemeral
+                    } else {
+                        Held::Taken
+                    },
                 }
                 .into());
             }
         }
     }
     Ok(())
+}
+
+/// How long a port held by connections (not by a listener) may take to come free.
+const PORT_GRACE: Duration = Duration::from_secs(3);
+
+/// Whether `port` can be bound on loopback now or, when no listener holds it, within `grace`.
+fn comes_free(port: u16, grace: Duration) -> bool {
+    let bindable = || std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    if bindable() {
+        return true;
+    }
+    // A listener, or a connection that closed within the last minute (TIME_WAIT lasts 60 s on
+    // Linux): neither goes away in a moment.
+    if answers(&format!("127.0.0.1:{port}")) || in_time_wait(port) {
+        return false;
+    }
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        if bindable() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a TCP connection whose local port is `port` is in TIME_WAIT (from /proc/net/tcp and
+/// tcp6, where the local address ends in the port in hex and state 06 is TIME_WAIT).
+fn in_time_wait(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                let local = fields.next().unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                local.ends_with(&suffix) && state == "06"
+            })
+        })
+    })
+}
+
+fn in_ephemeral_range(port: u16) -> bool {
+    let (low, high) = ephemeral_range();
+    (low..=high).contains(&port)
 }
 
 /// Starts replica `i` of a prepared cluster directory as a child process of `exe` (the

@@ -183,7 +183,9 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         );
     }
     for (i, member) in view.members.iter().enumerate() {
-        wait_healthy(args.base_port, i, Duration::from_secs(15)).await?;
+        if let Some(c) = children.get_mut(&(i as u32)) {
+            wait_started(args.base_port, i, c, &args.dir).await?;
+        }
         // Whatever answers on the port must be this replica, not one left over from another
         // cluster on the same ports: its status is signed with the key just generated for it.
         let url = format!("http://127.0.0.1:{}/status", http_port(args.base_port, i));
@@ -211,6 +213,45 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
         _children: children,
         byzantine,
     })
+}
+
+/// Waits until replica `i` answers on its HTTP port. A replica that exits first (a port taken
+/// by another program between the check and its bind, say) fails the start at once with the
+/// last line of its log, instead of after the 15 s a slow machine may need.
+async fn wait_started(
+    base_port: u16,
+    i: usize,
+    child: &mut Child,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let log = dir.join(format!("r{i}.log"));
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if wait_healthy(base_port, i, Duration::from_millis(200))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            bail!(
+                "replica {i} exited ({status}) before it was up: {last}; see {}",
+                log.display()
+            );
+        }
+        if Instant::now() > until {
+            bail!(
+                "replica {i} did not become healthy within 15s; see {}",
+                log.display()
+            );
+        }
+    }
 }
 
 pub async fn run(args: LocalArgs) -> Result<()> {
