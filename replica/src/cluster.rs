@@ -164,10 +164,8 @@ fn layouts_overlap(a: u16, a_ids: u16, b: u16, b_ids: u16) -> bool {
         .any(|shift| a < b + shift + i32::from(b_ids) && b + shift < a + i32::from(a_ids))
 }
 
-/// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
-/// its ephemeral range (Linux's `ip_local_port_range`; 32768 when it cannot be read), or above
-/// its end when that leaves more room.
-/// The kernel's range of ports for the local end of outgoing connections.
+/// The kernel's range of ports for the local end of outgoing connections (Linux's
+/// `ip_local_port_range`; 32768-60999 when it cannot be read).
 fn ephemeral_range() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -178,6 +176,8 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// Ports that the kernel does not hand out to outgoing connections: from 10000 to the start of
+/// its ephemeral range, or above its end when that leaves more room.
 fn non_ephemeral_range() -> (u16, u16) {
     let ephemeral = ephemeral_range();
     let below = (10000, ephemeral.0.max(10000));
@@ -342,11 +342,12 @@ fn answers(addr: &str) -> bool {
 /// Refuses a layout whose ports are taken, before anything is written: replicas that cannot
 /// bind would fail one by one with "address already in use" after the files were replaced.
 ///
-/// A port that a listener holds is refused at once (a cluster already running, say). A port held
-/// only as the local end of connections gets a moment to come free: outgoing connections take
-/// their local ports from the kernel's ephemeral range (32768-60999 by default), and one that is
-/// closing holds its port briefly, so a base port in that range found a port in use about once
-/// in 40 starts in a row.
+/// A port that a listener holds is refused at once (a cluster already running, say), and so is
+/// one held in TIME_WAIT, which lasts a minute: outgoing connections take their local ports from
+/// the kernel's ephemeral range (32768-60999 by default), and a closed one that never set
+/// SO_REUSEADDR keeps any listener off its port meanwhile (17 of 100 random base ports in that
+/// range, after a hundred earlier starts). A port held by a connection still closing gets a
+/// moment to come free. The error says which it was.
 pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
     for i in 0..n {
         let i16 = u16::try_from(i).context("too many replicas for one machine's ports")?;
