@@ -68,6 +68,7 @@ die() { log "error: $*"; exit 2; }
 systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.5 1 1.2" link=100
 seconds=20 warmup=5 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
 while (($#)); do
+  [[ $1 == --smoke || $1 == -h || $1 == --help ]] || (($# >= 2)) || die "$1 needs a value (see --help)"
   case $1 in
     --systems) systems=$2; shift 2 ;;
     --n) ns_list=$2; shift 2 ;;
@@ -88,7 +89,7 @@ while (($#)); do
 done
 int() { [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3 && $2 <= $4)) || die "$1 must be an integer in $3..$4, not '$2'"; }
 for sys in $systems; do [[ $sys == kmmr || $sys == etcd ]] || die "--systems takes kmmr and etcd, not '$sys'"; done
-for n in $ns_list; do int --n "$n" 3 13; done
+for n in $ns_list; do int --n "$n" 4 13; done
 for s in $scenarios; do [[ $s == 1 || $s == 2 ]] || die "--scenarios takes 1 and 2, not '$s'"; done
 for r in $rates; do
   [[ $r =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v r="$r" 'BEGIN { exit !(r <= 2) }' \
@@ -102,7 +103,9 @@ int --flood-size "$flood_size" 1 65507
 int --bandwidth-seconds "$bw_seconds" 0 60
 [[ $victim == leader || $victim == follower ]] || die "--victim is leader or follower, not '$victim'"
 ((EUID == 0)) || die "needs root for network namespaces, veth pairs and tc (run it with sudo)"
-for t in ip tc curl python3 go; do command -v "$t" >/dev/null || die "$t is not installed"; done
+for t in ip tc curl python3; do command -v "$t" >/dev/null || die "$t is not installed"; done
+[[ " $systems " != *" etcd "* ]] || command -v go >/dev/null \
+  || die "go is not installed (etcd and its client are built from their Go modules)"
 if ((bw_seconds > 0)) && ! command -v iperf3 >/dev/null; then
   log "installing iperf3 (Debian's package) for the bandwidth measurement"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iperf3 >/dev/null \
