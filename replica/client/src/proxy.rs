@@ -266,6 +266,11 @@ impl ProxyTask {
         self.dialing.remove(&id);
         match outcome {
             Ok(link) if self.session.view().contains(id) => {
+                // What this replica missed while it had no link goes first, in sequence order,
+                // ahead of anything newer (see `ClientSession::unanswered`).
+                for req in self.session.unanswered() {
+                    let _ = link.send(&req.to_bytes());
+                }
                 self.links.insert(id, link);
                 None
             }

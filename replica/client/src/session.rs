@@ -210,6 +210,17 @@ impl ClientSession {
         self.outstanding.retain(|_, o| o.caller != sequence);
     }
 
+    /// Every request still waiting for its answer, in sequence order: what a replica whose link
+    /// just came up has missed. Replicas execute a client's requests in sequence order and
+    /// drop older ones as stale, so a request held back until its retransmission, while later
+    /// ones went straight to the leader, would never execute.
+    pub fn unanswered(&self) -> Vec<SignedRequest> {
+        self.outstanding
+            .values()
+            .map(|o| o.request.clone())
+            .collect()
+    }
+
     /// Requests to send to every replica of `view()`.
     pub fn take_to_send(&mut self) -> Vec<SignedRequest> {
         std::mem::take(&mut self.to_send)
@@ -402,6 +413,23 @@ mod tests {
 
     /// A read that could not gather a quorum unordered goes out again ordered behind the write
     /// sent after it: under its own, older number the replicas would never answer it.
+    #[test]
+    fn the_unanswered_requests_come_in_sequence_order_without_the_answered_ones() {
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        let first = s.invoke(0, RequestKind::Ordered, b"a".to_vec());
+        let second = s.invoke(0, RequestKind::Ordered, b"b".to_vec());
+        let third = s.invoke(0, RequestKind::Ordered, b"c".to_vec());
+        for from in 0..2 {
+            let _ = s.on_reply(
+                0,
+                ReplicaId(from),
+                reply(from, second, RequestKind::Ordered, b"ok"),
+            );
+        }
+        let left: Vec<u64> = s.unanswered().iter().map(|r| r.request.sequence).collect();
+        assert_eq!(left, [first, third]);
+    }
+
     #[test]
     fn a_read_retried_as_ordered_takes_a_new_sequence_and_completes_under_its_callers_number() {
         let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);

@@ -13,6 +13,7 @@ pub mod proof;
 pub mod reconfig;
 pub mod rejection;
 pub mod replica;
+pub mod replies;
 pub mod state;
 pub mod sync;
 pub mod transfer;

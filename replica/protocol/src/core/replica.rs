@@ -24,6 +24,7 @@ use crate::core::output::{Event, Output, Suspicion};
 use crate::core::promise::{Promise, PromiseKey};
 use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
 use crate::core::rejection::Rejection;
+use crate::core::replies::RecentReplies;
 use crate::core::state::{
     encode_state, Checkpoint, HeldBytes, OrderingState, ReplicaState, StoredCheckpoint,
 };
@@ -49,6 +50,11 @@ const MAX_CARRIED: usize = 1024;
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
 const CHECKPOINTS_KEPT: usize = 2;
+/// Replies kept for retransmissions (`RecentReplies`): a client's requests in flight are at most
+/// `max_pending_per_client` (256 by default), so this covers 64 such clients at once.
+const RECENT_REPLIES: usize = 16 * 1024;
+/// At most this many bytes of them.
+const RECENT_REPLY_BYTES: usize = 16 << 20;
 /// Request bytes of decisions sent in answer to one request (past the first decision). A
 /// laggard asks again every catch-up interval: replies of `max_decisions_per_reply` large
 /// batches each piled up in the peers' send queues, gigabytes while a replica caught up.
@@ -106,6 +112,8 @@ pub struct Replica {
     config: Config,
     service: Box<dyn Service>,
     sessions: Sessions,
+    /// Replies given lately, for retransmissions of requests older than a client's last.
+    recent_replies: RecentReplies,
     pool: Pool,
     /// Requests known to come from their client: received on the client's own authenticated
     /// channel, or signature checked.
@@ -198,6 +206,7 @@ impl Replica {
             config,
             service,
             sessions: Sessions::default(),
+            recent_replies: RecentReplies::new(RECENT_REPLIES, RECENT_REPLY_BYTES),
             pool: Pool::default(),
             last_decided: None,
             last_timestamp_ms: 0,

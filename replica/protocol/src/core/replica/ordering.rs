@@ -354,6 +354,8 @@ impl Replica {
             self.stats.executed_requests += 1;
             self.sessions
                 .record(r.client, r.session, r.sequence, result.clone());
+            self.recent_replies
+                .remember(r.client, r.session, r.sequence, &result);
             self.pool.prune_client(&r.client, &self.sessions);
             if self.replaying {
                 continue;

@@ -82,15 +82,29 @@ impl Replica {
     /// the client's newest is answered: the replicas keep one session per client key, so when
     /// two processes share a key the newer one's first request ends the older one's session, and
     /// a silent drop would leave that process retransmitting until its timeout with no hint of
-    /// why. An older sequence of the current session is not answered: it may have executed,
-    /// and its reply is no longer cached.
+    /// why. An older sequence of the current session is answered from the replies this replica
+    /// gave lately (`RecentReplies`); one it has no reply for is not answered.
     fn refuse_stale(&mut self, r: &Request) {
         let superseded = self
             .sessions
             .get(&r.client)
             .is_some_and(|s| r.session < s.session);
         if !superseded {
+            // Counted as refused either way: the request does not execute again.
             self.reject(None, Rejection::StaleRequest);
+            if let Some(result) = self.recent_replies.get(&r.client, r.session, r.sequence) {
+                let reply = Reply {
+                    replica: self.me,
+                    session: r.session,
+                    sequence: r.sequence,
+                    kind: r.kind,
+                    body: ReplyBody::Result(result.to_vec()),
+                };
+                self.outputs.push(Output::Reply {
+                    client: r.client,
+                    reply,
+                });
+            }
             return;
         }
         self.reject(None, Rejection::SupersededSession);
