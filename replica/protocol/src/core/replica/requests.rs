@@ -18,17 +18,7 @@ impl Replica {
         self.clock_us = self.clock_us.max(now);
         let r = &req.request;
         if r.view < self.view.id {
-            let reply = Reply {
-                replica: self.me,
-                session: r.session,
-                sequence: r.sequence,
-                kind: r.kind,
-                body: ReplyBody::NewView(self.view.clone()),
-            };
-            self.outputs.push(Output::Reply {
-                client: r.client,
-                reply,
-            });
+            self.answer(r, ReplyBody::NewView(self.view.clone()));
             return;
         }
         let digest = req.digest();
@@ -41,34 +31,16 @@ impl Replica {
         match r.kind {
             RequestKind::Unordered => {
                 let result = self.service.query(&r.payload);
-                let reply = Reply {
-                    replica: self.me,
-                    session: r.session,
-                    sequence: r.sequence,
-                    kind: RequestKind::Unordered,
-                    body: ReplyBody::Result(result),
-                };
-                self.outputs.push(Output::Reply {
-                    client: r.client,
-                    reply,
-                });
+                self.answer(r, ReplyBody::Result(result));
             }
             RequestKind::Ordered | RequestKind::Reconfig => {
                 match self.sessions.freshness(&r.client, r.session, r.sequence) {
                     Freshness::New => self.pool_insert(now, req, digest),
                     Freshness::Repeat => {
-                        if let Some(s) = self.sessions.get(&r.client) {
-                            let reply = Reply {
-                                replica: self.me,
-                                session: r.session,
-                                sequence: r.sequence,
-                                kind: r.kind,
-                                body: ReplyBody::Result(s.last_reply.clone()),
-                            };
-                            self.outputs.push(Output::Reply {
-                                client: r.client,
-                                reply,
-                            });
+                        if let Some(last) =
+                            self.sessions.get(&r.client).map(|s| s.last_reply.clone())
+                        {
+                            self.answer(r, ReplyBody::Result(last));
                         }
                     }
                     Freshness::Stale => self.refuse_stale(r),
@@ -93,27 +65,22 @@ impl Replica {
             // Counted as refused either way: the request does not execute again.
             self.reject(None, Rejection::StaleRequest);
             if let Some(result) = self.recent_replies.get(&r.client, r.session, r.sequence) {
-                let reply = Reply {
-                    replica: self.me,
-                    session: r.session,
-                    sequence: r.sequence,
-                    kind: r.kind,
-                    body: ReplyBody::Result(result.to_vec()),
-                };
-                self.outputs.push(Output::Reply {
-                    client: r.client,
-                    reply,
-                });
+                self.answer(r, ReplyBody::Result(result.to_vec()));
             }
             return;
         }
         self.reject(None, Rejection::SupersededSession);
+        self.answer(r, ReplyBody::Rejected(SUPERSEDED_SESSION.to_string()));
+    }
+
+    /// Sends `body` to the client of `r` as this replica's reply to it.
+    fn answer(&mut self, r: &Request, body: ReplyBody) {
         let reply = Reply {
             replica: self.me,
             session: r.session,
             sequence: r.sequence,
             kind: r.kind,
-            body: ReplyBody::Rejected(SUPERSEDED_SESSION.to_string()),
+            body,
         };
         self.outputs.push(Output::Reply {
             client: r.client,
