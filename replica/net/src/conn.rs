@@ -197,7 +197,26 @@ pub(crate) async fn connect(addr: &str, cfg: &NetConfig) -> io::Result<TcpStream
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
+    tune_timers(&tcp, cfg);
     Ok(tcp)
+}
+
+/// Applies [`NetConfig::tcp_timers`] to a link, best effort: a kernel without the options (or
+/// a socket that refuses them) keeps its defaults, which cost latency on a lossy link, not
+/// correctness.
+fn tune_timers(tcp: &TcpStream, cfg: &NetConfig) {
+    use kmmr_sockopt::{set, unsupported, TcpOption};
+    let Some(t) = cfg.tcp_timers else { return };
+    for (option, value) in [
+        (TcpOption::RtoMin, t.rto_min),
+        (TcpOption::DelackMax, t.delack_max),
+    ] {
+        if let Err(e) = set(tcp, option, value) {
+            if !unsupported(&e) {
+                tracing::debug!(?option, error = %e, "cannot set a TCP timer");
+            }
+        }
+    }
 }
 
 /// Accepts connections on `listener` until the task is dropped and runs `serve` on each, with a
@@ -260,6 +279,7 @@ pub(crate) async fn handshake(
     slot: Slot,
 ) -> Option<(TlsStream<TcpStream>, PublicKey)> {
     let _ = tcp.set_nodelay(true);
+    tune_timers(&tcp, config);
     let accepted = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp)).await;
     drop(slot);
     let tls = match accepted {
@@ -312,5 +332,47 @@ fn log(side: Side, msg: std::fmt::Arguments<'_>) {
     match side {
         Side::Peer => tracing::warn!("{msg}"),
         Side::Client => tracing::debug!("{msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmmr_sockopt::{get, set, unsupported, TcpOption};
+
+    /// Both ends of a link get the configured timers: the dialer in `connect`, the acceptor in
+    /// `handshake` (through the same `tune_timers`). A kernel without the options is skipped.
+    #[tokio::test]
+    async fn a_dialed_link_has_the_configured_tcp_timers() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let raw = std::net::TcpStream::connect(probe.local_addr().expect("addr")).expect("dial");
+        if let Err(e) = set(&raw, TcpOption::RtoMin, Duration::from_millis(10)) {
+            assert!(unsupported(&e), "{e}");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cfg = NetConfig::default();
+        let t = cfg.tcp_timers.expect("timers are on by default");
+        let (dialed, accepted) = tokio::join!(connect(&addr, &cfg), listener.accept());
+        let dialed = dialed.expect("connect");
+        let slack = Duration::from_millis(10);
+        let rto = get(&dialed, TcpOption::RtoMin).expect("get");
+        assert!(
+            rto >= t.rto_min && rto <= t.rto_min + slack,
+            "rto_min {rto:?}"
+        );
+        let delack = get(&dialed, TcpOption::DelackMax).expect("get");
+        assert!(
+            delack >= t.delack_max && delack <= t.delack_max + slack,
+            "delack_max {delack:?}"
+        );
+        // An accepted socket keeps the kernel's 200 ms until it is tuned.
+        let (accepted, _) = accepted.expect("accept");
+        assert!(get(&accepted, TcpOption::RtoMin).expect("get") >= Duration::from_millis(200));
+        tune_timers(&accepted, &cfg);
+        assert!(get(&accepted, TcpOption::RtoMin).expect("get") <= t.rto_min + slack);
     }
 }

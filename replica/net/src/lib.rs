@@ -156,6 +156,30 @@ pub struct NetConfig {
     pub max_client_connections: usize,
     /// Bytes gathered from queued frames into one write.
     pub write_batch_bytes: usize,
+    /// The floor of every link's TCP retransmission timeout, and the longest a link delays an
+    /// acknowledgement (kept below that floor), where the kernel lets a socket set them (recent
+    /// Linux, 6.18 on this project's machines; older kernels keep their 200 ms). A link carries one small message at a
+    /// time, so a lost segment waited for Linux's tail loss probe: 200-250 ms of stalled
+    /// consensus per loss on a flooded port (`bench/paper`). `None` leaves the kernel's values.
+    pub tcp_timers: Option<TcpTimers>,
+}
+
+/// See [`NetConfig::tcp_timers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpTimers {
+    pub rto_min: Duration,
+    pub delack_max: Duration,
+}
+
+impl Default for TcpTimers {
+    fn default() -> Self {
+        // LAN values: Linux still keeps the timeout above the smoothed round trip plus four times
+        // its variation, so a slower link gets a longer one.
+        TcpTimers {
+            rto_min: Duration::from_millis(10),
+            delack_max: Duration::from_millis(5),
+        }
+    }
 }
 
 impl Default for NetConfig {
@@ -174,6 +198,7 @@ impl Default for NetConfig {
             reserved_peer_handshakes: 64,
             max_client_connections: 10_000,
             write_batch_bytes: 256 * 1024,
+            tcp_timers: Some(TcpTimers::default()),
         }
     }
 }
