@@ -79,6 +79,12 @@ net_reap_stale() {
   done
 }
 
+# Packets the shaper on the link into a node dropped so far (its queue was full): what a flood
+# costs the node's own traffic.
+net_drops() { # prefix node
+  tc -s -n "$1-hub" qdisc show dev "$2" | awk '/dropped/ { sub(",", "", $7); print $7; exit }'
+}
+
 # Bytes a node's interface received so far (what reached it through its shaped link).
 net_rx_bytes() { # prefix node
   ip netns exec "$1-$2" cat /sys/class/net/eth0/statistics/rx_bytes

@@ -9,7 +9,8 @@ Writes, for scenario 2 and each cluster size n it finds:
   victim-cpu-n<n>.png        the flooded member's CPU (Figure 9)
   victim-ram-n<n>.png        the flooded member's peak resident memory (Figure 10)
   bandwidth-n<n>.png         the bandwidth left to it, by iperf3 (Figure 11)
-and consensus-time-scenario1-n<n>.png for scenario 1. Needs matplotlib (run.sh installs it into a
+and consensus-time-scenario1-n<n>.png for scenario 1; with the follower flooded (run.sh --victim
+follower), the same names end in -follower. Needs matplotlib (run.sh installs it into a
 cached virtual environment).
 """
 
@@ -37,7 +38,9 @@ def load(path):
     points = defaultdict(list)
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            points[(row["scenario"], int(row["n"]), row["system"])].append(row)
+            # Runs before the column existed flooded the leader.
+            role = row.get("victim_role") or "leader"
+            points[(role, row["scenario"], int(row["n"]), row["system"])].append(row)
     return points
 
 
@@ -53,7 +56,7 @@ def series(rows, field, link):
     return [x * link for x in xs], mids, lo, hi
 
 
-def plot(points, scenario, n, name, out_dir):
+def plot(points, scenario, n, name, out_dir, role):
     field, ylabel, log = METRICS[name]
     fig, ax = plt.subplots(figsize=(6, 4))
     link = _link([r for s, *_ in SYSTEMS for r in points.get((scenario, n, s), [])])
@@ -76,11 +79,12 @@ def plot(points, scenario, n, name, out_dir):
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
-    ax.set_title(f"scenario {scenario}, n={n}")
+    ax.set_title(f"scenario {scenario}, n={n}, the {role} flooded")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     suffix = f"-scenario1-n{n}" if scenario == "1" else f"-n{n}"
+    suffix += "" if role == "leader" else f"-{role}"
     fig.savefig(out_dir / f"{name}{suffix}.png", dpi=120)
     plt.close(fig)
 
@@ -102,11 +106,14 @@ def main():
         sys.exit(f"plot.py: cannot read {sys.argv[1]}: {e}")
     out_dir = Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    for n in sorted({k[1] for k in points if k[0] == "2"}):
-        for name in METRICS:
-            plot(points, "2", n, name, out_dir)
-    for n in sorted({k[1] for k in points if k[0] == "1"}):
-        plot(points, "1", n, "consensus-time", out_dir)
+    for role in sorted({k[0] for k in points}):
+        # plot() reads points keyed (scenario, n, system).
+        mine = {k[1:]: v for k, v in points.items() if k[0] == role}
+        for n in sorted({k[1] for k in mine if k[0] == "2"}):
+            for name in METRICS:
+                plot(mine, "2", n, name, out_dir, role)
+        for n in sorted({k[1] for k in mine if k[0] == "1"}):
+            plot(mine, "1", n, "consensus-time", out_dir, role)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@
 #                       member, which the quorum then needs
 #   --rates "0 0.5 1 1.2"   flood rates as fractions of the link rate
 #   --link-mbit 100     every link's rate, both ways (tbf)
-#   --seconds 20        measured seconds per point (the flood lasts exactly this long)
-#   --warmup 5          seconds of writes before the flood starts
+#   --seconds 10        measured seconds per point (the flood lasts exactly this long)
+#   --warmup 3          seconds of writes before the flood starts
 #   --reps 3            repetitions of every point
 #   --flood-size 1400   bytes of each flood datagram; 65495 floods with IP fragments, as the
 #                       paper's hping3 did (the victim must reassemble them)
@@ -44,8 +44,8 @@
 #
 # Columns of points.csv: system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,
 # max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit,
-# bandwidth_left_mbit
-#   victim         the flooded member's index
+# bandwidth_left_mbit,victim_role,victim_drops_per_s
+#   victim         the flooded member's index; victim_role: leader or follower (--victim)
 #   ops            writes that started and were acknowledged within the flood window
 #   p50/p99/max    their time, client to acknowledgement (one in flight: a write's consensus
 #                  time as the client sees it); a write still waiting at the window's end is
@@ -56,6 +56,8 @@
 #   victim_*       the flooded member's CPU during the window (percent of one core) and its
 #                  peak resident memory (VmHWM)
 #   flood_sent     what the flooder sent; victim_rx: all that reached the victim's interface
+#   victim_drops_per_s  packets per second the shaper on the victim's inbound link dropped in the
+#                  window (its queue was full): flood and legitimate traffic alike
 #   bandwidth_left what iperf3 (TCP, client to victim) got through the victim's link in the
 #                  --bandwidth-seconds after the window, the flood still on (empty when 0)
 set -euo pipefail
@@ -66,7 +68,7 @@ log() { printf '[paper %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.5 1 1.2" link=100
-seconds=20 warmup=5 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
+seconds=10 warmup=3 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
 while (($#)); do
   [[ $1 == --smoke || $1 == -h || $1 == --help ]] || (($# >= 2)) || die "$1 needs a value (see --help)"
   case $1 in
@@ -150,7 +152,7 @@ fi
 out=${out:-$here/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out/logs"
 csv=$out/points.csv
-echo "system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit,bandwidth_left_mbit" >"$csv"
+echo "system,scenario,n,crashed,victim,rate,flood_mbit,rep,ops,p50_ms,p99_ms,max_ms,errors,leader_changes,victim_cpu_pct,victim_rss_mib,flood_sent_mbit,victim_rx_mbit,bandwidth_left_mbit,victim_role,victim_drops_per_s" >"$csv"
 
 prefix=kp$$
 point_dir=""  # the point in progress: keys, data and logs
@@ -200,7 +202,7 @@ run_point() { # system scenario n rate rep
   v=$("${sys}_victim" "$victim" "$up_count")
   "${sys}_client" "$dir"
   sleep "$warmup"
-  local victim_pid=${pids[$v]} mbit t0 t1 c0 c1 r0 r1 rx0 rx1 rss flood="" sent=0 bw=""
+  local victim_pid=${pids[$v]} mbit t0 t1 c0 c1 r0 r1 rx0 rx1 d0 d1 rss flood="" sent=0 bw=""
   mbit=$(awk -v r="$rate" -v l="$link" 'BEGIN { printf "%d", r * l + 0.5 }')
   if ((bw_seconds > 0)); then
     ip netns exec "$prefix-m$v" iperf3 -s -1 -p "$IPERF_PORT" >"$dir/iperf-server.err" 2>&1 &
@@ -209,6 +211,7 @@ run_point() { # system scenario n rate rep
   r0=$("${sys}_leader_changes" "$up_count")
   c0=$(cpu_ticks "$victim_pid")
   rx0=$(net_rx_bytes "$prefix" "m$v")
+  d0=$(net_drops "$prefix" "m$v")
   t0=$(date +%s.%N)
   # The flood lasts the measured window, then the bandwidth measurement after it.
   if ((mbit > 0)); then
@@ -222,6 +225,7 @@ run_point() { # system scenario n rate rep
   c1=$(cpu_ticks "$victim_pid")
   rss=$(peak_rss_kib "$victim_pid")
   rx1=$(net_rx_bytes "$prefix" "m$v")
+  d1=$(net_drops "$prefix" "m$v")
   r1=$("${sys}_leader_changes" "$up_count")
   # What is left of the victim's link for other traffic (iperf3's TCP, client to victim), while
   # the flood goes on and the cluster keeps working.
@@ -237,12 +241,13 @@ except (ValueError, KeyError):
   wait "$client_pid" 2>/dev/null || true
   [[ -s $dir/flood.json ]] && sent=$(python3 -c 'import json, sys
 print("%.1f" % json.loads(open(sys.argv[1]).read().splitlines()[-1]).get("achieved_mbit", 0))' "$dir/flood.json")
-  printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n' "$sys" "$scenario" "$n" "$crashed" "$v" \
+  printf '%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n' "$sys" "$scenario" "$n" "$crashed" "$v" \
     "$rate" "$mbit" "$rep" "$(bench_result "$dir")" "$((r1 - r0))" \
     "$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", (b - a) / hz / (t1 - t0) * 100 }')" \
     "$((rss / 1024))" "$sent" \
     "$(awk -v a="$rx0" -v b="$rx1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.1f", (b - a) * 8 / 1e6 / (t1 - t0) }')" \
-    "$bw" >>"$csv"
+    "$bw" "$victim" \
+    "$(awk -v a="$d0" -v b="$d1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }')" >>"$csv"
   log "$tag: $(tail -1 "$csv")"
   # Members stop on SIGTERM; what is left after 5 s dies with the namespaces.
   kill -TERM "${pids[@]}" 2>/dev/null || true

@@ -22,7 +22,9 @@ def load(path):
     points = defaultdict(list)
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            key = (row["scenario"], int(row["n"]), float(row["rate"]), row["system"])
+            # Runs before the column existed flooded the leader.
+            role = row.get("victim_role") or "leader"
+            key = (row["scenario"], role, int(row["n"]), float(row["rate"]), row["system"])
             points[key].append(row)
     return points
 
@@ -36,11 +38,18 @@ def bandwidth(rows):
     return f"{statistics.median(values):.1f}" if values else "-"
 
 
+def drops(rows):
+    values = [float(r["victim_drops_per_s"]) for r in rows if r.get("victim_drops_per_s")]
+    return f"{statistics.median(values):.0f}" if values else "-"
+
+
 def fmt_ms(v):
     return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
-def scenario_table(points, scenario, out):
+def scenario_table(all_points, scenario, role, out):
+    # The rest of this function reads points keyed (scenario, n, rate, system).
+    points = {(k[0], k[2], k[3], k[4]): v for k, v in all_points.items() if k[1] == role}
     ns = sorted({k[1] for k in points if k[0] == scenario})
     rates = sorted({k[2] for k in points if k[0] == scenario})
     if not ns:
@@ -56,7 +65,7 @@ def scenario_table(points, scenario, out):
         "2": "Scenario 2: the tolerated crashes spent, then one more member flooded "
         "(the paper's Figures 7 and 8)",
     }[scenario]
-    out.write(f"### {title}\n\n")
+    out.write(f"### {title}; the {role} flooded\n\n")
     out.write("Median consensus time in ms (slowdown against no flood)")
     if scenario == "2":
         parts = [
@@ -91,9 +100,9 @@ def scenario_table(points, scenario, out):
     out.write(
         "| n | system | flood | p99 ms | max ms | writes | errors | leader changes "
         "| victim CPU % | victim RSS MiB | flood reaching the victim, Mbit/s "
-        "| bandwidth left, Mbit/s |\n"
+        "| inbound drops/s | bandwidth left, Mbit/s |\n"
     )
-    out.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    out.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for n in ns:
         for system, name in SYSTEMS:
             for rate in rates:
@@ -105,7 +114,7 @@ def scenario_table(points, scenario, out):
                     f"| {fmt_ms(median(rows, 'max_ms'))} | {median(rows, 'ops'):.0f} "
                     f"| {median(rows, 'errors'):.0f} | {median(rows, 'leader_changes'):.0f} "
                     f"| {median(rows, 'victim_cpu_pct'):.0f} | {median(rows, 'victim_rss_mib'):.0f} "
-                    f"| {median(rows, 'victim_rx_mbit'):.0f} | {bandwidth(rows)} |\n"
+                    f"| {median(rows, 'victim_rx_mbit'):.0f} | {drops(rows)} | {bandwidth(rows)} |\n"
                 )
     out.write("\n")
 
@@ -119,8 +128,9 @@ def main():
         sys.exit(f"table.py: cannot read {sys.argv[1]}: {e}")
     reps = max((len(v) for v in points.values()), default=0)
     sys.stdout.write(f"Medians over {reps} repetition(s) per point.\n\n")
-    for scenario in ("1", "2"):
-        scenario_table(points, scenario, sys.stdout)
+    for role in ("leader", "follower"):
+        for scenario in ("1", "2"):
+            scenario_table(points, scenario, role, sys.stdout)
 
 
 if __name__ == "__main__":
