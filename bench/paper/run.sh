@@ -13,12 +13,12 @@
 #                       member, which the quorum then needs
 #   --rates "0 0.5 1 1.2"   flood rates as fractions of the link rate
 #   --link-mbit 100     every link's rate, both ways (tbf)
-#   --seconds 10        measured seconds per point (the flood lasts exactly this long)
-#   --warmup 3          seconds of writes before the flood starts
+#   --seconds 8         measured seconds per point (the flood lasts exactly this long)
+#   --warmup 2          seconds of writes before the flood starts
 #   --reps 3            repetitions of every point
 #   --flood-size 1400   bytes of each flood datagram; 65495 floods with IP fragments, as the
 #                       paper's hping3 did (the victim must reassemble them)
-#   --bandwidth-seconds 3  after the window, iperf3 measures for this long what is left of the
+#   --bandwidth-seconds 2  after the window, iperf3 measures for this long what is left of the
 #                       victim's link, the flood still on (0: not measured)
 #   --victim leader     the member to flood: the leader (KmMR's first leader, etcd's elected one)
 #                       or a follower
@@ -34,7 +34,7 @@
 # point only. Each point gets fresh namespaces, keys and data, and everything a point created
 # (processes, namespaces, the links and their qdiscs, which die with their namespaces) is removed
 # when the point ends, when the script exits, and when it is interrupted; a run killed outright
-# is cleaned up by the next one. A point costs warmup + seconds + bandwidth-seconds + about 3 s.
+# is cleaned up by the next one. A point costs warmup + seconds + bandwidth-seconds + 5-6 s (start, stop, namespaces).
 #
 # Binaries: KMMR_BIN, KMMR_PUT_BIN and FLOOD_BIN, else `cargo build --release` of them;
 # etcd and bench/etcd-bench are built from their Go modules and cached (bench/lib.sh).
@@ -68,7 +68,7 @@ log() { printf '[paper %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 systems="kmmr etcd" ns_list="5 7" scenarios="1 2" rates="0 0.5 1 1.2" link=100
-seconds=10 warmup=3 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=3
+seconds=8 warmup=2 reps=3 victim=leader out="" smoke=0 flood_size=1400 bw_seconds=2
 while (($#)); do
   [[ $1 == --smoke || $1 == -h || $1 == --help ]] || (($# >= 2)) || die "$1 needs a value (see --help)"
   case $1 in
