@@ -35,13 +35,14 @@ METRICS = {
 
 
 def load(path):
-    points = defaultdict(list)
+    """Points by the flooded member's role, each keyed (scenario, n, system)."""
+    by_role = defaultdict(lambda: defaultdict(list))
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             # Runs before the column existed flooded the leader.
             role = row.get("victim_role") or "leader"
-            points[(role, row["scenario"], int(row["n"]), row["system"])].append(row)
-    return points
+            by_role[role][(row["scenario"], int(row["n"]), row["system"])].append(row)
+    return by_role
 
 
 def series(rows, field, link):
@@ -101,14 +102,12 @@ def main():
     if len(sys.argv) != 3:
         sys.exit("usage: plot.py POINTS_CSV OUT_DIR")
     try:
-        points = load(sys.argv[1])
+        by_role = load(sys.argv[1])
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"plot.py: cannot read {sys.argv[1]}: {e}")
     out_dir = Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    for role in sorted({k[0] for k in points}):
-        # plot() reads points keyed (scenario, n, system).
-        mine = {k[1:]: v for k, v in points.items() if k[0] == role}
+    for role, mine in sorted(by_role.items()):
         for n in sorted({k[1] for k in mine if k[0] == "2"}):
             for name in METRICS:
                 plot(mine, "2", n, name, out_dir, role)

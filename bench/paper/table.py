@@ -19,14 +19,15 @@ SYSTEMS = [("etcd", "KmMC (etcd)"), ("kmmr", "KmMR")]
 
 
 def load(path):
-    points = defaultdict(list)
+    """Points by the flooded member's role, each keyed (scenario, n, rate, system)."""
+    by_role = defaultdict(lambda: defaultdict(list))
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             # Runs before the column existed flooded the leader.
             role = row.get("victim_role") or "leader"
-            key = (row["scenario"], role, int(row["n"]), float(row["rate"]), row["system"])
-            points[key].append(row)
-    return points
+            key = (row["scenario"], int(row["n"]), float(row["rate"]), row["system"])
+            by_role[role][key].append(row)
+    return by_role
 
 
 def median(rows, field):
@@ -47,9 +48,7 @@ def fmt_ms(v):
     return f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
-def scenario_table(all_points, scenario, role, out):
-    # The rest of this function reads points keyed (scenario, n, rate, system).
-    points = {(k[0], k[2], k[3], k[4]): v for k, v in all_points.items() if k[1] == role}
+def scenario_table(points, scenario, role, out):
     ns = sorted({k[1] for k in points if k[0] == scenario})
     rates = sorted({k[2] for k in points if k[0] == scenario})
     if not ns:
@@ -123,14 +122,14 @@ def main():
     if len(sys.argv) != 2:
         sys.exit("usage: table.py POINTS_CSV")
     try:
-        points = load(sys.argv[1])
+        by_role = load(sys.argv[1])
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"table.py: cannot read {sys.argv[1]}: {e}")
-    reps = max((len(v) for v in points.values()), default=0)
+    reps = max((len(v) for points in by_role.values() for v in points.values()), default=0)
     sys.stdout.write(f"Medians over {reps} repetition(s) per point.\n\n")
     for role in ("leader", "follower"):
         for scenario in ("1", "2"):
-            scenario_table(points, scenario, role, sys.stdout)
+            scenario_table(by_role.get(role, {}), scenario, role, sys.stdout)
 
 
 if __name__ == "__main__":
