@@ -38,7 +38,9 @@ trap 'exit 130' INT TERM
 ((secs >= 10 * (changes + 1))) || { echo "give each leader change at least 10 s: SECONDS >= $((10 * (changes + 1)))" >&2; exit 2; }
 
 metric() { # metric NAME REPLICA: the value of an unlabelled metric, empty if unreachable
-    curl -s --max-time 2 "http://127.0.0.1:$((base + 2000 + $2))/metrics" \
+    # A loaded replica may not answer in time: that is an empty value, not the script's end
+    # (set -e with pipefail would otherwise exit on curl's timeout).
+    { curl -s --max-time 2 "http://127.0.0.1:$((base + 2000 + $2))/metrics" || true; } \
         | awk -v m="$1" '$1 == m { print $2 }'
 }
 replica_pid() { # the process of replica i under `local`

@@ -116,6 +116,11 @@ pub struct Pending {
     pub request: SignedRequest,
     pub arrived_us: u64,
     pub forwarded: bool,
+    /// The pool's batch count when the request arrived (or its timers restarted).
+    batches_at_arrival: u64,
+    /// Its client's requests ahead of it then: a leader that serves each client once per round
+    /// owes it one round per request ahead, and one for itself.
+    ahead_in_client: u64,
 }
 
 /// Why the pool refused a request.
@@ -136,6 +141,14 @@ pub struct Pool {
     unforwarded: BTreeSet<(u64, Digest)>,
     /// The client served last in the last batch; the next batch starts after it.
     cursor: Option<ClientId>,
+    /// Batches executed, and when the last one was: under load requests wait long behind a
+    /// leader that is busy serving everyone in turn, and these tell that leader from one that
+    /// stopped or that leaves a request out (see [`Pool::rounds_waited`]).
+    batches: u64,
+    last_batch_us: u64,
+    /// The most clients with a waiting request at once since the timers last restarted: the
+    /// longest round a fair leader can need.
+    clients_high: usize,
 }
 
 impl Pool {
@@ -175,7 +188,9 @@ impl Pool {
         if q.len() >= per_client {
             return Err(PoolRefusal::ClientFull);
         }
+        let ahead_in_client = q.range(..key).count() as u64;
         q.insert(key, digest);
+        self.clients_high = self.clients_high.max(self.by_client.len());
         self.by_arrival.insert((now_us, digest));
         self.unforwarded.insert((now_us, digest));
         self.entries.insert(
@@ -184,6 +199,8 @@ impl Pool {
                 request,
                 arrived_us: now_us,
                 forwarded: false,
+                batches_at_arrival: self.batches,
+                ahead_in_client,
             },
         );
         Ok(())
@@ -286,6 +303,35 @@ impl Pool {
         out
     }
 
+    /// Counts an executed batch (every replica executes the same ones, in the same order).
+    pub fn batch_executed(&mut self, now_us: u64) {
+        self.batches += 1;
+        self.last_batch_us = now_us;
+    }
+
+    /// When the last batch was executed (0 before any).
+    pub fn last_batch_us(&self) -> u64 {
+        self.last_batch_us
+    }
+
+    /// How many full rounds of batches the oldest waiting request has seen go by without it,
+    /// beyond those its own client's earlier requests account for. A leader serves the clients
+    /// with waiting requests one per batch at least, each once per round (`select`), so a round
+    /// is at most one batch per client that waited meanwhile. A leader that has the request
+    /// and serves fairly leaves it out of at most one round (the one it arrived in at the
+    /// leader, which may be later than here); two or more mean it leaves it out.
+    pub fn rounds_waited(&self) -> u64 {
+        let Some((_, d)) = self.by_arrival.first() else {
+            return 0;
+        };
+        let Some(p) = self.entries.get(d) else {
+            return 0;
+        };
+        let round = self.clients_high as u64 + 1;
+        let waited = self.batches.saturating_sub(p.batches_at_arrival);
+        (waited / round).saturating_sub(p.ahead_in_client)
+    }
+
     /// The arrival time of the oldest waiting request.
     pub fn oldest_arrival(&self) -> Option<u64> {
         self.by_arrival.first().map(|(t, _)| *t)
@@ -354,11 +400,18 @@ impl Pool {
     pub fn restart_timers(&mut self, now_us: u64) {
         self.by_arrival.clear();
         self.unforwarded.clear();
-        for (d, p) in self.entries.iter_mut() {
-            p.arrived_us = now_us;
-            p.forwarded = false;
-            self.by_arrival.insert((now_us, *d));
-            self.unforwarded.insert((now_us, *d));
+        self.clients_high = self.by_client.len();
+        for q in self.by_client.values() {
+            for (ahead, d) in q.values().enumerate() {
+                if let Some(p) = self.entries.get_mut(d) {
+                    p.arrived_us = now_us;
+                    p.forwarded = false;
+                    p.batches_at_arrival = self.batches;
+                    p.ahead_in_client = ahead as u64;
+                }
+                self.by_arrival.insert((now_us, *d));
+                self.unforwarded.insert((now_us, *d));
+            }
         }
     }
 }
@@ -441,6 +494,39 @@ mod tests {
         assert_eq!(first.len(), 2);
         let rest = pool.take_unforwarded(100, 1024, 1 << 20);
         assert_eq!(rest.len(), 8, "what did not fit is forwarded next time");
+    }
+
+    #[test]
+    fn a_request_counts_rounds_missed_only_once_each_client_had_its_turn() {
+        let mut pool = Pool::default();
+        // Ten clients waiting: a round is up to eleven batches.
+        for c in 1..=10 {
+            let r = req(c, 1, 0);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        // A second request of the oldest client arrives at once: one round more is its due.
+        let second = req(1, 2, 0);
+        pool.insert(second.clone(), second.digest(), 0, 10, 100)
+            .unwrap();
+        for _ in 0..10 {
+            pool.batch_executed(1);
+        }
+        assert_eq!(pool.rounds_waited(), 0, "a fair leader may need these ten");
+        for _ in 0..12 {
+            pool.batch_executed(2);
+        }
+        assert_eq!(pool.rounds_waited(), 2, "22 batches are two rounds of 11");
+        assert_eq!(pool.last_batch_us(), 2);
+        // The new leader's clock starts over, and the client's second request is owed a round
+        // more than its first.
+        pool.restart_timers(3);
+        assert_eq!(pool.rounds_waited(), 0);
+        let first = pool.by_arrival.first().map(|(_, d)| *d).unwrap();
+        let oldest_is_second = first == second.digest();
+        for _ in 0..22 {
+            pool.batch_executed(4);
+        }
+        assert_eq!(pool.rounds_waited(), if oldest_is_second { 1 } else { 2 });
     }
 
     #[test]

@@ -46,6 +46,10 @@ use crate::wire::messages::{
 const MAX_FUTURE_EPOCH_MESSAGES: usize = 256;
 /// Requests carried in one STOP or FORWARD.
 const MAX_CARRIED: usize = 1024;
+/// Under load a request can wait longer than the request timeout behind a leader that serves
+/// every client in turn; however the leader serves, a request that waits this many times the
+/// timeout still gets it suspected.
+const OVERLOAD_PATIENCE: u64 = 30;
 /// Per-regency latency estimates kept for the slow-leader baseline.
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
@@ -484,12 +488,12 @@ impl Replica {
             at(due);
         }
         if let Some(t) = self.pool.oldest_unforwarded() {
-            at(t.saturating_add(self.timeout_us));
+            at(self.request_due(t, 1));
         }
         if let Some(oldest) = self.pool.oldest_arrival() {
             // A replica outside its view (removed, or still joining) suspects nobody.
             if !self.lc.stop_active && self.participating() {
-                at(oldest.saturating_add(2 * self.timeout_us));
+                at(self.request_due(oldest, 2));
                 if !self.synchronizing && !self.host_busy {
                     if let Some(slow) = self.slow_threshold_us() {
                         at(oldest
@@ -505,10 +509,10 @@ impl Replica {
                 at(t);
             }
         }
-        let waiting = self
-            .pool
-            .oldest_arrival()
-            .map(|t| t.saturating_add(self.timeout_us));
+        let waiting = self.pool.oldest_arrival().map(|t| {
+            t.saturating_add(self.timeout_us)
+                .max(self.idle_since().saturating_add(self.timeout_us))
+        });
         if self.lc.pending_sync.is_some()
             || !self.catchup.decided_ahead.is_empty()
             || waiting.is_some()
@@ -546,6 +550,28 @@ impl Replica {
         self.catchup
             .last_catchup_us
             .is_none_or(|t| now >= t.saturating_add(self.catchup_interval_us()))
+    }
+
+    /// Since when nothing was executed in this regency.
+    fn idle_since(&self) -> u64 {
+        self.pool.last_batch_us().max(self.regency_started_us)
+    }
+
+    /// When a request that arrived at `arrived_us` is due for stage one of its timer
+    /// (forwarding) or stage two (suspecting the leader). A leader that executes nothing for a
+    /// timeout, or that lets rounds of other clients' requests go by without the oldest one
+    /// (`Pool::rounds_waited`), is due after `stage` timeouts as in BFT-SMaRt. One that keeps
+    /// serving every client in turn is not, when the queue alone makes requests wait that long
+    /// (many clients of large values: replacing it would only start the queue again under the
+    /// next leader), until `OVERLOAD_PATIENCE` times as long.
+    fn request_due(&self, arrived_us: u64, stage: u64) -> u64 {
+        let due = arrived_us.saturating_add(stage * self.timeout_us);
+        if self.pool.rounds_waited() >= stage {
+            return due;
+        }
+        let stalled = self.idle_since().saturating_add(self.timeout_us);
+        let patience = arrived_us.saturating_add(stage * OVERLOAD_PATIENCE * self.timeout_us);
+        due.max(stalled.min(patience))
     }
 
     pub(super) fn catchup_interval_us(&self) -> u64 {
@@ -595,7 +621,11 @@ impl Replica {
         // Request timer, stage one: forward what waited a full timeout to the leader, and
         // repeat this replica's votes in case they were lost.
         let cutoff = now.saturating_sub(self.timeout_us);
-        if self.pool.oldest_unforwarded().is_some_and(|t| t <= cutoff) {
+        if self
+            .pool
+            .oldest_unforwarded()
+            .is_some_and(|t| now >= self.request_due(t, 1))
+        {
             let fwd = self
                 .pool
                 .take_unforwarded(cutoff, MAX_CARRIED, limits::MAX_CARRIED_BYTES);
@@ -608,14 +638,17 @@ impl Replica {
         // A request waiting a full timeout may mean this replica missed decisions while the
         // others went quiet: nothing else would tell it. Ask, and keep asking while it waits,
         // since the question itself can be lost (seeds 418 n=7 and 15452 n=4 found this).
-        if self.pool.oldest_arrival().is_some_and(|t| t <= cutoff) && self.catchup_due(now) {
+        if self.pool.oldest_arrival().is_some_and(|t| t <= cutoff)
+            && now >= self.idle_since().saturating_add(self.timeout_us)
+            && self.catchup_due(now)
+        {
             self.request_decisions(now, None);
         }
         // Stage two: the leader is faulty, or merely slow compared with recent leaders.
         if let Some(oldest) = self.pool.oldest_arrival() {
             let age = now.saturating_sub(oldest);
             if !self.lc.stop_active {
-                if age >= 2 * self.timeout_us {
+                if now >= self.request_due(oldest, 2) {
                     self.suspect(now, self.regency.next(), Suspicion::RequestTimeout);
                 } else if !self.synchronizing
                     && now >= self.regency_started_us + self.slow_grace_us()

@@ -371,6 +371,7 @@ impl Replica {
                 },
             });
         }
+        self.pool.batch_executed(self.clock_us);
     }
 
     // ----- reconfiguration -------------------------------------------------------------------
