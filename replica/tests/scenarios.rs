@@ -191,6 +191,53 @@ fn slow_leader_is_rotated_before_the_request_timeout() {
     );
 }
 
+/// A leader that keeps deciding other clients' requests but never one client's is replaced once
+/// rounds of batches go by without that client, although it is never idle: the timer that
+/// spares a leader busy with a long queue (issue 15) does not spare one that leaves a client
+/// out. Here the leader is correct but never gets client 0's requests (neither from the client
+/// nor forwarded), which is what a censoring leader looks like from the followers.
+#[test]
+fn a_leader_that_keeps_deciding_but_leaves_a_client_out_is_replaced() {
+    let mut cfg = SimConfig::calm(11, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 4;
+    // Enough that the other clients keep the leader deciding long past client 0's timeouts.
+    cfg.ops_per_client = 300;
+    cfg.core.slow_leader = None;
+    let forever = u64::MAX;
+    cfg.drops = vec![
+        DropRule {
+            from: Some(0),
+            to: Some(0),
+            kind: "client_request",
+            from_us: 0,
+            until_us: forever,
+        },
+        DropRule {
+            from: None,
+            to: Some(0),
+            kind: "forward",
+            from_us: 0,
+            until_us: forever,
+        },
+    ];
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert_eq!(r.ops_completed, r.ops_total);
+    let timeout = cfg.core.request_timeout_us;
+    let first = r
+        .suspicions
+        .iter()
+        .find(|s| s.1 != 0 && s.3 == "request_timeout")
+        .unwrap_or_else(|| panic!("no replica suspected the leader: {r:?}"));
+    assert!(
+        first.0 < 10 * timeout,
+        "suspected at {} ms, long after the 2 timeouts of {} ms",
+        first.0 / MS,
+        timeout / MS
+    );
+}
+
 /// Followers whose own hosts are short of CPU cannot tell a slow leader from their own
 /// slowness, so they do not judge it (issue 15: leaders rotated every few seconds on a machine
 /// at load 10-30). With one follower busy, the other two are still f+1 and rotate the slow

@@ -60,7 +60,7 @@ impl Crash {
 /// Scripted loss: drops replica-to-replica messages of one kind (`ReplicaMessage::kind`, or
 /// "any") between the given nodes (`None` = any node) during a window. Kind "request" with no
 /// `from` drops clients' requests to `to` instead (a replica its clients have not reconnected
-/// to yet).
+/// to yet); kind "client_request" drops those of client `from` alone.
 #[derive(Debug, Clone)]
 pub struct DropRule {
     pub from: Option<usize>,

@@ -80,8 +80,8 @@ impl World<'_> {
                 return;
             }
         }
-        if let (Endpoint::Client(_), Endpoint::Node(b)) = (from, to) {
-            if self.client_request_dropped(b) {
+        if let (Endpoint::Client(c), Endpoint::Node(b)) = (from, to) {
+            if self.client_request_dropped(c, b) {
                 return;
             }
         }
@@ -112,12 +112,13 @@ impl World<'_> {
         }
     }
 
-    /// Whether a "request" drop rule cuts clients off from node `to` now.
-    fn client_request_dropped(&self, to: usize) -> bool {
+    /// Whether a "request" drop rule cuts clients off from node `to` now, or a
+    /// "client_request" rule client `client` alone.
+    fn client_request_dropped(&self, client: usize, to: usize) -> bool {
         let now = self.now;
         self.cfg.drops.iter().any(|r| {
-            r.kind == "request"
-                && r.from.is_none()
+            ((r.kind == "request" && r.from.is_none())
+                || (r.kind == "client_request" && r.from == Some(client)))
                 && r.to.is_none_or(|t| t == to)
                 && now >= r.from_us
                 && now < r.until_us
