@@ -52,6 +52,7 @@ pub struct Metrics {
     pub view_id: Gauge,
     pub last_decided: Gauge,
     pub pending_requests: Gauge,
+    pub pending_bytes: Gauge,
     pub rejected: Family<ReasonLabel, Counter>,
     pub bytes: Family<DirectionLabel, Counter<u64, AtomicU64>>,
     pub frames: Family<DirectionLabel, Counter<u64, AtomicU64>>,
@@ -91,6 +92,7 @@ impl Default for Metrics {
         let view_id = Gauge::default();
         let last_decided = Gauge::default();
         let pending_requests = Gauge::default();
+        let pending_bytes = Gauge::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         let bytes = Family::<DirectionLabel, Counter<u64, AtomicU64>>::default();
         let frames = Family::<DirectionLabel, Counter<u64, AtomicU64>>::default();
@@ -127,6 +129,11 @@ impl Default for Metrics {
             "pending_requests",
             "Requests waiting to be ordered",
             pending_requests.clone(),
+        );
+        registry.register(
+            "pending_bytes",
+            "Payload bytes of the requests waiting to be ordered (new ones are refused as pool_full past the bound, 512 MiB)",
+            pending_bytes.clone(),
         );
         registry.register(
             "rejected",
@@ -220,6 +227,7 @@ impl Default for Metrics {
             view_id,
             last_decided,
             pending_requests,
+            pending_bytes,
             rejected,
             bytes,
             frames,

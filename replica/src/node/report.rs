@@ -42,6 +42,9 @@ impl NodeLoop {
         self.metrics
             .pending_requests
             .set(self.core.pending_requests() as i64);
+        self.metrics
+            .pending_bytes
+            .set(self.core.pending_bytes() as i64);
         self.host_busy();
         self.metrics.heartbeat_us.store(now_us(), Relaxed);
     }

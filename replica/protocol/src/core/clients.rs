@@ -149,9 +149,25 @@ pub struct Pool {
     /// The most clients with a waiting request at once since the timers last restarted: the
     /// longest round a fair leader can need.
     clients_high: usize,
+    /// Payload bytes waiting, and the most allowed (None: no bound): the count bounds alone
+    /// would let clients park 100,000 requests of the largest value in memory.
+    bytes: usize,
+    max_bytes: Option<usize>,
 }
 
 impl Pool {
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        Pool {
+            max_bytes: Some(max_bytes),
+            ..Pool::default()
+        }
+    }
+
+    /// Payload bytes of the waiting requests.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -175,7 +191,12 @@ impl Pool {
         if self.entries.contains_key(&digest) {
             return Err(PoolRefusal::Duplicate);
         }
-        if self.entries.len() >= total {
+        let size = request.request.payload.len();
+        if self.entries.len() >= total
+            || self
+                .max_bytes
+                .is_some_and(|m| !self.entries.is_empty() && self.bytes.saturating_add(size) > m)
+        {
             return Err(PoolRefusal::PoolFull);
         }
         let r = &request.request;
@@ -190,6 +211,7 @@ impl Pool {
         }
         let ahead_in_client = q.range(..key).count() as u64;
         q.insert(key, digest);
+        self.bytes = self.bytes.saturating_add(size);
         self.clients_high = self.clients_high.max(self.by_client.len());
         self.by_arrival.insert((now_us, digest));
         self.unforwarded.insert((now_us, digest));
@@ -209,6 +231,7 @@ impl Pool {
     /// Removes an executed (or invalidated) request.
     pub fn remove(&mut self, digest: &Digest) -> Option<Pending> {
         let p = self.entries.remove(digest)?;
+        self.bytes = self.bytes.saturating_sub(p.request.request.payload.len());
         self.by_arrival.remove(&(p.arrived_us, *digest));
         self.unforwarded.remove(&(p.arrived_us, *digest));
         let r = &p.request.request;
@@ -616,6 +639,30 @@ mod tests {
             pool.insert(d.clone(), d.digest(), 0, 1, 2),
             Err(PoolRefusal::PoolFull)
         );
+    }
+
+    #[test]
+    fn the_pool_refuses_what_would_take_it_past_its_bytes_but_always_holds_one() {
+        let mut pool = Pool::with_max_bytes(2500);
+        let big = req(1, 1, 4000);
+        pool.insert(big.clone(), big.digest(), 0, 10, 100).unwrap();
+        let small = req(2, 1, 10);
+        assert_eq!(
+            pool.insert(small.clone(), small.digest(), 0, 10, 100),
+            Err(PoolRefusal::PoolFull)
+        );
+        pool.remove(&big.digest());
+        assert_eq!(pool.bytes(), 0);
+        for c in 2..=3 {
+            let r = req(c, 1, 1000);
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let third = req(4, 1, 1000);
+        assert_eq!(
+            pool.insert(third.clone(), third.digest(), 0, 10, 100),
+            Err(PoolRefusal::PoolFull)
+        );
+        assert_eq!(pool.bytes(), 2000);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Config {
     pub max_batch_bytes: usize,
     pub max_pending_per_client: usize,
     pub max_pending_total: usize,
+    /// Payload bytes of requests waiting to be ordered: past it new ones are refused
+    /// (`pool_full`) until some execute.
+    pub max_pending_bytes: usize,
     /// Consensus messages are buffered for at most this many instances ahead.
     pub future_window: u64,
     /// Messages buffered per future instance.
@@ -63,6 +66,7 @@ impl Default for Config {
             max_batch_bytes: 4 * 1024 * 1024,
             max_pending_per_client: 256,
             max_pending_total: 100_000,
+            max_pending_bytes: 512 * 1024 * 1024,
             future_window: 64,
             max_buffered_per_instance: 256,
             log_retention: 100_000,

@@ -194,6 +194,7 @@ impl Replica {
         service: Box<dyn Service>,
     ) -> Self {
         let timeout_us = config.request_timeout_us;
+        let max_pending_bytes = config.max_pending_bytes;
         let joining = view.id > ViewId(0);
         let transfer = Transfer::new(
             config.chunk_bytes,
@@ -211,7 +212,7 @@ impl Replica {
             service,
             sessions: Sessions::default(),
             recent_replies: RecentReplies::new(RECENT_REPLIES, RECENT_REPLY_BYTES),
-            pool: Pool::default(),
+            pool: Pool::with_max_bytes(max_pending_bytes),
             last_decided: None,
             last_timestamp_ms: 0,
             log: BTreeMap::new(),
@@ -370,6 +371,11 @@ impl Replica {
 
     pub fn pending_requests(&self) -> usize {
         self.pool.len()
+    }
+
+    /// Payload bytes of the requests waiting to be ordered.
+    pub fn pending_bytes(&self) -> usize {
+        self.pool.bytes()
     }
 
     pub fn stats(&self) -> &Stats {
