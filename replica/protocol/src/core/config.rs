@@ -43,6 +43,11 @@ pub struct Config {
     /// A checkpoint is taken after every CID c with (c+1) % checkpoint_period == 0, and after
     /// every view change; the log is trimmed to what follows the older of the two kept.
     pub checkpoint_period: u64,
+    /// A checkpoint is also taken after the CID at which the payload bytes decided since the
+    /// last one reach this: decisions are held in memory from the older kept checkpoint on, and
+    /// 1,024 batches of 4 MiB would be 4 GiB of them. Deterministic like the period (every
+    /// correct replica decides the same batches).
+    pub checkpoint_bytes: u64,
     /// Bytes asked for per state-transfer chunk, and chunks in flight.
     pub chunk_bytes: usize,
     pub transfer_window: usize,
@@ -79,6 +84,7 @@ impl Default for Config {
                 grace_us: 1_000_000,
             }),
             checkpoint_period: 1024,
+            checkpoint_bytes: 256 * 1024 * 1024,
             chunk_bytes: 1024 * 1024,
             transfer_window: 4,
             transfer_stall_us: 2_000_000,

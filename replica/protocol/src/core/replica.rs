@@ -160,6 +160,9 @@ pub struct Replica {
     /// A restarted replica proposes only in regencies after this one (see `FromDisk::ran_before`).
     lead_after: Option<Regency>,
 
+    /// Payload bytes decided since the last checkpoint (see `Config::checkpoint_bytes`).
+    bytes_since_checkpoint: u64,
+
     regency: Regency,
     synchronizing: bool,
     lc: leader_change::LeaderChange,
@@ -230,6 +233,7 @@ impl Replica {
             promised: None,
             restored: None,
             lead_after: None,
+            bytes_since_checkpoint: 0,
             regency: Regency(0),
             synchronizing: false,
             lc: leader_change::LeaderChange::default(),

@@ -18,6 +18,7 @@ impl Replica {
             &*self.service,
         );
         let cp = Checkpoint::new(cid, &self.view, bytes);
+        self.bytes_since_checkpoint = 0;
         self.events.push(Event::CheckpointTaken {
             cid,
             digest: cp.meta.digest,
@@ -238,6 +239,7 @@ impl Replica {
         };
         let view_changed = st.view != self.view;
         self.sessions = st.sessions;
+        self.bytes_since_checkpoint = 0;
         self.view = st.view;
         self.views.view_since = st.view_since;
         self.views.previous_view = st.previous_view;

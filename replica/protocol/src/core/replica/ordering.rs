@@ -232,6 +232,13 @@ impl Replica {
         );
         let digest = decision.batch.digest();
         self.execute(cid, &decision.batch);
+        let payload: u64 = decision
+            .batch
+            .requests
+            .iter()
+            .map(|r| r.request.payload.len() as u64)
+            .sum();
+        self.bytes_since_checkpoint = self.bytes_since_checkpoint.saturating_add(payload);
         self.events.push(Event::Decided {
             cid,
             digest,
@@ -274,7 +281,10 @@ impl Replica {
             None => false,
         };
         // After a view change too, so that a joiner finds a checkpoint of the view naming it.
-        if reconfigured || (cid.0 + 1) % self.config.checkpoint_period.max(1) == 0 {
+        if reconfigured
+            || (cid.0 + 1) % self.config.checkpoint_period.max(1) == 0
+            || self.bytes_since_checkpoint >= self.config.checkpoint_bytes.max(1)
+        {
             self.take_checkpoint(cid);
         }
         self.drop_overtaken_transfer();
