@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and property tests, the
 # deterministic simulator (4,000 seeds with Byzantine replicas), the scripted protocol
-# scenarios, a short run of the paper experiments' DDoS harness (needs root: network namespaces),
+# scenarios, backups to S3 against moto's S3 server on loopback, a short run of the paper experiments' DDoS harness (needs root: network namespaces),
 # k8s.io/apiserver's storage tests against the etcd gateway, and the end-to-end tests
 # against a real Kubernetes test bed built from source.
 #
@@ -32,6 +32,11 @@ if [[ "${KMMR_SKIP_TESTBED:-}" != 1 ]]; then
   # Everything the test bed needs, in one run so that its binaries share one Go build cache.
   e2e/testbed/build.sh all
 fi
+# The S3 backup tests (replica/tests/s3.rs) run against moto's S3 server on loopback: installed
+# from PyPI once into a virtualenv cached by version outside the repository.
+stamp "installing moto's S3 server for the S3 backup tests (cached by version)"
+KMMR_MOTO_SERVER="$(replica/scripts/install-moto.sh)"
+export KMMR_MOTO_SERVER
 stamp "unit, property, simulator and scenario tests"
 cargo test --workspace
 # k8s.io/apiserver's own storage tests (etcd3 store, cacher) against fresh gateways over fresh

@@ -1,7 +1,8 @@
 //! Backups and restores of a cluster's key-value state: `spec.backup` (where the operator's
-//! backup Jobs write, on a schedule or on request), `spec.restoreFrom` (a new cluster whose
-//! replicas start from a backup file), `status.backup`, and the checks the schema cannot make
-//! (a cron schedule's fields) in Rust, for the operator to report.
+//! backup Jobs write, a PersistentVolumeClaim or an S3 bucket, on a schedule or on request),
+//! `spec.restoreFrom` (a new cluster whose replicas start from a backup file or object),
+//! `status.backup`, and the checks the schema cannot make (a cron schedule's fields) in Rust,
+//! for the operator to report.
 
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
@@ -12,20 +13,36 @@ pub(crate) const MSG_RESTORE_IMMUTABLE: &str =
     "spec.restoreFrom can only be set when the BftCluster is created, and not changed: the replicas' state starts from it once; create a new BftCluster to restore another backup";
 pub(crate) const MSG_RESTORE_FILE: &str =
     "spec.restoreFrom.file must be a path relative to the claim's root, without '..' (as status.backup.lastBackup.file shows it, for example demo/kmmr-20260101T000000Z-rev42.kmmr)";
+pub(crate) const MSG_BACKUP_ONE_PLACE: &str =
+    "spec.backup needs exactly one place for backups: claimName (a PersistentVolumeClaim) or s3 (a bucket of S3-compatible object storage), not both";
+pub(crate) const MSG_RESTORE_ONE_SOURCE: &str =
+    "spec.restoreFrom needs exactly one backup: claimName with file (a file on a PersistentVolumeClaim) or s3 with bucket and key (an object), not both";
+pub(crate) const MSG_S3_ENDPOINT: &str =
+    "s3.endpoint must be a URL of the form http(s)://host[:port], without a path (buckets are addressed by path, as MinIO, Ceph and other S3-compatible stores expect)";
+pub(crate) const MSG_S3_BUCKET: &str =
+    "s3.bucket must be an S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'";
+pub(crate) const MSG_S3_CA: &str = "s3.ca needs exactly one of secretName or configMapName";
 
 /// The most backups one cluster keeps on its claim.
 pub const MAX_KEEP: i32 = 1000;
 
-/// Backups of the key-value state into a PersistentVolumeClaim.
+/// Backups of the key-value state into a PersistentVolumeClaim or an S3 bucket.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.claimName) != has(self.s3)").message(MSG_BACKUP_ONE_PLACE))]
 pub struct BackupSpec {
     /// PersistentVolumeClaim, in the cluster's namespace, that backup Jobs write to, under a
     /// directory named after the cluster: <claim>/<cluster>/kmmr-<UTC time>-rev<revision>.kmmr.
     /// Created by you (the operator never deletes it), so backups outlive the cluster. Jobs
-    /// run as uid/gid 65532 and must be able to write to it.
+    /// run as uid/gid 65532 and must be able to write to it. Exactly one of claimName and s3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub claim_name: String,
+    pub claim_name: Option<String>,
+
+    /// An S3 bucket (AWS S3 or S3-compatible: MinIO, Ceph, ...) that backup Jobs upload to, as
+    /// <prefix><cluster>/kmmr-<UTC time>-rev<revision>.kmmr. Exactly one of claimName and s3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3BackupSpec>,
 
     /// Cron schedule of backups in the controller manager's time zone (a CronJob named
     /// <cluster>-backup), such as "0 */6 * * *" or "@daily". Unset: backups only on request,
@@ -35,8 +52,9 @@ pub struct BackupSpec {
     #[x_kube(validation = Rule::new("self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')").message(MSG_SCHEDULE))]
     pub schedule: Option<String>,
 
-    /// How many backup files to keep on the claim for this cluster, 1 to 1000 (default 7):
-    /// each backup Job deletes the oldest beyond this after writing its own.
+    /// How many backups to keep for this cluster, 1 to 1000 (default 7): each backup Job
+    /// deletes the oldest beyond this (files on the claim, objects under the S3 prefix) after
+    /// writing its own.
     #[serde(default = "default_keep")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep: i32,
@@ -46,26 +64,159 @@ pub struct BackupSpec {
     pub suspend: bool,
 }
 
+/// Where backups go in S3.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3BackupSpec {
+    /// The bucket. It must exist: backups never create one.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')").message(MSG_S3_BUCKET))]
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+
+    /// Prepended to every key, for example "kmmr/" (default: none): objects are
+    /// <prefix><cluster>/kmmr-<UTC time>-rev<revision>.kmmr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub prefix: Option<String>,
+
+    /// The S3 API's URL, http(s)://host[:port], for example http://minio.storage:9000. Unset:
+    /// AWS S3 of the region. Buckets are addressed by path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+/?$')").message(MSG_S3_ENDPOINT))]
+    #[schemars(length(min = 8, max = 512))]
+    pub endpoint: Option<String>,
+
+    /// The region requests are signed for (default us-east-1; MinIO accepts us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+
+    /// A Secret, in the cluster's namespace, with the keys AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), given to the
+    /// backup Jobs (or the restoring replicas) as environment variables.
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: String,
+
+    /// A CA certificate (PEM) to trust for an https endpoint besides the system's roots, for
+    /// a self-hosted S3 with its own CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<S3CaSpec>,
+}
+
+/// How to reach S3 and as whom: the fields spec.backup.s3 and spec.restoreFrom.s3 share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Connection {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials_secret: String,
+    pub ca: Option<S3CaSpec>,
+}
+
+/// A PEM file in a Secret or a ConfigMap of the cluster's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretName) != has(self.configMapName)").message(MSG_S3_CA))]
+pub struct S3CaSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map_name: Option<String>,
+    /// The key holding the PEM certificates (default ca.crt).
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+macro_rules! connection {
+    ($t:ty) => {
+        impl $t {
+            /// Endpoint, region, credentials and CA.
+            pub fn connection(&self) -> S3Connection {
+                S3Connection {
+                    endpoint: self.endpoint.clone(),
+                    region: self.region.clone(),
+                    credentials_secret: self.credentials_secret.clone(),
+                    ca: self.ca.clone(),
+                }
+            }
+        }
+    };
+}
+connection!(S3BackupSpec);
+connection!(S3RestoreSpec);
+
+fn default_ca_key() -> String {
+    "ca.crt".to_string()
+}
+
+/// A backup object in S3 that a new cluster starts from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3RestoreSpec {
+    /// The bucket.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')").message(MSG_S3_BUCKET))]
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+
+    /// The object's key, as status.backup.lastBackup.file of the cluster that wrote it shows
+    /// it, for example demo/kmmr-20260101T000000Z-rev42.kmmr.
+    #[schemars(length(min = 1, max = 1024))]
+    pub key: String,
+
+    /// The S3 API's URL, http(s)://host[:port], for example http://minio.storage:9000. Unset:
+    /// AWS S3 of the region. Buckets are addressed by path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#@]+/?$')").message(MSG_S3_ENDPOINT))]
+    #[schemars(length(min = 8, max = 512))]
+    pub endpoint: Option<String>,
+
+    /// The region requests are signed for (default us-east-1; MinIO accepts us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+
+    /// A Secret, in the cluster's namespace, with the keys AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), given to the
+    /// backup Jobs (or the restoring replicas) as environment variables.
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: String,
+
+    /// A CA certificate (PEM) to trust for an https endpoint besides the system's roots, for
+    /// a self-hosted S3 with its own CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<S3CaSpec>,
+}
+
 fn default_keep() -> i32 {
     7
 }
 
-/// A backup file a new cluster starts from.
+/// A backup a new cluster starts from: a file on a claim, or an object in S3.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.claimName) ? (has(self.file) && !has(self.s3)) : (has(self.s3) && !has(self.file))").message(MSG_RESTORE_ONE_SOURCE))]
 pub struct RestoreSpec {
     /// PersistentVolumeClaim, in the cluster's namespace, holding the backup. Every replica's
     /// pod mounts it read-only at start-up, so on more than one node it must allow that
     /// (ReadOnlyMany or ReadWriteMany). It must stay while the cluster exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub claim_name: String,
+    pub claim_name: Option<String>,
 
     /// Path of the backup file inside the claim, as status.backup.lastBackup.file of the
     /// cluster that wrote it shows it. Each replica verifies it (checksum and state digest)
     /// before starting from it; a damaged file is refused and the cluster does not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message(MSG_RESTORE_FILE))]
     #[schemars(length(min = 1, max = 1024))]
-    pub file: String,
+    pub file: Option<String>,
+
+    /// An S3 object holding the backup, verified by each replica as a file is. The replicas
+    /// download it once, at their first start; later starts use their verified copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3RestoreSpec>,
 }
 
 /// Backups as observed from the backup Jobs.
@@ -83,15 +234,20 @@ pub struct BackupStatus {
     pub last_request: Option<String>,
 }
 
-/// One backup file.
+/// One backup file or object.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupRecord {
     /// When its Job finished, RFC 3339.
     pub time: String,
-    /// The claim it is on.
-    pub claim_name: String,
-    /// Its path inside the claim: spec.restoreFrom.file of a cluster restored from it.
+    /// The claim it is on (backups to a claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// The bucket it is in (backups to S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// Its path inside the claim (spec.restoreFrom.file of a cluster restored from it), or its
+    /// key in the bucket (spec.restoreFrom.s3.key).
     pub file: String,
     /// The store's revision it holds.
     pub revision: i64,
@@ -122,6 +278,9 @@ impl BackupSpec {
             check_schedule(s)
                 .map_err(|why| format!("spec.backup.schedule {s:?}: {why}; {MSG_SCHEDULE}"))?;
         }
+        if self.claim_name.is_some() == self.s3.is_some() {
+            return Err(MSG_BACKUP_ONE_PLACE.to_string());
+        }
         if !(1..=MAX_KEEP).contains(&self.keep) {
             return Err(format!(
                 "spec.backup.keep = {}: keep between 1 and {MAX_KEEP} backups",
@@ -133,15 +292,20 @@ impl BackupSpec {
 }
 
 impl RestoreSpec {
-    /// The schema's rule on the file, in Rust.
+    /// The schema's rules on the source, in Rust.
     pub fn validate(&self) -> Result<(), String> {
-        if self.file.is_empty() || self.file.starts_with('/') || self.file.contains("..") {
-            return Err(format!(
-                "spec.restoreFrom.file {:?}: {MSG_RESTORE_FILE}",
-                self.file
-            ));
+        match (&self.claim_name, &self.file, &self.s3) {
+            (Some(_), Some(file), None) => {
+                if file.is_empty() || file.starts_with('/') || file.contains("..") {
+                    return Err(format!(
+                        "spec.restoreFrom.file {file:?}: {MSG_RESTORE_FILE}"
+                    ));
+                }
+                Ok(())
+            }
+            (None, None, Some(_)) => Ok(()),
+            _ => Err(MSG_RESTORE_ONE_SOURCE.to_string()),
         }
-        Ok(())
     }
 }
 
@@ -275,7 +439,8 @@ mod tests {
             assert!(err.contains(says), "{s}: {err}");
         }
         let spec = BackupSpec {
-            claim_name: "b".into(),
+            claim_name: Some("b".into()),
+            s3: None,
             schedule: Some("61 * * * *".into()),
             keep: 7,
             suspend: false,
@@ -290,8 +455,9 @@ mod tests {
     #[test]
     fn restore_files_must_stay_inside_the_claim() {
         let r = |file: &str| RestoreSpec {
-            claim_name: "b".into(),
-            file: file.into(),
+            claim_name: Some("b".into()),
+            file: Some(file.into()),
+            s3: None,
         };
         assert_eq!(r("demo/kmmr-1-rev2.kmmr").validate(), Ok(()));
         for bad in ["/etc/passwd", "../x", "a/../../x", ""] {
@@ -299,6 +465,53 @@ mod tests {
                 r(bad).validate().unwrap_err().contains(MSG_RESTORE_FILE),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn backups_go_to_exactly_one_place_and_restores_come_from_one() {
+        let s3 = S3BackupSpec {
+            bucket: "kmmr-backups".into(),
+            prefix: None,
+            endpoint: None,
+            region: None,
+            credentials_secret: "s3-creds".into(),
+            ca: None,
+        };
+        let spec = |claim: Option<&str>, s3: Option<S3BackupSpec>| BackupSpec {
+            claim_name: claim.map(str::to_string),
+            s3,
+            schedule: None,
+            keep: 7,
+            suspend: false,
+        };
+        assert_eq!(spec(None, Some(s3.clone())).validate(), Ok(()));
+        assert_eq!(spec(Some("b"), None).validate(), Ok(()));
+        for bad in [spec(None, None), spec(Some("b"), Some(s3))] {
+            assert_eq!(bad.validate(), Err(MSG_BACKUP_ONE_PLACE.to_string()));
+        }
+        let object = S3RestoreSpec {
+            bucket: "kmmr-backups".into(),
+            key: "demo/kmmr-1-rev2.kmmr".into(),
+            endpoint: None,
+            region: None,
+            credentials_secret: "s3-creds".into(),
+            ca: None,
+        };
+        let restore =
+            |claim: Option<&str>, file: Option<&str>, s3: Option<S3RestoreSpec>| RestoreSpec {
+                claim_name: claim.map(str::to_string),
+                file: file.map(str::to_string),
+                s3,
+            };
+        assert_eq!(restore(None, None, Some(object.clone())).validate(), Ok(()));
+        for bad in [
+            restore(None, None, None),
+            restore(Some("b"), None, None),
+            restore(Some("b"), Some("f"), Some(object.clone())),
+            restore(None, Some("f"), Some(object)),
+        ] {
+            assert_eq!(bad.validate(), Err(MSG_RESTORE_ONE_SOURCE.to_string()));
         }
     }
 }

@@ -14,7 +14,8 @@ mod spec;
 mod status;
 
 pub use backup::{
-    check_schedule, BackupFailure, BackupRecord, BackupSpec, BackupStatus, RestoreSpec, MAX_KEEP,
+    check_schedule, BackupFailure, BackupRecord, BackupSpec, BackupStatus, RestoreSpec,
+    S3BackupSpec, S3CaSpec, S3Connection, S3RestoreSpec, MAX_KEEP,
 };
 pub use quorum::{default_f, max_f, quorum_size, QuorumError};
 pub use spec::{

@@ -166,6 +166,53 @@ async fn apiserver_rejects_invalid_bftclusters_with_the_cel_messages() {
         msg.contains("spec.restoreFrom.file must be a path relative to the claim's root"),
         "{msg}"
     );
+    let s3 = json!({ "bucket": "kmmr-backups", "credentialsSecret": "s3-creds" });
+    for (name, backup, says) in [
+        (
+            "crd-test-two-places",
+            json!({ "claimName": "b", "s3": s3 }),
+            "spec.backup needs exactly one place for backups",
+        ),
+        (
+            "crd-test-no-place",
+            json!({ "keep": 3 }),
+            "spec.backup needs exactly one place for backups",
+        ),
+        (
+            "crd-test-bucket",
+            json!({ "s3": { "bucket": "Not_A_Bucket", "credentialsSecret": "s" } }),
+            "s3.bucket must be an S3 bucket name",
+        ),
+        (
+            "crd-test-endpoint",
+            json!({ "s3": { "bucket": "kmmr-backups", "credentialsSecret": "s", "endpoint": "minio:9000/x" } }),
+            "s3.endpoint must be a URL",
+        ),
+    ] {
+        let msg = invalid(
+            &api,
+            name,
+            cluster(
+                name,
+                json!({ "replicas": 4, "image": image, "backup": backup }),
+            ),
+        )
+        .await;
+        assert!(msg.contains(says), "{name}: {msg}");
+    }
+    let msg = invalid(
+        &api,
+        "crd-test-restore-two",
+        cluster(
+            "crd-test-restore-two",
+            json!({ "replicas": 4, "image": image, "restoreFrom": { "claimName": "b", "file": "x.kmmr", "s3": { "bucket": "kmmr-backups", "key": "x.kmmr", "credentialsSecret": "s" } } }),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("spec.restoreFrom needs exactly one backup"),
+        "{msg}"
+    );
 
     let long = "a".repeat(41);
     let msg = invalid(

@@ -257,6 +257,15 @@ fn backup_schedules_and_restore_sources_are_checked_at_admission() {
         .iter()
         .any(|(rule, msg)| rule.contains("oldSelf.restoreFrom")
             && msg.starts_with("spec.restoreFrom can only be set")));
+    // One place for backups, one source for a restore.
+    assert!(rules_at(&schema, "/properties/spec/properties/backup")
+        .iter()
+        .any(|(rule, msg)| *rule == "has(self.claimName) != has(self.s3)"
+            && msg.starts_with("spec.backup needs exactly one place")));
+    assert!(rules_at(&schema, "/properties/spec/properties/restoreFrom")
+        .iter()
+        .any(|(rule, msg)| rule.contains("has(self.s3)")
+            && msg.starts_with("spec.restoreFrom needs exactly one backup")));
     let keep = schema
         .pointer("/properties/spec/properties/backup/properties/keep")
         .expect("keep");

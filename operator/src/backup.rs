@@ -13,13 +13,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    PodTemplateSpec, SecretVolumeSource, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, PodTemplateSpec, SecretKeySelector,
+    SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kmmr_crds::{
     condition_reasons as reason, condition_types as kind, BackupFailure, BackupRecord, BackupSpec,
-    BackupStatus, BftCluster, RestoreSpec,
+    BackupStatus, BftCluster, RestoreSpec, S3BackupSpec, S3Connection,
 };
 
 use crate::names;
@@ -44,6 +45,12 @@ pub const INITIAL_STATE: &str = "/var/lib/kmmr/initial-state.kmmr";
 /// Name of the restore init container and of the backup container.
 pub const RESTORE_CONTAINER: &str = "restore";
 const BACKUP_CONTAINER: &str = "backup";
+/// Where a pod reading or writing S3 finds spec...s3.ca's certificates.
+const S3_CA_DIR: &str = "/etc/kmmr-backup/s3-ca";
+/// The keys of the credentials Secret, given to the pod under the same names, which are the
+/// standard AWS environment variables `kmmr-replica` reads.
+pub const S3_CREDENTIAL_KEYS: [&str; 2] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"];
+const S3_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
 /// How long `snapshot save` may look for a state f+1 replicas vouch for.
 const SAVE_TIMEOUT_SECONDS: i64 = 120;
 
@@ -67,6 +74,109 @@ pub fn request_job_name(cluster: &str, request: &str) -> String {
 /// The directory on the claim holding `cluster`'s backups.
 pub fn directory(cluster: &str) -> String {
     cluster.to_string()
+}
+
+/// Where a cluster's backups go: spec.backup.claimName or spec.backup.s3 (the schema and
+/// `BackupSpec::validate` allow exactly one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place<'a> {
+    Claim(&'a str),
+    S3(&'a S3BackupSpec),
+}
+
+impl<'a> Place<'a> {
+    pub fn of(spec: &'a BackupSpec) -> Place<'a> {
+        match (&spec.s3, &spec.claim_name) {
+            (Some(s3), _) => Place::S3(s3),
+            (None, Some(claim)) => Place::Claim(claim),
+            // Refused by the schema and by `validate`, before any Job is made.
+            (None, None) => Place::Claim(""),
+        }
+    }
+}
+
+/// The S3 prefix of `cluster`'s backups: s3://<bucket>/<prefix><cluster>/.
+pub fn s3_prefix(s3: &S3BackupSpec, cluster: &str) -> String {
+    format!(
+        "s3://{}/{}{cluster}/",
+        s3.bucket,
+        s3.prefix.as_deref().unwrap_or_default()
+    )
+}
+
+/// The environment that gives `kmmr-replica` its S3 endpoint, region, credentials (from the
+/// user's Secret, never copied into an object of ours) and CA.
+pub fn s3_env(conn: &S3Connection) -> Vec<EnvVar> {
+    let from_secret = |key: &str, optional: bool| EnvVar {
+        name: key.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: conn.credentials_secret.clone(),
+                key: key.to_string(),
+                optional: optional.then_some(true),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let value = |name: &str, value: String| EnvVar {
+        name: name.to_string(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    let mut env: Vec<EnvVar> = S3_CREDENTIAL_KEYS
+        .iter()
+        .map(|k| from_secret(k, false))
+        .collect();
+    env.push(from_secret(S3_SESSION_TOKEN, true));
+    if let Some(region) = &conn.region {
+        env.push(value("AWS_REGION", region.clone()));
+    }
+    if let Some(endpoint) = &conn.endpoint {
+        env.push(value("AWS_ENDPOINT_URL", endpoint.clone()));
+    }
+    if let Some(ca) = &conn.ca {
+        env.push(value("AWS_CA_BUNDLE", format!("{S3_CA_DIR}/{}", ca.key)));
+    }
+    env
+}
+
+/// The volume and mount of spec...s3.ca, if there is one.
+pub fn s3_ca(conn: &S3Connection) -> Option<(Volume, VolumeMount)> {
+    let ca = conn.ca.as_ref()?;
+    let items = Some(vec![KeyToPath {
+        key: ca.key.clone(),
+        path: ca.key.clone(),
+        mode: None,
+    }]);
+    let mut volume = Volume {
+        name: "s3-ca".to_string(),
+        ..Volume::default()
+    };
+    match (&ca.secret_name, &ca.config_map_name) {
+        (Some(secret), _) => {
+            volume.secret = Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                items,
+                ..SecretVolumeSource::default()
+            })
+        }
+        (None, Some(cm)) => {
+            volume.config_map = Some(ConfigMapVolumeSource {
+                name: cm.clone(),
+                items,
+                ..ConfigMapVolumeSource::default()
+            })
+        }
+        (None, None) => return None,
+    }
+    let mount = VolumeMount {
+        name: "s3-ca".to_string(),
+        mount_path: S3_CA_DIR.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    Some((volume, mount))
 }
 
 /// The client side's cluster directory: the view the replicas run and, per member, the one
@@ -112,11 +222,17 @@ fn meta(object: String, namespace: &str, cluster: &str, owner: &OwnerReference) 
 /// and message), two retries, and a deadline so a Job never hangs on a cluster without quorum.
 fn job_spec(cluster: &BftCluster, spec: &BackupSpec) -> JobSpec {
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
+    let place = Place::of(spec);
+    let destination = match place {
+        // A directory: the file is named after the time and revision, kept `keep` deep.
+        Place::Claim(_) => format!("{BACKUP_MOUNT}/{}/", directory(name)),
+        // Likewise a prefix.
+        Place::S3(s3) => s3_prefix(s3, name),
+    };
     let args = vec![
         "snapshot".to_string(),
         "save".to_string(),
-        // A directory: the file is named after the time and revision, kept `keep` deep.
-        format!("{BACKUP_MOUNT}/{}/", directory(name)),
+        destination,
         "--cluster".to_string(),
         CLUSTER_DIR.to_string(),
         "--admin-key".to_string(),
@@ -136,31 +252,11 @@ fn job_spec(cluster: &BftCluster, spec: &BackupSpec) -> JobSpec {
         read_only: Some(read_only),
         ..VolumeMount::default()
     };
-    let container = Container {
-        name: BACKUP_CONTAINER.to_string(),
-        image: Some(cluster.spec.image.clone()),
-        image_pull_policy: Some(cluster.spec.image_pull_policy.as_str().to_string()),
-        command: Some(vec!["kmmr-replica".to_string()]),
-        args: Some(args),
-        volume_mounts: Some(vec![
-            mount("backup", BACKUP_MOUNT, false),
-            mount("cluster", CLUSTER_DIR, true),
-            mount("admin", ADMIN_DIR, true),
-        ]),
-        // A failure's message is the end of what it printed (the reason it gave up).
-        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-        security_context: Some(crate::children::restricted_container_security()),
-        ..Container::default()
-    };
-    let volumes = vec![
-        Volume {
-            name: "backup".to_string(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: spec.claim_name.clone(),
-                read_only: Some(false),
-            }),
-            ..Volume::default()
-        },
+    let mut mounts = vec![
+        mount("cluster", CLUSTER_DIR, true),
+        mount("admin", ADMIN_DIR, true),
+    ];
+    let mut volumes = vec![
         Volume {
             name: "cluster".to_string(),
             config_map: Some(ConfigMapVolumeSource {
@@ -179,6 +275,44 @@ fn job_spec(cluster: &BftCluster, spec: &BackupSpec) -> JobSpec {
             ..Volume::default()
         },
     ];
+    let mut env = None;
+    match place {
+        Place::Claim(claim) => {
+            mounts.insert(0, mount("backup", BACKUP_MOUNT, false));
+            volumes.insert(
+                0,
+                Volume {
+                    name: "backup".to_string(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.to_string(),
+                        read_only: Some(false),
+                    }),
+                    ..Volume::default()
+                },
+            );
+        }
+        Place::S3(s3) => {
+            let conn = s3.connection();
+            env = Some(s3_env(&conn));
+            if let Some((volume, m)) = s3_ca(&conn) {
+                volumes.push(volume);
+                mounts.push(m);
+            }
+        }
+    }
+    let container = Container {
+        name: BACKUP_CONTAINER.to_string(),
+        image: Some(cluster.spec.image.clone()),
+        image_pull_policy: Some(cluster.spec.image_pull_policy.as_str().to_string()),
+        command: Some(vec!["kmmr-replica".to_string()]),
+        args: Some(args),
+        env,
+        volume_mounts: Some(mounts),
+        // A failure's message is the end of what it printed (the reason it gave up).
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        security_context: Some(crate::children::restricted_container_security()),
+        ..Container::default()
+    };
     JobSpec {
         backoff_limit: Some(2),
         active_deadline_seconds: Some(900),
@@ -275,6 +409,33 @@ pub fn pending_request<'a>(
 /// container's termination message and the Restored condition. A replica that already holds a
 /// verified copy keeps it without reading the claim's file again.
 pub fn restore_init_container(cluster: &BftCluster, restore: &RestoreSpec) -> Container {
+    let data = VolumeMount {
+        name: "data".to_string(),
+        mount_path: crate::config::DATA_DIR.to_string(),
+        ..VolumeMount::default()
+    };
+    let (source, mut mounts, env) = match (&restore.s3, &restore.file) {
+        (Some(s3), _) => {
+            let conn = s3.connection();
+            let mounts = s3_ca(&conn).map(|(_, m)| m).into_iter().collect();
+            (
+                format!("s3://{}/{}", s3.bucket, s3.key),
+                mounts,
+                Some(s3_env(&conn)),
+            )
+        }
+        (None, file) => (
+            format!("{RESTORE_MOUNT}/{}", file.as_deref().unwrap_or_default()),
+            vec![VolumeMount {
+                name: "restore".to_string(),
+                mount_path: RESTORE_MOUNT.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }],
+            None,
+        ),
+    };
+    mounts.push(data);
     Container {
         name: RESTORE_CONTAINER.to_string(),
         image: Some(cluster.spec.image.clone()),
@@ -283,38 +444,45 @@ pub fn restore_init_container(cluster: &BftCluster, restore: &RestoreSpec) -> Co
         args: Some(vec![
             "snapshot".to_string(),
             "status".to_string(),
-            format!("{RESTORE_MOUNT}/{}", restore.file),
+            source,
             "--copy-to".to_string(),
             INITIAL_STATE.to_string(),
         ]),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "restore".to_string(),
-                mount_path: RESTORE_MOUNT.to_string(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "data".to_string(),
-                mount_path: crate::config::DATA_DIR.to_string(),
-                ..VolumeMount::default()
-            },
-        ]),
+        env,
+        volume_mounts: Some(mounts),
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         security_context: Some(crate::children::restricted_container_security()),
         ..Container::default()
     }
 }
 
-/// The volume of spec.restoreFrom's claim, read-only.
-pub fn restore_volume(restore: &RestoreSpec) -> Volume {
-    Volume {
-        name: "restore".to_string(),
-        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-            claim_name: restore.claim_name.clone(),
-            read_only: Some(true),
-        }),
-        ..Volume::default()
+/// The volumes of the restore step: spec.restoreFrom's claim, read-only, or the S3 CA.
+pub fn restore_volumes(restore: &RestoreSpec) -> Vec<Volume> {
+    match (&restore.s3, &restore.claim_name) {
+        (Some(s3), _) => s3_ca(&s3.connection())
+            .map(|(v, _)| v)
+            .into_iter()
+            .collect(),
+        (None, claim) => vec![Volume {
+            name: "restore".to_string(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone().unwrap_or_default(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        }],
+    }
+}
+
+/// What spec.restoreFrom names, for messages.
+pub fn restore_source(restore: &RestoreSpec) -> String {
+    match (&restore.s3, &restore.claim_name, &restore.file) {
+        (Some(s3), _, _) => format!("backup s3://{}/{}", s3.bucket, s3.key),
+        (None, claim, file) => format!(
+            "backup {} on claim {}",
+            file.as_deref().unwrap_or_default(),
+            claim.as_deref().unwrap_or_default()
+        ),
     }
 }
 
@@ -389,7 +557,7 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Option<Outcome> {
 /// `status.backup` from the Jobs' outcomes and what the previous status recorded (Jobs are
 /// deleted after a while; what they wrote is not forgotten).
 pub fn observe(
-    claim: &str,
+    place: Place<'_>,
     outcomes: &[Outcome],
     previous: Option<&BackupStatus>,
     request: Option<&str>,
@@ -402,7 +570,7 @@ pub fn observe(
     sorted.sort_by(|a, b| a.time.cmp(&b.time));
     for o in sorted {
         if o.succeeded {
-            let Some(record) = parse_report(claim, o) else {
+            let Some(record) = parse_report(place, o) else {
                 continue;
             };
             if status
@@ -433,8 +601,9 @@ pub fn observe(
     status
 }
 
-/// The record of a successful Job, from the JSON report `snapshot save --report` wrote.
-fn parse_report(claim: &str, o: &Outcome) -> Option<BackupRecord> {
+/// The record of a successful Job, from the JSON report `snapshot save --report` wrote: a path
+/// under the claim's mount, or an s3:// URL.
+fn parse_report(place: Place<'_>, o: &Outcome) -> Option<BackupRecord> {
     let line = o
         .message
         .lines()
@@ -442,14 +611,26 @@ fn parse_report(claim: &str, o: &Outcome) -> Option<BackupRecord> {
         .find(|l| l.trim_start().starts_with('{'))?;
     let report: serde_json::Value = serde_json::from_str(line).ok()?;
     let file = report["file"].as_str()?;
-    let relative = file
-        .strip_prefix(BACKUP_MOUNT)
-        .unwrap_or(file)
-        .trim_start_matches('/');
+    let (claim_name, bucket, file) = match place {
+        Place::Claim(claim) => (
+            Some(claim.to_string()),
+            None,
+            file.strip_prefix(BACKUP_MOUNT)
+                .unwrap_or(file)
+                .trim_start_matches('/'),
+        ),
+        Place::S3(s3) => {
+            let in_bucket = file
+                .strip_prefix("s3://")?
+                .strip_prefix(s3.bucket.as_str())?;
+            (None, Some(s3.bucket.clone()), in_bucket.strip_prefix('/')?)
+        }
+    };
     Some(BackupRecord {
         time: o.time.clone(),
-        claim_name: claim.to_string(),
-        file: relative.to_string(),
+        claim_name,
+        bucket,
+        file: file.to_string(),
         revision: report["revision"].as_i64()?,
         keys: report["keys"].as_i64().unwrap_or(0),
         digest: report["digest"].as_str().unwrap_or_default().to_string(),
@@ -497,8 +678,16 @@ pub fn backup_condition(status: &BackupStatus, problem: Option<String>) -> Wante
             true,
             reason::BACKUP_SUCCEEDED,
             format!(
-                "{} on claim {}: revision {}, {} keys, written at {} by Job {}",
-                b.file, b.claim_name, b.revision, b.keys, b.time, b.job
+                "{} {}: revision {}, {} keys, written at {} by Job {}",
+                b.file,
+                match (&b.claim_name, &b.bucket) {
+                    (_, Some(bucket)) => format!("in S3 bucket {bucket}"),
+                    (claim, None) => format!("on claim {}", claim.as_deref().unwrap_or_default()),
+                },
+                b.revision,
+                b.keys,
+                b.time,
+                b.job
             ),
         ),
         (None, None) => wanted(
@@ -558,7 +747,7 @@ pub fn restore_step(pod: Option<&Pod>) -> RestoreStep {
 /// it stays True: later restarts keep their verified copy.
 pub fn restore_condition(
     restore: &RestoreSpec,
-    claim_exists: bool,
+    source_problem: Option<String>,
     steps: &[(i32, RestoreStep)],
     was_restored: bool,
 ) -> Wanted {
@@ -568,7 +757,7 @@ pub fn restore_condition(
         reason,
         message,
     };
-    let what = format!("backup {} on claim {}", restore.file, restore.claim_name);
+    let what = restore_source(restore);
     if was_restored {
         return wanted(
             true,
@@ -576,12 +765,8 @@ pub fn restore_condition(
             format!("every replica started from {what}"),
         );
     }
-    if !claim_exists {
-        return wanted(
-            false,
-            reason::RESTORE_REFUSED,
-            format!("PersistentVolumeClaim {} (spec.restoreFrom.claimName) does not exist in the cluster's namespace: the replicas cannot start until it does", restore.claim_name),
-        );
+    if let Some(problem) = source_problem {
+        return wanted(false, reason::RESTORE_REFUSED, problem);
     }
     let refused: Vec<String> = steps
         .iter()

@@ -278,7 +278,7 @@ fn stateful_set(
     // A restored cluster's replicas verify the backup and copy it to their volume before they
     // start (see `backup::restore_init_container`).
     let init_containers = spec.restore_from.as_ref().map(|restore| {
-        volumes.push(crate::backup::restore_volume(restore));
+        volumes.extend(crate::backup::restore_volumes(restore));
         vec![crate::backup::restore_init_container(cluster, restore)]
     });
     let pod_spec = PodSpec {

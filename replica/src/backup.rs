@@ -39,6 +39,8 @@ const CHECKSUM_LEN: usize = 32;
 const FIXED_LEN: usize = 8 + 2 + 1 + 1 + 4 + 32 + 8 + 8 + 8 + 1;
 /// The flags bit saying the state follows a decision (a cluster that decided nothing has none).
 const HAS_CID: u8 = 1;
+/// The largest backup file: a reader refuses anything larger before reading it.
+pub const MAX_FILE: u64 = MAX_BODY + (FIXED_LEN + 4 * MAX_VOUCHERS + 40 + CHECKSUM_LEN) as u64;
 
 /// Which service the state belongs to; a replica refuses a backup of another one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -257,8 +259,7 @@ impl Backup {
             source,
         };
         let len = std::fs::metadata(path).map_err(io)?.len();
-        let max = MAX_BODY + (FIXED_LEN + 4 * MAX_VOUCHERS + 40 + CHECKSUM_LEN) as u64;
-        if len > max {
+        if len > MAX_FILE {
             return Err(ReadError::TooLarge { path: name, len });
         }
         let bytes = std::fs::read(path).map_err(io)?;

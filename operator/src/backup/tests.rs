@@ -205,12 +205,22 @@ fn status_shows_the_newest_backup_from_the_jobs_report_and_a_newer_failure() {
     let pods = [pod_of("demo-backup-1", REPORT, 0)];
     let o = outcome(&ok, &pods).unwrap();
     assert!(o.succeeded);
-    let status = observe("backups", std::slice::from_ref(&o), None, Some("r1"));
+    let status = observe(
+        Place::Claim("backups"),
+        std::slice::from_ref(&o),
+        None,
+        Some("r1"),
+    );
     let b = status.last_backup.clone().unwrap();
     assert_eq!(b.file, "demo/kmmr-20261203T070000Z-rev42.kmmr");
     assert_eq!(
-        (b.revision, b.keys, b.claim_name.as_str()),
-        (42, 10, "backups")
+        (
+            b.revision,
+            b.keys,
+            b.claim_name.as_deref(),
+            b.bucket.as_deref()
+        ),
+        (42, 10, Some("backups"), None)
     );
     assert_eq!(b.job, "demo-backup-1");
     assert_eq!(status.last_request.as_deref(), Some("r1"));
@@ -229,7 +239,12 @@ fn status_shows_the_newest_backup_from_the_jobs_report_and_a_newer_failure() {
         1,
     )];
     let f = outcome(&failed, &pods).unwrap();
-    let status = observe("backups", std::slice::from_ref(&f), Some(&status), None);
+    let status = observe(
+        Place::Claim("backups"),
+        std::slice::from_ref(&f),
+        Some(&status),
+        None,
+    );
     let cond = backup_condition(&status, None);
     assert_eq!((cond.status, cond.reason), (false, reason::BACKUP_FAILED));
     assert!(
@@ -240,7 +255,7 @@ fn status_shows_the_newest_backup_from_the_jobs_report_and_a_newer_failure() {
     assert!(cond.is_bad());
     let mut old = f;
     old.time = "2026-12-03T06:00:00Z".into();
-    let status = observe("backups", &[old, o], None, None);
+    let status = observe(Place::Claim("backups"), &[old, o], None, None);
     assert!(status.last_failure.is_none());
     // A misconfiguration wins over history.
     let cond = backup_condition(&status, Some("no claim".into()));
@@ -298,8 +313,9 @@ fn restore_pod(terminated: Option<(i32, &str)>, waiting: bool) -> Pod {
 #[test]
 fn a_damaged_backup_is_reported_as_refused_with_the_replicas_reason() {
     let restore = RestoreSpec {
-        claim_name: "backups".into(),
-        file: "demo/x.kmmr".into(),
+        claim_name: Some("backups".into()),
+        file: Some("demo/x.kmmr".into()),
+        s3: None,
     };
     let refusal = "Error: refusing the backup: /restore/demo/x.kmmr: checksum mismatch; nothing was restored or changed";
     assert_eq!(restore_step(None), RestoreStep::Pending);
@@ -315,7 +331,7 @@ fn a_damaged_backup_is_reported_as_refused_with_the_replicas_reason() {
     assert_eq!(crashing, RestoreStep::Refused(refusal.into()));
 
     let steps = [(0, RestoreStep::Done), (1, crashing)];
-    let cond = restore_condition(&restore, true, &steps, false);
+    let cond = restore_condition(&restore, None, &steps, false);
     assert_eq!((cond.status, cond.reason), (false, reason::RESTORE_REFUSED));
     assert!(
         cond.message
@@ -326,22 +342,192 @@ fn a_damaged_backup_is_reported_as_refused_with_the_replicas_reason() {
     assert!(cond.is_bad());
 
     let all = [(0, RestoreStep::Done), (1, RestoreStep::Done)];
-    let cond = restore_condition(&restore, true, &all, false);
+    let cond = restore_condition(&restore, None, &all, false);
     assert_eq!(
         (cond.status, cond.reason),
         (true, reason::RESTORE_SUCCEEDED)
     );
     let half = [(0, RestoreStep::Done), (1, RestoreStep::Pending)];
     assert_eq!(
-        restore_condition(&restore, true, &half, false).reason,
+        restore_condition(&restore, None, &half, false).reason,
         reason::RESTORING
     );
-    let missing = restore_condition(&restore, false, &half, false);
-    assert!(
-        missing.message.contains("does not exist"),
-        "{}",
-        missing.message
+    let missing = restore_condition(&restore, Some("no claim".into()), &half, false);
+    assert_eq!(
+        (missing.reason, missing.message.as_str()),
+        (reason::RESTORE_REFUSED, "no claim")
     );
     // Sticky once every replica started from it.
-    assert!(restore_condition(&restore, false, &[], true).status);
+    assert!(restore_condition(&restore, Some("gone".into()), &[], true).status);
+}
+
+fn s3_scheduled() -> BftCluster {
+    cluster(serde_json::json!({
+        "backup": {
+            "s3": {
+                "bucket": "kmmr-backups",
+                "prefix": "prod/",
+                "endpoint": "https://minio.storage:9000",
+                "credentialsSecret": "s3-creds",
+                "ca": { "configMapName": "minio-ca" }
+            },
+            "schedule": "@daily",
+            "keep": 5
+        }
+    }))
+}
+
+fn env_of(container: &Container) -> BTreeMap<String, String> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let shown = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    let r = from.secret_key_ref.as_ref().unwrap();
+                    format!(
+                        "secret {}/{}{}",
+                        r.name,
+                        r.key,
+                        if r.optional == Some(true) { "?" } else { "" }
+                    )
+                }
+                (None, None) => String::new(),
+            };
+            (e.name.clone(), shown)
+        })
+        .collect()
+}
+
+#[test]
+fn s3_backup_jobs_save_under_the_prefix_with_credentials_from_the_users_secret() {
+    let c = s3_scheduled();
+    let cron = cron_job(&c, "prod", backup_spec(&c), "@daily", &owner(&c));
+    let pod = cron
+        .spec
+        .unwrap()
+        .job_template
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.args.clone().unwrap().join(" "),
+        "snapshot save s3://kmmr-backups/prod/demo/ --cluster /etc/kmmr-backup/cluster --admin-key /etc/kmmr-backup/admin/key --keep 5 --timeout 120 --report /dev/termination-log -o json"
+    );
+    let env = env_of(container);
+    assert_eq!(
+        env["AWS_ACCESS_KEY_ID"],
+        "secret s3-creds/AWS_ACCESS_KEY_ID"
+    );
+    assert_eq!(
+        env["AWS_SECRET_ACCESS_KEY"],
+        "secret s3-creds/AWS_SECRET_ACCESS_KEY"
+    );
+    assert_eq!(
+        env["AWS_SESSION_TOKEN"],
+        "secret s3-creds/AWS_SESSION_TOKEN?"
+    );
+    assert_eq!(env["AWS_ENDPOINT_URL"], "https://minio.storage:9000");
+    assert_eq!(env["AWS_CA_BUNDLE"], "/etc/kmmr-backup/s3-ca/ca.crt");
+    assert!(!env.contains_key("AWS_REGION"));
+    let volumes = pod.volumes.unwrap();
+    // No claim; the CA from the ConfigMap, mounted where AWS_CA_BUNDLE points.
+    assert!(volumes.iter().all(|v| v.persistent_volume_claim.is_none()));
+    let ca = volumes
+        .iter()
+        .find_map(|v| v.config_map.as_ref().filter(|cm| cm.name == "minio-ca"));
+    assert!(ca.is_some(), "{volumes:?}");
+    assert!(container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.mount_path == "/etc/kmmr-backup/s3-ca"));
+}
+
+#[test]
+fn s3_reports_become_the_bucket_and_key_a_restore_names() {
+    let c = s3_scheduled();
+    let Some(BackupSpec { s3: Some(s3), .. }) = c.spec.backup.as_ref() else {
+        panic!("an s3 backup spec");
+    };
+    let ok = job("demo-backup-1", "Complete", "2026-12-03T07:00:05Z");
+    let report = r#"{"file":"s3://kmmr-backups/prod/demo/kmmr-20261203T070000Z-rev42.kmmr","revision":42,"keys":10,"digest":"ab12"}"#;
+    let o = outcome(&ok, &[pod_of("demo-backup-1", report, 0)]).unwrap();
+    let status = observe(Place::S3(s3), &[o], None, None);
+    let b = status.last_backup.clone().unwrap();
+    assert_eq!(
+        (
+            b.bucket.as_deref(),
+            b.claim_name.as_deref(),
+            b.file.as_str()
+        ),
+        (
+            Some("kmmr-backups"),
+            None,
+            "prod/demo/kmmr-20261203T070000Z-rev42.kmmr"
+        )
+    );
+    let cond = backup_condition(&status, None);
+    assert!(
+        cond.message.contains("in S3 bucket kmmr-backups"),
+        "{}",
+        cond.message
+    );
+}
+
+#[test]
+fn a_cluster_restored_from_s3_downloads_and_verifies_the_object_before_each_replica_starts() {
+    let c = cluster(serde_json::json!({
+        "restoreFrom": { "s3": {
+            "bucket": "kmmr-backups",
+            "key": "prod/demo/kmmr-20261203T070000Z-rev42.kmmr",
+            "region": "eu-west-3",
+            "credentialsSecret": "s3-creds"
+        } }
+    }));
+    let keys = crate::Keys::generate(0..4);
+    let children = crate::build_children(&c, &keys).unwrap();
+    let pod = children.stateful_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        init.args.clone().unwrap().join(" "),
+        "snapshot status s3://kmmr-backups/prod/demo/kmmr-20261203T070000Z-rev42.kmmr --copy-to /var/lib/kmmr/initial-state.kmmr"
+    );
+    let env = env_of(init);
+    assert_eq!(env["AWS_REGION"], "eu-west-3");
+    assert_eq!(
+        env["AWS_SECRET_ACCESS_KEY"],
+        "secret s3-creds/AWS_SECRET_ACCESS_KEY"
+    );
+    // Only the restore step gets the credentials, and no claim is mounted.
+    assert!(pod.containers.iter().all(|c| c
+        .env
+        .iter()
+        .flatten()
+        .all(|e| !e.name.starts_with("AWS_"))));
+    assert!(pod
+        .volumes
+        .iter()
+        .flatten()
+        .all(|v| v.persistent_volume_claim.is_none()));
+    let restore = c.spec.restore_from.as_ref().unwrap();
+    let cond = restore_condition(restore, None, &[(0, RestoreStep::Pending)], false);
+    assert!(
+        cond.message
+            .contains("s3://kmmr-backups/prod/demo/kmmr-20261203T070000Z-rev42.kmmr"),
+        "{}",
+        cond.message
+    );
 }

@@ -49,14 +49,22 @@ pub(super) async fn reconcile_backup(
             requested: None,
         });
     };
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let place = backup::Place::of(spec);
     let problem = match spec.validate() {
         Err(why) => Some(why),
-        Ok(()) if claims.get_opt(&spec.claim_name).await?.is_none() => Some(format!(
-            "PersistentVolumeClaim {} (spec.backup.claimName) does not exist in namespace {namespace}: create it (backup Jobs run as uid/gid 65532 and must be able to write to it); no backup runs until it exists",
-            spec.claim_name
-        )),
-        Ok(()) => None,
+        Ok(()) => match place {
+            backup::Place::Claim(claim) => {
+                let claims: Api<PersistentVolumeClaim> =
+                    Api::namespaced(ctx.client.clone(), namespace);
+                claims.get_opt(claim).await?.is_none().then(|| format!(
+                    "PersistentVolumeClaim {claim} (spec.backup.claimName) does not exist in namespace {namespace}: create it (backup Jobs run as uid/gid 65532 and must be able to write to it); no backup runs until it exists"
+                ))
+            }
+            backup::Place::S3(s3) => {
+                s3_credentials_problem(ctx, namespace, "spec.backup.s3", &s3.credentials_secret)
+                    .await?
+            }
+        },
     };
     let annotation = cluster
         .annotations()
@@ -92,7 +100,7 @@ pub(super) async fn reconcile_backup(
         }
     }
     let outcomes = job_outcomes(ctx, &name, namespace).await?;
-    let status = backup::observe(&spec.claim_name, &outcomes, previous, request.as_deref());
+    let status = backup::observe(place, &outcomes, previous, request.as_deref());
     conditions.push(backup::backup_condition(&status, problem));
     Ok(Observed {
         status: Some(status),
@@ -139,10 +147,25 @@ async fn restore_condition(
             .any(|c| c.type_ == condition_types::RESTORED && c.status == "True")
     });
     if was_restored {
-        return Ok(backup::restore_condition(restore, true, &[], true));
+        return Ok(backup::restore_condition(restore, None, &[], true));
     }
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    let claim_exists = claims.get_opt(&restore.claim_name).await?.is_some();
+    let source_problem = match (&restore.s3, &restore.claim_name) {
+        (Some(s3), _) => s3_credentials_problem(
+            ctx,
+            namespace,
+            "spec.restoreFrom.s3",
+            &s3.credentials_secret,
+        )
+        .await?
+        .map(|p| format!("{p}; the replicas cannot start until then")),
+        (None, claim) => {
+            let claim = claim.as_deref().unwrap_or_default();
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+            claims.get_opt(claim).await?.is_none().then(|| format!(
+                "PersistentVolumeClaim {claim} (spec.restoreFrom.claimName) does not exist in the cluster's namespace: the replicas cannot start until it does"
+            ))
+        }
+    };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let name = cluster.name_any();
     let mut steps = Vec::new();
@@ -152,10 +175,46 @@ async fn restore_condition(
     }
     Ok(backup::restore_condition(
         restore,
-        claim_exists,
+        source_problem,
         &steps,
         false,
     ))
+}
+
+/// Why the S3 credentials Secret `name` cannot serve, if it cannot: missing, or without one of
+/// the keys the pods' environment takes from it.
+async fn s3_credentials_problem(
+    ctx: &Context,
+    namespace: &str,
+    field: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(name).await? else {
+        return Ok(Some(format!(
+            "Secret {name} ({field}.credentialsSecret) does not exist in namespace {namespace}: create it with the keys {}",
+            backup::S3_CREDENTIAL_KEYS.join(" and ")
+        )));
+    };
+    let has = |key: &str| {
+        secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+            || secret
+                .string_data
+                .as_ref()
+                .is_some_and(|d| d.contains_key(key))
+    };
+    let missing: Vec<&str> = backup::S3_CREDENTIAL_KEYS
+        .iter()
+        .copied()
+        .filter(|k| !has(k))
+        .collect();
+    Ok((!missing.is_empty()).then(|| {
+        format!(
+            "Secret {name} ({field}.credentialsSecret) has no key {}: it needs {}",
+            missing.join(" nor "),
+            backup::S3_CREDENTIAL_KEYS.join(" and ")
+        )
+    }))
 }
 
 /// Adds the backup side's conditions to `status`, keeping a condition's lastTransitionTime

@@ -76,10 +76,13 @@ pub struct LocalArgs {
     /// microseconds (0: never; at most 10000).
     #[arg(long, default_value_t = kmmr::node::config::DEFAULT_BUSY_POLL_US)]
     pub busy_poll_us: u64,
-    /// Start every replica from this backup (`kmmr-replica snapshot save`): the new cluster
-    /// holds its keys, values and revisions. The file is verified before anything is written.
-    #[arg(long)]
-    pub from_snapshot: Option<PathBuf>,
+    /// Start every replica from this backup (`kmmr-replica snapshot save`), a file or
+    /// s3://BUCKET/KEY: the new cluster holds its keys, values and revisions. The backup is
+    /// verified before anything is written.
+    #[arg(long, value_name = "BACKUP")]
+    pub from_snapshot: Option<super::snapshot_s3::Location>,
+    #[command(flatten)]
+    pub s3: super::snapshot_s3::S3Args,
 }
 
 /// A running local cluster; its processes die with it (kill on drop).
@@ -134,10 +137,9 @@ pub async fn start(args: &LocalArgs) -> Result<LocalCluster> {
     // Verified before the directory is touched: a bad backup leaves everything as it was.
     let initial = match &args.from_snapshot {
         Some(file) if args.service != ServiceArg::Kv => bail!(
-            "--from-snapshot {} holds key-value state: it cannot start a --service noop cluster",
-            file.display()
+            "--from-snapshot {file} holds key-value state: it cannot start a --service noop cluster"
         ),
-        Some(file) => Some(super::snapshot::read_backup(file)?),
+        Some(file) => Some(super::snapshot::read_location(file, &args.s3).await?),
         None => None,
     };
     let view = prepare(&ClusterSpec {
@@ -265,7 +267,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         args.dir.display()
     );
     if let Some(file) = &args.from_snapshot {
-        outln!("every replica started from the backup {}", file.display());
+        outln!("every replica started from the backup {file}");
     }
     for b in &cluster.byzantine {
         outln!(

@@ -8,6 +8,7 @@ mod local;
 mod out;
 mod render;
 mod snapshot;
+mod snapshot_s3;
 mod status;
 mod watch;
 

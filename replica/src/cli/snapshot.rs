@@ -25,6 +25,7 @@ use kmmr_protocol::view::View;
 
 use super::out::outln;
 use super::render::Format;
+use super::snapshot_s3::{self, Location, S3Args};
 use super::status::status_url;
 use super::ClusterArgs;
 
@@ -36,40 +37,49 @@ pub struct SnapshotArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Save the cluster's key-value state, as f+1 replicas vouch for it, to FILE.
+    /// Save the cluster's key-value state, as f+1 replicas vouch for it, to a file or to S3.
     Save {
         /// Where to write the backup (an existing file is replaced atomically). An existing
         /// directory, or a path ending in '/', gets a new file kmmr-<UTC time>-rev<revision>.kmmr
         /// (the directory is created if missing): what scheduled backups need, with no shell.
-        file: PathBuf,
+        /// s3://BUCKET/KEY writes that object, s3://BUCKET/PREFIX/ a new object named as in a
+        /// directory; credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+        file: Location,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// The admin key, which may read the replicas' state (default: <cluster>/admin.key).
         #[arg(long)]
         admin_key: Option<PathBuf>,
-        /// Saving into a directory: afterwards keep only its newest N backups (kmmr-*.kmmr).
+        /// Saving into a directory or an S3 prefix: afterwards keep only its newest N backups
+        /// (kmmr-*.kmmr).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         keep: Option<u32>,
         /// Also write the JSON report to this file, for example /dev/termination-log, where
         /// Kubernetes shows it in the pod's status for the operator to read.
         #[arg(long)]
         report: Option<PathBuf>,
+        #[command(flatten)]
+        s3: S3Args,
     },
-    /// Verify FILE and print what it holds.
+    /// Verify a backup (a file or an s3:// object) and print what it holds.
     Status {
-        /// A backup written by `snapshot save`.
-        file: PathBuf,
-        /// Once FILE verifies, copy it to this path atomically (a replica's `initial_state`,
-        /// from a pod with no shell). A path already holding a verified backup is kept as it is
-        /// and FILE is not read, so a replica's restart does not depend on FILE.
+        /// A backup written by `snapshot save`: a file or s3://BUCKET/KEY.
+        file: Location,
+        /// Once the backup verifies, copy it to this path atomically (a replica's
+        /// `initial_state`, from a pod with no shell). A path already holding a verified backup
+        /// is kept as it is and the backup is not read, so a replica's restart does not depend
+        /// on it.
         #[arg(long)]
         copy_to: Option<PathBuf>,
+        #[command(flatten)]
+        s3: S3Args,
     },
-    /// Start a new local cluster whose replicas all start from FILE (same as
-    /// `local --from-snapshot FILE --keep-running`).
+    /// Start a new local cluster whose replicas all start from a backup (same as
+    /// `local --from-snapshot BACKUP --keep-running`).
     Restore {
-        /// A backup written by `snapshot save`; verified before anything is written.
-        file: PathBuf,
+        /// A backup written by `snapshot save` (a file or s3://BUCKET/KEY); verified before
+        /// anything is written.
+        file: Location,
         #[command(flatten)]
         local: super::local::LocalArgs,
     },
@@ -83,30 +93,37 @@ pub async fn run(args: SnapshotArgs, format: Format) -> Result<()> {
             admin_key,
             keep,
             report,
+            s3,
         } => {
             let to = Target { file, keep, report };
-            save(&to, &cluster, admin_key, format).await
+            save(&to, &cluster, admin_key, &s3, format).await
         }
-        SnapshotCmd::Status { file, copy_to } => match copy_to {
-            Some(dest) if Backup::read(&dest).is_ok() => status(&dest, format),
-            Some(dest) => {
-                read_backup(&file)?.write(&dest)?;
-                status(&dest, format)
+        SnapshotCmd::Status { file, copy_to, s3 } => match copy_to {
+            Some(dest) if Backup::read(&dest).is_ok() => {
+                status(&Location::File(dest), format, &s3).await
             }
-            None => status(&file, format),
+            Some(dest) => {
+                read_location(&file, &s3).await?.write(&dest)?;
+                status(&Location::File(dest), format, &s3).await
+            }
+            None => status(&file, format, &s3).await,
         },
         SnapshotCmd::Restore { file, mut local } => {
             if let Some(other) = &local.from_snapshot {
-                bail!(
-                    "restore takes one backup: {} or --from-snapshot {}, not both",
-                    file.display(),
-                    other.display()
-                );
+                bail!("restore takes one backup: {file} or --from-snapshot {other}, not both");
             }
             local.from_snapshot = Some(file);
             local.keep_running = true;
             super::local::run(local).await
         }
+    }
+}
+
+/// Reads and verifies a backup wherever it is, refused with the same messages for both.
+pub async fn read_location(at: &Location, s3: &S3Args) -> Result<Backup> {
+    match at {
+        Location::File(path) => read_backup(path),
+        Location::S3(url) => snapshot_s3::read(&s3.client()?, url).await,
     }
 }
 
@@ -116,14 +133,14 @@ pub fn read_backup(file: &Path) -> Result<Backup> {
         .map_err(|e| anyhow::anyhow!("refusing the backup: {e}; nothing was restored or changed"))
 }
 
-fn status(file: &Path, format: Format) -> Result<()> {
-    let b = read_backup(file)?;
+async fn status(file: &Location, format: Format, s3: &S3Args) -> Result<()> {
+    let b = read_location(file, s3).await?;
     let h = &b.header;
     match format {
         Format::Json => outln!(
             "{}",
             json!({
-                "file": file.display().to_string(),
+                "file": file.to_string(),
                 "format_version": backup::VERSION,
                 "service": h.service,
                 "view_id": h.view_id,
@@ -137,7 +154,7 @@ fn status(file: &Path, format: Format) -> Result<()> {
             })
         ),
         Format::Text => {
-            outln!("{}: a verified KmMR backup", file.display());
+            outln!("{file}: a verified KmMR backup");
             outln!(
                 "  revision {}, {} keys, {} bytes of state",
                 h.revision,
@@ -168,43 +185,73 @@ struct Vouched {
 
 /// Where `save` writes, and what it keeps.
 struct Target {
-    file: PathBuf,
+    file: Location,
     keep: Option<u32>,
     report: Option<PathBuf>,
 }
 
 impl Target {
-    fn is_dir(&self) -> bool {
-        self.file.is_dir() || self.file.as_os_str().to_string_lossy().ends_with('/')
-    }
-
-    /// The file to write `b` to.
-    fn path_for(&self, b: &Backup) -> PathBuf {
-        if !self.is_dir() {
-            return self.file.clone();
-        }
+    /// The name of a new backup of `b` in a directory or under a prefix: the time, then the
+    /// revision, so that names sort by time.
+    fn new_name(b: &Backup) -> String {
         let secs = kmmr_client::clock::now_us() / 1_000_000;
-        self.file.join(format!(
+        format!(
             "{BACKUP_PREFIX}{}-rev{}{BACKUP_SUFFIX}",
             utc_stamp(secs),
             b.header.revision
-        ))
+        )
+    }
+
+    /// Writes `b` where it belongs, keeps the newest `keep`, and says where it went.
+    async fn store(&self, b: &Backup, s3: Option<&kmmr_s3::Client>) -> Result<String> {
+        match (&self.file, s3) {
+            (Location::File(path), _) => {
+                let dir = Dir(path);
+                let file = if dir.is_dir() {
+                    std::fs::create_dir_all(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    path.join(Self::new_name(b))
+                } else {
+                    path.clone()
+                };
+                b.write(&file)?;
+                if let Some(keep) = self.keep.filter(|_| dir.is_dir()) {
+                    dir.prune(keep)?;
+                }
+                Ok(file.display().to_string())
+            }
+            (Location::S3(url), Some(client)) => {
+                let to = snapshot_s3::object_for(url, &Self::new_name(b));
+                snapshot_s3::upload(client, &to, b).await?;
+                if let Some(keep) = self.keep.filter(|_| url.is_prefix()) {
+                    snapshot_s3::prune(client, url, keep).await?;
+                }
+                Ok(to.to_string())
+            }
+            (Location::S3(url), None) => bail!("no S3 client for {url}"),
+        }
+    }
+}
+
+/// A directory `save` writes new backups into.
+struct Dir<'a>(&'a Path);
+
+impl Dir<'_> {
+    fn is_dir(&self) -> bool {
+        self.0.is_dir() || self.0.as_os_str().to_string_lossy().ends_with('/')
     }
 
     /// Deletes the oldest backups of the directory beyond `keep`; their names sort by time.
-    fn prune(&self) -> Result<()> {
-        let Some(keep) = self.keep.filter(|_| self.is_dir()) else {
-            return Ok(());
-        };
-        let mut names: Vec<String> = std::fs::read_dir(&self.file)
-            .with_context(|| format!("listing {}", self.file.display()))?
+    fn prune(&self, keep: u32) -> Result<()> {
+        let mut names: Vec<String> = std::fs::read_dir(self.0)
+            .with_context(|| format!("listing {}", self.0.display()))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.starts_with(BACKUP_PREFIX) && n.ends_with(BACKUP_SUFFIX))
             .collect();
         names.sort();
         let excess = names.len().saturating_sub(keep as usize);
         for name in &names[..excess] {
-            let path = self.file.join(name);
+            let path = self.0.join(name);
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             eprintln!("removed {} (keeping the newest {keep})", path.display());
         }
@@ -212,8 +259,8 @@ impl Target {
     }
 }
 
-const BACKUP_PREFIX: &str = "kmmr-";
-const BACKUP_SUFFIX: &str = ".kmmr";
+pub(super) const BACKUP_PREFIX: &str = "kmmr-";
+pub(super) const BACKUP_SUFFIX: &str = ".kmmr";
 
 /// `20260131T235959Z` for seconds since the epoch (UTC, proleptic Gregorian calendar).
 fn utc_stamp(secs: u64) -> String {
@@ -241,8 +288,15 @@ async fn save(
     to: &Target,
     cluster: &ClusterArgs,
     admin_key: Option<PathBuf>,
+    s3: &S3Args,
     format: Format,
 ) -> Result<()> {
+    // S3's settings are checked before any replica is asked: a missing credential is not worth
+    // fetching a state for.
+    let s3 = match &to.file {
+        Location::S3(_) => Some(s3.client()?),
+        Location::File(_) => None,
+    };
     let view_path = cluster
         .view
         .clone()
@@ -272,18 +326,13 @@ async fn save(
     loop {
         let problem = match attempt(&cluster.cluster, &view, &admin).await {
             Ok(b) => {
-                let file = to.path_for(&b);
-                if to.is_dir() {
-                    std::fs::create_dir_all(&to.file)
-                        .with_context(|| format!("creating {}", to.file.display()))?;
-                }
-                b.write(&file)?;
+                let file = to.store(&b, s3.as_ref()).await?;
                 report(&file, &b, format);
                 if let Some(path) = &to.report {
                     std::fs::write(path, format!("{}\n", report_json(&file, &b)))
                         .with_context(|| format!("writing the report to {}", path.display()))?;
                 }
-                return to.prune();
+                return Ok(());
             }
             Err(problem) => problem,
         };
@@ -298,10 +347,10 @@ async fn save(
     }
 }
 
-fn report_json(file: &Path, b: &Backup) -> serde_json::Value {
+fn report_json(file: &str, b: &Backup) -> serde_json::Value {
     let h = &b.header;
     json!({
-        "file": file.display().to_string(),
+        "file": file,
         "cid": h.cid,
         "revision": h.revision,
         "keys": h.keys,
@@ -312,14 +361,14 @@ fn report_json(file: &Path, b: &Backup) -> serde_json::Value {
     })
 }
 
-fn report(file: &Path, b: &Backup, format: Format) {
+fn report(file: &str, b: &Backup, format: Format) {
     let h = &b.header;
     match format {
         Format::Json => outln!("{}", report_json(file, b)),
         Format::Text => outln!(
             "saved {}: revision {}, {} keys, {} bytes of state, digest {}, vouched for by \
              replicas {:?}",
-            file.display(),
+            file,
             h.revision,
             h.keys,
             b.body.len(),
