@@ -262,26 +262,10 @@ impl Dir<'_> {
 pub(super) const BACKUP_PREFIX: &str = "kmmr-";
 pub(super) const BACKUP_SUFFIX: &str = ".kmmr";
 
-/// `20260131T235959Z` for seconds since the epoch (UTC, proleptic Gregorian calendar).
+/// `20260131T235959Z` for seconds since the epoch (UTC, proleptic Gregorian calendar): the
+/// form S3's signatures use, so one calendar conversion serves both.
 fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    kmmr_s3::sigv4::AmzDate::from_unix(secs).stamp
 }
 
 async fn save(
