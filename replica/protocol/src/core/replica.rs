@@ -519,10 +519,7 @@ impl Replica {
                 at(t);
             }
         }
-        let waiting = self.pool.oldest_arrival().map(|t| {
-            t.saturating_add(self.timeout_us)
-                .max(self.idle_since().saturating_add(self.timeout_us))
-        });
+        let waiting = self.catchup_ask_due();
         if self.lc.pending_sync.is_some()
             || !self.catchup.decided_ahead.is_empty()
             || waiting.is_some()
@@ -565,6 +562,16 @@ impl Replica {
     /// Since when nothing was executed in this regency.
     fn idle_since(&self) -> u64 {
         self.pool.last_batch_us().max(self.regency_started_us)
+    }
+
+    /// When a waiting request makes this replica ask its peers for decisions it may have
+    /// missed: once the oldest one waited a timeout and nothing was executed for one (while
+    /// batches execute, decisions are not being missed; a long queue is not a reason to ask).
+    fn catchup_ask_due(&self) -> Option<u64> {
+        let idle = self.idle_since().saturating_add(self.timeout_us);
+        self.pool
+            .oldest_arrival()
+            .map(|t| t.saturating_add(self.timeout_us).max(idle))
     }
 
     /// When a request that arrived at `arrived_us` is due for stage one of its timer
@@ -648,10 +655,7 @@ impl Replica {
         // A request waiting a full timeout may mean this replica missed decisions while the
         // others went quiet: nothing else would tell it. Ask, and keep asking while it waits,
         // since the question itself can be lost (seeds 418 n=7 and 15452 n=4 found this).
-        if self.pool.oldest_arrival().is_some_and(|t| t <= cutoff)
-            && now >= self.idle_since().saturating_add(self.timeout_us)
-            && self.catchup_due(now)
-        {
+        if self.catchup_ask_due().is_some_and(|t| now >= t) && self.catchup_due(now) {
             self.request_decisions(now, None);
         }
         // Stage two: the leader is faulty, or merely slow compared with recent leaders.
