@@ -4,7 +4,9 @@
 //! cron schedule out of range, a missing claim) reported by the condition, a scheduled backup run
 //! by the CronJob; then the cluster deleted and a new one created with `spec.restoreFrom` that
 //! serves every key with the same value, while another restored from a damaged copy of the file
-//! is refused with a message saying so.
+//! is refused with a message saying so. The same cluster then backs up to S3 (moto's server, in
+//! the test bed's network namespace), and a third cluster restored from that object serves every
+//! key too.
 //!
 //! Needs `KUBECONFIG` and the images in `KMMR_REPLICA_IMAGE` and `KMMR_OPERATOR_IMAGE` on the
 //! nodes, as `tests/operator.rs` does. On the test bed (no provisioner) the volumes are hostPath
@@ -16,6 +18,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{cluster_or_skip, images_or_skip, loud, poll, run, strict, tool, unique, Result};
@@ -24,6 +27,7 @@ use serde_json::{json, Value};
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kmmr");
 const CLUSTER: &str = "demo";
 const BROKEN: &str = "broken";
+const FROM_S3: &str = "from-s3";
 const CLAIM: &str = "backups";
 const CLASS: &str = "kmmr-e2e-hostpath";
 const KEYS: usize = 30;
@@ -106,6 +110,129 @@ impl Drop for Cleanup<'_> {
             k(&["delete", "pv", pv, "--wait=false"]);
         }
         let _ = std::fs::remove_dir_all(&self.host_dir);
+    }
+}
+
+/// The test bed's network namespace and the node's address in it (e2e/testbed/lib.sh).
+const NETNS: &str = "--net=/run/netns/kmmr-testbed";
+const NODE_IP: &str = "10.250.0.10";
+const BUCKET: &str = "kmmr-e2e";
+const S3_SECRET: &str = "s3-creds";
+
+/// moto's S3 server (PyPI `moto[server]`, installed by replica/scripts/install-moto.sh) inside
+/// the test bed's network namespace on the node's address, where pods reach it as they would an
+/// S3 service of their own; killed on drop. The test reads the bucket with boto3 (which moto
+/// depends on), a client that is not ours, from the same namespace.
+struct Moto {
+    child: Child,
+    python: PathBuf,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl Moto {
+    fn start() -> Result<Moto> {
+        let server = match std::env::var("KMMR_MOTO_SERVER") {
+            Ok(p) if !p.is_empty() => p,
+            _ => {
+                let script = concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../replica/scripts/install-moto.sh"
+                );
+                run(&PathBuf::from(script), &[], None)?.trim().to_string()
+            }
+        };
+        let python = Path::new(&server)
+            .parent()
+            .ok_or("moto_server's path has no directory")?
+            .join("python");
+        let nsenter = PathBuf::from("nsenter");
+        let log = std::env::temp_dir().join(format!("kmmr-e2e-moto-{}.log", std::process::id()));
+        // A port the namespace's kernel says is free; nothing else binds there meanwhile but
+        // the test bed's own few servers, so a second try is the most it should take.
+        for _ in 0..3 {
+            let port = run(
+                &nsenter,
+                &[
+                    NETNS,
+                    &python.to_string_lossy(),
+                    "-c",
+                    &format!(
+                        "import socket; s=socket.socket(); s.bind(('{NODE_IP}', 0)); print(s.getsockname()[1])"
+                    ),
+                ],
+                None,
+            )?;
+            let port = port.trim().to_string();
+            let out = std::fs::File::create(&log)?;
+            let child = Command::new("nsenter")
+                .args([NETNS, &server, "-H", NODE_IP, "-p", &port])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .map_err(|e| format!("starting moto_server in the test bed's namespace: {e}"))?;
+            let mut moto = Moto {
+                child,
+                python: python.clone(),
+                endpoint: format!("http://{NODE_IP}:{port}"),
+                log: log.clone(),
+            };
+            let until = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = moto.child.try_wait() {
+                    break;
+                }
+                if moto.boto3("s3.create_bucket(Bucket=BUCKET)").is_ok() {
+                    return Ok(moto);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let _ = moto.child.kill();
+        }
+        Err(format!(
+            "moto_server did not come up in the test bed's namespace: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+        .into())
+    }
+
+    /// Runs Python `code` with `s3` a boto3 client of this server and `BUCKET` the bucket, in
+    /// the test bed's namespace; gives what it printed.
+    fn boto3(&self, code: &str) -> Result<String> {
+        let prelude = format!(
+            "import boto3, json\n\
+             s3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+             aws_access_key_id='AKIAKMMRE2E', aws_secret_access_key='kmmr-e2e-secret')\n\
+             BUCKET = '{BUCKET}'\n",
+            self.endpoint
+        );
+        run(
+            &PathBuf::from("nsenter"),
+            &[
+                NETNS,
+                &self.python.to_string_lossy(),
+                "-c",
+                &(prelude + code),
+            ],
+            None,
+        )
+    }
+
+    /// The keys in the bucket.
+    fn keys(&self) -> Result<Vec<String>> {
+        let out = self.boto3(
+            "print(json.dumps([o['Key'] for o in s3.list_objects_v2(Bucket=BUCKET).get('Contents', [])]))",
+        )?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -434,8 +561,8 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
         None,
     )?;
     tools.kubectl(&["create", "namespace", &namespace])?;
-    // 4 replicas backed up, 4 restored, 4 refusing the damaged file.
-    volumes(&tools, &namespace, &mut cleanup, 12)?;
+    // 4 replicas backed up, 4 restored, 4 refusing the damaged file, 4 restored from S3.
+    volumes(&tools, &namespace, &mut cleanup, 16)?;
 
     // 1. A cluster with scheduled backups, Available.
     let backup = json!({ "backup": { "claimName": CLAIM, "schedule": "*/1 * * * *", "keep": 5 } });
@@ -611,7 +738,85 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
         t0.elapsed()
     ));
 
-    // 6. The cluster goes; the backup stays on the claim.
+    // 6. Backups to S3: a Secret of credentials, the bucket in spec.backup.s3, a backup on
+    // request that lands under the prefix, listed by boto3; a missing Secret named.
+    let moto = Moto::start()?;
+    loud(&format!("moto's S3 server at {}", moto.endpoint));
+    tools.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": S3_SECRET, "namespace": namespace },
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": "AKIAKMMRE2E",
+            "AWS_SECRET_ACCESS_KEY": "kmmr-e2e-secret"
+        }
+    }))?;
+    let s3 = |secret: &str| {
+        // A merge patch: the claim is removed (a backup goes to one place), and the schedule
+        // suspended so that only the requested backup runs.
+        json!({ "claimName": null, "suspend": true, "s3": {
+            "bucket": BUCKET,
+            "prefix": "e2e/",
+            "endpoint": moto.endpoint,
+            "credentialsSecret": secret
+        } })
+    };
+    patch(s3("no-such-secret"))?;
+    wait_for(
+        &tools,
+        &namespace,
+        CLUSTER,
+        "a missing S3 Secret reported",
+        Duration::from_secs(60),
+        |c| {
+            condition(c, "LastBackupSucceeded")["message"]
+                .as_str()
+                .is_some_and(|m| {
+                    m.contains("Secret no-such-secret") && m.contains("does not exist")
+                })
+        },
+    )
+    .await?;
+    patch(s3(S3_SECRET))?;
+    let request = format!("e2e-s3-{}", t0.elapsed().as_millis());
+    tools.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        &namespace,
+        &format!("kmmr.io/backup-request={request}"),
+    ])?;
+    let c = wait_for(
+        &tools,
+        &namespace,
+        CLUSTER,
+        "requested S3 backup in status.backup",
+        Duration::from_secs(180),
+        |c| {
+            let b = &c["status"]["backup"];
+            b["lastRequest"] == request.as_str()
+                && b["lastBackup"]["bucket"] == BUCKET
+                && condition(c, "LastBackupSucceeded")["status"] == "True"
+        },
+    )
+    .await?;
+    let last = c["status"]["backup"]["lastBackup"].clone();
+    loud(&format!("status.backup.lastBackup (S3): {last}"));
+    assert_eq!(last["keys"].as_i64(), Some(expected.len() as i64), "{last}");
+    let object = last["file"].as_str().ok_or("lastBackup.file")?.to_string();
+    assert!(
+        object.starts_with(&format!("e2e/{CLUSTER}/kmmr-")) && object.ends_with(".kmmr"),
+        "{object}"
+    );
+    let listed = moto.keys()?;
+    assert!(
+        listed.contains(&object),
+        "boto3 lists {listed:?} in the bucket, without {object}"
+    );
+
+    // 7. The cluster goes; the backup stays on the claim.
     tools.kubectl(&[
         "delete",
         "bftcluster",
@@ -650,7 +855,8 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
     bytes[middle] ^= 0x10;
     std::fs::write(cleanup.host_dir.join("backups").join(&damaged), bytes)?;
 
-    // 7. Two new clusters from the backup: one from the intact file, one from the damaged copy.
+    // 8. New clusters from the backups: from the intact file, from the damaged copy, and from
+    // the S3 object.
     let t_restore = Instant::now();
     tools.apply(&bftcluster(
         &namespace,
@@ -663,6 +869,17 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
         BROKEN,
         &image,
         json!({ "restoreFrom": { "claimName": CLAIM, "file": damaged } }),
+    ))?;
+    tools.apply(&bftcluster(
+        &namespace,
+        FROM_S3,
+        &image,
+        json!({ "restoreFrom": { "s3": {
+            "bucket": BUCKET,
+            "key": object,
+            "endpoint": moto.endpoint,
+            "credentialsSecret": S3_SECRET
+        } } }),
     ))?;
     let c = wait_for(
         &tools,
@@ -679,7 +896,7 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
         t_restore.elapsed()
     ));
 
-    // 8. Every key reads back with its value, and the restored cluster takes new writes.
+    // 9. Every key reads back with its value, and the restored cluster takes new writes.
     let out = run_client(
         &tools,
         &namespace,
@@ -702,7 +919,7 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
         "the restored cluster's keys differ from what was written"
     );
 
-    // 9. The damaged copy is refused, with the replicas' reason, and that cluster never starts.
+    // 10. The damaged copy is refused, with the replicas' reason, and that cluster never starts.
     let c = wait_for(
         &tools,
         &namespace,
@@ -722,6 +939,39 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
     assert_ne!(condition(&c, "Available")["status"], "True");
     let note = event(&tools, &namespace, BROKEN, "RestoreRefused").await?;
     assert!(note.contains("refusing the backup"), "{note}");
+
+    // 11. The cluster restored from S3 serves the same keys.
+    let c = wait_for(
+        &tools,
+        &namespace,
+        FROM_S3,
+        "cluster restored from S3 Available and Restored",
+        Duration::from_secs(300),
+        |c| healthy(c) && condition(c, "Restored")["status"] == "True",
+    )
+    .await?;
+    loud(&format!(
+        "restored from S3: {}",
+        condition(&c, "Restored")["message"]
+    ));
+    let out = run_client(
+        &tools,
+        &namespace,
+        &client_pod(
+            &namespace,
+            FROM_S3,
+            "s3-reader",
+            &image,
+            &[vec!["range", "-o", "json", "e2e/"]],
+        ),
+    )
+    .await?;
+    assert_eq!(
+        parse_range(&out)?,
+        expected,
+        "the cluster restored from S3 holds other keys than were written"
+    );
+    drop(moto);
     loud(&format!("MEASURED {test}: {:.1?} in all", t0.elapsed()));
     drop(cleanup);
     Ok(())
