@@ -2,7 +2,7 @@
 //! requests execute at most once), the reply cache, and the pool of requests waiting to be
 //! ordered, drained round-robin across clients so no client starves another.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 
 use crate::crypto::Digest;
@@ -153,7 +153,20 @@ pub struct Pool {
     /// would let clients park 100,000 requests of the largest value in memory.
     bytes: usize,
     max_bytes: Option<usize>,
+    /// The times between executed batches while requests waited, newest last, each with the
+    /// timer generation (one per regency) it was measured in: how long this load makes a batch
+    /// take, which the request timer allows a leader before it counts as stalled.
+    intervals: VecDeque<(u64, u64)>,
+    /// Whether requests were waiting when the last batch was executed (the time to the next
+    /// one is then a batch interval, not an idle spell).
+    waiting_at_last_batch: bool,
+    generation: u64,
 }
+
+/// Batch intervals kept for [`Pool::batch_interval`].
+const INTERVALS_KEPT: usize = 32;
+/// Intervals from earlier regencies needed before they alone make the estimate.
+const EARLIER_INTERVALS_NEEDED: usize = 4;
 
 impl Pool {
     pub fn with_max_bytes(max_bytes: usize) -> Self {
@@ -328,8 +341,36 @@ impl Pool {
 
     /// Counts an executed batch (every replica executes the same ones, in the same order).
     pub fn batch_executed(&mut self, now_us: u64) {
+        if self.waiting_at_last_batch {
+            if self.intervals.len() == INTERVALS_KEPT {
+                self.intervals.pop_front();
+            }
+            self.intervals
+                .push_back((self.generation, now_us.saturating_sub(self.last_batch_us)));
+        }
         self.batches += 1;
         self.last_batch_us = now_us;
+        self.waiting_at_last_batch = !self.entries.is_empty();
+    }
+
+    /// The median time between executed batches while requests waited: measured under
+    /// earlier regencies' leaders once there are a few such intervals, so that a leader
+    /// cannot stretch its own allowance by slowing down; before that, under the current one
+    /// too. `None` before any.
+    pub fn batch_interval(&self) -> Option<u64> {
+        let earlier: Vec<u64> = self
+            .intervals
+            .iter()
+            .filter(|(g, _)| *g < self.generation)
+            .map(|(_, us)| *us)
+            .collect();
+        let mut sample = if earlier.len() >= EARLIER_INTERVALS_NEEDED {
+            earlier
+        } else {
+            self.intervals.iter().map(|(_, us)| *us).collect()
+        };
+        sample.sort_unstable();
+        sample.get(sample.len() / 2).copied()
     }
 
     /// When the last batch was executed (0 before any).
@@ -421,6 +462,9 @@ impl Pool {
 
     /// Restarts every request's clock: after a leader change the new leader gets a full timeout.
     pub fn restart_timers(&mut self, now_us: u64) {
+        // The time from the last batch to the new leader's first spans the leader change.
+        self.generation += 1;
+        self.waiting_at_last_batch = false;
         self.by_arrival.clear();
         self.unforwarded.clear();
         self.clients_high = self.by_client.len();
@@ -550,6 +594,37 @@ mod tests {
             pool.batch_executed(4);
         }
         assert_eq!(pool.rounds_waited(), if oldest_is_second { 1 } else { 2 });
+    }
+
+    #[test]
+    fn batch_intervals_count_only_while_requests_wait_and_prefer_earlier_regencies() {
+        let mut pool = Pool::default();
+        assert_eq!(pool.batch_interval(), None);
+        // Nothing waited after the batch at 1: the time to the next is idle, not an interval.
+        pool.batch_executed(1_000);
+        for seq in [1, 2] {
+            let r = req(1, seq, 10);
+            pool.insert(r.clone(), r.digest(), 2_000, 10, 100).unwrap();
+        }
+        pool.batch_executed(50_000);
+        assert_eq!(pool.batch_interval(), None);
+        pool.remove(&req(1, 1, 10).digest());
+        pool.batch_executed(50_300);
+        assert_eq!(pool.batch_interval(), Some(300));
+        // Under a new regency its own intervals count until earlier ones are enough...
+        pool.restart_timers(60_000);
+        pool.batch_executed(60_100);
+        pool.batch_executed(69_100);
+        assert_eq!(pool.batch_interval(), Some(9_000));
+        // ...after which a leader's own slow batches do not stretch the estimate.
+        for t in [70_000, 70_300, 70_600] {
+            pool.batch_executed(t);
+        }
+        pool.restart_timers(80_000);
+        for t in [80_100, 100_000, 120_000, 140_000] {
+            pool.batch_executed(t);
+        }
+        assert_eq!(pool.batch_interval(), Some(300), "{:?}", pool.intervals);
     }
 
     #[test]

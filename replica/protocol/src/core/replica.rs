@@ -50,6 +50,10 @@ const MAX_CARRIED: usize = 1024;
 /// every client in turn; however the leader serves, a request that waits this many times the
 /// timeout still gets it suspected.
 const OVERLOAD_PATIENCE: u64 = 30;
+/// A leader counts as stalled after this many typical batch intervals without one...
+const STALL_FACTOR: u64 = 4;
+/// ...but never more than this many timeouts.
+const STALL_CAP: u64 = 8;
 /// Per-regency latency estimates kept for the slow-leader baseline.
 const LATENCY_HISTORY: usize = 8;
 /// Checkpoints kept in memory to serve state transfer (the newest and the one before).
@@ -576,7 +580,7 @@ impl Replica {
 
     /// When a request that arrived at `arrived_us` is due for stage one of its timer
     /// (forwarding) or stage two (suspecting the leader). A leader that executes nothing for a
-    /// timeout, or that lets rounds of other clients' requests go by without the oldest one
+    /// timeout (or the longer time batches take under this load: `stall_allowance_us`), or that lets rounds of other clients' requests go by without the oldest one
     /// (`Pool::rounds_waited`), is due after `stage` timeouts as in BFT-SMaRt. One that keeps
     /// serving every client in turn is not, when the queue alone makes requests wait that long
     /// (many clients of large values: replacing it would only start the queue again under the
@@ -586,9 +590,22 @@ impl Replica {
         if self.pool.rounds_waited() >= stage {
             return due;
         }
-        let stalled = self.idle_since().saturating_add(self.timeout_us);
+        let stalled = self.idle_since().saturating_add(self.stall_allowance_us());
         let patience = arrived_us.saturating_add(stage * OVERLOAD_PATIENCE * self.timeout_us);
         due.max(stalled.min(patience))
+    }
+
+    /// How long a leader may execute nothing while requests wait before it counts as stalled:
+    /// a timeout, or `STALL_FACTOR` batch intervals when the load makes batches take longer
+    /// (values of megabytes from many clients on a busy host take seconds each), at most
+    /// `STALL_CAP` timeouts. The intervals come from earlier regencies' leaders once there are
+    /// a few, so a leader cannot stretch its own allowance (`Pool::batch_interval`).
+    fn stall_allowance_us(&self) -> u64 {
+        let t = self.timeout_us;
+        self.pool.batch_interval().map_or(t, |i| {
+            i.saturating_mul(STALL_FACTOR)
+                .clamp(t, STALL_CAP.saturating_mul(t))
+        })
     }
 
     pub(super) fn catchup_interval_us(&self) -> u64 {
