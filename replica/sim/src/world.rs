@@ -526,6 +526,10 @@ impl<'a> World<'a> {
                         fresh()
                     };
                     n.last_checked = None;
+                } else {
+                    // A pause, not a crash: the driver finds its process did not run.
+                    let n = &mut self.nodes[node];
+                    n.replica.resumed(self.now + n.offset_us);
                 }
                 self.nodes[node].down = false;
                 self.arm_node_timer(node);

@@ -20,6 +20,7 @@ mod contention;
 mod digest;
 pub mod durability;
 mod fds;
+mod pause;
 pub use kmmr_net::http;
 pub mod metrics;
 mod poll;
@@ -188,6 +189,7 @@ pub async fn run(
         clock: Clock::new(),
         status_digest: digest::StatusDigest::default(),
         contention: contention::Contention::new(),
+        pauses: pause::Pauses::watch(),
         rejections: HashMap::new(),
         accusations: accuse::Accusations::default(),
         durability,
@@ -399,6 +401,8 @@ struct NodeLoop {
     status_digest: digest::StatusDigest,
     /// How long this replica waits for a CPU: a busy host judges no leader slow.
     contention: contention::Contention,
+    /// Whether this process stopped running for a while (its timers cannot judge that time).
+    pauses: pause::Pauses,
     rejections: HashMap<kmmr_protocol::core::rejection::Rejection, u64>,
     /// Evidence against peers: rejections that only a faulty sender causes, recent ones only,
     /// for the signed status (the operator names a replica that f+1 others accuse).
@@ -468,6 +472,13 @@ impl NodeLoop {
                     let busy = self.host_busy();
                     self.core.set_host_busy(busy);
                     let now = self.clock.now_us();
+                    if self.pauses.take() {
+                        tracing::info!(
+                            "this replica's process did not run for over {:?}: its request timers start again",
+                            pause::PAUSE
+                        );
+                        self.core.resumed(now);
+                    }
                     self.core.on_timeout(now);
                 }
                 Some(reply) = http.status.recv() => {

@@ -50,6 +50,9 @@ const MAX_CARRIED: usize = 1024;
 /// every client in turn; however the leader serves, a request that waits this many times the
 /// timeout still gets it suspected.
 const OVERLOAD_PATIENCE: u64 = 30;
+/// Payload bytes of requests a repeated or escalated STOP carries (but always the oldest
+/// request): the first STOP of a leader change carried up to `limits::MAX_CARRIED_BYTES`.
+const STOP_RESENT_BYTES: usize = 256 * 1024;
 /// A leader counts as stalled after this many typical batch intervals without one...
 const STALL_FACTOR: u64 = 4;
 /// ...but never more than this many timeouts.
@@ -172,6 +175,8 @@ pub struct Replica {
     lc: leader_change::LeaderChange,
     timeout_us: u64,
     regency_started_us: u64,
+    /// When this replica last resumed after its process did not run (see [`Replica::resumed`]).
+    resumed_us: u64,
     progress_in_regency: bool,
     regency_latency_us: Option<u64>,
     latency_history: VecDeque<u64>,
@@ -243,6 +248,7 @@ impl Replica {
             lc: leader_change::LeaderChange::default(),
             timeout_us,
             regency_started_us: 0,
+            resumed_us: 0,
             progress_in_regency: false,
             regency_latency_us: None,
             latency_history: VecDeque::new(),
@@ -565,7 +571,10 @@ impl Replica {
 
     /// Since when nothing was executed in this regency.
     fn idle_since(&self) -> u64 {
-        self.pool.last_batch_us().max(self.regency_started_us)
+        self.pool
+            .last_batch_us()
+            .max(self.regency_started_us)
+            .max(self.resumed_us)
     }
 
     /// When a waiting request makes this replica ask its peers for decisions it may have
@@ -610,6 +619,16 @@ impl Replica {
 
     pub(super) fn catchup_interval_us(&self) -> u64 {
         (self.config.request_timeout_us / 8).max(1)
+    }
+
+    /// Tells the core that this replica's process did not run for a while (stopped, or its host
+    /// did not schedule it): its requests' timers ran meanwhile without it seeing what the
+    /// leader did, so they start again and the leader is judged from now. Without this a
+    /// replica resumed after a pause asks for a leader change at once, whatever the leader.
+    pub fn resumed(&mut self, now: u64) {
+        self.clock_us = self.clock_us.max(now);
+        self.resumed_us = now;
+        self.pool.restart_timers(now);
     }
 
     /// Tells the core whether this replica's own host is short of CPU (the driver measures how
@@ -707,7 +726,7 @@ impl Replica {
                     Suspicion::LeaderChangeTimeout,
                 );
             } else if self.lc.stop_retransmit_at.is_some_and(|t| now >= t) {
-                let requests = self.pool.oldest(MAX_CARRIED, limits::MAX_CARRIED_BYTES);
+                let requests = self.pool.oldest(MAX_CARRIED, STOP_RESENT_BYTES);
                 self.broadcast(ReplicaMessage::Stop {
                     regency: self.lc.stop_sent,
                     requests,

@@ -112,11 +112,20 @@ impl Replica {
             regency: target,
             why,
         });
+        // The first STOP of a leader change hands the waiting requests to every replica, the
+        // next leaders included; one that escalates it, or repeats it, needs carry no more than
+        // the oldest few: megabytes more per peer each second would only queue ahead of the
+        // leader change's own messages (values of 1 MiB from many clients, issue 15).
+        let carried = if self.lc.stop_active {
+            STOP_RESENT_BYTES
+        } else {
+            limits::MAX_CARRIED_BYTES
+        };
         self.lc.stop_sent = target;
         self.lc.stop_active = true;
         self.lc.stop_started_us = now;
         self.lc.stop_votes.insert(self.me, target);
-        let requests = self.pool.oldest(MAX_CARRIED, limits::MAX_CARRIED_BYTES);
+        let requests = self.pool.oldest(MAX_CARRIED, carried);
         self.broadcast(ReplicaMessage::Stop {
             regency: target,
             requests,
