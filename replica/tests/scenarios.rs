@@ -470,3 +470,34 @@ fn a_replica_that_ends_a_state_transfer_behind_catches_up_in_an_idle_cluster() {
         "left behind (restart ms, last decided): {failed:?}"
     );
 }
+
+/// A follower whose process stops for several timeouts (SIGSTOP, a frozen VM) while the others
+/// keep deciding does not ask for a leader change when it runs again: its requests' timers ran
+/// while it saw nothing, so they start again (`Replica::resumed`), and it catches up instead.
+/// Before, it suspected the leader the moment it resumed (issue 15's frozen replicas).
+#[test]
+fn a_follower_resumed_after_a_pause_does_not_suspect_the_leader() {
+    let mut cfg = SimConfig::calm(13, 4);
+    fixed_network(&mut cfg);
+    cfg.clients = 3;
+    cfg.ops_per_client = 200;
+    cfg.core.slow_leader = None;
+    let timeout = cfg.core.request_timeout_us;
+    cfg.crashes = vec![Crash {
+        node: 3,
+        from_us: 50 * MS,
+        until_us: 50 * MS + 5 * timeout,
+        amnesia: false,
+        disk: false,
+        lost_tail: 0,
+        at_promise: false,
+    }];
+    let r = run(&cfg);
+    assert_ok(&r);
+    assert_eq!(r.ops_completed, r.ops_total);
+    assert!(
+        r.suspicions.is_empty(),
+        "the leader kept deciding, yet: {:?}",
+        r.suspicions
+    );
+}
