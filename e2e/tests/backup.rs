@@ -113,8 +113,15 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// The test bed's network namespace and the node's address in it (e2e/testbed/lib.sh).
-const NETNS: &str = "--net=/run/netns/kmmr-testbed";
+/// nsenter's option for the test bed's network namespace (`KMMR_TESTBED_NETNS`, as
+/// e2e/testbed/lib.sh names it), and the node's address in it.
+fn netns() -> String {
+    let name = std::env::var("KMMR_TESTBED_NETNS")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kmmr-testbed".to_string());
+    format!("--net=/run/netns/{name}")
+}
 const NODE_IP: &str = "10.250.0.10";
 const BUCKET: &str = "kmmr-e2e";
 const S3_SECRET: &str = "s3-creds";
@@ -154,7 +161,7 @@ impl Moto {
             let port = run(
                 &nsenter,
                 &[
-                    NETNS,
+                    &netns(),
                     &python.to_string_lossy(),
                     "-c",
                     &format!(
@@ -166,7 +173,7 @@ impl Moto {
             let port = port.trim().to_string();
             let out = std::fs::File::create(&log)?;
             let child = Command::new("nsenter")
-                .args([NETNS, &server, "-H", NODE_IP, "-p", &port])
+                .args([&netns(), &server, "-H", NODE_IP, "-p", &port])
                 .stdin(Stdio::null())
                 .stdout(out.try_clone()?)
                 .stderr(out)
@@ -210,7 +217,7 @@ impl Moto {
         run(
             &PathBuf::from("nsenter"),
             &[
-                NETNS,
+                &netns(),
                 &self.python.to_string_lossy(),
                 "-c",
                 &(prelude + code),
