@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cluster_or_skip, images_or_skip, loud, poll, run, strict, tool, unique, Result};
+use common::{
+    cluster_or_skip, images_or_skip, loud, poll, run, strict, testbed_netns, tool, unique, Result,
+};
 use serde_json::{json, Value};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kmmr");
@@ -113,14 +115,9 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// nsenter's option for the test bed's network namespace (`KMMR_TESTBED_NETNS`, as
-/// e2e/testbed/lib.sh names it), and the node's address in it.
+/// nsenter's option for the test bed's network namespace, and the node's address in it.
 fn netns() -> String {
-    let name = std::env::var("KMMR_TESTBED_NETNS")
-        .ok()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "kmmr-testbed".to_string());
-    format!("--net=/run/netns/{name}")
+    format!("--net={}", testbed_netns().display())
 }
 const NODE_IP: &str = "10.250.0.10";
 const BUCKET: &str = "kmmr-e2e";
@@ -475,6 +472,20 @@ async fn event(tools: &Tools, namespace: &str, cluster: &str, reason: &str) -> R
     .await
 }
 
+/// Asks for a backup of CLUSTER now, as a user does: a new value of the annotation.
+fn request_backup(tools: &Tools, namespace: &str, request: &str) -> Result {
+    tools.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "bftcluster",
+        CLUSTER,
+        "-n",
+        namespace,
+        &format!("kmmr.io/backup-request={request}"),
+    ])?;
+    Ok(())
+}
+
 fn healthy(c: &Value) -> bool {
     condition(c, "Available")["status"] == "True" && c["status"]["healthy"] == 4
 }
@@ -616,15 +627,7 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
 
     // 3. A backup on request, shown in the status.
     let request = format!("e2e-{}", t0.elapsed().as_millis());
-    tools.kubectl(&[
-        "annotate",
-        "--overwrite",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        &format!("kmmr.io/backup-request={request}"),
-    ])?;
+    request_backup(&tools, &namespace, &request)?;
     let c = wait_for(
         &tools,
         &namespace,
@@ -786,15 +789,7 @@ async fn backup_delete_restore_reads_every_key_back_and_a_damaged_backup_is_refu
     .await?;
     patch(s3(S3_SECRET))?;
     let request = format!("e2e-s3-{}", t0.elapsed().as_millis());
-    tools.kubectl(&[
-        "annotate",
-        "--overwrite",
-        "bftcluster",
-        CLUSTER,
-        "-n",
-        &namespace,
-        &format!("kmmr.io/backup-request={request}"),
-    ])?;
+    request_backup(&tools, &namespace, &request)?;
     let c = wait_for(
         &tools,
         &namespace,

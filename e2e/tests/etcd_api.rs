@@ -22,14 +22,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cluster_or_skip, images_or_skip, loud, poll, run, strict, tool, unique, Result};
+use common::{
+    cluster_or_skip, images_or_skip, loud, poll, run, strict, testbed_netns, tool, unique, Result,
+};
 use serde_json::{json, Value};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kmmr");
 const RELEASE: &str = "kmmr-etcd-e2e";
 const CLUSTER: &str = "hosted";
-/// The test bed's network namespace (`e2e/testbed/lib.sh`).
-const NETNS: &str = "/run/netns/kmmr-testbed";
 /// The namespace created through the hosted apiserver.
 const TENANT: &str = "tenant-a";
 
@@ -546,7 +546,8 @@ async fn a_hosted_kube_apiserver_keeps_its_state_on_a_bftcluster_through_the_etc
             "kube-apiserver is needed (e2e/testbed/build.sh control-plane builds it)",
         );
     };
-    if !Path::new(NETNS).exists() {
+    let netns = testbed_netns();
+    if !netns.exists() {
         return skip(
             test,
             "the test bed's network namespace is not there: the host cannot reach the gateways \
@@ -616,7 +617,7 @@ async fn a_hosted_kube_apiserver_keeps_its_state_on_a_bftcluster_through_the_etc
     let sock = dir.join("etcd.sock");
     let _inner = KillOnDrop(
         Command::new(&nsenter)
-            .arg(format!("--net={NETNS}"))
+            .arg(format!("--net={}", netns.display()))
             .arg(&socat)
             .arg(format!("UNIX-LISTEN:{},fork,mode=600", sock.display()))
             .arg(format!("TCP:{gateway}:2379"))

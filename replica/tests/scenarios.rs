@@ -53,15 +53,7 @@ fn decided_by_one_that_stops() -> SimConfig {
         drop_to("accept", 1, 50 * MS),
         drop_to("accept", 3, 50 * MS),
     ];
-    cfg.crashes = vec![Crash {
-        node: 2,
-        from_us: 8 * MS,
-        until_us: 3_000 * MS,
-        amnesia: false,
-        disk: false,
-        lost_tail: 0,
-        at_promise: false,
-    }];
+    cfg.crashes = vec![Crash::pause(2, 8 * MS, 3_000 * MS)];
     cfg
 }
 
@@ -88,15 +80,8 @@ fn leader_change_keeps_value_decided_at_epoch_zero() {
 fn accepted_values_survive_a_restart_of_the_replicas_that_accepted_them() {
     let mut cfg = decided_by_one_that_stops();
     for node in [0, 1] {
-        cfg.crashes.push(Crash {
-            node,
-            from_us: 9 * MS,
-            until_us: 12 * MS,
-            amnesia: true,
-            disk: true,
-            lost_tail: 0,
-            at_promise: false,
-        });
+        cfg.crashes
+            .push(Crash::restart(node, 9 * MS, 12 * MS, true));
     }
     assert_decided_again(&cfg);
 }
@@ -251,15 +236,7 @@ fn checkpoints_by_decided_bytes_agree_across_replicas_and_restarts() {
     // The period alone would take none in this run: only the bytes do.
     cfg.core.checkpoint_period = 1_000_000;
     cfg.core.checkpoint_bytes = 500;
-    cfg.crashes = vec![Crash {
-        node: 2,
-        from_us: 100 * MS,
-        until_us: 250 * MS,
-        amnesia: true,
-        disk: true,
-        lost_tail: 0,
-        at_promise: false,
-    }];
+    cfg.crashes = vec![Crash::restart(2, 100 * MS, 250 * MS, true)];
     let r = run(&cfg);
     assert_ok(&r);
     assert_eq!(r.ops_completed, r.ops_total);
@@ -308,15 +285,7 @@ fn a_transfer_outlived_by_its_checkpoint_moves_to_a_newer_one() {
     cfg.core.checkpoint_period = 4;
     cfg.clients = 2;
     cfg.ops_per_client = 200;
-    cfg.crashes = vec![Crash {
-        node: 3,
-        from_us: 5 * MS,
-        until_us: 40 * MS,
-        amnesia: true,
-        disk: true,
-        lost_tail: 0,
-        at_promise: false,
-    }];
+    cfg.crashes = vec![Crash::restart(3, 5 * MS, 40 * MS, true)];
     // Its chunks are lost until the others are well past the checkpoint it first chose.
     cfg.drops = vec![drop_to("chunk", 3, 300 * MS)];
     let r = run(&cfg);
@@ -356,15 +325,7 @@ fn garbage_accept_signatures_never_reach_a_proof_shown_to_others() {
         from_us: 67 * MS,
         ..drop_to("accept", 2, 100 * MS)
     }];
-    cfg.crashes = vec![Crash {
-        node: 0,
-        from_us: 180 * MS,
-        until_us: 100_000 * MS,
-        amnesia: false,
-        disk: false,
-        lost_tail: 0,
-        at_promise: false,
-    }];
+    cfg.crashes = vec![Crash::pause(0, 180 * MS, 100_000 * MS)];
     let r = run(&cfg);
     assert_ok(&r);
     assert_eq!(r.ops_completed, r.ops_total);
@@ -428,15 +389,7 @@ fn a_replica_that_ends_a_state_transfer_behind_catches_up_in_an_idle_cluster() {
         cfg.think_us = MS;
         // Three seconds of quiet after the clients finish: far longer than any catch-up takes.
         cfg.settle_us = 3_000 * MS;
-        cfg.crashes = vec![Crash {
-            node: 3,
-            from_us: 5 * MS,
-            until_us: restart_ms * MS,
-            amnesia: true,
-            disk: false,
-            lost_tail: 0,
-            at_promise: false,
-        }];
+        cfg.crashes = vec![Crash::restart(3, 5 * MS, restart_ms * MS, false)];
         // Its clients never reach it: only the replicas can tell it what it missed.
         cfg.drops = vec![drop_to("request", 3, u64::MAX)];
         let r = run(&cfg);
@@ -483,15 +436,7 @@ fn a_follower_resumed_after_a_pause_does_not_suspect_the_leader() {
     cfg.ops_per_client = 200;
     cfg.core.slow_leader = None;
     let timeout = cfg.core.request_timeout_us;
-    cfg.crashes = vec![Crash {
-        node: 3,
-        from_us: 50 * MS,
-        until_us: 50 * MS + 5 * timeout,
-        amnesia: false,
-        disk: false,
-        lost_tail: 0,
-        at_promise: false,
-    }];
+    cfg.crashes = vec![Crash::pause(3, 50 * MS, 50 * MS + 5 * timeout)];
     let r = run(&cfg);
     assert_ok(&r);
     assert_eq!(r.ops_completed, r.ops_total);

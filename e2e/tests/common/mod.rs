@@ -59,6 +59,16 @@ pub fn images_or_skip(test: &str, where_from: &str) -> Option<(String, String)> 
     }
 }
 
+/// The test bed's network namespace, as e2e/testbed/lib.sh names it (`KMMR_TESTBED_NETNS`,
+/// default kmmr-testbed).
+pub fn testbed_netns() -> PathBuf {
+    let name = std::env::var("KMMR_TESTBED_NETNS")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kmmr-testbed".to_string());
+    PathBuf::from("/run/netns").join(name)
+}
+
 /// A tool by name: on PATH, else in the test bed's cache.
 pub fn tool(name: &str) -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {

@@ -51,6 +51,30 @@ pub struct Crash {
 }
 
 impl Crash {
+    /// The node's process stops from `from_us` until `until_us` and then runs on with all its
+    /// state (SIGSTOP, a frozen VM).
+    pub fn pause(node: usize, from_us: u64, until_us: u64) -> Crash {
+        Crash {
+            node,
+            from_us,
+            until_us,
+            amnesia: false,
+            disk: false,
+            lost_tail: 0,
+            at_promise: false,
+        }
+    }
+
+    /// The node crashes at `from_us` and restarts at `until_us`, from its disk (`disk`) or with
+    /// nothing.
+    pub fn restart(node: usize, from_us: u64, until_us: u64, disk: bool) -> Crash {
+        Crash {
+            amnesia: true,
+            disk,
+            ..Crash::pause(node, from_us, until_us)
+        }
+    }
+
     /// Whether the restart loses votes the node may have sent: only without its disk.
     pub fn forgets_votes(&self) -> bool {
         self.amnesia && !self.disk
@@ -310,15 +334,7 @@ impl SimConfig {
                 };
                 let from = rng.gen_range(0..c.gst_us);
                 let until = rng.gen_range(from..=c.gst_us);
-                c.crashes.push(Crash {
-                    node,
-                    from_us: from,
-                    until_us: until,
-                    amnesia: false,
-                    disk: false,
-                    lost_tail: 0,
-                    at_promise: false,
-                });
+                c.crashes.push(Crash::pause(node, from, until));
             }
         }
     }

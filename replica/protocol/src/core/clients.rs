@@ -161,6 +161,9 @@ pub struct Pool {
     /// one is then a batch interval, not an idle spell).
     waiting_at_last_batch: bool,
     generation: u64,
+    /// [`Pool::batch_interval`], kept up to date where the intervals change: the request
+    /// timer asks for it every time the replica computes its next deadline.
+    interval_estimate: Option<u64>,
 }
 
 /// Batch intervals kept for [`Pool::batch_interval`].
@@ -347,6 +350,7 @@ impl Pool {
             }
             self.intervals
                 .push_back((self.generation, now_us.saturating_sub(self.last_batch_us)));
+            self.interval_estimate = self.estimate_interval();
         }
         self.batches += 1;
         self.last_batch_us = now_us;
@@ -358,6 +362,10 @@ impl Pool {
     /// cannot stretch its own allowance by slowing down; before that, under the current one
     /// too. `None` before any.
     pub fn batch_interval(&self) -> Option<u64> {
+        self.interval_estimate
+    }
+
+    fn estimate_interval(&self) -> Option<u64> {
         let earlier: Vec<u64> = self
             .intervals
             .iter()
@@ -465,6 +473,7 @@ impl Pool {
         // The time from the last batch to the new leader's first spans the leader change.
         self.generation += 1;
         self.waiting_at_last_batch = false;
+        self.interval_estimate = self.estimate_interval();
         self.by_arrival.clear();
         self.unforwarded.clear();
         self.clients_high = self.by_client.len();

@@ -589,7 +589,8 @@ impl Replica {
 
     /// When a request that arrived at `arrived_us` is due for stage one of its timer
     /// (forwarding) or stage two (suspecting the leader). A leader that executes nothing for a
-    /// timeout (or the longer time batches take under this load: `stall_allowance_us`), or that lets rounds of other clients' requests go by without the oldest one
+    /// timeout (or the longer time batches take under this load: `stall_allowance_us`), or
+    /// that lets rounds of other clients' requests go by without the oldest one
     /// (`Pool::rounds_waited`), is due after `stage` timeouts as in BFT-SMaRt. One that keeps
     /// serving every client in turn is not, when the queue alone makes requests wait that long
     /// (many clients of large values: replacing it would only start the queue again under the
