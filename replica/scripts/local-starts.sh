@@ -7,9 +7,10 @@
 #   replica/scripts/local-starts.sh BINARY [COUNT, default 200]
 #
 # Inside the ephemeral range a port can be the local end of a recent outgoing connection, held
-# in TIME_WAIT for 60 s, which no listener can bind (the earlier runs' own clients leave
-# hundreds). `local` must then refuse at once, saying which port and why; anything else is a
-# failure. So the script exits non-zero if a run below the range failed, or if a run inside it
+# in TIME_WAIT for 60 s. The earlier runs' own clients and replicas leave thousands, but they
+# dial with SO_REUSEADDR, so those keep no listener off a port (before that, 13 of 100 starts
+# inside the range were refused). Another program's can: `local` must then refuse at once,
+# saying which port and why; anything else is a failure. So the script exits non-zero if a run below the range failed, or if a run inside it
 # failed any other way than that refusal. It prints a line per failed run and a summary. A base
 # port whose ports are already listened on is skipped: that is someone else's. Directories go
 # under a temporary one, removed on exit.

@@ -345,9 +345,10 @@ fn answers(addr: &str) -> bool {
 /// A port that a listener holds is refused at once (a cluster already running, say), and so is
 /// one held in TIME_WAIT, which lasts a minute: outgoing connections take their local ports from
 /// the kernel's ephemeral range (32768-60999 by default), and a closed one that never set
-/// SO_REUSEADDR keeps any listener off its port meanwhile (17 of 100 random base ports in that
-/// range, after a hundred earlier starts). A port held by a connection still closing gets a
-/// moment to come free. The error says which it was.
+/// SO_REUSEADDR keeps any listener off its port meanwhile. This project's own connections set it
+/// (`kmmr_net`'s dial), so only other programs' do that (before, 13-17 of 100 random base ports
+/// in that range after a hundred earlier starts). A port held by a connection still closing gets
+/// a moment to come free. The error says which it was.
 pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
     for i in 0..n {
         let i16 = u16::try_from(i).context("too many replicas for one machine's ports")?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
@@ -193,12 +193,40 @@ where
 /// Connects with a bound on the time, and turns off Nagle: frames are small and latency-bound,
 /// and batching is done above TCP.
 pub(crate) async fn connect(addr: &str, cfg: &NetConfig) -> io::Result<TcpStream> {
-    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(cfg.connect_timeout, dial(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
     tune_timers(&tcp, cfg);
     Ok(tcp)
+}
+
+/// `TcpStream::connect` from a socket with SO_REUSEADDR. An outgoing connection's local port
+/// comes from the kernel's ephemeral range, where users also pick listening ports, and the end
+/// that closes first holds that port in TIME_WAIT for a minute. A TIME_WAIT left by a socket
+/// without SO_REUSEADDR keeps every listener off the port meanwhile; one with it does not
+/// (listeners here bind with SO_REUSEADDR too), so a client that just stopped, or a replica's
+/// dial to a peer, never stops a replica from starting on that port.
+async fn dial(addr: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        match sock.connect(a).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 /// Applies [`NetConfig::tcp_timers`] to a link, best effort: a kernel without the options (or
@@ -374,5 +402,41 @@ mod tests {
         assert!(get(&accepted, TcpOption::RtoMin).expect("get") >= Duration::from_millis(200));
         tune_timers(&accepted, &cfg);
         assert!(get(&accepted, TcpOption::RtoMin).expect("get") <= t.rto_min + slack);
+    }
+    /// A dialed link that this end closes first leaves its local port in TIME_WAIT for a
+    /// minute; a listener must still be able to bind that port (`dial`'s SO_REUSEADDR).
+    #[tokio::test]
+    async fn a_closed_dialed_link_keeps_no_listener_off_its_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cfg = NetConfig::default();
+        let (dialed, accepted) = tokio::join!(connect(&addr, &cfg), listener.accept());
+        let dialed = dialed.expect("connect");
+        let (mut accepted, _) = accepted.expect("accept");
+        let port = dialed.local_addr().expect("local addr").port();
+        // The dialer closes first; the acceptor reads the end and closes too, so the dialer's
+        // side ends in TIME_WAIT.
+        drop(dialed);
+        let mut rest = Vec::new();
+        accepted.read_to_end(&mut rest).await.expect("read to end");
+        drop(accepted);
+        let in_time_wait = || {
+            let suffix = format!("0100007F:{port:04X}");
+            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+                t.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1] == suffix && f[3] == "06"
+                })
+            })
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while !in_time_wait() && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(in_time_wait(), "port {port} never reached TIME_WAIT");
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("a listener cannot bind port {port} in TIME_WAIT: {e}"));
     }
 }
