@@ -364,7 +364,7 @@ pub fn check_ports_free(base_port: u16, n: usize) -> Result<()> {
                     port,
                     replica: i,
                     what,
-                    why: if in_time_wait(port) {
+                    why: if kmmr_net::port_in_time_wait(port) {
                         Held::TimeWait
                     } else if in_ephemeral_range(port) {
                         Held::Ephemeral
@@ -390,7 +390,7 @@ fn comes_free(port: u16, grace: Duration) -> bool {
     }
     // A listener, or a connection that closed within the last minute (TIME_WAIT lasts 60 s on
     // Linux): neither goes away in a moment.
-    if answers(&format!("127.0.0.1:{port}")) || in_time_wait(port) {
+    if answers(&format!("127.0.0.1:{port}")) || kmmr_net::port_in_time_wait(port) {
         return false;
     }
     let until = Instant::now() + grace;
@@ -401,22 +401,6 @@ fn comes_free(port: u16, grace: Duration) -> bool {
         }
     }
     false
-}
-
-/// Whether a TCP connection whose local port is `port` is in TIME_WAIT (from /proc/net/tcp and
-/// tcp6, where the local address ends in the port in hex and state 06 is TIME_WAIT).
-fn in_time_wait(port: u16) -> bool {
-    let suffix = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table).is_ok_and(|text| {
-            text.lines().skip(1).any(|line| {
-                let mut fields = line.split_whitespace().skip(1);
-                let local = fields.next().unwrap_or("");
-                let state = fields.nth(1).unwrap_or("");
-                local.ends_with(&suffix) && state == "06"
-            })
-        })
-    })
 }
 
 fn in_ephemeral_range(port: u16) -> bool {

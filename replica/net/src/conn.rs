@@ -229,6 +229,22 @@ async fn dial(addr: &str) -> io::Result<TcpStream> {
     }))
 }
 
+/// Whether a TCP connection whose local port is `port` is in TIME_WAIT (from /proc/net/tcp and
+/// tcp6, where the local address ends in the port in hex and state 06 is TIME_WAIT).
+pub fn port_in_time_wait(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                let local = fields.next().unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                local.ends_with(&suffix) && state == "06"
+            })
+        })
+    })
+}
+
 /// Applies [`NetConfig::tcp_timers`] to a link, best effort: a kernel without the options (or
 /// a socket that refuses them) keeps its defaults, which cost latency on a lossy link, not
 /// correctness.
@@ -422,20 +438,14 @@ mod tests {
         let mut rest = Vec::new();
         accepted.read_to_end(&mut rest).await.expect("read to end");
         drop(accepted);
-        let in_time_wait = || {
-            let suffix = format!("0100007F:{port:04X}");
-            std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-                t.lines().any(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    f.len() > 3 && f[1] == suffix && f[3] == "06"
-                })
-            })
-        };
         let until = std::time::Instant::now() + Duration::from_secs(2);
-        while !in_time_wait() && std::time::Instant::now() < until {
+        while !port_in_time_wait(port) && std::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(in_time_wait(), "port {port} never reached TIME_WAIT");
+        assert!(
+            port_in_time_wait(port),
+            "port {port} never reached TIME_WAIT"
+        );
         std::net::TcpListener::bind(("127.0.0.1", port))
             .unwrap_or_else(|e| panic!("a listener cannot bind port {port} in TIME_WAIT: {e}"));
     }

@@ -98,6 +98,7 @@ mod tls;
 use std::time::Duration;
 
 pub use client::{ClientConnector, ClientListener, FromReplica, LinkId, ReplicaLink};
+pub use conn::port_in_time_wait;
 pub use peer::PeerNetwork;
 pub use stats::{NetStats, RejectReason};
 pub use tls::{ed25519_key_of_certificate, server_name, LinkKind, TlsIdentity};
