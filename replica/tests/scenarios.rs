@@ -274,6 +274,35 @@ fn followers_on_busy_hosts_do_not_judge_the_leader_slow() {
     assert_eq!(all_busy.max_regency, 0, "{:?}", all_busy.suspicions);
 }
 
+/// On a host short of CPU a replica waits four times the accept grace (500 us) for the last
+/// ACCEPTs before it checks the quorum's signatures: the last ones are late because their
+/// senders wait for a CPU, which the checks would take more of. With message delays spread
+/// over 1-2.5 ms, the last of n ACCEPTs often comes more than 500 us after the quorum, and
+/// rarely more than 2 ms after it.
+#[test]
+fn replicas_on_busy_hosts_wait_longer_for_the_last_accepts() {
+    let run_on = |busy_hosts: Vec<usize>| {
+        let mut cfg = SimConfig::calm(12, 7);
+        fixed_network(&mut cfg);
+        cfg.net.max_delay_us = 5 * MS / 2;
+        cfg.clients = 1;
+        cfg.ops_per_client = 60;
+        cfg.busy_hosts = busy_hosts;
+        let r = run(&cfg);
+        assert_ok(&r);
+        assert_eq!(r.ops_completed, r.ops_total);
+        r
+    };
+    let idle = run_on(Vec::new());
+    let busy = run_on((0..7).collect());
+    assert!(
+        busy.unchecked_decisions >= 2 * idle.unchecked_decisions.max(1),
+        "decisions on unchecked ACCEPTs: {} on busy hosts, {} on idle ones",
+        busy.unchecked_decisions,
+        idle.unchecked_decisions
+    );
+}
+
 /// CI, 2026-11: a restarted replica chose a checkpoint that f+1 replicas advertised, but its
 /// chunks did not come before those replicas took two newer checkpoints and dropped it. Asking
 /// for chunks no one held any more, it never caught up. It must give that fetch up and take a

@@ -265,6 +265,11 @@ impl SimConfig {
         for crash in c.crashes.iter_mut().filter(|x| x.amnesia && x.disk) {
             crash.at_promise = later.gen_bool(0.5);
         }
+        // Hosts short of CPU, in a third of the seeds: their replicas judge no leader slow and
+        // wait longer for the last ACCEPTs before checking signatures.
+        if later.gen_bool(0.3) {
+            c.busy_hosts = (0..n).filter(|_| later.gen_bool(0.5)).collect();
+        }
         c.gst_us = c
             .partitions
             .iter()

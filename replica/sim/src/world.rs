@@ -63,6 +63,8 @@ pub struct SimReport {
     pub state_transfers: u64,
     pub checkpoints: u64,
     pub views_installed: u64,
+    /// Decisions correct replicas took on all n ACCEPTs with their signatures unchecked.
+    pub unchecked_decisions: u64,
     /// Replica-to-replica messages delivered, by (sender node, receiver node, kind).
     pub delivered: BTreeMap<(usize, usize, &'static str), u64>,
 }
@@ -745,7 +747,13 @@ impl<'a> World<'a> {
                 eprintln!("{} node {i}: {e:?}", self.now);
             }
             match e {
-                Event::Decided { cid, digest, .. } if !faulty => {
+                Event::Decided {
+                    cid,
+                    digest,
+                    unchecked,
+                    ..
+                } if !faulty => {
+                    self.report.unchecked_decisions += u64::from(unchecked);
                     let batch = self.nodes[i].replica.decision(cid).map(|d| d.batch.clone());
                     self.checker.on_decided(i, cid, digest, batch.as_ref());
                 }

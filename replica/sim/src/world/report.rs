@@ -149,6 +149,9 @@ pub(super) fn describe_faults(cfg: &SimConfig) -> String {
     if !cfg.partitions.is_empty() {
         parts.push(format!("{} partitions", cfg.partitions.len()));
     }
+    if !cfg.busy_hosts.is_empty() {
+        parts.push(format!("busy hosts {:?}", cfg.busy_hosts));
+    }
     for r in &cfg.reconfigs {
         parts.push(format!(
             "{:?}{}@{}ms",

@@ -16,6 +16,9 @@
 
 use super::*;
 
+/// How many times the accept grace a replica on a host short of CPU waits.
+const BUSY_HOST_GRACE: u64 = 4;
+
 /// The last decided instance's vote, to hear its late ACCEPTs.
 #[derive(Debug, Clone)]
 pub(super) struct LastRound {
@@ -96,7 +99,7 @@ impl Replica {
                     .settle_at
                     .is_none_or(|(e, d, _)| (e, d) != (epoch, digest))
             {
-                let due = self.clock_us.saturating_add(self.config.accept_grace_us);
+                let due = self.clock_us.saturating_add(self.accept_grace_us());
                 self.settle_at = Some((epoch, digest, due));
             }
             self.settle(self.clock_us);
@@ -107,7 +110,7 @@ impl Replica {
         };
         let cid = self.current_cid();
         let from: Vec<ReplicaId> = votes.iter().map(|(id, _, _)| *id).collect();
-        self.lazy_accepts = from.len() >= self.view.n() && self.config.accept_grace_us > 0;
+        self.lazy_accepts = from.len() >= self.view.n() && self.accept_grace_us() > 0;
         self.decide(
             Decision {
                 cid,
@@ -123,6 +126,19 @@ impl Replica {
             decided_us: self.clock_us,
             from,
         });
+    }
+
+    /// How long to wait for the last ACCEPTs once a quorum is in. On a host short of CPU
+    /// (`set_host_busy`) `BUSY_HOST_GRACE` times as long: the last ACCEPTs are late because their
+    /// senders wait for a CPU, and checking the quorum's signatures instead would take more of
+    /// it from them. Each check costs about 50 us of CPU, four or more an instance at n=7.
+    fn accept_grace_us(&self) -> u64 {
+        let grace = self.config.accept_grace_us;
+        if self.host_busy {
+            grace.saturating_mul(BUSY_HOST_GRACE)
+        } else {
+            grace
+        }
     }
 
     /// When the grace for the missing ACCEPTs ran out: checks the signatures held, and from now
@@ -167,7 +183,7 @@ impl Replica {
         digest: Digest,
     ) -> bool {
         let n = self.view.n();
-        let grace = self.config.accept_grace_us;
+        let grace = self.accept_grace_us();
         let now = self.clock_us;
         let Some(r) = self.last_round.as_mut() else {
             return false;
