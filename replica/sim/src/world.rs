@@ -722,7 +722,12 @@ impl<'a> World<'a> {
 
     fn flush_node(&mut self, i: usize) {
         let outputs = self.nodes[i].replica.take_outputs();
-        for out in outputs {
+        // Decisions of this step that no one ever saw: the node went down writing a promise
+        // before their log records and replies, which come after it.
+        let mut unseen: Vec<Cid> = Vec::new();
+        let mut crashed = false;
+        let mut outputs = outputs.into_iter();
+        while let Some(out) = outputs.next() {
             if out.is_local() {
                 let node = &mut self.nodes[i];
                 if node.crash_at_promise && matches!(out, Output::Promise(_)) {
@@ -730,6 +735,11 @@ impl<'a> World<'a> {
                     // after it happened.
                     node.crash_at_promise = false;
                     node.down = true;
+                    crashed = true;
+                    unseen.extend(outputs.filter_map(|o| match o {
+                        Output::Persist(d) => Some(d.cid),
+                        _ => None,
+                    }));
                     break;
                 }
                 node.disk.apply(&out, &node.replica);
@@ -752,7 +762,7 @@ impl<'a> World<'a> {
                     digest,
                     unchecked,
                     ..
-                } if !faulty => {
+                } if !faulty && !unseen.contains(&cid) => {
                     self.report.unchecked_decisions += u64::from(unchecked);
                     let batch = self.nodes[i].replica.decision(cid).map(|d| d.batch.clone());
                     self.checker.on_decided(i, cid, digest, batch.as_ref());
@@ -779,7 +789,9 @@ impl<'a> World<'a> {
                 _ => {}
             }
         }
-        if !faulty {
+        // A node that went down in this step restarts from its disk: what it held in memory
+        // was never shown.
+        if !faulty && !crashed {
             let last = self.nodes[i].replica.last_decided();
             if last.is_some() && last != self.nodes[i].last_checked {
                 self.nodes[i].last_checked = last;
