@@ -276,6 +276,22 @@ fn regression_seeds_restarts_from_disk_keep_their_votes() {
     }
 }
 
+/// Soak, 2026-12: a slow replica had the other ACCEPTs already when its own completed the
+/// quorum; it decided, then went down writing that ACCEPT's promise (`Crash::at_promise`), so
+/// its ACCEPT, log record and replies never left. The cluster then rightly chose another value
+/// for the instance. The checker had counted the decision no one saw and reported a broken
+/// agreement; such decisions are not counted now.
+#[test]
+fn regression_seed_447408_n4_a_decision_lost_with_its_promise_was_never_taken() {
+    let cfg = SimConfig::random(447_408, 4);
+    assert!(
+        cfg.crashes.iter().any(|c| c.at_promise),
+        "no crash during a promise write"
+    );
+    let r = run(&cfg);
+    assert!(r.ok(), "{}", show(&r));
+}
+
 /// A leader's PROPOSE leaves before its own promise of it, and a restart may lose that promise
 /// (the crash comes during the write, `Crash::at_promise`): a restarted replica therefore leads
 /// only in a later regency. Without that rule each of these seeds shows a correct restarted
