@@ -149,6 +149,29 @@ impl Hub {
         self.position.send_replace(upto);
     }
 
+    /// Polls the cluster and, while the answer is on its way, goes on delivering the events of
+    /// this gateway's own writes as they continue `position`. A poll asked for a gap (another
+    /// writer's revision, or an own write whose reply has not come back yet) takes a read
+    /// matched across replicas, milliseconds under load, and the own writes behind the gap
+    /// usually close it sooner: their events no longer wait for the poll.
+    async fn poll_delivering_own(
+        &self,
+        poll: &KvRequest,
+        position: &mut u64,
+    ) -> anyhow::Result<KvResponse> {
+        let answer = self.client.kv_read(poll);
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut answer => return r,
+                _ = self.wake.notified() => {
+                    *position = self.deliver_own(*position).0;
+                }
+            }
+        }
+    }
+
     fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Arc<TailBatch>> {
         let rx = self.batches.subscribe();
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,10 +226,13 @@ impl Hub {
                 limit: POLL_LIMIT,
                 prev_kv: true,
             });
-            let full = match self.client.kv_read(&poll).await {
-                Ok(KvResponse::WatchPoll(w)) => {
+            let polled_after = position;
+            let full = match self.poll_delivering_own(&poll, &mut position).await {
+                Ok(KvResponse::WatchPoll(mut w)) => {
                     let full = w.events.len() >= POLL_LIMIT as usize;
                     if w.resume_after > position {
+                        // Own writes' events delivered while the poll ran are in it too.
+                        w.events.retain(|e| e.revision() > position);
                         self.broadcast(TailBatch {
                             after: position,
                             upto: w.resume_after,
@@ -222,6 +248,9 @@ impl Hub {
                         // had not seen the lost events find out when they catch up.
                         position = 0;
                         self.position.send_replace(0);
+                    } else if position > polled_after {
+                        // Own writes' events went past what the poll was refused for (the
+                        // revision after `polled_after`): ask again from where they left off.
                     } else if let KvError::TooLarge { bytes, .. } = e.error {
                         // The next revision's events (a range delete of a large prefix) do not
                         // fit in one reply. The tail goes on after it with an empty batch, and
@@ -256,7 +285,11 @@ impl Hub {
                     continue;
                 }
             };
-            if !full {
+            // Own writes whose wake the poll took may continue the batch now; if some still
+            // wait behind a gap, the revision missing is committed and the next poll has it.
+            let (delivered, gap) = self.deliver_own(position);
+            position = delivered;
+            if !full && !gap {
                 let _ = tokio::time::timeout(POLL_INTERVAL, self.wake.notified()).await;
             }
         }

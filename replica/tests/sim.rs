@@ -310,6 +310,24 @@ fn regression_seeds_a_restarted_leader_never_proposes_twice() {
     }
 }
 
+/// A follower's WRITE goes out only after its promise is on disk. With that promise planted away
+/// (`promise_before` not promising a WRITE), each of these stress seeds shows a correct replica,
+/// restarted from its disk, writing a second value in one epoch, which the others reject as an
+/// `equivocating_write`: a false accusation (found December 2026; 10000023 also decides only one
+/// of its operations).
+#[test]
+fn regression_seeds_a_restarted_replica_never_writes_twice() {
+    for (n, seed) in [(4, 10_000_570), (7, 10_000_023), (7, 10_001_823)] {
+        let cfg = SimConfig::random(seed, n);
+        assert!(
+            cfg.crashes.iter().any(|c| c.amnesia && c.disk),
+            "seed {seed} n={n} restarts no replica from its disk"
+        );
+        let r = run(&cfg);
+        assert!(r.ok(), "{}", show(&r));
+    }
+}
+
 /// Regressions from the 100,000-seed soak: correct replicas accused of equivocation. Each had
 /// installed a checkpoint behind the instance it was voting in: a state transfer started while
 /// it was behind finished after decisions had overtaken it (or a repair of diverged state), the
