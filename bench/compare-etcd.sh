@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# KmMR against etcd, side by side in one run on loopback (ARCHITECTURE.md, Targets: "at n=5 and
-# n=7, ahead of etcd on both latency and throughput with durability on for both").
+# KmMR against etcd, side by side in one run on loopback (the project's target: "at n=5 and n=7,
+# ahead of etcd on both latency and throughput with durability on for both").
 #
 #   bench/compare-etcd.sh [seconds per point, default 5]
 #
