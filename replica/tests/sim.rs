@@ -16,7 +16,7 @@
 //! KMMR_SIM_SOAK=100000 KMMR_SIM_SOAK_START=1000000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
 //! ```
 
-use kmmr_sim::{run, SimConfig, SimReport};
+use kmmr_sim::{run, Crash, SimConfig, SimReport};
 
 fn show(r: &SimReport) -> String {
     format!(
@@ -299,15 +299,11 @@ fn regression_seed_447408_n4_a_decision_lost_with_its_promise_was_never_taken() 
 /// from disk and a partition, nothing else).
 #[test]
 fn regression_seeds_a_restarted_leader_never_proposes_twice() {
-    for (n, seed) in [(4, 961), (4, 752), (4, 316), (7, 777)] {
-        let cfg = SimConfig::random(seed, n);
-        assert!(
-            cfg.crashes.iter().any(|c| c.at_promise),
-            "seed {seed} n={n} has no crash during a promise write"
-        );
-        let r = run(&cfg);
-        assert!(r.ok(), "{}", show(&r));
-    }
+    assert_seeds_pass(
+        &[(4, 961), (4, 752), (4, 316), (7, 777)],
+        "crash during a promise write",
+        |c| c.at_promise,
+    );
 }
 
 /// A follower's WRITE goes out only after its promise is on disk. With that promise planted away
@@ -317,11 +313,26 @@ fn regression_seeds_a_restarted_leader_never_proposes_twice() {
 /// of its operations).
 #[test]
 fn regression_seeds_a_restarted_replica_never_writes_twice() {
-    for (n, seed) in [(4, 10_000_570), (7, 10_000_023), (7, 10_001_823)] {
+    assert_seeds_pass(
+        &[(4, 10_000_570), (7, 10_000_023), (7, 10_001_823)],
+        "restart from disk",
+        restarts_from_disk,
+    );
+}
+
+/// A replica that comes back with only what its disk kept.
+fn restarts_from_disk(c: &Crash) -> bool {
+    c.amnesia && c.disk
+}
+
+/// Runs each `(n, seed)`, first checking that the seed still has the crash it was kept for: a
+/// change to `SimConfig::random` must not quietly turn a regression test into one of nothing.
+fn assert_seeds_pass(seeds: &[(usize, u64)], kept_for: &str, has: impl Fn(&Crash) -> bool) {
+    for &(n, seed) in seeds {
         let cfg = SimConfig::random(seed, n);
         assert!(
-            cfg.crashes.iter().any(|c| c.amnesia && c.disk),
-            "seed {seed} n={n} restarts no replica from its disk"
+            cfg.crashes.iter().any(&has),
+            "seed {seed} n={n} has no {kept_for}"
         );
         let r = run(&cfg);
         assert!(r.ok(), "{}", show(&r));
@@ -373,15 +384,8 @@ fn regression_seeds_a_state_install_never_makes_a_replica_vote_twice() {
 /// checkpoint is written only after the log holds its decision).
 #[test]
 fn regression_seeds_restarted_replicas_can_prove_where_they_stand() {
-    for seed in [4408, 40394, 42533, 27973, 45025] {
-        let cfg = SimConfig::random(seed, 4);
-        assert!(
-            cfg.crashes.iter().any(|c| c.amnesia && c.disk),
-            "seed {seed} restarts nothing from disk"
-        );
-        let r = run(&cfg);
-        assert!(r.ok(), "{}", show(&r));
-    }
+    let seeds = [4408, 40394, 42533, 27973, 45025].map(|seed| (4, seed));
+    assert_seeds_pass(&seeds, "restart from disk", restarts_from_disk);
 }
 
 /// Regressions found while adding reconfiguration: a client whose votes split between replicas
