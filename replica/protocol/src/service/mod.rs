@@ -50,6 +50,15 @@ pub trait Service: Send {
         out(&self.snapshot());
     }
 
+    /// The state as it is now, to be encoded later on another thread: what the result writes is
+    /// what `write_snapshot` writes now, whatever this service executes meanwhile. Checkpoints
+    /// are taken this way, so that encoding a large state does not stall ordering on every
+    /// replica at once. The default takes the snapshot's bytes now; a service with a large state
+    /// shares it instead (copy-on-write).
+    fn freeze(&self) -> Box<dyn FrozenState> {
+        Box::new(self.snapshot())
+    }
+
     /// Replaces the state with a snapshot taken by `snapshot`.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
 
@@ -60,5 +69,19 @@ pub trait Service: Send {
             h.update(piece);
         });
         Digest(*h.finalize().as_bytes())
+    }
+}
+
+/// A service's state frozen at one moment ([`Service::freeze`]), encoded where and when the
+/// replica chooses.
+pub trait FrozenState: Send {
+    /// Hands the snapshot's bytes to `out` in order, in pieces.
+    fn write_snapshot(&self, out: &mut dyn FnMut(&[u8]));
+}
+
+/// A snapshot already encoded.
+impl FrozenState for Vec<u8> {
+    fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+        out(self);
     }
 }

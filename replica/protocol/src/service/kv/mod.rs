@@ -24,10 +24,11 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use snapshot::Frozen;
 pub use store::{KvStore, WatchBatch, DEFAULT_HISTORY_LIMIT, INITIAL_REVISION, NEVER_COMPACTED};
 pub use types::*;
 
-use super::{ExecContext, RestoreError, Service};
+use super::{ExecContext, FrozenState, RestoreError, Service};
 use crate::wire::codec::{Decode, Encode};
 use crate::wire::limits;
 
@@ -87,6 +88,10 @@ impl Service for KvStore {
 
     fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
         KvStore::write_snapshot(self, out)
+    }
+
+    fn freeze(&self) -> Box<dyn FrozenState> {
+        Box::new(KvStore::freeze(self))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {

@@ -243,6 +243,34 @@ proptest! {
         prop_assert_eq!(c, a);
     }
 
+    /// A store frozen mid-way encodes, after every later write (puts over frozen records,
+    /// deletes, compactions, lease expiry), exactly the snapshot it had when frozen: the
+    /// checkpoint a replica encodes on another thread is the one it would have encoded on the
+    /// spot.
+    #[test]
+    fn a_frozen_store_encodes_the_snapshot_it_was_frozen_at(
+        steps in prop::collection::vec(step(), 1..60),
+        cut in any::<prop::sample::Index>(),
+        history_limit in 0u64..8,
+    ) {
+        let cut = cut.index(steps.len());
+        let mut a = KvStore::new(history_limit);
+        let mut frozen = None;
+        let mut now = 0;
+        for (i, (op, advance)) in steps.iter().enumerate() {
+            now += advance;
+            if i == cut {
+                frozen = Some((Service::freeze(&a), a.snapshot()));
+            }
+            let req = request(op, &a);
+            a.execute(&ctx(i as u64, now), &req);
+        }
+        let (frozen, snap) = frozen.expect("the cut is one of the steps");
+        let mut bytes = Vec::new();
+        frozen.write_snapshot(&mut |p| bytes.extend_from_slice(p));
+        prop_assert_eq!(bytes, snap);
+    }
+
     /// Every reply the store produces decodes back to itself, as does every generated request.
     #[test]
     fn replies_and_requests_round_trip_through_the_codec(

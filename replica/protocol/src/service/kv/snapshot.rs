@@ -12,6 +12,7 @@
 //! into a larger buffer without an intermediate copy of the whole state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::store::{Change, KvStore, Lease, INITIAL_REVISION};
 use super::types::*;
@@ -34,34 +35,43 @@ impl KvStore {
 
     /// Hands the canonical snapshot to `out` in order, in pieces.
     pub(super) fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
-        let mut w = Writer::with_capacity(PIECE + 4096);
-        let mut flush = |w: &mut Writer, force: bool| {
-            if force || w.as_slice().len() >= PIECE {
-                out(w.as_slice());
-                *w = Writer::with_capacity(PIECE + 4096);
-            }
-        };
-        w.u8(FORMAT)
-            .u64(self.revision)
-            .u64(self.compact_revision)
-            .u64(self.now_ms)
-            .i64(self.next_lease_id);
-        w.len(self.kvs.len());
-        for kv in self.kvs.values() {
-            kv.encode(&mut w);
-            flush(&mut w, false);
+        let leases = self
+            .leases
+            .iter()
+            .map(|(id, l)| (*id, l.ttl, l.deadline_ms));
+        write_parts(
+            &self.snapshot_header(),
+            &self.kvs,
+            &self.history,
+            leases,
+            out,
+        );
+    }
+
+    fn snapshot_header(&self) -> Header {
+        Header {
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            now_ms: self.now_ms,
+            next_lease_id: self.next_lease_id,
         }
-        w.len(self.history.values().map(Vec::len).sum());
-        for c in self.history.values().flatten() {
-            c.encode(&mut w);
-            flush(&mut w, false);
+    }
+
+    /// The state as it is now, for a checkpoint encoded on another thread. Records and history
+    /// batches are shared, not copied: the store copies one before it changes it while frozen.
+    /// What is copied is the maps' nodes, the keys and the leases (a few milliseconds for the
+    /// 30,000 keys of `benches/checkpoint.rs`, against tens for encoding them).
+    pub(super) fn freeze(&self) -> Frozen {
+        Frozen {
+            header: self.snapshot_header(),
+            kvs: self.kvs.clone(),
+            history: self.history.clone(),
+            leases: self
+                .leases
+                .iter()
+                .map(|(id, l)| (*id, l.ttl, l.deadline_ms))
+                .collect(),
         }
-        w.len(self.leases.len());
-        for (id, l) in &self.leases {
-            w.i64(*id).i64(l.ttl).u64(l.deadline_ms);
-            flush(&mut w, false);
-        }
-        flush(&mut w, true);
     }
 
     pub(super) fn decode_snapshot(bytes: &[u8], history_limit: u64) -> Result<Self, RestoreError> {
@@ -150,7 +160,7 @@ impl KvStore {
                     None => return Err(bad("key attached to an unknown lease")),
                 }
             }
-            s.kvs.insert(kv.key.clone(), kv);
+            s.kvs.insert(kv.key.clone(), Arc::new(kv));
         }
 
         // History covers every revision from the compaction revision's (or, in a snapshot
@@ -180,7 +190,7 @@ impl KvStore {
             if c.key.is_empty() {
                 return Err(bad("empty key in the history"));
             }
-            s.history.entry(rev).or_default().push(c);
+            Arc::make_mut(s.history.entry(rev).or_default()).push(c);
         }
         if last_rev.unwrap_or(s.history_start()) != s.revision {
             return Err(bad("event history does not reach the revision"));
@@ -188,6 +198,75 @@ impl KvStore {
         check_undo(&s).map_err(bad)?;
         Ok(s)
     }
+}
+
+/// The scalar part of a snapshot.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    revision: u64,
+    compact_revision: u64,
+    now_ms: u64,
+    next_lease_id: i64,
+}
+
+/// A store frozen at one revision (see [`KvStore::freeze`]); it encodes the bytes the store
+/// would have encoded then.
+#[derive(Debug)]
+pub struct Frozen {
+    header: Header,
+    kvs: BTreeMap<Vec<u8>, Arc<KeyValue>>,
+    history: BTreeMap<u64, Arc<Vec<Change>>>,
+    leases: Vec<(i64, i64, u64)>,
+}
+
+impl crate::service::FrozenState for Frozen {
+    fn write_snapshot(&self, out: &mut dyn FnMut(&[u8])) {
+        write_parts(
+            &self.header,
+            &self.kvs,
+            &self.history,
+            self.leases.iter().copied(),
+            out,
+        );
+    }
+}
+
+/// The canonical encoding, handed to `out` in pieces of about [`PIECE`] bytes.
+fn write_parts(
+    h: &Header,
+    kvs: &BTreeMap<Vec<u8>, Arc<KeyValue>>,
+    history: &BTreeMap<u64, Arc<Vec<Change>>>,
+    leases: impl ExactSizeIterator<Item = (i64, i64, u64)>,
+    out: &mut dyn FnMut(&[u8]),
+) {
+    let mut w = Writer::with_capacity(PIECE + 4096);
+    let mut flush = |w: &mut Writer, force: bool| {
+        if force || w.as_slice().len() >= PIECE {
+            out(w.as_slice());
+            *w = Writer::with_capacity(PIECE + 4096);
+        }
+    };
+    w.u8(FORMAT)
+        .u64(h.revision)
+        .u64(h.compact_revision)
+        .u64(h.now_ms)
+        .i64(h.next_lease_id);
+    w.len(kvs.len());
+    for kv in kvs.values() {
+        kv.encode(&mut w);
+        flush(&mut w, false);
+    }
+    w.len(history.values().map(|b| b.len()).sum());
+    for c in history.values().flat_map(|b| b.iter()) {
+        c.encode(&mut w);
+        flush(&mut w, false);
+    }
+    w.len(leases.len());
+    for (id, ttl, deadline_ms) in leases {
+        w.i64(id).i64(ttl).u64(deadline_ms);
+        flush(&mut w, false);
+    }
+    flush(&mut w, true);
 }
 
 impl Encode for Change {
@@ -218,7 +297,7 @@ impl Decode for Change {
             kind,
             key: r.bytes_vec("key", MAX_KEY_LEN)?,
             revision: r.u64()?,
-            prev: r.option(KeyValue::decode)?,
+            prev: r.option(|r| KeyValue::decode(r).map(Arc::new))?,
         })
     }
 }
@@ -245,7 +324,7 @@ fn check_undo(s: &KvStore) -> Result<(), &'static str> {
         let key = c.key.as_slice();
         let current = match overlay.get(key) {
             Some(v) => *v,
-            None => s.kvs.get(key),
+            None => s.kvs.get(key).map(|kv| &**kv),
         };
         // The compaction revision's writes lost the records they replaced from before it; the
         // ones a transaction wrote at that revision itself remain.
@@ -255,7 +334,7 @@ fn check_undo(s: &KvStore) -> Result<(), &'static str> {
             (EventKind::Put, Some(kv)) if at_compaction && c.prev.is_none() => {
                 kv.mod_revision == c.revision && kv.version > 0 && kv.create_revision > 0
             }
-            (EventKind::Put, Some(kv)) => put_follows(c.revision, kv, c.prev.as_ref()),
+            (EventKind::Put, Some(kv)) => put_follows(c.revision, kv, c.prev.as_deref()),
             (EventKind::Delete, None) => c.prev.is_some() || at_compaction,
             _ => false,
         };
@@ -272,12 +351,13 @@ fn check_undo(s: &KvStore) -> Result<(), &'static str> {
                 return Err("previous record does not precede its replacement");
             }
         }
-        overlay.insert(key, c.prev.as_ref());
+        overlay.insert(key, c.prev.as_deref());
     }
     // What remains is the state at the compaction point: nothing in it may be newer.
     let untouched = s
         .kvs
         .values()
+        .map(|kv| &**kv)
         .filter(|kv| !overlay.contains_key(kv.key.as_slice()));
     if untouched
         .chain(overlay.values().flatten().copied())

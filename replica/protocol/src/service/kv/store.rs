@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::Arc;
 
 use super::types::*;
 use crate::service::ExecContext;
@@ -80,7 +81,7 @@ pub(super) struct Change {
     pub(super) key: Vec<u8>,
     pub(super) revision: u64,
     /// The record the write replaced (always present for a delete).
-    pub(super) prev: Option<KeyValue>,
+    pub(super) prev: Option<Arc<KeyValue>>,
 }
 
 /// The revisioned key-value store that backs Kubernetes control-plane state.
@@ -94,12 +95,15 @@ pub struct KvStore {
     pub(super) history_limit: u64,
     pub(super) revision: u64,
     pub(super) compact_revision: u64,
-    pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
+    /// Records and history batches are shared (`Arc`) so that a checkpoint can freeze the state
+    /// in a few milliseconds and encode it on another thread; a write that meets a frozen
+    /// record or batch copies it (`Arc::make_mut`) instead of changing what was frozen.
+    pub(super) kvs: BTreeMap<Vec<u8>, Arc<KeyValue>>,
     /// Changes by revision, covering exactly the revisions `[compact_revision, revision]` once
     /// compacted past the empty store's revision 1 (`(compact_revision, revision]` in a store
     /// restored from a snapshot taken before the compaction revision's writes were kept), and
     /// `[2, revision]` before.
-    pub(super) history: BTreeMap<u64, Vec<Change>>,
+    pub(super) history: BTreeMap<u64, Arc<Vec<Change>>>,
     pub(super) leases: BTreeMap<i64, Lease>,
     /// `(deadline_ms, id)` of every lease: expiry order. Derived, not snapshotted.
     pub(super) lease_deadlines: BTreeSet<(u64, i64)>,
@@ -231,7 +235,7 @@ impl KvStore {
 
     /// The current record of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&KeyValue> {
-        self.kvs.get(key)
+        self.kvs.get(key).map(|kv| &**kv)
     }
 
     fn header(&self) -> ResponseHeader {
@@ -379,7 +383,7 @@ impl KvStore {
                     .peekable();
                 // Nothing was written after `rev`: the current kvs are the state at `rev`.
                 newer.peek().is_some().then(|| {
-                    let mut view: BTreeMap<Vec<u8>, KeyValue> = range
+                    let mut view: BTreeMap<Vec<u8>, Arc<KeyValue>> = range
                         .iter(&self.kvs)
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
@@ -429,7 +433,7 @@ impl KvStore {
             resp.kvs.push(kv);
         };
         match &past {
-            Some(view) => view.values().for_each(&mut take),
+            Some(view) => view.values().for_each(|kv| take(kv)),
             None => range.iter(&self.kvs).for_each(|(_, kv)| take(kv)),
         }
         resp
@@ -457,7 +461,7 @@ impl KvStore {
             lease: req.lease,
         };
         // The replaced record moves into the history rather than being copied there.
-        let prev = self.kvs.insert(req.key.clone(), kv);
+        let prev = self.kvs.insert(req.key.clone(), Arc::new(kv));
         if let Some(p) = &prev {
             self.detach(p.lease, &p.key);
         }
@@ -465,10 +469,10 @@ impl KvStore {
             l.keys.insert(req.key.clone());
         }
         let prev_kv = match &prev {
-            Some(p) if req.prev_kv && budget.admit(record_bytes(p)) => Some(p.clone()),
+            Some(p) if req.prev_kv && budget.admit(record_bytes(p)) => Some(KeyValue::clone(p)),
             _ => None,
         };
-        self.history.entry(w.rev).or_default().push(Change {
+        Arc::make_mut(self.history.entry(w.rev).or_default()).push(Change {
             kind: EventKind::Put,
             key: req.key.clone(),
             revision: w.rev,
@@ -529,14 +533,14 @@ impl KvStore {
         let prev = self.kvs.remove(key)?;
         self.detach(prev.lease, key);
         w.wrote = true;
-        let changes = self.history.entry(w.rev).or_default();
+        let changes = Arc::make_mut(self.history.entry(w.rev).or_default());
         changes.push(Change {
             kind: EventKind::Delete,
             key: key.to_vec(),
             revision: w.rev,
             prev: Some(prev),
         });
-        changes.last().and_then(|c| c.prev.as_ref())
+        changes.last().and_then(|c| c.prev.as_deref())
     }
 
     fn compare_holds(&self, c: &Compare) -> bool {
@@ -625,7 +629,7 @@ impl KvStore {
         // are gone, as etcd's are, so their events carry no previous record.
         self.history = self.history.split_off(&revision);
         if let Some(batch) = self.history.get_mut(&revision) {
-            for c in batch {
+            for c in Arc::make_mut(batch) {
                 if c.prev.as_ref().is_some_and(|p| p.mod_revision < revision) {
                     c.prev = None;
                 }
@@ -679,11 +683,11 @@ impl KvStore {
                     EventKind::Put => after
                         .get(c.key.as_slice())
                         .copied()
-                        .unwrap_or_else(|| self.kvs.get(&c.key)),
+                        .unwrap_or_else(|| self.kvs.get(&c.key).map(|kv| &**kv)),
                     EventKind::Delete => None,
                 };
                 found.push((rev, c, new));
-                after.insert(&c.key, c.prev.as_ref());
+                after.insert(&c.key, c.prev.as_deref());
             }
         }
         found.reverse();
@@ -701,7 +705,7 @@ impl KvStore {
                 .iter()
                 .map(|(_, c, new)| {
                     new.map_or(c.key.len() + 64, record_bytes)
-                        + c.prev.as_ref().map_or(0, record_bytes)
+                        + c.prev.as_deref().map_or(0, record_bytes)
                 })
                 .sum();
             let n = end - i;
@@ -728,7 +732,7 @@ impl KvStore {
                         ..Default::default()
                     },
                 },
-                prev_kv: c.prev.clone(),
+                prev_kv: c.prev.as_deref().cloned(),
             })
             .collect();
         Ok(WatchBatch {

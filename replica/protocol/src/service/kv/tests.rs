@@ -904,7 +904,8 @@ fn a_watch_from_the_compaction_revision_gets_its_writes_without_what_they_replac
         value: b"1".to_vec(),
         lease: NO_LEASE,
     };
-    t.history.get_mut(&5).expect("batch 5")[0].prev = Some(kept);
+    std::sync::Arc::make_mut(t.history.get_mut(&5).expect("batch 5"))[0].prev =
+        Some(std::sync::Arc::new(kept));
     assert!(KvStore::new(100).restore(&t.snapshot()).is_err());
 }
 
@@ -1400,7 +1401,7 @@ fn restore_rejects_snapshots_whose_history_contradicts_the_kvs() {
     let tampered: Vec<Tamper> = vec![
         Box::new(|s| {
             if let Some(kv) = s.kvs.get_mut(&b"k2"[..]) {
-                kv.version += 1;
+                std::sync::Arc::make_mut(kv).version += 1;
             }
         }),
         Box::new(|s| {
@@ -1408,21 +1409,21 @@ fn restore_rejects_snapshots_whose_history_contradicts_the_kvs() {
         }),
         Box::new(|s| {
             if let Some(kv) = s.kvs.get_mut(&b"k0"[..]) {
-                kv.lease = 12345;
+                std::sync::Arc::make_mut(kv).lease = 12345;
             }
         }),
         Box::new(|s| s.compact_revision = s.revision + 1),
         Box::new(|s| {
             s.kvs.insert(
                 b"ghost".to_vec(),
-                KeyValue {
+                std::sync::Arc::new(KeyValue {
                     key: b"ghost".to_vec(),
                     create_revision: s.revision,
                     mod_revision: s.revision,
                     version: 1,
                     value: vec![],
                     lease: 0,
-                },
+                }),
             );
         }),
     ];
