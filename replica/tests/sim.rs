@@ -15,6 +15,9 @@
 //! KMMR_SIM_SOAK=100000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
 //! KMMR_SIM_SOAK=100000 KMMR_SIM_SOAK_START=1000000 cargo test --release -p kmmr-replica --test sim soak -- --nocapture
 //! ```
+//!
+//! With `KMMR_SIM_DEFER` set, the soak (and `replay`, which takes the number of microseconds
+//! the failing run printed) encodes checkpoints off the event loop, as a node does.
 
 use kmmr_sim::{run, Crash, SimConfig, SimReport};
 
@@ -35,10 +38,16 @@ fn show(r: &SimReport) -> String {
 }
 
 fn sweep(n: usize, seeds: std::ops::Range<u64>) {
-    let (mut transfers, mut reconfigured) = (0, 0);
-    let failures = failing_seeds(n, seeds, |r| {
+    sweep_with(n, seeds, SimConfig::random);
+}
+
+fn sweep_with(n: usize, seeds: std::ops::Range<u64>, make: fn(u64, usize) -> SimConfig) {
+    let (mut transfers, mut reconfigured, mut encoded_later) = (0, 0, 0);
+    let deferring = make(seeds.start, n).checkpoint_encode_us.is_some();
+    let failures = failing_seeds_with(n, seeds, make, |r| {
         transfers += r.state_transfers;
         reconfigured += (r.views_installed > 0) as u64;
+        encoded_later += r.checkpoints_encoded_later;
     });
     assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
     // Disk loss, restarts and joiners must really exercise state transfer and reconfiguration.
@@ -50,21 +59,40 @@ fn sweep(n: usize, seeds: std::ops::Range<u64>) {
         reconfigured > 20,
         "only {reconfigured} seeds of this part changed the view"
     );
+    if deferring {
+        assert!(
+            encoded_later > 1_000,
+            "only {encoded_later} checkpoints were encoded off the event loop"
+        );
+    }
 }
 
 fn failing_seeds(
     n: usize,
     seeds: impl Iterator<Item = u64>,
+    each: impl FnMut(&SimReport),
+) -> Vec<u64> {
+    failing_seeds_with(n, seeds, SimConfig::random, each)
+}
+
+fn failing_seeds_with(
+    n: usize,
+    seeds: impl Iterator<Item = u64>,
+    make: fn(u64, usize) -> SimConfig,
     mut each: impl FnMut(&SimReport),
 ) -> Vec<u64> {
     let mut failures = Vec::new();
     for seed in seeds {
-        let r = run(&SimConfig::random(seed, n));
+        let cfg = make(seed, n);
+        let r = run(&cfg);
         each(&r);
         if !r.ok() {
+            let defer = cfg
+                .checkpoint_encode_us
+                .map_or(String::new(), |us| format!("KMMR_SIM_DEFER={us} "));
             eprintln!("FAILED {}", show(&r));
             eprintln!(
-                "  rerun: KMMR_SIM_SEED={seed} KMMR_SIM_N={n} cargo test -p kmmr-replica --test sim replay -- --nocapture"
+                "  rerun: {defer}KMMR_SIM_SEED={seed} KMMR_SIM_N={n} cargo test -p kmmr-replica --test sim replay -- --nocapture"
             );
             failures.push(seed);
         }
@@ -96,6 +124,34 @@ sweeps! {
     random_seeds_n7_part1: 7, 1;
     random_seeds_n7_part2: 7, 2;
     random_seeds_n7_part3: 7, 3;
+}
+
+/// A random seed with checkpoints encoded off the event loop, as a node encodes them: each
+/// comes back up to 0, 10, 20 or 30 ms later (by seed), so several can be in flight at once,
+/// across leader changes, state transfers, restarts and membership changes.
+fn deferred(seed: u64, n: usize) -> SimConfig {
+    SimConfig::random(seed, n).deferring_checkpoints((seed % 4) * 10_000)
+}
+
+/// Seeds of the deferred-checkpoint sweeps, apart from the random sweep's.
+const DEFERRED_START: u64 = 20_000_000;
+
+macro_rules! deferred_sweeps {
+    ($($name:ident: $n:expr, $part:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            let first = DEFERRED_START + $part * SEEDS_PER_PART;
+            sweep_with($n, first..first + SEEDS_PER_PART, deferred);
+        }
+    )*};
+}
+
+// 1,000 more random seeds with checkpoints encoded as a node encodes them.
+deferred_sweeps! {
+    deferred_checkpoint_seeds_n4_part0: 4, 0;
+    deferred_checkpoint_seeds_n4_part1: 4, 1;
+    deferred_checkpoint_seeds_n7_part0: 7, 0;
+    deferred_checkpoint_seeds_n7_part1: 7, 1;
 }
 
 /// A number from the environment; a value that is set but not a number stops the test rather
@@ -166,6 +222,7 @@ fn soak() {
         "KMMR_SIM_SOAK_START + KMMR_SIM_SOAK overflows"
     );
     let half = total / 2;
+    let defer = std::env::var_os("KMMR_SIM_DEFER").is_some();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let t0 = std::time::Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -174,7 +231,12 @@ fn soak() {
                 let mut failed = Vec::new();
                 for n in [4usize, 7] {
                     let seeds = (start + t..start + half).step_by(threads as usize);
-                    failed.extend(failing_seeds(n, seeds, |_| {}).into_iter().map(|s| (n, s)));
+                    let make = if defer { deferred } else { SimConfig::random };
+                    failed.extend(
+                        failing_seeds_with(n, seeds, make, |_| {})
+                            .into_iter()
+                            .map(|s| (n, s)),
+                    );
                 }
                 failed
             })
@@ -221,7 +283,10 @@ fn replay() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let cfg = SimConfig::random(seed, n);
+    let cfg = match env_number("KMMR_SIM_DEFER") {
+        Some(us) => SimConfig::random(seed, n).deferring_checkpoints(us),
+        None => SimConfig::random(seed, n),
+    };
     eprintln!("{cfg:#?}");
     let r = run(&cfg);
     eprintln!("{}", show(&r));

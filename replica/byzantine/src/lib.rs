@@ -106,6 +106,7 @@ pub fn honest(out: &Output) -> Frame {
         Output::Reply { client, reply } => frame(Dest::Client(*client), reply),
         Output::Persist(_)
         | Output::Promise(_)
+        | Output::EncodeCheckpoint(_)
         | Output::Checkpoint { .. }
         | Output::StateInstalled(_)
         | Output::ViewChanged(_) => Frame {

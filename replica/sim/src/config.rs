@@ -143,10 +143,21 @@ pub struct SimConfig {
     pub think_us: u64,
     /// Clients wait for a quorum of replies to writes and send some reads unordered.
     pub unordered_reads: bool,
+    /// Checkpoints encoded off the event loop, as the node does (`Config::defer_checkpoints`),
+    /// each coming back within this many microseconds; `None` encodes them on the spot.
+    pub checkpoint_encode_us: Option<u64>,
     pub core: Config,
 }
 
 impl SimConfig {
+    /// This configuration with checkpoints encoded off the event loop, as a node encodes them,
+    /// each taking up to `max_us` (0: back before anything else happens).
+    pub fn deferring_checkpoints(mut self, max_us: u64) -> Self {
+        self.core.defer_checkpoints = true;
+        self.checkpoint_encode_us = Some(max_us);
+        self
+    }
+
     /// A fault-free cluster: the base of scripted scenarios.
     pub fn calm(seed: u64, n: usize) -> Self {
         let f = default_f(n);
@@ -181,6 +192,7 @@ impl SimConfig {
             client_retransmit_us: 400_000,
             think_us: 2_000,
             unordered_reads: false,
+            checkpoint_encode_us: None,
             core: sim_core_config(2_000),
         }
     }

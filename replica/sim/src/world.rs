@@ -16,6 +16,7 @@ use kmmr_linearizability::{self as linearizability, CheckResult};
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::Promise;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
+use kmmr_protocol::core::state::PendingCheckpoint;
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::service::kv::{KvRequest, KvStore};
 use kmmr_protocol::service::noop::NoopService;
@@ -63,6 +64,8 @@ pub struct SimReport {
     pub state_transfers: u64,
     pub checkpoints: u64,
     pub views_installed: u64,
+    /// Checkpoints encoded off the event loop and handed back (`SimConfig::checkpoint_encode_us`).
+    pub checkpoints_encoded_later: u64,
     /// Decisions correct replicas took on all n ACCEPTs with their signatures unchecked.
     pub unchecked_decisions: u64,
     /// Replica-to-replica messages delivered, by (sender node, receiver node, kind).
@@ -96,6 +99,13 @@ enum Ev {
     AdminTimer,
     CrashStart(usize),
     CrashEnd(usize),
+    /// A checkpoint the node handed out to encode (`SimConfig::checkpoint_encode_us`) comes
+    /// back, to the incarnation that froze it.
+    CheckpointEncoded {
+        node: usize,
+        incarnation: u64,
+        pending: PendingCheckpoint,
+    },
 }
 
 struct Scheduled {
@@ -137,6 +147,10 @@ struct Node {
     disk: SimDisk,
     /// A crash waiting for this node's next promise write (`Crash::at_promise`).
     crash_at_promise: bool,
+    /// Restarts so far: a checkpoint encoded for an earlier process is not this one's.
+    incarnation: u64,
+    /// When the last checkpoint handed out to encode comes back.
+    encoded_until: u64,
 }
 
 /// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this).
@@ -196,6 +210,9 @@ struct World<'a> {
     spare_nodes: BTreeMap<usize, usize>,
     admin: Option<SimAdmin>,
     rng: ChaCha8Rng,
+    /// Encoding delays, drawn apart from `rng` so that a run's schedule stays as it was up to
+    /// its first checkpoint.
+    encode_rng: ChaCha8Rng,
     checker: Checker,
     report: SimReport,
     /// `KMMR_SIM_TRACE=1`: print every delivered replica message and every core event, to
@@ -306,6 +323,8 @@ impl<'a> World<'a> {
                 last_checked: None,
                 disk: SimDisk::default(),
                 crash_at_promise: false,
+                incarnation: 0,
+                encoded_until: 0,
             }
         };
         for i in 0..cfg.n {
@@ -357,6 +376,7 @@ impl<'a> World<'a> {
             spare_nodes,
             admin,
             rng,
+            encode_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xC0DE_C4EC_0000_0001),
             checker: Checker::default(),
             report: SimReport {
                 seed: cfg.seed,
@@ -468,6 +488,32 @@ impl<'a> World<'a> {
                 }
                 self.flush_admin();
             }
+            Ev::CheckpointEncoded {
+                node,
+                incarnation,
+                pending,
+            } => {
+                let n = &mut self.nodes[node];
+                if n.incarnation != incarnation {
+                    return;
+                }
+                if n.down {
+                    // A paused process encodes nothing; it carries on where it stopped.
+                    let at = self.now + 1_000;
+                    self.schedule(
+                        at,
+                        Ev::CheckpointEncoded {
+                            node,
+                            incarnation,
+                            pending,
+                        },
+                    );
+                    return;
+                }
+                n.replica.on_checkpoint_encoded(pending.encode());
+                self.report.checkpoints_encoded_later += 1;
+                self.flush_node(node);
+            }
             Ev::CrashStart(k) => {
                 let crash = &self.cfg.crashes[k];
                 if crash.at_promise {
@@ -528,6 +574,7 @@ impl<'a> World<'a> {
                         fresh()
                     };
                     n.last_checked = None;
+                    n.incarnation += 1;
                 } else {
                     // A pause, not a crash: the driver finds its process did not run.
                     let n = &mut self.nodes[node];
@@ -742,6 +789,10 @@ impl<'a> World<'a> {
                     }));
                     break;
                 }
+                if let Output::EncodeCheckpoint(pending) = out {
+                    self.encode_later(i, pending);
+                    continue;
+                }
                 node.disk.apply(&out, &node.replica);
                 continue;
             }
@@ -833,6 +884,25 @@ impl<'a> World<'a> {
                 adv.transform(&mut self.rng, out, &pos)
             }
         }
+    }
+
+    /// Encodes a checkpoint "on another thread": it comes back after a random delay, and
+    /// after any other checkpoint the node handed out before it.
+    fn encode_later(&mut self, i: usize, pending: PendingCheckpoint) {
+        let max = self.cfg.checkpoint_encode_us.unwrap_or(0);
+        let at = self.now + self.encode_rng.gen_range(0..=max);
+        // One encoder per node: encodings finish in the order they were handed out.
+        let at = at.max(self.nodes[i].encoded_until);
+        self.nodes[i].encoded_until = at;
+        let incarnation = self.nodes[i].incarnation;
+        self.schedule(
+            at,
+            Ev::CheckpointEncoded {
+                node: i,
+                incarnation,
+                pending,
+            },
+        );
     }
 
     fn arm_node_timer(&mut self, i: usize) {

@@ -153,6 +153,7 @@ impl ProtocolConfig {
             checkpoint_period: self.checkpoint_period,
             chunk_bytes: self.chunk_bytes,
             persist: self.durable,
+            defer_checkpoints: true,
             accept_grace_us: self.accept_grace_us,
             ..Config::default()
         }

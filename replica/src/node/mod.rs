@@ -19,6 +19,7 @@ pub mod config;
 mod contention;
 mod digest;
 pub mod durability;
+mod encoder;
 mod fds;
 mod pause;
 pub use kmmr_net::http;
@@ -46,6 +47,7 @@ use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNe
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::MAX_PROMISED_DECISIONS;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
+use kmmr_protocol::core::state::EncodedCheckpoint;
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::service::kv::KvStore;
 use kmmr_protocol::service::noop::NoopService;
@@ -175,8 +177,11 @@ pub async fn run(
         "replica started"
     );
     let adversary = byzantine.map(|b| Adversary::new(b, me, key.clone()));
+    let (encoder, encoded_rx) =
+        encoder::Encoder::start().context("starting the checkpoint encoder thread")?;
     let mut node = NodeLoop {
         core,
+        encoder,
         key,
         view,
         peers: Arc::new(peers),
@@ -201,7 +206,7 @@ pub async fn run(
         busy_poll: Duration::from_micros(cfg.busy_poll_us),
     };
     let result = node
-        .run(rx, http_asks, failures_rx, stored_rx, shutdown)
+        .run(rx, http_asks, failures_rx, stored_rx, encoded_rx, shutdown)
         .await;
     if let Some(d) = node.durability.take() {
         // Blocks for the final fsync; the loop is over, nothing else waits on this thread.
@@ -386,6 +391,7 @@ fn recover(
 
 struct NodeLoop {
     core: Replica,
+    encoder: encoder::Encoder,
     key: KeyPair,
     view: View,
     peers: Arc<PeerNetwork>,
@@ -440,6 +446,7 @@ impl NodeLoop {
         mut http: metrics::HttpAsks,
         mut failures: mpsc::UnboundedReceiver<String>,
         mut stored: mpsc::UnboundedReceiver<Stored>,
+        mut encoded: mpsc::UnboundedReceiver<EncodedCheckpoint>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
         tokio::pin!(shutdown);
@@ -502,6 +509,9 @@ impl NodeLoop {
                     } else {
                         durable_rx = None;
                     }
+                }
+                Some(e) = encoded.recv() => {
+                    self.core.on_checkpoint_encoded(e);
                 }
                 Some(s) = stored.recv() => {
                     self.core.checkpoint_stored(s.cid, s.digest, s.file);
@@ -697,15 +707,17 @@ impl NodeLoop {
                     s.append(d);
                 }
             }
+            Output::EncodeCheckpoint(pending) => self.encoder.encode(pending),
             Output::Checkpoint {
                 checkpoint,
+                view,
                 trim_before,
             } => {
                 self.metrics
                     .checkpoint_cid
                     .set(checkpoint.meta.cid.0 as i64);
                 if let Some(s) = &self.durability {
-                    s.checkpoint(checkpoint, self.view.clone(), trim_before);
+                    s.checkpoint(checkpoint, view, trim_before);
                 }
             }
             Output::StateInstalled(checkpoint) => {

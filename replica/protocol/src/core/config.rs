@@ -55,6 +55,11 @@ pub struct Config {
     pub transfer_stall_us: u64,
     /// Emit `Output::Persist` for every decision (the driver has a log to write).
     pub persist: bool,
+    /// Hand checkpoints to the driver to encode (`Output::EncodeCheckpoint`) instead of
+    /// encoding them on the spot: every correct replica takes a checkpoint at the same CID, and
+    /// encoding a large state there (tens of milliseconds for a Kubernetes control plane's)
+    /// would stall the whole cluster at once.
+    pub defer_checkpoints: bool,
     /// With a quorum of ACCEPTs but not all n, wait this long for the rest before checking the
     /// quorum's signatures (all n need no check to decide; see `replica/accepts.rs`). 0 checks
     /// every ACCEPT on arrival.
@@ -89,6 +94,7 @@ impl Default for Config {
             transfer_window: 4,
             transfer_stall_us: 2_000_000,
             persist: false,
+            defer_checkpoints: false,
             accept_grace_us: 500,
         }
     }

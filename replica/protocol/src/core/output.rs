@@ -2,7 +2,7 @@
 
 use crate::core::promise::Promise;
 use crate::core::rejection::Rejection;
-use crate::core::state::Checkpoint;
+use crate::core::state::{Checkpoint, PendingCheckpoint};
 use crate::crypto::Digest;
 use crate::view::View;
 use crate::wire::ids::{Cid, Regency, ReplicaId, ViewId};
@@ -22,10 +22,14 @@ pub enum Output {
     /// Make this promise durable before sending any output after it (only with
     /// `Config::persist`): it replaces the previous one.
     Promise(Promise),
-    /// A checkpoint was taken after executing `checkpoint.meta.cid`: store it; the log up to
-    /// `trim_before` is no longer needed.
+    /// Encode this checkpoint off the event loop and hand the result to
+    /// `Replica::on_checkpoint_encoded` (only with `Config::defer_checkpoints`).
+    EncodeCheckpoint(PendingCheckpoint),
+    /// A checkpoint was taken after executing `checkpoint.meta.cid`, in `view`: store it; the
+    /// log up to `trim_before` is no longer needed.
     Checkpoint {
         checkpoint: Checkpoint,
+        view: View,
         trim_before: Cid,
     },
     /// The state was replaced by a transferred checkpoint: store it and restart the log after it.
@@ -41,6 +45,7 @@ impl Output {
             self,
             Output::Persist(_)
                 | Output::Promise(_)
+                | Output::EncodeCheckpoint(_)
                 | Output::Checkpoint { .. }
                 | Output::StateInstalled(_)
                 | Output::ViewChanged(_)

@@ -26,7 +26,8 @@ use crate::core::reconfig::{self, ReconfigOutcome, ReconfigRequest};
 use crate::core::rejection::Rejection;
 use crate::core::replies::RecentReplies;
 use crate::core::state::{
-    encode_state, Checkpoint, HeldBytes, OrderingState, ReplicaState, StoredCheckpoint,
+    encode_state, Checkpoint, EncodedCheckpoint, HeldBytes, OrderingState, PendingCheckpoint,
+    ReplicaState, StoredCheckpoint,
 };
 use crate::core::sync::{self, Choice};
 use crate::core::transfer::{ChunkOutcome, Transfer};
@@ -169,6 +170,9 @@ pub struct Replica {
 
     /// Payload bytes decided since the last checkpoint (see `Config::checkpoint_bytes`).
     bytes_since_checkpoint: u64,
+    /// Bumped by every installed state: a checkpoint frozen before it and encoded after it is
+    /// of a state this replica no longer has.
+    checkpoint_epoch: u64,
 
     regency: Regency,
     synchronizing: bool,
@@ -243,6 +247,7 @@ impl Replica {
             restored: None,
             lead_after: None,
             bytes_since_checkpoint: 0,
+            checkpoint_epoch: 0,
             regency: Regency(0),
             synchronizing: false,
             lc: leader_change::LeaderChange::default(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::core::clients::Sessions;
 use crate::crypto::Digest;
-use crate::service::Service;
+use crate::service::{FrozenState, Service};
 use crate::view::View;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::Cid;
@@ -47,6 +47,11 @@ pub struct OrderingState<'a> {
 /// Encodes a checkpoint, the service writing its snapshot straight into the checkpoint's
 /// buffer: the state is never held twice.
 pub fn encode_state(o: &OrderingState<'_>, service: &dyn Service) -> Vec<u8> {
+    finish_state(encode_ordering(o), |out| service.write_snapshot(out))
+}
+
+/// The ordering layer's part of a checkpoint, which comes first.
+fn encode_ordering(o: &OrderingState<'_>) -> Vec<u8> {
     let mut w = Writer::new();
     w.u8(STATE_VERSION);
     o.cid.encode(&mut w);
@@ -55,15 +60,76 @@ pub fn encode_state(o: &OrderingState<'_>, service: &dyn Service) -> Vec<u8> {
     o.view_since.encode(&mut w);
     w.option(o.previous_view, |w, v| v.encode(w));
     o.sessions.encode(&mut w);
-    let mut buf = w.finish();
+    w.finish()
+}
+
+/// Appends the service's snapshot, written by `snapshot`, to the ordering part.
+fn finish_state(mut buf: Vec<u8>, snapshot: impl FnOnce(&mut dyn FnMut(&[u8]))) -> Vec<u8> {
     // The snapshot's length prefix, filled in once the snapshot is written.
     let at = buf.len();
     buf.extend_from_slice(&[0; 4]);
-    service.write_snapshot(&mut |piece| buf.extend_from_slice(piece));
+    snapshot(&mut |piece| buf.extend_from_slice(piece));
     // Saturating like `Writer::bytes`: a snapshot past 4 GiB does not decode (MAX_SERVICE_SNAPSHOT).
     let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
     buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
     buf
+}
+
+/// A checkpoint frozen at its CID and not yet encoded: the replica hands it to its driver,
+/// which encodes and hashes it on another thread ([`PendingCheckpoint::encode`]) and gives the
+/// result back ([`Replica::on_checkpoint_encoded`](crate::core::Replica::on_checkpoint_encoded)).
+/// The bytes are those the replica would have encoded at the CID, so correct replicas still
+/// agree on them, while ordering goes on meanwhile.
+#[derive(Clone)]
+pub struct PendingCheckpoint {
+    pub cid: Cid,
+    pub view: View,
+    /// The state the replica froze it from; a state transfer installed before the encoding
+    /// comes back moves the replica on, and makes this checkpoint moot.
+    pub(crate) epoch: u64,
+    ordering: Vec<u8>,
+    service: Arc<dyn FrozenState>,
+}
+
+impl std::fmt::Debug for PendingCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCheckpoint")
+            .field("cid", &self.cid)
+            .field("view", &self.view.id)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingCheckpoint {
+    pub(crate) fn freeze(o: &OrderingState<'_>, service: &dyn Service, epoch: u64) -> Self {
+        PendingCheckpoint {
+            cid: o.cid,
+            view: o.view.clone(),
+            epoch,
+            ordering: encode_ordering(o),
+            service: Arc::from(service.freeze()),
+        }
+    }
+
+    /// Encodes and hashes the checkpoint: the slow part, for any thread.
+    pub fn encode(&self) -> EncodedCheckpoint {
+        let service = &self.service;
+        let bytes = finish_state(self.ordering.clone(), |out| service.write_snapshot(out));
+        EncodedCheckpoint {
+            checkpoint: Checkpoint::new(self.cid, &self.view, bytes),
+            view: self.view.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// A [`PendingCheckpoint`] encoded, for the replica that froze it.
+#[derive(Debug, Clone)]
+pub struct EncodedCheckpoint {
+    pub checkpoint: Checkpoint,
+    pub view: View,
+    pub(crate) epoch: u64,
 }
 
 const STATE_VERSION: u8 = 1;

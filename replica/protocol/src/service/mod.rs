@@ -74,7 +74,7 @@ pub trait Service: Send {
 
 /// A service's state frozen at one moment ([`Service::freeze`]), encoded where and when the
 /// replica chooses.
-pub trait FrozenState: Send {
+pub trait FrozenState: Send + Sync {
     /// Hands the snapshot's bytes to `out` in order, in pieces.
     fn write_snapshot(&self, out: &mut dyn FnMut(&[u8]));
 }

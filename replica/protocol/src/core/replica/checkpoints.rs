@@ -6,19 +6,38 @@ use super::*;
 
 impl Replica {
     pub(super) fn take_checkpoint(&mut self, cid: Cid) {
-        let bytes = encode_state(
-            &OrderingState {
-                cid,
-                timestamp_ms: self.last_timestamp_ms,
-                view: &self.view,
-                view_since: self.views.view_since,
-                previous_view: self.views.previous_view.as_ref(),
-                sessions: &self.sessions,
-            },
-            &*self.service,
-        );
-        let cp = Checkpoint::new(cid, &self.view, bytes);
         self.bytes_since_checkpoint = 0;
+        let ordering = OrderingState {
+            cid,
+            timestamp_ms: self.last_timestamp_ms,
+            view: &self.view,
+            view_since: self.views.view_since,
+            previous_view: self.views.previous_view.as_ref(),
+            sessions: &self.sessions,
+        };
+        // A restarted replica replaying its log is not ordering yet: nothing waits on it.
+        if self.config.defer_checkpoints && !self.replaying {
+            let pending =
+                PendingCheckpoint::freeze(&ordering, &*self.service, self.checkpoint_epoch);
+            self.outputs.push(Output::EncodeCheckpoint(pending));
+            return;
+        }
+        let bytes = encode_state(&ordering, &*self.service);
+        let view = self.view.clone();
+        self.checkpoint_taken(Checkpoint::new(cid, &view, bytes), view);
+    }
+
+    /// A checkpoint handed out with `Output::EncodeCheckpoint`, encoded. Encodings come back
+    /// in the order they were handed out; one of a state replaced since is dropped.
+    pub fn on_checkpoint_encoded(&mut self, encoded: EncodedCheckpoint) {
+        if encoded.epoch != self.checkpoint_epoch {
+            return;
+        }
+        self.checkpoint_taken(encoded.checkpoint, encoded.view);
+    }
+
+    fn checkpoint_taken(&mut self, cp: Checkpoint, view: View) {
+        let cid = cp.meta.cid;
         self.events.push(Event::CheckpointTaken {
             cid,
             digest: cp.meta.digest,
@@ -32,6 +51,7 @@ impl Replica {
         self.trim_unproven();
         self.outputs.push(Output::Checkpoint {
             checkpoint: cp,
+            view,
             trim_before: oldest,
         });
         if !self.replaying {
@@ -231,6 +251,7 @@ impl Replica {
         self.service
             .restore(st.service)
             .map_err(|e| e.to_string())?;
+        self.checkpoint_epoch += 1;
         let cid = st.cid;
         let meta = CheckpointMeta {
             cid,
