@@ -14,7 +14,6 @@ use crate::workload::SimClient;
 use kmmr_byzantine::{honest, Adversary, Behaviour, Dest, Frame, Position};
 use kmmr_linearizability::{self as linearizability, CheckResult};
 use kmmr_protocol::core::output::{Event, Output};
-use kmmr_protocol::core::promise::Promise;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
 use kmmr_protocol::core::state::PendingCheckpoint;
 use kmmr_protocol::crypto::{Digest, KeyPair};
@@ -25,11 +24,13 @@ use kmmr_protocol::view::{Member, View};
 use kmmr_protocol::wire::codec::{Decode, Encode};
 use kmmr_protocol::wire::ids::{Cid, ReplicaId, ViewId};
 use kmmr_protocol::wire::limits;
-use kmmr_protocol::wire::messages::{Decision, ReplicaMessage, Reply, SignedRequest};
+use kmmr_protocol::wire::messages::{ReplicaMessage, Reply, SignedRequest};
 
+mod disk;
 mod network;
 mod report;
 
+use disk::{SimDisk, LOG_LAG, LOG_SYNC_MAX_US};
 use report::{describe_faults, trace_message};
 
 /// Steps after which a run is declared livelocked.
@@ -106,6 +107,12 @@ enum Ev {
         incarnation: u64,
         pending: PendingCheckpoint,
     },
+    /// The node's log synced up to `cid`.
+    LogSynced {
+        node: usize,
+        incarnation: u64,
+        cid: Cid,
+    },
 }
 
 struct Scheduled {
@@ -151,51 +158,8 @@ struct Node {
     incarnation: u64,
     /// When the last checkpoint handed out to encode comes back.
     encoded_until: u64,
-}
-
-/// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this).
-const LOG_LAG: usize = 3;
-
-/// What a node persisted: its newest checkpoint and the decision at its CID, the decisions
-/// logged after it, its promise.
-#[derive(Default)]
-struct SimDisk {
-    checkpoint: Option<Vec<u8>>,
-    /// A checkpoint this replica took is written only once the log holds its decision durably
-    /// (as the node's checkpoint thread waits for the log), so no crash loses this one.
-    checkpoint_decision: Option<Decision>,
-    decisions: Vec<Decision>,
-    promise: Option<Promise>,
-}
-
-impl SimDisk {
-    fn apply(&mut self, out: &Output, replica: &Replica) {
-        match out {
-            Output::Persist(d) if self.decisions.last().is_none_or(|l| l.cid.next() == d.cid) => {
-                self.decisions.push(d.clone());
-            }
-            Output::Promise(p) => {
-                // The log syncs in groups: the last few decisions may not be durable when the
-                // promise is (a crash's `lost_tail`), so the promise carries them, as the node
-                // does for those its log has not synced.
-                let mut p = p.clone();
-                let durable = p.collect.cid.0.checked_sub(LOG_LAG as u64 + 1).map(Cid);
-                replica.complete_promise(&mut p, durable);
-                self.promise = Some(p);
-            }
-            Output::Checkpoint { checkpoint: cp, .. } | Output::StateInstalled(cp) => {
-                let cid = cp.meta.cid;
-                self.checkpoint = Some(cp.bytes.as_ref().clone());
-                self.checkpoint_decision = self.decisions.iter().find(|d| d.cid == cid).cloned();
-                self.decisions.retain(|d| d.cid > cid);
-                if matches!(out, Output::StateInstalled(_)) {
-                    self.checkpoint_decision = None;
-                    self.decisions.clear();
-                }
-            }
-            _ => {}
-        }
-    }
+    /// When the log's last sync so far completes.
+    synced_until: u64,
 }
 
 struct World<'a> {
@@ -213,6 +177,8 @@ struct World<'a> {
     /// Encoding delays, drawn apart from `rng` so that a run's schedule stays as it was up to
     /// its first checkpoint.
     encode_rng: ChaCha8Rng,
+    /// Log sync delays, likewise apart.
+    sync_rng: ChaCha8Rng,
     checker: Checker,
     report: SimReport,
     /// `KMMR_SIM_TRACE=1`: print every delivered replica message and every core event, to
@@ -325,6 +291,7 @@ impl<'a> World<'a> {
                 crash_at_promise: false,
                 incarnation: 0,
                 encoded_until: 0,
+                synced_until: 0,
             }
         };
         for i in 0..cfg.n {
@@ -377,6 +344,7 @@ impl<'a> World<'a> {
             admin,
             rng,
             encode_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xC0DE_C4EC_0000_0001),
+            sync_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EC5_F5C0_0000_0002),
             checker: Checker::default(),
             report: SimReport {
                 seed: cfg.seed,
@@ -514,6 +482,32 @@ impl<'a> World<'a> {
                 self.report.checkpoints_encoded_later += 1;
                 self.flush_node(node);
             }
+            Ev::LogSynced {
+                node,
+                incarnation,
+                cid,
+            } => {
+                let n = &mut self.nodes[node];
+                if n.incarnation != incarnation {
+                    return;
+                }
+                if n.down {
+                    // The sync completes, but the paused process learns of it when it runs.
+                    let at = self.now + 1_000;
+                    self.schedule(
+                        at,
+                        Ev::LogSynced {
+                            node,
+                            incarnation,
+                            cid,
+                        },
+                    );
+                    return;
+                }
+                n.disk.synced = n.disk.synced.max(Some(cid));
+                n.replica.log_durable(Some(cid));
+                self.flush_node(node);
+            }
             Ev::CrashStart(k) => {
                 let crash = &self.cfg.crashes[k];
                 if crash.at_promise {
@@ -529,12 +523,17 @@ impl<'a> World<'a> {
                 self.nodes[node].crash_at_promise = false;
                 if crash.amnesia {
                     let disk = crash.disk;
-                    let keep = self.nodes[node]
-                        .disk
+                    let d = &mut self.nodes[node].disk;
+                    let unsynced = d
+                        .decisions
+                        .iter()
+                        .filter(|x| Some(x.cid) > d.synced)
+                        .count();
+                    let keep = d
                         .decisions
                         .len()
-                        .saturating_sub(crash.lost_tail.min(LOG_LAG));
-                    self.nodes[node].disk.decisions.truncate(keep);
+                        .saturating_sub(crash.lost_tail.min(LOG_LAG).min(unsynced));
+                    d.decisions.truncate(keep);
                     let view = self.current_view();
                     let n = &mut self.nodes[node];
                     let fresh = || {
@@ -794,6 +793,16 @@ impl<'a> World<'a> {
                     continue;
                 }
                 node.disk.apply(&out, &node.replica);
+                match &out {
+                    // Appended (not a decision out of order, which the log refuses).
+                    Output::Persist(d)
+                        if node.disk.decisions.last().map(|l| l.cid) == Some(d.cid) =>
+                    {
+                        self.sync_later(i, d.cid)
+                    }
+                    Output::StateInstalled(cp) => self.sync_later(i, cp.meta.cid),
+                    _ => {}
+                }
                 continue;
             }
             let frames = self.frames_for(i, out);
@@ -901,6 +910,22 @@ impl<'a> World<'a> {
                 node: i,
                 incarnation,
                 pending,
+            },
+        );
+    }
+
+    /// Syncs the log up to `cid` after a random delay, after the syncs before it.
+    fn sync_later(&mut self, i: usize, cid: Cid) {
+        let at = self.now + self.sync_rng.gen_range(0..=LOG_SYNC_MAX_US);
+        let at = at.max(self.nodes[i].synced_until);
+        self.nodes[i].synced_until = at;
+        let incarnation = self.nodes[i].incarnation;
+        self.schedule(
+            at,
+            Ev::LogSynced {
+                node: i,
+                incarnation,
+                cid,
             },
         );
     }

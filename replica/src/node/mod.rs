@@ -8,7 +8,10 @@
 //! With durability on (`protocol.durable`), decisions, checkpoints and views go to the storage
 //! threads (`durability`), and every vote is promised to disk before it is sent (see `local`):
 //! a value is decided only once a quorum holds it durably, so a client that saw an answer can
-//! count on it surviving a crash of every replica, and replies need not wait for the log.
+//! count on it surviving a crash of every replica. Replies still wait for the log
+//! (`Replica::log_durable`): a replica's reply counts in its client's quorum, and one that came
+//! back from a crash without the decision behind it would break that quorum's promise to the
+//! client's later unordered reads.
 //!
 //! The one write the loop does itself is the promise (`storage::promise`): a vote must be on
 //! disk before the message that casts it leaves, and the messages behind it wait anyway, so
@@ -503,9 +506,11 @@ impl NodeLoop {
                 }
                 ok = durable_changed(&mut durable_rx) => {
                     if ok {
-                        if let Some(d) = self.durable_cid() {
+                        let durable = self.durable_cid();
+                        if let Some(d) = durable {
                             self.metrics.durable_cid.set(d.0 as i64);
                         }
+                        self.core.log_durable(durable);
                     } else {
                         durable_rx = None;
                     }

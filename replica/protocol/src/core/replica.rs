@@ -189,6 +189,14 @@ pub struct Replica {
     host_busy: bool,
     /// The regency in which a slow-leader suspicion was last withheld for a busy host.
     slow_withheld: Option<Regency>,
+    /// With `Config::persist`: the last CID the driver reported durable (`log_durable`), and
+    /// the replies computed from a state after it, held until it is. A reply counts toward a
+    /// client's quorum; from a replica that then crashed and came back without the decisions
+    /// behind it, that quorum would not hold the write, and an unordered read could gather a
+    /// quorum of replies from before it (soak seed 800363 n=4: a write acknowledged by r0, r1
+    /// and a twin, then read as absent from r0 restarted, a lagging r2 and the other twin).
+    durable: Option<Cid>,
+    held_replies: Vec<(Option<Cid>, Output)>,
 
     /// The latest time seen in any input.
     clock_us: u64,
@@ -259,6 +267,8 @@ impl Replica {
             latency_history: VecDeque::new(),
             host_busy: false,
             slow_withheld: None,
+            durable: None,
+            held_replies: Vec::new(),
             clock_us: 0,
             outputs: Vec::new(),
             events: Vec::new(),
@@ -345,6 +355,8 @@ impl Replica {
             r.lead_after = Some(r.regency.max(promised_regency.unwrap_or(Regency(0))));
         }
         r.events.clear();
+        // Everything recovered was on disk.
+        r.durable = r.last_decided;
         Ok(r)
     }
 
@@ -360,6 +372,29 @@ impl Replica {
     /// (those after `durable`), so that log and promise together always reach the promise's
     /// instance (see `Promise`). The node calls it with the log's durable end, the simulator
     /// with its model of one, so both run this.
+    /// The driver's log (or checkpoint store) holds every decision up to `cid` durably:
+    /// replies computed from states up to it may leave.
+    pub fn log_durable(&mut self, cid: Option<Cid>) {
+        if cid <= self.durable {
+            return;
+        }
+        self.durable = cid;
+        let held = std::mem::take(&mut self.held_replies);
+        let (ready, still): (Vec<_>, Vec<_>) = held.into_iter().partition(|(at, _)| *at <= cid);
+        self.held_replies = still;
+        self.outputs.extend(ready.into_iter().map(|(_, out)| out));
+    }
+
+    /// Sends a reply computed from the state after `at`, once that state is durable.
+    pub(super) fn reply(&mut self, at: Option<Cid>, client: ClientId, reply: Reply) {
+        let out = Output::Reply { client, reply };
+        if self.config.persist && at > self.durable {
+            self.held_replies.push((at, out));
+        } else {
+            self.outputs.push(out);
+        }
+    }
+
     pub fn complete_promise(&self, promise: &mut Promise, durable: Option<Cid>) {
         promise.decided = self.decisions_after(durable);
     }

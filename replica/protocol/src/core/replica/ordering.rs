@@ -370,16 +370,17 @@ impl Replica {
             if self.replaying {
                 continue;
             }
-            self.outputs.push(Output::Reply {
-                client: r.client,
-                reply: Reply {
+            self.reply(
+                Some(cid),
+                r.client,
+                Reply {
                     replica: self.me,
                     session: r.session,
                     sequence: r.sequence,
                     kind: r.kind,
                     body: ReplyBody::Result(result),
                 },
-            });
+            );
         }
         self.pool.batch_executed(self.clock_us);
     }

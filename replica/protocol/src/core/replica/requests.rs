@@ -82,10 +82,7 @@ impl Replica {
             kind: r.kind,
             body,
         };
-        self.outputs.push(Output::Reply {
-            client: r.client,
-            reply,
-        });
+        self.reply(self.last_decided, r.client, reply);
     }
 
     /// Checks a request's signature (once: the result is remembered).
