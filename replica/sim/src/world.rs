@@ -30,7 +30,7 @@ mod disk;
 mod network;
 mod report;
 
-use disk::{SimDisk, LOG_LAG, LOG_SYNC_MAX_US};
+use disk::{SimDisk, LOG_LAG, LOG_SYNC_MAX_US, SLOW_LOG_SYNC_MAX_US};
 use report::{describe_faults, trace_message};
 
 /// Steps after which a run is declared livelocked.
@@ -160,6 +160,9 @@ struct Node {
     encoded_until: u64,
     /// When the log's last sync so far completes.
     synced_until: u64,
+    /// The newest state any reply of this node came from (`Event::RepliedFrom`), over all its
+    /// restarts.
+    replied_from: Option<Cid>,
 }
 
 struct World<'a> {
@@ -177,8 +180,9 @@ struct World<'a> {
     /// Encoding delays, drawn apart from `rng` so that a run's schedule stays as it was up to
     /// its first checkpoint.
     encode_rng: ChaCha8Rng,
-    /// Log sync delays, likewise apart.
+    /// Log sync delays, likewise apart, and the longest of them.
     sync_rng: ChaCha8Rng,
+    sync_max_us: u64,
     checker: Checker,
     report: SimReport,
     /// `KMMR_SIM_TRACE=1`: print every delivered replica message and every core event, to
@@ -292,6 +296,7 @@ impl<'a> World<'a> {
                 incarnation: 0,
                 encoded_until: 0,
                 synced_until: 0,
+                replied_from: None,
             }
         };
         for i in 0..cfg.n {
@@ -345,6 +350,7 @@ impl<'a> World<'a> {
             rng,
             encode_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xC0DE_C4EC_0000_0001),
             sync_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EC5_F5C0_0000_0002),
+            sync_max_us: LOG_SYNC_MAX_US,
             checker: Checker::default(),
             report: SimReport {
                 seed: cfg.seed,
@@ -355,6 +361,10 @@ impl<'a> World<'a> {
             },
             trace: std::env::var_os("KMMR_SIM_TRACE").is_some(),
         };
+        // A slow disk in about a third of the seeds.
+        if w.sync_rng.gen_bool(0.3) {
+            w.sync_max_us = SLOW_LOG_SYNC_MAX_US;
+        }
         for (i, c) in cfg.crashes.iter().enumerate() {
             w.schedule(c.from_us, Ev::CrashStart(i));
             w.schedule(c.until_us.max(c.from_us + 1), Ev::CrashEnd(i));
@@ -574,6 +584,16 @@ impl<'a> World<'a> {
                     };
                     n.last_checked = None;
                     n.incarnation += 1;
+                    // A reply counts in its client's quorum: the state it came from must
+                    // survive the crash, or that quorum no longer holds what it acknowledged.
+                    let recovered = n.replica.answers_from();
+                    if disk && !n.faulty && n.replied_from > recovered {
+                        let (from, back) = (n.replied_from, recovered);
+                        self.checker.violate(format!(
+                            "node {node} replied from the state after {from:?} but came back \
+                             from its disk at {back:?}"
+                        ));
+                    }
                 } else {
                     // A pause, not a crash: the driver finds its process did not run.
                     let n = &mut self.nodes[node];
@@ -841,6 +861,10 @@ impl<'a> World<'a> {
                         }
                     }
                 }
+                Event::RepliedFrom { cid } => {
+                    let n = &mut self.nodes[i];
+                    n.replied_from = n.replied_from.max(Some(cid));
+                }
                 Event::Suspected { regency, why } if self.report.suspicions.len() < 64 => {
                     self.report
                         .suspicions
@@ -916,7 +940,7 @@ impl<'a> World<'a> {
 
     /// Syncs the log up to `cid` after a random delay, after the syncs before it.
     fn sync_later(&mut self, i: usize, cid: Cid) {
-        let at = self.now + self.sync_rng.gen_range(0..=LOG_SYNC_MAX_US);
+        let at = self.now + self.sync_rng.gen_range(0..=self.sync_max_us);
         let at = at.max(self.nodes[i].synced_until);
         self.nodes[i].synced_until = at;
         let incarnation = self.nodes[i].incarnation;

@@ -92,6 +92,11 @@ pub enum Event {
         cid: Cid,
         digest: Digest,
     },
+    /// Replies computed from the state after `cid` left, the newest state any reply came
+    /// from so far (only with `Config::persist`, where that state must be durable).
+    RepliedFrom {
+        cid: Cid,
+    },
     /// State transfer started fetching the checkpoint at `cid`.
     TransferStarted {
         cid: Cid,

@@ -197,6 +197,13 @@ pub struct Replica {
     /// and a twin, then read as absent from r0 restarted, a lagging r2 and the other twin).
     durable: Option<Cid>,
     held_replies: Vec<(Option<Cid>, Output)>,
+    /// The newest state a reply came from (`Event::RepliedFrom`).
+    replied_from: Option<Cid>,
+    /// A replica restarted from its disk answers no unordered read from a state older than
+    /// the disk held: its replies before the crash may have come from there, and a read
+    /// answered from before them could complete a quorum that predates a write (a restart
+    /// into a newer view sets the log aside and starts empty, as a joiner).
+    read_fence: Option<Cid>,
 
     /// The latest time seen in any input.
     clock_us: u64,
@@ -269,6 +276,8 @@ impl Replica {
             slow_withheld: None,
             durable: None,
             held_replies: Vec::new(),
+            replied_from: None,
+            read_fence: None,
             clock_us: 0,
             outputs: Vec::new(),
             events: Vec::new(),
@@ -293,6 +302,13 @@ impl Replica {
             promise,
             ran_before,
         } = disk;
+        // What the disk held before anything below sets part of it aside (replies came from
+        // no later state: they wait for it to be durable).
+        let on_disk = decisions.last().map(|d| d.cid).max(
+            promise
+                .as_ref()
+                .and_then(|p| p.decided.last().map(|d| d.cid)),
+        );
         if checkpoint.is_none() && view.id > ViewId(0) {
             // A log with no checkpoint begins in view 0, which this replica no longer knows:
             // replayed under the configured (later) view, its decisions and every proof after
@@ -357,6 +373,7 @@ impl Replica {
         r.events.clear();
         // Everything recovered was on disk.
         r.durable = r.last_decided;
+        r.read_fence = on_disk.max(r.last_decided);
         Ok(r)
     }
 
@@ -368,10 +385,6 @@ impl Replica {
         self.log.range(from..).map(|(_, d)| d.clone()).collect()
     }
 
-    /// Completes a promise this replica emitted with the decisions its log has not made durable
-    /// (those after `durable`), so that log and promise together always reach the promise's
-    /// instance (see `Promise`). The node calls it with the log's durable end, the simulator
-    /// with its model of one, so both run this.
     /// The driver's log (or checkpoint store) holds every decision up to `cid` durably:
     /// replies computed from states up to it may leave.
     pub fn log_durable(&mut self, cid: Option<Cid>) {
@@ -382,7 +395,25 @@ impl Replica {
         let held = std::mem::take(&mut self.held_replies);
         let (ready, still): (Vec<_>, Vec<_>) = held.into_iter().partition(|(at, _)| *at <= cid);
         self.held_replies = still;
-        self.outputs.extend(ready.into_iter().map(|(_, out)| out));
+        for (at, out) in ready {
+            self.replied(at);
+            self.outputs.push(out);
+        }
+    }
+
+    /// The oldest state this replica answers from now: its own, or after a restart the one
+    /// its disk held (`read_fence`), whichever is newer.
+    pub fn answers_from(&self) -> Option<Cid> {
+        self.last_decided.max(self.read_fence)
+    }
+
+    fn replied(&mut self, at: Option<Cid>) {
+        if self.config.persist && at > self.replied_from {
+            self.replied_from = at;
+            if let Some(cid) = at {
+                self.events.push(Event::RepliedFrom { cid });
+            }
+        }
     }
 
     /// Sends a reply computed from the state after `at`, once that state is durable.
@@ -391,10 +422,15 @@ impl Replica {
         if self.config.persist && at > self.durable {
             self.held_replies.push((at, out));
         } else {
+            self.replied(at);
             self.outputs.push(out);
         }
     }
 
+    /// Completes a promise this replica emitted with the decisions its log has not made durable
+    /// (those after `durable`), so that log and promise together always reach the promise's
+    /// instance (see `Promise`). The node calls it with the log's durable end, the simulator
+    /// with its model of one, so both run this.
     pub fn complete_promise(&self, promise: &mut Promise, durable: Option<Cid>) {
         promise.decided = self.decisions_after(durable);
     }

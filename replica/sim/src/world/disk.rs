@@ -9,8 +9,11 @@ use kmmr_protocol::wire::messages::Decision;
 /// Decisions the simulated log may lose in a crash (`Crash::lost_tail` is at most this, and
 /// only those not synced yet are lost).
 pub(super) const LOG_LAG: usize = 3;
-/// A decision appended to the log is synced within this long (the node's group commit).
+/// A decision appended to the log is synced within this long (the node's group commit), or,
+/// on the slow disks of some seeds, within `SLOW_LOG_SYNC_MAX_US`: long enough for a crash to
+/// catch decisions a replica acted on that its log does not hold yet.
 pub(super) const LOG_SYNC_MAX_US: u64 = 2_000;
+pub(super) const SLOW_LOG_SYNC_MAX_US: u64 = 20_000;
 
 /// What a node persisted: its newest checkpoint and the decision at its CID, the decisions
 /// logged after it, its promise.

@@ -29,6 +29,9 @@ impl Replica {
             return;
         }
         match r.kind {
+            RequestKind::Unordered if self.last_decided < self.read_fence => {
+                // Not answered: the client orders the read once its patience runs out.
+            }
             RequestKind::Unordered => {
                 let result = self.service.query(&r.payload);
                 self.answer(r, ReplyBody::Result(result));
