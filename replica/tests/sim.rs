@@ -371,6 +371,27 @@ fn regression_seeds_a_restarted_leader_never_proposes_twice() {
     );
 }
 
+/// Soak, 2026-12 (seed 800363 n=4, a linearizability violation): a replica replied to a write,
+/// crashed before its log synced the decision, and came back without it; an unordered read then
+/// gathered a quorum of replies from before the write. Replies now wait for the state they came
+/// from to be durable, and a restarted replica answers no unordered read from a state older than
+/// its disk held. With the wait planted away, 10000001 and 10000239 (n=4) show a correct replica
+/// that replied from a state its disk did not keep; with the fence planted away, 10002264 (n=7, a
+/// restart into a newer view, which sets the log aside) and 10000716 (n=4) do.
+#[test]
+fn regression_seeds_replies_come_from_state_the_disk_keeps() {
+    assert_seeds_pass(
+        &[
+            (4, 10_000_001),
+            (4, 10_000_239),
+            (7, 10_002_264),
+            (4, 10_000_716),
+        ],
+        "restart from disk",
+        restarts_from_disk,
+    );
+}
+
 /// A follower's WRITE goes out only after its promise is on disk. With that promise planted away
 /// (`promise_before` not promising a WRITE), each of these stress seeds shows a correct replica,
 /// restarted from its disk, writing a second value in one epoch, which the others reject as an
