@@ -100,19 +100,20 @@ enum Ev {
     AdminTimer,
     CrashStart(usize),
     CrashEnd(usize),
-    /// A checkpoint the node handed out to encode (`SimConfig::checkpoint_encode_us`) comes
-    /// back, to the incarnation that froze it.
-    CheckpointEncoded {
+    /// Work of one of the node's own threads done, for the incarnation that asked for it.
+    NodeThread {
         node: usize,
         incarnation: u64,
-        pending: PendingCheckpoint,
+        done: ThreadDone,
     },
-    /// The node's log synced up to `cid`.
-    LogSynced {
-        node: usize,
-        incarnation: u64,
-        cid: Cid,
-    },
+}
+
+#[derive(Debug)]
+enum ThreadDone {
+    /// A checkpoint handed out to encode (`SimConfig::checkpoint_encode_us`) comes back.
+    Encoded(PendingCheckpoint),
+    /// The log synced up to this CID.
+    Synced(Cid),
 }
 
 struct Scheduled {
@@ -466,56 +467,38 @@ impl<'a> World<'a> {
                 }
                 self.flush_admin();
             }
-            Ev::CheckpointEncoded {
+            Ev::NodeThread {
                 node,
                 incarnation,
-                pending,
+                done,
             } => {
                 let n = &mut self.nodes[node];
                 if n.incarnation != incarnation {
                     return;
                 }
                 if n.down {
-                    // A paused process encodes nothing; it carries on where it stopped.
+                    // The thread finished, but the paused process learns of it when it runs.
                     let at = self.now + 1_000;
                     self.schedule(
                         at,
-                        Ev::CheckpointEncoded {
+                        Ev::NodeThread {
                             node,
                             incarnation,
-                            pending,
+                            done,
                         },
                     );
                     return;
                 }
-                n.replica.on_checkpoint_encoded(pending.encode());
-                self.report.checkpoints_encoded_later += 1;
-                self.flush_node(node);
-            }
-            Ev::LogSynced {
-                node,
-                incarnation,
-                cid,
-            } => {
-                let n = &mut self.nodes[node];
-                if n.incarnation != incarnation {
-                    return;
+                match done {
+                    ThreadDone::Encoded(pending) => {
+                        n.replica.on_checkpoint_encoded(pending.encode());
+                        self.report.checkpoints_encoded_later += 1;
+                    }
+                    ThreadDone::Synced(cid) => {
+                        n.disk.synced = n.disk.synced.max(Some(cid));
+                        n.replica.log_durable(Some(cid));
+                    }
                 }
-                if n.down {
-                    // The sync completes, but the paused process learns of it when it runs.
-                    let at = self.now + 1_000;
-                    self.schedule(
-                        at,
-                        Ev::LogSynced {
-                            node,
-                            incarnation,
-                            cid,
-                        },
-                    );
-                    return;
-                }
-                n.disk.synced = n.disk.synced.max(Some(cid));
-                n.replica.log_durable(Some(cid));
                 self.flush_node(node);
             }
             Ev::CrashStart(k) => {
@@ -930,10 +913,10 @@ impl<'a> World<'a> {
         let incarnation = self.nodes[i].incarnation;
         self.schedule(
             at,
-            Ev::CheckpointEncoded {
+            Ev::NodeThread {
                 node: i,
                 incarnation,
-                pending,
+                done: ThreadDone::Encoded(pending),
             },
         );
     }
@@ -946,10 +929,10 @@ impl<'a> World<'a> {
         let incarnation = self.nodes[i].incarnation;
         self.schedule(
             at,
-            Ev::LogSynced {
+            Ev::NodeThread {
                 node: i,
                 incarnation,
-                cid,
+                done: ThreadDone::Synced(cid),
             },
         );
     }
