@@ -392,6 +392,19 @@ fn regression_seeds_replies_come_from_state_the_disk_keeps() {
     );
 }
 
+/// A reply leaves once a promise at its instance is on disk, before the log syncs (December
+/// 2026). With the restart fence at the last promise's instance planted away, seeds 55 and 74
+/// (n=4) show a correct replica that replied from a state it came back without; with replies
+/// released one instance past the promise, seed 116 (n=4) does.
+#[test]
+fn regression_seeds_replies_backed_by_a_promise() {
+    assert_seeds_pass(
+        &[(4, 55), (4, 74), (4, 116)],
+        "restart from disk",
+        restarts_from_disk,
+    );
+}
+
 /// A follower's WRITE goes out only after its promise is on disk. With that promise planted away
 /// (`promise_before` not promising a WRITE), each of these stress seeds shows a correct replica,
 /// restarted from its disk, writing a second value in one epoch, which the others reject as an

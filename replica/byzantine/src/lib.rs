@@ -103,7 +103,7 @@ pub fn honest(out: &Output) -> Frame {
     match out {
         Output::Send { to, msg } => frame(Dest::Replica(*to), msg),
         Output::Broadcast { msg } => frame(Dest::AllReplicas, msg),
-        Output::Reply { client, reply } => frame(Dest::Client(*client), reply),
+        Output::Reply { client, reply, .. } => frame(Dest::Client(*client), reply),
         Output::Persist(_)
         | Output::Promise(_)
         | Output::EncodeCheckpoint(_)
@@ -370,7 +370,7 @@ impl Adversary {
     }
 
     fn corrupt(&mut self, rng: &mut ChaCha8Rng, out: Output) -> Frame {
-        if let Output::Reply { client, reply } = &out {
+        if let Output::Reply { client, reply, .. } = &out {
             if rng.gen_bool(0.7) {
                 let lie = Reply {
                     body: ReplyBody::Result(vec![rng.gen(); rng.gen_range(0..16)]),

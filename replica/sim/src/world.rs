@@ -161,8 +161,7 @@ struct Node {
     encoded_until: u64,
     /// When the log's last sync so far completes.
     synced_until: u64,
-    /// The newest state any reply of this node came from (`Event::RepliedFrom`), over all its
-    /// restarts.
+    /// The newest state any reply this node sent came from, over all its restarts.
     replied_from: Option<Cid>,
 }
 
@@ -808,6 +807,10 @@ impl<'a> World<'a> {
                 }
                 continue;
             }
+            if let Output::Reply { from, .. } = &out {
+                let n = &mut self.nodes[i];
+                n.replied_from = n.replied_from.max(*from);
+            }
             let frames = self.frames_for(i, out);
             for f in frames {
                 self.route(i, f);
@@ -843,10 +846,6 @@ impl<'a> World<'a> {
                             ));
                         }
                     }
-                }
-                Event::RepliedFrom { cid } => {
-                    let n = &mut self.nodes[i];
-                    n.replied_from = n.replied_from.max(Some(cid));
                 }
                 Event::Suspected { regency, why } if self.report.suspicions.len() < 64 => {
                     self.report

@@ -669,11 +669,9 @@ impl NodeLoop {
             Output::Broadcast { msg } => {
                 self.peers.broadcast(&msg.to_bytes());
             }
-            Output::Reply { client, reply } => {
-                // No waiting for the log: a replica decides only on a quorum of ACCEPTs, each
-                // sent after its promise was on disk, so f+1 correct replicas already hold the
-                // decided value durably (as an accepted vote, or as a decision their next
-                // promise carries), and a leader change after any crash binds it again.
+            Output::Reply { client, reply, .. } => {
+                // The core releases a reply only once its state is kept: by the log's durable
+                // watch (`log_durable`), or by a promise at its instance written just before.
                 if let Some(conn) = self.conns.get(&client) {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
                 }
@@ -901,7 +899,6 @@ impl NodeLoop {
             }
             // The simulator holds it against what a restart recovers; here the log's durable
             // CID (`kmmr_durable_cid`) shows the same.
-            Event::RepliedFrom { .. } => {}
             Event::CheckpointTaken { cid, digest } => {
                 self.metrics.checkpoints.inc();
                 tracing::info!(cid = cid.0, %digest, "checkpoint taken");

@@ -15,8 +15,13 @@ pub enum Output {
     Send { to: ReplicaId, msg: ReplicaMessage },
     /// Send to every other replica of the view.
     Broadcast { msg: ReplicaMessage },
-    /// Answer a client.
-    Reply { client: ClientId, reply: Reply },
+    /// Answer a client with a reply computed from the state after `from` (with
+    /// `Config::persist`, a state this replica keeps through a crash).
+    Reply {
+        client: ClientId,
+        reply: Reply,
+        from: Option<Cid>,
+    },
     /// Append a decided instance to the log (only with `Config::persist`), in CID order.
     Persist(Decision),
     /// Make this promise durable before sending any output after it (only with
@@ -91,11 +96,6 @@ pub enum Event {
     CheckpointTaken {
         cid: Cid,
         digest: Digest,
-    },
-    /// Replies computed from the state after `cid` left, the newest state any reply came
-    /// from so far (only with `Config::persist`, where that state must be durable).
-    RepliedFrom {
-        cid: Cid,
     },
     /// State transfer started fetching the checkpoint at `cid`.
     TransferStarted {

@@ -12,6 +12,7 @@ mod leader_change;
 mod membership;
 mod ordering;
 mod promises;
+mod release;
 mod requests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -190,19 +191,15 @@ pub struct Replica {
     /// The regency in which a slow-leader suspicion was last withheld for a busy host.
     slow_withheld: Option<Regency>,
     /// With `Config::persist`: the last CID the driver reported durable (`log_durable`), and
-    /// the replies computed from a state after it, held until it is. A reply counts toward a
-    /// client's quorum; from a replica that then crashed and came back without the decisions
-    /// behind it, that quorum would not hold the write, and an unordered read could gather a
-    /// quorum of replies from before it (soak seed 800363 n=4: a write acknowledged by r0, r1
-    /// and a twin, then read as absent from r0 restarted, a lagging r2 and the other twin).
+    /// the replies computed from a state neither it nor a promise keeps yet (see `release`).
     durable: Option<Cid>,
     held_replies: Vec<(Option<Cid>, Output)>,
-    /// The newest state a reply came from (`Event::RepliedFrom`).
-    replied_from: Option<Cid>,
     /// A replica restarted from its disk answers no unordered read from a state older than
-    /// the disk held: its replies before the crash may have come from there, and a read
-    /// answered from before them could complete a quorum that predates a write (a restart
-    /// into a newer view sets the log aside and starts empty, as a joiner).
+    /// the disk held, nor before it decides its last promise's instance: its replies before
+    /// the crash may have come from there, and a read answered from before them could complete
+    /// a quorum that predates a write (a restart into a newer view sets the log aside and
+    /// starts empty, as a joiner). Promises never go back to an earlier instance (a restored
+    /// one stops all voting until it is reached), so the next restart finds one as late.
     read_fence: Option<Cid>,
 
     /// The latest time seen in any input.
@@ -276,7 +273,6 @@ impl Replica {
             slow_withheld: None,
             durable: None,
             held_replies: Vec::new(),
-            replied_from: None,
             read_fence: None,
             clock_us: 0,
             outputs: Vec::new(),
@@ -348,6 +344,7 @@ impl Replica {
         r.outputs
             .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
         let promised_regency = promise.as_ref().map(|p| p.collect.regency);
+        let promised_cid = promise.as_ref().map(|p| p.collect.cid);
         if let Some(mut p) = promise {
             // Decided before the crash but not yet in the log: replayed like the log (no
             // replies again: clients that missed one ask, and get it from the session), and
@@ -373,7 +370,7 @@ impl Replica {
         r.events.clear();
         // Everything recovered was on disk.
         r.durable = r.last_decided;
-        r.read_fence = on_disk.max(r.last_decided);
+        r.read_fence = on_disk.max(r.last_decided).max(promised_cid);
         Ok(r)
     }
 
@@ -383,48 +380,6 @@ impl Replica {
     pub fn decisions_after(&self, after: Option<Cid>) -> Vec<Decision> {
         let from = after.map_or(Cid(0), |c| c.next());
         self.log.range(from..).map(|(_, d)| d.clone()).collect()
-    }
-
-    /// The driver's log (or checkpoint store) holds every decision up to `cid` durably:
-    /// replies computed from states up to it may leave.
-    pub fn log_durable(&mut self, cid: Option<Cid>) {
-        if cid <= self.durable {
-            return;
-        }
-        self.durable = cid;
-        let held = std::mem::take(&mut self.held_replies);
-        let (ready, still): (Vec<_>, Vec<_>) = held.into_iter().partition(|(at, _)| *at <= cid);
-        self.held_replies = still;
-        for (at, out) in ready {
-            self.replied(at);
-            self.outputs.push(out);
-        }
-    }
-
-    /// The oldest state this replica answers from now: its own, or after a restart the one
-    /// its disk held (`read_fence`), whichever is newer.
-    pub fn answers_from(&self) -> Option<Cid> {
-        self.last_decided.max(self.read_fence)
-    }
-
-    fn replied(&mut self, at: Option<Cid>) {
-        if self.config.persist && at > self.replied_from {
-            self.replied_from = at;
-            if let Some(cid) = at {
-                self.events.push(Event::RepliedFrom { cid });
-            }
-        }
-    }
-
-    /// Sends a reply computed from the state after `at`, once that state is durable.
-    pub(super) fn reply(&mut self, at: Option<Cid>, client: ClientId, reply: Reply) {
-        let out = Output::Reply { client, reply };
-        if self.config.persist && at > self.durable {
-            self.held_replies.push((at, out));
-        } else {
-            self.replied(at);
-            self.outputs.push(out);
-        }
     }
 
     /// Completes a promise this replica emitted with the decisions its log has not made durable

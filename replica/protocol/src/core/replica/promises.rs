@@ -45,6 +45,7 @@ impl Replica {
         self.promised = Some(key);
         let p = self.instance_promise(extra);
         self.outputs.push(Output::Promise(p));
+        self.promised_at(key.cid);
     }
 
     /// This replica's votes in the instance in progress, with `extra` (a value about to be
