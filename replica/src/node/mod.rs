@@ -495,7 +495,7 @@ impl NodeLoop {
                     let _ = reply.send(self.status());
                 }
                 Some(ask) = http.snapshot.recv() => {
-                    let _ = ask.reply.send(self.serve_snapshot(&ask.token));
+                    self.serve_snapshot(ask);
                 }
                 _ = tick.tick() => {
                     self.refresh_gauges();

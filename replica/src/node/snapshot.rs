@@ -3,8 +3,8 @@
 //! the HTTP port is the one metrics scrapers reach). One replica's answer proves nothing: the
 //! reader checks it against the state digest that f+1 replicas signed in their statuses.
 //!
-//! The snapshot is encoded in the replica loop, as a checkpoint is: the state cannot change
-//! under it, and the cost is that of one checkpoint.
+//! The replica loop freezes the state at its last decision, as for a checkpoint, and a blocking
+//! thread encodes it: a backup of a large state does not stall ordering.
 
 use kmmr_byzantine::Behaviour;
 use kmmr_client::clock::now_us;
@@ -20,30 +20,32 @@ pub struct SnapshotAsk {
 }
 
 impl NodeLoop {
-    pub(super) fn serve_snapshot(&self, token: &str) -> Result<Vec<u8>, TokenError> {
+    pub(super) fn serve_snapshot(&self, ask: SnapshotAsk) {
         let me = self.core.id().0;
-        if let Err(e) = check_token(self.view.admin.as_ref(), me, now_us() / 1000, token) {
+        if let Err(e) = check_token(self.view.admin.as_ref(), me, now_us() / 1000, &ask.token) {
             tracing::warn!(error = %e, "refused a request for the state");
-            return Err(e);
+            let _ = ask.reply.send(Err(e));
+            return;
         }
         let cid = self.core.last_decided().map(|c| c.0);
-        let mut out = served_prefix(cid).to_vec();
-        self.core
-            .service()
-            .write_snapshot(&mut |piece| out.extend_from_slice(piece));
+        let frozen = self.core.service().freeze();
         // Test mode: a corrupting replica hands out a state other than the one it vouched for,
         // which the reader must catch and fetch elsewhere.
         let corrupt = self
             .adversary
             .as_ref()
             .is_some_and(|a| matches!(a.behaviour, Behaviour::Corrupt | Behaviour::Mixed));
-        if corrupt {
-            if let Some(b) = out.last_mut() {
-                *b ^= 0x01;
+        tokio::task::spawn_blocking(move || {
+            let mut out = served_prefix(cid).to_vec();
+            frozen.write_snapshot(&mut |piece| out.extend_from_slice(piece));
+            if corrupt {
+                if let Some(b) = out.last_mut() {
+                    *b ^= 0x01;
+                }
             }
-        }
-        tracing::info!(cid = ?cid, bytes = out.len() - crate::backup::SERVED_PREFIX_LEN, "served the state for a backup");
-        Ok(out)
+            tracing::info!(cid = ?cid, bytes = out.len() - crate::backup::SERVED_PREFIX_LEN, "served the state for a backup");
+            let _ = ask.reply.send(Ok(out));
+        });
     }
 }
 
