@@ -897,8 +897,6 @@ impl NodeLoop {
                     "reconfiguration decided"
                 );
             }
-            // The simulator holds it against what a restart recovers; here the log's durable
-            // CID (`kmmr_durable_cid`) shows the same.
             Event::CheckpointTaken { cid, digest } => {
                 self.metrics.checkpoints.inc();
                 tracing::info!(cid = cid.0, %digest, "checkpoint taken");
