@@ -69,6 +69,11 @@ struct MethodLabel {
     method: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -76,6 +81,7 @@ pub struct Metrics {
     watches: Gauge,
     tail_revision: Gauge,
     leases_followed: Gauge,
+    reads: Family<OutcomeLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -118,6 +124,14 @@ impl Metrics {
             "leases this gateway orders a request for when they are due",
             leases_followed.clone(),
         );
+        let reads = Family::<OutcomeLabel, Gauge>::default();
+        registry.register(
+            "unordered_reads",
+            "reads sent outside the order, by outcome: settled (a quorum of replicas matched), \
+             split (answers from different states, then ordered), slow (no quorum within the \
+             patience, then ordered); counted since the gateway started",
+            reads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -125,6 +139,7 @@ impl Metrics {
             watches,
             tail_revision,
             leases_followed,
+            reads,
         }
     }
 
@@ -156,6 +171,16 @@ impl Metrics {
         self.tail_revision.set(gauge(gateway.hub.tail_revision()));
         self.leases_followed
             .set(gauge(gateway.leases.followed() as u64));
+        let outcomes = gateway.client.read_outcomes();
+        for (outcome, n) in [
+            ("settled", &outcomes.settled),
+            ("split", &outcomes.split),
+            ("slow", &outcomes.slow),
+        ] {
+            self.reads
+                .get_or_create(&OutcomeLabel { outcome })
+                .set(gauge(n.load(std::sync::atomic::Ordering::Relaxed)));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).ok()?;
         Some(out)

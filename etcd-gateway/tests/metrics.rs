@@ -86,6 +86,20 @@ async fn metrics_count_what_was_served_and_health_follows_the_quorum() {
     ] {
         assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
     }
+    // The three good ranges read outside the order; each ended one way or another.
+    let reads: u64 = ["settled", "split", "slow"]
+        .iter()
+        .map(|outcome| {
+            let prefix = format!("kmmr_etcd_gateway_unordered_reads{{outcome=\"{outcome}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("no {prefix:?} in:\n{metrics}"))
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum();
+    assert!(reads >= 3, "{reads} unordered reads counted in:\n{metrics}");
     assert_eq!(get(addr, "/livez").await.0, 200);
     assert_eq!(get(addr, "/nothing").await.0, 404);
 

@@ -14,4 +14,4 @@ pub mod status;
 
 pub use admin::{Admin, AdminError};
 pub use proxy::{Client, ClientOptions};
-pub use session::{ClientError, ClientSession, Completion};
+pub use session::{ClientError, ClientSession, Completion, ReadOutcomes};

@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
-use crate::session::{ClientError, ClientSession};
+use crate::session::{ClientError, ClientSession, ReadOutcomes};
 use kmmr_net::{ClientConnector, FromReplica, NetConfig, NetStats, ReplicaLink};
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
@@ -70,6 +70,7 @@ pub struct Client {
     unreachable: Arc<Vec<(ReplicaId, String)>>,
     /// Replicas with an open link, as the proxy task last counted them.
     connected: Arc<AtomicUsize>,
+    reads: Arc<ReadOutcomes>,
 }
 
 impl Client {
@@ -89,6 +90,7 @@ impl Client {
             opts.retransmit.as_micros() as u64,
         );
         session.set_quorum_writes(opts.linearizable_unordered_reads);
+        let reads = session.read_outcomes();
         let (tx, rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
         let (dialed_tx, mut dialed_rx) = mpsc::channel(64);
@@ -119,7 +121,13 @@ impl Client {
             unordered_reads: opts.linearizable_unordered_reads,
             unreachable,
             connected,
+            reads,
         })
+    }
+
+    /// How this client's reads outside the order ended so far (see `ReadOutcomes`).
+    pub fn read_outcomes(&self) -> &ReadOutcomes {
+        &self.reads
     }
 
     /// The replicas that could not be reached when this client connected, and why (those that

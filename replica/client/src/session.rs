@@ -3,6 +3,8 @@
 //! reads), retransmits on timeout, and installs a newer view when f+1 replicas report it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use kmmr_protocol::crypto::{Digest, KeyPair};
 use kmmr_protocol::view::View;
@@ -97,6 +99,16 @@ impl Patience {
     }
 }
 
+/// How this session's reads outside the order ended, counted since it began: answered by a
+/// quorum of matching replies, or reissued in the order because the answers split (replicas at
+/// different states) or a quorum did not answer within the patience.
+#[derive(Debug, Default)]
+pub struct ReadOutcomes {
+    pub settled: AtomicU64,
+    pub split: AtomicU64,
+    pub slow: AtomicU64,
+}
+
 /// One client process's session with the replicas.
 #[derive(Debug)]
 pub struct ClientSession {
@@ -114,6 +126,7 @@ pub struct ClientSession {
     /// all predate it (with f+1, a lagging quorum plus a lying replica could serve a stale value).
     quorum_writes: bool,
     patience: Patience,
+    reads: Arc<ReadOutcomes>,
 }
 
 impl ClientSession {
@@ -129,8 +142,14 @@ impl ClientSession {
             outstanding: BTreeMap::new(),
             to_send: Vec::new(),
             quorum_writes: false,
+            reads: Arc::default(),
             patience: Patience::new(),
         }
+    }
+
+    /// The outcomes of this session's unordered reads, shared (for metrics).
+    pub fn read_outcomes(&self) -> Arc<ReadOutcomes> {
+        self.reads.clone()
     }
 
     /// See `quorum_writes`: required for linearizable unordered reads.
@@ -274,6 +293,7 @@ impl ClientSession {
             }
         }
         for seq in upgrade {
+            self.reads.slow.fetch_add(1, Ordering::Relaxed);
             self.reissue_ordered(now, seq);
         }
     }
@@ -349,6 +369,7 @@ impl ClientSession {
         if matching < needed {
             if hopeless {
                 if o.request.request.kind == RequestKind::Unordered {
+                    self.reads.split.fetch_add(1, Ordering::Relaxed);
                     self.reissue_ordered(now, seq);
                 } else {
                     // Answers split, e.g. some replicas replied before a view change and some
@@ -365,6 +386,7 @@ impl ClientSession {
         let caller = o.caller;
         if o.request.request.kind == RequestKind::Unordered {
             self.patience.settled(now.saturating_sub(o.sent_at));
+            self.reads.settled.fetch_add(1, Ordering::Relaxed);
         }
         match body {
             ReplyBody::Result(bytes) => {
