@@ -20,7 +20,8 @@
 #   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local`
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
 #   RESULTS_DIR       results.jsonl, table.md, the apiserver's /metrics at the end of each point
-#                     (metrics/<store>-r<rep>.txt) and the logs of failed points
+#                     (metrics/<store>-r<rep>.txt), the gateway's (metrics/gateway-r<rep>.txt)
+#                     and the logs of failed points
 #                     (default $KMMR_BENCH_CACHE/apiserver-<date>)
 #   ETCD_BASE=26300 KMMR_BASE=27300   loopback ports of the stores (the gateway and the
 #                     apiserver take ports the OS says are free)
@@ -133,10 +134,15 @@ EOF
 }
 
 gateway_pid=""
-start_gateway() { # cluster-dir -> $gateway_url
-  local dir=$1 port
+gateway_metrics_url=""
+start_gateway() { # cluster-dir -> $gateway_url, $gateway_metrics_url
+  local dir=$1 port mport
   port=$(free_port)
-  setsid "$KMMR_GATEWAY_BIN" --cluster "$dir" --listen "127.0.0.1:$port" >"$dir.gateway.log" 2>&1 &
+  mport=$(free_port)
+  while [[ $mport == "$port" ]]; do mport=$(free_port); done
+  setsid "$KMMR_GATEWAY_BIN" --cluster "$dir" --listen "127.0.0.1:$port" \
+    --metrics-listen "127.0.0.1:$mport" >"$dir.gateway.log" 2>&1 &
+  gateway_metrics_url="http://127.0.0.1:$mport/metrics"
   gateway_pid=$!
   pgids+=("$gateway_pid")
   gateway_url="http://127.0.0.1:$port"
@@ -192,6 +198,11 @@ run_point() { # store rep
   curl -sf -m 10 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "$apiserver_url/metrics" \
     >"$RESULTS_DIR/metrics/$store-r$rep.txt" 2>/dev/null || true
+  if [[ $store == kmmr ]]; then
+    # The gateway's: how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads).
+    curl -sf -m 10 "$gateway_metrics_url" \
+      >"$RESULTS_DIR/metrics/gateway-r$rep.txt" 2>/dev/null || true
+  fi
   stop_groups TERM "$apiserver_pid"
   case $store in
     etcd) stop_etcd ;;
