@@ -142,8 +142,8 @@ start_gateway() { # cluster-dir -> $gateway_url, $gateway_metrics_url
   while [[ $mport == "$port" ]]; do mport=$(free_port); done
   setsid "$KMMR_GATEWAY_BIN" --cluster "$dir" --listen "127.0.0.1:$port" \
     --metrics-listen "127.0.0.1:$mport" >"$dir.gateway.log" 2>&1 &
-  gateway_metrics_url="http://127.0.0.1:$mport/metrics"
   gateway_pid=$!
+  gateway_metrics_url="http://127.0.0.1:$mport/metrics"
   pgids+=("$gateway_pid")
   gateway_url="http://127.0.0.1:$port"
   local deadline=$((SECONDS + 60))
