@@ -199,7 +199,7 @@ run_point() { # store rep
     "$apiserver_url/metrics" \
     >"$RESULTS_DIR/metrics/$store-r$rep.txt" 2>/dev/null || true
   if [[ $store == kmmr ]]; then
-    # The gateway's: how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads).
+    # The gateway's: how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads_total).
     curl -sf -m 10 "$gateway_metrics_url" \
       >"$RESULTS_DIR/metrics/gateway-r$rep.txt" 2>/dev/null || true
   fi

@@ -11,6 +11,7 @@
 //! The port is served within bounds (connections in all and per source, header and lifetime
 //! timeouts), as the replicas' is.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,7 +82,7 @@ pub struct Metrics {
     watches: Gauge,
     tail_revision: Gauge,
     leases_followed: Gauge,
-    reads: Family<OutcomeLabel, Gauge>,
+    reads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -124,12 +125,12 @@ impl Metrics {
             "leases this gateway orders a request for when they are due",
             leases_followed.clone(),
         );
-        let reads = Family::<OutcomeLabel, Gauge>::default();
+        let reads = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "unordered_reads",
-            "reads sent outside the order, by outcome: settled (a quorum of replicas matched), \
-             split (answers from different states, then ordered), slow (no quorum within the \
-             patience, then ordered); counted since the gateway started",
+            "reads sent outside the order, by outcome: settled when a quorum of replicas \
+             matched, split when answers came from different states and the read was ordered, \
+             slow when no quorum answered within the patience and the read was ordered",
             reads.clone(),
         );
         Metrics {
@@ -177,9 +178,12 @@ impl Metrics {
             ("split", &outcomes.split),
             ("slow", &outcomes.slow),
         ] {
+            // The session counts; the exposition mirrors its total. fetch_max keeps the
+            // counter monotonic when two scrapes race.
             self.reads
                 .get_or_create(&OutcomeLabel { outcome })
-                .set(gauge(n.load(std::sync::atomic::Ordering::Relaxed)));
+                .inner()
+                .fetch_max(n.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).ok()?;

@@ -90,7 +90,8 @@ async fn metrics_count_what_was_served_and_health_follows_the_quorum() {
     let reads: u64 = ["settled", "split", "slow"]
         .iter()
         .map(|outcome| {
-            let prefix = format!("kmmr_etcd_gateway_unordered_reads{{outcome=\"{outcome}\"}} ");
+            let prefix =
+                format!("kmmr_etcd_gateway_unordered_reads_total{{outcome=\"{outcome}\"}} ");
             metrics
                 .lines()
                 .find_map(|l| l.strip_prefix(prefix.as_str()))
