@@ -428,7 +428,7 @@ fn exported_metrics() -> Result<Vec<String>> {
     ] {
         let code = std::fs::read_to_string(format!("{root}/{file}"))?;
         for part in code.split("registry.register(").skip(1) {
-            let args = part.split(");").next().unwrap_or_default();
+            let args = call_arguments(part);
             let name = args
                 .split('"')
                 .nth(1)
@@ -459,6 +459,22 @@ fn exported_metrics() -> Result<Vec<String>> {
         }
     }
     Ok(names)
+}
+
+/// The arguments of a call whose text starts at `rest`: up to the `);` that ends it, not one
+/// inside a string literal (a help text may hold one).
+fn call_arguments(rest: &str) -> &str {
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, c) in rest.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            ')' if !in_string && rest[i..].starts_with(");") => return &rest[..i],
+            _ => {}
+        }
+    }
+    rest
 }
 
 #[test]
