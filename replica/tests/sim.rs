@@ -419,6 +419,24 @@ fn regression_seeds_a_restarted_replica_never_writes_twice() {
     );
 }
 
+/// Tried in December 2026 and not kept: a WRITE sent before its own promise whenever the last
+/// promise was in the same regency and at most one instance back (the ACCEPT's promise then
+/// records the write), with a restarted replica writing nothing new where it may have written
+/// unpromised. One fsync less on every instance's path (one client at n=4: p50 0.69x), but a
+/// write a restart forgets can leave a value that a correct replica accepted without the f+1
+/// write sets a new leader needs to keep it, and with a quorum that accepted nothing out of
+/// reach too, no leader can choose. In this seed r1 is silent and r0 and r3 come back from disk
+/// having lost their writes; every leader change from then on stalls, and 11 of 12 operations
+/// never finish. Correct replicas' write sets must be complete, so a WRITE keeps its promise.
+#[test]
+fn regression_seed_a_forgotten_write_would_stall_every_leader_change() {
+    assert_seeds_pass(
+        &[(4, 1_004_370)],
+        "crash during a promise write",
+        |c| c.at_promise && restarts_from_disk(c),
+    );
+}
+
 /// A replica that comes back with only what its disk kept.
 fn restarts_from_disk(c: &Crash) -> bool {
     c.amnesia && c.disk
