@@ -430,11 +430,9 @@ fn regression_seeds_a_restarted_replica_never_writes_twice() {
 /// never finish. Correct replicas' write sets must be complete, so a WRITE keeps its promise.
 #[test]
 fn regression_seed_a_forgotten_write_would_stall_every_leader_change() {
-    assert_seeds_pass(
-        &[(4, 1_004_370)],
-        "crash during a promise write",
-        |c| c.at_promise && restarts_from_disk(c),
-    );
+    assert_seeds_pass(&[(4, 1_004_370)], "crash during a promise write", |c| {
+        c.at_promise && restarts_from_disk(c)
+    });
 }
 
 /// A replica that comes back with only what its disk kept.
