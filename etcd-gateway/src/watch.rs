@@ -137,13 +137,18 @@ impl Hub {
         *self.position.borrow()
     }
 
-    /// Broadcasts a batch the tail has, and moves its position past it.
-    fn broadcast(&self, batch: TailBatch) {
-        for e in &batch.events {
+    /// Follows the lease of every key these events write, so that it expires on time.
+    fn follow_leases(&self, events: &[kv::Event]) {
+        for e in events {
             if e.kind == kv::EventKind::Put {
                 self.leases.track(e.kv.lease, None);
             }
         }
+    }
+
+    /// Broadcasts a batch the tail has, and moves its position past it.
+    fn broadcast(&self, batch: TailBatch) {
+        self.follow_leases(&batch.events);
         let upto = batch.upto;
         let _ = self.batches.send(Arc::new(batch));
         self.position.send_replace(upto);
@@ -418,6 +423,10 @@ impl Watcher {
             });
             match self.hub.client.kv_read(&poll).await {
                 Ok(KvResponse::WatchPoll(w)) => {
+                    // The tail starts at the revision it first finds, so keys written before
+                    // (or while it started) reach a watch only here: their leases too need
+                    // following.
+                    self.hub.follow_leases(&w.events);
                     let upto = w.resume_after.max(self.position());
                     self.deliver(&w.events, upto).await?;
                 }

@@ -155,3 +155,87 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
         put_at.elapsed()
     );
 }
+
+/// The same lease, written before this gateway's watches followed anything: a watch that
+/// starts in the past gets the key's PUT by reading its own range, not from the tail, and the
+/// gateway must follow that lease too. (The tail starts at the revision it finds, so a write
+/// that lands while it starts reaches a watch only this way: the test above failed under load
+/// in CI when its tail's first read came after the PUT.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_a_watch_catches_up_on_expires_too() {
+    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+
+    let cluster = Cluster::start("lease-caught-up", 4, &[(1, Behaviour::Corrupt)]);
+    let other = cluster.client().await;
+    let id = match other
+        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
+            id: 0,
+            ttl: 2,
+        }))
+        .await
+        .expect("grant")
+    {
+        KvResponse::LeaseGrant(g) => g.id,
+        r => panic!("grant: {r:?}"),
+    };
+    let put_at = Instant::now();
+    let revision = match other
+        .kv(&KvRequest::Put(kv::PutRequest {
+            key: b"/registry/masterleases/10.0.0.2".to_vec(),
+            value: b"v".to_vec(),
+            lease: id,
+            prev_kv: false,
+        }))
+        .await
+        .expect("put")
+    {
+        KvResponse::Put(p) => p.header.revision,
+        r => panic!("put: {r:?}"),
+    };
+    drop(other);
+
+    let gw = GatewayHandle::start(&cluster, Limits::default()).await;
+    let mut watch = pb::watch_client::WatchClient::connect(gw.endpoint.clone())
+        .await
+        .expect("watch client");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(common::watch_create(
+        "/registry/masterleases/",
+        "/registry/masterleases0",
+        i64::try_from(revision).expect("revision"),
+        false,
+    ))
+    .await
+    .expect("send");
+    let mut stream = watch
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let resp = tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no DELETE {:?} after the put of a key with a 2 s lease (events so far: {kinds:?})",
+                    put_at.elapsed()
+                )
+            })
+            .expect("stream")
+            .expect("open");
+        kinds.extend(resp.events.iter().map(|e| e.r#type));
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            kmmr_etcd_gateway::mvccpb::event::EventType::Put as i32,
+            kmmr_etcd_gateway::mvccpb::event::EventType::Delete as i32
+        ]
+    );
+    assert!(
+        put_at.elapsed() >= Duration::from_millis(1500),
+        "the lease must not expire before its TTL ({:?})",
+        put_at.elapsed()
+    );
+}
