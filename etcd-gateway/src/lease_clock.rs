@@ -9,8 +9,9 @@
 //! is due) and tells how long is left if it was kept alive meanwhile.
 //!
 //! A gateway knows the leases it granted, those it keeps alive for its clients, and those of
-//! every key its watches see written (from the tail, or read while a watch catches up): so a lease granted through a gateway that then
-//! went away (with its kube-apiserver) still expires, through the gateways that remain.
+//! every key its watches see written (from the tail, or read while a watch catches up): so a
+//! lease granted through a gateway that then went away (with its kube-apiserver) still
+//! expires, through the gateways that remain.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -128,32 +128,7 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
         .expect("put");
     drop(other);
 
-    let mut kinds = Vec::new();
-    while kinds.len() < 2 {
-        let resp = tokio::time::timeout(Duration::from_secs(15), stream.message())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no DELETE {:?} after the put of a key with a 2 s lease (events so far: {kinds:?})",
-                    put_at.elapsed()
-                )
-            })
-            .expect("stream")
-            .expect("open");
-        kinds.extend(resp.events.iter().map(|e| e.r#type));
-    }
-    assert_eq!(
-        kinds,
-        vec![
-            kmmr_etcd_gateway::mvccpb::event::EventType::Put as i32,
-            kmmr_etcd_gateway::mvccpb::event::EventType::Delete as i32
-        ]
-    );
-    assert!(
-        put_at.elapsed() >= Duration::from_millis(1500),
-        "the lease must not expire before its TTL ({:?})",
-        put_at.elapsed()
-    );
+    expect_put_then_delete(&mut stream, put_at).await;
 }
 
 /// The same lease, written before this gateway's watches followed anything: a watch that
@@ -212,6 +187,12 @@ async fn a_lease_a_watch_catches_up_on_expires_too() {
         .await
         .expect("watch")
         .into_inner();
+    expect_put_then_delete(&mut stream, put_at).await;
+}
+
+/// Waits on `stream` for the PUT of a key with a 2 s lease written at `put_at`, then for its
+/// DELETE when the lease runs out, not before.
+async fn expect_put_then_delete(stream: &mut tonic::Streaming<pb::WatchResponse>, put_at: Instant) {
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
         let resp = tokio::time::timeout(Duration::from_secs(15), stream.message())
