@@ -95,6 +95,7 @@ fn wire(c: &mut Criterion) {
         cid: Cid(3),
         epoch: Regency(0),
         digest: kmmr_protocol::crypto::Digest::of(b"v"),
+        signature: Some(kmmr_protocol::crypto::Signature([7; 64])),
     }
     .to_bytes();
     let mut stream = Vec::new();

@@ -247,6 +247,7 @@ pub fn prepare(args: &ClusterSpec) -> Result<View> {
             busy_poll_us: args.busy_poll_us,
             protocol: args.protocol.clone(),
             initial_state: None,
+            max_peer_protocol: 2,
         };
         cfg.validate()?;
         std::fs::write(

@@ -30,7 +30,7 @@ use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use kmmr_protocol::wire::limits;
 use kmmr_protocol::wire::messages::{
     Batch, CheckpointMeta, Collect, Decision, Proof, ReplicaMessage, Reply, ReplyBody, Request,
-    RequestKind, SignedCollect, SignedRequest,
+    RequestKind, SignedCollect, SignedRequest, WriteProof,
 };
 use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
@@ -166,7 +166,19 @@ fn collect() -> impl Strategy<Value = Collect> {
 fn signed_collect_with(
     collect: impl Strategy<Value = Collect>,
 ) -> impl Strategy<Value = SignedCollect> {
-    (collect, signature()).prop_map(|(collect, signature)| SignedCollect { collect, signature })
+    (collect, signature()).prop_map(|(collect, signature)| SignedCollect {
+        collect,
+        signature,
+        proof: WriteProof::default(),
+    })
+}
+
+/// A signed collect as STOPDATA and SYNC carry it in protocol 2: with or without a proof.
+fn proven_collect() -> impl Strategy<Value = SignedCollect> {
+    (signed_collect(), vec((replica_id(), signature()), 0..4)).prop_map(|(mut c, proof)| {
+        c.proof = WriteProof(proof);
+        c
+    })
 }
 
 fn signed_collect() -> impl Strategy<Value = SignedCollect> {
@@ -180,11 +192,14 @@ fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
             epoch,
             batch
         }),
-        (cid(), regency(), digest()).prop_map(|(cid, epoch, digest)| ReplicaMessage::Write {
-            cid,
-            epoch,
-            digest
-        }),
+        (cid(), regency(), digest(), prop::option::of(signature())).prop_map(
+            |(cid, epoch, digest, signature)| ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest,
+                signature,
+            }
+        ),
         (cid(), regency(), digest(), signature()).prop_map(|(cid, epoch, digest, signature)| {
             ReplicaMessage::Accept {
                 cid,
@@ -199,7 +214,7 @@ fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
         (
             regency(),
             prop::option::of(decision()),
-            signed_collect(),
+            proven_collect(),
             vec(batch(), 0..3)
         )
             .prop_map(
@@ -213,7 +228,7 @@ fn replica_message() -> impl Strategy<Value = ReplicaMessage> {
         (
             regency(),
             prop::option::of(decision()),
-            vec(signed_collect(), 0..5),
+            vec(proven_collect(), 0..5),
             batch()
         )
             .prop_map(|(regency, last, collects, batch)| ReplicaMessage::Sync {
@@ -517,16 +532,20 @@ proptest! {
 
     /// The variant strategy really reaches every variant (guards the coverage of the above).
     #[test]
-    fn every_replica_message_variant_is_generated_and_tagged_1_to_13(m in replica_message()) {
+    fn every_replica_message_variant_is_generated_and_tagged_1_to_16(m in replica_message()) {
         let tag = m.to_bytes()[0];
-        let expected = match m {
+        let expected = match &m {
             ReplicaMessage::Propose { .. } => 1,
-            ReplicaMessage::Write { .. } => 2,
+            ReplicaMessage::Write { signature: None, .. } => 2,
+            ReplicaMessage::Write { signature: Some(_), .. } => 14,
             ReplicaMessage::Accept { .. } => 3,
             ReplicaMessage::Forward { .. } => 4,
             ReplicaMessage::Stop { .. } => 5,
-            ReplicaMessage::StopData { .. } => 6,
-            ReplicaMessage::Sync { .. } => 7,
+            ReplicaMessage::StopData { collect, .. } if collect.proof.0.is_empty() => 6,
+            ReplicaMessage::StopData { .. } => 15,
+            ReplicaMessage::Sync { collects, .. }
+                if collects.iter().all(|c| c.proof.0.is_empty()) => 7,
+            ReplicaMessage::Sync { .. } => 16,
             ReplicaMessage::Decided(_) => 8,
             ReplicaMessage::DecisionRequest { .. } => 9,
             ReplicaMessage::CheckpointQuery => 10,
@@ -535,6 +554,33 @@ proptest! {
             ReplicaMessage::Chunk { .. } => 13,
         };
         prop_assert_eq!(tag, expected);
+    }
+
+    /// What a protocol-1 peer is sent: the same message without signed WRITEs and proofs,
+    /// under the tags protocol 1 has (1 to 13), and nothing else changed.
+    #[test]
+    fn the_protocol_1_form_drops_only_what_protocol_2_added(m in replica_message()) {
+        let bytes = m.to_bytes();
+        match m.protocol_1() {
+            None => prop_assert!(bytes[0] <= 13),
+            Some(old) => {
+                prop_assert!(bytes[0] >= 14);
+                let old_bytes = old.to_bytes();
+                prop_assert!(old_bytes[0] <= 13);
+                prop_assert_eq!(old.protocol_1(), None);
+                // Equal to the original once its additions are taken away.
+                let mut stripped = m.clone();
+                match &mut stripped {
+                    ReplicaMessage::Write { signature, .. } => *signature = None,
+                    ReplicaMessage::StopData { collect, .. } => collect.proof = WriteProof::default(),
+                    ReplicaMessage::Sync { collects, .. } => {
+                        collects.iter_mut().for_each(|c| c.proof = WriteProof::default())
+                    }
+                    _ => prop_assert!(false, "{} has nothing protocol 2 added", m.kind()),
+                }
+                prop_assert_eq!(old, stripped);
+            }
+        }
     }
 
     /// Messages whose decoding reads several lengths in a row still decode exactly when
@@ -774,6 +820,7 @@ fn count_sites() -> Vec<Site> {
             writes: Vec::new(),
         },
         signature: Signature([0; 64]),
+        proof: WriteProof::default(),
     };
 
     let mut propose = Writer::new();
@@ -1008,7 +1055,7 @@ fn bool_and_option_tags_other_than_0_and_1_are_refused() {
 
 #[test]
 fn unknown_message_and_reply_tags_are_refused() {
-    for tag in [0u8, 14, 255] {
+    for tag in [0u8, 17, 255] {
         assert_eq!(
             ReplicaMessage::from_bytes(&[tag]),
             Err(DecodeError::UnknownTag {
@@ -1051,6 +1098,7 @@ fn minimal_collect(replica: u32) -> SignedCollect {
             writes: Vec::new(),
         },
         signature: Signature([0; 64]),
+        proof: WriteProof::default(),
     }
 }
 

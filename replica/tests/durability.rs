@@ -13,7 +13,7 @@ use kmmr_protocol::service::kv::{KvRequest, KvResponse};
 
 mod common;
 
-use common::TestCluster;
+use common::{wait_for, TestCluster};
 
 fn protocol(checkpoint_period: u64) -> ProtocolConfig {
     ProtocolConfig {
@@ -75,14 +75,6 @@ impl Writers {
             t.abort();
         }
         std::mem::take(&mut *self.acked.lock().expect("writers lock"))
-    }
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kmmr_net::{
     server_name, ClientConnector, ClientListener, FromReplica, Inbound, LinkKind, NetConfig,
-    NetStats, PeerNetwork, RejectReason, SendError, TlsIdentity,
+    NetStats, PeerNetwork, PeerProtocol, RejectReason, SendError, TlsIdentity,
 };
 use kmmr_protocol::crypto::KeyPair;
 use kmmr_protocol::view::{Member, View};
@@ -222,7 +222,7 @@ async fn peer_presenting_a_key_not_in_the_view_is_refused_and_counted() {
         for intruder in [key(99), key(0)] {
             let cfg = TlsIdentity::new(&intruder)
                 .unwrap()
-                .client_config(key(0).public(), LinkKind::Peer)
+                .client_config(key(0).public(), LinkKind::Peer(PeerProtocol::NEWEST))
                 .unwrap();
             let tcp = TcpStream::connect(addr0).await.unwrap();
             // TLS 1.3 client auth finishes after the client's handshake: the refusal shows up as
@@ -371,7 +371,13 @@ async fn frame_above_the_limit_closes_only_that_connection_and_is_counted() {
             .enumerate()
             .map(|(i, l)| start(i, &view, l, fast()))
             .collect();
-        let mut raw = raw_tls(&key(2), &key(0), LinkKind::Peer, nodes[0].net.local_addr()).await;
+        let mut raw = raw_tls(
+            &key(2),
+            &key(0),
+            LinkKind::Peer(PeerProtocol::NEWEST),
+            nodes[0].net.local_addr(),
+        )
+        .await;
         raw.write_all(&((MAX_FRAME + 1) as u32).to_le_bytes())
             .await
             .unwrap();
@@ -733,6 +739,50 @@ async fn update_view_adds_and_removes_peers_and_repins_keys() {
         assert!(next_peer(&mut n2.rx, Duration::from_millis(300))
             .await
             .is_none());
+    })
+    .await;
+}
+
+/// Links agree on the newest replica protocol both ends speak: a replica of the newest release
+/// and one that speaks only protocol 1 (as an older release does) talk protocol 1 both ways,
+/// while two of the newest release talk protocol 2; frames flow on every link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_agree_on_the_newest_protocol_both_ends_speak() {
+    bounded(async {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(loopback_listener().await);
+        }
+        let view = view_of(&listeners);
+        let old = NetConfig {
+            peer_protocol: PeerProtocol::V1,
+            ..fast()
+        };
+        let mut nodes: Vec<Node> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| start(i, &view, l, if i == 2 { old.clone() } else { fast() }))
+            .collect();
+        for n in &nodes {
+            eventually("every link up", || n.net.count_below(PeerProtocol::V1) == 0).await;
+        }
+        let p = |from: usize, to: u32| nodes[from].net.protocol(ReplicaId(to));
+        assert_eq!(p(0, 1), Some(PeerProtocol::V2));
+        assert_eq!(p(1, 0), Some(PeerProtocol::V2));
+        assert_eq!(p(0, 2), Some(PeerProtocol::V1));
+        assert_eq!(p(1, 2), Some(PeerProtocol::V1));
+        assert_eq!(p(2, 0), Some(PeerProtocol::V1));
+        assert_eq!(p(2, 1), Some(PeerProtocol::V1));
+        assert!(!nodes[0].net.all_speak(PeerProtocol::V2));
+        assert_eq!(nodes[0].net.count_below(PeerProtocol::V2), 1);
+        assert!(nodes[2].net.all_speak(PeerProtocol::V1));
+
+        // Each link gets the frame for its protocol.
+        assert_eq!(nodes[0].net.broadcast_by_protocol(b"two", b"one"), 2);
+        let got1 = next_peer(&mut nodes[1].rx, LIMIT).await;
+        assert_eq!(got1, Some((ReplicaId(0), b"two".to_vec())));
+        let got2 = next_peer(&mut nodes[2].rx, LIMIT).await;
+        assert_eq!(got2, Some((ReplicaId(0), b"one".to_vec())));
     })
     .await;
 }

@@ -63,6 +63,7 @@ async fn start_joiner(c: &mut TestCluster, id: u32, key: &KeyPair, view: &View) 
         busy_poll_us: kmmr::node::config::DEFAULT_BUSY_POLL_US,
         protocol: protocol(),
         initial_state: None,
+        max_peer_protocol: 2,
     };
     std::fs::write(
         c.dir.join(format!("r{id}.toml")),

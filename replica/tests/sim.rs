@@ -419,20 +419,47 @@ fn regression_seeds_a_restarted_replica_never_writes_twice() {
     );
 }
 
-/// Tried in December 2026 and not kept: a WRITE sent before its own promise whenever the last
-/// promise was in the same regency and at most one instance back (the ACCEPT's promise then
-/// records the write), with a restarted replica writing nothing new where it may have written
-/// unpromised. One fsync less on every instance's path (one client at n=4: p50 0.69x), but a
-/// write a restart forgets can leave a value that a correct replica accepted without the f+1
-/// write sets a new leader needs to keep it, and with a quorum that accepted nothing out of
-/// reach too, no leader can choose. In this seed r1 is silent and r0 and r3 come back from disk
-/// having lost their writes; every leader change from then on stalls, and 11 of 12 operations
-/// never finish. Correct replicas' write sets must be complete, so a WRITE keeps its promise.
+/// A WRITE leaves before its own promise when the last promise was in the same regency and at
+/// most one instance back (the ACCEPT's promise then records the write), and a restarted
+/// replica writes nothing new where it may have written unpromised. A write a restart forgets
+/// no longer vouches for a value in a leader's collects (f+1 write sets): in this seed r1 is
+/// silent and r0 and r3 come back from disk without their writes of a value only r2 accepted,
+/// which then can be neither kept nor replaced by write sets alone. Tried that way first
+/// (December 2026), every leader change stalled and 11 of 12 operations never finished. Now
+/// WRITEs are signed, and r2's collect carries the f+1 signed WRITEs it accepted on, which
+/// vouch for the value alone. With that proof not counted (`sync::certified_value`), this seed
+/// stalls again.
 #[test]
 fn regression_seed_a_forgotten_write_would_stall_every_leader_change() {
     assert_seeds_pass(&[(4, 1_004_370)], "crash during a promise write", |c| {
         c.at_promise && restarts_from_disk(c)
     });
+}
+
+/// The seed above with r2, the one replica that accepted the value, also restarting from its
+/// disk (instead of pausing) before the leader change: the proof of the signed WRITEs it
+/// accepted on must come back with its promise. With the proof left out of the restored
+/// promise, every leader change stalls.
+#[test]
+fn regression_seed_an_acceptor_restarted_keeps_the_proof_of_its_writes() {
+    let mut cfg = SimConfig::random(1_004_370, 4);
+    let r2 = cfg
+        .crashes
+        .iter_mut()
+        .find(|c| c.node == 2 && !c.amnesia)
+        .expect("seed 1004370 pauses r2");
+    *r2 = Crash::restart(2, r2.from_us, r2.until_us, true);
+    let r = run(&cfg);
+    assert!(r.ok(), "{}", show(&r));
+}
+
+/// With WRITEs covered by the ACCEPT's promise, that promise is the one fsync left on an
+/// instance's path. Planted away (`promise_before` not promising an ACCEPT), this seed has r0
+/// come back from disk without an acceptance a decision rested on, and two values are decided
+/// for CID 21 (found by a soak, December 2026; the CI seeds above all pass without it).
+#[test]
+fn regression_seed_1401155_n4_an_acceptance_outlives_a_restart() {
+    assert_seeds_pass(&[(4, 1_401_155)], "restart from disk", restarts_from_disk);
 }
 
 /// A replica that comes back with only what its disk kept.

@@ -16,7 +16,7 @@ use kmmr_protocol::wire::ids::{Cid, Regency, ReplicaId, ViewId};
 use kmmr_protocol::wire::limits;
 use kmmr_protocol::wire::messages::{
     accept_signing_bytes, Batch, ClientId, Collect, Decision, Proof, ReplicaMessage, Reply,
-    ReplyBody, Request, RequestKind, SignedCollect, SignedRequest,
+    ReplyBody, Request, RequestKind, SignedCollect, SignedRequest, WriteProof,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +238,21 @@ impl Adversary {
             .sign(Domain::Accept, &accept_signing_bytes(cid, epoch, d))
     }
 
+    /// Signs a WRITE as the honest one was (signed or not), with its own key: the lie is
+    /// in the value, and the signature proves only who wrote it.
+    fn sign_write(
+        &self,
+        honest: &Option<Signature>,
+        cid: Cid,
+        epoch: Regency,
+        d: &Digest,
+    ) -> Option<Signature> {
+        honest.map(|_| {
+            self.key
+                .sign(Domain::Write, &accept_signing_bytes(cid, epoch, d))
+        })
+    }
+
     fn equivocate(&mut self, rng: &mut ChaCha8Rng, out: Output, pos: &Position) -> Vec<Frame> {
         let Output::Broadcast { msg } = &out else {
             return vec![honest(&out)];
@@ -258,15 +273,24 @@ impl Adversary {
                     batch: other,
                 }
             }
-            ReplicaMessage::Write { cid, epoch, digest } => ReplicaMessage::Write {
-                cid: *cid,
-                epoch: *epoch,
-                digest: self
+            ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest,
+                signature,
+            } => {
+                let d = self
                     .alt
                     .get(digest)
                     .copied()
-                    .unwrap_or(Digest([rng.gen(); 32])),
-            },
+                    .unwrap_or(Digest([rng.gen(); 32]));
+                ReplicaMessage::Write {
+                    cid: *cid,
+                    epoch: *epoch,
+                    digest: d,
+                    signature: self.sign_write(signature, *cid, *epoch, &d),
+                }
+            }
             ReplicaMessage::Accept {
                 cid, epoch, digest, ..
             } => {
@@ -314,7 +338,12 @@ impl Adversary {
                 v.extend(b.into_iter().map(|to| frame(Dest::Replica(to), &alt_msg)));
                 v
             }
-            ReplicaMessage::Write { cid, epoch, digest } => {
+            ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest,
+                signature,
+            } => {
                 // Votes for the second batch everywhere, WRITE and ACCEPT at once: its own core
                 // holds the first batch and would never accept the second.
                 let d = self.alt.get(digest).copied().unwrap_or(*digest);
@@ -322,6 +351,7 @@ impl Adversary {
                     cid: *cid,
                     epoch: *epoch,
                     digest: d,
+                    signature: self.sign_write(signature, *cid, *epoch, &d),
                 };
                 let a = ReplicaMessage::Accept {
                     cid: *cid,
@@ -490,6 +520,7 @@ impl Adversary {
                             writes: Vec::new(),
                         },
                         signature: Signature([rng.gen(); 64]),
+                        proof: WriteProof::default(),
                     })
                     .collect();
                 ReplicaMessage::Sync {

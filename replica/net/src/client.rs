@@ -112,7 +112,7 @@ impl ClientListener {
             source,
         })?;
         let identity = TlsIdentity::new(key)?;
-        let server = tls::server_config(&identity, AnyKey, ALPN_CLIENT)?;
+        let server = tls::server_config(&identity, AnyKey, &[ALPN_CLIENT])?;
         let inner = Arc::new(ListenerInner {
             config,
             stats,
@@ -319,7 +319,7 @@ impl ClientConnector {
         addr: &str,
         events: mpsc::Sender<FromReplica>,
     ) -> Result<ReplicaLink, NetError> {
-        let config = tls::client_config(&self.identity, key, ALPN_CLIENT)?;
+        let config = tls::client_config(&self.identity, key, &[ALPN_CLIENT])?;
         let tcp = conn::connect(addr, &self.config)
             .await
             .map_err(|source| NetError::Connect {

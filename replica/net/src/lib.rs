@@ -101,7 +101,7 @@ pub use client::{ClientConnector, ClientListener, FromReplica, LinkId, ReplicaLi
 pub use conn::port_in_time_wait;
 pub use peer::PeerNetwork;
 pub use stats::{NetStats, RejectReason};
-pub use tls::{ed25519_key_of_certificate, server_name, LinkKind, TlsIdentity};
+pub use tls::{ed25519_key_of_certificate, server_name, LinkKind, PeerProtocol, TlsIdentity};
 
 use kmmr_protocol::wire::ids::ReplicaId;
 use kmmr_protocol::wire::limits;
@@ -163,6 +163,9 @@ pub struct NetConfig {
     /// time, so a lost segment waited for Linux's tail loss probe: 200-250 ms of stalled
     /// consensus per loss on a flooded port (`bench/paper`). `None` leaves the kernel's values.
     pub tcp_timers: Option<TcpTimers>,
+    /// The newest replica protocol this replica speaks ([`PeerProtocol::NEWEST`]); an older one
+    /// makes it talk as a replica of an older release would, for tests of a rolling upgrade.
+    pub peer_protocol: PeerProtocol,
 }
 
 /// See [`NetConfig::tcp_timers`].
@@ -200,6 +203,7 @@ impl Default for NetConfig {
             max_client_connections: 10_000,
             write_batch_bytes: 256 * 1024,
             tcp_timers: Some(TcpTimers::default()),
+            peer_protocol: PeerProtocol::NEWEST,
         }
     }
 }

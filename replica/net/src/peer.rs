@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::conn::{self, account, Ended};
 use super::slots::{Slot, Slots};
 use super::stats::{NetStats, OpenGuard, Side};
-use super::tls::{self, KeyPolicy, TlsIdentity, ALPN_PEER};
+use super::tls::{self, KeyPolicy, PeerProtocol, TlsIdentity};
 use super::{Inbound, NetConfig, NetError, RejectReason, SendError};
 use kmmr_protocol::crypto::{KeyPair, PublicKey};
 use kmmr_protocol::view::View;
@@ -77,6 +77,8 @@ struct Outbound {
     address: String,
     queue: mpsc::Sender<Bytes>,
     task: JoinHandle<()>,
+    /// The protocol its last link agreed on (`encode_protocol`); 0 before the first.
+    protocol: Arc<AtomicU8>,
 }
 
 impl Drop for Outbound {
@@ -161,7 +163,11 @@ impl PeerNetwork {
         })?;
         let identity = TlsIdentity::new(key)?;
         let members = Arc::new(RwLock::new(Members::of(view, me)));
-        let server = tls::server_config(&identity, ViewPolicy(members.clone()), ALPN_PEER)?;
+        let server = tls::server_config(
+            &identity,
+            ViewPolicy(members.clone()),
+            &config.peer_protocol.offers(),
+        )?;
         let config_handshakes = config.handshake_slots(config.reserved_peer_handshakes);
         let inner = Arc::new(Inner {
             me,
@@ -214,6 +220,27 @@ impl PeerNetwork {
             .count()
     }
 
+    /// As [`PeerNetwork::broadcast`], with `v2` for the links that agreed on protocol 2 and
+    /// `v1` (the same message as protocol 1 has it) for the others.
+    pub fn broadcast_by_protocol(&self, v2: &[u8], v1: &[u8]) -> usize {
+        let (Ok(new), Ok(old)) = (self.frame(v2), self.frame(v1)) else {
+            return 0;
+        };
+        let ids: Vec<(ReplicaId, bool)> = read(&self.inner.outbound)
+            .iter()
+            .map(|(id, o)| {
+                let p = decode_protocol(o.protocol.load(Ordering::Relaxed));
+                (*id, p == Some(PeerProtocol::V2))
+            })
+            .collect();
+        ids.into_iter()
+            .filter(|(id, v2)| {
+                let frame = if *v2 { new.clone() } else { old.clone() };
+                self.send_frame(*id, frame).is_ok()
+            })
+            .count()
+    }
+
     /// Installs a new view: dials new members, stops dialing removed ones, re-pins keys, and
     /// closes inbound links whose key is no longer the one the view lists for that replica.
     /// Links to members whose key and address did not change are kept (with their queues).
@@ -258,6 +285,28 @@ impl PeerNetwork {
                 Err(SendError::Oversized)
             }
         }
+    }
+
+    /// The protocol the link to `to` agreed on when it last came up; `None` before it first
+    /// did. Frames for it are encoded for that one: a link that comes back speaking an older
+    /// one drops what it cannot read, and the protocol recovers as from any lost message.
+    pub fn protocol(&self, to: ReplicaId) -> Option<PeerProtocol> {
+        read(&self.inner.outbound)
+            .get(&to)
+            .and_then(|o| decode_protocol(o.protocol.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the link to every other member of the view speaks `protocol` or newer.
+    pub fn all_speak(&self, protocol: PeerProtocol) -> bool {
+        self.count_below(protocol) == 0
+    }
+
+    /// Other members whose link speaks an older protocol than `protocol`, or never came up.
+    pub fn count_below(&self, protocol: PeerProtocol) -> usize {
+        read(&self.inner.outbound)
+            .values()
+            .filter(|o| decode_protocol(o.protocol.load(Ordering::Relaxed)) < Some(protocol))
+            .count()
     }
 
     fn send_frame(&self, to: ReplicaId, frame: Bytes) -> Result<(), SendError> {
@@ -326,7 +375,8 @@ impl Inner {
             if m.id == self.me || outbound.contains_key(&m.id) {
                 continue;
             }
-            let client = match tls::client_config(&self.identity, m.key, ALPN_PEER) {
+            let offers = self.config.peer_protocol.offers();
+            let client = match tls::client_config(&self.identity, m.key, &offers) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(peer = %m.id, error = %e, "cannot build TLS config; not dialing");
@@ -334,14 +384,19 @@ impl Inner {
                 }
             };
             let (queue, rx) = mpsc::channel(self.config.peer_queue.max(1));
+            let protocol = Arc::new(AtomicU8::new(0));
+            let ends = Ends {
+                me: self.me,
+                peer: m.id,
+                address: m.address.clone(),
+            };
             let task = self.runtime.spawn(dial_loop(
-                self.me,
-                m.id,
-                m.address.clone(),
+                ends,
                 TlsConnector::from(client),
                 rx,
                 self.config.clone(),
                 self.stats.clone(),
+                protocol.clone(),
             ));
             outbound.insert(
                 m.id,
@@ -350,26 +405,43 @@ impl Inner {
                     address: m.address.clone(),
                     queue,
                     task,
+                    protocol,
                 },
             );
         }
     }
 }
 
-/// Keeps one outbound link to `peer` up, draining its queue into it.
-async fn dial_loop(
+/// Who an outbound link is for: this replica's id, the peer's and its address.
+struct Ends {
     me: ReplicaId,
     peer: ReplicaId,
     address: String,
+}
+
+/// Keeps one outbound link to `peer` up, draining its queue into it, and records the protocol
+/// each link agreed on in `protocol`.
+async fn dial_loop(
+    ends: Ends,
     connector: TlsConnector,
     mut rx: mpsc::Receiver<Bytes>,
     cfg: NetConfig,
     stats: Arc<NetStats>,
+    protocol: Arc<AtomicU8>,
 ) {
+    let Ends { me, peer, address } = ends;
     let mut delay = cfg.backoff_min;
     loop {
         match dial(&address, &connector, &cfg).await {
             Ok(stream) => {
+                // A listener that agreed on no name is one from before versions had names.
+                let agreed = stream
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .and_then(PeerProtocol::of_alpn)
+                    .unwrap_or(PeerProtocol::V1);
+                protocol.store(encode_protocol(agreed), Ordering::Relaxed);
                 stats.peer_dials.fetch_add(1, Ordering::Relaxed);
                 let _open = OpenGuard::new(&stats.peer_outbound_open);
                 tracing::info!(replica = %me, %peer, %address, "outbound link up");
@@ -528,5 +600,20 @@ async fn serve_inbound(
     let mut links = lock(&inner.inbound_links);
     if links.get(&from).is_some_and(|l| l.serial == serial) {
         links.remove(&from);
+    }
+}
+
+fn encode_protocol(p: PeerProtocol) -> u8 {
+    match p {
+        PeerProtocol::V1 => 1,
+        PeerProtocol::V2 => 2,
+    }
+}
+
+fn decode_protocol(b: u8) -> Option<PeerProtocol> {
+    match b {
+        1 => Some(PeerProtocol::V1),
+        2 => Some(PeerProtocol::V2),
+        _ => None,
     }
 }

@@ -34,25 +34,63 @@ const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
-/// ALPN protocol names keep replica and client links apart even if addresses get mixed up.
-pub(crate) const ALPN_PEER: &[u8] = b"kmmr-peer/1";
+/// ALPN protocol names keep replica and client links apart even if addresses get mixed up, and
+/// tell which version of the replica protocol a replica link speaks.
 pub(crate) const ALPN_CLIENT: &[u8] = b"kmmr-client/1";
+
+/// The version of the replica-to-replica protocol a link speaks, agreed in its TLS handshake:
+/// the dialer offers every version it speaks, newest first, and the listener picks the newest
+/// it speaks too. So a replica rolled to a new release keeps talking to those not rolled yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerProtocol {
+    /// Unsigned WRITEs, collects without proofs.
+    V1,
+    /// Signed WRITEs, and collects with a proof of the WRITEs their value was accepted on.
+    V2,
+}
+
+impl PeerProtocol {
+    pub const NEWEST: PeerProtocol = PeerProtocol::V2;
+
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            PeerProtocol::V1 => b"kmmr-peer/1",
+            PeerProtocol::V2 => b"kmmr-peer/2",
+        }
+    }
+
+    /// The version an agreed ALPN name stands for.
+    pub fn of_alpn(name: &[u8]) -> Option<PeerProtocol> {
+        [PeerProtocol::V2, PeerProtocol::V1]
+            .into_iter()
+            .find(|p| p.alpn() == name)
+    }
+
+    /// The ALPN names of this version and every older one, newest first.
+    pub(crate) fn offers(self) -> Vec<&'static [u8]> {
+        [PeerProtocol::V2, PeerProtocol::V1]
+            .into_iter()
+            .filter(|p| *p <= self)
+            .map(PeerProtocol::alpn)
+            .collect()
+    }
+}
 
 /// Which listener a connection is for. The two use distinct ALPN names, so a link made for one
 /// cannot be established with the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
-    /// Replica to replica ([`PeerNetwork`](super::PeerNetwork)).
-    Peer,
+    /// Replica to replica ([`PeerNetwork`](super::PeerNetwork)), speaking up to this version.
+    Peer(PeerProtocol),
     /// Client to replica ([`ClientListener`](super::ClientListener)).
     Client,
 }
 
 impl LinkKind {
-    fn alpn(self) -> &'static [u8] {
+    fn alpn(self) -> Vec<&'static [u8]> {
         match self {
-            LinkKind::Peer => ALPN_PEER,
-            LinkKind::Client => ALPN_CLIENT,
+            LinkKind::Peer(p) => p.offers(),
+            LinkKind::Client => vec![ALPN_CLIENT],
         }
     }
 }
@@ -114,7 +152,7 @@ impl TlsIdentity {
         server_key: PublicKey,
         kind: LinkKind,
     ) -> Result<Arc<ClientConfig>, Error> {
-        client_config(self, server_key, kind.alpn())
+        client_config(self, server_key, &kind.alpn())
     }
 
     fn chain_and_key(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
@@ -305,7 +343,7 @@ fn provider() -> CryptoProvider {
 pub(crate) fn server_config<P: KeyPolicy>(
     identity: &TlsIdentity,
     policy: P,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, Error> {
     let (chain, key) = identity.chain_and_key();
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider()))
@@ -314,7 +352,7 @@ pub(crate) fn server_config<P: KeyPolicy>(
         .with_single_cert(chain, key)?;
     cfg.session_storage = Arc::new(NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 
@@ -322,7 +360,7 @@ pub(crate) fn server_config<P: KeyPolicy>(
 pub(crate) fn client_config(
     identity: &TlsIdentity,
     pinned: PublicKey,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, Error> {
     let (chain, key) = identity.chain_and_key();
     let mut cfg = ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -331,7 +369,7 @@ pub(crate) fn client_config(
         .with_custom_certificate_verifier(Arc::new(KeyVerifier::new(Pinned(pinned))))
         .with_client_auth_cert(chain, key)?;
     cfg.resumption = rustls::client::Resumption::disabled();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 

@@ -119,6 +119,8 @@ pub enum Domain {
     Checkpoint,
     /// The admin's permission to read a replica's whole state (`GET /snapshot`, for backups).
     SnapshotRead,
+    /// A WRITE: f+1 of them vouch for a value at a leader change (`wire::messages::WriteProof`).
+    Write,
 }
 
 impl Domain {
@@ -131,6 +133,7 @@ impl Domain {
             Domain::Status => b"kmmr/v1/status\0\0",
             Domain::Checkpoint => b"kmmr/v1/ckpt\0\0\0\0",
             Domain::SnapshotRead => b"kmmr/v1/snapread",
+            Domain::Write => b"kmmr/v2/write\0\0\0",
         }
     }
 

@@ -283,7 +283,13 @@ impl<'a> World<'a> {
                 id,
                 twin_of,
                 key: keys[i].clone(),
-                replica: Replica::new(id, keys[i].clone(), view.clone(), cfg.core.clone(), service),
+                replica: speaking_protocol_2(Replica::new(
+                    id,
+                    keys[i].clone(),
+                    view.clone(),
+                    cfg.core.clone(),
+                    service,
+                )),
                 adversary: (behaviour != Behaviour::Correct)
                     .then(|| Adversary::new(behaviour, id, keys[i].clone())),
                 faulty,
@@ -564,6 +570,7 @@ impl<'a> World<'a> {
                         n.disk = SimDisk::default();
                         fresh()
                     };
+                    n.replica.set_peers_read_signed_writes(true);
                     n.last_checked = None;
                     n.incarnation += 1;
                     // A reply counts in its client's quorum: the state it came from must
@@ -680,13 +687,13 @@ impl<'a> World<'a> {
                 continue;
             };
             let n = &mut self.nodes[i];
-            n.replica = Replica::new(
+            n.replica = speaking_protocol_2(Replica::new(
                 n.id,
                 n.key.clone(),
                 view,
                 self.cfg.core.clone(),
                 new_service(self.cfg.service),
-            );
+            ));
             n.down = false;
             n.last_checked = None;
             self.arm_node_timer(i);
@@ -951,4 +958,10 @@ impl<'a> World<'a> {
         self.nodes[i].timer_at = Some(at);
         self.schedule(at, Ev::NodeTimer(i));
     }
+}
+
+/// Every simulated node reads protocol 2, as a node sees it when all its links negotiated it.
+fn speaking_protocol_2(mut r: Replica) -> Replica {
+    r.set_peers_read_signed_writes(true);
+    r
 }

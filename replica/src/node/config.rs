@@ -40,6 +40,16 @@ pub struct NodeConfig {
     /// start, since decisions replayed from the beginning of the log apply to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_state: Option<PathBuf>,
+    /// The newest replica-to-replica protocol this replica offers its peers (1 or 2; default
+    /// the newest, 2). Links agree on the newest both ends speak, so a cluster part rolled to a
+    /// release with protocol 2 keeps working with the rest. Set 1 on every replica to keep a
+    /// cluster able to roll back to a release that speaks only 1.
+    #[serde(default = "default_max_peer_protocol")]
+    pub max_peer_protocol: u8,
+}
+
+fn default_max_peer_protocol() -> u8 {
+    2
 }
 
 /// Measured on loopback with 4 replicas and a client on 2 cores: 60-200 us cut the median
@@ -190,7 +200,17 @@ impl NodeConfig {
                 self.busy_poll_us
             );
         }
+        self.peer_protocol()?;
         self.protocol.validate()
+    }
+
+    /// `max_peer_protocol` as the network takes it.
+    pub fn peer_protocol(&self) -> Result<kmmr_net::PeerProtocol> {
+        match self.max_peer_protocol {
+            1 => Ok(kmmr_net::PeerProtocol::V1),
+            2 => Ok(kmmr_net::PeerProtocol::V2),
+            v => bail!("max_peer_protocol = {v} is not a protocol this release speaks: use 1 or 2"),
+        }
     }
 }
 

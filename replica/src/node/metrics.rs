@@ -58,6 +58,8 @@ pub struct Metrics {
     pub frames: Family<DirectionLabel, Counter<u64, AtomicU64>>,
     /// Highest CID on disk (-1: none; stays -1 with durability off).
     pub durable_cid: Gauge,
+    /// Other members whose link does not speak the newest replica protocol (or is not up yet).
+    pub peers_on_older_protocol: Gauge,
     /// CID of the newest checkpoint held (-1: none).
     pub checkpoint_cid: Gauge,
     pub checkpoints: Counter,
@@ -142,6 +144,7 @@ impl Default for Metrics {
         );
         let durable_cid = Gauge::default();
         durable_cid.set(-1);
+        let peers_on_older_protocol = Gauge::default();
         let checkpoint_cid = Gauge::default();
         checkpoint_cid.set(-1);
         let checkpoints = Counter::default();
@@ -188,6 +191,12 @@ impl Default for Metrics {
             durable_cid.clone(),
         );
         registry.register(
+            "peers_on_older_protocol",
+            "Other members whose link does not speak the newest replica protocol, or is not up: \
+             while there are any, WRITEs are unsigned and each waits for its promise",
+            peers_on_older_protocol.clone(),
+        );
+        registry.register(
             "checkpoint_cid",
             "CID of the newest checkpoint (-1: none)",
             checkpoint_cid.clone(),
@@ -232,6 +241,7 @@ impl Default for Metrics {
             bytes,
             frames,
             durable_cid,
+            peers_on_older_protocol,
             checkpoint_cid,
             checkpoints,
             state_transfers,

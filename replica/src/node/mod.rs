@@ -46,7 +46,9 @@ use crate::storage::promise::PromiseFile;
 use kmmr_byzantine::{Adversary, Behaviour, Dest, Frame, Position};
 use kmmr_client::clock::{now_us, Clock};
 use kmmr_client::files::{load_key, ViewFile};
-use kmmr_net::{client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork};
+use kmmr_net::{
+    client_address, ClientListener, ConnId, Inbound, NetStats, PeerNetwork, PeerProtocol,
+};
 use kmmr_protocol::core::output::{Event, Output};
 use kmmr_protocol::core::promise::MAX_PROMISED_DECISIONS;
 use kmmr_protocol::core::replica::{FromDisk, Replica};
@@ -134,7 +136,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel(10_000);
     let fd_limit = fds::raise_limit();
-    let budget = fds::budget(fd_limit, view.n());
+    let mut budget = fds::budget(fd_limit, view.n());
+    budget.peers.peer_protocol = cfg.peer_protocol()?;
     tracing::info!(
         fd_limit,
         listeners = budget.listeners,
@@ -470,6 +473,7 @@ impl NodeLoop {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     input = true;
+                    self.learn_peer_protocols();
                     self.handle(ev);
                     for _ in 0..DRAIN_PER_TURN {
                         match rx.try_recv() {
@@ -489,6 +493,7 @@ impl NodeLoop {
                         );
                         self.core.resumed(now);
                     }
+                    self.learn_peer_protocols();
                     self.core.on_timeout(now);
                 }
                 Some(reply) = http.status.recv() => {
@@ -661,13 +666,38 @@ impl NodeLoop {
             .store(now_us(), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Tells the core whether every link agreed on protocol 2, which signs WRITEs and lets them
+    /// leave before their promise (`Replica::set_peers_read_signed_writes`).
+    fn learn_peer_protocols(&mut self) {
+        self.core
+            .set_peers_read_signed_writes(self.peers.all_speak(PeerProtocol::V2));
+    }
+
     async fn send_honest(&mut self, out: Output) {
         match out {
             Output::Send { to, msg } => {
+                let msg = if self.peers.protocol(to) == Some(PeerProtocol::V2) {
+                    msg
+                } else {
+                    msg.protocol_1().unwrap_or(msg)
+                };
                 let _ = self.peers.send(to, &msg.to_bytes());
             }
             Output::Broadcast { msg } => {
-                self.peers.broadcast(&msg.to_bytes());
+                let old = if self.peers.all_speak(PeerProtocol::V2) {
+                    None
+                } else {
+                    msg.protocol_1()
+                };
+                match old {
+                    None => {
+                        self.peers.broadcast(&msg.to_bytes());
+                    }
+                    Some(old) => {
+                        self.peers
+                            .broadcast_by_protocol(&msg.to_bytes(), &old.to_bytes());
+                    }
+                }
             }
             Output::Reply { client, reply, .. } => {
                 // The core releases a reply only once its state is kept: by the log's durable

@@ -11,6 +11,9 @@ use super::{metrics, NodeLoop};
 impl NodeLoop {
     pub(super) fn refresh_gauges(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .peers_on_older_protocol
+            .set(self.peers.count_below(kmmr_net::PeerProtocol::NEWEST) as i64);
         let s = &self.stats;
         for (direction, bytes, frames) in [
             ("peer_in", &s.peer_bytes_in, &s.peer_frames_in),

@@ -301,3 +301,12 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// Polls `check` every 100 ms until it holds; fails the test after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

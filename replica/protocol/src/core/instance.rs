@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::crypto::{Digest, Signature};
 use crate::wire::ids::{Cid, Epoch, ReplicaId};
 use crate::wire::limits;
-use crate::wire::messages::Batch;
+use crate::wire::messages::{Batch, WriteProof};
 
 /// Epochs of ACCEPTs kept below the current one; older accepts are useless in practice and
 /// keeping them all would let a peer grow memory by inventing epochs.
@@ -18,7 +18,8 @@ pub struct Instance {
     pub cid: Cid,
     /// Valid proposals held, at most one per epoch (from that epoch's leader or its SYNC).
     pub proposals: BTreeMap<Epoch, (Digest, Batch)>,
-    pub writes: BTreeMap<Epoch, BTreeMap<ReplicaId, Digest>>,
+    /// WRITEs received (this replica's own among them), with their signatures when signed.
+    pub writes: BTreeMap<Epoch, BTreeMap<ReplicaId, (Digest, Option<Signature>)>>,
     /// ACCEPTs received, each from the authenticated channel of its sender; the flag says
     /// whether its signature was checked (it need not be to count towards deciding, only to
     /// be shown to others as proof).
@@ -30,6 +31,8 @@ pub struct Instance {
     pub my_writes: Vec<(Epoch, Digest)>,
     /// The last (epoch, value) this replica accepted; `None` = never accepted.
     pub my_accepted: Option<(Epoch, Digest)>,
+    /// The signed WRITEs `my_accepted` was accepted on, unchecked (a leader checks them).
+    pub accepted_proof: WriteProof,
     /// When this replica first held a proposal for the instance (for the latency metric).
     pub started_us: Option<u64>,
 }
@@ -61,6 +64,7 @@ impl Instance {
             forged: Vec::new(),
             my_writes: Vec::new(),
             my_accepted: None,
+            accepted_proof: WriteProof::default(),
             started_us: None,
         }
     }
@@ -72,16 +76,46 @@ impl Instance {
             .map(|(_, b)| b)
     }
 
-    pub fn record_write(&mut self, epoch: Epoch, from: ReplicaId, digest: Digest) -> Recorded {
+    pub fn record_write(
+        &mut self,
+        epoch: Epoch,
+        from: ReplicaId,
+        digest: Digest,
+        signature: Option<Signature>,
+    ) -> Recorded {
         let votes = self.writes.entry(epoch).or_default();
-        match votes.get(&from) {
-            Some(d) if *d == digest => Recorded::Duplicate,
+        match votes.get_mut(&from) {
+            Some((d, sig)) if *d == digest => {
+                // A repeat may bring the signature the first one (protocol 1) lacked.
+                if sig.is_none() {
+                    *sig = signature;
+                }
+                Recorded::Duplicate
+            }
             Some(_) => Recorded::Equivocation,
             None => {
-                votes.insert(from, digest);
+                votes.insert(from, (digest, signature));
                 Recorded::New
             }
         }
+    }
+
+    /// The signed WRITEs of `digest` at `epoch`, signatures unchecked.
+    pub fn signed_writes(&self, epoch: Epoch, digest: &Digest) -> WriteProof {
+        WriteProof(self.writes.get(&epoch).map_or_else(Vec::new, |v| {
+            v.iter()
+                .filter(|(_, (d, _))| d == digest)
+                .filter_map(|(id, (_, sig))| sig.map(|s| (*id, s)))
+                .collect()
+        }))
+    }
+
+    /// The signature of `from`'s WRITE at `epoch`, if it was signed.
+    pub fn write_signature(&self, epoch: Epoch, from: ReplicaId) -> Option<Signature> {
+        self.writes
+            .get(&epoch)
+            .and_then(|v| v.get(&from))
+            .and_then(|(_, s)| *s)
     }
 
     /// Whether an ACCEPT from `from` in `epoch` would be stored: not for an epoch too old to
@@ -126,7 +160,7 @@ impl Instance {
     pub fn write_count(&self, epoch: Epoch, digest: &Digest) -> usize {
         self.writes
             .get(&epoch)
-            .map_or(0, |v| v.values().filter(|d| *d == digest).count())
+            .map_or(0, |v| v.values().filter(|(d, _)| d == digest).count())
     }
 
     /// ACCEPTs for `digest` at `epoch`: (sender, signature, verified).

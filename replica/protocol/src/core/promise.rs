@@ -15,7 +15,7 @@ use crate::crypto::Digest;
 use crate::wire::codec::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::wire::ids::{Cid, Epoch, Regency};
 use crate::wire::limits;
-use crate::wire::messages::{Batch, Collect, Decision};
+use crate::wire::messages::{Batch, Collect, Decision, WriteProof};
 
 /// Decisions a promise carries at most; a log further behind than this is a disk failing to
 /// keep up, and the node waits for it before promising.
@@ -28,6 +28,10 @@ pub struct Promise {
     /// Decided instances just before `collect.cid` not yet durable in the log, in CID order
     /// (added by the driver; the core leaves it empty).
     pub decided: Vec<Decision>,
+    /// The signed WRITEs `collect.accepted` was accepted on, for the collect after a restart.
+    /// Written last, and only when there is one, so that promises written before it was added
+    /// read the same.
+    pub proof: WriteProof,
 }
 
 /// What a promise says, without its batches: two promises with the same key say the same
@@ -66,6 +70,9 @@ impl Encode for Promise {
         for d in &self.decided {
             d.encode(w);
         }
+        if !self.proof.0.is_empty() {
+            self.proof.encode(w);
+        }
     }
 }
 
@@ -85,10 +92,16 @@ impl Decode for Promise {
             20,
             Decision::decode,
         )?;
+        let proof = if r.remaining() > 0 {
+            WriteProof::decode(r)?
+        } else {
+            WriteProof::default()
+        };
         Ok(Promise {
             collect,
             batches,
             decided,
+            proof,
         })
     }
 }
@@ -115,6 +128,7 @@ mod tests {
             },
             batches: vec![batch.clone()],
             decided: Vec::new(),
+            proof: WriteProof::default(),
         };
         let bytes = p.to_bytes();
         assert_eq!(Promise::from_bytes(&bytes).unwrap(), p);

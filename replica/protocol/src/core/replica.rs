@@ -41,7 +41,7 @@ use crate::wire::ids::{Cid, Epoch, Regency, ReplicaId, ViewId};
 use crate::wire::limits;
 use crate::wire::messages::{
     accept_signing_bytes, Batch, CheckpointMeta, ClientId, Collect, Decision, Proof,
-    ReplicaMessage, Reply, ReplyBody, RequestKind, SignedCollect, SignedRequest,
+    ReplicaMessage, Reply, ReplyBody, RequestKind, SignedCollect, SignedRequest, WriteProof,
 };
 
 /// Regency-change messages buffered for epochs this replica has not installed yet.
@@ -168,6 +168,12 @@ pub struct Replica {
     restored: Option<Promise>,
     /// A restarted replica proposes only in regencies after this one (see `FromDisk::ran_before`).
     lead_after: Option<Regency>,
+    /// A restarted replica writes nothing new in this regency up to this instance: it may have
+    /// written there before the crash without a promise (`write_covered`).
+    no_write: Option<(Regency, Cid)>,
+    /// Every other member reads protocol 2 (`set_peers_read_signed_writes`): WRITEs are signed,
+    /// and may leave before their promise.
+    signs_writes: bool,
 
     /// Payload bytes decided since the last checkpoint (see `Config::checkpoint_bytes`).
     bytes_since_checkpoint: u64,
@@ -258,6 +264,8 @@ impl Replica {
             promised: None,
             restored: None,
             lead_after: None,
+            no_write: None,
+            signs_writes: false,
             bytes_since_checkpoint: 0,
             checkpoint_epoch: 0,
             regency: Regency(0),
@@ -345,6 +353,10 @@ impl Replica {
             .retain(|o| matches!(o, Output::Checkpoint { .. } | Output::ViewChanged(_)));
         let promised_regency = promise.as_ref().map(|p| p.collect.regency);
         let promised_cid = promise.as_ref().map(|p| p.collect.cid);
+        if let Some(p) = &promise {
+            // Set even when the promise is moot: the instance after it may still be open.
+            r.no_write = Some((p.collect.regency, p.collect.cid.next()));
+        }
         if let Some(mut p) = promise {
             // Decided before the crash but not yet in the log: replayed like the log (no
             // replies again: clients that missed one ask, and get it from the session), and
@@ -794,6 +806,7 @@ impl Replica {
                 cid,
                 epoch,
                 digest: d,
+                signature: self.instance.write_signature(epoch, self.me),
             });
         }
         if let Some((e, d)) = self.instance.my_accepted {

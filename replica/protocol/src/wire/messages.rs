@@ -293,15 +293,37 @@ const MIN_SIGNED_COLLECT: usize = 4 + 4 + 8 + 1 + 4 + 64;
 pub struct SignedCollect {
     pub collect: Collect,
     pub signature: Signature,
+    /// Signed WRITEs of the value the collect accepted, at its epoch: with f+1 valid ones a
+    /// correct replica wrote it, whatever the others' write sets say (a replica restarted from
+    /// its disk may have forgotten a WRITE it sent before its promise). Outside the collect's
+    /// signature: it proves itself, and a leader may drop it for a peer that cannot read it.
+    pub proof: WriteProof,
 }
 
 impl SignedCollect {
     pub fn sign(collect: Collect, key: &KeyPair) -> Self {
         let signature = key.sign(Domain::Collect, &collect.to_bytes());
-        SignedCollect { collect, signature }
+        SignedCollect {
+            collect,
+            signature,
+            proof: WriteProof::default(),
+        }
+    }
+
+    /// The collect with its proof (protocol 2).
+    fn encode_v2(&self, w: &mut Writer) {
+        self.encode(w);
+        self.proof.encode(w);
+    }
+
+    fn decode_v2(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut c = SignedCollect::decode(r)?;
+        c.proof = WriteProof::decode(r)?;
+        Ok(c)
     }
 }
 
+/// The collect alone (protocol 1, and what protocol 2 signs).
 impl Encode for SignedCollect {
     fn encode(&self, w: &mut Writer) {
         self.collect.encode(w);
@@ -314,7 +336,65 @@ impl Decode for SignedCollect {
         Ok(SignedCollect {
             collect: Collect::decode(r)?,
             signature: Signature::decode(r)?,
+            proof: WriteProof::default(),
         })
+    }
+}
+
+/// WRITEs of one value at one epoch of one instance, each signed by its writer
+/// ([`Domain::Write`] over [`accept_signing_bytes`]); which value is said where the proof is
+/// used. Empty when there is none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteProof(pub Vec<(ReplicaId, Signature)>);
+
+impl WriteProof {
+    /// Whether `f+1` distinct members of `view` signed a WRITE of `digest` at `epoch` of `cid`:
+    /// then a correct replica wrote it.
+    pub fn vouches(&self, view: &View, cid: Cid, epoch: Epoch, digest: &Digest) -> bool {
+        if self.0.len() < view.weak() {
+            return false;
+        }
+        let bytes = accept_signing_bytes(cid, epoch, digest);
+        // Each member's first signature only: a proof padded with copies costs one check each.
+        let mut seen: Vec<ReplicaId> = Vec::new();
+        let mut good = 0;
+        for (id, sig) in &self.0 {
+            if seen.contains(id) {
+                continue;
+            }
+            seen.push(*id);
+            if view
+                .verifying_key(*id)
+                .is_some_and(|k| crypto::verify_parsed(k, Domain::Write, &bytes, sig))
+            {
+                good += 1;
+                if good >= view.weak() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+impl Encode for WriteProof {
+    fn encode(&self, w: &mut Writer) {
+        w.len(self.0.len());
+        for (id, sig) in &self.0 {
+            id.encode(w);
+            sig.encode(w);
+        }
+    }
+}
+
+impl Decode for WriteProof {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(WriteProof(r.vec(
+            "write proof",
+            limits::MAX_REPLICAS,
+            4 + 64,
+            |r| Ok((ReplicaId::decode(r)?, Signature::decode(r)?)),
+        )?))
     }
 }
 
@@ -328,11 +408,13 @@ pub enum ReplicaMessage {
         epoch: Epoch,
         batch: Batch,
     },
-    /// The sender holds a valid proposal with this digest.
+    /// The sender holds a valid proposal with this digest. Protocol 2 signs it
+    /// ([`Domain::Write`] over [`accept_signing_bytes`]), for a [`WriteProof`].
     Write {
         cid: Cid,
         epoch: Epoch,
         digest: Digest,
+        signature: Option<Signature>,
     },
     /// The sender saw a quorum of WRITEs for this digest. Signed: a quorum of these is a proof.
     Accept {
@@ -424,6 +506,44 @@ impl Decode for CheckpointMeta {
 }
 
 impl ReplicaMessage {
+    /// The message as a replica speaking only protocol 1 reads it: WRITEs unsigned, collects
+    /// without proofs. `None` when it has nothing protocol 1 lacks. Both are for liveness
+    /// after a crash only: a peer that cannot read them loses nothing it relies on.
+    pub fn protocol_1(&self) -> Option<ReplicaMessage> {
+        match self {
+            ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest,
+                signature: Some(_),
+            } => Some(ReplicaMessage::Write {
+                cid: *cid,
+                epoch: *epoch,
+                digest: *digest,
+                signature: None,
+            }),
+            ReplicaMessage::StopData { collect, .. } if !collect.proof.0.is_empty() => {
+                let mut m = self.clone();
+                if let ReplicaMessage::StopData { collect, .. } = &mut m {
+                    collect.proof = WriteProof::default();
+                }
+                Some(m)
+            }
+            ReplicaMessage::Sync { collects, .. }
+                if collects.iter().any(|c| !c.proof.0.is_empty()) =>
+            {
+                let mut m = self.clone();
+                if let ReplicaMessage::Sync { collects, .. } = &mut m {
+                    for c in collects {
+                        c.proof = WriteProof::default();
+                    }
+                }
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+
     /// A short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -469,11 +589,19 @@ impl Encode for ReplicaMessage {
                 epoch.encode(w);
                 batch.encode(w);
             }
-            ReplicaMessage::Write { cid, epoch, digest } => {
-                w.u8(2);
+            ReplicaMessage::Write {
+                cid,
+                epoch,
+                digest,
+                signature,
+            } => {
+                w.u8(if signature.is_some() { 14 } else { 2 });
                 cid.encode(w);
                 epoch.encode(w);
                 digest.encode(w);
+                if let Some(s) = signature {
+                    s.encode(w);
+                }
             }
             ReplicaMessage::Accept {
                 cid,
@@ -502,10 +630,15 @@ impl Encode for ReplicaMessage {
                 collect,
                 values,
             } => {
-                w.u8(6);
+                let v2 = !collect.proof.0.is_empty();
+                w.u8(if v2 { 15 } else { 6 });
                 regency.encode(w);
                 w.option(last.as_ref(), |w, d| d.encode(w));
-                collect.encode(w);
+                if v2 {
+                    collect.encode_v2(w);
+                } else {
+                    collect.encode(w);
+                }
                 w.len(values.len());
                 for b in values {
                     b.encode(w);
@@ -517,12 +650,17 @@ impl Encode for ReplicaMessage {
                 collects,
                 batch,
             } => {
-                w.u8(7);
+                let v2 = collects.iter().any(|c| !c.proof.0.is_empty());
+                w.u8(if v2 { 16 } else { 7 });
                 regency.encode(w);
                 w.option(last.as_ref(), |w, d| d.encode(w));
                 w.len(collects.len());
                 for c in collects {
-                    c.encode(w);
+                    if v2 {
+                        c.encode_v2(w);
+                    } else {
+                        c.encode(w);
+                    }
                 }
                 batch.encode(w);
             }
@@ -584,10 +722,15 @@ impl Decode for ReplicaMessage {
                 epoch: Epoch::decode(r)?,
                 batch: Batch::decode(r)?,
             },
-            2 => ReplicaMessage::Write {
+            tag @ (2 | 14) => ReplicaMessage::Write {
                 cid: Cid::decode(r)?,
                 epoch: Epoch::decode(r)?,
                 digest: Digest::decode(r)?,
+                signature: if tag == 14 {
+                    Some(Signature::decode(r)?)
+                } else {
+                    None
+                },
             },
             3 => ReplicaMessage::Accept {
                 cid: Cid::decode(r)?,
@@ -602,20 +745,28 @@ impl Decode for ReplicaMessage {
                 regency: Regency::decode(r)?,
                 requests: decode_requests(r)?,
             },
-            6 => ReplicaMessage::StopData {
+            tag @ (6 | 15) => ReplicaMessage::StopData {
                 regency: Regency::decode(r)?,
                 last: r.option(Decision::decode)?,
-                collect: SignedCollect::decode(r)?,
+                collect: if tag == 15 {
+                    SignedCollect::decode_v2(r)?
+                } else {
+                    SignedCollect::decode(r)?
+                },
                 values: r.vec("collect values", limits::MAX_WRITE_SET, 20, Batch::decode)?,
             },
-            7 => ReplicaMessage::Sync {
+            tag @ (7 | 16) => ReplicaMessage::Sync {
                 regency: Regency::decode(r)?,
                 last: r.option(Decision::decode)?,
                 collects: r.vec(
                     "collects",
                     limits::MAX_REPLICAS,
                     MIN_SIGNED_COLLECT,
-                    SignedCollect::decode,
+                    if tag == 16 {
+                        SignedCollect::decode_v2
+                    } else {
+                        SignedCollect::decode
+                    },
                 )?,
                 batch: Batch::decode(r)?,
             },

@@ -177,7 +177,9 @@ pub(super) fn trace_message(m: &ReplicaMessage) -> String {
             batch.digest().short(),
             batch.requests.len()
         ),
-        ReplicaMessage::Write { cid, epoch, digest } => {
+        ReplicaMessage::Write {
+            cid, epoch, digest, ..
+        } => {
             format!("write cid {} epoch {} {}", cid.0, epoch.0, digest.short())
         }
         ReplicaMessage::Accept {

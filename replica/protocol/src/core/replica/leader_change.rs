@@ -240,11 +240,11 @@ impl Replica {
             accepted: self.instance.my_accepted,
             writes: self.instance.my_writes.clone(),
         };
-        (
-            last,
-            SignedCollect::sign(collect, &self.key),
-            self.instance.collect_values(),
-        )
+        let mut signed = SignedCollect::sign(collect, &self.key);
+        if self.instance.my_accepted.is_some() {
+            signed.proof = self.instance.accepted_proof.clone();
+        }
+        (last, signed, self.instance.collect_values())
     }
 
     pub(super) fn on_stopdata(
@@ -352,7 +352,7 @@ impl Replica {
         let target = best.as_ref().map_or(Cid(0), |d| d.cid.next());
         let states: Vec<sync::State> = data
             .iter()
-            .filter_map(|s| sync::project(&s.collect.collect, target))
+            .filter_map(|s| sync::project(&self.view, &s.collect, target))
             .collect();
         let Some(choice) = sync::choose(&self.view, &states) else {
             return;
@@ -527,7 +527,7 @@ impl Replica {
         }
         let states: Option<Vec<sync::State>> = collects
             .iter()
-            .map(|c| sync::project(&c.collect, target))
+            .map(|c| sync::project(view, c, target))
             .collect();
         let states = states.ok_or(Rejection::SyncCollectBeyondLast)?;
         match sync::choose(view, &states) {

@@ -44,11 +44,19 @@ impl Replica {
                 self.stats.proposals += 1;
                 self.hold_and_write(epoch, digest, batch);
             }
-            ReplicaMessage::Write { epoch, digest, .. } => {
+            ReplicaMessage::Write {
+                epoch,
+                digest,
+                signature,
+                ..
+            } => {
                 if epoch < self.regency {
                     return;
                 }
-                if self.instance.record_write(epoch, from, digest) == Recorded::Equivocation {
+                // Stored unchecked: only a leader change looks at it, and checks it then.
+                if self.instance.record_write(epoch, from, digest, signature)
+                    == Recorded::Equivocation
+                {
                     self.reject(Some(from), Rejection::EquivocatingWrite);
                 }
                 self.check_writes(epoch);
@@ -67,13 +75,24 @@ impl Replica {
     pub(super) fn hold_and_write(&mut self, epoch: Epoch, digest: Digest, batch: Batch) {
         self.instance.proposals.insert(epoch, (digest, batch));
         self.instance.started_us.get_or_insert(self.clock_us);
-        if self.instance.wrote_in(epoch).is_some() || !self.participating() {
+        if self.instance.wrote_in(epoch).is_some() || !self.participating() || self.abstains(epoch)
+        {
             return;
         }
         self.instance.my_writes.push((epoch, digest));
-        self.instance.record_write(epoch, self.me, digest);
         let cid = self.current_cid();
-        self.broadcast(ReplicaMessage::Write { cid, epoch, digest });
+        let signature = self.signs_writes.then(|| {
+            self.key
+                .sign(Domain::Write, &accept_signing_bytes(cid, epoch, &digest))
+        });
+        self.instance
+            .record_write(epoch, self.me, digest, signature);
+        self.broadcast(ReplicaMessage::Write {
+            cid,
+            epoch,
+            digest,
+            signature,
+        });
         self.check_writes(epoch);
         self.check_accepts(epoch, digest);
     }
@@ -96,6 +115,7 @@ impl Replica {
             .key
             .sign(Domain::Accept, &accept_signing_bytes(cid, epoch, &mine));
         self.instance.my_accepted = Some((epoch, mine));
+        self.instance.accepted_proof = self.instance.signed_writes(epoch, &mine);
         let vote = Vote {
             digest: mine,
             signature,
