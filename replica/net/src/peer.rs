@@ -77,7 +77,7 @@ struct Outbound {
     address: String,
     queue: mpsc::Sender<Bytes>,
     task: JoinHandle<()>,
-    /// The protocol its last link agreed on (`encode_protocol`); 0 before the first.
+    /// The protocol its last link agreed on (`PeerProtocol::number`); 0 before the first.
     protocol: Arc<AtomicU8>,
 }
 
@@ -229,7 +229,7 @@ impl PeerNetwork {
         let ids: Vec<(ReplicaId, bool)> = read(&self.inner.outbound)
             .iter()
             .map(|(id, o)| {
-                let p = decode_protocol(o.protocol.load(Ordering::Relaxed));
+                let p = PeerProtocol::of_number(o.protocol.load(Ordering::Relaxed));
                 (*id, p == Some(PeerProtocol::V2))
             })
             .collect();
@@ -293,7 +293,7 @@ impl PeerNetwork {
     pub fn protocol(&self, to: ReplicaId) -> Option<PeerProtocol> {
         read(&self.inner.outbound)
             .get(&to)
-            .and_then(|o| decode_protocol(o.protocol.load(Ordering::Relaxed)))
+            .and_then(|o| PeerProtocol::of_number(o.protocol.load(Ordering::Relaxed)))
     }
 
     /// Whether the link to every other member of the view speaks `protocol` or newer.
@@ -305,7 +305,9 @@ impl PeerNetwork {
     pub fn count_below(&self, protocol: PeerProtocol) -> usize {
         read(&self.inner.outbound)
             .values()
-            .filter(|o| decode_protocol(o.protocol.load(Ordering::Relaxed)) < Some(protocol))
+            .filter(|o| {
+                PeerProtocol::of_number(o.protocol.load(Ordering::Relaxed)) < Some(protocol)
+            })
             .count()
     }
 
@@ -441,7 +443,7 @@ async fn dial_loop(
                     .alpn_protocol()
                     .and_then(PeerProtocol::of_alpn)
                     .unwrap_or(PeerProtocol::V1);
-                protocol.store(encode_protocol(agreed), Ordering::Relaxed);
+                protocol.store(agreed.number(), Ordering::Relaxed);
                 stats.peer_dials.fetch_add(1, Ordering::Relaxed);
                 let _open = OpenGuard::new(&stats.peer_outbound_open);
                 tracing::info!(replica = %me, %peer, %address, "outbound link up");
@@ -600,20 +602,5 @@ async fn serve_inbound(
     let mut links = lock(&inner.inbound_links);
     if links.get(&from).is_some_and(|l| l.serial == serial) {
         links.remove(&from);
-    }
-}
-
-fn encode_protocol(p: PeerProtocol) -> u8 {
-    match p {
-        PeerProtocol::V1 => 1,
-        PeerProtocol::V2 => 2,
-    }
-}
-
-fn decode_protocol(b: u8) -> Option<PeerProtocol> {
-    match b {
-        1 => Some(PeerProtocol::V1),
-        2 => Some(PeerProtocol::V2),
-        _ => None,
     }
 }

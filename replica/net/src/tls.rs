@@ -52,6 +52,9 @@ pub enum PeerProtocol {
 impl PeerProtocol {
     pub const NEWEST: PeerProtocol = PeerProtocol::V2;
 
+    /// Every version, newest first.
+    const ALL: [PeerProtocol; 2] = [PeerProtocol::V2, PeerProtocol::V1];
+
     fn alpn(self) -> &'static [u8] {
         match self {
             PeerProtocol::V1 => b"kmmr-peer/1",
@@ -61,14 +64,24 @@ impl PeerProtocol {
 
     /// The version an agreed ALPN name stands for.
     pub fn of_alpn(name: &[u8]) -> Option<PeerProtocol> {
-        [PeerProtocol::V2, PeerProtocol::V1]
-            .into_iter()
-            .find(|p| p.alpn() == name)
+        Self::ALL.into_iter().find(|p| p.alpn() == name)
+    }
+
+    /// Its number, as a link's atomic cell holds it (0 stands for "not agreed yet").
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            PeerProtocol::V1 => 1,
+            PeerProtocol::V2 => 2,
+        }
+    }
+
+    pub(crate) fn of_number(n: u8) -> Option<PeerProtocol> {
+        Self::ALL.into_iter().find(|p| p.number() == n)
     }
 
     /// The ALPN names of this version and every older one, newest first.
     pub(crate) fn offers(self) -> Vec<&'static [u8]> {
-        [PeerProtocol::V2, PeerProtocol::V1]
+        Self::ALL
             .into_iter()
             .filter(|p| *p <= self)
             .map(PeerProtocol::alpn)
