@@ -79,7 +79,7 @@ async fn a_leased_key_is_deleted_when_its_ttl_runs_out_with_no_other_traffic() {
 /// key written with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written() {
-    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+    use kmmr_protocol::service::kv::{self as kv, KvRequest};
 
     let cluster = Cluster::start("lease-elsewhere", 4, &[(1, Behaviour::Corrupt)]);
     let gw = GatewayHandle::start(&cluster, Limits::default()).await;
@@ -105,17 +105,7 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
 
     // The other gateway: the cluster's own client, which grants, writes and is gone.
     let other = cluster.client().await;
-    let id = match other
-        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
-            id: 0,
-            ttl: 2,
-        }))
-        .await
-        .expect("grant")
-    {
-        KvResponse::LeaseGrant(g) => g.id,
-        r => panic!("grant: {r:?}"),
-    };
+    let id = grant_2s_lease(&other).await;
     let put_at = Instant::now();
     other
         .kv(&KvRequest::Put(kv::PutRequest {
@@ -142,17 +132,7 @@ async fn a_lease_a_watch_catches_up_on_expires_too() {
 
     let cluster = Cluster::start("lease-caught-up", 4, &[(1, Behaviour::Corrupt)]);
     let other = cluster.client().await;
-    let id = match other
-        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
-            id: 0,
-            ttl: 2,
-        }))
-        .await
-        .expect("grant")
-    {
-        KvResponse::LeaseGrant(g) => g.id,
-        r => panic!("grant: {r:?}"),
-    };
+    let id = grant_2s_lease(&other).await;
     let put_at = Instant::now();
     let revision = match other
         .kv(&KvRequest::Put(kv::PutRequest {
@@ -188,6 +168,22 @@ async fn a_lease_a_watch_catches_up_on_expires_too() {
         .expect("watch")
         .into_inner();
     expect_put_then_delete(&mut stream, put_at).await;
+}
+
+/// Grants a lease of 2 s through the cluster's own client, not through a gateway.
+async fn grant_2s_lease(client: &kmmr_client::proxy::Client) -> i64 {
+    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+    match client
+        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
+            id: 0,
+            ttl: 2,
+        }))
+        .await
+        .expect("grant")
+    {
+        KvResponse::LeaseGrant(g) => g.id,
+        r => panic!("grant: {r:?}"),
+    }
 }
 
 /// Waits on `stream` for the PUT of a key with a 2 s lease written at `put_at`, then for its
