@@ -142,7 +142,15 @@ pub fn range(r: &pb::RangeRequest) -> Result<(kv::RangeRequest, RangeShape), Sta
     Ok((req, shape))
 }
 
-pub fn put(r: &pb::PutRequest) -> Result<kv::PutRequest, Status> {
+/// What a put with etcd's `ignore_value` or `ignore_lease` keeps of the key's current record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    pub value: bool,
+    pub lease: bool,
+}
+
+/// A put, and what it keeps of the current record if it asked to (`None`: a plain put).
+pub fn put(r: &pb::PutRequest) -> Result<(kv::PutRequest, Option<Keep>), Status> {
     key_given(&r.key)?;
     if r.ignore_value && !r.value.is_empty() {
         return Err(Status::invalid_argument("etcdserver: value is provided"));
@@ -153,17 +161,17 @@ pub fn put(r: &pb::PutRequest) -> Result<kv::PutRequest, Status> {
     if r.value.len() > kv::MAX_VALUE_LEN {
         return Err(errors::too_large());
     }
-    if r.ignore_value || r.ignore_lease {
-        return Err(Status::unimplemented(
-            "put with ignore_value or ignore_lease is not supported by the KmMR etcd gateway yet",
-        ));
-    }
-    Ok(kv::PutRequest {
+    let keep = (r.ignore_value || r.ignore_lease).then_some(Keep {
+        value: r.ignore_value,
+        lease: r.ignore_lease,
+    });
+    let put = kv::PutRequest {
         key: r.key.clone(),
         value: r.value.clone(),
         lease: r.lease,
         prev_kv: r.prev_kv,
-    })
+    };
+    Ok((put, keep))
 }
 
 pub fn delete(r: &pb::DeleteRangeRequest) -> Result<kv::DeleteRangeRequest, Status> {
@@ -227,7 +235,13 @@ fn op(o: &pb::RequestOp) -> Result<(kv::RequestOp, Option<RangeShape>), Status> 
             let (req, shape) = range(r)?;
             Ok((kv::RequestOp::Range(req), Some(shape)))
         }
-        Some(Request::RequestPut(p)) => Ok((kv::RequestOp::Put(put(p)?), None)),
+        Some(Request::RequestPut(p)) => match put(p)? {
+            (p, None) => Ok((kv::RequestOp::Put(p), None)),
+            (_, Some(_)) => Err(Status::unimplemented(
+                "a put with ignore_value or ignore_lease inside a transaction is not supported \
+                 by the KmMR etcd gateway (outside one it is)",
+            )),
+        },
         Some(Request::RequestDeleteRange(d)) => Ok((kv::RequestOp::DeleteRange(delete(d)?), None)),
         Some(Request::RequestTxn(_)) => Err(Status::unimplemented(
             "nested transactions are not supported by the KmMR etcd gateway",
@@ -529,5 +543,48 @@ mod tests {
             txn(&empty_op).err().unwrap().message(),
             "etcdserver: key not found"
         );
+    }
+
+    #[test]
+    fn a_put_keeping_its_value_or_lease_says_what_it_keeps() {
+        let keeping = |ignore_value, ignore_lease| pb::PutRequest {
+            key: b"k".to_vec(),
+            ignore_value,
+            ignore_lease,
+            ..Default::default()
+        };
+        assert_eq!(put(&keeping(false, false)).unwrap().1, None);
+        assert_eq!(
+            put(&keeping(true, false)).unwrap().1,
+            Some(Keep {
+                value: true,
+                lease: false
+            })
+        );
+        assert_eq!(
+            put(&keeping(true, true)).unwrap().1,
+            Some(Keep {
+                value: true,
+                lease: true
+            })
+        );
+        let given = pb::PutRequest {
+            value: b"v".to_vec(),
+            ..keeping(true, false)
+        };
+        assert_eq!(
+            put(&given).unwrap_err().message(),
+            "etcdserver: value is provided"
+        );
+        // Inside a transaction it is refused by name, not half done.
+        let in_txn = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(keeping(false, true))),
+            }],
+            ..Default::default()
+        };
+        let refused = txn(&in_txn).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::Unimplemented);
+        assert!(refused.message().contains("ignore_lease"), "{refused:?}");
     }
 }

@@ -13,6 +13,10 @@ pub fn empty_key() -> Status {
     Status::invalid_argument("etcdserver: key is not provided")
 }
 
+pub fn key_not_found() -> Status {
+    Status::invalid_argument("etcdserver: key not found")
+}
+
 pub fn invalid_sort() -> Status {
     Status::invalid_argument("etcdserver: invalid sort option")
 }

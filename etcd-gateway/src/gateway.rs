@@ -26,6 +26,9 @@ use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
 /// that minimum, and answers with the raised TTL; clients rely on getting a lease, not an error.
 pub const MIN_LEASE_TTL_SECS: i64 = 2;
 
+/// Reads and conditional writes a put keeping its key's value or lease makes at most.
+const KEEP_ATTEMPTS: usize = 32;
+
 /// The etcd version the gateway reports. kube-apiserver turns on the features that depend on
 /// watch progress requests (consistent lists from its cache, WatchList) from 3.5.13 on; the
 /// gateway answers progress requests with the revision every watch on the stream has delivered,
@@ -97,6 +100,54 @@ impl Gateway {
             asked.restore(&sent, &mut resp);
         }
         Ok(resp)
+    }
+
+    /// A put that keeps the key's current value or lease (etcd's `ignore_value`,
+    /// `ignore_lease`), which the replicas do not know of: the record is read, then written
+    /// back changed only as asked, on condition that its key was not written in between, and
+    /// read again if it was. One atomic put, as in etcd, from requests every release of the
+    /// replicas executes alike.
+    pub(crate) async fn put_keeping(
+        &self,
+        mut req: kv::PutRequest,
+        keep: convert::Keep,
+    ) -> Result<KvResponse, Status> {
+        for _ in 0..KEEP_ATTEMPTS {
+            let current = self.range(&kv::RangeRequest::key(req.key.clone())).await?;
+            let Some(record) = current.kvs.into_iter().next() else {
+                return Err(errors::key_not_found());
+            };
+            if keep.value {
+                req.value = record.value;
+            }
+            if keep.lease {
+                req.lease = record.lease;
+            }
+            let unchanged = kv::Compare::new(
+                req.key.clone(),
+                kv::CompareResult::Equal,
+                kv::CompareTarget::ModRevision(record.mod_revision),
+            );
+            let txn = kv::TxnRequest {
+                compare: vec![unchanged],
+                success: vec![kv::RequestOp::Put(req.clone())],
+                failure: Vec::new(),
+            };
+            match self.write(KvRequest::Txn(txn)).await? {
+                KvResponse::Txn(t) if t.succeeded => {
+                    return match t.responses.into_iter().next() {
+                        Some(kv::ResponseOp::Put(p)) => Ok(KvResponse::Put(p)),
+                        _ => Err(mismatch("put")),
+                    };
+                }
+                KvResponse::Txn(_) => continue,
+                _ => return Err(mismatch("put")),
+            }
+        }
+        Err(Status::aborted(format!(
+            "etcdserver: the key was written by others {KEEP_ATTEMPTS} times while this put \
+             tried to keep its value or lease; try again"
+        )))
     }
 
     /// A linearizable read.
@@ -242,8 +293,11 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let req = convert::put(request.get_ref())?;
-        match self.0.write(KvRequest::Put(req)).await? {
+        let resp = match convert::put(request.get_ref())? {
+            (req, None) => self.0.write(KvRequest::Put(req)).await?,
+            (req, Some(keep)) => self.0.put_keeping(req, keep).await?,
+        };
+        match resp {
             KvResponse::Put(r) => Ok(Response::new(convert::put_response(&self.0.ids, r))),
             _ => Err(mismatch("put")),
         }
@@ -432,6 +486,25 @@ impl pb::lease_server::Lease for LeaseService {
             }
             KvResponse::Error(e) => Err(errors::refused(&e.error)),
             _ => Err(mismatch("lease time-to-live")),
+        }
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        match self.0.read(&KvRequest::LeaseLeases).await? {
+            KvResponse::LeaseLeases(l) => {
+                for &id in &l.ids {
+                    // Listed here, so followed here too (as the sweep would).
+                    self.0.leases.track(id, None);
+                }
+                Ok(Response::new(pb::LeaseLeasesResponse {
+                    header: self.0.ids.header(l.header.revision),
+                    leases: l.ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
+                }))
+            }
+            _ => Err(mismatch("lease list")),
         }
     }
 }

@@ -8,10 +8,11 @@
 //! TimeToLive of that lease, which executes at a fresh consensus time (expiring the lease if it
 //! is due) and tells how long is left if it was kept alive meanwhile.
 //!
-//! A gateway knows the leases it granted, those it keeps alive for its clients, and those of
-//! every key its watches see written (from the tail, or read while a watch catches up): so a
-//! lease granted through a gateway that then went away (with its kube-apiserver) still
-//! expires, through the gateways that remain.
+//! A gateway knows the leases it granted, those it keeps alive for its clients, those of every
+//! key its watches see written (from the tail, or read while a watch catches up), and every
+//! lease the cluster lists (`sweep`: when it starts and every [`SWEEP_INTERVAL`]): so a lease
+//! granted through a gateway that then went away (with its kube-apiserver) still expires,
+//! through the gateways that remain or one started later, whether or not it has watches.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,9 @@ const MARGIN: Duration = Duration::from_millis(250);
 
 /// Wait after a failed attempt (the cluster unreachable for a while).
 const RETRY: Duration = Duration::from_secs(1);
+
+/// How often the gateway lists the cluster's leases to follow those it has not heard of.
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Leases followed at once at most; more are left to the other gateways and to writes.
 const MAX_TRACKED: usize = 100_000;
@@ -79,6 +83,27 @@ impl LeaseClock {
                 .await;
             clock.lock().remove(&id);
         });
+    }
+
+    /// Lists the cluster's leases now and every [`SWEEP_INTERVAL`], and follows each: one
+    /// linearizable read per sweep, and one ordered TimeToLive per lease not followed yet.
+    pub(crate) async fn sweep(self: Arc<Self>) {
+        loop {
+            match self.client.kv_read(&KvRequest::LeaseLeases).await {
+                Ok(KvResponse::LeaseLeases(l)) => {
+                    for id in l.ids {
+                        self.track(id, None);
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(reply = ?other.error(), "listing the leases: unexpected answer");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the leases: the cluster did not answer");
+                }
+            }
+            tokio::time::sleep(SWEEP_INTERVAL).await;
+        }
     }
 
     async fn follow(&self, id: i64, mut wait: Duration) {

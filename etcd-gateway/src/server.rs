@@ -65,6 +65,8 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // Stops with the server, however it ends.
+    let _sweep = AbortOnDrop(tokio::spawn(gateway.leases.clone().sweep()));
     let mut routes = Routes::builder();
     routes
         .add_service(
@@ -110,6 +112,14 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("gRPC server")
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn tls_config(tls: &TlsFiles) -> Result<ServerTlsConfig> {

@@ -170,6 +170,82 @@ async fn a_lease_a_watch_catches_up_on_expires_too() {
     expect_put_then_delete(&mut stream, put_at).await;
 }
 
+/// A lease granted and written before this gateway started, by a client gone since, expires on
+/// time although the gateway has no watch that could see its key: the gateway lists the
+/// cluster's leases when it starts (etcd's LeaseLeases, which it also serves) and follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_before_the_gateway_started_expires_without_a_watch() {
+    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+
+    let cluster = Cluster::start("lease-before", 4, &[(1, Behaviour::Corrupt)]);
+    let other = cluster.client().await;
+    let id = match other
+        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
+            id: 0,
+            ttl: 5,
+        }))
+        .await
+        .expect("grant")
+    {
+        KvResponse::LeaseGrant(g) => g.id,
+        r => panic!("grant: {r:?}"),
+    };
+    let put_at = Instant::now();
+    other
+        .kv(&KvRequest::Put(kv::PutRequest {
+            key: b"/registry/masterleases/10.0.0.3".to_vec(),
+            value: b"v".to_vec(),
+            lease: id,
+            prev_kv: false,
+        }))
+        .await
+        .expect("put");
+    drop(other);
+
+    let gw = GatewayHandle::start(&cluster, Limits::default()).await;
+    let mut lease = LeaseClient::connect(gw.endpoint.clone())
+        .await
+        .expect("lease client");
+    // No `lease list` before the key is gone: the gateway follows what it lists for a client
+    // too, which would hide a gateway that does not list on its own.
+    let mut kv = KvClient::connect(gw.endpoint.clone())
+        .await
+        .expect("kv client");
+    // Reads only from here on: they order nothing, so they cannot advance the cluster's clock.
+    let deadline = put_at + Duration::from_secs(20);
+    loop {
+        let r = kv
+            .range(pb::RangeRequest {
+                key: b"/registry/masterleases/10.0.0.3".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("range")
+            .into_inner();
+        if r.count == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key of a 5 s lease granted before the gateway started is still there {:?} \
+             after the put",
+            put_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        put_at.elapsed() >= Duration::from_millis(4500),
+        "the lease must not expire before its TTL ({:?})",
+        put_at.elapsed()
+    );
+    let listed = lease
+        .lease_leases(pb::LeaseLeasesRequest {})
+        .await
+        .expect("lease list")
+        .into_inner();
+    assert!(listed.leases.is_empty(), "no lease is left: {listed:?}");
+}
+
 /// Grants a lease of 2 s through the cluster's own client, not through a gateway.
 async fn grant_2s_lease(client: &kmmr_client::proxy::Client) -> i64 {
     use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};

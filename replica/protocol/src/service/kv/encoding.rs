@@ -488,6 +488,7 @@ const REQ_LEASE_REVOKE: u8 = 7;
 const REQ_LEASE_KEEP_ALIVE: u8 = 8;
 const REQ_LEASE_TIME_TO_LIVE: u8 = 9;
 const REQ_WATCH_POLL: u8 = 10;
+const REQ_LEASE_LEASES: u8 = 11;
 /// Response tags reuse the request tags; this one is reserved for refusals.
 const RESP_ERROR: u8 = 255;
 
@@ -529,6 +530,9 @@ impl Encode for KvRequest {
                 w.u8(REQ_WATCH_POLL);
                 x.encode(w)
             }
+            KvRequest::LeaseLeases => {
+                w.u8(REQ_LEASE_LEASES);
+            }
         }
     }
 }
@@ -554,6 +558,7 @@ impl Decode for KvRequest {
                 keys: r.bool()?,
             }),
             REQ_WATCH_POLL => KvRequest::WatchPoll(WatchPollRequest::decode(r)?),
+            REQ_LEASE_LEASES => KvRequest::LeaseLeases,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "kv request",
@@ -614,6 +619,14 @@ impl Encode for KvResponse {
                 w.u8(REQ_WATCH_POLL);
                 x.encode(w)
             }
+            KvResponse::LeaseLeases(x) => {
+                w.u8(REQ_LEASE_LEASES);
+                x.header.encode(w);
+                w.len(x.ids.len());
+                for id in &x.ids {
+                    w.i64(*id);
+                }
+            }
             KvResponse::Error(x) => {
                 w.u8(RESP_ERROR);
                 x.header.encode(w);
@@ -654,6 +667,10 @@ impl Decode for KvResponse {
                 keys: r.vec("lease keys", ANY_COUNT, 4, |r| key(r, "key"))?,
             }),
             REQ_WATCH_POLL => KvResponse::WatchPoll(WatchPollResponse::decode(r)?),
+            REQ_LEASE_LEASES => KvResponse::LeaseLeases(LeaseLeasesResponse {
+                header: ResponseHeader::decode(r)?,
+                ids: r.vec("lease ids", ANY_COUNT, 8, Reader::i64)?,
+            }),
             RESP_ERROR => KvResponse::Error(ErrorResponse {
                 header: ResponseHeader::decode(r)?,
                 error: KvError::decode(r)?,

@@ -65,6 +65,7 @@ enum Op {
     KeepAlive {
         slot: u8,
     },
+    Leases,
     Watch {
         key: Vec<u8>,
         end: Vec<u8>,
@@ -90,6 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(ttl, proposed)| Op::Grant { ttl, proposed }),
         1 => (0u8..4).prop_map(|slot| Op::Revoke { slot }),
         1 => (0u8..4).prop_map(|slot| Op::KeepAlive { slot }),
+        1 => Just(Op::Leases),
         1 => (key(), range_end(), 0u8..8, 0u8..4)
             .prop_map(|(key, end, back, limit)| Op::Watch { key, end, back, limit }),
         1 => prop::collection::vec(any::<u8>(), 0..12).prop_map(Op::Garbage),
@@ -178,6 +180,7 @@ fn request(op: &Op, s: &KvStore) -> Vec<u8> {
         Op::KeepAlive { slot } => KvRequest::LeaseKeepAlive(LeaseKeepAliveRequest {
             id: lease_at(s, slot),
         }),
+        Op::Leases => KvRequest::LeaseLeases,
         Op::Watch {
             key,
             end,

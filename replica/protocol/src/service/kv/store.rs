@@ -273,6 +273,7 @@ impl KvStore {
             }
             KvRequest::LeaseTimeToLive(t) => self.lease_ttl(t).map(KvResponse::LeaseTimeToLive),
             KvRequest::WatchPoll(w) => self.watch_poll(w).map(KvResponse::WatchPoll),
+            KvRequest::LeaseLeases => Ok(KvResponse::LeaseLeases(self.lease_leases())),
         };
         result.unwrap_or_else(|e| self.error(e))
     }
@@ -285,6 +286,7 @@ impl KvStore {
             KvRequest::Txn(t) if req.is_read_only() => self.read_txn(t).map(KvResponse::Txn),
             KvRequest::LeaseTimeToLive(t) => self.lease_ttl(t).map(KvResponse::LeaseTimeToLive),
             KvRequest::WatchPoll(w) => self.watch_poll(w).map(KvResponse::WatchPoll),
+            KvRequest::LeaseLeases => Ok(KvResponse::LeaseLeases(self.lease_leases())),
             _ => Err(KvError::NotReadOnly),
         };
         result.unwrap_or_else(|e| self.error(e))
@@ -840,6 +842,13 @@ impl KvStore {
             id,
             ttl,
         })
+    }
+
+    fn lease_leases(&self) -> LeaseLeasesResponse {
+        LeaseLeasesResponse {
+            header: self.header(),
+            ids: self.leases.keys().copied().collect(),
+        }
     }
 
     fn lease_ttl(&self, req: &LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, KvError> {

@@ -1251,6 +1251,40 @@ fn lease_time_to_live_reports_remaining_seconds_and_keys() {
 }
 
 #[test]
+fn lease_leases_lists_the_live_leases_in_id_order_as_a_read() {
+    let mut s = KvStore::new(100);
+    let granted = [
+        lease_id(grant(&mut s, 0, 40, 60)),
+        lease_id(grant(&mut s, 0, 7, 1)),
+        lease_id(grant(&mut s, 0, 0, 60)),
+    ];
+    let listed =
+        |s: &KvStore| match KvResponse::from_bytes(&s.query(&KvRequest::LeaseLeases.to_bytes()))
+            .expect("decodes")
+        {
+            KvResponse::LeaseLeases(l) => l.ids,
+            r => panic!("{r:?}"),
+        };
+    let mut all = granted.to_vec();
+    all.sort_unstable();
+    assert_eq!(listed(&s), all);
+    assert!(KvRequest::LeaseLeases.is_read_only());
+    // Lease 7 runs out at 1 s: the next ordered request expires it, and the list says so.
+    let r = exec_at(&mut s, 1_000, KvRequest::LeaseLeases);
+    let KvResponse::LeaseLeases(l) = r else {
+        panic!("{r:?}")
+    };
+    assert!(!l.ids.contains(&7), "{l:?}");
+    assert_eq!(l.ids.len(), 2);
+    exec_at(
+        &mut s,
+        1_000,
+        KvRequest::LeaseRevoke(LeaseRevokeRequest { id: 40 }),
+    );
+    assert_eq!(listed(&s), [granted[2]]);
+}
+
+#[test]
 fn query_answers_reads_and_refuses_writes_without_mutating() {
     let mut s = KvStore::new(100);
     put(&mut s, "a", "1");

@@ -302,6 +302,13 @@ pub struct LeaseTimeToLiveResponse {
     pub keys: Vec<Vec<u8>>,
 }
 
+/// Every lease the store holds, in id order (etcd's LeaseLeases).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaseLeasesResponse {
+    pub header: ResponseHeader,
+    pub ids: Vec<i64>,
+}
+
 /// Asks for the events after `after_revision` on `[key, range_end)` (etcd's range conventions).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WatchPollRequest {
@@ -370,6 +377,9 @@ pub enum KvRequest {
     LeaseKeepAlive(LeaseKeepAliveRequest),
     LeaseTimeToLive(LeaseTimeToLiveRequest),
     WatchPoll(WatchPollRequest),
+    /// Lists the leases (read-only). Replicas of releases before it answer it with a decode
+    /// error, so it needs a cluster whose replicas all run a release that has it.
+    LeaseLeases,
 }
 
 impl KvRequest {
@@ -426,7 +436,10 @@ impl KvRequest {
     /// Whether the request can be answered without changing state (and so through `query`).
     pub fn is_read_only(&self) -> bool {
         match self {
-            KvRequest::Range(_) | KvRequest::WatchPoll(_) | KvRequest::LeaseTimeToLive(_) => true,
+            KvRequest::Range(_)
+            | KvRequest::WatchPoll(_)
+            | KvRequest::LeaseTimeToLive(_)
+            | KvRequest::LeaseLeases => true,
             KvRequest::Txn(t) => t
                 .success
                 .iter()
@@ -450,6 +463,7 @@ pub enum KvResponse {
     LeaseKeepAlive(LeaseKeepAliveResponse),
     LeaseTimeToLive(LeaseTimeToLiveResponse),
     WatchPoll(WatchPollResponse),
+    LeaseLeases(LeaseLeasesResponse),
     Error(ErrorResponse),
 }
 
@@ -466,6 +480,7 @@ impl KvResponse {
             KvResponse::LeaseKeepAlive(r) => &r.header,
             KvResponse::LeaseTimeToLive(r) => &r.header,
             KvResponse::WatchPoll(r) => &r.header,
+            KvResponse::LeaseLeases(r) => &r.header,
             KvResponse::Error(r) => &r.header,
         }
     }
