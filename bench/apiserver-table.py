@@ -9,7 +9,7 @@ from collections import defaultdict
 
 # (label, path in a result, unit, higher is better)
 FIGURES = [
-    ("creates/s, 16 clients", ("create", "ops_per_sec"), "", True),
+    ("creates/s, {clients}", ("create", "ops_per_sec"), "", True),
     ("create p50", ("create", "p50_us"), "ms", False),
     ("create p99", ("create", "p99_us"), "ms", False),
     ("creates/s while filling the list", ("list", "fill_per_sec"), "", True),
@@ -64,7 +64,11 @@ def main():
         print(args.header + "\n")
     print("| figure | " + " | ".join(stores) + (" | kmmr/etcd |" if {"etcd", "kmmr"} <= set(stores) else " |"))
     print("|---" * (len(stores) + 1 + ({"etcd", "kmmr"} <= set(stores))) + "|")
+    clients = sorted({r.get("clients") for rs in by_store.values() for r in rs} - {None})
     for label, path, unit, higher in FIGURES:
+        label = label.format(
+            clients="/".join(map(str, clients)) + (" client" if clients == [1] else " clients")
+        )
         medians = {}
         for s in stores:
             xs = [v for v in (get(r, path) for r in by_store[s]) if v is not None]
