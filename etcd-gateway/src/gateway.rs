@@ -494,16 +494,10 @@ impl pb::lease_server::Lease for LeaseService {
         _request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         match self.0.read(&KvRequest::LeaseLeases).await? {
-            KvResponse::LeaseLeases(l) => {
-                for &id in &l.ids {
-                    // Listed here, so followed here too (as the sweep would).
-                    self.0.leases.track(id, None);
-                }
-                Ok(Response::new(pb::LeaseLeasesResponse {
-                    header: self.0.ids.header(l.header.revision),
-                    leases: l.ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
-                }))
-            }
+            KvResponse::LeaseLeases(l) => Ok(Response::new(pb::LeaseLeasesResponse {
+                header: self.0.ids.header(l.header.revision),
+                leases: l.ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
+            })),
             _ => Err(mismatch("lease list")),
         }
     }

@@ -37,8 +37,13 @@ pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// Leases followed at once at most; more are left to the other gateways and to writes.
 const MAX_TRACKED: usize = 100_000;
 
+/// TimeToLive requests in flight at once: a sweep that finds many leases at startup spreads
+/// its asks rather than ordering them all at the same moment.
+const MAX_ASKING: usize = 64;
+
 pub(crate) struct LeaseClock {
     client: Client,
+    asking: tokio::sync::Semaphore,
     /// Leases with a task waiting for their deadline.
     tracked: Mutex<HashSet<i64>>,
     /// Woken when a lease ended, for the watches' tail to read its keys' deletions.
@@ -49,6 +54,7 @@ impl LeaseClock {
     pub(crate) fn new(client: Client, tail: Arc<Notify>) -> Arc<LeaseClock> {
         Arc::new(LeaseClock {
             client,
+            asking: tokio::sync::Semaphore::new(MAX_ASKING),
             tracked: Mutex::new(HashSet::new()),
             tail,
         })
@@ -110,7 +116,12 @@ impl LeaseClock {
         loop {
             tokio::time::sleep(wait).await;
             let req = KvRequest::LeaseTimeToLive(kv::LeaseTimeToLiveRequest { id, keys: false });
-            wait = match self.client.kv(&req).await {
+            let answer = match self.asking.acquire().await {
+                Ok(_slot) => self.client.kv(&req).await,
+                // Never closed: the semaphore lives as long as the clock.
+                Err(_) => return,
+            };
+            wait = match answer {
                 // Kept alive since: wait for what is left. The answer is in whole seconds,
                 // rounded down, so a lease with less than a second left is asked about again
                 // after the margin alone.

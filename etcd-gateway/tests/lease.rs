@@ -206,12 +206,11 @@ async fn a_lease_granted_before_the_gateway_started_expires_without_a_watch() {
     let mut lease = LeaseClient::connect(gw.endpoint.clone())
         .await
         .expect("lease client");
-    // No `lease list` before the key is gone: the gateway follows what it lists for a client
-    // too, which would hide a gateway that does not list on its own.
+    // Reads only from here on, and no `lease list` until the key is gone: the gateway must
+    // find the lease on its own.
     let mut kv = KvClient::connect(gw.endpoint.clone())
         .await
         .expect("kv client");
-    // Reads only from here on: they order nothing, so they cannot advance the cluster's clock.
     let deadline = put_at + Duration::from_secs(20);
     loop {
         let r = kv
