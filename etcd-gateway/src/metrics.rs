@@ -48,6 +48,7 @@ const METHODS: &[&str] = &[
     "etcdserverpb.Lease/LeaseRevoke",
     "etcdserverpb.Lease/LeaseKeepAlive",
     "etcdserverpb.Lease/LeaseTimeToLive",
+    "etcdserverpb.Lease/LeaseLeases",
     "etcdserverpb.Cluster/MemberList",
     "etcdserverpb.Maintenance/Status",
     "etcdserverpb.Maintenance/Alarm",
