@@ -38,31 +38,14 @@ async fn a_leased_key_is_deleted_when_its_ttl_runs_out_with_no_other_traffic() {
     .expect("put");
 
     // Reads only from here on: they order nothing, so they cannot advance the cluster's clock.
-    let deadline = put_at + Duration::from_secs(15);
-    loop {
-        let r = kv
-            .range(pb::RangeRequest {
-                key: b"/registry/ttl/a".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .expect("range")
-            .into_inner();
-        if r.count == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the key of a 2 s lease is still there {:?} after the put",
-            put_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        put_at.elapsed() >= Duration::from_millis(1500),
-        "the lease must not expire before its TTL ({:?})",
-        put_at.elapsed()
-    );
+    wait_until_expired(
+        &mut kv,
+        b"/registry/ttl/a",
+        put_at,
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
     let ttl = lease
         .lease_time_to_live(pb::LeaseTimeToLiveRequest {
             id: granted.id,
@@ -211,11 +194,37 @@ async fn a_lease_granted_before_the_gateway_started_expires_without_a_watch() {
     let mut kv = KvClient::connect(gw.endpoint.clone())
         .await
         .expect("kv client");
-    let deadline = put_at + Duration::from_secs(20);
+    wait_until_expired(
+        &mut kv,
+        b"/registry/masterleases/10.0.0.3",
+        put_at,
+        5,
+        Duration::from_secs(20),
+    )
+    .await;
+    let listed = lease
+        .lease_leases(pb::LeaseLeasesRequest {})
+        .await
+        .expect("lease list")
+        .into_inner();
+    assert!(listed.leases.is_empty(), "no lease is left: {listed:?}");
+}
+
+/// Reads `key` until it is gone, which must be once its lease of `ttl_secs` (written at
+/// `put_at`) ran out: not before, and at most `within` after the put.
+async fn wait_until_expired(
+    kv: &mut KvClient<tonic::transport::Channel>,
+    key: &[u8],
+    put_at: Instant,
+    ttl_secs: u64,
+    within: Duration,
+) {
+    let ttl = Duration::from_secs(ttl_secs);
+    let deadline = put_at + within;
     loop {
         let r = kv
             .range(pb::RangeRequest {
-                key: b"/registry/masterleases/10.0.0.3".to_vec(),
+                key: key.to_vec(),
                 ..Default::default()
             })
             .await
@@ -226,23 +235,16 @@ async fn a_lease_granted_before_the_gateway_started_expires_without_a_watch() {
         }
         assert!(
             Instant::now() < deadline,
-            "the key of a 5 s lease granted before the gateway started is still there {:?} \
-             after the put",
+            "the key of a {ttl_secs} s lease is still there {:?} after the put",
             put_at.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        put_at.elapsed() >= Duration::from_millis(4500),
+        put_at.elapsed() + Duration::from_millis(500) >= ttl,
         "the lease must not expire before its TTL ({:?})",
         put_at.elapsed()
     );
-    let listed = lease
-        .lease_leases(pb::LeaseLeasesRequest {})
-        .await
-        .expect("lease list")
-        .into_inner();
-    assert!(listed.leases.is_empty(), "no lease is left: {listed:?}");
 }
 
 /// Grants a lease of 2 s through the cluster's own client, not through a gateway.
