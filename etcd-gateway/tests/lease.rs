@@ -62,8 +62,6 @@ async fn a_leased_key_is_deleted_when_its_ttl_runs_out_with_no_other_traffic() {
 /// key written with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written() {
-    use kmmr_protocol::service::kv::{self as kv, KvRequest};
-
     let cluster = Cluster::start("lease-elsewhere", 4, &[(1, Behaviour::Corrupt)]);
     let gw = GatewayHandle::start(&cluster, Limits::default()).await;
     let mut watch = pb::watch_client::WatchClient::connect(gw.endpoint.clone())
@@ -88,17 +86,9 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
 
     // The other gateway: the cluster's own client, which grants, writes and is gone.
     let other = cluster.client().await;
-    let id = grant_2s_lease(&other).await;
+    let id = grant_lease(&other, 2).await;
     let put_at = Instant::now();
-    other
-        .kv(&KvRequest::Put(kv::PutRequest {
-            key: b"/registry/masterleases/10.0.0.1".to_vec(),
-            value: b"v".to_vec(),
-            lease: id,
-            prev_kv: false,
-        }))
-        .await
-        .expect("put");
+    put_leased(&other, b"/registry/masterleases/10.0.0.1", id).await;
     drop(other);
 
     expect_put_then_delete(&mut stream, put_at).await;
@@ -111,25 +101,11 @@ async fn a_lease_granted_elsewhere_expires_when_a_gateway_sees_its_key_written()
 /// in CI when its tail's first read came after the PUT.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_a_watch_catches_up_on_expires_too() {
-    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
-
     let cluster = Cluster::start("lease-caught-up", 4, &[(1, Behaviour::Corrupt)]);
     let other = cluster.client().await;
-    let id = grant_2s_lease(&other).await;
+    let id = grant_lease(&other, 2).await;
     let put_at = Instant::now();
-    let revision = match other
-        .kv(&KvRequest::Put(kv::PutRequest {
-            key: b"/registry/masterleases/10.0.0.2".to_vec(),
-            value: b"v".to_vec(),
-            lease: id,
-            prev_kv: false,
-        }))
-        .await
-        .expect("put")
-    {
-        KvResponse::Put(p) => p.header.revision,
-        r => panic!("put: {r:?}"),
-    };
+    let revision = put_leased(&other, b"/registry/masterleases/10.0.0.2", id).await;
     drop(other);
 
     let gw = GatewayHandle::start(&cluster, Limits::default()).await;
@@ -158,31 +134,11 @@ async fn a_lease_a_watch_catches_up_on_expires_too() {
 /// cluster's leases when it starts (etcd's LeaseLeases, which it also serves) and follows them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_before_the_gateway_started_expires_without_a_watch() {
-    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
-
     let cluster = Cluster::start("lease-before", 4, &[(1, Behaviour::Corrupt)]);
     let other = cluster.client().await;
-    let id = match other
-        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
-            id: 0,
-            ttl: 5,
-        }))
-        .await
-        .expect("grant")
-    {
-        KvResponse::LeaseGrant(g) => g.id,
-        r => panic!("grant: {r:?}"),
-    };
+    let id = grant_lease(&other, 5).await;
     let put_at = Instant::now();
-    other
-        .kv(&KvRequest::Put(kv::PutRequest {
-            key: b"/registry/masterleases/10.0.0.3".to_vec(),
-            value: b"v".to_vec(),
-            lease: id,
-            prev_kv: false,
-        }))
-        .await
-        .expect("put");
+    put_leased(&other, b"/registry/masterleases/10.0.0.3", id).await;
     drop(other);
 
     let gw = GatewayHandle::start(&cluster, Limits::default()).await;
@@ -247,19 +203,34 @@ async fn wait_until_expired(
     );
 }
 
-/// Grants a lease of 2 s through the cluster's own client, not through a gateway.
-async fn grant_2s_lease(client: &kmmr_client::proxy::Client) -> i64 {
+/// Grants a lease of `ttl` seconds through the cluster's own client, not through a gateway.
+async fn grant_lease(client: &kmmr_client::proxy::Client, ttl: i64) -> i64 {
     use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
     match client
-        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest {
-            id: 0,
-            ttl: 2,
-        }))
+        .kv(&KvRequest::LeaseGrant(kv::LeaseGrantRequest { id: 0, ttl }))
         .await
         .expect("grant")
     {
         KvResponse::LeaseGrant(g) => g.id,
         r => panic!("grant: {r:?}"),
+    }
+}
+
+/// Writes `key` with lease `id` through the cluster's own client; returns the revision.
+async fn put_leased(client: &kmmr_client::proxy::Client, key: &[u8], id: i64) -> u64 {
+    use kmmr_protocol::service::kv::{self as kv, KvRequest, KvResponse};
+    match client
+        .kv(&KvRequest::Put(kv::PutRequest {
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+            lease: id,
+            prev_kv: false,
+        }))
+        .await
+        .expect("put")
+    {
+        KvResponse::Put(p) => p.header.revision,
+        r => panic!("put: {r:?}"),
     }
 }
 
