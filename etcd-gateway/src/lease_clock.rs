@@ -32,7 +32,7 @@ const MARGIN: Duration = Duration::from_millis(250);
 const RETRY: Duration = Duration::from_secs(1);
 
 /// How often the gateway lists the cluster's leases to follow those it has not heard of.
-pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Leases followed at once at most; more are left to the other gateways and to writes.
 const MAX_TRACKED: usize = 100_000;
