@@ -174,9 +174,10 @@ run_point() { # store rep
     *) die "unknown store $store" ;;
   esac
   start_apiserver "$dir" "$servers"
-  local c0 a0 c1 a1 mb0 mt0 mb1 mt1 t0 t1 limit
+  local c0 a0 g0=0 c1 a1 g1=0 mb0 mt0 mb1 mt1 t0 t1 limit
   limit=$(python3 -c "import math; print(math.ceil($WARMUP + $secs + 600 + $LIST_OBJECTS / 20 + $WATCH_WRITES))")
   c0=$(cpu_ticks "${store_pids[@]}"); a0=$(cpu_ticks "$apiserver_pid")
+  [[ $store == kmmr ]] && g0=$(cpu_ticks "$gateway_pid")
   read -r mb0 mt0 < <(machine_ticks); t0=$(date +%s.%N)
   if ! out=$(timeout "$limit" "$LOAD_BIN" --kubeconfig "$dir/kubeconfig" --clients "$CLIENTS" \
       --duration "$secs" --warmup "$WARMUP" --value-size "$VALUE_SIZE" \
@@ -189,6 +190,7 @@ run_point() { # store rep
     json=$(tail -1 <<<"$out")
   fi
   c1=$(cpu_ticks "${store_pids[@]}"); a1=$(cpu_ticks "$apiserver_pid")
+  [[ $store == kmmr ]] && g1=$(cpu_ticks "$gateway_pid")
   read -r mb1 mt1 < <(machine_ticks); t1=$(date +%s.%N)
   local rss
   rss=$(peak_rss_kib "${store_pids[@]}")
@@ -212,12 +214,13 @@ run_point() { # store rep
   jq -c --arg store "$store" --argjson rep "$rep" --argjson rss "$rss" \
     --argjson scpu "$(python3 -c "print(round(($c1 - $c0) * $pct, 1))")" \
     --argjson acpu "$(python3 -c "print(round(($a1 - $a0) * $pct, 1))")" \
+    --argjson gcpu "$([[ $store == kmmr ]] && python3 -c "print(round(($g1 - $g0) * $pct, 1))" || echo null)" \
     --argjson busy "$(python3 -c "print(round(100 * ($mb1 - $mb0) / max(1, $mt1 - $mt0), 1))")" \
     --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
     '. + {store: $store, rep: $rep, store_rss_kib: $rss, store_cpu_pct: $scpu,
-          apiserver_cpu_pct: $acpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber)}' \
+          gateway_cpu_pct: $gcpu, apiserver_cpu_pct: $acpu, machine_busy_pct: $busy, loadavg1: ($load | tonumber)}' \
     <<<"$json" >>"$RESULTS_DIR/results.jsonl"
-  log "$(tail -1 "$RESULTS_DIR/results.jsonl" | jq -r '"\(.store) rep \(.rep): create \(.create.ops_per_sec // 0 | round)/s p50 \(.create.p50_us // 0) us p99 \(.create.p99_us // 0) us; list \(.list.median_ms // 0 | round) ms (fill \(.list.fill_per_sec // 0 | round)/s); watch p50 \(.watch.p50_us // 0) us p99 \(.watch.p99_us // 0) us; store CPU \(.store_cpu_pct)%, apiserver CPU \(.apiserver_cpu_pct)%, machine busy \(.machine_busy_pct)%, load \(.loadavg1)"')"
+  log "$(tail -1 "$RESULTS_DIR/results.jsonl" | jq -r '"\(.store) rep \(.rep): create \(.create.ops_per_sec // 0 | round)/s p50 \(.create.p50_us // 0) us p99 \(.create.p99_us // 0) us; list \(.list.median_ms // 0 | round) ms (fill \(.list.fill_per_sec // 0 | round)/s); watch p50 \(.watch.p50_us // 0) us p99 \(.watch.p99_us // 0) us; store CPU \(.store_cpu_pct)% (gateway \(.gateway_cpu_pct)%), apiserver CPU \(.apiserver_cpu_pct)%, machine busy \(.machine_busy_pct)%, load \(.loadavg1)"')"
   rm -rf "$dir" "$dir".*
 }
 

@@ -17,6 +17,7 @@ FIGURES = [
     ("write to watch event p50", ("watch", "p50_us"), "ms", False),
     ("write to watch event p99", ("watch", "p99_us"), "ms", False),
     ("store CPU (% of a core)", ("store_cpu_pct",), "", False),
+    ("of which the gateway", ("gateway_cpu_pct",), "", False),
     ("apiserver CPU (% of a core)", ("apiserver_cpu_pct",), "", False),
     ("store peak RSS (largest process)", ("store_rss_kib",), "MiB", False),
 ]
