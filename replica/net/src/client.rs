@@ -276,6 +276,35 @@ pub enum FromReplica {
     Closed { from: ReplicaId, link: LinkId },
 }
 
+/// Where a [`ReplicaLink`] delivers what it hears, in the link's own task: a channel of
+/// [`FromReplica`] that a proxy drains, or a handler that acts on each reply where it arrives
+/// (which spares a wake-up of another task per reply).
+pub trait LinkEvents: Send + Sync + 'static {
+    /// A frame from replica `from`, authenticated by its pinned key. False closes the link.
+    fn frame(
+        &self,
+        from: ReplicaId,
+        link: LinkId,
+        frame: Vec<u8>,
+    ) -> impl std::future::Future<Output = bool> + Send;
+
+    /// The link closed (not sent for a link its owner dropped).
+    fn closed(&self, from: ReplicaId, link: LinkId)
+        -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl LinkEvents for mpsc::Sender<FromReplica> {
+    async fn frame(&self, from: ReplicaId, link: LinkId, frame: Vec<u8>) -> bool {
+        self.send(FromReplica::Frame { from, link, frame })
+            .await
+            .is_ok()
+    }
+
+    async fn closed(&self, from: ReplicaId, link: LinkId) {
+        let _ = self.send(FromReplica::Closed { from, link }).await;
+    }
+}
+
 /// The client side of client links: dials replicas with the client's key. Cheap to share.
 #[derive(Debug)]
 pub struct ClientConnector {
@@ -301,11 +330,11 @@ impl ClientConnector {
     }
 
     /// Dials `member`'s client listener at [`client_address`]`(member.address)`, accepting only
-    /// `member.key`. Frames from it, and its closing, arrive on `events`.
+    /// `member.key`. Frames from it, and its closing, go to `events`.
     pub async fn dial(
         &self,
         member: &Member,
-        events: mpsc::Sender<FromReplica>,
+        events: impl LinkEvents,
     ) -> Result<ReplicaLink, NetError> {
         let addr = client_address(&member.address)?;
         self.dial_addr(member.id, member.key, &addr, events).await
@@ -317,7 +346,7 @@ impl ClientConnector {
         replica: ReplicaId,
         key: PublicKey,
         addr: &str,
-        events: mpsc::Sender<FromReplica>,
+        events: impl LinkEvents,
     ) -> Result<ReplicaLink, NetError> {
         let config = tls::client_config(&self.identity, key, &[ALPN_CLIENT])?;
         let tcp = conn::connect(addr, &self.config)
@@ -357,27 +386,13 @@ impl ClientConnector {
             let _open = OpenGuard::new(&stats.client_open);
             let close = Notify::new();
             let events_ref = &events;
-            let deliver = |frame: Vec<u8>| async move {
-                events_ref
-                    .send(FromReplica::Frame {
-                        from: replica,
-                        link,
-                        frame,
-                    })
-                    .await
-                    .is_ok()
-            };
+            let deliver = |frame: Vec<u8>| events_ref.frame(replica, link, frame);
             let ended =
                 conn::run_duplex(tls, &mut rx, &config, &stats, Side::Client, &close, deliver)
                     .await;
             account(&stats, ended);
             tracing::debug!(%replica, ?link, ?ended, "replica link closed");
-            let _ = events
-                .send(FromReplica::Closed {
-                    from: replica,
-                    link,
-                })
-                .await;
+            events.closed(replica, link).await;
         });
         Ok(ReplicaLink {
             replica,

@@ -39,8 +39,9 @@
 //!   connection a [`ConnId`], delivers its frames with the authenticated [`ClientId`], and lets
 //!   the node reply by `ConnId` through a bounded per-connection queue.
 //! * Client side, [`ClientConnector`]: a client proxy dials each replica's client address pinned
-//!   to the member's key and gets a [`ReplicaLink`] to send on; frames from all replicas arrive on
-//!   one channel of [`FromReplica`] events that the proxy owns.
+//!   to the member's key and gets a [`ReplicaLink`] to send on; frames from all replicas go to its
+//!   [`LinkEvents`]: one channel of [`FromReplica`] events that the proxy owns, or a handler that
+//!   acts on each frame in the link's task.
 //!
 //! # How the node uses it
 //!
@@ -97,7 +98,7 @@ mod tls;
 
 use std::time::Duration;
 
-pub use client::{ClientConnector, ClientListener, FromReplica, LinkId, ReplicaLink};
+pub use client::{ClientConnector, ClientListener, FromReplica, LinkEvents, LinkId, ReplicaLink};
 pub use conn::port_in_time_wait;
 pub use peer::PeerNetwork;
 pub use stats::{NetStats, RejectReason};
