@@ -157,7 +157,6 @@ impl Shared {
 }
 
 /// The replies of every link, handled in the link's task.
-#[derive(Clone)]
 struct Replies(Arc<Shared>);
 
 impl LinkEvents for Replies {
