@@ -15,7 +15,7 @@
 # markdown table of medians with kmmr/etcd ratios is printed.
 #
 # Environment (all optional):
-#   REPS=3 WARMUP=2 CLIENTS=16 LIST_OBJECTS=10000 WATCH_WRITES=200 VALUE_SIZE=100
+#   REPS=3 WARMUP=2 CLIENTS=16 LIST_OBJECTS=10000 LIST_REPS=15 WATCH_WRITES=200 VALUE_SIZE=100
 #   STORES="etcd kmmr"  ETCD_MEMBERS=3  KMMR_N=4  KMMR_BYZANTINE (unset: every replica correct)
 #   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local`
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
@@ -38,6 +38,7 @@ REPS=${REPS:-3}
 WARMUP=${WARMUP:-2}
 CLIENTS=${CLIENTS:-16}
 LIST_OBJECTS=${LIST_OBJECTS:-10000}
+LIST_REPS=${LIST_REPS:-15}
 WATCH_WRITES=${WATCH_WRITES:-200}
 VALUE_SIZE=${VALUE_SIZE:-100}
 STORES=${STORES:-"etcd kmmr"}
@@ -53,7 +54,7 @@ log() { printf '[apiserver-compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [[ $secs =~ ^[0-9]+([.][0-9]+)?$ ]] || die "seconds must be a number, not '$secs'"
-for v in REPS CLIENTS LIST_OBJECTS WATCH_WRITES ETCD_MEMBERS KMMR_N; do
+for v in REPS CLIENTS LIST_OBJECTS LIST_REPS WATCH_WRITES ETCD_MEMBERS KMMR_N; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, not '${!v}'"
 done
 ((REPS > 0 && CLIENTS > 0)) || die "REPS and CLIENTS must be positive"
@@ -181,7 +182,7 @@ run_point() { # store rep
   read -r mb0 mt0 < <(machine_ticks); t0=$(date +%s.%N)
   if ! out=$(timeout "$limit" "$LOAD_BIN" --kubeconfig "$dir/kubeconfig" --clients "$CLIENTS" \
       --duration "$secs" --warmup "$WARMUP" --value-size "$VALUE_SIZE" \
-      --list-objects "$LIST_OBJECTS" --watch-writes "$WATCH_WRITES" --json 2>"$dir/load.err"); then
+      --list-objects "$LIST_OBJECTS" --list-reps "$LIST_REPS" --watch-writes "$WATCH_WRITES" --json 2>"$dir/load.err"); then
     mkdir -p "$RESULTS_DIR/failed"
     cp -r "$dir" "$RESULTS_DIR/failed/" 2>/dev/null || true
     log "$store rep $rep FAILED: $(tail -3 "$dir/load.err" | tr '\n' ' ') (logs in $RESULTS_DIR/failed)"
@@ -235,7 +236,7 @@ pki="$work/pki"
 KMMR_TESTBED_RUN="$work" bash "$repo/e2e/testbed/certs.sh" >/dev/null
 : >"$RESULTS_DIR/results.jsonl"
 read -ra stores <<<"$STORES"
-log "$((REPS * ${#stores[@]})) points: stores $STORES, $REPS reps, $CLIENTS clients, ${WARMUP}+${secs} s of creates, LIST of $LIST_OBJECTS, $WATCH_WRITES watched writes; kmmr n=$KMMR_N${KMMR_BYZANTINE:+ with replica 1 $KMMR_BYZANTINE}, etcd $ETCD_MEMBERS members"
+log "$((REPS * ${#stores[@]})) points: stores $STORES, $REPS reps, $CLIENTS clients, ${WARMUP}+${secs} s of creates, LIST of $LIST_OBJECTS ($LIST_REPS times), $WATCH_WRITES watched writes; kmmr n=$KMMR_N${KMMR_BYZANTINE:+ with replica 1 $KMMR_BYZANTINE}, etcd $ETCD_MEMBERS members"
 uptime_start=$(uptime)
 for ((rep = 0; rep < REPS; rep++)); do
   for ((k = 0; k < ${#stores[@]}; k++)); do

@@ -51,7 +51,8 @@ struct Args {
     /// Objects in the listed namespace (0 skips the list figure).
     #[arg(long, default_value_t = 10_000)]
     list_objects: usize,
-    #[arg(long, default_value_t = 5)]
+    /// LISTs timed; the figure is their median.
+    #[arg(long, default_value_t = 15)]
     list_reps: usize,
     /// Writes whose watch events are timed (0 skips the watch figure).
     #[arg(long, default_value_t = 200)]
