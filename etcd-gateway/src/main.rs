@@ -58,6 +58,13 @@ struct Args {
     /// of the same name takes it (a Go duration: `10m`, `1s`, `1m30s`, `500ms`).
     #[arg(long, default_value = "10m", value_parser = parse_go_duration)]
     watch_progress_notify_interval: Duration,
+    /// Runtime worker threads. With one (the default) the etcd connections, the replica links
+    /// and every request's handler share a thread, so no step of a request waits for another
+    /// thread to wake up: through a kube-apiserver on two cores that made 7-10% more creates/s
+    /// than a runtime with a thread per core, at lower latency and less CPU. A gateway busy
+    /// enough to need more than one core can have more.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
 }
 
 /// A duration as Go's time.ParseDuration reads it (what etcd's flags take and what Go callers
@@ -222,7 +229,17 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
