@@ -20,12 +20,17 @@
 #   KMMR_LOCAL_ARGS   extra arguments to `kmmr-replica local`
 #   BENCH_TMP=/tmp    parent of the run's data directories (must be a real disk: fsync matters)
 #   RESULTS_DIR       results.jsonl, table.md, the apiserver's /metrics at the end of each point
-#                     (metrics/<store>-r<rep>.txt), the gateway's (metrics/gateway-r<rep>.txt)
+#                     (metrics/<store>-r<rep>.txt), the gateway's (metrics/gateway-r<rep>.txt),
+#                     each replica's and etcd member's (metrics/{replica,etcd}-m<i>-r<rep>.txt)
 #                     and the logs of failed points
 #                     (default $KMMR_BENCH_CACHE/apiserver-<date>)
 #   ETCD_BASE=26300 KMMR_BASE=27300   loopback ports of the stores (the gateway and the
 #                     apiserver take ports the OS says are free)
 #   KMMR_BIN, KMMR_GATEWAY_BIN, LOAD_BIN   use these binaries instead of building them
+#   BENCH_ETCD_METRICS=basic  etcd's --metrics; `extensive` adds the time etcd spends on each
+#                     RPC (grpc_server_handling_seconds), to set beside the gateway's
+#                     kmmr_etcd_gateway_request_duration_seconds (it costs etcd a little). Not
+#                     ETCD_METRICS: etcd reads ETCD_* variables as its flags, and refuses both.
 set -euo pipefail
 
 secs=${1:-10}
@@ -58,6 +63,9 @@ for v in REPS CLIENTS LIST_OBJECTS LIST_REPS WATCH_WRITES ETCD_MEMBERS KMMR_N; d
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, not '${!v}'"
 done
 ((REPS > 0 && CLIENTS > 0)) || die "REPS and CLIENTS must be positive"
+BENCH_ETCD_METRICS=${BENCH_ETCD_METRICS:-basic}
+[[ $BENCH_ETCD_METRICS == basic || $BENCH_ETCD_METRICS == extensive ]] \
+  || die "BENCH_ETCD_METRICS must be basic or extensive, not '$BENCH_ETCD_METRICS'"
 for t in cargo curl jq python3 setsid timeout ss openssl; do
   command -v "$t" >/dev/null || die "$t is needed and not on PATH"
 done
@@ -201,6 +209,21 @@ run_point() { # store rep
   curl -sf -m 10 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "$apiserver_url/metrics" \
     >"$RESULTS_DIR/metrics/$store-r$rep.txt" 2>/dev/null || true
+  # The stores' own: etcd's fsyncs and (with BENCH_ETCD_METRICS=extensive) handling times, the
+  # replicas' consensus latency, batch sizes and promise fsyncs.
+  local m
+  case $store in
+    etcd)
+      for ((m = 0; m < ETCD_MEMBERS; m++)); do
+        curl -sf -m 10 "http://127.0.0.1:$((ETCD_BASE + 2 * m))/metrics" \
+          >"$RESULTS_DIR/metrics/etcd-m$m-r$rep.txt" 2>/dev/null || true
+      done ;;
+    kmmr)
+      for ((m = 0; m < KMMR_N; m++)); do
+        curl -sf -m 10 "http://127.0.0.1:$((KMMR_BASE + 2000 + m))/metrics" \
+          >"$RESULTS_DIR/metrics/replica-m$m-r$rep.txt" 2>/dev/null || true
+      done ;;
+  esac
   if [[ $store == kmmr ]]; then
     # The gateway's: how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads_total).
     curl -sf -m 10 "$gateway_metrics_url" \

@@ -122,7 +122,7 @@ start_etcd() { # n dir -> endpoints on stdout-free global $endpoints
       --listen-peer-urls "http://127.0.0.1:$((p + 1))" \
       --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
       --initial-cluster "$cluster" --initial-cluster-token "$token" \
-      --initial-cluster-state new >"$dir/m$i.log" 2>&1 &
+      --initial-cluster-state new --metrics "${BENCH_ETCD_METRICS:-basic}" >"$dir/m$i.log" 2>&1 &
     pgids+=($!)
     server_pids+=($!)
   done
