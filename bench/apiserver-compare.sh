@@ -209,8 +209,9 @@ run_point() { # store rep
   curl -sf -m 10 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "$apiserver_url/metrics" \
     >"$RESULTS_DIR/metrics/$store-r$rep.txt" 2>/dev/null || true
-  # The stores' own: etcd's fsyncs and (with BENCH_ETCD_METRICS=extensive) handling times, the
-  # replicas' consensus latency, batch sizes and promise fsyncs.
+  # The stores' own: etcd's fsyncs and (with BENCH_ETCD_METRICS=extensive) handling times; the
+  # replicas' consensus latency, batch sizes and promise fsyncs; the gateway's handling times and
+  # how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads_total).
   local m
   case $store in
     etcd)
@@ -222,13 +223,10 @@ run_point() { # store rep
       for ((m = 0; m < KMMR_N; m++)); do
         curl -sf -m 10 "http://127.0.0.1:$((KMMR_BASE + 2000 + m))/metrics" \
           >"$RESULTS_DIR/metrics/replica-m$m-r$rep.txt" 2>/dev/null || true
-      done ;;
+      done
+      curl -sf -m 10 "$gateway_metrics_url" \
+        >"$RESULTS_DIR/metrics/gateway-r$rep.txt" 2>/dev/null || true ;;
   esac
-  if [[ $store == kmmr ]]; then
-    # The gateway's: how its reads outside the order ended (kmmr_etcd_gateway_unordered_reads_total).
-    curl -sf -m 10 "$gateway_metrics_url" \
-      >"$RESULTS_DIR/metrics/gateway-r$rep.txt" 2>/dev/null || true
-  fi
   stop_groups TERM "$apiserver_pid"
   case $store in
     etcd) stop_etcd ;;
