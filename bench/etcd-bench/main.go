@@ -5,7 +5,8 @@
 // --window requests in flight; every request is a Put of a --request-size-byte value (0 by
 // default: an empty value) to a key of its own client. Requests that start after --warmup
 // seconds and finish within the following --duration seconds are measured; throughput is
-// their count divided by --duration.
+// their count divided by --duration. --gap adds think time after each reply (every request of
+// a lone client with --gap 20ms then starts on an idle cluster).
 package main
 
 import (
@@ -54,12 +55,13 @@ func main() {
 	timeout := flag.Duration("request-timeout", 10*time.Second, "give up on a request after this long (counted as an error)")
 	prefix := flag.String("key-prefix", "bench/", "keys are <prefix>c<client number>")
 	asJSON := flag.Bool("json", false, "print one machine-readable JSON line instead of text")
+	gap := flag.Duration("gap", 0, "think time after each reply before the next request (for example 20ms: every request then starts on an idle cluster, as the apiserver benchmark's watched writes do)")
 	flag.Parse()
 	if flag.NArg() != 0 {
 		fail(fmt.Errorf("unexpected arguments: %v", flag.Args()))
 	}
-	if *clients < 1 || *duration <= 0 || *warmup < 0 || *requestSize < 0 {
-		fail(errors.New("--clients must be >= 1, --duration > 0, --warmup and --request-size >= 0"))
+	if *clients < 1 || *duration <= 0 || *warmup < 0 || *requestSize < 0 || *gap < 0 {
+		fail(errors.New("--clients must be >= 1, --duration > 0, --warmup, --request-size and --gap >= 0"))
 	}
 	if *window < 1 {
 		*window = 1
@@ -74,7 +76,7 @@ func main() {
 		fail(errors.New("--endpoints is empty"))
 	}
 
-	r, err := measure(eps, *clients, *window, *duration, *warmup, *requestSize, *timeout, *prefix)
+	r, err := measure(eps, *clients, *window, *duration, *warmup, *requestSize, *timeout, *prefix, *gap)
 	if err != nil {
 		fail(err)
 	}
@@ -95,7 +97,7 @@ func fail(err error) {
 	os.Exit(1)
 }
 
-func measure(eps []string, nClients, window int, duration, warmup float64, size int, timeout time.Duration, prefix string) (*result, error) {
+func measure(eps []string, nClients, window int, duration, warmup float64, size int, timeout time.Duration, prefix string, gap time.Duration) (*result, error) {
 	conns := make([]*clientv3.Client, 0, nClients)
 	defer func() {
 		for _, c := range conns {
@@ -147,6 +149,9 @@ func measure(eps []string, nClients, window int, duration, warmup float64, size 
 						} else {
 							s.errors++
 						}
+					}
+					if gap > 0 {
+						time.Sleep(gap)
 					}
 				}
 			}(c, &samples[i*window+w])
