@@ -112,6 +112,7 @@ impl Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
+            .with_thread_names(true)
             .try_init();
         let dir = scratch(name);
         let mut spec = ClusterSpec {
@@ -131,21 +132,27 @@ impl Cluster {
                 .find(|(b, _)| *b == i)
                 .map(|(_, m)| m.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let thread = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                let shutdown = async {
-                    let _ = stopped.await;
-                };
-                if let Err(e) =
-                    rt.block_on(kmmr::node::run(cfg, ServiceChoice::Kv, behaviour, shutdown))
-                {
-                    eprintln!("replica {i} stopped: {e:#}");
-                }
-            });
+            // Named, so that RUST_LOG's lines say which replica wrote them.
+            let name = format!("replica-{i}");
+            let thread = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(1)
+                        .thread_name(name)
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) =
+                        rt.block_on(kmmr::node::run(cfg, ServiceChoice::Kv, behaviour, shutdown))
+                    {
+                        eprintln!("replica {i} stopped: {e:#}");
+                    }
+                });
+            let thread = thread.expect("a replica thread");
             replicas.push(Running {
                 stop: Some(stop),
                 thread: Some(thread),

@@ -366,6 +366,14 @@ impl ClientSession {
             .max()
             .unwrap_or(0);
         let hopeless = best + self.view.n().saturating_sub(o.votes.len()) < needed;
+        tracing::debug!(
+            replica = from.0,
+            sequence = seq,
+            matching,
+            needed,
+            hopeless,
+            "reply"
+        );
         if matching < needed {
             if hopeless {
                 if o.request.request.kind == RequestKind::Unordered {

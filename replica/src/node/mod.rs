@@ -704,6 +704,11 @@ impl NodeLoop {
                 // watch (`log_durable`), or by a promise at its instance written just before.
                 if let Some(conn) = self.conns.get(&client) {
                     let _ = self.clients.send(*conn, &reply.to_bytes());
+                } else {
+                    tracing::debug!(
+                        sequence = reply.sequence,
+                        "a reply for a client not connected here"
+                    );
                 }
             }
             other => self.local(other).await,

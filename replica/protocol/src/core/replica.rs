@@ -186,6 +186,8 @@ pub struct Replica {
     lc: leader_change::LeaderChange,
     timeout_us: u64,
     regency_started_us: u64,
+    /// Whether the driver's clock was read yet (`observe_clock`).
+    clock_started: bool,
     /// When this replica last resumed after its process did not run (see [`Replica::resumed`]).
     resumed_us: u64,
     progress_in_regency: bool,
@@ -273,6 +275,7 @@ impl Replica {
             lc: leader_change::LeaderChange::default(),
             timeout_us,
             regency_started_us: 0,
+            clock_started: false,
             resumed_us: 0,
             progress_in_regency: false,
             regency_latency_us: None,
@@ -670,7 +673,7 @@ impl Replica {
     /// leader did, so they start again and the leader is judged from now. Without this a
     /// replica resumed after a pause asks for a leader change at once, whatever the leader.
     pub fn resumed(&mut self, now: u64) {
-        self.clock_us = self.clock_us.max(now);
+        self.observe_clock(now);
         self.resumed_us = now;
         self.pool.restart_timers(now);
     }
@@ -699,7 +702,7 @@ impl Replica {
     }
 
     pub fn on_timeout(&mut self, now: u64) {
-        self.clock_us = self.clock_us.max(now);
+        self.observe_clock(now);
         self.settle(now);
         if self.catchup.startup_probes > 0 && self.catchup_due(now) {
             self.catchup.startup_probes -= 1;
@@ -831,7 +834,7 @@ impl Replica {
 
     /// A message from replica `from`, as authenticated by the channel.
     pub fn on_message(&mut self, now: u64, from: ReplicaId, msg: ReplicaMessage) {
-        self.clock_us = self.clock_us.max(now);
+        self.observe_clock(now);
         // A replica removed while behind must still learn the decisions up to its removal, or
         // it would never know it was removed: it may ask for them, and for nothing else.
         let former = self

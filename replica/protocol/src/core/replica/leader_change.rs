@@ -41,6 +41,20 @@ impl LeaderChange {
 }
 
 impl Replica {
+    /// Moves the clock to the driver's `now`. The first reading also starts the regency the
+    /// replica began in: until then `regency_started_us` is 0, the driver's clock is not (it
+    /// counts from the epoch), and the slow-leader grace would be over before the replica
+    /// started. A replica just started would then judge the leader slow 100 ms after the first
+    /// request came, while its client was still connecting to the leader; with a Byzantine
+    /// replica joining that suspicion, the f+1 STOPs installed a Byzantine leader at start-up.
+    pub(super) fn observe_clock(&mut self, now: u64) {
+        if !self.clock_started {
+            self.clock_started = true;
+            self.regency_started_us = self.regency_started_us.max(now);
+        }
+        self.clock_us = self.clock_us.max(now);
+    }
+
     pub(super) fn sample_latency(&mut self, us: u64) {
         self.regency_latency_us = Some(match self.regency_latency_us {
             None => us,
@@ -52,7 +66,7 @@ impl Replica {
     /// instance, a SYNC that waited for catch-up, a new proposal. Iterative, not recursive, so a
     /// long catch-up cannot grow the stack.
     pub(super) fn advance(&mut self, now: u64) {
-        self.clock_us = self.clock_us.max(now);
+        self.observe_clock(now);
         loop {
             let current = self.current_cid();
             if let Some(d) = self.catchup.decided_ahead.remove(&current) {
@@ -574,6 +588,76 @@ mod tests {
         assert_eq!(lc.kth_vote(Regency(2), 1), Some(Regency(3)));
         assert_eq!(lc.kth_vote(Regency(2), 2), None);
         assert_eq!(lc.kth_vote(Regency(3), 1), None);
+    }
+
+    /// A follower of a 4-replica view whose driver's clock reads `T0` (microseconds since the
+    /// epoch, as in production) when it starts, with the slow-leader rule as deployed.
+    fn follower_started_late() -> Replica {
+        use crate::core::config::SlowLeader;
+        use crate::service::noop::NoopService;
+        use crate::view::Member;
+        let keys: Vec<KeyPair> = (0..4u8).map(|i| KeyPair::from_seed([i + 1; 32])).collect();
+        let members = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Member {
+                id: ReplicaId(i as u32),
+                address: format!("r{i}:1"),
+                key: k.public(),
+            })
+            .collect();
+        let view = View::new(ViewId(0), 1, members).expect("a valid view");
+        let config = Config {
+            slow_leader: Some(SlowLeader {
+                factor: 8,
+                floor_us: 100_000,
+                grace_us: 1_000_000,
+            }),
+            persist: false,
+            ..Config::default()
+        };
+        Replica::new(
+            ReplicaId(3),
+            keys[3].clone(),
+            view,
+            config,
+            Box::new(NoopService::default()),
+        )
+    }
+
+    fn slow_leader_suspected(r: &mut Replica) -> bool {
+        r.take_events().iter().any(|e| {
+            matches!(
+                e,
+                Event::Suspected {
+                    why: Suspicion::SlowLeader,
+                    ..
+                }
+            )
+        })
+    }
+
+    #[test]
+    fn a_replica_just_started_gives_the_leader_the_slow_leader_grace() {
+        const T0: u64 = 1_800_000_000_000_000;
+        let mut r = follower_started_late();
+        let client = KeyPair::from_seed([9; 32]);
+        let request = crate::wire::messages::Request {
+            client: client.public(),
+            session: 1,
+            sequence: 1,
+            kind: RequestKind::Ordered,
+            view: ViewId(0),
+            payload: Vec::new(),
+        };
+        r.on_request(T0, None, SignedRequest::sign(request, &client));
+        // The leader never sees the request (its client had no link to it yet): 300 ms is three
+        // times the floor, but the replica has run for less than the grace.
+        r.on_timeout(T0 + 300_000);
+        assert!(!slow_leader_suspected(&mut r));
+        // Once the grace is over the rule applies as before.
+        r.on_timeout(T0 + 1_200_000);
+        assert!(slow_leader_suspected(&mut r));
     }
 
     #[test]

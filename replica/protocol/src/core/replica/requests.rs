@@ -15,7 +15,7 @@ impl Replica {
     /// authenticated (its TLS key), if any: a request on its own client's channel needs no
     /// signature check here.
     pub fn on_request(&mut self, now: u64, channel: Option<ClientId>, req: SignedRequest) {
-        self.clock_us = self.clock_us.max(now);
+        self.observe_clock(now);
         let r = &req.request;
         if r.view < self.view.id {
             self.answer(r, ReplyBody::NewView(self.view.clone()));
