@@ -16,6 +16,8 @@ pub mod replica;
 pub mod replies;
 pub mod state;
 pub mod sync;
+#[cfg(test)]
+mod test_views;
 pub mod transfer;
 pub mod verified;
 

@@ -121,6 +121,7 @@ pub fn choose(view: &View, states: &[State]) -> Option<Choice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_views::keyed_view;
     use crate::crypto::{Domain, KeyPair, PublicKey};
     use crate::view::Member;
     use crate::wire::ids::{Regency, ReplicaId, ViewId};
@@ -227,22 +228,6 @@ mod tests {
         assert_eq!(project(&v4, &c, Cid(4)), Some(nothing()));
         assert_eq!(project(&v4, &c, Cid(2)), None);
         assert_eq!(project(&v4, &c, Cid(3)), Some(wrote_and_accepted(0, 1)));
-    }
-
-    fn keyed_view(n: usize, f: usize) -> (View, Vec<KeyPair>) {
-        let keys: Vec<KeyPair> = (0..n)
-            .map(|i| KeyPair::from_seed([i as u8 + 1; 32]))
-            .collect();
-        let members = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Member {
-                id: ReplicaId(i as u32),
-                address: String::new(),
-                key: k.public(),
-            })
-            .collect();
-        (View::new(ViewId(0), f, members).expect("valid view"), keys)
     }
 
     /// r2 accepted v at epoch 3 of instance 9 on WRITEs from r0, r2 and r3; r0 and r3 sent

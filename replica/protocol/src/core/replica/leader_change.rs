@@ -594,19 +594,9 @@ mod tests {
     /// epoch, as in production) when it starts, with the slow-leader rule as deployed.
     fn follower_started_late() -> Replica {
         use crate::core::config::SlowLeader;
+        use crate::core::test_views::keyed_view;
         use crate::service::noop::NoopService;
-        use crate::view::Member;
-        let keys: Vec<KeyPair> = (0..4u8).map(|i| KeyPair::from_seed([i + 1; 32])).collect();
-        let members = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Member {
-                id: ReplicaId(i as u32),
-                address: format!("r{i}:1"),
-                key: k.public(),
-            })
-            .collect();
-        let view = View::new(ViewId(0), 1, members).expect("a valid view");
+        let (view, keys) = keyed_view(4, 1);
         let config = Config {
             slow_leader: Some(SlowLeader {
                 factor: 8,
