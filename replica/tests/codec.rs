@@ -320,6 +320,8 @@ fn reply_body() -> impl Strategy<Value = ReplyBody> {
         view().prop_map(ReplyBody::NewView),
         // At most 32 chars of at most 4 bytes: within the decoder's 1024-byte reason limit.
         "\\PC{0,32}".prop_map(ReplyBody::Rejected),
+        Just(ReplyBody::Overtaken),
+        Just(ReplyBody::Past),
     ]
 }
 

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! With `KMMR_SIM_DEFER` set, the soak (and `replay`, which takes the number of microseconds
-//! the failing run printed) encodes checkpoints off the event loop, as a node does.
+//! the failing run printed) encodes checkpoints off the event loop, as a node does. With
+//! `KMMR_SIM_PIPELINED` set, the soak's clients keep several operations in flight, as the etcd
+//! gateway does (`replay` takes the window the failing run printed, `KMMR_SIM_WINDOW`).
 
 use kmmr_sim::{run, Crash, SimConfig, SimReport};
 
@@ -42,12 +44,14 @@ fn sweep(n: usize, seeds: std::ops::Range<u64>) {
 }
 
 fn sweep_with(n: usize, seeds: std::ops::Range<u64>, make: fn(u64, usize) -> SimConfig) {
-    let (mut transfers, mut reconfigured, mut encoded_later) = (0, 0, 0);
+    let (mut transfers, mut reconfigured, mut encoded_later, mut overtaken) = (0, 0, 0, 0);
     let deferring = make(seeds.start, n).checkpoint_encode_us.is_some();
+    let pipelining = make(seeds.start, n).client_window > 1;
     let failures = failing_seeds_with(n, seeds, make, |r| {
         transfers += r.state_transfers;
         reconfigured += (r.views_installed > 0) as u64;
         encoded_later += r.checkpoints_encoded_later;
+        overtaken += r.overtaken_reissued;
     });
     assert!(failures.is_empty(), "failing seeds for n={n}: {failures:?}");
     // Disk loss, restarts and joiners must really exercise state transfer and reconfiguration.
@@ -63,6 +67,13 @@ fn sweep_with(n: usize, seeds: std::ops::Range<u64>, make: fn(u64, usize) -> Sim
         assert!(
             encoded_later > 1_000,
             "only {encoded_later} checkpoints were encoded off the event loop"
+        );
+    }
+    // Pipelining clients must really see requests overtaken, and get them done.
+    if pipelining {
+        assert!(
+            overtaken > 20,
+            "only {overtaken} requests of this part were overtaken and sent again"
         );
     }
 }
@@ -87,9 +98,12 @@ fn failing_seeds_with(
         let r = run(&cfg);
         each(&r);
         if !r.ok() {
-            let defer = cfg
+            let mut defer = cfg
                 .checkpoint_encode_us
                 .map_or(String::new(), |us| format!("KMMR_SIM_DEFER={us} "));
+            if cfg.client_window > 1 {
+                defer += &format!("KMMR_SIM_WINDOW={} ", cfg.client_window);
+            }
             eprintln!("FAILED {}", show(&r));
             eprintln!(
                 "  rerun: {defer}KMMR_SIM_SEED={seed} KMMR_SIM_N={n} cargo test -p kmmr-replica --test sim replay -- --nocapture"
@@ -152,6 +166,34 @@ deferred_sweeps! {
     deferred_checkpoint_seeds_n4_part1: 4, 1;
     deferred_checkpoint_seeds_n7_part0: 7, 0;
     deferred_checkpoint_seeds_n7_part1: 7, 1;
+}
+
+/// A random seed whose clients pipeline as the etcd gateway does: two or three operations in
+/// flight (by seed), so that a request lost on its way to the leader before GST can be
+/// overtaken by a later one of its session.
+fn pipelined(seed: u64, n: usize) -> SimConfig {
+    SimConfig::random(seed, n).pipelining(2 + (seed % 2) as usize)
+}
+
+/// Seeds of the pipelined-client sweeps, apart from the others.
+const PIPELINED_START: u64 = 30_000_000;
+
+macro_rules! pipelined_sweeps {
+    ($($name:ident: $n:expr, $part:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            let first = PIPELINED_START + $part * SEEDS_PER_PART;
+            sweep_with($n, first..first + SEEDS_PER_PART, pipelined);
+        }
+    )*};
+}
+
+// 1,000 more random seeds with pipelining clients.
+pipelined_sweeps! {
+    pipelined_client_seeds_n4_part0: 4, 0;
+    pipelined_client_seeds_n4_part1: 4, 1;
+    pipelined_client_seeds_n7_part0: 7, 0;
+    pipelined_client_seeds_n7_part1: 7, 1;
 }
 
 /// A number from the environment; a value that is set but not a number stops the test rather
@@ -223,6 +265,11 @@ fn soak() {
     );
     let half = total / 2;
     let defer = std::env::var_os("KMMR_SIM_DEFER").is_some();
+    let pipelining = std::env::var_os("KMMR_SIM_PIPELINED").is_some();
+    assert!(
+        !(defer && pipelining),
+        "KMMR_SIM_DEFER and KMMR_SIM_PIPELINED are separate soaks: set one"
+    );
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let t0 = std::time::Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -231,7 +278,11 @@ fn soak() {
                 let mut failed = Vec::new();
                 for n in [4usize, 7] {
                     let seeds = (start + t..start + half).step_by(threads as usize);
-                    let make = if defer { deferred } else { SimConfig::random };
+                    let make = match (defer, pipelining) {
+                        (true, _) => deferred,
+                        (_, true) => pipelined,
+                        _ => SimConfig::random,
+                    };
                     failed.extend(
                         failing_seeds_with(n, seeds, make, |_| {})
                             .into_iter()
@@ -283,10 +334,13 @@ fn replay() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let cfg = match env_number("KMMR_SIM_DEFER") {
+    let mut cfg = match env_number("KMMR_SIM_DEFER") {
         Some(us) => SimConfig::random(seed, n).deferring_checkpoints(us),
         None => SimConfig::random(seed, n),
     };
+    if let Some(w) = env_number("KMMR_SIM_WINDOW") {
+        cfg = cfg.pipelining(w as usize);
+    }
     eprintln!("{cfg:#?}");
     let r = run(&cfg);
     eprintln!("{}", show(&r));

@@ -127,6 +127,9 @@ pub struct ClientSession {
     quorum_writes: bool,
     patience: Patience,
     reads: Arc<ReadOutcomes>,
+    /// Requests sent again under a new number because f+1 replicas said a later one of this
+    /// session overtook them.
+    overtaken: u64,
 }
 
 impl ClientSession {
@@ -144,6 +147,7 @@ impl ClientSession {
             quorum_writes: false,
             reads: Arc::default(),
             patience: Patience::new(),
+            overtaken: 0,
         }
     }
 
@@ -159,6 +163,11 @@ impl ClientSession {
 
     pub fn quorum_writes(&self) -> bool {
         self.quorum_writes
+    }
+
+    /// How many requests went out again because a later one of this session overtook them.
+    pub fn overtaken(&self) -> u64 {
+        self.overtaken
     }
 
     pub fn view(&self) -> &View {
@@ -303,11 +312,17 @@ impl ClientSession {
     /// requests in sequence order and answer nothing older than the last one executed, so under
     /// the old number a read that needed ordering behind a later write was never answered.
     fn reissue_ordered(&mut self, now: u64, seq: u64) {
+        self.reissue(now, seq, RequestKind::Ordered);
+    }
+
+    /// Sends the request `seq` again as a new request of `kind` with the next sequence number;
+    /// its caller gets the new one's result.
+    fn reissue(&mut self, now: u64, seq: u64, kind: RequestKind) {
         if let Some(mut o) = self.outstanding.remove(&seq) {
             let sequence = self.next_sequence;
             self.next_sequence += 1;
             let mut r = o.request.request.clone();
-            r.kind = RequestKind::Ordered;
+            r.kind = kind;
             r.view = self.view.id;
             r.sequence = sequence;
             o.request = SignedRequest::sign(r, &self.key);
@@ -344,37 +359,64 @@ impl ClientSession {
         }
         o.votes.insert(from, digest);
         o.bodies.entry(digest).or_insert(reply.body);
-        let matching = o.votes.values().filter(|d| **d == digest).count();
-        let needed = match (&o.bodies[&digest], o.request.request.kind) {
-            // One correct replica among f+1 vouches for a view; results may need more.
-            (ReplyBody::NewView(_), _) => self.view.weak(),
+        let mut counts = BTreeMap::<Digest, usize>::new();
+        for d in o.votes.values() {
+            *counts.entry(*d).or_default() += 1;
+        }
+        let kind = o.request.request.kind;
+        let writes_quorum =
+            self.quorum_writes && matches!(kind, RequestKind::Ordered | RequestKind::Reconfig);
+        let is_past = |d: &Digest| matches!(o.bodies.get(d), Some(ReplyBody::Past));
+        // A replica that executed past the request and kept no reply for it (it installed a
+        // later state, or evicted the reply) vouches that its state holds the write, which is
+        // what a write's quorum is for; the result itself still needs f+1 matching.
+        let past = counts
+            .iter()
+            .filter(|(d, _)| is_past(d))
+            .map(|(_, c)| *c)
+            .sum::<usize>();
+        // The answer to judge: this one or, for a `Past`, the one most replicas gave.
+        let best = counts
+            .iter()
+            .filter(|(d, _)| !is_past(d))
+            .max_by_key(|(_, c)| **c)
+            .map(|(d, c)| (*d, *c));
+        let (digest, matching) = match best {
+            Some(b) if is_past(&digest) => b,
+            _ => (digest, counts.get(&digest).copied().unwrap_or(0)),
+        };
+        let body = o.bodies.get(&digest);
+        let needed = match (body, kind) {
+            // One correct replica among f+1 vouches for a view, or for a request that can never
+            // execute; results may need more.
+            (Some(ReplyBody::NewView(_) | ReplyBody::Overtaken), _) => self.view.weak(),
             (_, RequestKind::Ordered | RequestKind::Reconfig) if self.quorum_writes => {
                 self.view.quorum()
             }
             (_, RequestKind::Ordered | RequestKind::Reconfig) => self.view.weak(),
             (_, RequestKind::Unordered) => self.view.quorum(),
         };
-        // No answer can reach the threshold any more, counting replicas yet to answer.
-        let best = o
-            .votes
-            .values()
-            .fold(BTreeMap::<Digest, usize>::new(), |mut m, d| {
-                *m.entry(*d).or_default() += 1;
-                m
-            })
-            .into_values()
-            .max()
-            .unwrap_or(0);
-        let hopeless = best + self.view.n().saturating_sub(o.votes.len()) < needed;
+        let enough = match body {
+            Some(ReplyBody::Past) | None => false,
+            Some(ReplyBody::Result(_)) if writes_quorum => {
+                matching >= self.view.weak() && matching + past >= needed
+            }
+            Some(_) => matching >= needed,
+        };
+        // No answer can reach the threshold any more, counting replicas yet to answer and those
+        // that said `Past` (they say it again when asked again: never a reason to ask at once).
+        let undecided = self.view.n().saturating_sub(o.votes.len()) + past;
+        let hopeless = best.map_or(0, |(_, c)| c) + undecided < needed;
         tracing::debug!(
             replica = from.0,
             sequence = seq,
             matching,
+            past,
             needed,
             hopeless,
             "reply"
         );
-        if matching < needed {
+        if !enough {
             if hopeless {
                 if o.request.request.kind == RequestKind::Unordered {
                     self.reads.split.fetch_add(1, Ordering::Relaxed);
@@ -410,6 +452,15 @@ impl ClientSession {
                     sequence: caller,
                     result: Err(ClientError::Rejected(reason)),
                 })
+            }
+            // Never enough on its own (above).
+            ReplyBody::Past => None,
+            ReplyBody::Overtaken => {
+                // It never ran and never will (a later request of this session ran first):
+                // the same operation under a new sequence number runs once.
+                self.overtaken += 1;
+                self.reissue(now, seq, kind);
+                None
             }
             ReplyBody::NewView(view) => {
                 if view.id > self.view.id {
@@ -482,6 +533,86 @@ mod tests {
         }
         let left: Vec<u64> = s.unanswered().iter().map(|r| r.request.sequence).collect();
         assert_eq!(left, [first, third]);
+    }
+
+    /// A write a later one overtook (relayed to the leader ahead of it) never runs: once f+1
+    /// replicas say so it goes out again under a new number, and its caller gets that result.
+    #[test]
+    fn an_overtaken_write_is_sent_again_once_f_plus_1_replicas_say_so() {
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        s.set_quorum_writes(true);
+        let put = s.invoke(0, RequestKind::Ordered, b"put".to_vec());
+        let later = s.invoke(0, RequestKind::Ordered, b"later".to_vec());
+        assert_eq!(s.take_to_send().len(), 2);
+        let overtaken = |from: u32| Reply {
+            body: ReplyBody::Overtaken,
+            ..reply(from, put, RequestKind::Ordered, b"")
+        };
+        // One replica alone (it may be Byzantine) is not enough.
+        assert_eq!(s.on_reply(0, ReplicaId(1), overtaken(1)), None);
+        assert!(s.take_to_send().is_empty());
+        assert_eq!(s.on_reply(0, ReplicaId(2), overtaken(2)), None);
+        let again = s.take_to_send();
+        assert_eq!(again.len(), 1);
+        let resent = &again[0].request;
+        assert_eq!(
+            (resent.kind, &resent.payload[..]),
+            (RequestKind::Ordered, &b"put"[..])
+        );
+        assert!(resent.sequence > later, "{} after {later}", resent.sequence);
+        // Its result, from a quorum, completes the caller's original number.
+        let mut done = None;
+        for from in 0..3 {
+            done = done.or(s.on_reply(
+                0,
+                ReplicaId(from),
+                reply(from, resent.sequence, RequestKind::Ordered, b"ok"),
+            ));
+        }
+        let done = done.expect("completed");
+        assert_eq!(done.sequence, put);
+        assert_eq!(done.result.expect("a result"), b"ok".to_vec());
+    }
+
+    /// A write whose reply only two replicas kept (n=4): a third that installed a later state
+    /// says `Past`, which makes the quorum of replicas holding the write, but never a result on
+    /// its own; nor does it make the answers look split (asking again would get it again).
+    #[test]
+    fn past_answers_count_toward_a_writes_quorum_never_toward_its_result() {
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        s.set_quorum_writes(true);
+        let put = s.invoke(0, RequestKind::Ordered, b"put".to_vec());
+        s.take_to_send();
+        let past = |from: u32| Reply {
+            body: ReplyBody::Past,
+            ..reply(from, put, RequestKind::Ordered, b"")
+        };
+        assert_eq!(s.on_reply(0, ReplicaId(0), past(0)), None);
+        assert_eq!(s.on_reply(0, ReplicaId(1), past(1)), None);
+        assert_eq!(
+            s.on_reply(0, ReplicaId(2), reply(2, put, RequestKind::Ordered, b"ok")),
+            None,
+            "one result is not f+1"
+        );
+        assert!(s.take_to_send().is_empty(), "not hopeless: nothing resent");
+        let done = s
+            .on_reply(0, ReplicaId(3), reply(3, put, RequestKind::Ordered, b"ok"))
+            .expect("two results and two replicas past it make a quorum of 3");
+        assert_eq!(done.result.expect("a result"), b"ok".to_vec());
+
+        // Without a quorum of writes (f+1 results suffice) `Past` changes nothing.
+        let mut s = ClientSession::new(KeyPair::from_seed([9; 32]), 7, view(4), 1_000);
+        let put = s.invoke(0, RequestKind::Ordered, b"put".to_vec());
+        s.take_to_send();
+        for from in 0..3 {
+            let body = Reply {
+                body: ReplyBody::Past,
+                ..reply(from, put, RequestKind::Ordered, b"")
+            };
+            assert_eq!(s.on_reply(0, ReplicaId(from), body), None);
+        }
+        assert!(s.take_to_send().is_empty());
+        assert_eq!(s.outstanding.len(), 1);
     }
 
     #[test]

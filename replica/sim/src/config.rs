@@ -143,6 +143,10 @@ pub struct SimConfig {
     pub think_us: u64,
     /// Clients wait for a quorum of replies to writes and send some reads unordered.
     pub unordered_reads: bool,
+    /// Operations each client keeps in flight, as the etcd gateway pipelines its callers'
+    /// requests: with more than one, a request lost on its way to the leader can be overtaken
+    /// by a later one of the same session.
+    pub client_window: usize,
     /// Checkpoints encoded off the event loop, as the node does (`Config::defer_checkpoints`),
     /// each coming back within this many microseconds; `None` encodes them on the spot.
     pub checkpoint_encode_us: Option<u64>,
@@ -155,6 +159,15 @@ impl SimConfig {
     pub fn deferring_checkpoints(mut self, max_us: u64) -> Self {
         self.core.defer_checkpoints = true;
         self.checkpoint_encode_us = Some(max_us);
+        self
+    }
+
+    /// This configuration with every client keeping `window` operations in flight, over
+    /// enough keys that the linearizability check of each key stays within its budget (its
+    /// search grows with the operations that overlap on one key).
+    pub fn pipelining(mut self, window: usize) -> Self {
+        self.client_window = window.max(1);
+        self.keys = self.keys.max(2 * self.client_window);
         self
     }
 
@@ -192,6 +205,7 @@ impl SimConfig {
             client_retransmit_us: 400_000,
             think_us: 2_000,
             unordered_reads: false,
+            client_window: 1,
             checkpoint_encode_us: None,
             core: sim_core_config(2_000),
         }

@@ -1,5 +1,7 @@
-//! Simulated clients: closed-loop sessions issuing key-value operations over a few keys, whose
-//! observed histories are checked for linearizability.
+//! Simulated clients: closed-loop sessions, with one operation or a window of them in flight,
+//! issuing key-value operations over a few keys, whose observed histories are checked for
+//! linearizability (the checker orders operations by their times alone, so overlapping ones of
+//! one client are fine).
 
 use std::collections::BTreeMap;
 
@@ -23,8 +25,10 @@ pub struct SimClient {
     issued: usize,
     min_ops: usize,
     max_ops: usize,
-    /// The sequence number in flight and its entry in `history`.
-    current: Option<(u64, usize)>,
+    /// The sequence numbers in flight, each with its entry in `history`.
+    current: BTreeMap<u64, usize>,
+    /// How many operations may be in flight at once.
+    window: usize,
     rng: ChaCha8Rng,
     keys: usize,
     payload_bytes: usize,
@@ -49,6 +53,7 @@ impl SimClient {
         service: ServiceKind,
         retransmit_us: u64,
         unordered_reads: bool,
+        window: usize,
     ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0xC11E_u64 << 32) ^ index as u64);
         let key = KeyPair::from_seed(rng.gen());
@@ -61,7 +66,8 @@ impl SimClient {
             issued: 0,
             min_ops: ops,
             max_ops: ops * 6,
-            current: None,
+            current: BTreeMap::new(),
+            window: window.max(1),
             rng,
             keys: keys.max(1),
             payload_bytes,
@@ -79,18 +85,21 @@ impl SimClient {
 
     /// Finished: nothing in flight and nothing more to issue.
     pub fn done(&self, now: u64, gst_us: u64) -> bool {
-        self.current.is_none() && !self.wants_more(now, gst_us)
+        self.current.is_empty() && !self.wants_more(now, gst_us)
     }
 
     pub fn issued(&self) -> usize {
         self.issued
     }
 
-    /// Issues the next operation, if the client wants one.
+    /// Issues operations while the client wants more and its window has room.
     pub fn start_next(&mut self, now: u64, gst_us: u64) {
-        if self.current.is_some() || !self.wants_more(now, gst_us) {
-            return;
+        while self.current.len() < self.window && self.wants_more(now, gst_us) {
+            self.issue_one(now);
         }
+    }
+
+    fn issue_one(&mut self, now: u64) {
         self.issued += 1;
         let (payload, request) = match self.service {
             ServiceKind::Noop => (vec![0u8; self.payload_bytes], None),
@@ -116,7 +125,7 @@ impl SimClient {
                 response: None,
             });
         }
-        self.current = Some((seq, idx));
+        self.current.insert(seq, idx);
     }
 
     fn next_kv_request(&mut self) -> KvRequest {
@@ -136,13 +145,9 @@ impl SimClient {
 
     /// Records a completion; returns an error if the client accepted something impossible.
     pub fn complete(&mut self, now: u64, c: Completion) -> Result<(), String> {
-        let Some((seq, idx)) = self.current else {
+        let Some(idx) = self.current.remove(&c.sequence) else {
             return Ok(());
         };
-        if c.sequence != seq {
-            return Ok(());
-        }
-        self.current = None;
         self.completed += 1;
         let bytes = c
             .result

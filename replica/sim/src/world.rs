@@ -67,6 +67,9 @@ pub struct SimReport {
     pub views_installed: u64,
     /// Checkpoints encoded off the event loop and handed back (`SimConfig::checkpoint_encode_us`).
     pub checkpoints_encoded_later: u64,
+    /// Client requests sent again because f+1 replicas said a later one of their session
+    /// overtook them (`ReplyBody::Overtaken`).
+    pub overtaken_reissued: u64,
     /// Decisions correct replicas took on all n ACCEPTs with their signatures unchecked.
     pub unchecked_decisions: u64,
     /// Replica-to-replica messages delivered, by (sender node, receiver node, kind).
@@ -339,6 +342,7 @@ impl<'a> World<'a> {
                     cfg.service,
                     cfg.client_retransmit_us,
                     cfg.unordered_reads,
+                    cfg.client_window,
                 )
             })
             .collect();

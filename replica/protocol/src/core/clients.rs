@@ -260,28 +260,43 @@ impl Pool {
         Some(p)
     }
 
-    /// Drops every request of `client` that can no longer be ordered.
-    pub fn prune_client(&mut self, client: &ClientId, sessions: &Sessions) {
+    /// Drops the client's requests the session table says can no longer execute, and returns
+    /// those of its current session that never did: older than the last one delivered, so a
+    /// later request of theirs executed first (`ReplyBody::Overtaken`). Every request in the
+    /// pool is unexecuted (execution removes it), so none of these ever ran.
+    pub fn prune_client(&mut self, client: &ClientId, sessions: &Sessions) -> Vec<SignedRequest> {
         let Some(q) = self.by_client.get(client) else {
-            return;
+            return Vec::new();
         };
-        let dead: Vec<Digest> = q
+        let current = sessions.get(client).map(|s| (s.session, s.last_delivered));
+        let dead: Vec<(bool, Digest)> = q
             .iter()
             .filter(|((session, seq), _)| {
                 sessions.freshness(client, *session, *seq) != Freshness::New
             })
-            .map(|(_, d)| *d)
+            .map(|((session, seq), d)| {
+                let overtaken = current.is_some_and(|(s, last)| *session == s && *seq < last);
+                (overtaken, *d)
+            })
             .collect();
-        for d in dead {
-            self.remove(&d);
+        let mut overtaken = Vec::new();
+        for (o, d) in dead {
+            if let Some(p) = self.remove(&d) {
+                if o {
+                    overtaken.push(p.request);
+                }
+            }
         }
+        overtaken
     }
 
     /// Drops every request the session table says was delivered (after a state transfer).
     pub fn prune_all(&mut self, sessions: &Sessions) {
         let clients: Vec<ClientId> = self.by_client.keys().copied().collect();
         for c in clients {
-            self.prune_client(&c, sessions);
+            // After a state transfer this replica answers nothing for the requests it drops: it
+            // did not see the order they were overtaken in.
+            let _ = self.prune_client(&c, sessions);
         }
     }
 
@@ -511,6 +526,33 @@ mod tests {
             },
             signature: Signature([0; 64]),
         }
+    }
+
+    #[test]
+    fn pruning_returns_the_requests_a_later_one_of_their_session_overtook() {
+        let mut pool = Pool::default();
+        let mut older_session = req(1, 9, 0);
+        older_session.request.session = 0;
+        for r in [
+            req(1, 3, 0),
+            req(1, 4, 0),
+            req(1, 6, 0),
+            older_session.clone(),
+        ] {
+            pool.insert(r.clone(), r.digest(), 0, 10, 100).unwrap();
+        }
+        let mut sessions = Sessions::default();
+        // Request 5 executed while 3 and 4 waited (it was relayed to the leader ahead of them).
+        sessions.record(req(1, 5, 0).request.client, 1, 5, Vec::new());
+        let overtaken = pool.prune_client(&req(1, 5, 0).request.client, &sessions);
+        let seqs: Vec<u64> = overtaken.iter().map(|r| r.request.sequence).collect();
+        assert_eq!(seqs, vec![3, 4]);
+        // 6 may still run; the older session's request is gone but was superseded, not overtaken.
+        assert!(pool.contains(&req(1, 6, 0).digest()));
+        assert!(!pool.contains(&older_session.digest()));
+        assert!(pool
+            .prune_client(&req(1, 5, 0).request.client, &sessions)
+            .is_empty());
     }
 
     #[test]

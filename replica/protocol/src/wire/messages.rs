@@ -816,6 +816,16 @@ pub enum ReplyBody {
     NewView(View),
     /// The request was refused before ordering (stale session, too large, bad signature...).
     Rejected(String),
+    /// The request never executed and never will: a later request of the same session executed
+    /// first (a replica relayed it to the leader ahead of this one), and a client's requests
+    /// execute in sequence order. f+1 replicas saying so include a correct one, so the client
+    /// may send the operation again under a new sequence number without running it twice.
+    Overtaken,
+    /// The replica executed past the request (its session's last executed request is later)
+    /// and keeps no reply for it: it installed a later state, or evicted the reply. Not a
+    /// result; a client waiting for a quorum of replicas to hold a write counts it toward that
+    /// quorum once f+1 others agree on the result.
+    Past,
 }
 
 /// A replica's answer to one request. Authenticated by the channel it travels on.
@@ -850,6 +860,12 @@ impl Encode for ReplyBody {
             ReplyBody::Rejected(s) => {
                 w.u8(2).bytes(s.as_bytes());
             }
+            ReplyBody::Overtaken => {
+                w.u8(3);
+            }
+            ReplyBody::Past => {
+                w.u8(4);
+            }
         }
     }
 }
@@ -868,6 +884,8 @@ impl Decode for Reply {
                     .map_err(|_| DecodeError::Invalid("reject reason is not UTF-8"))?
                     .to_owned(),
             ),
+            3 => ReplyBody::Overtaken,
+            4 => ReplyBody::Past,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "reply body",

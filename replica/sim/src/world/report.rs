@@ -61,6 +61,7 @@ impl World<'_> {
         self.report.violations = std::mem::take(&mut self.checker.violations);
         self.report.decided = self.checker.highest_decided().map_or(0, |c| c.0 + 1);
         self.report.ops_completed = self.clients.iter().map(|c| c.completed).sum();
+        self.report.overtaken_reissued = self.clients.iter().map(|c| c.session.overtaken()).sum();
         self.report.ops_total = self
             .clients
             .iter()

@@ -382,13 +382,37 @@ impl Replica {
                 self.service.execute(&ctx, &r.payload)
             };
             self.stats.executed_requests += 1;
+            // Every number of this session that this execution skips can never run now: the
+            // client gets `Overtaken` for any it asks about, whether or not this replica ever
+            // held it (it may have been lost on its way here).
+            let last = self
+                .sessions
+                .get(&r.client)
+                .filter(|s| s.session == r.session)
+                .map_or(0, |s| s.last_delivered);
+            self.recent_replies
+                .remember_skipped(r.client, r.session, last + 1, r.sequence);
             self.sessions
                 .record(r.client, r.session, r.sequence, result.clone());
             self.recent_replies
                 .remember(r.client, r.session, r.sequence, &result);
-            self.pool.prune_client(&r.client, &self.sessions);
+            let overtaken = self.pool.prune_client(&r.client, &self.sessions);
             if self.replaying {
                 continue;
+            }
+            for o in overtaken {
+                let o = o.request;
+                self.reply(
+                    Some(cid),
+                    o.client,
+                    Reply {
+                        replica: self.me,
+                        session: o.session,
+                        sequence: o.sequence,
+                        kind: o.kind,
+                        body: ReplyBody::Overtaken,
+                    },
+                );
             }
             self.reply(
                 Some(cid),

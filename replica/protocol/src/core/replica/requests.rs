@@ -58,7 +58,9 @@ impl Replica {
     /// two processes share a key the newer one's first request ends the older one's session, and
     /// a silent drop would leave that process retransmitting until its timeout with no hint of
     /// why. An older sequence of the current session is answered from the replies this replica
-    /// gave lately (`RecentReplies`); one it has no reply for is not answered.
+    /// gave lately (`RecentReplies`), as overtaken if a later one skipped it, and otherwise as
+    /// `Past`: this replica's state holds whatever it did, which a client waiting for a quorum of
+    /// replicas to hold its write may count.
     fn refuse_stale(&mut self, r: &Request) {
         let superseded = self
             .sessions
@@ -67,9 +69,11 @@ impl Replica {
         if !superseded {
             // Counted as refused either way: the request does not execute again.
             self.reject(None, Rejection::StaleRequest);
-            if let Some(result) = self.recent_replies.get(&r.client, r.session, r.sequence) {
-                self.answer(r, ReplyBody::Result(result.to_vec()));
-            }
+            let body = self
+                .recent_replies
+                .get(&r.client, r.session, r.sequence)
+                .unwrap_or(ReplyBody::Past);
+            self.answer(r, body);
             return;
         }
         self.reject(None, Rejection::SupersededSession);
