@@ -10,9 +10,9 @@ use kmmr_linearizability::{self as linearizability, CheckResult, Operation};
 use kmmr_net::{client_address, LinkKind, TlsIdentity};
 use kmmr_protocol::crypto::{KeyPair, Signature};
 use kmmr_protocol::service::kv::{KvRequest, KvResponse};
-use kmmr_protocol::wire::codec::Encode;
-use kmmr_protocol::wire::messages::{Request, RequestKind, SignedRequest};
-use tokio::io::AsyncWriteExt;
+use kmmr_protocol::wire::codec::{Decode, Encode};
+use kmmr_protocol::wire::messages::{Reply, ReplyBody, Request, RequestKind, SignedRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 
@@ -213,7 +213,15 @@ async fn tls_to_client_port(
     c: &TestCluster,
     key: &KeyPair,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let member = &c.view.members[0];
+    tls_to_client_port_of(c, 0, key).await
+}
+
+async fn tls_to_client_port_of(
+    c: &TestCluster,
+    member: usize,
+    key: &KeyPair,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let member = &c.view.members[member];
     let cfg = TlsIdentity::new(key)
         .expect("identity")
         .client_config(member.key, LinkKind::Client)
@@ -398,4 +406,86 @@ async fn a_session_ended_by_a_newer_one_of_the_same_key_fails_at_once_with_the_r
         second.kv(&KvRequest::get("k")).await,
         Ok(KvResponse::Range(_))
     ));
+}
+
+/// A client with requests in flight loses request 1 on its way to the replicas while request 2
+/// executes (here: it sends 2 first). Request 1 can never run now; every replica that executed 2
+/// answers it `Overtaken` over the real client links, so the client sends it again under a new
+/// number instead of waiting for its timeout, and nothing ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_overtaken_by_a_later_one_of_its_session_is_answered_overtaken() {
+    let c = TestCluster::start("overtaken", 4, protocol(), &[]).await;
+    let key = KeyPair::generate(&mut rand::rngs::OsRng);
+    let mut links = Vec::new();
+    for i in 0..c.view.members.len() {
+        links.push(tls_to_client_port_of(&c, i, &key).await);
+    }
+    let frame = |seq: u64| {
+        let r = SignedRequest::sign(
+            Request {
+                client: key.public(),
+                session: 1,
+                sequence: seq,
+                kind: RequestKind::Ordered,
+                view: c.view.id,
+                payload: KvRequest::put("overtaken", format!("{seq}")).to_bytes(),
+            },
+            &key,
+        );
+        let body = r.to_bytes();
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&body);
+        f
+    };
+    // Each replica's answer to `seq` on its link (None: nothing within 10 s).
+    async fn answer(
+        link: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        seq: u64,
+    ) -> Option<ReplyBody> {
+        let read = async {
+            loop {
+                let mut len = [0u8; 4];
+                link.read_exact(&mut len).await.ok()?;
+                let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+                link.read_exact(&mut body).await.ok()?;
+                let reply = Reply::from_bytes(&body).ok()?;
+                if reply.sequence == seq {
+                    return Some(reply.body);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .ok()
+            .flatten()
+    }
+    for seq in [2, 1] {
+        for link in links.iter_mut() {
+            link.write_all(&frame(seq)).await.expect("write");
+            link.flush().await.expect("flush");
+        }
+        let mut answers = Vec::new();
+        for link in links.iter_mut() {
+            answers.push(answer(link, seq).await);
+        }
+        let expected = |a: &Option<ReplyBody>| match (seq, a) {
+            (2, Some(ReplyBody::Result(_))) => true,
+            (1, Some(ReplyBody::Overtaken)) => true,
+            _ => false,
+        };
+        assert!(
+            answers.iter().filter(|a| expected(a)).count() >= 3,
+            "request {seq}: answers {answers:?}"
+        );
+    }
+    // Request 1 never ran: the key holds request 2's value.
+    let client = c.client().await;
+    match client.kv(&KvRequest::get("overtaken")).await.expect("get") {
+        KvResponse::Range(r) => {
+            assert_eq!(r.kvs.len(), 1);
+            assert_eq!(r.kvs[0].value, b"2".to_vec());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_correct_replicas_agree(&c, &[0, 1, 2, 3]).await;
 }
