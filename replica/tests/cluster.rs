@@ -468,10 +468,11 @@ async fn a_request_overtaken_by_a_later_one_of_its_session_is_answered_overtaken
         for link in links.iter_mut() {
             answers.push(answer(link, seq).await);
         }
-        let expected = |a: &Option<ReplyBody>| match (seq, a) {
-            (2, Some(ReplyBody::Result(_))) => true,
-            (1, Some(ReplyBody::Overtaken)) => true,
-            _ => false,
+        let expected = |a: &Option<ReplyBody>| {
+            matches!(
+                (seq, a),
+                (2, Some(ReplyBody::Result(_))) | (1, Some(ReplyBody::Overtaken))
+            )
         };
         assert!(
             answers.iter().filter(|a| expected(a)).count() >= 3,
