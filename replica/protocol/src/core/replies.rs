@@ -15,8 +15,9 @@
 //!
 //! This cache is local, not replicated state: replies are deterministic, so any correct replica
 //! answers the same bytes, and every correct replica that executed the skipping request knows
-//! the same skipped numbers; a replica that lacks one (it restarted, installed a later state,
-//! or evicted it) stays silent as before. Bounded in entries and bytes, oldest out first.
+//! the same skipped numbers. A replica that knows neither (it restarted, installed a later
+//! state, or evicted them) answers `Past` (`Replica::refuse_stale`). Bounded in entries and
+//! bytes, oldest out first.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -25,10 +26,11 @@ use crate::wire::messages::{ClientId, ReplyBody};
 /// One reply's identity: the client, its session and the request's sequence number.
 type Key = (ClientId, u64, u64);
 
-/// Ranges of skipped sequence numbers kept per client session, newest first out of the way
-/// last: a pipelining client has at most `max_pending_per_client` requests in flight, so the
-/// ones it can still ask about lie in its last few gaps.
-const SKIPPED_RANGES_PER_SESSION: usize = 16;
+/// Ranges of skipped sequence numbers kept per client session, the oldest dropped first. A
+/// request is usually answered `Overtaken` at once, by the replicas that held it when the later
+/// one executed; these ranges are for one that reached no replica in time and comes back on the
+/// client's retransmission, a few gaps later (each write after unordered reads leaves a gap).
+const SKIPPED_RANGES_PER_SESSION: usize = 64;
 
 #[derive(Debug)]
 pub struct RecentReplies {
