@@ -312,11 +312,10 @@ fn etcdctl_sees_the_gateway_as_it_sees_etcd() {
     let Some((etcd_bin, ctl)) = etcd_tools("etcdctl_sees_the_gateway_as_it_sees_etcd") else {
         return;
     };
-    let etcd = Etcd::start(&etcd_bin);
+    let etcd = Etcd::start_healthy(&etcd_bin, &ctl, Duration::from_secs(30));
     let rt = runtime();
     let cluster = Cluster::start("etcdctl", 4, &[]);
     let gateway = rt.block_on(GatewayHandle::start(&cluster, Limits::default()));
-    wait_healthy(&ctl, &etcd.endpoint, Duration::from_secs(30));
     wait_healthy(&ctl, &gateway.endpoint, Duration::from_secs(30));
 
     let theirs = run_script(&ctl, &etcd.endpoint);
@@ -360,11 +359,10 @@ fn a_corrupt_replica_changes_nothing_etcdctl_sees() {
     let Some((etcd_bin, ctl)) = etcd_tools("a_corrupt_replica_changes_nothing_etcdctl_sees") else {
         return;
     };
-    let etcd = Etcd::start(&etcd_bin);
+    let etcd = Etcd::start_healthy(&etcd_bin, &ctl, Duration::from_secs(30));
     let rt = runtime();
     let cluster = Cluster::start("etcdctl-byz", 4, &[(1, Behaviour::Corrupt)]);
     let gateway = rt.block_on(GatewayHandle::start(&cluster, Limits::default()));
-    wait_healthy(&ctl, &etcd.endpoint, Duration::from_secs(30));
     wait_healthy(&ctl, &gateway.endpoint, Duration::from_secs(60));
     let theirs = run_script(&ctl, &etcd.endpoint);
     let ours = run_script(&ctl, &gateway.endpoint);

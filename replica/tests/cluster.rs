@@ -235,6 +235,26 @@ async fn tls_to_client_port_of(
         .expect("handshake")
 }
 
+/// A client link frame: `key`'s signed ordered put of `key_name` = `seq`, number `seq` of its
+/// session 1, as a raw client writes it.
+fn put_frame(c: &TestCluster, key: &KeyPair, key_name: &str, seq: u64) -> Vec<u8> {
+    let r = SignedRequest::sign(
+        Request {
+            client: key.public(),
+            session: 1,
+            sequence: seq,
+            kind: RequestKind::Ordered,
+            view: c.view.id,
+            payload: KvRequest::put(key_name, format!("{seq}")).to_bytes(),
+        },
+        key,
+    );
+    let body = r.to_bytes();
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
 fn counter(metrics: &str, reason: &str) -> u64 {
     metrics
         .lines()
@@ -309,23 +329,7 @@ async fn garbage_oversized_replayed_and_forged_frames_are_rejected_counted_and_s
     {
         let replayer = KeyPair::generate(&mut rand::rngs::OsRng);
         let mut tls = tls_to_client_port(&c, &replayer).await;
-        let signed = |seq: u64| {
-            let r = SignedRequest::sign(
-                Request {
-                    client: replayer.public(),
-                    session: 1,
-                    sequence: seq,
-                    kind: RequestKind::Ordered,
-                    view: c.view.id,
-                    payload: KvRequest::put("replayed", format!("{seq}")).to_bytes(),
-                },
-                &replayer,
-            );
-            let body = r.to_bytes();
-            let mut f = (body.len() as u32).to_le_bytes().to_vec();
-            f.extend_from_slice(&body);
-            f
-        };
+        let signed = |seq: u64| put_frame(&c, &replayer, "replayed", seq);
         let first = signed(1);
         for frame in [first.clone(), signed(2), first] {
             tls.write_all(&frame).await.expect("write");
@@ -420,23 +424,7 @@ async fn a_request_overtaken_by_a_later_one_of_its_session_is_answered_overtaken
     for i in 0..c.view.members.len() {
         links.push(tls_to_client_port_of(&c, i, &key).await);
     }
-    let frame = |seq: u64| {
-        let r = SignedRequest::sign(
-            Request {
-                client: key.public(),
-                session: 1,
-                sequence: seq,
-                kind: RequestKind::Ordered,
-                view: c.view.id,
-                payload: KvRequest::put("overtaken", format!("{seq}")).to_bytes(),
-            },
-            &key,
-        );
-        let body = r.to_bytes();
-        let mut f = (body.len() as u32).to_le_bytes().to_vec();
-        f.extend_from_slice(&body);
-        f
-    };
+    let frame = |seq: u64| put_frame(&c, &key, "overtaken", seq);
     // Each replica's answer to `seq` on its link (None: nothing within 10 s).
     async fn answer(
         link: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,

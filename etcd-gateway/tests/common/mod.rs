@@ -243,7 +243,43 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub fn start(bin: &Path) -> Etcd {
+    /// Starts etcd and waits until `etcdctl endpoint health` succeeds, before the test binds
+    /// anything else: the ports are free when picked but only etcd's once it binds them, and a
+    /// replica binding port 0 meanwhile can take one. An etcd that exits (a port taken) is
+    /// started again on new ports, up to three times; a failure shows the end of its log.
+    pub fn start_healthy(bin: &Path, ctl: &Path, within: Duration) -> Etcd {
+        let deadline = Instant::now() + within;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut etcd = Etcd::start(bin);
+            loop {
+                let o = etcdctl(
+                    ctl,
+                    &etcd.endpoint,
+                    &["endpoint".into(), "health".into()],
+                    None,
+                );
+                if o.code == 0 {
+                    return etcd;
+                }
+                let exited = matches!(etcd.child.try_wait(), Ok(Some(_)));
+                if exited && attempts < 3 {
+                    break;
+                }
+                assert!(
+                    !exited && Instant::now() < deadline,
+                    "etcd at {} not healthy within {within:?} (attempt {attempts}, exited: \
+                     {exited}): {o:?}; its log ends:\n{}",
+                    etcd.endpoint,
+                    etcd.log_tail()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn start(bin: &Path) -> Etcd {
         let dir = scratch("etcd");
         let client = free_port();
         let peer = free_port();
@@ -268,6 +304,12 @@ impl Etcd {
             child,
             dir,
         }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
     }
 }
 
