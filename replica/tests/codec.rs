@@ -1067,12 +1067,12 @@ fn unknown_message_and_reply_tags_are_refused() {
         );
     }
     let mut w = Writer::new();
-    w.u32(0).u64(0).u64(0).u8(0).u8(3);
+    w.u32(0).u64(0).u64(0).u8(0).u8(5);
     assert_eq!(
         Reply::from_bytes(w.as_slice()),
         Err(DecodeError::UnknownTag {
             what: "reply body",
-            tag: 3
+            tag: 5
         })
     );
     let mut w = Writer::new();
